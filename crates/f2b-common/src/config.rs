@@ -1,0 +1,775 @@
+//! The configuration file, `fail2ban-cluster.conf` (TOML), read in stages:
+//!
+//! 1. [`parse`]: text to raw structs ([`RawConfig`]); every table denies unknown keys,
+//!    so a misspelt key is an error that names it.
+//! 2. [`RawConfig::validate`]: raw values to typed ones (endpoints, CIDR networks,
+//!    durations, node and jail names), each error naming its key.
+//! 3. [`load`]: reads the file and runs both, naming the file in every error.
+//!
+//! Every section is optional; a missing key takes the default named in [`defaults`].
+//! The shipped `fail2ban-cluster.conf` documents every key.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use f2b_proto::{JailName, NodeName};
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// Defaults for every key that has one.
+pub mod defaults {
+    /// Where the daemons look for their configuration.
+    pub const CONFIG_PATH: &str = "/etc/fail2ban-cluster.conf";
+    /// fail2ban's log on Debian and most distributions.
+    pub const MONITOR_LOG_PATH: &str = "/var/log/fail2ban.log";
+    /// The publisher's REP socket, as a monitor connects to it.
+    pub const MONITOR_PUBLISHER: &str = "tcp://127.0.0.1:5678";
+    pub const MONITOR_ACK_TIMEOUT: &str = "2s";
+    pub const MONITOR_QUEUE_SIZE: usize = 100_000;
+    pub const MONITOR_PIDFILE: &str = "/run/fail2ban-cluster/f2b-monitor.pid";
+    /// The port fail2ban-zmq-tools used for its REP socket.
+    pub const REPLY_BIND: &str = "tcp://*:5678";
+    /// The port fail2ban-zmq-tools used for its PUB socket.
+    pub const BROADCAST_BIND: &str = "tcp://*:5680";
+    pub const HEARTBEAT_INTERVAL: &str = "1s";
+    /// fail2ban's own default bantime.
+    pub const BAN_TIME: &str = "10m";
+    pub const PUBLISHER_PIDFILE: &str = "/run/fail2ban-cluster/f2b-publisher.pid";
+    /// The publisher's PUB socket, as a subscriber connects to it.
+    pub const SUBSCRIBER_PUBLISHER: &str = "tcp://127.0.0.1:5680";
+    pub const SUBSCRIBER_ACTION: &str = "fail2ban-client";
+    /// Loopback and link-local, IPv4 and IPv6.
+    pub const IGNORE_IP: [&str; 4] = ["127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10"];
+    pub const FAIL2BAN_CLIENT: &str = "fail2ban-client";
+    pub const SUBSCRIBER_LOG_PATH: &str = "/var/log/fail2ban-cluster.log";
+    pub const HEARTBEAT_TIMEOUT: &str = "5s";
+    pub const SUBSCRIBER_QUEUE_SIZE: usize = 100_000;
+    pub const SUBSCRIBER_PIDFILE: &str = "/run/fail2ban-cluster/f2b-subscriber.pid";
+}
+
+/// A configuration error: which file, which key, what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{path}: key `{key}`: {message}")]
+    Value {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// A value error before the file name is known: the key and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyError {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "key `{}`: {}", self.key, self.message)
+    }
+}
+
+fn key_err(key: impl Into<String>, message: impl fmt::Display) -> KeyError {
+    KeyError {
+        key: key.into(),
+        message: message.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Stage 1: raw structs, as written.
+
+/// A duration as written: `"10m"`, `"1h 30m"`, `"500ms"`, or an integer of seconds
+/// (as fail2ban's bantime).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum RawDuration {
+    Seconds(u64),
+    Text(String),
+}
+
+/// One value or a list of them (`publisher = "tcp://a:5680"` or `["tcp://a:5680", ...]`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub node: RawNode,
+    #[serde(default)]
+    pub monitor: RawMonitor,
+    #[serde(default)]
+    pub publisher: RawPublisher,
+    #[serde(default)]
+    pub subscriber: RawSubscriber,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNode {
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMonitor {
+    pub log_path: Option<PathBuf>,
+    pub publisher: Option<String>,
+    pub ignore_jails: Option<Vec<String>>,
+    pub ack_timeout: Option<RawDuration>,
+    pub queue_size: Option<usize>,
+    pub pidfile: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPublisher {
+    pub reply_bind: Option<String>,
+    pub broadcast_bind: Option<String>,
+    pub heartbeat_interval: Option<RawDuration>,
+    pub ban_time: Option<RawDuration>,
+    pub pidfile: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSubscriber {
+    pub publisher: Option<OneOrMany>,
+    pub jails: Option<Vec<String>>,
+    pub action: Option<String>,
+    pub ban_jail: Option<String>,
+    pub ignore_ip: Option<Vec<String>>,
+    pub fail2ban_client: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub log_path: Option<PathBuf>,
+    pub exec: Option<Vec<String>>,
+    pub heartbeat_timeout: Option<RawDuration>,
+    pub queue_size: Option<usize>,
+    pub pidfile: Option<PathBuf>,
+}
+
+/// Stage 1: parses the text of a configuration file. Errors carry TOML's own
+/// message, which quotes the line and names an unknown key.
+pub fn parse(text: &str) -> Result<RawConfig, String> {
+    toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+}
+
+// ---------------------------------------------------------------------------
+// Stage 2: validated, typed configuration.
+
+/// A ZeroMQ endpoint: `tcp://HOST:PORT`, `ipc://PATH` or `inproc://NAME`. In a bind
+/// endpoint HOST may be `*` (all interfaces) and PORT may be `*` (an ephemeral port;
+/// the daemon logs the port it got).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Endpoint(String);
+
+impl Endpoint {
+    fn parse(key: &str, value: &str, bind: bool) -> Result<Endpoint, KeyError> {
+        let bad = |why: &str| key_err(key, format!("{value:?} is not a ZeroMQ endpoint: {why}"));
+        if let Some(rest) = value.strip_prefix("tcp://") {
+            let (host, port) = rest
+                .rsplit_once(':')
+                .ok_or_else(|| bad("expected tcp://HOST:PORT"))?;
+            if host.is_empty() {
+                return Err(bad("empty host"));
+            }
+            if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(bad("white space in host"));
+            }
+            if !bind && host == "*" {
+                return Err(bad("`*` is for binding; name the host to connect to"));
+            }
+            let port_ok = match port {
+                "*" | "0" => bind,
+                p => p.parse::<u16>().map(|p| p != 0).unwrap_or(false),
+            };
+            if !port_ok {
+                return Err(bad(if bind {
+                    "port must be 1-65535 or `*`"
+                } else {
+                    "port must be 1-65535"
+                }));
+            }
+            let port = if port == "0" { "*" } else { port };
+            return Ok(Endpoint(format!("tcp://{host}:{port}")));
+        }
+        for scheme in ["ipc://", "inproc://"] {
+            if let Some(rest) = value.strip_prefix(scheme) {
+                if rest.is_empty() {
+                    return Err(bad("empty path"));
+                }
+                return Ok(Endpoint(value.to_owned()));
+            }
+        }
+        Err(bad("expected tcp://, ipc:// or inproc://"))
+    }
+
+    /// An endpoint to connect to (no wildcards).
+    pub fn connect(value: &str) -> Result<Endpoint, KeyError> {
+        Endpoint::parse("endpoint", value, false)
+    }
+
+    /// An endpoint to bind (wildcards allowed).
+    pub fn bind(value: &str) -> Result<Endpoint, KeyError> {
+        Endpoint::parse("endpoint", value, true)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// `[node]`: who this machine is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Default: the host name.
+    pub name: NodeName,
+}
+
+/// `[monitor]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MonitorConfig {
+    pub log_path: PathBuf,
+    /// The publisher's REP endpoint.
+    pub publisher: Endpoint,
+    /// Jails whose events are never reported (for instance the jail remote bans are
+    /// applied in).
+    pub ignore_jails: Vec<JailName>,
+    /// How long to wait for an ACK before the socket is recreated and the event sent
+    /// again.
+    pub ack_timeout: Duration,
+    /// Events read but not yet acknowledged, at most.
+    pub queue_size: usize,
+    pub pidfile: PathBuf,
+}
+
+/// `[publisher]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublisherConfig {
+    pub reply_bind: Endpoint,
+    pub broadcast_bind: Endpoint,
+    /// A heartbeat is broadcast when nothing else was for this long.
+    pub heartbeat_interval: Duration,
+    /// How long the cluster considers an address banned after a ban with no unban.
+    pub ban_time: Duration,
+    pub pidfile: PathBuf,
+}
+
+/// How a subscriber applies an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubscriberAction {
+    /// `fail2ban-client [-s socket] set <jail> banip|unbanip <ip>...`.
+    Fail2banClient {
+        program: PathBuf,
+        socket: Option<PathBuf>,
+    },
+    /// One line per event appended to a file that a fail2ban jail reads.
+    Log { path: PathBuf },
+    /// A command (argv, no shell) with `<ip>`, `<jail>`, `<action>`, `<node>` replaced.
+    Exec { argv: Vec<String> },
+    /// Log what would be done; do nothing.
+    None,
+}
+
+impl SubscriberAction {
+    /// The name used in the `action` key.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SubscriberAction::Fail2banClient { .. } => "fail2ban-client",
+            SubscriberAction::Log { .. } => "log",
+            SubscriberAction::Exec { .. } => "exec",
+            SubscriberAction::None => "none",
+        }
+    }
+}
+
+/// The tags an `exec` argv may contain.
+pub const EXEC_TAGS: [&str; 4] = ["<ip>", "<jail>", "<action>", "<node>"];
+
+/// `[subscriber]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriberConfig {
+    /// The publishers' PUB endpoints (usually one).
+    pub publisher: Vec<Endpoint>,
+    /// Jails to receive events of; empty: all.
+    pub jails: Vec<JailName>,
+    pub action: SubscriberAction,
+    /// The local jail bans are applied in; `None`: the event's own jail.
+    pub ban_jail: Option<JailName>,
+    /// Addresses never banned.
+    pub ignore_ip: Vec<IpNet>,
+    /// No message (event or heartbeat) for this long means the link is dead.
+    pub heartbeat_timeout: Duration,
+    /// Events received but not yet applied, at most.
+    pub queue_size: usize,
+    pub pidfile: PathBuf,
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub monitor: MonitorConfig,
+    pub publisher: PublisherConfig,
+    pub subscriber: SubscriberConfig,
+}
+
+fn duration(key: &str, raw: Option<&RawDuration>, default: &str) -> Result<Duration, KeyError> {
+    let d = match raw {
+        Some(RawDuration::Seconds(s)) => Duration::from_secs(*s),
+        Some(RawDuration::Text(t)) => humantime::parse_duration(t).map_err(|e| {
+            key_err(
+                key,
+                format!("{t:?} is not a duration ({e}); try \"30s\" or \"10m\""),
+            )
+        })?,
+        None => humantime::parse_duration(default).expect("defaults are valid durations"),
+    };
+    if d.is_zero() {
+        return Err(key_err(key, "must be greater than zero"));
+    }
+    Ok(d)
+}
+
+fn jails(key: &str, raw: Option<&Vec<String>>) -> Result<Vec<JailName>, KeyError> {
+    raw.map(|v| v.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .map(|(i, j)| JailName::new(j).map_err(|e| key_err(format!("{key}[{i}]"), e)))
+        .collect()
+}
+
+fn positive(key: &str, raw: Option<usize>, default: usize) -> Result<usize, KeyError> {
+    match raw.unwrap_or(default) {
+        0 => Err(key_err(key, "must be at least 1")),
+        n => Ok(n),
+    }
+}
+
+fn nonempty_path(key: &str, raw: Option<&PathBuf>, default: &str) -> Result<PathBuf, KeyError> {
+    let p = raw.cloned().unwrap_or_else(|| PathBuf::from(default));
+    if p.as_os_str().is_empty() {
+        return Err(key_err(key, "must not be empty"));
+    }
+    Ok(p)
+}
+
+/// Parses one CIDR network or a bare address (taken as a single host).
+pub fn parse_net(value: &str) -> Result<IpNet, String> {
+    if let Ok(net) = value.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    value
+        .parse::<std::net::IpAddr>()
+        .map(|ip| IpNet::from(f2b_proto::canonical_ip(ip)))
+        .map_err(|_| format!("{value:?} is not an address or CIDR network"))
+}
+
+impl RawConfig {
+    /// Stage 2: converts every value to its type. `hostname` supplies the default
+    /// node name (the caller passes the machine's host name).
+    pub fn validate(&self, hostname: impl FnOnce() -> String) -> Result<Config, KeyError> {
+        let node = NodeConfig {
+            name: match &self.node.name {
+                Some(n) => NodeName::new(n).map_err(|e| key_err("node.name", e))?,
+                None => {
+                    let h = hostname();
+                    NodeName::new(&h).map_err(|e| {
+                        key_err(
+                            "node.name",
+                            format!(
+                                "not set, and the host name cannot be used: {e}; set [node] name"
+                            ),
+                        )
+                    })?
+                }
+            },
+        };
+
+        let m = &self.monitor;
+        let monitor = MonitorConfig {
+            log_path: nonempty_path(
+                "monitor.log_path",
+                m.log_path.as_ref(),
+                defaults::MONITOR_LOG_PATH,
+            )?,
+            publisher: Endpoint::parse(
+                "monitor.publisher",
+                m.publisher
+                    .as_deref()
+                    .unwrap_or(defaults::MONITOR_PUBLISHER),
+                false,
+            )?,
+            ignore_jails: jails("monitor.ignore_jails", m.ignore_jails.as_ref())?,
+            ack_timeout: duration(
+                "monitor.ack_timeout",
+                m.ack_timeout.as_ref(),
+                defaults::MONITOR_ACK_TIMEOUT,
+            )?,
+            queue_size: positive(
+                "monitor.queue_size",
+                m.queue_size,
+                defaults::MONITOR_QUEUE_SIZE,
+            )?,
+            pidfile: nonempty_path(
+                "monitor.pidfile",
+                m.pidfile.as_ref(),
+                defaults::MONITOR_PIDFILE,
+            )?,
+        };
+
+        let p = &self.publisher;
+        let publisher = PublisherConfig {
+            reply_bind: Endpoint::parse(
+                "publisher.reply_bind",
+                p.reply_bind.as_deref().unwrap_or(defaults::REPLY_BIND),
+                true,
+            )?,
+            broadcast_bind: Endpoint::parse(
+                "publisher.broadcast_bind",
+                p.broadcast_bind
+                    .as_deref()
+                    .unwrap_or(defaults::BROADCAST_BIND),
+                true,
+            )?,
+            heartbeat_interval: duration(
+                "publisher.heartbeat_interval",
+                p.heartbeat_interval.as_ref(),
+                defaults::HEARTBEAT_INTERVAL,
+            )?,
+            ban_time: duration(
+                "publisher.ban_time",
+                p.ban_time.as_ref(),
+                defaults::BAN_TIME,
+            )?,
+            pidfile: nonempty_path(
+                "publisher.pidfile",
+                p.pidfile.as_ref(),
+                defaults::PUBLISHER_PIDFILE,
+            )?,
+        };
+        if publisher.reply_bind == publisher.broadcast_bind
+            && !publisher.reply_bind.as_str().ends_with(":*")
+        {
+            return Err(key_err(
+                "publisher.broadcast_bind",
+                "must differ from publisher.reply_bind",
+            ));
+        }
+
+        let s = &self.subscriber;
+        let endpoints = match &s.publisher {
+            None => vec![defaults::SUBSCRIBER_PUBLISHER.to_owned()],
+            Some(OneOrMany::One(e)) => vec![e.clone()],
+            Some(OneOrMany::Many(v)) => v.clone(),
+        };
+        if endpoints.is_empty() {
+            return Err(key_err("subscriber.publisher", "names no endpoint"));
+        }
+        let many = matches!(s.publisher, Some(OneOrMany::Many(_)));
+        let publishers = endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let key = if many {
+                    format!("subscriber.publisher[{i}]")
+                } else {
+                    "subscriber.publisher".to_owned()
+                };
+                Endpoint::parse(&key, e, false)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let action_name = s.action.as_deref().unwrap_or(defaults::SUBSCRIBER_ACTION);
+        let action = match action_name {
+            "fail2ban-client" => SubscriberAction::Fail2banClient {
+                program: nonempty_path(
+                    "subscriber.fail2ban_client",
+                    s.fail2ban_client.as_ref(),
+                    defaults::FAIL2BAN_CLIENT,
+                )?,
+                socket: s.socket.clone(),
+            },
+            "log" => SubscriberAction::Log {
+                path: nonempty_path(
+                    "subscriber.log_path",
+                    s.log_path.as_ref(),
+                    defaults::SUBSCRIBER_LOG_PATH,
+                )?,
+            },
+            "exec" => {
+                let argv = s.exec.clone().ok_or_else(|| {
+                    key_err("subscriber.exec", "action = \"exec\" needs exec = [\"/path/to/program\", \"<action>\", \"<ip>\", ...]")
+                })?;
+                if argv.first().is_none_or(|p| p.is_empty()) {
+                    return Err(key_err(
+                        "subscriber.exec",
+                        "the first element must name a program",
+                    ));
+                }
+                SubscriberAction::Exec { argv }
+            }
+            "none" => SubscriberAction::None,
+            other => {
+                return Err(key_err(
+                    "subscriber.action",
+                    format!(
+                        "{other:?} is not one of \"fail2ban-client\", \"log\", \"exec\", \"none\""
+                    ),
+                ))
+            }
+        };
+        if s.socket.is_some() && !matches!(action, SubscriberAction::Fail2banClient { .. }) {
+            return Err(key_err(
+                "subscriber.socket",
+                format!("only used with action = \"fail2ban-client\" (action is {action_name:?})"),
+            ));
+        }
+        if s.exec.is_some() && !matches!(action, SubscriberAction::Exec { .. }) {
+            return Err(key_err(
+                "subscriber.exec",
+                format!("only used with action = \"exec\" (action is {action_name:?})"),
+            ));
+        }
+
+        let ignore_ip = match &s.ignore_ip {
+            None => defaults::IGNORE_IP
+                .iter()
+                .map(|n| parse_net(n).expect("defaults are valid networks"))
+                .collect(),
+            Some(v) => v
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    parse_net(n).map_err(|e| key_err(format!("subscriber.ignore_ip[{i}]"), e))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+
+        let subscriber = SubscriberConfig {
+            publisher: publishers,
+            jails: jails("subscriber.jails", s.jails.as_ref())?,
+            action,
+            ban_jail: s
+                .ban_jail
+                .as_deref()
+                .map(|j| JailName::new(j).map_err(|e| key_err("subscriber.ban_jail", e)))
+                .transpose()?,
+            ignore_ip,
+            heartbeat_timeout: duration(
+                "subscriber.heartbeat_timeout",
+                s.heartbeat_timeout.as_ref(),
+                defaults::HEARTBEAT_TIMEOUT,
+            )?,
+            queue_size: positive(
+                "subscriber.queue_size",
+                s.queue_size,
+                defaults::SUBSCRIBER_QUEUE_SIZE,
+            )?,
+            pidfile: nonempty_path(
+                "subscriber.pidfile",
+                s.pidfile.as_ref(),
+                defaults::SUBSCRIBER_PIDFILE,
+            )?,
+        };
+
+        Ok(Config {
+            node,
+            monitor,
+            publisher,
+            subscriber,
+        })
+    }
+}
+
+/// The machine's host name, as the default node name.
+pub fn hostname() -> String {
+    gethostname::gethostname().to_string_lossy().into_owned()
+}
+
+/// Stages 1 and 2 on the text of a file; errors name `path`.
+pub fn from_str(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let raw = parse(text).map_err(|message| ConfigError::Syntax {
+        path: path.to_owned(),
+        message,
+    })?;
+    raw.validate(hostname).map_err(|e| ConfigError::Value {
+        path: path.to_owned(),
+        key: e.key,
+        message: e.message,
+    })
+}
+
+/// Stage 3: reads and validates the file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    from_str(&text, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validate(text: &str) -> Result<Config, String> {
+        from_str(text, Path::new("test.conf")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn empty_file_takes_defaults() {
+        let c = from_str("[node]\nname = \"Web1\"\n", Path::new("x")).unwrap();
+        assert_eq!(c.node.name.as_str(), "web1");
+        assert_eq!(c.publisher.reply_bind.as_str(), "tcp://*:5678");
+        assert_eq!(c.publisher.broadcast_bind.as_str(), "tcp://*:5680");
+        assert_eq!(c.publisher.ban_time, Duration::from_secs(600));
+        assert_eq!(c.monitor.log_path, PathBuf::from("/var/log/fail2ban.log"));
+        assert_eq!(c.subscriber.ignore_ip.len(), 4);
+        assert!(c.subscriber.jails.is_empty());
+        assert_eq!(c.subscriber.ban_jail, None);
+        assert!(matches!(
+            c.subscriber.action,
+            SubscriberAction::Fail2banClient { socket: None, .. }
+        ));
+    }
+
+    #[test]
+    fn values_parse() {
+        let c = validate(
+            r#"
+            [node]
+            name = "web1"
+            [monitor]
+            ignore_jails = ["cluster"]
+            ack_timeout = 3
+            [publisher]
+            reply_bind = "tcp://127.0.0.1:0"
+            broadcast_bind = "tcp://127.0.0.1:*"
+            ban_time = "1h 30m"
+            [subscriber]
+            publisher = ["tcp://hub1:5680", "tcp://hub2:5680"]
+            jails = ["sshd"]
+            action = "exec"
+            exec = ["/bin/echo", "<action>", "<ip>"]
+            ignore_ip = ["10.0.0.0/8", "192.0.2.1", "2001:db8::/32"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.monitor.ack_timeout, Duration::from_secs(3));
+        assert_eq!(c.publisher.reply_bind.as_str(), "tcp://127.0.0.1:*");
+        assert_eq!(c.publisher.ban_time, Duration::from_secs(5400));
+        assert_eq!(c.subscriber.publisher.len(), 2);
+        assert_eq!(c.subscriber.ignore_ip[1].to_string(), "192.0.2.1/32");
+    }
+
+    #[test]
+    fn errors_name_the_key_and_file() {
+        let cases = [
+            ("[monitor]\nlog_pth = \"x\"\n", "log_pth"),
+            ("[nodes]\nname = \"x\"\n", "nodes"),
+            ("[node]\nname = \"web_1\"\n", "key `node.name`"),
+            (
+                "[monitor]\npublisher = \"tcp://*:5678\"\n",
+                "key `monitor.publisher`",
+            ),
+            (
+                "[monitor]\npublisher = \"http://hub\"\n",
+                "key `monitor.publisher`",
+            ),
+            (
+                "[monitor]\nignore_jails = [\"ok\", \"bad jail\"]\n",
+                "key `monitor.ignore_jails[1]`",
+            ),
+            (
+                "[monitor]\nack_timeout = \"soon\"\n",
+                "key `monitor.ack_timeout`",
+            ),
+            ("[monitor]\nqueue_size = 0\n", "key `monitor.queue_size`"),
+            (
+                "[publisher]\nreply_bind = \"tcp://*:99999\"\n",
+                "key `publisher.reply_bind`",
+            ),
+            ("[publisher]\nban_time = 0\n", "key `publisher.ban_time`"),
+            (
+                "[subscriber]\nignore_ip = [\"10.0.0.0/33\"]\n",
+                "key `subscriber.ignore_ip[0]`",
+            ),
+            (
+                "[subscriber]\naction = \"drop\"\n",
+                "key `subscriber.action`",
+            ),
+            ("[subscriber]\naction = \"exec\"\n", "key `subscriber.exec`"),
+            (
+                "[subscriber]\nexec = [\"/bin/true\"]\n",
+                "key `subscriber.exec`",
+            ),
+            (
+                "[subscriber]\naction = \"log\"\nsocket = \"/x\"\n",
+                "key `subscriber.socket`",
+            ),
+            (
+                "[subscriber]\npublisher = [\"tcp://a:1\", \"tcp://b\"]\n",
+                "key `subscriber.publisher[1]`",
+            ),
+            (
+                "[subscriber]\nban_jail = \"\"\n",
+                "key `subscriber.ban_jail`",
+            ),
+            ("[subscriber]\njails = \"sshd\"\n", "jails"),
+            ("this is not toml", "test.conf"),
+        ];
+        for (text, expected) in cases {
+            let full = format!("[node]\nname = \"n1\"\n{text}");
+            let text = if text.starts_with("[node]") {
+                text.to_owned()
+            } else {
+                full
+            };
+            let err = validate(&text).expect_err(&text);
+            assert!(err.contains(expected), "{text:?}: {err}");
+            assert!(err.starts_with("test.conf"), "{err}");
+        }
+    }
+
+    #[test]
+    fn bad_hostname_needs_node_name() {
+        let raw = parse("").unwrap();
+        let err = raw.validate(|| "my_host".into()).unwrap_err();
+        assert_eq!(err.key, "node.name");
+        assert!(err.message.contains("set [node] name"), "{err}");
+        let ok = raw.validate(|| "my-host".into()).unwrap();
+        assert_eq!(ok.node.name.as_str(), "my-host");
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let err = load(Path::new("/nonexistent/f2b.conf"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/f2b.conf"), "{err}");
+    }
+}

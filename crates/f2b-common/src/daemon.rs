@@ -1,0 +1,192 @@
+//! What every daemon's `main` does: common command-line options, loading the
+//! configuration, `--check`, logging, `--daemon`, signals, and reporting a fatal
+//! error with its whole chain.
+
+use std::error::Error;
+use std::future::Future;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{self, defaults, Config};
+
+/// Options every daemon takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// Configuration file (TOML).
+    #[arg(long, short = 'c', value_name = "PATH", default_value = defaults::CONFIG_PATH, global = true)]
+    pub config: PathBuf,
+    /// Validate the configuration file and exit: 0 when valid, 2 with the key and
+    /// the problem when not.
+    #[arg(long)]
+    pub check: bool,
+    /// Detach into the background and write the pidfile named in the configuration.
+    #[arg(long)]
+    pub daemon: bool,
+    /// Log level: error, warn, info, debug or trace (default info; RUST_LOG is used
+    /// when this is not given and takes filter directives).
+    #[arg(long, value_name = "LEVEL", global = true)]
+    pub log_level: Option<String>,
+    /// Append logs to this file instead of standard error (useful with --daemon,
+    /// which otherwise discards them).
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+}
+
+/// An error with its whole chain of causes, `outer: inner: innermost`.
+pub fn error_chain(err: &dyn Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let m = e.to_string();
+        if !s.ends_with(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = e.source();
+    }
+    s
+}
+
+/// Installs the tracing subscriber: structured logs to standard error (or
+/// `log_file`), level from `--log-level`, else RUST_LOG, else info.
+pub fn init_tracing(level: Option<&str>, log_file: Option<&Path>) -> Result<(), String> {
+    let filter = match level {
+        Some(l) => EnvFilter::try_new(l).map_err(|e| format!("--log-level {l:?}: {e}"))?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("--log-file {}: {e}", path.display()))?;
+            builder
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .try_init()
+        }
+        None => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .try_init(),
+    }
+    .map_err(|e| format!("cannot install the logger: {e}"))
+}
+
+/// Detaches into the background (double fork, new session, working directory `/`)
+/// and writes `pidfile`, creating its directory. Call before any thread is started.
+pub fn daemonize(pidfile: &Path) -> Result<(), String> {
+    if let Some(dir) = pidfile.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create the pidfile directory {}: {e}", dir.display()))?;
+    }
+    daemonize::Daemonize::new()
+        .pid_file(pidfile)
+        .working_directory("/")
+        .start()
+        .map_err(|e| format!("cannot daemonize (pidfile {}): {e}", pidfile.display()))
+}
+
+/// A token cancelled on the first SIGTERM or SIGINT. Must be called inside a tokio
+/// runtime.
+pub fn shutdown_on_signals() -> std::io::Result<CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let t = token.clone();
+    tokio::spawn(async move {
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = which, "shutting down");
+        t.cancel();
+    });
+    Ok(token)
+}
+
+/// A daemon as `main` sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Daemon {
+    /// The binary's name, for messages.
+    pub name: &'static str,
+    /// Its pidfile in the configuration.
+    pub pidfile: fn(&Config) -> &Path,
+    /// What `--check` prints after "valid".
+    pub summary: fn(&Config) -> String,
+}
+
+/// Loads the configuration or prints why it cannot (exit status 2).
+pub fn load_config(name: &str, args: &CommonArgs) -> Result<Config, ExitCode> {
+    config::load(&args.config).map_err(|e| {
+        eprintln!("{name}: {}", error_chain(&e));
+        ExitCode::from(2)
+    })
+}
+
+/// The whole life of a daemon: configuration, `--check`, logging, `--daemon`,
+/// runtime, signals, `run`, and the exit status.
+pub fn main<F, Fut, E>(daemon: Daemon, args: &CommonArgs, run: F) -> ExitCode
+where
+    F: FnOnce(Config, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Error,
+{
+    let config = match load_config(daemon.name, args) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if args.check {
+        println!(
+            "{}: {} is valid\n{}",
+            daemon.name,
+            args.config.display(),
+            (daemon.summary)(&config)
+        );
+        return ExitCode::SUCCESS;
+    }
+    if args.daemon {
+        if let Err(e) = daemonize((daemon.pidfile)(&config)) {
+            eprintln!("{}: {e}", daemon.name);
+            return ExitCode::FAILURE;
+        }
+    }
+    if let Err(e) = init_tracing(args.log_level.as_deref(), args.log_file.as_deref()) {
+        eprintln!("{}: {e}", daemon.name);
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{}: cannot start the runtime: {e}", daemon.name);
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let token =
+            shutdown_on_signals().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+        run(config, token).await.map_err(|e| error_chain(&e))
+    });
+    match result {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "fatal");
+            eprintln!("{}: {e}", daemon.name);
+            ExitCode::FAILURE
+        }
+    }
+}

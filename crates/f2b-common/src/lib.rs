@@ -1,0 +1,22 @@
+//! What the three fail2ban-cluster daemons share besides the protocol: the
+//! configuration file, ZeroMQ socket setup, and the plumbing of a daemon's `main`.
+//!
+//! # Layout
+//!
+//! - [`config`]: `fail2ban-cluster.conf`, parsed in stages (TOML to raw structs, raw
+//!   to validated types) with errors that name the file and the key.
+//! - [`sockets`]: every ZeroMQ socket is created by [`sockets::new_socket`], which sets
+//!   the maximum message size, high-water marks, ZMTP heartbeats and keepalive; plus
+//!   a shutdown socket that wakes a blocked `zmq::poll` when the daemon stops.
+//! - [`daemon`]: common command-line options, logging, `--check`, `--daemon`,
+//!   SIGTERM/SIGINT, and error reporting, so each `main.rs` stays a few lines.
+//!
+//! Kept apart from `f2b-proto` because all of it does I/O (files, sockets, signals),
+//! which the protocol crate must not.
+
+pub mod config;
+pub mod daemon;
+pub mod sockets;
+
+pub use tokio_util::sync::CancellationToken;
+pub use zmq;

@@ -1,0 +1,63 @@
+//! The fail2ban-cluster wire protocol.
+//!
+//! This crate owns every byte that crosses the network between `f2b-monitor`,
+//! `f2b-publisher` and `f2b-subscriber`: the message types, their encoding, and the
+//! validation that turns untrusted bytes into typed values. It does no I/O (no
+//! sockets, no files, no clock), so it can be read on its own, unit-tested
+//! exhaustively and fuzzed. docs/PROTOCOL.md is the human-readable specification;
+//! this crate is the reference implementation of it.
+//!
+//! # Layout
+//!
+//! - [`names`]: validated [`NodeName`] and [`JailName`].
+//! - [`event`]: [`Event`], [`Action`], [`EventId`], [`canonical_ip`].
+//! - [`message`]: the three message families, [`Request`] (monitor to publisher),
+//!   [`Reply`] (publisher to monitor) and [`Broadcast`] (publisher to subscribers),
+//!   with their `encode`/`decode` functions and the PUB/SUB topic frames.
+//! - [`error`]: [`ProtoError`], one variant per way input can be wrong, each carrying
+//!   the offending value, and its mapping to a NAK [`NakReason`].
+//!
+//! Limits are the named constants below; input larger than [`MAX_MESSAGE_SIZE`] is
+//! refused before it is parsed.
+
+pub mod error;
+pub mod event;
+pub mod message;
+pub mod names;
+
+mod wire;
+
+pub use error::{NakReason, ProtoError};
+pub use event::{canonical_ip, Action, Event, EventId};
+pub use message::{
+    event_topic, Ack, AckStatus, Broadcast, Epoch, Heartbeat, Nak, Reply, Request, Sequenced,
+    HEARTBEAT_TOPIC,
+};
+pub use names::{JailName, NodeName};
+
+/// The protocol version this crate speaks; every message carries it as `"v"`.
+pub const PROTOCOL_VERSION: u64 = 1;
+
+/// The largest message part (ZeroMQ frame) any fail2ban-cluster socket accepts, in
+/// bytes. Sockets set `ZMQ_MAXMSGSIZE` to this value, so a peer that announces a
+/// larger frame is disconnected by libzmq before the frame is buffered, and the
+/// decoders refuse anything larger before parsing it.
+pub const MAX_MESSAGE_SIZE: usize = 8 * 1024;
+
+/// The most message parts (frames) a fail2ban-cluster message may have. Today's
+/// messages use one (requests, replies) or two (broadcasts: topic and payload); the
+/// rest is room for authentication frames.
+pub const MAX_FRAMES: usize = 4;
+
+/// The longest jail name accepted, in bytes.
+pub const MAX_JAIL_LEN: usize = 64;
+
+/// The longest node name accepted, in bytes (RFC 1123 host name).
+pub const MAX_NODE_LEN: usize = 253;
+
+/// The largest integer JSON peers in every language read exactly (2^53 - 1); times
+/// and sequence numbers above it are refused.
+pub const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
+
+/// The longest free-text NAK detail carried on the wire, in bytes.
+pub const MAX_DETAIL_LEN: usize = 256;

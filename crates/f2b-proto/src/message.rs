@@ -1,0 +1,476 @@
+//! The messages: requests (monitor to publisher), replies, broadcasts.
+//!
+//! Every message is one JSON object with `"v"` (the protocol version) and `"type"`.
+//! Unknown fields are ignored, so a later version can add optional fields without
+//! breaking older peers; see docs/PROTOCOL.md for the exact forms.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde_json::json;
+
+use crate::error::{NakReason, ProtoError};
+use crate::event::Event;
+use crate::wire::{event_value, shown, to_bytes, Obj};
+use crate::{EventId, JailName, MAX_DETAIL_LEN, PROTOCOL_VERSION};
+
+/// A request on the REQ/REP socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Request {
+    /// A monitor reports an event it read from its fail2ban log.
+    Report(Event),
+}
+
+impl Request {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Request::Report(e) => to_bytes(json!({
+                "v": PROTOCOL_VERSION,
+                "type": "report",
+                "event": event_value(e),
+            })),
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Request, ProtoError> {
+        let (obj, kind) = Obj::parse_message(bytes)?;
+        match kind.as_str() {
+            "report" => Ok(Request::Report(obj.obj("event")?.event()?)),
+            _ => Err(ProtoError::UnknownType {
+                found: shown(&kind),
+            }),
+        }
+    }
+
+    /// The event id of a request that failed to decode, when it can still be read,
+    /// so that the NAK can name it. Never fails; never trusts anything else.
+    pub fn peek_event_id(bytes: &[u8]) -> Option<EventId> {
+        let (obj, _) = Obj::parse_message(bytes).ok()?;
+        obj.obj("event").ok()?.event_id("id").ok()
+    }
+}
+
+/// What the publisher did with an accepted event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AckStatus {
+    /// Broadcast now, with the sequence number in the ACK.
+    Broadcast,
+    /// The same event id was accepted before; the ACK repeats that answer and nothing
+    /// is broadcast again.
+    Duplicate,
+    /// Valid, but it changes nothing the cluster does not already know (a ban of an
+    /// address already banned in that jail, an unban of one already unbanned, for
+    /// instance the echo of a remote ban applied on another node); not broadcast.
+    Unchanged,
+}
+
+impl AckStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AckStatus::Broadcast => "broadcast",
+            AckStatus::Duplicate => "duplicate",
+            AckStatus::Unchanged => "unchanged",
+        }
+    }
+}
+
+impl FromStr for AckStatus {
+    type Err = ProtoError;
+    fn from_str(s: &str) -> Result<Self, ProtoError> {
+        match s {
+            "broadcast" => Ok(AckStatus::Broadcast),
+            "duplicate" => Ok(AckStatus::Duplicate),
+            "unchanged" => Ok(AckStatus::Unchanged),
+            _ => Err(ProtoError::Malformed {
+                detail: format!("unknown ack status {}", shown(s)),
+            }),
+        }
+    }
+}
+
+/// A positive answer to a report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ack {
+    pub id: EventId,
+    /// The sequence number the event was broadcast with, if it was (also on a
+    /// duplicate of a broadcast event).
+    pub seq: Option<u64>,
+    pub status: AckStatus,
+}
+
+/// A refusal. The monitor logs it; it retries only transient reasons.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nak {
+    /// The refused event's id, when the request was readable enough to have one.
+    pub id: Option<EventId>,
+    pub reason: NakReason,
+    /// A human-readable explanation, at most [`MAX_DETAIL_LEN`] bytes.
+    pub detail: String,
+}
+
+impl Nak {
+    /// A NAK whose detail is cut to [`MAX_DETAIL_LEN`] bytes at a character boundary.
+    pub fn new(id: Option<EventId>, reason: NakReason, detail: impl Into<String>) -> Self {
+        let mut detail = detail.into();
+        if detail.len() > MAX_DETAIL_LEN {
+            let mut cut = MAX_DETAIL_LEN;
+            while !detail.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            detail.truncate(cut);
+        }
+        Nak { id, reason, detail }
+    }
+
+    /// The NAK for a request that failed to decode.
+    pub fn for_error(request: &[u8], err: &ProtoError) -> Self {
+        Nak::new(
+            Request::peek_event_id(request),
+            err.nak_reason(),
+            err.to_string(),
+        )
+    }
+}
+
+/// The publisher's answer on the REQ/REP socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Ack(Ack),
+    Nak(Nak),
+}
+
+impl Reply {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Reply::Ack(a) => to_bytes(json!({
+                "v": PROTOCOL_VERSION,
+                "type": "ack",
+                "id": a.id.to_string(),
+                "seq": a.seq,
+                "status": a.status.as_str(),
+            })),
+            Reply::Nak(n) => to_bytes(json!({
+                "v": PROTOCOL_VERSION,
+                "type": "nak",
+                "id": n.id.map(|i| i.to_string()),
+                "reason": n.reason.code(),
+                "detail": n.detail,
+            })),
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Reply, ProtoError> {
+        let (obj, kind) = Obj::parse_message(bytes)?;
+        match kind.as_str() {
+            "ack" => {
+                let seq = match obj.has("seq") {
+                    true => Some(obj.seq("seq")?),
+                    false => None,
+                };
+                Ok(Reply::Ack(Ack {
+                    id: obj.event_id("id")?,
+                    seq,
+                    status: obj.str("status")?.parse()?,
+                }))
+            }
+            "nak" => {
+                let id = match obj.has("id") {
+                    true => Some(obj.event_id("id")?),
+                    false => None,
+                };
+                let code = obj.str("reason")?;
+                let reason = NakReason::from_code(code)
+                    .ok_or_else(|| ProtoError::InvalidReason { value: shown(code) })?;
+                let detail = if obj.has("detail") {
+                    obj.str("detail")?
+                } else {
+                    ""
+                };
+                Ok(Reply::Nak(Nak::new(id, reason, detail)))
+            }
+            _ => Err(ProtoError::UnknownType {
+                found: shown(&kind),
+            }),
+        }
+    }
+}
+
+/// A publisher instance's identity: random, chosen at each start. A subscriber that
+/// sees the epoch change knows the publisher restarted and its sequence numbers
+/// started again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Epoch(pub u64);
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl FromStr for Epoch {
+    type Err = ProtoError;
+    fn from_str(s: &str) -> Result<Self, ProtoError> {
+        let ok = s.len() == 16 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        match ok {
+            true => u64::from_str_radix(s, 16)
+                .map(Epoch)
+                .map_err(|_| ProtoError::InvalidEpoch { value: shown(s) }),
+            false => Err(ProtoError::InvalidEpoch { value: shown(s) }),
+        }
+    }
+}
+
+/// An event as broadcast, with the publisher's sequence number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sequenced {
+    /// 1, 2, 3... within one epoch.
+    pub seq: u64,
+    pub epoch: Epoch,
+    pub event: Event,
+}
+
+/// Sent by the publisher on the PUB socket when it has sent nothing else for a
+/// heartbeat interval. It proves the link alive and carries the last sequence number,
+/// so a subscriber can tell that it missed something.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// The last sequence number broadcast in this epoch (0: none yet).
+    pub seq: u64,
+    pub epoch: Epoch,
+    /// How often the publisher sends heartbeats, in milliseconds.
+    pub interval_ms: u64,
+}
+
+/// A message on the PUB/SUB socket: a topic frame then a payload frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Broadcast {
+    Event(Sequenced),
+    Heartbeat(Heartbeat),
+}
+
+/// The topic frame of heartbeats. A subscriber that filters by jail subscribes to
+/// this as well as to [`event_topic`] of each jail.
+pub const HEARTBEAT_TOPIC: &[u8] = b"hb:\0";
+
+/// The topic frame of events of `jail`: `ev:<jail>` then a NUL byte, so that a
+/// subscription to `sshd` does not also match `sshd-ddos` (ZeroMQ matches prefixes;
+/// jail names never contain NUL).
+pub fn event_topic(jail: &JailName) -> Vec<u8> {
+    let mut t = Vec::with_capacity(jail.as_str().len() + 4);
+    t.extend_from_slice(b"ev:");
+    t.extend_from_slice(jail.as_str().as_bytes());
+    t.push(0);
+    t
+}
+
+impl Broadcast {
+    /// The topic frame this message is sent under.
+    pub fn topic(&self) -> Vec<u8> {
+        match self {
+            Broadcast::Event(s) => event_topic(&s.event.jail),
+            Broadcast::Heartbeat(_) => HEARTBEAT_TOPIC.to_vec(),
+        }
+    }
+
+    /// The payload frame.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Broadcast::Event(s) => to_bytes(json!({
+                "v": PROTOCOL_VERSION,
+                "type": "event",
+                "seq": s.seq,
+                "epoch": s.epoch.to_string(),
+                "event": event_value(&s.event),
+            })),
+            Broadcast::Heartbeat(h) => to_bytes(json!({
+                "v": PROTOCOL_VERSION,
+                "type": "heartbeat",
+                "seq": h.seq,
+                "epoch": h.epoch.to_string(),
+                "interval_ms": h.interval_ms,
+            })),
+        }
+    }
+
+    /// Decodes a payload frame and checks that it was sent under the right topic.
+    pub fn decode(topic: &[u8], payload: &[u8]) -> Result<Broadcast, ProtoError> {
+        let (obj, kind) = Obj::parse_message(payload)?;
+        let msg = match kind.as_str() {
+            "event" => Broadcast::Event(Sequenced {
+                seq: obj.seq("seq")?,
+                epoch: obj.str("epoch")?.parse()?,
+                event: obj.obj("event")?.event()?,
+            }),
+            "heartbeat" => Broadcast::Heartbeat(Heartbeat {
+                seq: obj.u64("seq")?.min(crate::MAX_SAFE_INTEGER),
+                epoch: obj.str("epoch")?.parse()?,
+                interval_ms: obj.opt_u64("interval_ms")?.unwrap_or(0),
+            }),
+            _ => {
+                return Err(ProtoError::UnknownType {
+                    found: shown(&kind),
+                })
+            }
+        };
+        let expected = msg.topic();
+        if topic != expected.as_slice() {
+            return Err(ProtoError::TopicMismatch {
+                expected: shown(&String::from_utf8_lossy(&expected)),
+                found: shown(&String::from_utf8_lossy(topic)),
+            });
+        }
+        Ok(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Action, NodeName};
+
+    fn event() -> Event {
+        Event::new(
+            EventId::from_u128(0x1234),
+            NodeName::new("web1").unwrap(),
+            JailName::new("sshd").unwrap(),
+            Action::Ban,
+            "::ffff:203.0.113.5".parse().unwrap(),
+            1_763_702_000_123,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn request_round_trip() {
+        let r = Request::Report(event());
+        let bytes = r.encode();
+        assert_eq!(Request::decode(&bytes).unwrap(), r);
+        let text = String::from_utf8(bytes).unwrap();
+        assert!(text.contains(r#""ip":"203.0.113.5""#), "{text}");
+        assert!(text.contains(r#""v":1"#), "{text}");
+    }
+
+    #[test]
+    fn reply_round_trip() {
+        for r in [
+            Reply::Ack(Ack {
+                id: EventId::from_u128(7),
+                seq: Some(42),
+                status: AckStatus::Broadcast,
+            }),
+            Reply::Ack(Ack {
+                id: EventId::from_u128(7),
+                seq: None,
+                status: AckStatus::Unchanged,
+            }),
+            Reply::Nak(Nak::new(None, NakReason::Malformed, "bad")),
+            Reply::Nak(Nak::new(
+                Some(EventId::from_u128(9)),
+                NakReason::InvalidIp,
+                "é".repeat(300),
+            )),
+        ] {
+            assert_eq!(Reply::decode(&r.encode()).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn broadcast_round_trip_and_topic_check() {
+        let b = Broadcast::Event(Sequenced {
+            seq: 3,
+            epoch: Epoch(0xdead_beef),
+            event: event(),
+        });
+        assert_eq!(b.topic(), b"ev:sshd\0");
+        assert_eq!(Broadcast::decode(&b.topic(), &b.encode()).unwrap(), b);
+        let err = Broadcast::decode(b"ev:other\0", &b.encode()).unwrap_err();
+        assert!(matches!(err, ProtoError::TopicMismatch { .. }), "{err}");
+        let h = Broadcast::Heartbeat(Heartbeat {
+            seq: 0,
+            epoch: Epoch(1),
+            interval_ms: 1000,
+        });
+        assert_eq!(Broadcast::decode(HEARTBEAT_TOPIC, &h.encode()).unwrap(), h);
+    }
+
+    fn report_with(field: &str, value: serde_json::Value) -> Vec<u8> {
+        let mut v: serde_json::Value = serde_json::from_slice(&Request::Report(event()).encode())
+            .expect("own encoding is JSON");
+        v["event"][field] = value;
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    #[test]
+    fn each_invalid_field_has_its_reason() {
+        use serde_json::json;
+        let cases = [
+            ("node", json!("bad node"), NakReason::InvalidNode),
+            ("jail", json!("a b"), NakReason::InvalidJail),
+            ("ip", json!("10.1"), NakReason::InvalidIp),
+            ("ip", json!("1.2.3.0/24"), NakReason::InvalidIp),
+            ("action", json!("drop"), NakReason::InvalidAction),
+            ("id", json!("nope"), NakReason::InvalidId),
+            ("time_ms", json!(0), NakReason::InvalidTime),
+            ("time_ms", json!(1u64 << 60), NakReason::InvalidTime),
+            ("time_ms", json!("yesterday"), NakReason::Malformed),
+            ("node", serde_json::Value::Null, NakReason::Malformed),
+        ];
+        for (field, value, reason) in cases {
+            let bytes = report_with(field, value.clone());
+            let err = Request::decode(&bytes).unwrap_err();
+            assert_eq!(err.nak_reason(), reason, "{field}={value}: {err}");
+            if field != "id" {
+                assert_eq!(
+                    Nak::for_error(&bytes, &err).id,
+                    Some(EventId::from_u128(0x1234))
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn envelope_errors() {
+        let cases: [(&[u8], NakReason); 7] = [
+            (b"", NakReason::Malformed),
+            (b"web1|sshd|Ban|1.2.3.4", NakReason::Malformed),
+            (b"[1,2]", NakReason::Malformed),
+            (br#"{"type":"report"}"#, NakReason::Malformed),
+            (br#"{"v":2,"type":"report"}"#, NakReason::UnsupportedVersion),
+            (br#"{"v":1,"type":"launch"}"#, NakReason::UnknownType),
+            (
+                br#"{"v":1,"type":"report","event":[]}"#,
+                NakReason::Malformed,
+            ),
+        ];
+        for (bytes, reason) in cases {
+            let err = Request::decode(bytes).unwrap_err();
+            assert_eq!(
+                err.nak_reason(),
+                reason,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+        let big = vec![b' '; crate::MAX_MESSAGE_SIZE + 1];
+        assert_eq!(
+            Request::decode(&big).unwrap_err().nak_reason(),
+            NakReason::TooLarge
+        );
+        let deep = "[".repeat(5000);
+        assert!(Request::decode(deep.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let bytes = report_with("duration_s", serde_json::json!(600));
+        assert_eq!(Request::decode(&bytes).unwrap(), Request::Report(event()));
+    }
+
+    #[test]
+    fn nak_reason_codes_round_trip() {
+        for r in NakReason::ALL {
+            assert_eq!(NakReason::from_code(r.code()), Some(r));
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! f2b-publisher
