@@ -14,6 +14,8 @@
 //! - [`message`]: the three message families, [`Request`] (monitor to publisher),
 //!   [`Reply`] (publisher to monitor) and [`Broadcast`] (publisher to subscribers),
 //!   with their `encode`/`decode` functions and the PUB/SUB topic frames.
+//! - [`legacy`]: the wire format of fail2ban-zmq-tools (`host|jail|action|ip`), for
+//!   mixed clusters during a migration.
 //! - [`error`]: [`ProtoError`], one variant per way input can be wrong, each carrying
 //!   the offending value, and its mapping to a NAK [`NakReason`].
 //!
@@ -22,6 +24,7 @@
 
 pub mod error;
 pub mod event;
+pub mod legacy;
 pub mod message;
 pub mod names;
 
