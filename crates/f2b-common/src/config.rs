@@ -107,6 +107,35 @@ pub enum OneOrMany {
     Many(Vec<String>),
 }
 
+/// A secret from the configuration (a token). Its `Debug` and `Display` print a mask,
+/// so it never reaches a log line or `--check` output by accident.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    /// The secret itself, for the one place that must send or compare it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
@@ -135,6 +164,8 @@ pub struct RawMonitor {
     pub ack_timeout: Option<RawDuration>,
     pub queue_size: Option<usize>,
     pub pidfile: Option<PathBuf>,
+    pub legacy: Option<bool>,
+    pub legacy_token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -145,6 +176,9 @@ pub struct RawPublisher {
     pub heartbeat_interval: Option<RawDuration>,
     pub ban_time: Option<RawDuration>,
     pub pidfile: Option<PathBuf>,
+    pub legacy: Option<bool>,
+    pub legacy_token: Option<Secret>,
+    pub legacy_broadcast_bind: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -162,6 +196,7 @@ pub struct RawSubscriber {
     pub heartbeat_timeout: Option<RawDuration>,
     pub queue_size: Option<usize>,
     pub pidfile: Option<PathBuf>,
+    pub legacy: Option<bool>,
 }
 
 /// Stage 1: parses the text of a configuration file. Errors carry TOML's own
@@ -263,6 +298,16 @@ pub struct MonitorConfig {
     /// Events read but not yet acknowledged, at most.
     pub queue_size: usize,
     pub pidfile: PathBuf,
+    /// Report to a fail2ban-zmq-tools publisher in its format (`host|jail|Ban|ip`),
+    /// with this token when it demands one.
+    pub legacy: Option<LegacyPeer>,
+}
+
+/// Talking to fail2ban-zmq-tools peers (docs/PROTOCOL.md, "Legacy").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegacyPeer {
+    /// The shared token (`authtoken`), when authentication is on.
+    pub token: Option<Secret>,
 }
 
 /// `[publisher]`.
@@ -275,6 +320,11 @@ pub struct PublisherConfig {
     /// How long the cluster considers an address banned after a ban with no unban.
     pub ban_time: Duration,
     pub pidfile: PathBuf,
+    /// Accept fail2ban-zmq-tools monitors' requests on the reply socket.
+    pub legacy: Option<LegacyPeer>,
+    /// Also publish every event in the legacy format, for fail2ban-zmq-tools
+    /// subscribers, on this separate PUB socket.
+    pub legacy_broadcast_bind: Option<Endpoint>,
 }
 
 /// How a subscriber applies an event.
@@ -325,6 +375,9 @@ pub struct SubscriberConfig {
     /// Events received but not yet applied, at most.
     pub queue_size: usize,
     pub pidfile: PathBuf,
+    /// Follow a fail2ban-zmq-tools publisher: one-frame `host|jail|Ban|ip` messages,
+    /// no sequence numbers, no heartbeats.
+    pub legacy: bool,
 }
 
 /// The whole validated configuration.
@@ -375,6 +428,29 @@ fn nonempty_path(key: &str, raw: Option<&PathBuf>, default: &str) -> Result<Path
         return Err(key_err(key, "must not be empty"));
     }
     Ok(p)
+}
+
+fn legacy_peer(
+    section: &str,
+    on: Option<bool>,
+    token: Option<&Secret>,
+) -> Result<Option<LegacyPeer>, KeyError> {
+    match (on.unwrap_or(false), token) {
+        (true, t) => {
+            if t.is_some_and(|t| t.expose().is_empty() || t.expose().contains('|')) {
+                return Err(key_err(
+                    format!("{section}.legacy_token"),
+                    "must be non-empty and contain no '|'",
+                ));
+            }
+            Ok(Some(LegacyPeer { token: t.cloned() }))
+        }
+        (false, Some(_)) => Err(key_err(
+            format!("{section}.legacy_token"),
+            "only used with legacy = true",
+        )),
+        (false, None) => Ok(None),
+    }
 }
 
 /// Parses one CIDR network or a bare address (taken as a single host).
@@ -439,6 +515,7 @@ impl RawConfig {
                 m.pidfile.as_ref(),
                 defaults::MONITOR_PIDFILE,
             )?,
+            legacy: legacy_peer("monitor", m.legacy, m.legacy_token.as_ref())?,
         };
 
         let p = &self.publisher;
@@ -470,7 +547,29 @@ impl RawConfig {
                 p.pidfile.as_ref(),
                 defaults::PUBLISHER_PIDFILE,
             )?,
+            legacy: legacy_peer("publisher", p.legacy, p.legacy_token.as_ref())?,
+            legacy_broadcast_bind: p
+                .legacy_broadcast_bind
+                .as_deref()
+                .map(|e| Endpoint::parse("publisher.legacy_broadcast_bind", e, true))
+                .transpose()?,
         };
+        if publisher.legacy_broadcast_bind.is_some() && publisher.legacy.is_none() {
+            return Err(key_err(
+                "publisher.legacy_broadcast_bind",
+                "only used with legacy = true",
+            ));
+        }
+        if let Some(l) = &publisher.legacy_broadcast_bind {
+            if !l.as_str().ends_with(":*")
+                && (l == &publisher.broadcast_bind || l == &publisher.reply_bind)
+            {
+                return Err(key_err(
+                    "publisher.legacy_broadcast_bind",
+                    "must differ from broadcast_bind and reply_bind (a legacy subscriber cannot read native messages)",
+                ));
+            }
+        }
         if publisher.reply_bind == publisher.broadcast_bind
             && !publisher.reply_bind.as_str().ends_with(":*")
         {
@@ -594,6 +693,7 @@ impl RawConfig {
                 s.pidfile.as_ref(),
                 defaults::SUBSCRIBER_PIDFILE,
             )?,
+            legacy: s.legacy.unwrap_or(false),
         };
 
         Ok(Config {
@@ -741,6 +841,22 @@ mod tests {
             ),
             ("[subscriber]\njails = \"sshd\"\n", "jails"),
             ("this is not toml", "test.conf"),
+            (
+                "[monitor]\nlegacy_token = \"x\"\n",
+                "key `monitor.legacy_token`",
+            ),
+            (
+                "[publisher]\nlegacy = true\nlegacy_token = \"a|b\"\n",
+                "key `publisher.legacy_token`",
+            ),
+            (
+                "[publisher]\nlegacy_broadcast_bind = \"tcp://*:5681\"\n",
+                "key `publisher.legacy_broadcast_bind`",
+            ),
+            (
+                "[publisher]\nlegacy = true\nlegacy_broadcast_bind = \"tcp://*:5680\"\n",
+                "key `publisher.legacy_broadcast_bind`",
+            ),
         ];
         for (text, expected) in cases {
             let full = format!("[node]\nname = \"n1\"\n{text}");
@@ -753,6 +869,18 @@ mod tests {
             assert!(err.contains(expected), "{text:?}: {err}");
             assert!(err.starts_with("test.conf"), "{err}");
         }
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let c = validate(
+            "[node]\nname = \"n\"\n[publisher]\nlegacy = true\nlegacy_token = \"hunter2\"\n",
+        )
+        .unwrap();
+        let token = c.publisher.legacy.as_ref().unwrap().token.as_ref().unwrap();
+        assert_eq!(token.expose(), "hunter2");
+        let shown = format!("{c:?} {token}");
+        assert!(!shown.contains("hunter2"), "{shown}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`sockets`]: every ZeroMQ socket is created by [`sockets::new_socket`], which sets
 //!   the maximum message size, high-water marks, ZMTP heartbeats and keepalive; plus
 //!   a shutdown socket that wakes a blocked `zmq::poll` when the daemon stops.
+//! - [`legacy_config`]: converts a fail2ban-zmq-tools INI configuration to ours.
 //! - [`daemon`]: common command-line options, logging, `--check`, `--daemon`,
 //!   SIGTERM/SIGINT, and error reporting, so each `main.rs` stays a few lines.
 //!
@@ -16,6 +17,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod legacy_config;
 pub mod sockets;
 
 pub use tokio_util::sync::CancellationToken;
