@@ -92,6 +92,9 @@ fn root_config_documents_every_key() {
         "socket",
         "exec",
         "heartbeat_timeout",
+        "legacy",
+        "legacy_token",
+        "legacy_broadcast_bind",
     ];
     for key in keys {
         let documented = text.lines().any(|l| {
