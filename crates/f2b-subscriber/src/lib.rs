@@ -1,1 +1,323 @@
-//! f2b-subscriber
+//! f2b-subscriber: receives the bans the cluster broadcasts and applies them on
+//! this node.
+//!
+//! An event travels: publisher PUB socket → [`receiver`] (SUB socket, liveness,
+//! epochs, sequence gaps) → intake ([`filter`]: own node, duplicates, `ignore_ip`,
+//! this machine's addresses) → [`pending`] queue (coalesced per jail and address,
+//! bounded) → executor (batches per jail and action, the local jail's `ignoreip`,
+//! retries with backoff) → an [`action`] (`fail2ban-client`, `log`, `exec`, `none`).
+//!
+//! # Layout
+//!
+//! - [`receiver`]: the ZeroMQ loop, on a blocking thread; logs `connected`,
+//!   `missed events`, dead links; sends decoded events on a channel.
+//! - [`filter`]: the pure filter core and its [`SkipReason`]s.
+//! - [`pending`]: the pure queue: coalescing, grouping, backoff, the `queue_size` bound.
+//! - `executor`: the intake and executor tasks around the queue.
+//! - [`action`]: the [`Applier`] trait and the four actions.
+//!
+//! [`run`] wires them with the configured action; [`Subscriber`] does the same with
+//! an injected action and a channel of [`Notice`]s, for tests and embedding.
+
+pub mod action;
+mod executor;
+pub mod filter;
+pub mod pending;
+mod ratelimit;
+pub mod receiver;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use f2b_common::config::{Config, NodeConfig, SubscriberConfig};
+use f2b_common::{sockets, zmq, CancellationToken};
+use f2b_proto::{Action, Epoch, JailName};
+use tokio::sync::mpsc;
+
+pub use action::{Applier, CallError, FailureScope};
+pub use executor::LOCAL_ADDRESS_REFRESH;
+pub use filter::SkipReason;
+
+use executor::{Executor, Intake, LocalAddresses, Shared};
+use filter::Filter;
+use receiver::ReceiverConfig;
+
+/// After shutdown is requested, how long in-flight and ready events may still take
+/// to be applied before the executor is stopped.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Received events buffered between the receive loop and the intake.
+const CHANNEL_CAPACITY: usize = 4096;
+
+/// A fatal error of the subscriber.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubscriberError {
+    #[error("cannot create the {what} socket")]
+    Socket {
+        what: &'static str,
+        source: zmq::Error,
+    },
+    #[error("cannot subscribe to topic {topic:?}")]
+    Subscribe { topic: String, source: zmq::Error },
+    #[error("cannot connect to {endpoint}")]
+    Connect {
+        endpoint: String,
+        source: zmq::Error,
+    },
+    #[error("polling the SUB socket failed")]
+    Poll { source: zmq::Error },
+    #[error("the {what} task failed")]
+    Task {
+        what: &'static str,
+        source: tokio::task::JoinError,
+    },
+}
+
+/// Something the subscriber did, for tests and embedding (the same facts as the
+/// log lines).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Notice {
+    /// First message of a publisher epoch since the socket was (re)created.
+    Connected { epoch: Epoch },
+    /// No message for the link timeout: the socket is recreated.
+    LinkDead,
+    /// Sequence numbers skipped in an epoch.
+    Missed { epoch: Epoch, count: u64 },
+    /// An event not applied, and why.
+    Skipped {
+        reason: SkipReason,
+        jail: JailName,
+        ip: IpAddr,
+    },
+    /// An event applied (in local jail `jail`).
+    Applied {
+        action: Action,
+        jail: JailName,
+        ip: IpAddr,
+        seq: u64,
+    },
+    /// A call failed; its addresses are retried.
+    Failed {
+        scope: FailureScope,
+        jail: JailName,
+        ips: Vec<IpAddr>,
+        message: String,
+    },
+    /// An event dropped because the queue was full.
+    Dropped { jail: JailName, ip: IpAddr },
+}
+
+/// An optional channel of [`Notice`]s.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Notices(Option<mpsc::UnboundedSender<Notice>>);
+
+impl Notices {
+    pub(crate) fn send(&self, n: Notice) {
+        if let Some(tx) = &self.0 {
+            // Nobody listening any more is fine.
+            let _ = tx.send(n);
+        }
+    }
+}
+
+/// A subscriber to run, with optional test hooks.
+#[derive(Debug)]
+pub struct Subscriber {
+    node: NodeConfig,
+    config: SubscriberConfig,
+    applier: Option<Box<dyn Applier>>,
+    notices: Notices,
+    local: LocalAddresses,
+}
+
+impl Subscriber {
+    pub fn new(node: NodeConfig, config: SubscriberConfig) -> Self {
+        Subscriber {
+            node,
+            config,
+            applier: None,
+            notices: Notices::default(),
+            local: LocalAddresses::Interfaces,
+        }
+    }
+
+    /// Uses `applier` instead of the configured action.
+    pub fn with_applier(mut self, applier: Box<dyn Applier>) -> Self {
+        self.applier = Some(applier);
+        self
+    }
+
+    /// Sends a [`Notice`] for everything the subscriber does.
+    pub fn with_notices(mut self, tx: mpsc::UnboundedSender<Notice>) -> Self {
+        self.notices = Notices(Some(tx));
+        self
+    }
+
+    /// Uses a fixed list as this machine's addresses instead of the interfaces.
+    pub fn with_local_addresses(mut self, addrs: Vec<IpAddr>) -> Self {
+        self.local = LocalAddresses::Fixed(addrs);
+        self
+    }
+
+    /// Runs until `shutdown` is cancelled, then applies what is in flight or ready
+    /// (for at most [`DRAIN_TIMEOUT`]) and returns.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), SubscriberError> {
+        let Subscriber {
+            node,
+            config,
+            applier,
+            notices,
+            local,
+        } = self;
+        let applier = applier.unwrap_or_else(|| action::from_config(&config.action));
+        tracing::info!(
+            node = %node.name,
+            publisher = %config.publisher.iter().map(|e| e.as_str()).collect::<Vec<_>>().join(","),
+            jails = %jails_label(&config.jails),
+            action = applier.name(),
+            ban_jail = %config.ban_jail.as_ref().map_or("(event's jail)", |j| j.as_str()),
+            "starting"
+        );
+
+        let ctx = zmq::Context::new();
+        let waker = sockets::shutdown_socket(&ctx, shutdown.clone()).map_err(|source| {
+            SubscriberError::Socket {
+                what: "shutdown",
+                source,
+            }
+        })?;
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let shared = Shared::new(config.queue_size);
+
+        let rcfg = ReceiverConfig {
+            endpoints: config.publisher.clone(),
+            jails: config.jails.clone(),
+            heartbeat_timeout: config.heartbeat_timeout,
+        };
+        let rn = notices.clone();
+        let receiver = tokio::task::spawn_blocking(move || receiver::run(ctx, rcfg, waker, tx, rn));
+        let intake = tokio::spawn(
+            Intake {
+                rx,
+                filter: Filter::new(node.name.clone(), config.ignore_ip.clone()),
+                local,
+                ban_jail: config.ban_jail.clone(),
+                shared: shared.clone(),
+                notices: notices.clone(),
+            }
+            .run(),
+        );
+        let mut executor = tokio::spawn(Executor::new(applier, shared, notices).run());
+
+        // The receive loop ends on shutdown (or on a fatal socket error); then the
+        // intake drains the channel and closes the queue, and the executor finishes.
+        let received = receiver.await;
+        let intake_done = intake.await;
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, &mut executor).await;
+        if drained.is_err() {
+            executor.abort();
+            tracing::warn!(timeout = ?DRAIN_TIMEOUT, "in-flight events not finished in time, stopped");
+        }
+        received.map_err(|source| SubscriberError::Task {
+            what: "receive",
+            source,
+        })??;
+        intake_done.map_err(|source| SubscriberError::Task {
+            what: "intake",
+            source,
+        })?;
+        if let Ok(done) = drained {
+            done.map_err(|source| SubscriberError::Task {
+                what: "executor",
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs the subscriber with its configured action until `shutdown` is cancelled.
+pub async fn run(
+    node: NodeConfig,
+    config: SubscriberConfig,
+    shutdown: CancellationToken,
+) -> Result<(), SubscriberError> {
+    Subscriber::new(node, config).run(shutdown).await
+}
+
+fn jails_label(jails: &[JailName]) -> String {
+    if jails.is_empty() {
+        "(all)".to_owned()
+    } else {
+        jails
+            .iter()
+            .map(JailName::as_str)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// What `f2b-subscriber --check` prints about a valid configuration.
+pub fn summary(config: &Config) -> String {
+    let s = &config.subscriber;
+    let action = match &s.action {
+        f2b_common::config::SubscriberAction::Fail2banClient { program, socket } => format!(
+            "fail2ban-client ({}{})",
+            program.display(),
+            socket
+                .as_ref()
+                .map(|p| format!(" -s {}", p.display()))
+                .unwrap_or_default()
+        ),
+        f2b_common::config::SubscriberAction::Log { path } => format!("log ({})", path.display()),
+        f2b_common::config::SubscriberAction::Exec { argv } => format!("exec ({argv:?})"),
+        f2b_common::config::SubscriberAction::None => "none".to_owned(),
+    };
+    format!(
+        "node: {}\npublisher: {}\njails: {}\naction: {}\nban_jail: {}\nignore_ip: {}\nheartbeat_timeout: {:?}\nqueue_size: {}",
+        config.node.name,
+        s.publisher
+            .iter()
+            .map(|e| e.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        jails_label(&s.jails),
+        action,
+        s.ban_jail
+            .as_ref()
+            .map_or("(the event's jail)", |j| j.as_str()),
+        s.ignore_ip
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        s.heartbeat_timeout,
+        s.queue_size,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_names_the_keys() {
+        let c = f2b_common::config::from_str(
+            "[node]\nname = \"web1\"\n[subscriber]\npublisher = [\"tcp://hub1:5680\", \"tcp://hub2:5680\"]\njails = [\"sshd\"]\nban_jail = \"cluster\"\nsocket = \"/run/f2b.sock\"\n",
+            std::path::Path::new("x.conf"),
+        )
+        .unwrap();
+        let s = summary(&c);
+        for want in [
+            "node: web1",
+            "publisher: tcp://hub1:5680, tcp://hub2:5680",
+            "jails: sshd",
+            "action: fail2ban-client (fail2ban-client -s /run/f2b.sock)",
+            "ban_jail: cluster",
+            "ignore_ip: 127.0.0.0/8, ::1/128, 169.254.0.0/16, fe80::/10",
+        ] {
+            assert!(s.contains(want), "{want:?} not in\n{s}");
+        }
+    }
+}

@@ -1,0 +1,388 @@
+//! The intake (filter, then queue) and the executor (queue, then action), two tasks
+//! around the shared [`Pending`] queue.
+//!
+//! The intake never waits for an action, so the receive loop is always drained;
+//! the executor takes every entry that is ready (up to [`MAX_BATCH`]) as soon as one
+//! is, so a lone ban is applied at once and a burst is batched while the previous
+//! call runs.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use f2b_proto::{Action, JailName, Sequenced};
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+
+use crate::action::{Applier, CallError, FailureScope};
+use crate::filter::{machine_addresses, Filter, SkipReason};
+use crate::pending::{group, Group, Item, Pending, Taken, MAX_BATCH};
+use crate::ratelimit::RateLimit;
+use crate::{Notice, Notices};
+
+/// How often the machine's own addresses are read again.
+pub const LOCAL_ADDRESS_REFRESH: Duration = Duration::from_secs(60);
+
+/// The queue and the executor's wake-up.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pending: Mutex<Pending>,
+    wake: Notify,
+}
+
+impl Shared {
+    pub(crate) fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(Shared {
+            pending: Mutex::new(Pending::new(capacity)),
+            wake: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        // A panic while holding the lock cannot leave Pending inconsistent in a way
+        // worse than losing the panicking operation; keep going.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ends the input: the executor finishes what is ready and returns.
+    pub(crate) fn close(&self) {
+        self.lock().close();
+        self.wake.notify_one();
+    }
+}
+
+/// Where the machine's addresses come from.
+#[derive(Debug, Clone)]
+pub(crate) enum LocalAddresses {
+    /// The network interfaces, read again every [`LOCAL_ADDRESS_REFRESH`].
+    Interfaces,
+    /// A fixed list (tests).
+    Fixed(Vec<IpAddr>),
+}
+
+fn log_dropped(dropped: Vec<Item>, total: u64, limit: &mut RateLimit, notices: &Notices) {
+    for item in dropped {
+        notices.send(Notice::Dropped {
+            jail: item.jail.clone(),
+            ip: item.ip(),
+        });
+        if let Some(held) = limit.allow() {
+            tracing::error!(
+                jail = %item.jail,
+                action = %item.action(),
+                ip = %item.ip(),
+                node = %item.event.node,
+                seq = item.seq,
+                dropped_total = total,
+                held_back = held,
+                "pending queue full (queue_size), dropped the oldest event"
+            );
+        }
+    }
+}
+
+/// The intake task: filters received events and queues the others.
+pub(crate) struct Intake {
+    pub(crate) rx: mpsc::Receiver<Sequenced>,
+    pub(crate) filter: Filter,
+    pub(crate) local: LocalAddresses,
+    pub(crate) ban_jail: Option<JailName>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) notices: Notices,
+}
+
+impl Intake {
+    fn refresh_local(&mut self, warned: &mut bool) {
+        match &self.local {
+            LocalAddresses::Fixed(v) => self.filter.set_local_addresses(v.clone()),
+            LocalAddresses::Interfaces => match machine_addresses() {
+                Ok(a) => {
+                    self.filter.set_local_addresses(a);
+                    *warned = false;
+                }
+                Err(e) => {
+                    if !*warned {
+                        tracing::warn!(error = %e, "cannot list this machine's addresses");
+                        *warned = true;
+                    }
+                }
+            },
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut warned = false;
+        self.refresh_local(&mut warned);
+        let mut refresh = tokio::time::interval_at(
+            Instant::now() + LOCAL_ADDRESS_REFRESH,
+            LOCAL_ADDRESS_REFRESH,
+        );
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut drops = RateLimit::new(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                msg = self.rx.recv() => match msg {
+                    Some(s) => self.accept(s, &mut drops),
+                    None => break,
+                },
+                _ = refresh.tick() => self.refresh_local(&mut warned),
+            }
+        }
+        self.shared.close();
+    }
+
+    fn accept(&mut self, s: Sequenced, drops: &mut RateLimit) {
+        let ev = s.event;
+        if let Some(reason) = self.filter.check(&ev) {
+            tracing::info!(
+                reason = %reason,
+                ip = %ev.ip,
+                jail = %ev.jail,
+                action = %ev.action,
+                node = %ev.node,
+                id = %ev.id,
+                seq = s.seq,
+                "skipped"
+            );
+            self.notices.send(Notice::Skipped {
+                reason,
+                jail: ev.jail.clone(),
+                ip: ev.ip,
+            });
+            return;
+        }
+        let item = Item {
+            jail: self.ban_jail.clone().unwrap_or_else(|| ev.jail.clone()),
+            event: ev,
+            seq: s.seq,
+        };
+        let (dropped, total) = {
+            let mut p = self.shared.lock();
+            let d = p.push(item, Instant::now());
+            (d, p.dropped())
+        };
+        self.shared.wake.notify_one();
+        log_dropped(dropped, total, drops, &self.notices);
+    }
+}
+
+/// The executor task: applies queued events through the action.
+pub(crate) struct Executor {
+    pub(crate) applier: Box<dyn Applier>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) notices: Notices,
+    unknown_jails: HashSet<JailName>,
+    drops: RateLimit,
+}
+
+impl Executor {
+    pub(crate) fn new(applier: Box<dyn Applier>, shared: Arc<Shared>, notices: Notices) -> Self {
+        Executor {
+            applier,
+            shared,
+            notices,
+            unknown_jails: HashSet::new(),
+            drops: RateLimit::new(Duration::from_secs(10)),
+        }
+    }
+
+    /// Runs until the input is closed and nothing is ready; entries still waiting
+    /// for a retry then are reported and given up.
+    pub(crate) async fn run(mut self) {
+        loop {
+            let (batch, next, closed) = {
+                let mut p = self.shared.lock();
+                let b = p.take_ready(Instant::now(), MAX_BATCH);
+                (b, p.next_ready(), p.is_closed())
+            };
+            if batch.is_empty() {
+                if closed {
+                    let left = self.shared.lock().len();
+                    if left > 0 {
+                        tracing::warn!(
+                            count = left,
+                            "stopping with events not applied (waiting for a retry)"
+                        );
+                    }
+                    return;
+                }
+                match next {
+                    Some(at) => tokio::select! {
+                        _ = self.shared.wake.notified() => {}
+                        _ = tokio::time::sleep_until(at) => {}
+                    },
+                    None => self.shared.wake.notified().await,
+                }
+                continue;
+            }
+            for g in group(batch) {
+                self.apply_group(g).await;
+            }
+        }
+    }
+
+    async fn apply_group(&mut self, g: Group) {
+        let Group {
+            jail,
+            action,
+            mut items,
+        } = g;
+        if action == Action::Ban {
+            match self.applier.jail_ignores(&jail).await {
+                Ok(ignores) => items.retain(|t| {
+                    let ip = t.item.ip();
+                    if !ignores.nets.iter().any(|n| n.contains(&ip)) {
+                        return true;
+                    }
+                    let reason = SkipReason::IgnoreIpOfJail;
+                    tracing::info!(
+                        reason = %reason,
+                        ip = %ip,
+                        jail = %jail,
+                        action = %action,
+                        node = %t.item.event.node,
+                        id = %t.item.event.id,
+                        seq = t.item.seq,
+                        "skipped"
+                    );
+                    self.notices.send(Notice::Skipped {
+                        reason,
+                        jail: jail.clone(),
+                        ip,
+                    });
+                    false
+                }),
+                Err(e) => {
+                    self.whole_failure(&jail, action, items, e);
+                    return;
+                }
+            }
+        }
+        let max = self.applier.max_batch().max(1);
+        // Chunks of at most `max`, first chunk on top of the stack.
+        let mut stack: Vec<Vec<Taken>> = Vec::new();
+        while !items.is_empty() {
+            let rest = items.split_off(items.len().min(max));
+            stack.push(std::mem::replace(&mut items, rest));
+        }
+        stack.reverse();
+        while let Some(chunk) = stack.pop() {
+            let plain: Vec<Item> = chunk.iter().map(|t| t.item.clone()).collect();
+            match self.applier.apply(&jail, action, &plain).await {
+                Ok(()) => self.success(&jail, action, chunk),
+                Err(e) if e.scope != FailureScope::Undetermined => {
+                    let mut all = chunk;
+                    all.extend(stack.drain(..).flatten());
+                    self.whole_failure(&jail, action, all, e);
+                    return;
+                }
+                Err(e) if chunk.len() > 1 => {
+                    // Which address failed? Try each half.
+                    tracing::debug!(jail = %jail, action = %action, count = chunk.len(), error = %e, "batch failed, splitting");
+                    let mut first = chunk;
+                    let second = first.split_off(first.len() / 2);
+                    stack.push(second);
+                    stack.push(first);
+                }
+                Err(e) => {
+                    for t in chunk {
+                        self.item_failure(&jail, action, t, &e);
+                    }
+                }
+            }
+        }
+    }
+
+    fn success(&mut self, jail: &JailName, action: Action, chunk: Vec<Taken>) {
+        self.shared.lock().gate_success(jail);
+        if self.unknown_jails.remove(jail) {
+            tracing::info!(jail = %jail, "local jail exists now, applying its events");
+        }
+        let via = self.applier.name();
+        for t in chunk {
+            let i = &t.item;
+            tracing::info!(
+                action = %action,
+                jail = %jail,
+                ip = %i.ip(),
+                node = %i.event.node,
+                seq = i.seq,
+                id = %i.event.id,
+                via,
+                "applied"
+            );
+            self.notices.send(Notice::Applied {
+                action,
+                jail: jail.clone(),
+                ip: i.ip(),
+                seq: i.seq,
+            });
+        }
+    }
+
+    fn whole_failure(&mut self, jail: &JailName, action: Action, items: Vec<Taken>, e: CallError) {
+        let ips: Vec<IpAddr> = items.iter().map(|t| t.item.ip()).collect();
+        let now = Instant::now();
+        let (delay, dropped, total) = {
+            let mut p = self.shared.lock();
+            let delay = p.gate_failure(jail, now);
+            let dropped = p.requeue(items, now);
+            (delay, dropped, p.dropped())
+        };
+        if e.scope == FailureScope::UnknownJail {
+            if self.unknown_jails.insert(jail.clone()) {
+                tracing::error!(
+                    jail = %jail,
+                    error = %e.message,
+                    via = self.applier.name(),
+                    "local jail does not exist: its events are kept and retried until it does (check ban_jail / jail.local)"
+                );
+            } else {
+                tracing::debug!(jail = %jail, error = %e.message, retry_in = ?delay, "local jail still missing");
+            }
+        } else {
+            tracing::warn!(
+                jail = %jail,
+                action = %action,
+                count = ips.len(),
+                error = %e.message,
+                retry_in = ?delay,
+                via = self.applier.name(),
+                "action failed, will retry"
+            );
+        }
+        self.notices.send(Notice::Failed {
+            scope: e.scope,
+            jail: jail.clone(),
+            ips,
+            message: e.message,
+        });
+        log_dropped(dropped, total, &mut self.drops, &self.notices);
+    }
+
+    fn item_failure(&mut self, jail: &JailName, action: Action, t: Taken, e: &CallError) {
+        let ip = t.item.ip();
+        let (delay, dropped, total) = {
+            let mut p = self.shared.lock();
+            let (delay, dropped) = p.retry(t, Instant::now());
+            (delay, dropped, p.dropped())
+        };
+        tracing::warn!(
+            jail = %jail,
+            action = %action,
+            ip = %ip,
+            error = %e.message,
+            retry_in = ?delay,
+            via = self.applier.name(),
+            "action failed, will retry"
+        );
+        self.notices.send(Notice::Failed {
+            scope: e.scope,
+            jail: jail.clone(),
+            ips: vec![ip],
+            message: e.message.clone(),
+        });
+        log_dropped(dropped, total, &mut self.drops, &self.notices);
+    }
+}

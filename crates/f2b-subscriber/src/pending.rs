@@ -1,0 +1,495 @@
+//! Events accepted by the filter and not yet applied: coalescing, batching,
+//! retry backoff and the queue bound. Pure (the caller passes the time).
+//!
+//! One entry per (local jail, address): a newer event for the same pair replaces the
+//! older one (the last action wins), so a burst of ban, unban, ban applies one ban.
+//! Two kinds of delay keep a failing entry from being retried at once:
+//! - a *gate* per local jail, closed after a failure of a whole call (fail2ban-server
+//!   unreachable, jail unknown): nothing of that jail is tried before it opens;
+//! - a per-entry delay after a failure that concerns that address alone.
+//!
+//! Both grow as [`backoff`] says and end at the first success.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use f2b_proto::{Action, Event, JailName};
+use tokio::time::Instant;
+
+/// The first retry delay.
+pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// The longest retry delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// The most entries taken for one round of calls.
+pub const MAX_BATCH: usize = 500;
+
+/// The delay before retry number `attempts` (1 after the first failure): 1 s, 2 s,
+/// 4 s ... up to 60 s.
+pub fn backoff(attempts: u32) -> Duration {
+    let exp = attempts.saturating_sub(1).min(16);
+    BACKOFF_MIN.saturating_mul(1 << exp).min(BACKOFF_MAX)
+}
+
+/// One event to apply, with the local jail it is applied in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    /// The local jail (`ban_jail`, or the event's own jail).
+    pub jail: JailName,
+    /// The event as received.
+    pub event: Event,
+    /// Its broadcast sequence number.
+    pub seq: u64,
+}
+
+impl Item {
+    pub fn ip(&self) -> IpAddr {
+        self.event.ip
+    }
+
+    pub fn action(&self) -> Action {
+        self.event.action
+    }
+
+    fn key(&self) -> Key {
+        (self.jail.clone(), self.event.ip)
+    }
+}
+
+type Key = (JailName, IpAddr);
+
+/// An entry taken out of the queue, to be applied and then dropped (success) or
+/// handed back ([`Pending::retry`], [`Pending::requeue`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Taken {
+    pub item: Item,
+    /// Failures of this entry alone so far.
+    pub attempts: u32,
+    order: u64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    item: Item,
+    attempts: u32,
+    not_before: Instant,
+    order: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Gate {
+    attempts: u32,
+    until: Instant,
+}
+
+/// Items of one local jail and one action, applied in one call when the action
+/// takes batches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub jail: JailName,
+    pub action: Action,
+    pub items: Vec<Taken>,
+}
+
+/// The queue of events waiting to be applied.
+#[derive(Debug)]
+pub struct Pending {
+    entries: HashMap<Key, Entry>,
+    /// Insertion order (oldest first), for batching in order and dropping the oldest.
+    order: BTreeMap<u64, Key>,
+    next_order: u64,
+    gates: HashMap<JailName, Gate>,
+    capacity: usize,
+    dropped: u64,
+    closed: bool,
+}
+
+impl Pending {
+    /// A queue of at most `capacity` entries.
+    pub fn new(capacity: usize) -> Self {
+        Pending {
+            entries: HashMap::new(),
+            order: BTreeMap::new(),
+            next_order: 0,
+            gates: HashMap::new(),
+            capacity: capacity.max(1),
+            dropped: 0,
+            closed: false,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Entries dropped because the queue was full, since the start.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Marks the end of input (shutdown): nothing new will be pushed.
+    pub fn close(&mut self) {
+        self.closed = true;
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Adds a new event, ready at once (unless its jail's gate is closed). An entry
+    /// for the same (jail, address) is replaced: the last action wins. Returns the
+    /// items dropped to stay within the capacity (the oldest first).
+    pub fn push(&mut self, item: Item, now: Instant) -> Vec<Item> {
+        let key = item.key();
+        if let Some(old) = self.entries.remove(&key) {
+            self.order.remove(&old.order);
+        }
+        let order = self.next_order;
+        self.next_order += 1;
+        self.order.insert(order, key.clone());
+        self.entries.insert(
+            key,
+            Entry {
+                item,
+                attempts: 0,
+                not_before: now,
+                order,
+            },
+        );
+        self.enforce_capacity()
+    }
+
+    fn enforce_capacity(&mut self) -> Vec<Item> {
+        let mut dropped = Vec::new();
+        while self.entries.len() > self.capacity {
+            let Some((_, key)) = self.order.pop_first() else {
+                break;
+            };
+            if let Some(e) = self.entries.remove(&key) {
+                self.dropped += 1;
+                dropped.push(e.item);
+            }
+        }
+        dropped
+    }
+
+    fn gate_open(&self, jail: &JailName, now: Instant) -> bool {
+        self.gates.get(jail).is_none_or(|g| g.until <= now)
+    }
+
+    /// Takes up to `max` entries that may be tried at `now`, oldest first.
+    pub fn take_ready(&mut self, now: Instant, max: usize) -> Vec<Taken> {
+        let mut ready = Vec::new();
+        for (&order, key) in &self.order {
+            if ready.len() >= max {
+                break;
+            }
+            let Some(e) = self.entries.get(key) else {
+                continue;
+            };
+            if e.not_before <= now && self.gate_open(&key.0, now) {
+                ready.push(order);
+            }
+        }
+        ready
+            .into_iter()
+            .filter_map(|order| {
+                let key = self.order.remove(&order)?;
+                let e = self.entries.remove(&key)?;
+                Some(Taken {
+                    item: e.item,
+                    attempts: e.attempts,
+                    order: e.order,
+                })
+            })
+            .collect()
+    }
+
+    /// When the next entry becomes ready, if any is waiting.
+    pub fn next_ready(&self) -> Option<Instant> {
+        self.entries
+            .values()
+            .map(|e| match self.gates.get(&e.item.jail) {
+                Some(g) => g.until.max(e.not_before),
+                None => e.not_before,
+            })
+            .min()
+    }
+
+    fn put_back(&mut self, taken: Taken, not_before: Instant) -> Vec<Item> {
+        let key = taken.item.key();
+        if self.entries.contains_key(&key) {
+            // A newer event for the same (jail, address) arrived meanwhile: it wins.
+            return Vec::new();
+        }
+        self.order.insert(taken.order, key.clone());
+        self.entries.insert(
+            key,
+            Entry {
+                item: taken.item,
+                attempts: taken.attempts,
+                not_before,
+                order: taken.order,
+            },
+        );
+        self.enforce_capacity()
+    }
+
+    /// Hands back an entry that failed on its own; returns its retry delay and the
+    /// items dropped to stay within the capacity.
+    pub fn retry(&mut self, mut taken: Taken, now: Instant) -> (Duration, Vec<Item>) {
+        taken.attempts = taken.attempts.saturating_add(1);
+        let delay = backoff(taken.attempts);
+        (delay, self.put_back(taken, now + delay))
+    }
+
+    /// Hands back entries whose call failed as a whole; they wait for their jail's
+    /// gate (see [`Pending::gate_failure`]), not for a delay of their own.
+    pub fn requeue(&mut self, taken: impl IntoIterator<Item = Taken>, now: Instant) -> Vec<Item> {
+        let mut dropped = Vec::new();
+        for t in taken {
+            dropped.extend(self.put_back(t, now));
+        }
+        dropped
+    }
+
+    /// Records a failure of a whole call for `jail`: closes its gate for the next
+    /// backoff delay, which is returned.
+    pub fn gate_failure(&mut self, jail: &JailName, now: Instant) -> Duration {
+        let g = self.gates.entry(jail.clone()).or_insert(Gate {
+            attempts: 0,
+            until: now,
+        });
+        g.attempts = g.attempts.saturating_add(1);
+        let delay = backoff(g.attempts);
+        g.until = now + delay;
+        delay
+    }
+
+    /// Records a successful call for `jail`: opens its gate and resets its backoff.
+    pub fn gate_success(&mut self, jail: &JailName) {
+        self.gates.remove(jail);
+    }
+}
+
+/// Groups taken entries by (local jail, action), keeping the order in which each
+/// group first appears and the order of items inside a group.
+pub fn group(taken: Vec<Taken>) -> Vec<Group> {
+    let mut groups: Vec<Group> = Vec::new();
+    let mut index: HashMap<(JailName, Action), usize> = HashMap::new();
+    for t in taken {
+        let k = (t.item.jail.clone(), t.item.action());
+        match index.get(&k) {
+            Some(&i) => groups[i].items.push(t),
+            None => {
+                index.insert(k, groups.len());
+                groups.push(Group {
+                    jail: t.item.jail.clone(),
+                    action: t.item.action(),
+                    items: vec![t],
+                });
+            }
+        }
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use f2b_proto::{EventId, NodeName};
+
+    fn item(id: u128, jail: &str, action: Action, ip: &str) -> Item {
+        Item {
+            jail: JailName::new(jail).unwrap(),
+            event: Event::new(
+                EventId::from_u128(id),
+                NodeName::new("web2").unwrap(),
+                JailName::new("sshd").unwrap(),
+                action,
+                ip.parse().unwrap(),
+                1_763_702_000_000,
+            )
+            .unwrap(),
+            seq: id as u64,
+        }
+    }
+
+    fn ips(t: &[Taken]) -> Vec<String> {
+        t.iter().map(|t| t.item.ip().to_string()).collect()
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_a_minute() {
+        let secs: Vec<u64> = (1..=9).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
+        assert_eq!(backoff(0), BACKOFF_MIN);
+    }
+
+    #[test]
+    fn coalesces_per_jail_and_address_last_action_wins() {
+        let now = Instant::now();
+        let mut p = Pending::new(100);
+        p.push(item(1, "cluster", Action::Ban, "203.0.113.1"), now);
+        p.push(item(2, "cluster", Action::Ban, "203.0.113.2"), now);
+        p.push(item(3, "cluster", Action::Unban, "203.0.113.1"), now);
+        p.push(item(4, "other", Action::Ban, "203.0.113.1"), now);
+        p.push(item(5, "cluster", Action::Ban, "203.0.113.2"), now);
+        assert_eq!(p.len(), 3);
+        let taken = p.take_ready(now, MAX_BATCH);
+        assert!(p.is_empty());
+        let got: Vec<(String, Action, u64)> = taken
+            .iter()
+            .map(|t| (t.item.jail.to_string(), t.item.action(), t.item.seq))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("cluster".into(), Action::Unban, 3),
+                ("other".into(), Action::Ban, 4),
+                ("cluster".into(), Action::Ban, 5),
+            ]
+        );
+    }
+
+    #[test]
+    fn groups_by_jail_and_action() {
+        let now = Instant::now();
+        let mut p = Pending::new(100);
+        for (i, (jail, action, ip)) in [
+            ("cluster", Action::Ban, "203.0.113.1"),
+            ("cluster", Action::Unban, "203.0.113.2"),
+            ("cluster", Action::Ban, "203.0.113.3"),
+            ("sshd", Action::Ban, "203.0.113.4"),
+            ("cluster", Action::Ban, "2001:db8::1"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            p.push(item(i as u128, jail, action, ip), now);
+        }
+        let groups = group(p.take_ready(now, MAX_BATCH));
+        let shape: Vec<(String, Action, Vec<String>)> = groups
+            .iter()
+            .map(|g| (g.jail.to_string(), g.action, ips(&g.items)))
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (
+                    "cluster".into(),
+                    Action::Ban,
+                    vec![
+                        "203.0.113.1".into(),
+                        "203.0.113.3".into(),
+                        "2001:db8::1".into()
+                    ]
+                ),
+                ("cluster".into(), Action::Unban, vec!["203.0.113.2".into()]),
+                ("sshd".into(), Action::Ban, vec!["203.0.113.4".into()]),
+            ]
+        );
+    }
+
+    #[test]
+    fn take_ready_honours_max_and_order() {
+        let now = Instant::now();
+        let mut p = Pending::new(10_000);
+        for i in 0..1200u32 {
+            let ip = std::net::Ipv4Addr::from(0xCB00_7100 + i).to_string();
+            p.push(item(i.into(), "cluster", Action::Ban, &ip), now);
+        }
+        let a = p.take_ready(now, MAX_BATCH);
+        assert_eq!(a.len(), MAX_BATCH);
+        assert_eq!(a[0].item.seq, 0);
+        assert_eq!(p.take_ready(now, MAX_BATCH)[0].item.seq, 500);
+        assert_eq!(p.take_ready(now, MAX_BATCH).len(), 200);
+        assert!(p.take_ready(now, MAX_BATCH).is_empty());
+        assert_eq!(p.next_ready(), None);
+    }
+
+    #[test]
+    fn capacity_drops_the_oldest_and_counts() {
+        let now = Instant::now();
+        let mut p = Pending::new(2);
+        assert!(p
+            .push(item(1, "cluster", Action::Ban, "203.0.113.1"), now)
+            .is_empty());
+        assert!(p
+            .push(item(2, "cluster", Action::Ban, "203.0.113.2"), now)
+            .is_empty());
+        let dropped = p.push(item(3, "cluster", Action::Ban, "203.0.113.3"), now);
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(dropped[0].seq, 1);
+        assert_eq!(p.dropped(), 1);
+        assert_eq!(p.len(), 2);
+    }
+
+    #[test]
+    fn per_item_retry_waits_its_backoff() {
+        let now = Instant::now();
+        let mut p = Pending::new(100);
+        p.push(item(1, "cluster", Action::Ban, "203.0.113.1"), now);
+        p.push(item(2, "cluster", Action::Ban, "203.0.113.2"), now);
+        let mut taken = p.take_ready(now, MAX_BATCH);
+        let bad = taken.remove(0);
+        let (delay, dropped) = p.retry(bad, now);
+        assert!(dropped.is_empty());
+        assert_eq!(delay, Duration::from_secs(1));
+        assert!(p.take_ready(now, MAX_BATCH).is_empty());
+        assert_eq!(p.next_ready(), Some(now + Duration::from_secs(1)));
+        let again = p.take_ready(now + Duration::from_secs(1), MAX_BATCH);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].attempts, 1);
+        let (delay, _) = p.retry(again.into_iter().next().unwrap(), now);
+        assert_eq!(delay, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn newer_event_wins_over_a_retried_one() {
+        let now = Instant::now();
+        let mut p = Pending::new(100);
+        p.push(item(1, "cluster", Action::Ban, "203.0.113.1"), now);
+        let taken = p.take_ready(now, MAX_BATCH);
+        // While the ban was in flight, an unban of the same address arrived.
+        p.push(item(2, "cluster", Action::Unban, "203.0.113.1"), now);
+        p.requeue(taken, now);
+        let t = p.take_ready(now, MAX_BATCH);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].item.action(), Action::Unban);
+    }
+
+    #[test]
+    fn gate_holds_a_whole_jail_including_new_events() {
+        let now = Instant::now();
+        let mut p = Pending::new(100);
+        p.push(item(1, "cluster", Action::Ban, "203.0.113.1"), now);
+        p.push(item(2, "sshd", Action::Ban, "203.0.113.2"), now);
+        let taken = p.take_ready(now, MAX_BATCH);
+        let (cluster, sshd): (Vec<_>, Vec<_>) = taken
+            .into_iter()
+            .partition(|t| t.item.jail.as_str() == "cluster");
+        assert_eq!(sshd.len(), 1);
+        let cluster_jail = JailName::new("cluster").unwrap();
+        assert_eq!(p.gate_failure(&cluster_jail, now), Duration::from_secs(1));
+        p.requeue(cluster, now);
+        p.push(item(3, "cluster", Action::Ban, "203.0.113.3"), now);
+        assert!(p.take_ready(now, MAX_BATCH).is_empty());
+        assert_eq!(p.next_ready(), Some(now + Duration::from_secs(1)));
+        let later = now + Duration::from_secs(1);
+        assert_eq!(p.gate_failure(&cluster_jail, later), Duration::from_secs(2));
+        assert!(p.take_ready(later, MAX_BATCH).is_empty());
+        let t = p.take_ready(later + Duration::from_secs(2), MAX_BATCH);
+        assert_eq!(t.len(), 2);
+        // Attempts of the entries themselves are untouched by a gate failure.
+        assert!(t.iter().all(|t| t.attempts == 0));
+        p.gate_success(&cluster_jail);
+        p.push(item(4, "cluster", Action::Ban, "203.0.113.4"), later);
+        assert_eq!(p.take_ready(later, MAX_BATCH).len(), 1);
+    }
+}
