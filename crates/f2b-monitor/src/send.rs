@@ -1,0 +1,315 @@
+//! Delivering events to the publisher: a ZeroMQ REQ socket in a blocking thread.
+//!
+//! Each event is sent and its reply awaited for `ack_timeout`. On a timeout or a
+//! socket error the REQ socket is closed (a REQ socket that lost its reply is
+//! stuck in its send/receive lockstep) and recreated, and the same request (same
+//! event id) is sent again after an exponential backoff from [`BACKOFF_MIN`] to
+//! [`BACKOFF_MAX`]. Events go strictly in order, one at a time, at least once; the
+//! publisher answers a repeated id with `duplicate` and does not broadcast twice.
+//!
+//! A NAK with a transient reason (busy, rate limited) is retried the same way; any
+//! other NAK is logged at error level with its reason and detail, and the event is
+//! dropped, since sending it again cannot change the answer.
+//!
+//! The thread polls the REQ socket together with the shutdown socket
+//! ([`f2b_common::sockets::shutdown_socket`]); on shutdown it keeps delivering
+//! what is queued for at most `drain_time`, then returns.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use f2b_common::sockets::new_socket;
+use f2b_common::zmq;
+use f2b_proto::{Event, Reply, Request};
+use tokio::sync::mpsc;
+
+/// The first wait before a resend.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The longest wait between resends.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// What the sender thread needs besides its queue.
+pub struct SenderParams {
+    pub ctx: zmq::Context,
+    /// The publisher's REP endpoint.
+    pub endpoint: String,
+    pub ack_timeout: Duration,
+    /// How long queued events are still tried after shutdown.
+    pub drain_time: Duration,
+    /// Readable once shutdown has begun ([`f2b_common::sockets::shutdown_socket`]).
+    pub shutdown: zmq::Socket,
+}
+
+impl fmt::Debug for SenderParams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SenderParams")
+            .field("endpoint", &self.endpoint)
+            .field("ack_timeout", &self.ack_timeout)
+            .field("drain_time", &self.drain_time)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What became of one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// ACKed (and logged as `reported`).
+    Acked,
+    /// Refused for good; dropped.
+    Rejected,
+    /// Not delivered before the shutdown deadline.
+    Abandoned,
+}
+
+struct Seq(Option<u64>);
+
+impl fmt::Display for Seq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(s) => write!(f, "{s}"),
+            None => f.write_str("none"),
+        }
+    }
+}
+
+struct Sender {
+    p: SenderParams,
+    sock: Option<zmq::Socket>,
+    /// Set when shutdown began: nothing is tried after it.
+    deadline: Option<Instant>,
+}
+
+/// The sender thread's body: delivers events from `rx` until it is closed (and
+/// empty) or the shutdown deadline passes. Fails only if a socket cannot be
+/// created or connected (a bad endpoint).
+pub fn run_sender(
+    params: SenderParams,
+    mut rx: mpsc::Receiver<Event>,
+) -> Result<(), crate::MonitorError> {
+    let mut s = Sender {
+        p: params,
+        sock: None,
+        deadline: None,
+    };
+    while let Some(event) = s.next_event(&mut rx) {
+        if s.deliver(&event)? == Outcome::Abandoned {
+            let left = 1 + drain_count(&mut rx);
+            tracing::warn!(
+                undelivered = left,
+                "shutting down with events not delivered to the publisher"
+            );
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+fn drain_count(rx: &mut mpsc::Receiver<Event>) -> usize {
+    rx.close();
+    let mut n = 0;
+    while rx.try_recv().is_ok() {
+        n += 1;
+    }
+    n
+}
+
+impl Sender {
+    fn next_event(&mut self, rx: &mut mpsc::Receiver<Event>) -> Option<Event> {
+        // The tail side closes the queue on shutdown, so this does not block
+        // forever; it blocks only while waiting for the next log line.
+        rx.blocking_recv()
+    }
+
+    fn socket(&mut self) -> Result<&zmq::Socket, crate::MonitorError> {
+        if self.sock.is_none() {
+            let err = |source| crate::MonitorError::Socket {
+                endpoint: self.p.endpoint.clone(),
+                source,
+            };
+            let s = new_socket(&self.p.ctx, zmq::REQ).map_err(err)?;
+            s.connect(&self.p.endpoint).map_err(err)?;
+            self.sock = Some(s);
+        }
+        Ok(self.sock.as_ref().expect("just set"))
+    }
+
+    /// Checks the shutdown socket without waiting; starts the drain deadline.
+    fn note_shutdown(&mut self) {
+        if self.deadline.is_none() && self.p.shutdown.poll(zmq::POLLIN, 0).unwrap_or(0) > 0 {
+            let _ = self.p.shutdown.recv_bytes(zmq::DONTWAIT);
+            self.deadline = Some(Instant::now() + self.p.drain_time);
+        }
+    }
+
+    fn past_deadline(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Waits up to `timeout` (cut to the shutdown deadline) for the REQ socket to
+    /// be readable, watching the shutdown socket. Returns whether it is readable.
+    fn wait_reply(&mut self, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        loop {
+            let end = self.deadline.map_or(end, |d| d.min(end));
+            let now = Instant::now();
+            if now >= end {
+                return false;
+            }
+            let ms = i64::try_from((end - now).as_millis())
+                .unwrap_or(i64::MAX)
+                .max(1);
+            let Some(sock) = &self.sock else {
+                return false;
+            };
+            let mut items = [
+                sock.as_poll_item(zmq::POLLIN),
+                self.p.shutdown.as_poll_item(zmq::POLLIN),
+            ];
+            if zmq::poll(&mut items, ms).is_err() {
+                return false;
+            }
+            let (readable, stop) = (items[0].is_readable(), items[1].is_readable());
+            if stop {
+                self.note_shutdown();
+            }
+            if readable {
+                return true;
+            }
+        }
+    }
+
+    /// Sleeps `d` (cut to the shutdown deadline), waking early on shutdown.
+    fn pause(&mut self, d: Duration) {
+        let end = Instant::now() + d;
+        loop {
+            let end = self.deadline.map_or(end, |dl| dl.min(end));
+            let now = Instant::now();
+            if now >= end {
+                return;
+            }
+            let ms = i64::try_from((end - now).as_millis())
+                .unwrap_or(i64::MAX)
+                .max(1);
+            let mut items = [self.p.shutdown.as_poll_item(zmq::POLLIN)];
+            if zmq::poll(&mut items, ms).is_err() {
+                return;
+            }
+            if items[0].is_readable() {
+                // Shutdown: stop waiting, retry at once within the drain time.
+                self.note_shutdown();
+                return;
+            }
+        }
+    }
+
+    fn deliver(&mut self, event: &Event) -> Result<Outcome, crate::MonitorError> {
+        let request = Request::Report(event.clone()).encode();
+        let mut backoff = BACKOFF_MIN;
+        let mut attempt: u32 = 0;
+        loop {
+            self.note_shutdown();
+            if self.past_deadline() {
+                return Ok(Outcome::Abandoned);
+            }
+            attempt += 1;
+            let failure = match self.attempt(event, &request)? {
+                Ok(outcome) => return Ok(outcome),
+                Err(failure) => failure,
+            };
+            match failure {
+                Failure::Transient => {}
+                Failure::Broken(why) => {
+                    tracing::warn!(
+                        publisher = %self.p.endpoint,
+                        id = %event.id,
+                        attempt,
+                        retry_in_ms = backoff.as_millis() as u64,
+                        error = %why,
+                        "publisher unreachable, will retry"
+                    );
+                    // A REQ socket that lost its reply cannot send again.
+                    self.sock = None;
+                }
+            }
+            self.pause(backoff);
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// One send and wait. `Err(Failure)` means try again.
+    fn attempt(
+        &mut self,
+        event: &Event,
+        request: &[u8],
+    ) -> Result<Result<Outcome, Failure>, crate::MonitorError> {
+        let sock = self.socket()?;
+        if let Err(e) = sock.send(request, zmq::DONTWAIT) {
+            return Ok(Err(Failure::Broken(format!("send: {e}"))));
+        }
+        if !self.wait_reply(self.p.ack_timeout) {
+            let why = if self.past_deadline() {
+                "shutdown deadline".to_owned()
+            } else {
+                format!("no reply within {:?}", self.p.ack_timeout)
+            };
+            return Ok(Err(Failure::Broken(why)));
+        }
+        let Some(sock) = &self.sock else {
+            return Ok(Err(Failure::Broken("socket gone".into())));
+        };
+        let bytes = match sock.recv_bytes(zmq::DONTWAIT) {
+            Ok(b) => b,
+            Err(e) => return Ok(Err(Failure::Broken(format!("receive: {e}")))),
+        };
+        let reply = match Reply::decode(&bytes) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(Failure::Broken(format!("unreadable reply: {e}")))),
+        };
+        match reply {
+            Reply::Ack(ack) if ack.id == event.id => {
+                tracing::info!(
+                    action = %event.action,
+                    jail = %event.jail,
+                    ip = %event.ip,
+                    id = %event.id,
+                    status = ack.status.as_str(),
+                    seq = %Seq(ack.seq),
+                    "reported"
+                );
+                Ok(Ok(Outcome::Acked))
+            }
+            Reply::Ack(ack) => Ok(Err(Failure::Broken(format!(
+                "ACK for another event {} (expected {})",
+                ack.id, event.id
+            )))),
+            Reply::Nak(nak) if nak.reason.is_transient() => {
+                tracing::warn!(
+                    id = %event.id,
+                    reason = %nak.reason,
+                    detail = %nak.detail,
+                    "publisher asked to retry later"
+                );
+                Ok(Err(Failure::Transient))
+            }
+            Reply::Nak(nak) => {
+                tracing::error!(
+                    action = %event.action,
+                    jail = %event.jail,
+                    ip = %event.ip,
+                    id = %event.id,
+                    reason = %nak.reason,
+                    detail = %nak.detail,
+                    "event rejected by the publisher, dropped"
+                );
+                Ok(Ok(Outcome::Rejected))
+            }
+        }
+    }
+}
+
+enum Failure {
+    /// The publisher answered "later": same socket, resend after the backoff.
+    Transient,
+    /// No usable answer: new socket, resend after the backoff.
+    Broken(String),
+}

@@ -1,0 +1,431 @@
+//! Following a log file across appends, rotation, truncation and absence.
+//!
+//! [`Tailer`] is the synchronous part: one call to [`Tailer::read`] reads whatever
+//! is new and returns complete lines. [`follow`] drives it: it watches the file's
+//! directory with inotify (through `notify`) and calls `read` on every change,
+//! with no polling.
+//!
+//! What `read` handles:
+//!
+//! - Appends: read from the last offset to the end. A last line without its
+//!   newline is kept until the newline arrives.
+//! - Rename and create (Debian's logrotate): fail2ban keeps writing to the renamed
+//!   file until `fail2ban-client flushlogs` makes it reopen the path. The old file
+//!   stays open and is drained on every change until the writer has visibly moved
+//!   (the new file has data; the old is then read to its end once more and
+//!   closed), or until it has had no new data for [`DRAIN_GRACE`].
+//! - copytruncate: the file is shorter than the offset: read it again from 0.
+//! - Missing file: wait for it to be created, then read it from the start.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// How long a rotated-away file is kept open and read, from its last new data,
+/// when the new file stays empty (fail2ban not told to reopen its log).
+pub const DRAIN_GRACE: Duration = Duration::from_secs(600);
+
+/// Lines longer than this are dropped (fail2ban's are a few hundred bytes).
+pub const MAX_LINE: usize = 64 * 1024;
+
+const CHUNK: usize = 64 * 1024;
+
+/// One line read from the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    /// The text, without the newline (invalid UTF-8 replaced).
+    pub text: String,
+    /// 1-based count of lines read by this tailer, across files.
+    pub number: u64,
+}
+
+/// What the tailer noticed on a read, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The file appeared; it is read from the start.
+    Appeared,
+    /// The path now names another file (rotation); the old one is drained.
+    Rotated,
+    /// The path no longer exists; the old file is drained.
+    Vanished,
+    /// The file got shorter than the offset (copytruncate); read again from 0.
+    Truncated { offset: u64 },
+    /// A rotated-away file was closed.
+    Closed { offset: u64, grace_expired: bool },
+}
+
+#[derive(Debug)]
+struct Reader {
+    file: File,
+    id: (u64, u64),
+    offset: u64,
+    partial: Vec<u8>,
+    /// Discarding up to the next newline (started mid-line, or an overlong line).
+    discarding: bool,
+    last_data: Instant,
+}
+
+impl Reader {
+    fn open(path: &Path, now: Instant) -> io::Result<Reader> {
+        let file = File::open(path)?;
+        let meta = file.metadata()?;
+        Ok(Reader {
+            file,
+            id: (meta.dev(), meta.ino()),
+            offset: 0,
+            partial: Vec::new(),
+            discarding: false,
+            last_data: now,
+        })
+    }
+
+    /// Reads to the end of the file; complete lines go to `out`.
+    fn drain(&mut self, now: Instant, counter: &mut u64, out: &mut Vec<Line>) -> io::Result<()> {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = self.file.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            self.offset += n as u64;
+            self.last_data = now;
+            let mut rest = &buf[..n];
+            while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
+                let (head, tail) = rest.split_at(pos);
+                rest = &tail[1..];
+                if self.discarding {
+                    self.discarding = false;
+                    self.partial.clear();
+                    continue;
+                }
+                self.partial.extend_from_slice(head);
+                *counter += 1;
+                out.push(Line {
+                    text: String::from_utf8_lossy(&self.partial).into_owned(),
+                    number: *counter,
+                });
+                self.partial.clear();
+            }
+            if !self.discarding {
+                self.partial.extend_from_slice(rest);
+                if self.partial.len() > MAX_LINE {
+                    self.partial.clear();
+                    self.discarding = true;
+                }
+            }
+        }
+    }
+
+    fn rewind(&mut self) -> io::Result<()> {
+        self.file.seek(SeekFrom::Start(0))?;
+        self.offset = 0;
+        self.partial.clear();
+        self.discarding = false;
+        Ok(())
+    }
+}
+
+/// Follows one path; see the module documentation.
+#[derive(Debug)]
+pub struct Tailer {
+    path: PathBuf,
+    current: Option<Reader>,
+    /// Rotated-away files still being read, oldest first.
+    draining: Vec<Reader>,
+    grace: Duration,
+    lines: u64,
+}
+
+impl Tailer {
+    /// Starts at the end of `path` (nothing already in it is read), or, if it does
+    /// not exist yet, at the start of the file that will be created.
+    pub fn at_end(path: &Path, now: Instant) -> io::Result<Tailer> {
+        let current = match Reader::open(path, now) {
+            Ok(mut r) => {
+                let len = r.file.seek(SeekFrom::End(0))?;
+                r.offset = len;
+                if len > 0 {
+                    // Started in the middle of a line: skip its rest.
+                    let mut last = [0u8; 1];
+                    r.file.seek(SeekFrom::Start(len - 1))?;
+                    r.file.read_exact(&mut last)?;
+                    r.discarding = last[0] != b'\n';
+                }
+                Some(r)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        Ok(Tailer {
+            path: path.to_owned(),
+            current,
+            draining: Vec::new(),
+            grace: DRAIN_GRACE,
+            lines: 0,
+        })
+    }
+
+    /// Sets how long a rotated-away file is read after its last data.
+    pub fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// The path followed.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The offset in the current file, 0 when it does not exist.
+    pub fn offset(&self) -> u64 {
+        self.current.as_ref().map_or(0, |r| r.offset)
+    }
+
+    /// Whether the path currently names a file being read.
+    pub fn is_open(&self) -> bool {
+        self.current.is_some()
+    }
+
+    /// How many rotated-away files are still being read.
+    pub fn draining(&self) -> usize {
+        self.draining.len()
+    }
+
+    /// When a rotated-away file's grace ends, if one is open.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.draining.iter().map(|r| r.last_data + self.grace).min()
+    }
+
+    /// Reads everything new: complete lines to `lines`, what happened to `changes`.
+    pub fn read(
+        &mut self,
+        now: Instant,
+        lines: &mut Vec<Line>,
+        changes: &mut Vec<Change>,
+    ) -> io::Result<()> {
+        // 1. Where does the path point now?
+        let mut new_has_data = false;
+        match std::fs::metadata(&self.path) {
+            Ok(meta) => {
+                let id = (meta.dev(), meta.ino());
+                match &mut self.current {
+                    Some(cur) if cur.id == id => {
+                        if meta.len() < cur.offset {
+                            changes.push(Change::Truncated { offset: cur.offset });
+                            cur.rewind()?;
+                        }
+                    }
+                    _ => {
+                        let was_open = self.current.is_some();
+                        match Reader::open(&self.path, now) {
+                            Ok(r) => {
+                                if let Some(old) = self.current.replace(r) {
+                                    self.draining.push(old);
+                                }
+                                changes.push(if was_open {
+                                    Change::Rotated
+                                } else {
+                                    Change::Appeared
+                                });
+                            }
+                            // Renamed away again between the stat and the open.
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                                if let Some(old) = self.current.take() {
+                                    self.draining.push(old);
+                                    changes.push(Change::Vanished);
+                                }
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                // Compare with the file we really opened (the path may have moved on).
+                if let Some(cur) = &self.current {
+                    new_has_data = cur.file.metadata()?.len() > 0;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if let Some(old) = self.current.take() {
+                    self.draining.push(old);
+                    changes.push(Change::Vanished);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+
+        // 2. Drain the rotated-away files. If the new file already had data before
+        // this drain, the writer had moved to it, so this drain is the last one.
+        let mut kept = Vec::with_capacity(self.draining.len());
+        for mut old in self.draining.drain(..) {
+            old.drain(now, &mut self.lines, lines)?;
+            let grace_expired = now >= old.last_data + self.grace;
+            if new_has_data || grace_expired {
+                changes.push(Change::Closed {
+                    offset: old.offset,
+                    grace_expired: !new_has_data,
+                });
+            } else {
+                kept.push(old);
+            }
+        }
+        self.draining = kept;
+
+        // 3. Then the current file.
+        if let Some(cur) = &mut self.current {
+            cur.drain(now, &mut self.lines, lines)?;
+        }
+        Ok(())
+    }
+}
+
+/// Follows `path` until `shutdown`: installs an inotify watch on its directory,
+/// positions at the end of the file, logs `watching path=.. offset=..`, then sends
+/// each batch of new lines to `tx` as soon as the file changes. Sending waits when
+/// `tx` is full (the file keeps the lines meanwhile). Returns when `shutdown` is
+/// cancelled or `tx` is closed.
+pub async fn follow(
+    path: PathBuf,
+    tx: mpsc::Sender<Vec<Line>>,
+    shutdown: CancellationToken,
+) -> Result<(), crate::MonitorError> {
+    follow_with_grace(path, DRAIN_GRACE, tx, shutdown).await
+}
+
+/// [`follow`] with another [`DRAIN_GRACE`] (for tests).
+pub async fn follow_with_grace(
+    path: PathBuf,
+    grace: Duration,
+    tx: mpsc::Sender<Vec<Line>>,
+    shutdown: CancellationToken,
+) -> Result<(), crate::MonitorError> {
+    use notify::Watcher;
+
+    let wake = Arc::new(Notify::new());
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().map(|n| n.to_owned()).unwrap_or_default();
+    let waker = wake.clone();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        match res {
+            Ok(ev) => {
+                // Only changes to our file or its rotated names (`fail2ban.log.1`)
+                // matter; other logs in the directory change all the time.
+                let relevant = ev.need_rescan()
+                    || ev.paths.is_empty()
+                    || ev.paths.iter().any(|p| {
+                        p.file_name().is_some_and(|n| {
+                            n.as_encoded_bytes().starts_with(name.as_encoded_bytes())
+                        })
+                    });
+                if relevant {
+                    waker.notify_one();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "file watch error");
+                waker.notify_one();
+            }
+        }
+    })
+    .map_err(|source| crate::MonitorError::Watch {
+        path: dir.clone(),
+        source,
+    })?;
+    watcher
+        .watch(&dir, notify::RecursiveMode::NonRecursive)
+        .map_err(|source| crate::MonitorError::Watch {
+            path: dir.clone(),
+            source,
+        })?;
+
+    let read_err = |source| crate::MonitorError::Read {
+        path: path.clone(),
+        source,
+    };
+    let p = path.clone();
+    let tailer = tokio::task::spawn_blocking(move || Tailer::at_end(&p, Instant::now()))
+        .await
+        .map_err(|e| crate::MonitorError::task("tailer", e))?
+        .map_err(read_err)?
+        .with_grace(grace);
+    tracing::info!(path = %path.display(), offset = tailer.offset(), "watching");
+    if !tailer.is_open() {
+        tracing::warn!(path = %path.display(), "log file does not exist yet, waiting for it");
+    }
+
+    let mut tailer = Some(tailer);
+    loop {
+        let Some(mut t) = tailer.take() else {
+            return Ok(());
+        };
+        let (t, result) = tokio::task::spawn_blocking(move || {
+            let (mut lines, mut changes) = (Vec::new(), Vec::new());
+            let r = t.read(Instant::now(), &mut lines, &mut changes);
+            (t, r.map(|()| (lines, changes)))
+        })
+        .await
+        .map_err(|e| crate::MonitorError::task("tailer", e))?;
+        let deadline = t.next_deadline();
+        tailer = Some(t);
+        match result {
+            Ok((lines, changes)) => {
+                for c in changes {
+                    log_change(&path, &c);
+                }
+                if !lines.is_empty() {
+                    tokio::select! {
+                        r = tx.send(lines) => if r.is_err() { return Ok(()) },
+                        () = shutdown.cancelled() => return Ok(()),
+                    }
+                }
+            }
+            Err(e) => {
+                // Transient (permissions being fixed, NFS hiccup): report and go on
+                // at the next change.
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the log file");
+            }
+        }
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = wake.notified() => {}
+            () = sleep => {}
+            () = shutdown.cancelled() => return Ok(()),
+        }
+    }
+}
+
+fn log_change(path: &Path, change: &Change) {
+    let path = path.display();
+    match change {
+        Change::Appeared => tracing::info!(%path, "log file appeared, reading it from the start"),
+        Change::Rotated => {
+            tracing::info!(%path, "log file rotated, reading the new file from the start")
+        }
+        Change::Vanished => tracing::info!(%path, "log file gone, waiting for it"),
+        Change::Truncated { offset } => {
+            tracing::info!(%path, offset, "log file truncated, reading it from the start")
+        }
+        Change::Closed {
+            offset,
+            grace_expired,
+        } => tracing::info!(
+            %path,
+            offset,
+            grace_expired,
+            "finished reading the rotated log file"
+        ),
+    }
+}
