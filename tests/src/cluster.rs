@@ -1,0 +1,603 @@
+//! A cluster of real daemons on loopback: one [`Publisher`] and [`Node`]s (a monitor
+//! and a subscriber each), configured through real configuration files.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::bins;
+use crate::process::Process;
+use crate::wait::{self, TIMEOUT};
+
+/// The log filter the daemons run with: info, and debug for the project's crates
+/// (the `ignored`, `unchanged` and `duplicate` lines).
+pub const LOG_LEVEL: &str =
+    "info,f2b_monitor=debug,f2b_publisher=debug,f2b_subscriber=debug,f2b_common=debug";
+
+/// A temporary directory for one test. Removed when dropped, unless the test is
+/// failing: then it is kept, and its path printed, for a look at the files.
+#[derive(Debug)]
+pub struct TestDir {
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new() -> TestDir {
+        let dir = tempfile::Builder::new()
+            .prefix("f2b-test-")
+            .tempdir()
+            .expect("cannot create a temporary directory");
+        TestDir {
+            path: dir.path().to_owned(),
+            dir: Some(dir),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A subdirectory, created.
+    pub fn sub(&self, name: &str) -> PathBuf {
+        let p = self.path.join(name);
+        std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
+        p
+    }
+}
+
+impl Default for TestDir {
+    fn default() -> Self {
+        TestDir::new()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(dir) = self.dir.take() {
+                let kept = dir.keep();
+                eprintln!("test files kept in {}", kept.display());
+            }
+        }
+    }
+}
+
+/// A TOML basic string (JSON's escapes are valid TOML).
+pub fn toml_str(s: &str) -> String {
+    serde_json::to_string(s).expect("strings serialise")
+}
+
+/// A TOML array of strings.
+pub fn toml_list<S: AsRef<str>>(items: &[S]) -> String {
+    let items: Vec<String> = items.iter().map(|s| toml_str(s.as_ref())).collect();
+    format!("[{}]", items.join(", "))
+}
+
+fn path_str(p: &Path) -> String {
+    toml_str(&p.to_string_lossy())
+}
+
+fn write_file(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+/// Appends lines to a file (created if missing), each followed by a newline, in one
+/// write, as a logger would.
+pub fn append_lines<S: AsRef<str>>(path: &Path, lines: &[S]) {
+    let mut text = String::new();
+    for l in lines {
+        text.push_str(l.as_ref());
+        text.push('\n');
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .unwrap_or_else(|e| panic!("append to {}: {e}", path.display()));
+}
+
+/// The lines of a file; none when it does not exist yet.
+pub fn read_lines(path: &Path) -> Vec<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text.lines().map(str::to_owned).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => panic!("read {}: {e}", path.display()),
+    }
+}
+
+/// `[publisher]` settings.
+#[derive(Debug, Clone)]
+pub struct PublisherOptions {
+    pub reply_bind: String,
+    pub broadcast_bind: String,
+    pub heartbeat_interval: String,
+    pub ban_time: String,
+}
+
+impl Default for PublisherOptions {
+    fn default() -> Self {
+        PublisherOptions {
+            reply_bind: "tcp://127.0.0.1:*".into(),
+            broadcast_bind: "tcp://127.0.0.1:*".into(),
+            heartbeat_interval: "200ms".into(),
+            ban_time: "10m".into(),
+        }
+    }
+}
+
+/// A running `f2b-publisher`.
+#[derive(Debug)]
+pub struct Publisher {
+    process: Process,
+    /// Earlier runs (before [`Publisher::kill`] and [`Publisher::restart`]), kept so
+    /// their output is printed if the test fails.
+    earlier: Vec<Process>,
+    dir: PathBuf,
+    options: PublisherOptions,
+    /// The REP endpoint really bound (monitors connect here).
+    pub reply: String,
+    /// The PUB endpoint really bound (subscribers connect here).
+    pub broadcast: String,
+}
+
+impl Publisher {
+    /// Starts a publisher on ephemeral loopback ports with a 200 ms heartbeat, in
+    /// `dir` (its config file and pidfile live there).
+    pub fn start(dir: &Path) -> Publisher {
+        Publisher::start_with(dir, PublisherOptions::default())
+    }
+
+    /// Starts a publisher with `options`, and waits for its `listening on` line.
+    pub fn start_with(dir: &Path, options: PublisherOptions) -> Publisher {
+        std::fs::create_dir_all(dir).expect("mkdir publisher dir");
+        let (process, reply, broadcast) = Publisher::launch(dir, &options, 0);
+        Publisher {
+            process,
+            earlier: Vec::new(),
+            dir: dir.to_owned(),
+            options,
+            reply,
+            broadcast,
+        }
+    }
+
+    fn launch(dir: &Path, o: &PublisherOptions, run: usize) -> (Process, String, String) {
+        let config = dir.join("publisher.conf");
+        write_file(
+            &config,
+            &format!(
+                "[node]\nname = \"hub\"\n\n[publisher]\nreply_bind = {}\nbroadcast_bind = {}\n\
+                 heartbeat_interval = {}\nban_time = {}\npidfile = {}\n",
+                toml_str(&o.reply_bind),
+                toml_str(&o.broadcast_bind),
+                toml_str(&o.heartbeat_interval),
+                toml_str(&o.ban_time),
+                path_str(&dir.join("publisher.pid")),
+            ),
+        );
+        let mut cmd = Command::new(bins::publisher());
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("--log-level")
+            .arg(LOG_LEVEL);
+        let name = if run == 0 {
+            "publisher".to_owned()
+        } else {
+            format!("publisher (run {})", run + 1)
+        };
+        let p = Process::spawn(name, cmd);
+        let m = p.wait_for_line(r"listening on", TIMEOUT);
+        let reply = m.field("reply");
+        let broadcast = m.field("broadcast");
+        assert!(
+            reply.starts_with("tcp://") && broadcast.starts_with("tcp://"),
+            "unexpected endpoints in {:?}",
+            m.line
+        );
+        (p, reply, broadcast)
+    }
+
+    /// The running publisher process.
+    pub fn process(&self) -> &Process {
+        &self.process
+    }
+
+    /// SIGKILL (a crash: no clean-up).
+    pub fn kill(&self) {
+        self.process.kill();
+    }
+
+    /// Starts the publisher again on the endpoints it had (after [`Publisher::kill`]
+    /// or a clean stop), and asserts it got them.
+    pub fn restart(&mut self) {
+        assert!(
+            !self.process.is_running(),
+            "restart: the publisher is still running"
+        );
+        let options = PublisherOptions {
+            reply_bind: self.reply.clone(),
+            broadcast_bind: self.broadcast.clone(),
+            ..self.options.clone()
+        };
+        let run = self.earlier.len() + 1;
+        let (process, reply, broadcast) = Publisher::launch(&self.dir, &options, run);
+        assert_eq!(
+            (&reply, &broadcast),
+            (&self.reply, &self.broadcast),
+            "the restarted publisher did not get its endpoints back"
+        );
+        let old = std::mem::replace(&mut self.process, process);
+        self.earlier.push(old);
+    }
+
+    /// Lines of the current run that report a broadcast of `ip`.
+    pub fn broadcasts_of(&self, ip: &str) -> Vec<String> {
+        self.process
+            .matching(r"\bbroadcast\b.*\bseq=")
+            .into_iter()
+            .filter(|l| crate::process::field(l, "ip").as_deref() == Some(ip))
+            .collect()
+    }
+}
+
+/// How a node's subscriber applies events.
+#[derive(Debug, Clone)]
+pub enum NodeAction {
+    /// `exec` with `f2b-test-record`: a line `<action> <jail> <ip> <node>` per event
+    /// in the node's `applied.txt`.
+    Record,
+    /// `fail2ban-client` on a private fail2ban-server's socket, through the counting
+    /// wrapper `f2b-test-fail2ban-client` (calls listed in the node's
+    /// `fail2ban-client-calls.txt`).
+    Fail2banClient { socket: PathBuf },
+    /// `log`, to this file.
+    Log { path: PathBuf },
+    /// `none`.
+    None,
+}
+
+/// What a [`Node`] runs and how. `Default`: both daemons, action [`NodeAction::Record`],
+/// all jails, default ignore_ip, a fresh empty fail2ban log.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub monitor: bool,
+    pub subscriber: bool,
+    /// The fail2ban log the monitor reads; default `<node dir>/fail2ban.log`.
+    pub log_path: Option<PathBuf>,
+    /// `[monitor] ignore_jails`.
+    pub ignore_jails: Vec<String>,
+    /// `[monitor] ack_timeout`.
+    pub ack_timeout: Option<String>,
+    /// `[subscriber] jails`.
+    pub jails: Vec<String>,
+    /// `[subscriber] ignore_ip`; `None`: the default.
+    pub ignore_ip: Option<Vec<String>>,
+    /// `[subscriber] ban_jail`.
+    pub ban_jail: Option<String>,
+    pub action: NodeAction,
+    /// `[subscriber] heartbeat_timeout`.
+    pub heartbeat_timeout: Option<String>,
+    /// Extra lines for the `[subscriber]` section.
+    pub subscriber_extra: String,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            monitor: true,
+            subscriber: true,
+            log_path: None,
+            ignore_jails: Vec::new(),
+            ack_timeout: None,
+            jails: Vec::new(),
+            ignore_ip: None,
+            ban_jail: None,
+            action: NodeAction::Record,
+            heartbeat_timeout: None,
+            subscriber_extra: String::new(),
+        }
+    }
+}
+
+/// One node: an `f2b-monitor` reading a fail2ban log and an `f2b-subscriber`, both
+/// from the node's configuration file.
+#[derive(Debug)]
+pub struct Node {
+    pub name: String,
+    pub dir: PathBuf,
+    /// The node's configuration file.
+    pub config: PathBuf,
+    /// The fail2ban log its monitor reads.
+    pub log_path: PathBuf,
+    /// Where [`NodeAction::Record`] writes.
+    pub record_path: PathBuf,
+    /// Where [`NodeAction::Fail2banClient`] lists the fail2ban-client calls.
+    pub calls_path: PathBuf,
+    monitor: Option<Process>,
+    subscriber: Option<Process>,
+    earlier: Vec<Process>,
+}
+
+impl Node {
+    /// Writes the node's configuration for `publisher`, starts its daemons and waits
+    /// until they are ready: the monitor's `watching` line, the subscriber's
+    /// `connected` line (the subscription is live).
+    pub fn start(root: &Path, name: &str, publisher: &Publisher, options: NodeOptions) -> Node {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).expect("mkdir node dir");
+        let log_path = options
+            .log_path
+            .clone()
+            .unwrap_or_else(|| dir.join("fail2ban.log"));
+        if !log_path.exists() {
+            write_file(&log_path, "");
+        }
+        let record_path = dir.join("applied.txt");
+        let calls_path = dir.join("fail2ban-client-calls.txt");
+        let config = dir.join("fail2ban-cluster.conf");
+        write_file(
+            &config,
+            &node_config(
+                name,
+                &dir,
+                &log_path,
+                &record_path,
+                (&publisher.reply, &publisher.broadcast),
+                &options,
+                bins::bin_path,
+            ),
+        );
+        let mut node = Node {
+            name: name.to_owned(),
+            dir,
+            config,
+            log_path,
+            record_path,
+            calls_path,
+            monitor: None,
+            subscriber: None,
+            earlier: Vec::new(),
+        };
+        if options.monitor {
+            node.start_monitor();
+        }
+        if options.subscriber {
+            node.start_subscriber();
+        }
+        node
+    }
+
+    fn daemon(&self, binary: PathBuf, label: &str) -> Process {
+        let mut cmd = Command::new(binary);
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg("--log-level")
+            .arg(LOG_LEVEL)
+            .env("F2B_TEST_CALLS_FILE", &self.calls_path);
+        Process::spawn(format!("{label} {}", self.name), cmd)
+    }
+
+    /// Starts (or starts again) the monitor; waits for its `watching` line.
+    pub fn start_monitor(&mut self) {
+        let p = self.daemon(bins::monitor(), "monitor");
+        p.wait_for_line(r"\bwatching\b", TIMEOUT);
+        if let Some(old) = self.monitor.replace(p) {
+            self.earlier.push(old);
+        }
+    }
+
+    /// Starts (or starts again) the subscriber; waits for its `connected` line.
+    pub fn start_subscriber(&mut self) {
+        let p = self.daemon(bins::subscriber(), "subscriber");
+        p.wait_for_line(r"\bconnected\b", TIMEOUT);
+        if let Some(old) = self.subscriber.replace(p) {
+            self.earlier.push(old);
+        }
+    }
+
+    /// The monitor. Panics when the node runs none.
+    pub fn monitor(&self) -> &Process {
+        self.monitor.as_ref().expect("this node runs no monitor")
+    }
+
+    /// The subscriber. Panics when the node runs none.
+    pub fn subscriber(&self) -> &Process {
+        self.subscriber
+            .as_ref()
+            .expect("this node runs no subscriber")
+    }
+
+    /// Appends lines to the fail2ban log the monitor reads.
+    pub fn append_log<S: AsRef<str>>(&self, lines: &[S]) {
+        append_lines(&self.log_path, lines);
+    }
+
+    /// What the recorder wrote so far: `<action> <jail> <ip> <node>` lines.
+    pub fn recorded(&self) -> Vec<String> {
+        read_lines(&self.record_path)
+    }
+
+    /// Waits until the recorder has written `line` (exactly) `count` times or more.
+    pub fn wait_recorded(&self, line: &str, count: usize) {
+        wait::until(
+            &format!("{count} x {line:?} in {}", self.record_path.display()),
+            TIMEOUT,
+            || (self.recorded().iter().filter(|l| *l == line).count() >= count).then_some(()),
+            || self.report(),
+        );
+    }
+
+    /// How many times the recorder wrote `line`.
+    pub fn recorded_count(&self, line: &str) -> usize {
+        self.recorded().iter().filter(|l| *l == line).count()
+    }
+
+    /// The fail2ban-client calls the subscriber made (through the counting wrapper).
+    pub fn client_calls(&self) -> Vec<String> {
+        read_lines(&self.calls_path)
+    }
+
+    /// A description of the node's state for failure messages.
+    pub fn report(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "node {}: recorded {:?}", self.name, self.recorded());
+        for p in [&self.monitor, &self.subscriber].into_iter().flatten() {
+            let _ = writeln!(s, "{}", p.dump());
+        }
+        s
+    }
+}
+
+fn node_config(
+    name: &str,
+    dir: &Path,
+    log_path: &Path,
+    record_path: &Path,
+    (reply, broadcast): (&str, &str),
+    o: &NodeOptions,
+    helper: impl Fn(&str) -> PathBuf,
+) -> String {
+    let mut c = String::new();
+    let _ = writeln!(c, "[node]\nname = {}\n", toml_str(name));
+    let _ = writeln!(c, "[monitor]");
+    let _ = writeln!(c, "log_path = {}", path_str(log_path));
+    let _ = writeln!(c, "publisher = {}", toml_str(reply));
+    let _ = writeln!(c, "ignore_jails = {}", toml_list(&o.ignore_jails));
+    if let Some(t) = &o.ack_timeout {
+        let _ = writeln!(c, "ack_timeout = {}", toml_str(t));
+    }
+    let _ = writeln!(c, "pidfile = {}\n", path_str(&dir.join("monitor.pid")));
+    let _ = writeln!(c, "[subscriber]");
+    let _ = writeln!(c, "publisher = {}", toml_str(broadcast));
+    let _ = writeln!(c, "jails = {}", toml_list(&o.jails));
+    if let Some(ips) = &o.ignore_ip {
+        let _ = writeln!(c, "ignore_ip = {}", toml_list(ips));
+    }
+    if let Some(j) = &o.ban_jail {
+        let _ = writeln!(c, "ban_jail = {}", toml_str(j));
+    }
+    if let Some(t) = &o.heartbeat_timeout {
+        let _ = writeln!(c, "heartbeat_timeout = {}", toml_str(t));
+    }
+    match &o.action {
+        NodeAction::Record => {
+            let recorder = helper("f2b-test-record");
+            let _ = writeln!(c, "action = \"exec\"");
+            let _ = writeln!(
+                c,
+                "exec = {}",
+                toml_list(&[
+                    recorder.to_string_lossy().as_ref(),
+                    record_path.to_string_lossy().as_ref(),
+                    "<action>",
+                    "<jail>",
+                    "<ip>",
+                    "<node>",
+                ])
+            );
+        }
+        NodeAction::Fail2banClient { socket } => {
+            let _ = writeln!(c, "action = \"fail2ban-client\"");
+            let _ = writeln!(
+                c,
+                "fail2ban_client = {}",
+                path_str(&helper("f2b-test-fail2ban-client"))
+            );
+            let _ = writeln!(c, "socket = {}", path_str(socket));
+        }
+        NodeAction::Log { path } => {
+            let _ = writeln!(c, "action = \"log\"");
+            let _ = writeln!(c, "log_path = {}", path_str(path));
+        }
+        NodeAction::None => {
+            let _ = writeln!(c, "action = \"none\"");
+        }
+    }
+    c.push_str(&o.subscriber_extra);
+    let _ = writeln!(c, "\npidfile = {}", path_str(&dir.join("subscriber.pid")));
+    c
+}
+
+/// Convenience: a [`Duration`] of seconds.
+pub fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_helpers_quote() {
+        assert_eq!(toml_str(r#"a"b\c"#), r#""a\"b\\c""#);
+        assert_eq!(toml_list(&["x", "y"]), r#"["x", "y"]"#);
+        assert_eq!(toml_list::<&str>(&[]), "[]");
+    }
+
+    #[test]
+    fn node_configs_are_valid_configs() {
+        let dir = Path::new("/tmp/x");
+        let actions = [
+            NodeAction::Record,
+            NodeAction::Fail2banClient {
+                socket: "/tmp/x/f2b.sock".into(),
+            },
+            NodeAction::Log {
+                path: "/tmp/x/cluster.log".into(),
+            },
+            NodeAction::None,
+        ];
+        for action in actions {
+            let o = NodeOptions {
+                ignore_jails: vec!["cluster".into()],
+                ack_timeout: Some("500ms".into()),
+                jails: vec!["sshd".into(), "nginx".into()],
+                ignore_ip: Some(vec!["192.0.2.0/24".into(), "2001:db8::1".into()]),
+                ban_jail: Some("cluster".into()),
+                heartbeat_timeout: Some("2s".into()),
+                action,
+                ..NodeOptions::default()
+            };
+            let text = node_config(
+                "node-a",
+                dir,
+                &dir.join("fail2ban.log"),
+                &dir.join("applied.txt"),
+                ("tcp://127.0.0.1:5000", "tcp://127.0.0.1:5001"),
+                &o,
+                |name| Path::new("/usr/local/bin").join(name),
+            );
+            let c = f2b_common::config::from_str(&text, Path::new("node.conf"))
+                .unwrap_or_else(|e| panic!("{e}\n{text}"));
+            assert_eq!(c.node.name.as_str(), "node-a");
+            assert_eq!(c.subscriber.jails.len(), 2);
+            assert_eq!(c.monitor.ack_timeout, Duration::from_millis(500));
+            assert_eq!(c.subscriber.pidfile, dir.join("subscriber.pid"));
+            assert_eq!(
+                c.subscriber.action.name(),
+                match o.action {
+                    NodeAction::Record => "exec",
+                    NodeAction::Fail2banClient { .. } => "fail2ban-client",
+                    NodeAction::Log { .. } => "log",
+                    NodeAction::None => "none",
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn test_dir_is_removed_when_the_test_passes() {
+        let d = TestDir::new();
+        let p = d.path().to_owned();
+        let sub = d.sub("a/b");
+        append_lines(&sub.join("f"), &["one", "two"]);
+        assert_eq!(read_lines(&sub.join("f")), ["one", "two"]);
+        assert!(read_lines(&sub.join("missing")).is_empty());
+        drop(d);
+        assert!(!p.exists());
+    }
+}
