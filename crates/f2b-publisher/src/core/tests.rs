@@ -1,0 +1,695 @@
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use f2b_proto::{event_topic, EventId, JailName, NodeName, MAX_MESSAGE_SIZE, MAX_SAFE_INTEGER};
+use serde_json::{json, Value};
+
+use super::*;
+
+/// 2025-11-21T05:13:20Z, a plausible "now".
+const NOW: u64 = 1_763_702_000_000;
+const BAN_TIME: Duration = Duration::from_secs(600);
+const PEER: &str = "192.0.2.99";
+
+fn core() -> Core {
+    Core::new(Epoch(0xfeed), BAN_TIME, Limits::default())
+}
+
+fn event(id: u128, jail: &str, action: Action, ip: &str) -> Event {
+    Event::new(
+        EventId::from_u128(id),
+        NodeName::new("web1").unwrap(),
+        JailName::new(jail).unwrap(),
+        action,
+        ip.parse().unwrap(),
+        NOW - 5,
+    )
+    .unwrap()
+}
+
+fn report(e: &Event) -> Vec<u8> {
+    Request::Report(e.clone()).encode()
+}
+
+fn send(core: &mut Core, e: &Event, now: u64) -> Outcome {
+    core.handle(&[report(e)], PEER, now)
+}
+
+/// Asserts an ACK with `status` and `seq`, and returns the broadcast.
+fn expect_ack(out: &Outcome, status: AckStatus, seq: Option<u64>) -> Option<Broadcast> {
+    match &out.reply {
+        Reply::Ack(a) => {
+            assert_eq!((a.status, a.seq), (status, seq), "{out:?}");
+        }
+        Reply::Nak(n) => panic!("expected {status:?}, got {n:?}"),
+    }
+    assert_eq!(
+        out.broadcast.is_some(),
+        status == AckStatus::Broadcast,
+        "{out:?}"
+    );
+    out.broadcast.clone()
+}
+
+fn expect_nak(out: &Outcome, reason: NakReason) -> &Nak {
+    assert!(out.broadcast.is_none(), "a NAK broadcast: {out:?}");
+    match &out.reply {
+        Reply::Nak(n) => {
+            assert_eq!(n.reason, reason, "{n:?}");
+            assert!(n.detail.len() <= f2b_proto::MAX_DETAIL_LEN);
+            n
+        }
+        Reply::Ack(a) => panic!("expected NAK {reason}, got {a:?}"),
+    }
+}
+
+#[test]
+fn new_events_are_acked_and_broadcast_in_sequence() {
+    let mut c = core();
+    let e1 = event(1, "sshd", Action::Ban, "203.0.113.5");
+    let b = expect_ack(&send(&mut c, &e1, NOW), AckStatus::Broadcast, Some(1)).unwrap();
+    assert_eq!(
+        b,
+        Broadcast::Event(Sequenced {
+            seq: 1,
+            epoch: Epoch(0xfeed),
+            event: e1.clone()
+        })
+    );
+    assert_eq!(b.topic(), event_topic(&e1.jail));
+    let e2 = event(2, "sshd", Action::Ban, "2001:db8::1");
+    expect_ack(&send(&mut c, &e2, NOW), AckStatus::Broadcast, Some(2));
+    let e3 = event(3, "nginx", Action::Unban, "198.51.100.7");
+    expect_ack(&send(&mut c, &e3, NOW), AckStatus::Broadcast, Some(3));
+    assert_eq!(c.last_seq(), 3);
+    assert_eq!(
+        c.heartbeat(Duration::from_millis(1500)),
+        Broadcast::Heartbeat(Heartbeat {
+            seq: 3,
+            epoch: Epoch(0xfeed),
+            interval_ms: 1500
+        })
+    );
+}
+
+#[test]
+fn heartbeat_before_any_event_has_seq_zero() {
+    let c = core();
+    let Broadcast::Heartbeat(h) = c.heartbeat(Duration::from_secs(1)) else {
+        panic!("not a heartbeat")
+    };
+    assert_eq!((h.seq, h.interval_ms), (0, 1000));
+}
+
+#[test]
+fn duplicate_id_repeats_the_first_answer_and_is_not_rebroadcast() {
+    let mut c = core();
+    let e = event(7, "sshd", Action::Ban, "203.0.113.5");
+    expect_ack(&send(&mut c, &e, NOW), AckStatus::Broadcast, Some(1));
+    expect_ack(&send(&mut c, &e, NOW + 1), AckStatus::Duplicate, Some(1));
+    // Same id, other content: the id is the key.
+    let mut other = event(7, "nginx", Action::Unban, "198.51.100.1");
+    other.node = NodeName::new("web2").unwrap();
+    expect_ack(
+        &send(&mut c, &other, NOW + 2),
+        AckStatus::Duplicate,
+        Some(1),
+    );
+    // A duplicate of an unchanged event has no seq.
+    let echo = event(8, "sshd", Action::Ban, "203.0.113.5");
+    expect_ack(&send(&mut c, &echo, NOW), AckStatus::Unchanged, None);
+    expect_ack(&send(&mut c, &echo, NOW), AckStatus::Duplicate, None);
+    // Even after the ban expired, the id is still a duplicate.
+    let later = NOW + 2 * 600_000;
+    expect_ack(&send(&mut c, &e, later), AckStatus::Duplicate, Some(1));
+    assert_eq!(c.last_seq(), 1);
+}
+
+#[test]
+fn ban_of_banned_and_unban_of_unbanned_are_unchanged() {
+    let mut c = core();
+    let ip = "203.0.113.5";
+    expect_ack(
+        &send(&mut c, &event(1, "sshd", Action::Ban, ip), NOW),
+        AckStatus::Broadcast,
+        Some(1),
+    );
+    // The echo of the remote ban from another node.
+    expect_ack(
+        &send(&mut c, &event(2, "sshd", Action::Ban, ip), NOW + 1000),
+        AckStatus::Unchanged,
+        None,
+    );
+    // Another jail is another state.
+    expect_ack(
+        &send(&mut c, &event(3, "nginx", Action::Ban, ip), NOW + 1000),
+        AckStatus::Broadcast,
+        Some(2),
+    );
+    expect_ack(
+        &send(&mut c, &event(4, "sshd", Action::Unban, ip), NOW + 2000),
+        AckStatus::Broadcast,
+        Some(3),
+    );
+    expect_ack(
+        &send(&mut c, &event(5, "sshd", Action::Unban, ip), NOW + 2000),
+        AckStatus::Unchanged,
+        None,
+    );
+    expect_ack(
+        &send(&mut c, &event(6, "sshd", Action::Ban, ip), NOW + 3000),
+        AckStatus::Broadcast,
+        Some(4),
+    );
+    // An IPv4-mapped form is the same address.
+    expect_ack(
+        &send(
+            &mut c,
+            &event(7, "sshd", Action::Ban, "::ffff:203.0.113.5"),
+            NOW + 3000,
+        ),
+        AckStatus::Unchanged,
+        None,
+    );
+}
+
+#[test]
+fn unban_of_unknown_is_broadcast() {
+    let mut c = core();
+    expect_ack(
+        &send(&mut c, &event(1, "sshd", Action::Unban, "203.0.113.5"), NOW),
+        AckStatus::Broadcast,
+        Some(1),
+    );
+    // ... and is then known unbanned.
+    expect_ack(
+        &send(&mut c, &event(2, "sshd", Action::Unban, "203.0.113.5"), NOW),
+        AckStatus::Unchanged,
+        None,
+    );
+}
+
+#[test]
+fn ban_expires_after_ban_time() {
+    let mut c = core();
+    let ip = "203.0.113.5";
+    let t0 = NOW;
+    let ban_ms = 600_000;
+    expect_ack(
+        &send(&mut c, &event(1, "sshd", Action::Ban, ip), t0),
+        AckStatus::Broadcast,
+        Some(1),
+    );
+    // An echo does not extend the ban.
+    expect_ack(
+        &send(&mut c, &event(2, "sshd", Action::Ban, ip), t0 + ban_ms - 1),
+        AckStatus::Unchanged,
+        None,
+    );
+    expect_ack(
+        &send(&mut c, &event(3, "sshd", Action::Ban, ip), t0 + ban_ms),
+        AckStatus::Broadcast,
+        Some(2),
+    );
+    // After that ban expired too, an unban is of an unknown state: broadcast.
+    expect_ack(
+        &send(
+            &mut c,
+            &event(4, "sshd", Action::Unban, ip),
+            t0 + 3 * ban_ms,
+        ),
+        AckStatus::Broadcast,
+        Some(3),
+    );
+    // And the expired entries were pruned from memory.
+    assert_eq!(c.memory_len().1, 1);
+}
+
+#[test]
+fn clock_going_backwards_is_harmless() {
+    let mut c = core();
+    let ip = "203.0.113.5";
+    expect_ack(
+        &send(&mut c, &event(1, "sshd", Action::Ban, ip), NOW),
+        AckStatus::Broadcast,
+        Some(1),
+    );
+    expect_ack(
+        &send(&mut c, &event(2, "sshd", Action::Ban, ip), NOW - 3_600_000),
+        AckStatus::Unchanged,
+        None,
+    );
+}
+
+/// A valid report as JSON, to be broken field by field.
+fn report_json() -> Value {
+    serde_json::from_slice(&report(&event(0x1234, "sshd", Action::Ban, "203.0.113.5"))).unwrap()
+}
+
+fn with_event_field(field: &str, value: Value) -> Vec<u8> {
+    let mut v = report_json();
+    v["event"][field] = value;
+    serde_json::to_vec(&v).unwrap()
+}
+
+fn with_field(field: &str, value: Value) -> Vec<u8> {
+    let mut v = report_json();
+    v[field] = value;
+    serde_json::to_vec(&v).unwrap()
+}
+
+fn without_event_field(field: &str) -> Vec<u8> {
+    let mut v = report_json();
+    v["event"].as_object_mut().unwrap().remove(field);
+    serde_json::to_vec(&v).unwrap()
+}
+
+/// Every invalid input the publisher can meet from a well-meaning or hostile peer,
+/// with the reason it must be refused with.
+fn invalid_requests() -> Vec<(String, Vec<Vec<u8>>, NakReason)> {
+    let one = |name: &str, bytes: Vec<u8>, reason| (name.to_owned(), vec![bytes], reason);
+    let valid = serde_json::to_vec(&report_json()).unwrap();
+    let mut cases = vec![
+        one("empty frame", vec![], NakReason::Malformed),
+        one(
+            "garbage",
+            b"\x00\xff\xfe garbage".to_vec(),
+            NakReason::Malformed,
+        ),
+        one(
+            "legacy text",
+            b"web1|sshd|Ban|203.0.113.5".to_vec(),
+            NakReason::Malformed,
+        ),
+        one("json array", b"[1,2,3]".to_vec(), NakReason::Malformed),
+        one(
+            "json truncated",
+            valid[..valid.len() - 1].to_vec(),
+            NakReason::Malformed,
+        ),
+        one(
+            "no version",
+            br#"{"type":"report"}"#.to_vec(),
+            NakReason::Malformed,
+        ),
+        one(
+            "version wrong type",
+            with_field("v", json!("1")),
+            NakReason::Malformed,
+        ),
+        one(
+            "event not an object",
+            with_field("event", json!([])),
+            NakReason::Malformed,
+        ),
+        one(
+            "event missing",
+            with_field("event", Value::Null),
+            NakReason::Malformed,
+        ),
+        one(
+            "node missing",
+            without_event_field("node"),
+            NakReason::Malformed,
+        ),
+        one(
+            "time_ms a string",
+            with_event_field("time_ms", json!("yesterday")),
+            NakReason::Malformed,
+        ),
+        one(
+            "time_ms negative",
+            with_event_field("time_ms", json!(-1)),
+            NakReason::Malformed,
+        ),
+        one(
+            "time_ms float",
+            with_event_field("time_ms", json!(1.5)),
+            NakReason::Malformed,
+        ),
+        one(
+            "deep nesting",
+            "[".repeat(5_000).into_bytes(),
+            NakReason::Malformed,
+        ),
+        one(
+            "too large",
+            {
+                let mut v = report_json();
+                v["padding"] = json!("x".repeat(MAX_MESSAGE_SIZE));
+                serde_json::to_vec(&v).unwrap()
+            },
+            NakReason::TooLarge,
+        ),
+        one(
+            "version 2",
+            with_field("v", json!(2)),
+            NakReason::UnsupportedVersion,
+        ),
+        one(
+            "unknown type",
+            with_field("type", json!("launch")),
+            NakReason::UnknownType,
+        ),
+        one(
+            "reply as request",
+            with_field("type", json!("ack")),
+            NakReason::UnknownType,
+        ),
+        one(
+            "bad node",
+            with_event_field("node", json!("web_1")),
+            NakReason::InvalidNode,
+        ),
+        one(
+            "empty node",
+            with_event_field("node", json!("")),
+            NakReason::InvalidNode,
+        ),
+        one(
+            "bad jail",
+            with_event_field("jail", json!("ss hd")),
+            NakReason::InvalidJail,
+        ),
+        one(
+            "jail with control character",
+            with_event_field("jail", json!("sshd\u{1b}[31m")),
+            NakReason::InvalidJail,
+        ),
+        one(
+            "long jail",
+            with_event_field("jail", json!("j".repeat(65))),
+            NakReason::InvalidJail,
+        ),
+        one(
+            "cidr",
+            with_event_field("ip", json!("1.2.3.0/24")),
+            NakReason::InvalidIp,
+        ),
+        one(
+            "not an ip",
+            with_event_field("ip", json!("not_an_ip")),
+            NakReason::InvalidIp,
+        ),
+        one(
+            "leading space ip",
+            with_event_field("ip", json!(" 192.0.2.10")),
+            NakReason::InvalidIp,
+        ),
+        one(
+            "bad action",
+            with_event_field("action", json!("drop")),
+            NakReason::InvalidAction,
+        ),
+        one(
+            "bad id",
+            with_event_field("id", json!("nope")),
+            NakReason::InvalidId,
+        ),
+        one(
+            "time zero",
+            with_event_field("time_ms", json!(0)),
+            NakReason::InvalidTime,
+        ),
+        one(
+            "time beyond 2^53",
+            with_event_field("time_ms", json!(MAX_SAFE_INTEGER + 1)),
+            NakReason::InvalidTime,
+        ),
+        one(
+            "time more than a day ahead",
+            with_event_field("time_ms", json!(NOW + 86_400_000 + 1)),
+            NakReason::InvalidTime,
+        ),
+    ];
+    cases.push((
+        "too many frames".into(),
+        vec![valid.clone(); MAX_FRAMES + 1],
+        NakReason::Malformed,
+    ));
+    cases.push(("no frames".into(), vec![], NakReason::Malformed));
+    for ip in [
+        "0.0.0.0",
+        "0.1.2.3",
+        "127.0.0.1",
+        "127.255.0.9",
+        "169.254.1.1",
+        "224.0.0.1",
+        "239.255.255.250",
+        "255.255.255.255",
+        "::",
+        "::1",
+        "::ffff:127.0.0.1",
+        "ff02::1",
+        "fe80::1",
+        "febf::1",
+    ] {
+        cases.push(one(
+            &format!("reserved {ip}"),
+            with_event_field("ip", json!(ip)),
+            NakReason::Forbidden,
+        ));
+    }
+    cases
+}
+
+#[test]
+fn every_invalid_request_is_naked_with_its_reason() {
+    let mut c = core();
+    let mut seen = HashSet::new();
+    for (name, frames, reason) in invalid_requests() {
+        let before = (c.last_seq(), c.memory_len());
+        let out = c.handle(&frames, PEER, NOW);
+        let nak = expect_nak(&out, reason);
+        // A NAK changes nothing.
+        assert_eq!((c.last_seq(), c.memory_len()), before, "{name}");
+        // The NAK names the event whenever its id is readable.
+        let readable = frames.first().and_then(|f| Request::peek_event_id(f));
+        assert_eq!(nak.id, readable, "{name}");
+        seen.insert(reason);
+    }
+    // Every reason is exercised, or said here not to be produced yet.
+    let not_yet = [
+        NakReason::Unauthenticated,
+        NakReason::RateLimited,
+        NakReason::Busy,
+    ];
+    for reason in NakReason::ALL {
+        assert!(
+            seen.contains(&reason) || not_yet.contains(&reason),
+            "no test refuses a request with {reason}"
+        );
+    }
+}
+
+#[test]
+fn nak_names_the_event_and_forbidden_says_why() {
+    let mut c = core();
+    let out = send(&mut c, &event(9, "sshd", Action::Ban, "127.0.0.1"), NOW);
+    let nak = expect_nak(&out, NakReason::Forbidden);
+    assert_eq!(nak.id, Some(EventId::from_u128(9)));
+    assert!(nak.detail.contains("loopback"), "{}", nak.detail);
+    let out = c.handle(&[with_event_field("jail", json!("a b"))], PEER, NOW);
+    assert_eq!(
+        expect_nak(&out, NakReason::InvalidJail).id,
+        Some(EventId::from_u128(0x1234))
+    );
+}
+
+#[test]
+fn extra_frames_up_to_the_limit_are_ignored() {
+    let mut c = core();
+    let e = event(1, "sshd", Action::Ban, "203.0.113.5");
+    let mut frames = vec![report(&e)];
+    frames.extend(std::iter::repeat_n(b"reserved".to_vec(), MAX_FRAMES - 1));
+    expect_ack(&c.handle(&frames, PEER, NOW), AckStatus::Broadcast, Some(1));
+}
+
+#[test]
+fn time_limits() {
+    let mut c = core();
+    let mut e = event(1, "sshd", Action::Ban, "203.0.113.5");
+    e.time_ms = NOW + 86_400_000;
+    expect_ack(&send(&mut c, &e, NOW), AckStatus::Broadcast, Some(1));
+    // A backlog from long ago is fine.
+    let mut old = event(2, "sshd", Action::Ban, "203.0.113.6");
+    old.time_ms = 1;
+    expect_ack(&send(&mut c, &old, NOW), AckStatus::Broadcast, Some(2));
+    // The limit is on the publisher's clock, not the wall clock of the test.
+    let mut ahead = event(3, "sshd", Action::Ban, "203.0.113.7");
+    ahead.time_ms = NOW + 86_400_001;
+    expect_nak(&send(&mut c, &ahead, NOW), NakReason::InvalidTime);
+}
+
+#[test]
+fn reserved_ranges() {
+    for ip in [
+        "10.0.0.1",
+        "192.168.1.1",
+        "1.1.1.1",
+        "223.255.255.255",
+        "255.255.255.254",
+        "2001:db8::1",
+        "fec0::1",
+        "fe7f::1",
+        "::ffff:203.0.113.5",
+    ] {
+        let ip: IpAddr = ip.parse().unwrap();
+        assert_eq!(reserved(f2b_proto::canonical_ip(ip)), None, "{ip}");
+    }
+}
+
+#[test]
+fn memory_stays_bounded() {
+    let limits = Limits {
+        recent_ids: 50,
+        cluster_states: 30,
+        max_future: MAX_FUTURE,
+    };
+    let mut c = Core::new(Epoch(1), Duration::from_secs(3600), limits);
+    for n in 0..2000u32 {
+        let ip = std::net::Ipv4Addr::from(0xCB00_7100 + n).to_string();
+        let action = if n % 3 == 0 {
+            Action::Unban
+        } else {
+            Action::Ban
+        };
+        let out = send(&mut c, &event(u128::from(n) + 1, "sshd", action, &ip), NOW);
+        expect_ack(&out, AckStatus::Broadcast, Some(u64::from(n) + 1));
+        let (ids, states) = c.memory_len();
+        assert!(ids <= 50 && states <= 30, "{ids} ids, {states} states");
+    }
+    assert_eq!(c.memory_len(), (50, 30));
+    // The oldest are forgotten: a resend of event 1 is broadcast again, the last
+    // one is still a duplicate.
+    let first = event(1, "sshd", Action::Unban, "203.0.113.0");
+    expect_ack(&send(&mut c, &first, NOW), AckStatus::Broadcast, Some(2001));
+    let last_ip = std::net::Ipv4Addr::from(0xCB00_7100u32 + 1999).to_string();
+    let last = event(2000, "sshd", Action::Ban, &last_ip);
+    expect_ack(&send(&mut c, &last, NOW), AckStatus::Duplicate, Some(2000));
+}
+
+/// Bytes that can never appear in valid JSON text at any position: control
+/// characters other than white space, and bytes that never occur in UTF-8.
+const POISON: &[u8] = &[
+    0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x0b, 0x0c, 0x0e, 0x0f, 0x10, 0x1b, 0x1f,
+    0xc0, 0xc1, 0xf5, 0xf8, 0xfe, 0xff,
+];
+
+/// Bad values to put in a valid report's fields.
+fn bad_values() -> Vec<(&'static str, Value)> {
+    vec![
+        ("v", json!(0)),
+        ("v", json!(-1)),
+        ("v", json!("one")),
+        ("v", json!(null)),
+        ("type", json!(null)),
+        ("type", json!("Report")),
+        ("type", json!(7)),
+        ("event", json!("x")),
+        ("event", json!({})),
+        ("event.id", json!(12)),
+        ("event.id", json!("6f9619ff8b86d011b42d00cf4fc964ff")),
+        ("event.node", json!("-web")),
+        ("event.node", json!({"a": 1})),
+        ("event.jail", json!("")),
+        ("event.jail", json!("[x]")),
+        ("event.action", json!("BAN")),
+        ("event.action", json!(true)),
+        ("event.ip", json!("fe80::1%eth0")),
+        ("event.ip", json!("224.0.0.251")),
+        ("event.ip", json!("::")),
+        ("event.ip", json!("010.1.1.1")),
+        ("event.ip", json!(3_405_803_781u64)),
+        ("event.time_ms", json!(0)),
+        ("event.time_ms", json!(u64::MAX)),
+        ("event.time_ms", json!(NOW + 2 * 86_400_000)),
+        ("event.time_ms", json!([1])),
+    ]
+}
+
+/// A seeded fuzzer: random bytes, random frame counts, and valid reports broken in
+/// ways that must make them invalid (poison bytes inserted or overwritten,
+/// truncation, bad field values). Every one must be NAKed and none broadcast.
+/// Then arbitrary byte flips, which may leave a report valid: those must be
+/// answered exactly as `Request::decode` and the rules say, and never panic.
+#[test]
+fn fuzz_invalid_input_is_always_naked_never_broadcast() {
+    let mut rng = fastrand::Rng::with_seed(0x5eed_f2b0);
+    let mut c = Core::new(Epoch(3), BAN_TIME, Limits::default());
+    let valid = report(&event(0xabc, "sshd", Action::Ban, "203.0.113.5"));
+    let bad = bad_values();
+    let mut naks = 0;
+    for round in 0..20_000 {
+        let frames: Vec<Vec<u8>> = match round % 6 {
+            0 => {
+                let len = rng.usize(0..600);
+                vec![std::iter::repeat_with(|| rng.u8(..)).take(len).collect()]
+            }
+            1 => {
+                let mut b = valid.clone();
+                let at = rng.usize(0..=b.len());
+                b.insert(at, POISON[rng.usize(..POISON.len())]);
+                vec![b]
+            }
+            2 => {
+                let mut b = valid.clone();
+                let at = rng.usize(0..b.len());
+                b[at] = POISON[rng.usize(..POISON.len())];
+                vec![b]
+            }
+            3 => vec![valid[..rng.usize(0..valid.len())].to_vec()],
+            4 => {
+                let (field, value) = &bad[rng.usize(..bad.len())];
+                let mut v = report_json();
+                v["event"]["id"] = json!(EventId::from_u128(rng.u128(..)).to_string());
+                match field.strip_prefix("event.") {
+                    Some(f) => v["event"][f] = value.clone(),
+                    None => v[*field] = value.clone(),
+                }
+                vec![serde_json::to_vec(&v).unwrap()]
+            }
+            _ => {
+                let n = rng.usize(MAX_FRAMES + 1..MAX_FRAMES + 20);
+                (0..n).map(|_| valid.clone()).collect()
+            }
+        };
+        let out = c.handle(&frames, PEER, NOW);
+        assert!(
+            matches!(out.reply, Reply::Nak(_)) && out.broadcast.is_none(),
+            "round {round}: {:?} -> {out:?}",
+            frames
+                .iter()
+                .map(|f| String::from_utf8_lossy(f))
+                .collect::<Vec<_>>()
+        );
+        naks += 1;
+    }
+    assert_eq!(c.last_seq(), 0);
+    assert_eq!(c.memory_len(), (0, 0));
+
+    // Arbitrary mutations: valid or not, the answer is the rules' answer.
+    for round in 0..5_000 {
+        let mut b = valid.clone();
+        for _ in 0..rng.usize(1..4) {
+            let at = rng.usize(0..b.len());
+            b[at] = rng.u8(..);
+        }
+        let out = c.handle(&[&b], PEER, NOW);
+        match Request::decode(&b) {
+            Err(err) => {
+                expect_nak(&out, err.nak_reason());
+                naks += 1;
+            }
+            Ok(Request::Report(e)) => match &out.reply {
+                Reply::Ack(a) => assert_eq!(a.id, e.id, "round {round}"),
+                Reply::Nak(n) => assert!(
+                    matches!(n.reason, NakReason::Forbidden | NakReason::InvalidTime),
+                    "round {round}: {n:?}"
+                ),
+            },
+            Ok(other) => panic!("round {round}: unexpected request {other:?}"),
+        }
+    }
+    assert!(naks > 20_000);
+}

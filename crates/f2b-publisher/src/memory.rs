@@ -1,0 +1,248 @@
+//! The publisher's bounded memories: the event ids it answered recently and the
+//! cluster's ban state per (jail, address).
+//!
+//! Both are filled by the network, so both have a fixed capacity and forget their
+//! oldest entries first; forgetting only weakens deduplication (a forgotten event is
+//! broadcast again, which subscribers tolerate), it never loses a ban.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::IpAddr;
+
+use f2b_proto::{EventId, JailName};
+
+/// The answers given to the last `capacity` accepted event ids: the sequence number
+/// each was broadcast with, or `None` when it was not broadcast (unchanged).
+#[derive(Debug)]
+pub struct RecentIds {
+    capacity: usize,
+    answers: HashMap<EventId, Option<u64>>,
+    /// Insertion order, oldest first; an id is inserted once, so this is exact.
+    order: VecDeque<EventId>,
+}
+
+impl RecentIds {
+    /// Remembers at most `capacity` ids (at least one).
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        RecentIds {
+            capacity,
+            answers: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// The sequence number `id` was answered with, if it is remembered.
+    pub fn get(&self, id: &EventId) -> Option<Option<u64>> {
+        self.answers.get(id).copied()
+    }
+
+    /// Remembers the answer for `id`, forgetting the oldest id when full. An id
+    /// already remembered keeps its first answer.
+    pub fn insert(&mut self, id: EventId, seq: Option<u64>) {
+        if self.answers.contains_key(&id) {
+            return;
+        }
+        while self.order.len() >= self.capacity {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.answers.remove(&old);
+                }
+                None => break,
+            }
+        }
+        self.answers.insert(id, seq);
+        self.order.push_back(id);
+    }
+
+    /// How many ids are remembered.
+    pub fn len(&self) -> usize {
+        self.answers.len()
+    }
+
+    /// Whether no id is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.answers.is_empty()
+    }
+}
+
+/// What the cluster was last told about a (jail, address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BanState {
+    Banned,
+    Unbanned,
+}
+
+#[derive(Debug)]
+struct Entry {
+    state: BanState,
+    /// When the publisher accepted the change, in ms since the Unix epoch.
+    since_ms: u64,
+    /// Position in [`ClusterState::order`].
+    stamp: u64,
+}
+
+type Key = (JailName, IpAddr);
+
+/// The cluster's state per (jail, address): the last change broadcast and when.
+///
+/// A change is remembered for `retention_ms` (the publisher's `ban_time`): a ban
+/// older than that has expired on the nodes (fail2ban unbanned it) and an unban older
+/// than that no longer needs deduplicating, so both are forgotten. At most
+/// `capacity` entries are kept; beyond that the least recently changed is forgotten.
+#[derive(Debug)]
+pub struct ClusterState {
+    capacity: usize,
+    retention_ms: u64,
+    entries: HashMap<Key, Entry>,
+    /// Entries by stamp, least recently changed first.
+    order: BTreeMap<u64, Key>,
+    next_stamp: u64,
+}
+
+impl ClusterState {
+    /// Keeps at most `capacity` entries (at least one), each for `retention_ms`.
+    pub fn new(capacity: usize, retention_ms: u64) -> Self {
+        ClusterState {
+            capacity: capacity.max(1),
+            retention_ms,
+            entries: HashMap::new(),
+            order: BTreeMap::new(),
+            next_stamp: 0,
+        }
+    }
+
+    fn expired(&self, entry: &Entry, now_ms: u64) -> bool {
+        now_ms >= entry.since_ms.saturating_add(self.retention_ms)
+    }
+
+    /// The state of (jail, ip) at `now_ms`; `None` when unknown or expired.
+    pub fn get(&self, jail: &JailName, ip: IpAddr, now_ms: u64) -> Option<BanState> {
+        let entry = self.entries.get(&(jail.clone(), ip))?;
+        (!self.expired(entry, now_ms)).then_some(entry.state)
+    }
+
+    /// Records that (jail, ip) changed to `state` at `now_ms`, then forgets what
+    /// expired or does not fit.
+    pub fn set(&mut self, jail: &JailName, ip: IpAddr, state: BanState, now_ms: u64) {
+        let key = (jail.clone(), ip);
+        let stamp = self.next_stamp;
+        self.next_stamp += 1;
+        if let Some(old) = self.entries.insert(
+            key.clone(),
+            Entry {
+                state,
+                since_ms: now_ms,
+                stamp,
+            },
+        ) {
+            self.order.remove(&old.stamp);
+        }
+        self.order.insert(stamp, key);
+        self.prune(now_ms);
+    }
+
+    /// Forgets the least recently changed entries while there are too many or they
+    /// have expired. Stops at the first live one, so each call does work only for
+    /// what it removes.
+    pub fn prune(&mut self, now_ms: u64) {
+        let retention_ms = self.retention_ms;
+        while let Some(entry) = self.order.first_entry() {
+            let over = self.entries.len() > self.capacity;
+            let expired = self
+                .entries
+                .get(entry.get())
+                .is_none_or(|e| now_ms >= e.since_ms.saturating_add(retention_ms));
+            if !over && !expired {
+                break;
+            }
+            let key = entry.remove();
+            self.entries.remove(&key);
+        }
+    }
+
+    /// How many entries are held (some may have expired and not been pruned yet).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jail(s: &str) -> JailName {
+        JailName::new(s).unwrap()
+    }
+
+    fn ip(n: u32) -> IpAddr {
+        IpAddr::from(std::net::Ipv4Addr::from(0xC000_0200 + n))
+    }
+
+    #[test]
+    fn recent_ids_are_bounded_and_forget_the_oldest() {
+        let mut ids = RecentIds::new(3);
+        for n in 0..10u128 {
+            ids.insert(EventId::from_u128(n), Some(n as u64 + 1));
+            assert!(ids.len() <= 3);
+        }
+        assert_eq!(ids.len(), 3);
+        assert_eq!(ids.order.len(), 3);
+        assert_eq!(ids.get(&EventId::from_u128(6)), None);
+        assert_eq!(ids.get(&EventId::from_u128(7)), Some(Some(8)));
+        assert_eq!(ids.get(&EventId::from_u128(9)), Some(Some(10)));
+    }
+
+    #[test]
+    fn recent_ids_keep_the_first_answer() {
+        let mut ids = RecentIds::new(10);
+        ids.insert(EventId::from_u128(1), Some(5));
+        ids.insert(EventId::from_u128(1), None);
+        assert_eq!(ids.get(&EventId::from_u128(1)), Some(Some(5)));
+        assert_eq!(ids.order.len(), 1);
+    }
+
+    #[test]
+    fn state_expires_after_retention() {
+        let mut s = ClusterState::new(10, 1000);
+        s.set(&jail("sshd"), ip(1), BanState::Banned, 5000);
+        assert_eq!(s.get(&jail("sshd"), ip(1), 5999), Some(BanState::Banned));
+        assert_eq!(s.get(&jail("other"), ip(1), 5999), None);
+        assert_eq!(s.get(&jail("sshd"), ip(1), 6000), None);
+        s.prune(6000);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn state_is_bounded_and_forgets_least_recently_changed() {
+        let mut s = ClusterState::new(100, u64::MAX);
+        for n in 0..1000 {
+            s.set(&jail("sshd"), ip(n), BanState::Banned, 1);
+            assert!(s.len() <= 100);
+            assert_eq!(s.order.len(), s.len());
+        }
+        // Changing an old entry makes it the most recent.
+        s.set(&jail("sshd"), ip(900), BanState::Unbanned, 2);
+        for n in 1000..1099 {
+            s.set(&jail("sshd"), ip(n), BanState::Banned, 3);
+        }
+        assert_eq!(s.get(&jail("sshd"), ip(900), 4), Some(BanState::Unbanned));
+        assert_eq!(s.get(&jail("sshd"), ip(901), 4), None);
+        assert_eq!(s.len(), 100);
+        assert_eq!(s.order.len(), 100);
+    }
+
+    #[test]
+    fn clock_going_backwards_does_not_panic_or_grow() {
+        let mut s = ClusterState::new(5, 10);
+        for n in 0..50u32 {
+            let now = if n % 2 == 0 { 1000 - u64::from(n) } else { 0 };
+            s.set(&jail("j"), ip(n % 7), BanState::Banned, now);
+            assert!(s.len() <= 5);
+        }
+    }
+}

@@ -1,0 +1,447 @@
+//! The publisher over real ZeroMQ sockets on loopback, in process: REQ clients, SUB
+//! clients, and hostile raw TCP peers. Ephemeral ports only; every wait has a
+//! deadline (socket receive timeouts), none is a sleep.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use f2b_common::config::{self, PublisherConfig};
+use f2b_common::sockets::new_socket;
+use f2b_common::zmq;
+use f2b_common::CancellationToken;
+use f2b_proto::{
+    event_topic, AckStatus, Action, Broadcast, Event, EventId, JailName, NakReason, NodeName,
+    Reply, Request, HEARTBEAT_TOPIC,
+};
+use f2b_publisher::{bind, Bound, PublisherError};
+
+/// How long any single wait may take before the test fails.
+const DEADLINE: Duration = Duration::from_secs(5);
+
+fn config(extra: &str) -> PublisherConfig {
+    let text = format!(
+        "[node]\nname = \"hub\"\n[publisher]\nreply_bind = \"tcp://127.0.0.1:*\"\n\
+         broadcast_bind = \"tcp://127.0.0.1:*\"\n{extra}\n"
+    );
+    config::from_str(&text, Path::new("test.conf"))
+        .expect("test config is valid")
+        .publisher
+}
+
+/// A publisher serving in its own runtime; stopped (and checked to stop) on drop.
+struct Hub {
+    rt: tokio::runtime::Runtime,
+    token: CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), PublisherError>>>,
+    reply: String,
+    broadcast: String,
+    epoch: f2b_proto::Epoch,
+    ctx: zmq::Context,
+}
+
+impl Hub {
+    fn start(heartbeat: &str) -> Hub {
+        let bound = bind(&config(&format!("heartbeat_interval = \"{heartbeat}\""))).unwrap();
+        Hub::serve(bound)
+    }
+
+    fn serve(bound: Bound) -> Hub {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let token = CancellationToken::new();
+        let reply = bound.reply_endpoint().to_owned();
+        let broadcast = bound.broadcast_endpoint().to_owned();
+        let epoch = bound.epoch();
+        let task = Some(rt.spawn(bound.serve(token.clone())));
+        Hub {
+            rt,
+            token,
+            task,
+            reply,
+            broadcast,
+            epoch,
+            ctx: zmq::Context::new(),
+        }
+    }
+
+    /// Cancels and returns how `serve` ended and how long it took.
+    fn stop(&mut self) -> (Result<(), PublisherError>, Duration) {
+        let start = Instant::now();
+        self.token.cancel();
+        let task = self.task.take().expect("stopped once");
+        let result = self
+            .rt
+            .block_on(async { tokio::time::timeout(DEADLINE, task).await })
+            .expect("serve did not return after shutdown")
+            .expect("serve panicked");
+        (result, start.elapsed())
+    }
+
+    fn req(&self) -> zmq::Socket {
+        let s = new_socket(&self.ctx, zmq::REQ).unwrap();
+        s.set_rcvtimeo(DEADLINE.as_millis() as i32).unwrap();
+        s.connect(&self.reply).unwrap();
+        s
+    }
+
+    /// A SUB socket subscribed to `prefixes`, returned once it has received a
+    /// heartbeat, which proves the subscription is live.
+    fn sub(&self, prefixes: &[&[u8]]) -> zmq::Socket {
+        let s = new_socket(&self.ctx, zmq::SUB).unwrap();
+        s.set_rcvtimeo(DEADLINE.as_millis() as i32).unwrap();
+        for p in prefixes {
+            s.set_subscribe(p).unwrap();
+        }
+        s.connect(&self.broadcast).unwrap();
+        loop {
+            if let Broadcast::Heartbeat(h) = recv_broadcast(&s) {
+                assert_eq!(h.epoch, self.epoch);
+                return s;
+            }
+        }
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        // Always stop the serving thread: the runtime's drop waits for it.
+        if self.task.is_some() {
+            let (result, _) = self.stop();
+            if !std::thread::panicking() {
+                result.expect("serve failed");
+            }
+        }
+    }
+}
+
+fn event(id: u128, jail: &str, action: Action, ip: &str) -> Event {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    Event::new(
+        EventId::from_u128(id),
+        NodeName::new("web1").unwrap(),
+        JailName::new(jail).unwrap(),
+        action,
+        ip.parse().unwrap(),
+        now,
+    )
+    .unwrap()
+}
+
+fn request_frames(req: &zmq::Socket, frames: &[Vec<u8>]) -> Reply {
+    req.send_multipart(frames, 0).unwrap();
+    let bytes = req.recv_bytes(0).expect("no reply before the deadline");
+    assert!(!req.get_rcvmore().unwrap(), "a reply has one frame");
+    Reply::decode(&bytes).unwrap()
+}
+
+fn report(req: &zmq::Socket, e: &Event) -> Reply {
+    request_frames(req, &[Request::Report(e.clone()).encode()])
+}
+
+fn expect_ack(reply: Reply, status: AckStatus, seq: Option<u64>) {
+    match reply {
+        Reply::Ack(a) => assert_eq!((a.status, a.seq), (status, seq)),
+        Reply::Nak(n) => panic!("expected {status:?}, got {n:?}"),
+    }
+}
+
+fn expect_nak(reply: Reply, reason: NakReason) {
+    match reply {
+        Reply::Nak(n) => assert_eq!(n.reason, reason, "{n:?}"),
+        Reply::Ack(a) => panic!("expected NAK {reason}, got {a:?}"),
+    }
+}
+
+fn recv_broadcast(sub: &zmq::Socket) -> Broadcast {
+    let frames = sub
+        .recv_multipart(0)
+        .expect("no broadcast before the deadline");
+    assert_eq!(frames.len(), 2, "a broadcast has two frames");
+    Broadcast::decode(&frames[0], &frames[1]).unwrap()
+}
+
+/// The next event broadcast, skipping heartbeats: (seq, event).
+fn next_event(sub: &zmq::Socket) -> (u64, Event) {
+    loop {
+        if let Broadcast::Event(s) = recv_broadcast(sub) {
+            return (s.seq, s.event);
+        }
+    }
+}
+
+#[test]
+fn reports_are_acked_and_broadcast_in_sequence() {
+    let hub = Hub::start("50ms");
+    let sub = hub.sub(&[b""]);
+    let req = hub.req();
+    let events = [
+        event(1, "sshd", Action::Ban, "203.0.113.5"),
+        event(2, "nginx", Action::Ban, "2001:db8::7"),
+        event(3, "sshd", Action::Unban, "203.0.113.5"),
+    ];
+    for (n, e) in events.iter().enumerate() {
+        expect_ack(report(&req, e), AckStatus::Broadcast, Some(n as u64 + 1));
+    }
+    // Not broadcast: a resend, an echo, a refusal.
+    expect_ack(report(&req, &events[0]), AckStatus::Duplicate, Some(1));
+    expect_ack(
+        report(&req, &event(4, "nginx", Action::Ban, "2001:db8::7")),
+        AckStatus::Unchanged,
+        None,
+    );
+    expect_nak(
+        report(&req, &event(5, "sshd", Action::Ban, "127.0.0.1")),
+        NakReason::Forbidden,
+    );
+    expect_nak(
+        request_frames(&req, &[b"garbage".to_vec()]),
+        NakReason::Malformed,
+    );
+    let last = event(6, "sshd", Action::Ban, "198.51.100.1");
+    expect_ack(report(&req, &last), AckStatus::Broadcast, Some(4));
+
+    for (n, e) in events.iter().chain([&last]).enumerate() {
+        assert_eq!(next_event(&sub), (n as u64 + 1, e.clone()));
+    }
+    // The next heartbeat carries the last sequence number.
+    loop {
+        if let Broadcast::Heartbeat(h) = recv_broadcast(&sub) {
+            assert_eq!((h.seq, h.epoch, h.interval_ms), (4, hub.epoch, 50));
+            break;
+        }
+    }
+}
+
+#[test]
+fn jail_filtered_subscriber_gets_its_jail_and_heartbeats_only() {
+    let hub = Hub::start("50ms");
+    let sshd = JailName::new("sshd").unwrap();
+    let filtered = hub.sub(&[HEARTBEAT_TOPIC, &event_topic(&sshd)]);
+    let req = hub.req();
+    for (id, jail) in [(1, "sshd"), (2, "sshd-ddos"), (3, "nginx"), (4, "sshd")] {
+        let ip = format!("203.0.113.{id}");
+        expect_ack(
+            report(&req, &event(id, jail, Action::Ban, &ip)),
+            AckStatus::Broadcast,
+            Some(id as u64),
+        );
+    }
+    // PUB/SUB keeps order, so once seq 4 arrived, 2 and 3 would have come before.
+    let mut seen = Vec::new();
+    while seen.last() != Some(&4) {
+        match recv_broadcast(&filtered) {
+            Broadcast::Event(s) => {
+                assert_eq!(s.event.jail, sshd);
+                seen.push(s.seq);
+            }
+            Broadcast::Heartbeat(_) => {}
+        }
+    }
+    assert_eq!(seen, [1, 4]);
+}
+
+/// A raw ZMTP 3.0 peer: greeting, READY as `socket_type`, then a frame header
+/// announcing a 1 TiB frame. Returns the connection, which libzmq must then close.
+fn huge_frame_peer(endpoint: &str, socket_type: &str) -> TcpStream {
+    let addr = endpoint.strip_prefix("tcp://").unwrap();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut greeting = vec![0xFF, 0, 0, 0, 0, 0, 0, 0, 0, 0x7F, 3, 0];
+    let mut mechanism = b"NULL".to_vec();
+    mechanism.resize(20, 0);
+    greeting.extend_from_slice(&mechanism);
+    greeting.push(0); // as-server
+    greeting.extend_from_slice(&[0; 31]);
+    assert_eq!(greeting.len(), 64);
+    s.write_all(&greeting).unwrap();
+    let mut theirs = [0u8; 64];
+    s.read_exact(&mut theirs).unwrap();
+    assert_eq!((theirs[0], theirs[9], theirs[10]), (0xFF, 0x7F, 3));
+
+    let mut body = vec![5];
+    body.extend_from_slice(b"READY");
+    body.push(11);
+    body.extend_from_slice(b"Socket-Type");
+    body.extend_from_slice(&(socket_type.len() as u32).to_be_bytes());
+    body.extend_from_slice(socket_type.as_bytes());
+    let mut ready = vec![0x04, body.len() as u8];
+    ready.extend_from_slice(&body);
+    s.write_all(&ready).unwrap();
+
+    let mut frame = vec![0x02];
+    frame.extend_from_slice(&(1u64 << 40).to_be_bytes());
+    frame.extend_from_slice(b"and then some bytes of it");
+    s.write_all(&frame).unwrap();
+    s
+}
+
+/// Reads until the server closes the connection; fails at the deadline.
+fn assert_closed_by_server(mut s: TcpStream) {
+    let start = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {} // the server's READY
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e) => panic!("the server kept the connection ({e})"),
+        }
+        assert!(start.elapsed() < DEADLINE, "the server kept the connection");
+    }
+}
+
+#[test]
+fn hostile_peers_do_not_stop_service() {
+    let hub = Hub::start("50ms");
+    let sub = hub.sub(&[b""]);
+    let req = hub.req();
+    expect_ack(
+        report(&req, &event(1, "sshd", Action::Ban, "203.0.113.1")),
+        AckStatus::Broadcast,
+        Some(1),
+    );
+
+    // 1 TiB frames announced to both sockets: libzmq drops those peers.
+    let on_rep = huge_frame_peer(&hub.reply, "REQ");
+    let on_pub = huge_frame_peer(&hub.broadcast, "SUB");
+    assert_closed_by_server(on_rep);
+    assert_closed_by_server(on_pub);
+
+    // Garbage instead of a greeting, to both sockets (libzmq may take it for an
+    // old ZMTP 1.0 peer and keep the connection: it must still serve the others).
+    let mut garbage = Vec::new();
+    for endpoint in [&hub.reply, &hub.broadcast] {
+        let mut s = TcpStream::connect(endpoint.strip_prefix("tcp://").unwrap()).unwrap();
+        let mut rng = fastrand::Rng::with_seed(7);
+        let bytes: Vec<u8> = std::iter::repeat_with(|| rng.u8(..)).take(5000).collect();
+        s.write_all(&bytes).unwrap();
+        garbage.push(s);
+    }
+
+    // Multi-frame junk from a well-formed REQ is answered, once.
+    let junk: Vec<Vec<u8>> = (0..50).map(|n| vec![n; 100]).collect();
+    expect_nak(request_frames(&req, &junk), NakReason::Malformed);
+
+    // A subscriber that never reads, with the smallest buffers it can have.
+    let idle = new_socket(&hub.ctx, zmq::SUB).unwrap();
+    idle.set_rcvhwm(1).unwrap();
+    idle.set_rcvbuf(1024).unwrap();
+    idle.set_subscribe(b"").unwrap();
+    idle.connect(&hub.broadcast).unwrap();
+
+    // Honest peers are still served.
+    expect_ack(
+        report(&req, &event(2, "sshd", Action::Ban, "203.0.113.2")),
+        AckStatus::Broadcast,
+        Some(2),
+    );
+    let req2 = hub.req();
+    expect_ack(
+        report(&req2, &event(3, "sshd", Action::Ban, "203.0.113.3")),
+        AckStatus::Broadcast,
+        Some(3),
+    );
+    assert_eq!(next_event(&sub).0, 1);
+    assert_eq!(next_event(&sub).0, 2);
+    assert_eq!(next_event(&sub).0, 3);
+    let late = hub.sub(&[b""]);
+    expect_ack(
+        report(&req, &event(4, "sshd", Action::Ban, "203.0.113.4")),
+        AckStatus::Broadcast,
+        Some(4),
+    );
+    assert_eq!(next_event(&late).0, 4);
+    drop((idle, garbage));
+}
+
+#[test]
+fn shutdown_returns_promptly_and_delivers_what_was_broadcast() {
+    // A long heartbeat interval: the loop must wake on the shutdown socket, not on
+    // a poll timeout.
+    let mut hub = Hub::start("1h");
+    // Without heartbeats, prove the subscription live with a first event.
+    let sub = new_socket(&hub.ctx, zmq::SUB).unwrap();
+    sub.set_rcvtimeo(DEADLINE.as_millis() as i32).unwrap();
+    sub.set_subscribe(b"").unwrap();
+    sub.connect(&hub.broadcast).unwrap();
+    let req = hub.req();
+    let mut id = 0;
+    loop {
+        id += 1;
+        let ip = format!("198.51.100.{}", id % 250 + 1);
+        expect_ack(
+            report(&req, &event(id, "sshd", Action::Ban, &ip)),
+            AckStatus::Broadcast,
+            Some(id as u64),
+        );
+        // recv with a short timeout while the subscription propagates.
+        sub.set_rcvtimeo(20).unwrap();
+        if let Ok(frames) = sub.recv_multipart(0) {
+            let b = Broadcast::decode(&frames[0], &frames[1]).unwrap();
+            assert!(matches!(b, Broadcast::Event(_)));
+            break;
+        }
+        assert!(id < 250, "the subscription never became live");
+    }
+    sub.set_rcvtimeo(DEADLINE.as_millis() as i32).unwrap();
+    // Drain what else arrived, then broadcast one more and stop at once.
+    let last = id as u64 + 1;
+    expect_ack(
+        report(&req, &event(1000, "sshd", Action::Ban, "192.0.2.200")),
+        AckStatus::Broadcast,
+        Some(last),
+    );
+    let (result, took) = hub.stop();
+    result.unwrap();
+    assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
+    loop {
+        let (seq, _) = next_event(&sub);
+        if seq == last {
+            break;
+        }
+    }
+}
+
+#[test]
+fn run_stops_on_cancel_and_bind_errors_name_the_key() {
+    let hub = Hub::start("50ms");
+    // The REP port is taken by the first hub.
+    let mut cfg = config("");
+    cfg.reply_bind = config::Endpoint::bind(&hub.reply).unwrap();
+    let err = bind(&cfg).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PublisherError::Bind {
+                key: "publisher.reply_bind",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let shown = f2b_common::daemon::error_chain(&err);
+    assert!(shown.contains(&hub.reply), "{shown}");
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let token = CancellationToken::new();
+        let task = tokio::spawn(f2b_publisher::run(config(""), token.clone()));
+        token.cancel();
+        tokio::time::timeout(DEADLINE, task)
+            .await
+            .expect("run did not stop")
+            .unwrap()
+            .unwrap();
+    });
+}
