@@ -236,11 +236,7 @@ impl Publisher {
 
     /// Lines of the current run that report a broadcast of `ip`.
     pub fn broadcasts_of(&self, ip: &str) -> Vec<String> {
-        self.process
-            .matching(r"\bbroadcast\b.*\bseq=")
-            .into_iter()
-            .filter(|l| crate::process::field(l, "ip").as_deref() == Some(ip))
-            .collect()
+        self.process.events("broadcast", &[("ip", ip)])
     }
 }
 

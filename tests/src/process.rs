@@ -136,6 +136,20 @@ pub fn field(line: &str, key: &str) -> Option<String> {
     None
 }
 
+/// Whether a tracing fmt line (`<time> <LEVEL> <target>: <message> k=v ...`) has the
+/// message `message` and every field of `fields` with that value.
+pub fn is_event(line: &str, message: &str, fields: &[(&str, &str)]) -> bool {
+    let needle = format!(": {message}");
+    let has_message = line.match_indices(&needle).any(|(i, _)| {
+        let rest = &line[i + needle.len()..];
+        rest.is_empty() || rest.starts_with(' ')
+    });
+    has_message
+        && fields
+            .iter()
+            .all(|(k, v)| field(line, k).as_deref() == Some(*v))
+}
+
 /// Removes ANSI escape sequences (colours), in case a binary colours its logs.
 fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -273,20 +287,37 @@ impl Process {
         timeout: Duration,
     ) -> Result<LineMatch, String> {
         let re = compile(pattern);
+        self.wait_until_line(
+            mark,
+            &format!("a line matching {pattern:?}"),
+            timeout,
+            |l, i| LineMatch::new(&re, l, i),
+        )
+    }
+
+    /// The core of every wait: the first line from index `mark` on for which `test`
+    /// returns something, waiting for new lines until `timeout`.
+    fn wait_until_line<T>(
+        &self,
+        mark: usize,
+        what: &str,
+        timeout: Duration,
+        mut test: impl FnMut(&str, usize) -> Option<T>,
+    ) -> Result<T, String> {
         let deadline = Instant::now() + timeout;
         let mut next = mark;
         let mut st = self.log.lock();
         loop {
             while next < st.lines.len() {
-                if let Some(m) = LineMatch::new(&re, &st.lines[next], next) {
-                    return Ok(m);
+                if let Some(found) = test(&st.lines[next], next) {
+                    return Ok(found);
                 }
                 next += 1;
             }
             if st.open == 0 {
                 drop(st);
                 return Err(format!(
-                    "{} exited ({}) without printing a line matching {pattern:?}",
+                    "{} exited ({}) without printing {what}",
                     self.name,
                     self.describe_status()
                 ));
@@ -294,7 +325,7 @@ impl Process {
             let now = Instant::now();
             if now >= deadline {
                 return Err(format!(
-                    "{} (pid {}) printed no line matching {pattern:?} within {timeout:?}",
+                    "{} (pid {}) printed no {what} within {timeout:?}",
                     self.name, self.pid
                 ));
             }
@@ -305,6 +336,44 @@ impl Process {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    /// Waits for a log event: a line whose message is `message` and whose fields
+    /// include every `(key, value)` of `fields` (in any order, quoted or not).
+    /// Returns the line.
+    pub fn wait_for_event(
+        &self,
+        message: &str,
+        fields: &[(&str, &str)],
+        timeout: Duration,
+    ) -> String {
+        self.wait_for_event_after(0, message, fields, timeout)
+    }
+
+    /// As [`Process::wait_for_event`], considering only lines from index `mark` on.
+    pub fn wait_for_event_after(
+        &self,
+        mark: usize,
+        message: &str,
+        fields: &[(&str, &str)],
+        timeout: Duration,
+    ) -> String {
+        let what = format!("a {message:?} line with {fields:?}");
+        self.wait_until_line(mark, &what, timeout, |l, _| {
+            is_event(l, message, fields).then(|| l.to_owned())
+        })
+        .unwrap_or_else(|why| panic!("{why}\n{}", self.dump()))
+    }
+
+    /// The lines so far that are the event `message` with `fields`.
+    pub fn events(&self, message: &str, fields: &[(&str, &str)]) -> Vec<String> {
+        self.log
+            .lock()
+            .lines
+            .iter()
+            .filter(|l| is_event(l, message, fields))
+            .cloned()
+            .collect()
     }
 
     /// Waits until at least `n` lines match `pattern`; returns them all.
@@ -493,6 +562,23 @@ mod tests {
         assert_eq!(field(line, "detail").as_deref(), Some(r#"say "hi""#));
         assert_eq!(field(line, "node"), None);
         assert_eq!(field("a=1 b=", "b").as_deref(), Some(""));
+    }
+
+    #[test]
+    fn events_match_message_and_fields() {
+        let line = "2026-11-21T05:29:01.123Z  INFO f2b_monitor::send: reported action=ban jail=\"sshd\" ip=203.0.113.5 status=broadcast seq=3";
+        assert!(is_event(line, "reported", &[]));
+        assert!(is_event(
+            line,
+            "reported",
+            &[("ip", "203.0.113.5"), ("jail", "sshd")]
+        ));
+        assert!(!is_event(line, "reported", &[("ip", "203.0.113.50")]));
+        assert!(!is_event(line, "report", &[]));
+        assert!(
+            !is_event(line, "broadcast", &[]),
+            "a field value is not a message"
+        );
     }
 
     #[test]

@@ -1,0 +1,492 @@
+//! The real binaries end to end on loopback: a publisher and several nodes (monitor
+//! + subscriber), ephemeral ports, temporary configuration files, real fail2ban log
+//! lines appended to each node's log. Subscribers apply events with the `exec`
+//! recorder, which writes `<action> <jail> <ip> <node>` per event to a file per
+//! node; the tests assert on those files and on the daemons' log lines.
+
+use std::path::Path;
+
+use f2b_tests::cluster::{append_lines, TestDir};
+use f2b_tests::logline::{ban, fail2ban_line, stop_sequence, unban};
+use f2b_tests::raw;
+use f2b_tests::{Node, NodeOptions, Publisher, TIMEOUT};
+use serde_json::json;
+
+/// A publisher and nodes; dropped in order (daemons first, then the directory,
+/// which is kept when the test failed).
+struct Cluster {
+    publisher: Publisher,
+    nodes: Vec<Node>,
+    _dir: TestDir,
+}
+
+impl Cluster {
+    fn start(names: &[&str]) -> Cluster {
+        Cluster::start_with(names, |_| NodeOptions::default())
+    }
+
+    fn start_with(names: &[&str], options: impl Fn(&str) -> NodeOptions) -> Cluster {
+        let dir = TestDir::new();
+        let publisher = Publisher::start(&dir.sub("hub"));
+        let nodes = names
+            .iter()
+            .map(|n| Node::start(dir.path(), n, &publisher, options(n)))
+            .collect();
+        Cluster {
+            publisher,
+            nodes,
+            _dir: dir,
+        }
+    }
+
+    fn node(&self, name: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// Waits until the monitor of `node` has had its report of `ip` acknowledged
+    /// with `status`.
+    fn wait_reported(&self, node: &str, action: &str, ip: &str, status: &str) -> String {
+        self.node(node).monitor().wait_for_event(
+            "reported",
+            &[("action", action), ("ip", ip), ("status", status)],
+            TIMEOUT,
+        )
+    }
+}
+
+/// A ban on one node reaches every other node, once, with the origin's name and the
+/// jail; the origin's own subscriber receives it and skips it (own_node) instead of
+/// applying it. A later manual unban travels the same way. IPv4 and IPv6.
+#[test]
+fn ban_reaches_every_other_node_and_not_the_origin() {
+    let c = Cluster::start(&["web1", "web2", "web3"]);
+    let (a, b, d) = (c.node("web1"), c.node("web2"), c.node("web3"));
+    a.append_log(&[
+        ban("sshd", "203.0.113.5"),
+        ban("sshd", "2001:db8::dead:beef"),
+    ]);
+
+    for n in [b, d] {
+        n.wait_recorded("ban sshd 203.0.113.5 web1", 1);
+        n.wait_recorded("ban sshd 2001:db8::dead:beef web1", 1);
+    }
+    c.wait_reported("web1", "ban", "203.0.113.5", "broadcast");
+    a.subscriber().wait_for_event(
+        "skipped",
+        &[("reason", "own_node"), ("ip", "2001:db8::dead:beef")],
+        TIMEOUT,
+    );
+    assert!(
+        a.recorded().is_empty(),
+        "the origin applied its own ban: {:?}",
+        a.recorded()
+    );
+    assert_eq!(c.publisher.broadcasts_of("203.0.113.5").len(), 1);
+
+    a.append_log(&[unban("sshd", "203.0.113.5")]);
+    for n in [b, d] {
+        n.wait_recorded("unban sshd 203.0.113.5 web1", 1);
+    }
+    // Each event was applied exactly once on each other node.
+    for n in [b, d] {
+        assert_eq!(
+            n.recorded_count("ban sshd 203.0.113.5 web1"),
+            1,
+            "{}",
+            n.report()
+        );
+        assert_eq!(n.recorded().len(), 3, "{}", n.report());
+    }
+    assert!(a.recorded().is_empty());
+}
+
+/// `[subscriber] jails` filters by jail (at the publisher, by topic): a node
+/// subscribed to one jail never gets another jail's events, a node with no filter
+/// gets all. Events of one origin arrive in order, so once the later event is
+/// recorded, the earlier one would have been too.
+#[test]
+fn subscriber_jails_filter_events() {
+    let c = Cluster::start_with(&["web1", "only-sshd", "only-recidive", "all"], |n| {
+        NodeOptions {
+            jails: match n {
+                "only-sshd" => vec!["sshd".into()],
+                "only-recidive" => vec!["recidive".into()],
+                _ => vec![],
+            },
+            ..NodeOptions::default()
+        }
+    });
+    let a = c.node("web1");
+    a.append_log(&[
+        ban("recidive", "198.51.100.1"),
+        ban("sshd", "198.51.100.2"),
+        ban("recidive", "198.51.100.3"),
+    ]);
+    let sshd_only = c.node("only-sshd");
+    sshd_only.wait_recorded("ban sshd 198.51.100.2 web1", 1);
+    let recidive_only = c.node("only-recidive");
+    recidive_only.wait_recorded("ban recidive 198.51.100.3 web1", 1);
+    let all = c.node("all");
+    all.wait_recorded("ban recidive 198.51.100.3 web1", 1);
+
+    assert_eq!(
+        all.recorded(),
+        [
+            "ban recidive 198.51.100.1 web1",
+            "ban sshd 198.51.100.2 web1",
+            "ban recidive 198.51.100.3 web1"
+        ]
+    );
+    assert_eq!(
+        recidive_only.recorded(),
+        [
+            "ban recidive 198.51.100.1 web1",
+            "ban recidive 198.51.100.3 web1"
+        ]
+    );
+    // 198.51.100.3 (recidive) was broadcast after 198.51.100.2: wait for the
+    // publisher to have sent it, then for the sshd node's heartbeat after it.
+    c.publisher
+        .process()
+        .wait_for_event("broadcast", &[("ip", "198.51.100.3")], TIMEOUT);
+    assert_eq!(sshd_only.recorded(), ["ban sshd 198.51.100.2 web1"]);
+    assert_eq!(
+        sshd_only
+            .subscriber()
+            .events("skipped", &[("ip", "198.51.100.1")]),
+        Vec::<String>::new(),
+        "a filtered jail must not even reach the subscriber"
+    );
+}
+
+/// `[subscriber] ignore_ip`: the node skips (and logs) addresses in its list and
+/// applies the rest; a node without that entry applies everything.
+#[test]
+fn subscriber_ignore_ip_is_honoured() {
+    let c = Cluster::start_with(&["web1", "strict", "plain"], |n| NodeOptions {
+        ignore_ip: (n == "strict")
+            .then(|| vec!["198.51.100.0/24".into(), "2001:db8:1::/48".into()]),
+        ..NodeOptions::default()
+    });
+    let a = c.node("web1");
+    a.append_log(&[
+        ban("sshd", "198.51.100.7"),
+        ban("sshd", "2001:db8:1::7"),
+        ban("sshd", "203.0.113.9"),
+    ]);
+    let strict = c.node("strict");
+    let plain = c.node("plain");
+    plain.wait_recorded("ban sshd 203.0.113.9 web1", 1);
+    strict.wait_recorded("ban sshd 203.0.113.9 web1", 1);
+    for ip in ["198.51.100.7", "2001:db8:1::7"] {
+        strict.subscriber().wait_for_event(
+            "skipped",
+            &[("reason", "ignore_ip"), ("ip", ip)],
+            TIMEOUT,
+        );
+    }
+    assert_eq!(strict.recorded(), ["ban sshd 203.0.113.9 web1"]);
+    assert_eq!(plain.recorded().len(), 3, "{}", plain.report());
+}
+
+/// When fail2ban stops a jail it writes `Flush ticket(s)`, an Unban per active ban
+/// and `Jail 'x' stopped` (1.0.2): those Unbans are not propagated (the other nodes
+/// keep the bans), while a later manual Unban is.
+#[test]
+fn unbans_of_a_stopping_jail_are_not_propagated() {
+    let c = Cluster::start(&["web1", "web2"]);
+    let (a, b) = (c.node("web1"), c.node("web2"));
+    a.append_log(&[ban("sshd", "192.0.2.10"), ban("sshd", "192.0.2.11")]);
+    b.wait_recorded("ban sshd 192.0.2.11 web1", 1);
+
+    // A restart of fail2ban: the stop sequence, then the jail back with its bans.
+    let mut lines = stop_sequence("sshd", "iptables-multiport", &["192.0.2.10", "192.0.2.11"]);
+    lines.push(fail2ban_line(
+        "fail2ban.jail",
+        "INFO",
+        "Jail 'sshd' started",
+    ));
+    lines.push(fail2ban_line(
+        "fail2ban.actions",
+        "NOTICE",
+        "[sshd] Restore Ban 192.0.2.10",
+    ));
+    lines.push(fail2ban_line(
+        "fail2ban.actions",
+        "NOTICE",
+        "[sshd] Restore Ban 192.0.2.11",
+    ));
+    a.append_log(&lines);
+    for ip in ["192.0.2.10", "192.0.2.11"] {
+        a.monitor().wait_for_event(
+            "ignored",
+            &[("reason", "jail_stopping"), ("action", "unban"), ("ip", ip)],
+            TIMEOUT,
+        );
+    }
+    // Then a manual unban, which must travel.
+    a.append_log(&[unban("sshd", "192.0.2.11")]);
+    b.wait_recorded("unban sshd 192.0.2.11 web1", 1);
+    assert_eq!(
+        b.recorded(),
+        [
+            "ban sshd 192.0.2.10 web1",
+            "ban sshd 192.0.2.11 web1",
+            "unban sshd 192.0.2.11 web1"
+        ],
+        "only the manual unban may reach the other node"
+    );
+    assert!(c
+        .publisher
+        .process()
+        .events("broadcast", &[("action", "unban"), ("ip", "192.0.2.10")])
+        .is_empty());
+}
+
+/// Log rotation loses no line. Rename + create (Debian's logrotate): lines written to
+/// the old file before fail2ban reopens its log (flushlogs), then lines in the new
+/// file. Then copytruncate.
+#[test]
+fn log_rotation_loses_no_line() {
+    let c = Cluster::start(&["web1", "web2"]);
+    let (a, b) = (c.node("web1"), c.node("web2"));
+    let log = &a.log_path;
+    let rotated = log.with_extension("log.1");
+
+    a.append_log(&[ban("sshd", "203.0.113.1")]);
+    b.wait_recorded("ban sshd 203.0.113.1 web1", 1);
+
+    // logrotate: rename, create...
+    std::fs::rename(log, &rotated).expect("rename");
+    std::fs::write(log, "").expect("create");
+    // ... fail2ban still writes to the old file until `fail2ban-client flushlogs` ...
+    append_lines(&rotated, &[ban("sshd", "203.0.113.2")]);
+    b.wait_recorded("ban sshd 203.0.113.2 web1", 1);
+    // ... then to the new one.
+    append_lines(
+        log,
+        &[fail2ban_line(
+            "fail2ban.server",
+            "INFO",
+            &format!("rollover performed on {}", log.display()),
+        )],
+    );
+    append_lines(log, &[ban("sshd", "203.0.113.3")]);
+    b.wait_recorded("ban sshd 203.0.113.3 web1", 1);
+
+    // copytruncate: copy, then truncate in place; writing goes on at offset 0.
+    std::fs::copy(log, log.with_extension("log.2")).expect("copy");
+    truncate(log);
+    append_lines(log, &[ban("sshd", "203.0.113.4")]);
+    b.wait_recorded("ban sshd 203.0.113.4 web1", 1);
+
+    assert_eq!(
+        b.recorded(),
+        [
+            "ban sshd 203.0.113.1 web1",
+            "ban sshd 203.0.113.2 web1",
+            "ban sshd 203.0.113.3 web1",
+            "ban sshd 203.0.113.4 web1"
+        ]
+    );
+}
+
+fn truncate(path: &Path) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(0))
+        .expect("truncate");
+}
+
+/// The publisher crashes (SIGKILL) and comes back on the same ports while monitors
+/// and subscribers keep running: the subscribers reconnect (a new `connected` line
+/// with the new epoch), the event the monitor read during the outage is delivered
+/// and ACKed after the restart, and later bans propagate as before.
+#[test]
+fn cluster_recovers_from_a_publisher_crash() {
+    let mut c = Cluster::start_with(&["web1", "web2"], |_| NodeOptions {
+        ack_timeout: Some("500ms".into()),
+        heartbeat_timeout: Some("2s".into()),
+        ..NodeOptions::default()
+    });
+    c.node("web1").append_log(&[ban("sshd", "198.51.100.20")]);
+    c.node("web2")
+        .wait_recorded("ban sshd 198.51.100.20 web1", 1);
+
+    let marks: Vec<usize> = c.nodes.iter().map(|n| n.subscriber().mark()).collect();
+    let monitor_mark = c.node("web1").monitor().mark();
+    c.publisher.kill();
+
+    // Read while the publisher is down: the monitor keeps it and retries.
+    c.node("web1").append_log(&[ban("sshd", "198.51.100.21")]);
+    c.node("web1").monitor().wait_for_event_after(
+        monitor_mark,
+        "publisher unreachable, will retry",
+        &[],
+        TIMEOUT,
+    );
+
+    c.publisher.restart();
+    let a = c.node("web1");
+    a.monitor().wait_for_event_after(
+        monitor_mark,
+        "reported",
+        &[("ip", "198.51.100.21"), ("status", "broadcast")],
+        TIMEOUT,
+    );
+    for (n, mark) in c.nodes.iter().zip(&marks) {
+        n.subscriber()
+            .wait_for_event_after(*mark, "connected", &[], TIMEOUT);
+    }
+    a.append_log(&[ban("sshd", "198.51.100.22")]);
+    let b = c.node("web2");
+    b.wait_recorded("ban sshd 198.51.100.22 web1", 1);
+    assert_eq!(b.recorded_count("ban sshd 198.51.100.20 web1"), 1);
+}
+
+/// Every kind of invalid report sent over a raw REQ socket is answered with a NAK
+/// carrying its reason code, and logged as `rejected` with that reason and the
+/// peer's address; the publisher goes on serving.
+#[test]
+fn invalid_reports_are_naked_with_their_reason() {
+    let c = Cluster::start(&["web1", "web2"]);
+    let ep = &c.publisher.reply;
+    let id = "6f9619ff-8b86-d011-b42d-00cf4fc964ff";
+    let good = || raw::report(id, "web9", "sshd", "ban", "203.0.113.50");
+    let with = |field: &str, value: serde_json::Value| {
+        let mut r = good();
+        r["event"][field] = value;
+        serde_json::to_vec(&r).expect("json")
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("not JSON", b"web1|sshd|Ban|1.2.3.4".to_vec(), "malformed"),
+        ("empty", Vec::new(), "malformed"),
+        ("an array", b"[1,2]".to_vec(), "malformed"),
+        (
+            "no event",
+            br#"{"v":1,"type":"report"}"#.to_vec(),
+            "malformed",
+        ),
+        (
+            "version 2",
+            br#"{"v":2,"type":"report"}"#.to_vec(),
+            "unsupported_version",
+        ),
+        (
+            "unknown type",
+            br#"{"v":1,"type":"launch"}"#.to_vec(),
+            "unknown_type",
+        ),
+        ("bad node", with("node", json!("bad node")), "invalid_node"),
+        ("bad jail", with("jail", json!("a b")), "invalid_jail"),
+        ("short IPv4", with("ip", json!("10.1")), "invalid_ip"),
+        ("CIDR", with("ip", json!("1.2.3.0/24")), "invalid_ip"),
+        ("not an IP", with("ip", json!("not_an_ip")), "invalid_ip"),
+        (
+            "bad action",
+            with("action", json!("drop")),
+            "invalid_action",
+        ),
+        ("bad id", with("id", json!("nope")), "invalid_id"),
+        ("time 0", with("time_ms", json!(0)), "invalid_time"),
+        (
+            "time 2^60",
+            with("time_ms", json!(1u64 << 60)),
+            "invalid_time",
+        ),
+        (
+            "time as text",
+            with("time_ms", json!("yesterday")),
+            "malformed",
+        ),
+        ("loopback", with("ip", json!("127.0.0.1")), "forbidden"),
+        ("IPv6 link-local", with("ip", json!("fe80::1")), "forbidden"),
+    ];
+    for (what, payload, code) in &cases {
+        let mark = c.publisher.process().mark();
+        let nak = raw::expect_nak(ep, payload);
+        assert_eq!(nak.reason.code(), *code, "{what}: {nak:?}");
+        let line = c.publisher.process().wait_for_event_after(
+            mark,
+            "rejected",
+            &[("reason", code)],
+            TIMEOUT,
+        );
+        let peer = f2b_tests::field(&line, "peer").unwrap_or_default();
+        assert!(
+            peer.contains("127.0.0.1"),
+            "{what}: no peer address in {line:?}"
+        );
+    }
+    // More message parts than the protocol allows.
+    let frames = raw::request_frames(ep, &[b"{}", b"", b"", b"", b""]);
+    let reply = f2b_proto::Reply::decode(&frames[0]).expect("a reply");
+    assert!(
+        matches!(&reply, f2b_proto::Reply::Nak(n) if n.reason.code() == "malformed"),
+        "{reply:?}"
+    );
+    // Nothing was broadcast, and a valid report is still served and propagated.
+    assert!(c.publisher.process().events("broadcast", &[]).is_empty());
+    let ack = raw::request(ep, &serde_json::to_vec(&good()).expect("json"));
+    assert!(
+        matches!(f2b_proto::Reply::decode(&ack), Ok(f2b_proto::Reply::Ack(_))),
+        "{}",
+        String::from_utf8_lossy(&ack)
+    );
+    for n in &c.nodes {
+        n.wait_recorded("ban sshd 203.0.113.50 web9", 1);
+    }
+}
+
+/// A peer announcing a 1 TiB frame on either publisher port is disconnected at once
+/// (ZMQ_MAXMSGSIZE), and the publisher keeps serving: a ban still propagates.
+#[test]
+fn huge_frame_headers_are_dropped_and_service_goes_on() {
+    let c = Cluster::start(&["web1", "web2"]);
+    for (endpoint, socket_type) in [(&c.publisher.reply, "REQ"), (&c.publisher.broadcast, "SUB")] {
+        let took = raw::announce_huge_frame(endpoint, socket_type);
+        assert!(took < TIMEOUT, "{endpoint}: {took:?}");
+    }
+    assert!(c.publisher.process().is_running());
+    c.node("web1").append_log(&[ban("sshd", "192.0.2.99")]);
+    c.node("web2").wait_recorded("ban sshd 192.0.2.99 web1", 1);
+}
+
+/// SIGTERM stops every daemon cleanly (exit status 0), including a monitor with an
+/// event it cannot deliver (publisher gone) and a subscriber in the middle of
+/// work.
+#[test]
+fn every_daemon_exits_cleanly_on_sigterm() {
+    let c = Cluster::start(&["web1", "web2"]);
+    let (a, b) = (c.node("web1"), c.node("web2"));
+    a.append_log(&[ban("sshd", "203.0.113.60")]);
+    b.wait_recorded("ban sshd 203.0.113.60 web1", 1);
+
+    b.subscriber().terminate_and_wait();
+    b.monitor().terminate_and_wait();
+    c.publisher.process().terminate_and_wait();
+    // The publisher is gone: web1's monitor holds an event it cannot deliver.
+    a.append_log(&[ban("sshd", "203.0.113.61")]);
+    a.monitor()
+        .wait_for_event("queued", &[("ip", "203.0.113.61")], TIMEOUT);
+    a.monitor().terminate_and_wait();
+    a.subscriber().terminate_and_wait();
+    for p in [
+        a.monitor(),
+        a.subscriber(),
+        b.monitor(),
+        b.subscriber(),
+        c.publisher.process(),
+    ] {
+        assert!(
+            !p.events("stopped", &[]).is_empty(),
+            "{} did not log `stopped`\n{}",
+            p.name(),
+            p.dump()
+        );
+    }
+}
