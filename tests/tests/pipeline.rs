@@ -1,5 +1,5 @@
-//! The real binaries end to end on loopback: a publisher and several nodes (monitor
-//! + subscriber), ephemeral ports, temporary configuration files, real fail2ban log
+//! The real binaries end to end on loopback: a publisher and several nodes (a monitor
+//! and a subscriber each), ephemeral ports, temporary configuration files, real fail2ban log
 //! lines appended to each node's log. Subscribers apply events with the `exec`
 //! recorder, which writes `<action> <jail> <ip> <node>` per event to a file per
 //! node; the tests assert on those files and on the daemons' log lines.
