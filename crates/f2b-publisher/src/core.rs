@@ -181,10 +181,10 @@ impl Core {
         if let Reply::Nak(nak) = &outcome.reply {
             match nak.id {
                 Some(id) => tracing::warn!(
-                    reason = %nak.reason, peer, detail = %nak.detail, %id, "rejected"
+                    reason = %nak.reason, %peer, detail = nak.detail.as_str(), %id, "rejected"
                 ),
                 None => {
-                    tracing::warn!(reason = %nak.reason, peer, detail = %nak.detail, "rejected")
+                    tracing::warn!(reason = %nak.reason, %peer, detail = nak.detail.as_str(), "rejected")
                 }
             }
         }

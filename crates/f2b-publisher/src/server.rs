@@ -47,6 +47,12 @@ pub fn bind(config: &PublisherConfig) -> Result<Bound, PublisherError> {
 
 /// [`bind`] with the core's memory limits given (tests use small ones).
 pub fn bind_with(config: &PublisherConfig, limits: Limits) -> Result<Bound, PublisherError> {
+    if config.legacy.is_some() || config.legacy_broadcast_bind.is_some() {
+        tracing::warn!(
+            "publisher.legacy and publisher.legacy_broadcast_bind are not implemented by \
+             this version and are ignored: fail2ban-zmq-tools requests are refused as malformed"
+        );
+    }
     let epoch = random_epoch()?;
     let ctx = zmq::Context::new();
     let rep = new_socket(&ctx, zmq::REP).map_err(socket_err("create the REP socket"))?;
