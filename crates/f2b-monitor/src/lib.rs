@@ -112,11 +112,15 @@ pub async fn run(
     let sender = tokio::task::spawn_blocking(move || send::run_sender(params, event_rx));
 
     let (line_tx, line_rx) = mpsc::channel::<Vec<Line>>(LINE_BATCHES);
-    let follower = tokio::spawn(tail::follow(
-        config.log_path.clone(),
-        line_tx,
-        shutdown.clone(),
-    ));
+    let follower = match tail::Follower::start(config.log_path.clone(), tail::DRAIN_GRACE).await {
+        Ok(f) => tokio::spawn(f.run(line_tx, shutdown.clone())),
+        Err(e) => {
+            stop_sender.cancel();
+            drop(event_tx);
+            let _ = sender.await;
+            return Err(e);
+        }
+    };
     let pipeline = Pipeline {
         node: node.name.clone(),
         ignore_jails: config.ignore_jails.clone(),
@@ -236,7 +240,7 @@ impl Pipeline {
         };
         if self.ignore_jails.contains(&seen.jail) {
             tracing::debug!(
-                reason = "ignore_jails",
+                reason = %"ignore_jails",
                 action = %seen.action,
                 jail = %seen.jail,
                 ip = %seen.ip,

@@ -272,7 +272,7 @@ impl Sender {
                     jail = %event.jail,
                     ip = %event.ip,
                     id = %event.id,
-                    status = ack.status.as_str(),
+                    status = %ack.status.as_str(),
                     seq = %Seq(ack.seq),
                     "reported"
                 );

@@ -1,9 +1,9 @@
 //! Following a log file across appends, rotation, truncation and absence.
 //!
 //! [`Tailer`] is the synchronous part: one call to [`Tailer::read`] reads whatever
-//! is new and returns complete lines. [`follow`] drives it: it watches the file's
-//! directory with inotify (through `notify`) and calls `read` on every change,
-//! with no polling.
+//! is new and returns complete lines. [`Follower`] drives it: it watches the
+//! file's directory with inotify (through `notify`) and calls `read` on every
+//! change, with no polling.
 //!
 //! What `read` handles:
 //!
@@ -99,7 +99,7 @@ impl Reader {
             while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
                 let (head, tail) = rest.split_at(pos);
                 rest = &tail[1..];
-                if self.discarding {
+                if self.discarding || self.partial.len() + head.len() > MAX_LINE {
                     self.discarding = false;
                     self.partial.clear();
                     continue;
@@ -284,125 +284,166 @@ impl Tailer {
     }
 }
 
-/// Follows `path` until `shutdown`: installs an inotify watch on its directory,
-/// positions at the end of the file, logs `watching path=.. offset=..`, then sends
-/// each batch of new lines to `tx` as soon as the file changes. Sending waits when
-/// `tx` is full (the file keeps the lines meanwhile). Returns when `shutdown` is
-/// cancelled or `tx` is closed.
+/// Follows `path` until `shutdown` (see [`Follower`]), with the default
+/// [`DRAIN_GRACE`].
 pub async fn follow(
     path: PathBuf,
     tx: mpsc::Sender<Vec<Line>>,
     shutdown: CancellationToken,
 ) -> Result<(), crate::MonitorError> {
-    follow_with_grace(path, DRAIN_GRACE, tx, shutdown).await
+    Follower::start(path, DRAIN_GRACE)
+        .await?
+        .run(tx, shutdown)
+        .await
 }
 
-/// [`follow`] with another [`DRAIN_GRACE`] (for tests).
-pub async fn follow_with_grace(
+/// A [`Tailer`] woken by inotify. [`Follower::start`] installs the watch on the
+/// file's directory (so creation and renames of the file are seen), positions at
+/// the end of the file and logs `watching path=.. offset=..`; [`Follower::run`]
+/// then sends each batch of new lines as soon as the file changes.
+pub struct Follower {
     path: PathBuf,
-    grace: Duration,
-    tx: mpsc::Sender<Vec<Line>>,
-    shutdown: CancellationToken,
-) -> Result<(), crate::MonitorError> {
-    use notify::Watcher;
+    tailer: Tailer,
+    wake: Arc<Notify>,
+    _watcher: notify::RecommendedWatcher,
+}
 
-    let wake = Arc::new(Notify::new());
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let name = path.file_name().map(|n| n.to_owned()).unwrap_or_default();
-    let waker = wake.clone();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        match res {
-            Ok(ev) => {
-                // Only changes to our file or its rotated names (`fail2ban.log.1`)
-                // matter; other logs in the directory change all the time.
-                let relevant = ev.need_rescan()
-                    || ev.paths.is_empty()
-                    || ev.paths.iter().any(|p| {
-                        p.file_name().is_some_and(|n| {
-                            n.as_encoded_bytes().starts_with(name.as_encoded_bytes())
-                        })
-                    });
-                if relevant {
-                    waker.notify_one();
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "file watch error");
-                waker.notify_one();
-            }
-        }
-    })
-    .map_err(|source| crate::MonitorError::Watch {
-        path: dir.clone(),
-        source,
-    })?;
-    watcher
-        .watch(&dir, notify::RecursiveMode::NonRecursive)
-        .map_err(|source| crate::MonitorError::Watch {
+impl std::fmt::Debug for Follower {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Follower")
+            .field("path", &self.path)
+            .field("tailer", &self.tailer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Follower {
+    /// Installs the watch, then sets the position; a rotated-away file is read
+    /// for `grace` after its last data (see [`DRAIN_GRACE`]).
+    pub async fn start(path: PathBuf, grace: Duration) -> Result<Follower, crate::MonitorError> {
+        use notify::Watcher;
+
+        let wake = Arc::new(Notify::new());
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let name = path.file_name().map(|n| n.to_owned()).unwrap_or_default();
+        let waker = wake.clone();
+        let watch_err = |source| crate::MonitorError::Watch {
             path: dir.clone(),
             source,
-        })?;
-
-    let read_err = |source| crate::MonitorError::Read {
-        path: path.clone(),
-        source,
-    };
-    let p = path.clone();
-    let tailer = tokio::task::spawn_blocking(move || Tailer::at_end(&p, Instant::now()))
-        .await
-        .map_err(|e| crate::MonitorError::task("tailer", e))?
-        .map_err(read_err)?
-        .with_grace(grace);
-    tracing::info!(path = %path.display(), offset = tailer.offset(), "watching");
-    if !tailer.is_open() {
-        tracing::warn!(path = %path.display(), "log file does not exist yet, waiting for it");
-    }
-
-    let mut tailer = Some(tailer);
-    loop {
-        let Some(mut t) = tailer.take() else {
-            return Ok(());
         };
-        let (t, result) = tokio::task::spawn_blocking(move || {
-            let (mut lines, mut changes) = (Vec::new(), Vec::new());
-            let r = t.read(Instant::now(), &mut lines, &mut changes);
-            (t, r.map(|()| (lines, changes)))
-        })
-        .await
-        .map_err(|e| crate::MonitorError::task("tailer", e))?;
-        let deadline = t.next_deadline();
-        tailer = Some(t);
-        match result {
-            Ok((lines, changes)) => {
-                for c in changes {
-                    log_change(&path, &c);
-                }
-                if !lines.is_empty() {
-                    tokio::select! {
-                        r = tx.send(lines) => if r.is_err() { return Ok(()) },
-                        () = shutdown.cancelled() => return Ok(()),
+        let mut watcher =
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+                Ok(ev) => {
+                    // Only changes to our file or its rotated names (`fail2ban.log.1`)
+                    // matter; other logs in the directory change all the time.
+                    let relevant = ev.need_rescan()
+                        || ev.paths.is_empty()
+                        || ev.paths.iter().any(|p| {
+                            p.file_name().is_some_and(|n| {
+                                n.as_encoded_bytes().starts_with(name.as_encoded_bytes())
+                            })
+                        });
+                    if relevant {
+                        waker.notify_one();
                     }
                 }
-            }
-            Err(e) => {
-                // Transient (permissions being fixed, NFS hiccup): report and go on
-                // at the next change.
-                tracing::warn!(path = %path.display(), error = %e, "cannot read the log file");
-            }
+                Err(e) => {
+                    tracing::warn!(error = %e, "file watch error");
+                    waker.notify_one();
+                }
+            })
+            .map_err(watch_err)?;
+        watcher
+            .watch(&dir, notify::RecursiveMode::NonRecursive)
+            .map_err(watch_err)?;
+
+        // The watch is in place before the position is taken: a line written in
+        // between is after the position and wakes us.
+        let p = path.clone();
+        let tailer = tokio::task::spawn_blocking(move || Tailer::at_end(&p, Instant::now()))
+            .await
+            .map_err(|e| crate::MonitorError::task("tailer", e))?
+            .map_err(|source| crate::MonitorError::Read {
+                path: path.clone(),
+                source,
+            })?
+            .with_grace(grace);
+        tracing::info!(path = %path.display(), offset = tailer.offset(), "watching");
+        if !tailer.is_open() {
+            tracing::warn!(path = %path.display(), "log file does not exist yet, waiting for it");
         }
-        let sleep = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d.into()).await,
-                None => std::future::pending().await,
+        Ok(Follower {
+            path,
+            tailer,
+            wake,
+            _watcher: watcher,
+        })
+    }
+
+    /// The position in the file (0 if it does not exist yet).
+    pub fn offset(&self) -> u64 {
+        self.tailer.offset()
+    }
+
+    /// Sends new lines to `tx` until `shutdown` is cancelled or `tx` is closed.
+    /// Sending waits while `tx` is full (the file keeps the lines meanwhile).
+    pub async fn run(
+        self,
+        tx: mpsc::Sender<Vec<Line>>,
+        shutdown: CancellationToken,
+    ) -> Result<(), crate::MonitorError> {
+        let Follower {
+            path,
+            tailer,
+            wake,
+            _watcher,
+        } = self;
+        let mut tailer = Some(tailer);
+        loop {
+            let Some(mut t) = tailer.take() else {
+                return Ok(());
+            };
+            let (t, result) = tokio::task::spawn_blocking(move || {
+                let (mut lines, mut changes) = (Vec::new(), Vec::new());
+                let r = t.read(Instant::now(), &mut lines, &mut changes);
+                (t, r.map(|()| (lines, changes)))
+            })
+            .await
+            .map_err(|e| crate::MonitorError::task("tailer", e))?;
+            let deadline = t.next_deadline();
+            tailer = Some(t);
+            match result {
+                Ok((lines, changes)) => {
+                    for c in changes {
+                        log_change(&path, &c);
+                    }
+                    if !lines.is_empty() {
+                        tokio::select! {
+                            r = tx.send(lines) => if r.is_err() { return Ok(()) },
+                            () = shutdown.cancelled() => return Ok(()),
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Transient (permissions being fixed, NFS hiccup): report and
+                    // try again at the next change.
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read the log file");
+                }
             }
-        };
-        tokio::select! {
-            () = wake.notified() => {}
-            () = sleep => {}
-            () = shutdown.cancelled() => return Ok(()),
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = wake.notified() => {}
+                () = sleep => {}
+                () = shutdown.cancelled() => return Ok(()),
+            }
         }
     }
 }

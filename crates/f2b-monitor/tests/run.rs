@@ -1,0 +1,233 @@
+//! `run` in-process: a temporary log file, a real REP socket as the publisher,
+//! the exact log lines other tests depend on, and shutdown.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use f2b_common::config::{Endpoint, MonitorConfig, NodeConfig};
+use f2b_common::sockets::last_endpoint;
+use f2b_common::zmq;
+use f2b_proto::{Ack, AckStatus, Action, JailName, NodeName, Reply, Request};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// Everything logged by this test binary (one global subscriber).
+struct Captured {
+    text: Mutex<String>,
+    changed: watch::Sender<u64>,
+}
+
+#[derive(Clone)]
+struct Writer(Arc<Captured>);
+
+impl Write for Writer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .text
+            .lock()
+            .unwrap()
+            .push_str(&String::from_utf8_lossy(buf));
+        self.0.changed.send_modify(|n| *n += 1);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn logs() -> Arc<Captured> {
+    static LOGS: OnceLock<Arc<Captured>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let c = Arc::new(Captured {
+            text: Mutex::new(String::new()),
+            changed: watch::channel(0).0,
+        });
+        let w = Writer(c.clone());
+        tracing_subscriber::fmt()
+            .with_env_filter("debug")
+            .with_ansi(false)
+            .with_writer(move || w.clone())
+            .init();
+        c
+    })
+    .clone()
+}
+
+/// Waits until a logged line contains all of `parts`; returns it.
+async fn wait_log(parts: &[&str]) -> String {
+    let logs = logs();
+    let mut rx = logs.changed.subscribe();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(line) = logs
+            .text
+            .lock()
+            .unwrap()
+            .lines()
+            .find(|l| parts.iter().all(|p| l.contains(p)))
+        {
+            return line.to_owned();
+        }
+        if tokio::time::timeout_at(deadline, rx.changed())
+            .await
+            .is_err()
+        {
+            panic!(
+                "no log line with {parts:?} in:\n{}",
+                logs.text.lock().unwrap()
+            );
+        }
+    }
+}
+
+fn append(path: &std::path::Path, text: &str) {
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reports_events_and_stops() {
+    let _ = logs();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("fail2ban.log");
+    std::fs::write(
+        &log,
+        "2026-11-21 04:52:53,446 fail2ban.actions        [1]: NOTICE  [sshd] Ban 192.0.2.99\n",
+    )
+    .unwrap();
+
+    let ctx = zmq::Context::new();
+    let rep = ctx.socket(zmq::REP).unwrap();
+    rep.set_rcvtimeo(WAIT.as_millis() as i32).unwrap();
+    rep.bind("tcp://127.0.0.1:*").unwrap();
+    let endpoint = last_endpoint(&rep);
+
+    let config = MonitorConfig {
+        log_path: log.clone(),
+        publisher: Endpoint::connect(&endpoint).unwrap(),
+        ignore_jails: vec![JailName::new("cluster").unwrap()],
+        ack_timeout: Duration::from_secs(5),
+        queue_size: 16,
+        pidfile: dir.path().join("pid"),
+        legacy: None,
+    };
+    let node = NodeConfig {
+        name: NodeName::new("web1").unwrap(),
+    };
+    let token = CancellationToken::new();
+    let monitor = tokio::spawn(f2b_monitor::run(node, config, token.clone()));
+
+    let watching = wait_log(&["watching", &format!("path={}", log.display())]).await;
+    assert!(watching.contains(" INFO "), "{watching}");
+    assert!(watching.contains("offset=83"), "{watching}");
+
+    let p = "2026-11-21 04:53:00,000 fail2ban.actions        [1]: NOTICE  ";
+    append(
+        &log,
+        &format!(
+            "{p}[cluster] Ban 198.51.100.1\n{p}[sshd] Restore Ban 198.51.100.2\n\
+             {p}[sshd] Ban 2001:DB8::1\n{p}[sshd] Ban not_an_ip\n"
+        ),
+    );
+    let server = tokio::task::spawn_blocking(move || {
+        let bytes = rep.recv_bytes(0).expect("a report");
+        let Request::Report(e) = Request::decode(&bytes).unwrap() else {
+            panic!("not a report")
+        };
+        rep.send(
+            Reply::Ack(Ack {
+                id: e.id,
+                seq: Some(41),
+                status: AckStatus::Broadcast,
+            })
+            .encode(),
+            0,
+        )
+        .unwrap();
+        (rep, e)
+    });
+    let (rep, e) = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    assert_eq!(
+        (e.node.as_str(), e.jail.as_str(), e.action, e.ip.to_string()),
+        ("web1", "sshd", Action::Ban, "2001:db8::1".into())
+    );
+    let reported = wait_log(&["reported", &format!("id={}", e.id)]).await;
+    for field in [
+        "action=ban",
+        "jail=sshd",
+        "ip=2001:db8::1",
+        "status=broadcast",
+        "seq=41",
+    ] {
+        assert!(reported.contains(field), "{field} in {reported}");
+    }
+    wait_log(&["ignored", "reason=ignore_jails", "jail=cluster"]).await;
+    wait_log(&["ignored", "reason=restore_ban"]).await;
+    wait_log(&["ignored", "reason=not_an_ip"]).await;
+
+    // A manual unban is reported (after the stop-suppression hold).
+    append(&log, &format!("{p}[sshd] Unban 2001:db8::1\n"));
+    let server = tokio::task::spawn_blocking(move || {
+        let bytes = rep.recv_bytes(0).expect("the unban");
+        let Request::Report(e) = Request::decode(&bytes).unwrap() else {
+            panic!("not a report")
+        };
+        rep.send(
+            Reply::Ack(Ack {
+                id: e.id,
+                seq: None,
+                status: AckStatus::Unchanged,
+            })
+            .encode(),
+            0,
+        )
+        .unwrap();
+        e
+    });
+    let e = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    assert_eq!(e.action, Action::Unban);
+    wait_log(&["reported", &format!("id={}", e.id), "status=unchanged"]).await;
+
+    token.cancel();
+    tokio::time::timeout(WAIT, monitor)
+        .await
+        .expect("run returns on shutdown")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_directory_is_an_error() {
+    let _ = logs();
+    let config = MonitorConfig {
+        log_path: "/nonexistent-f2b-dir/fail2ban.log".into(),
+        publisher: Endpoint::connect("tcp://127.0.0.1:9").unwrap(),
+        ignore_jails: vec![],
+        ack_timeout: Duration::from_secs(1),
+        queue_size: 16,
+        pidfile: "/tmp/x.pid".into(),
+        legacy: None,
+    };
+    let node = NodeConfig {
+        name: NodeName::new("web1").unwrap(),
+    };
+    let r = tokio::time::timeout(
+        WAIT,
+        f2b_monitor::run(node, config, CancellationToken::new()),
+    )
+    .await
+    .expect("fails at once");
+    let err = r.unwrap_err();
+    assert!(
+        matches!(err, f2b_monitor::MonitorError::Watch { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("/nonexistent-f2b-dir"), "{err}");
+}

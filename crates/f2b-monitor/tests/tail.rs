@@ -1,0 +1,314 @@
+//! The tailer, driven by real file operations in a temporary directory. The
+//! async tests go through inotify ([`Follower`]) and wait for lines with a
+//! deadline; the sync tests call [`Tailer::read`] directly where the order of
+//! reads must be exact.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use f2b_monitor::tail::{Change, Follower, Line, Tailer};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn append(path: &Path, text: &str) {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
+struct Running {
+    rx: mpsc::Receiver<Vec<Line>>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), f2b_monitor::MonitorError>>,
+    offset: u64,
+}
+
+async fn start(path: &Path) -> Running {
+    let follower = Follower::start(path.to_owned(), Duration::from_secs(600))
+        .await
+        .unwrap();
+    let offset = follower.offset();
+    let (tx, rx) = mpsc::channel(16);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(follower.run(tx, stop.clone()));
+    Running {
+        rx,
+        stop,
+        task,
+        offset,
+    }
+}
+
+impl Running {
+    /// The next `n` lines, waiting at most [`WAIT`] in all.
+    async fn lines(&mut self, n: usize) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut got = Vec::new();
+        while got.len() < n {
+            let batch = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("timed out with {got:?}, expected {n} lines"))
+                .expect("follower ended");
+            got.extend(batch.into_iter().map(|l| l.text));
+        }
+        got
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("follower stops on shutdown")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn starts_at_the_end_and_reads_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fail2ban.log");
+    append(&path, "old 1\nold 2\n");
+    let mut r = start(&path).await;
+    assert_eq!(r.offset, 12);
+    append(&path, "new 1\n");
+    assert_eq!(r.lines(1).await, ["new 1"]);
+    append(&path, "new 2\nnew 3\n");
+    assert_eq!(r.lines(2).await, ["new 2", "new 3"]);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn starting_mid_line_skips_the_rest_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fail2ban.log");
+    append(&path, "old\nhalf a li");
+    let mut r = start(&path).await;
+    append(&path, "ne\nwhole\n");
+    assert_eq!(r.lines(1).await, ["whole"]);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn partial_line_is_held_until_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fail2ban.log");
+    append(&path, "");
+    let mut r = start(&path).await;
+    append(&path, "first\nsec");
+    assert_eq!(r.lines(1).await, ["first"]);
+    append(&path, "ond\n");
+    assert_eq!(r.lines(1).await, ["second"]);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn rename_create_then_flushlogs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fail2ban.log");
+    let rotated = dir.path().join("fail2ban.log.1");
+    // fail2ban's handle on its log, opened before the rotation.
+    let mut writer = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap();
+    writer.write_all(b"before\n").unwrap();
+    let mut r = start(&path).await;
+    writer.write_all(b"line 1\n").unwrap();
+    assert_eq!(r.lines(1).await, ["line 1"]);
+
+    // logrotate: rename, create.
+    fs::rename(&path, &rotated).unwrap();
+    File::create(&path).unwrap();
+    // fail2ban still writes to the old file until flushlogs...
+    writer.write_all(b"to old 1\n").unwrap();
+    assert_eq!(r.lines(1).await, ["to old 1"]);
+    writer.write_all(b"to old 2\n").unwrap();
+    assert_eq!(r.lines(1).await, ["to old 2"]);
+    // ...which makes it reopen the path.
+    writer.write_all(b"last to old\n").unwrap();
+    drop(writer);
+    append(&path, "to new\n");
+    assert_eq!(r.lines(2).await, ["last to old", "to new"]);
+    append(&path, "to new 2\n");
+    assert_eq!(r.lines(1).await, ["to new 2"]);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn copytruncate() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fail2ban.log");
+    append(&path, "0123456789\n");
+    let mut r = start(&path).await;
+    append(&path, "a\n");
+    assert_eq!(r.lines(1).await, ["a"]);
+    // logrotate copytruncate: copy elsewhere, truncate in place; the writer
+    // (O_APPEND) goes on at the new end.
+    fs::copy(&path, dir.path().join("fail2ban.log.1")).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    append(&path, "b\n");
+    assert_eq!(r.lines(1).await, ["b"]);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn deleted_then_recreated_is_read_from_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fail2ban.log");
+    append(&path, "x\n");
+    let mut r = start(&path).await;
+    append(&path, "one\n");
+    assert_eq!(r.lines(1).await, ["one"]);
+    fs::remove_file(&path).unwrap();
+    append(&path, "two\nthree\n");
+    assert_eq!(r.lines(2).await, ["two", "three"]);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn missing_at_start_then_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fail2ban.log");
+    let mut r = start(&path).await;
+    assert_eq!(r.offset, 0);
+    append(&path, "first\n");
+    assert_eq!(r.lines(1).await, ["first"]);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn other_files_in_the_directory_are_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fail2ban.log");
+    append(&path, "");
+    let mut r = start(&path).await;
+    append(&dir.path().join("syslog"), "noise\n");
+    append(&path, "mine\n");
+    assert_eq!(r.lines(1).await, ["mine"]);
+    r.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Synchronous: exact read order.
+
+fn read(t: &mut Tailer, now: Instant) -> (Vec<String>, Vec<Change>) {
+    let (mut lines, mut changes) = (Vec::new(), Vec::new());
+    t.read(now, &mut lines, &mut changes).unwrap();
+    (lines.into_iter().map(|l| l.text).collect(), changes)
+}
+
+#[test]
+fn partial_line_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fail2ban.log");
+    append(&path, "");
+    let now = Instant::now();
+    let mut t = Tailer::at_end(&path, now).unwrap();
+    append(&path, "hel");
+    assert_eq!(read(&mut t, now).0, Vec::<String>::new());
+    append(&path, "lo\nwor");
+    assert_eq!(read(&mut t, now).0, ["hello"]);
+    append(&path, "ld\n");
+    assert_eq!(read(&mut t, now).0, ["world"]);
+}
+
+#[test]
+fn old_file_is_closed_once_the_writer_moved() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fail2ban.log");
+    let mut writer = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap();
+    let now = Instant::now();
+    let mut t = Tailer::at_end(&path, now).unwrap();
+    fs::rename(&path, dir.path().join("fail2ban.log.1")).unwrap();
+    File::create(&path).unwrap();
+    writer.write_all(b"old\n").unwrap();
+    let (lines, changes) = read(&mut t, now);
+    assert_eq!(lines, ["old"]);
+    assert_eq!(changes, [Change::Rotated]);
+    // New file still empty: keep reading the old one.
+    assert_eq!(t.draining(), 1);
+    writer.write_all(b"old 2\n").unwrap();
+    assert_eq!(read(&mut t, now).0, ["old 2"]);
+    assert_eq!(t.draining(), 1);
+    // Writer moves (flushlogs), but wrote once more to the old file first.
+    writer.write_all(b"old 3\n").unwrap();
+    append(&path, "new\n");
+    let (lines, changes) = read(&mut t, now);
+    assert_eq!(lines, ["old 3", "new"]);
+    assert_eq!(
+        changes,
+        [Change::Closed {
+            offset: 16,
+            grace_expired: false
+        }]
+    );
+    assert_eq!(t.draining(), 0);
+}
+
+#[test]
+fn old_file_is_closed_after_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fail2ban.log");
+    append(&path, "");
+    let now = Instant::now();
+    let grace = Duration::from_secs(30);
+    let mut t = Tailer::at_end(&path, now).unwrap().with_grace(grace);
+    fs::rename(&path, dir.path().join("fail2ban.log.1")).unwrap();
+    File::create(&path).unwrap();
+    read(&mut t, now);
+    assert_eq!(t.draining(), 1);
+    assert_eq!(t.next_deadline(), Some(now + grace));
+    read(&mut t, now + grace - Duration::from_millis(1));
+    assert_eq!(t.draining(), 1);
+    let (_, changes) = read(&mut t, now + grace);
+    assert_eq!(t.draining(), 0);
+    assert_eq!(
+        changes,
+        [Change::Closed {
+            offset: 0,
+            grace_expired: true
+        }]
+    );
+}
+
+#[test]
+fn overlong_lines_are_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fail2ban.log");
+    append(&path, "");
+    let now = Instant::now();
+    let mut t = Tailer::at_end(&path, now).unwrap();
+    let long = "x".repeat(f2b_monitor::tail::MAX_LINE + 10);
+    append(&path, &format!("{long}\nshort\n{long}"));
+    let lines = read(&mut t, now).0;
+    assert!(
+        lines.len() == 1 && lines[0] == "short",
+        "{} lines",
+        lines.len()
+    );
+    append(&path, "\nafter\n");
+    let lines = read(&mut t, now).0;
+    assert!(
+        lines.len() == 1 && lines[0] == "after",
+        "{} lines",
+        lines.len()
+    );
+}
