@@ -330,13 +330,6 @@ fn hostile_peers_do_not_stop_service() {
     let junk: Vec<Vec<u8>> = (0..50).map(|n| vec![n; 100]).collect();
     expect_nak(request_frames(&req, &junk), NakReason::Malformed);
 
-    // A subscriber that never reads, with the smallest buffers it can have.
-    let idle = new_socket(&hub.ctx, zmq::SUB).unwrap();
-    idle.set_rcvhwm(1).unwrap();
-    idle.set_rcvbuf(1024).unwrap();
-    idle.set_subscribe(b"").unwrap();
-    idle.connect(&hub.broadcast).unwrap();
-
     // Honest peers are still served.
     expect_ack(
         report(&req, &event(2, "sshd", Action::Ban, "203.0.113.2")),
@@ -359,7 +352,7 @@ fn hostile_peers_do_not_stop_service() {
         Some(4),
     );
     assert_eq!(next_event(&late).0, 4);
-    drop((idle, garbage));
+    drop(garbage);
 }
 
 #[test]
@@ -444,4 +437,44 @@ fn run_stops_on_cancel_and_bind_errors_name_the_key() {
             .unwrap()
             .unwrap();
     });
+}
+
+#[test]
+fn peers_that_never_read_do_not_block_the_others() {
+    let hub = Hub::start("50ms");
+    let sub = hub.sub(&[b""]);
+
+    // A subscriber that never reads, with the smallest buffers it can have: the PUB
+    // socket queues for it up to its high-water mark, then drops; it never blocks.
+    let idle_sub = new_socket(&hub.ctx, zmq::SUB).unwrap();
+    idle_sub.set_rcvhwm(1).unwrap();
+    idle_sub.set_rcvbuf(1024).unwrap();
+    idle_sub.set_subscribe(b"").unwrap();
+    idle_sub.connect(&hub.broadcast).unwrap();
+
+    // A DEALER that pipelines requests and never reads the replies.
+    let idle_req = new_socket(&hub.ctx, zmq::DEALER).unwrap();
+    idle_req.set_rcvbuf(1024).unwrap();
+    idle_req.connect(&hub.reply).unwrap();
+    let junk = b"{\"v\":1}".to_vec();
+    for _ in 0..500 {
+        idle_req
+            .send_multipart([Vec::new(), junk.clone()], zmq::DONTWAIT)
+            .unwrap();
+    }
+
+    let req = hub.req();
+    let n = 3000u32;
+    for i in 1..=n {
+        let ip = std::net::Ipv4Addr::from(0xC633_6400 + i).to_string();
+        expect_ack(
+            report(&req, &event(u128::from(i), "sshd", Action::Ban, &ip)),
+            AckStatus::Broadcast,
+            Some(u64::from(i)),
+        );
+    }
+    for i in 1..=n {
+        assert_eq!(next_event(&sub).0, u64::from(i));
+    }
+    drop((idle_sub, idle_req));
 }
