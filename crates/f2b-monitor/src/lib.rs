@@ -108,6 +108,7 @@ pub async fn run(
         ack_timeout: config.ack_timeout,
         drain_time: config.ack_timeout,
         shutdown: shutdown_sock,
+        legacy: config.legacy.clone(),
     };
     let sender = tokio::task::spawn_blocking(move || send::run_sender(params, event_rx));
 
@@ -159,6 +160,9 @@ impl Pipeline {
     ) -> Result<(), MonitorError> {
         let mut filter = StopFilter::default();
         let mut verdicts = Vec::new();
+        // Events not queued because shutdown came while the queue was full.
+        let mut dropped = 0usize;
+        let mut paused = false;
         loop {
             let deadline = filter.next_deadline();
             let sleep = async {
@@ -181,9 +185,15 @@ impl Pipeline {
                 for v in verdicts.drain(..) {
                     if let Some(ev) = self.verdict(v) {
                         if events.try_send(ev).is_err() {
-                            tracing::warn!("queue full at shutdown, an event is not sent");
+                            dropped += 1;
                         }
                     }
+                }
+                if dropped > 0 {
+                    tracing::warn!(
+                        events = dropped,
+                        "shutting down with events read but not queued"
+                    );
                 }
                 return Ok(());
             };
@@ -199,18 +209,30 @@ impl Pipeline {
             for v in verdicts.drain(..) {
                 let Some(ev) = self.verdict(v) else { continue };
                 match events.try_send(ev) {
-                    Ok(()) => {}
+                    Ok(()) => {
+                        if paused {
+                            paused = false;
+                            tracing::info!("event queue has room again");
+                        }
+                    }
                     Err(mpsc::error::TrySendError::Full(ev)) => {
-                        tracing::warn!(
-                            capacity = events.max_capacity(),
-                            "event queue full, reading paused until the publisher catches up"
-                        );
+                        // Backpressure: stop reading (the log file keeps the lines)
+                        // until the sender takes an event. Logged once per episode.
+                        if !paused {
+                            paused = true;
+                            tracing::warn!(
+                                capacity = events.max_capacity(),
+                                "event queue full, reading paused until the publisher catches up"
+                            );
+                        }
                         tokio::select! {
-                            r = events.send(ev) => if r.is_err() {
-                                return Err(MonitorError::task("sender", "stopped"));
-                            },
+                            r = events.send(ev) => {
+                                if r.is_err() {
+                                    return Err(MonitorError::task("sender", "stopped"));
+                                }
+                            }
                             () = shutdown.cancelled() => {
-                                tracing::warn!("shutdown while the queue was full, an event is not sent");
+                                dropped += 1;
                             }
                         }
                     }

@@ -11,6 +11,13 @@
 //! other NAK is logged at error level with its reason and detail, and the event is
 //! dropped, since sending it again cannot change the answer.
 //!
+//! With `[monitor] legacy = true` the requests are in fail2ban-zmq-tools' format
+//! (`[token|]host|jail|Ban|ip`, see [`f2b_proto::legacy`]) for an old publisher: its
+//! reply is the message echoed without the token (success) or the bare string `NAK`
+//! (dropped). Events that format cannot carry (IPv6, a jail with characters other
+//! than letters, digits, `_` and `-`, longer than the old 64-byte limit) are
+//! logged at error level and dropped.
+//!
 //! The thread polls the REQ socket together with the shutdown socket
 //! ([`f2b_common::sockets::shutdown_socket`]); on shutdown it keeps delivering
 //! what is queued for at most `drain_time`, then returns.
@@ -18,9 +25,12 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use std::net::IpAddr;
+
+use f2b_common::config::LegacyPeer;
 use f2b_common::sockets::new_socket;
 use f2b_common::zmq;
-use f2b_proto::{Event, Reply, Request};
+use f2b_proto::{legacy, Event, Reply, Request};
 use tokio::sync::mpsc;
 
 /// The first wait before a resend.
@@ -38,6 +48,8 @@ pub struct SenderParams {
     pub drain_time: Duration,
     /// Readable once shutdown has begun ([`f2b_common::sockets::shutdown_socket`]).
     pub shutdown: zmq::Socket,
+    /// Speak fail2ban-zmq-tools' format to an old publisher.
+    pub legacy: Option<LegacyPeer>,
 }
 
 impl fmt::Debug for SenderParams {
@@ -46,6 +58,7 @@ impl fmt::Debug for SenderParams {
             .field("endpoint", &self.endpoint)
             .field("ack_timeout", &self.ack_timeout)
             .field("drain_time", &self.drain_time)
+            .field("legacy", &self.legacy)
             .finish_non_exhaustive()
     }
 }
@@ -202,8 +215,51 @@ impl Sender {
         }
     }
 
+    /// The request for `event`, and the legacy echo expected back, or why the
+    /// configured format cannot carry it.
+    fn encode(&self, event: &Event) -> Result<(Vec<u8>, Option<Vec<u8>>), String> {
+        let Some(peer) = &self.p.legacy else {
+            return Ok((Request::Report(event.clone()).encode(), None));
+        };
+        let IpAddr::V4(ip) = event.ip else {
+            return Err("the legacy format carries IPv4 addresses only".into());
+        };
+        let jail = event.jail.as_str();
+        if !jail
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err("the legacy format allows only letters, digits, _ and - in jails".into());
+        }
+        let echo = legacy::format(event.node.as_str(), jail, event.action, ip);
+        let wire = match &peer.token {
+            Some(t) => format!("{}|{echo}", t.expose()),
+            None => echo.clone(),
+        };
+        if wire.len() > legacy::MAX_LEGACY_MESSAGE {
+            return Err(format!(
+                "longer than the legacy limit of {} bytes",
+                legacy::MAX_LEGACY_MESSAGE
+            ));
+        }
+        Ok((wire.into_bytes(), Some(echo.into_bytes())))
+    }
+
     fn deliver(&mut self, event: &Event) -> Result<Outcome, crate::MonitorError> {
-        let request = Request::Report(event.clone()).encode();
+        let (request, echo) = match self.encode(event) {
+            Ok(r) => r,
+            Err(why) => {
+                tracing::error!(
+                    action = %event.action,
+                    jail = %event.jail,
+                    ip = %event.ip,
+                    id = %event.id,
+                    detail = %why,
+                    "event cannot be sent to a legacy publisher, dropped"
+                );
+                return Ok(Outcome::Rejected);
+            }
+        };
         let mut backoff = BACKOFF_MIN;
         let mut attempt: u32 = 0;
         loop {
@@ -212,7 +268,7 @@ impl Sender {
                 return Ok(Outcome::Abandoned);
             }
             attempt += 1;
-            let failure = match self.attempt(event, &request)? {
+            let failure = match self.attempt(event, &request, echo.as_deref())? {
                 Ok(outcome) => return Ok(outcome),
                 Err(failure) => failure,
             };
@@ -241,6 +297,7 @@ impl Sender {
         &mut self,
         event: &Event,
         request: &[u8],
+        echo: Option<&[u8]>,
     ) -> Result<Result<Outcome, Failure>, crate::MonitorError> {
         let sock = self.socket()?;
         if let Err(e) = sock.send(request, zmq::DONTWAIT) {
@@ -261,6 +318,9 @@ impl Sender {
             Ok(b) => b,
             Err(e) => return Ok(Err(Failure::Broken(format!("receive: {e}")))),
         };
+        if let Some(echo) = echo {
+            return Ok(legacy_reply(event, &bytes, echo));
+        }
         let reply = match Reply::decode(&bytes) {
             Ok(r) => r,
             Err(e) => return Ok(Err(Failure::Broken(format!("unreadable reply: {e}")))),
@@ -304,6 +364,38 @@ impl Sender {
                 Ok(Ok(Outcome::Rejected))
             }
         }
+    }
+}
+
+/// An old publisher's answer: the echo of what was sent, or `NAK`.
+fn legacy_reply(event: &Event, reply: &[u8], echo: &[u8]) -> Result<Outcome, Failure> {
+    if reply == echo {
+        tracing::info!(
+            action = %event.action,
+            jail = %event.jail,
+            ip = %event.ip,
+            id = %event.id,
+            status = %"legacy",
+            seq = %Seq(None),
+            "reported"
+        );
+        Ok(Outcome::Acked)
+    } else if reply == b"NAK" {
+        tracing::error!(
+            action = %event.action,
+            jail = %event.jail,
+            ip = %event.ip,
+            id = %event.id,
+            reason = %"legacy_nak",
+            detail = %"the legacy publisher answered NAK",
+            "event rejected by the publisher, dropped"
+        );
+        Ok(Outcome::Rejected)
+    } else {
+        Err(Failure::Broken(format!(
+            "unexpected legacy reply {:?}",
+            String::from_utf8_lossy(&reply[..reply.len().min(80)])
+        )))
     }
 }
 

@@ -231,3 +231,64 @@ async fn missing_directory_is_an_error() {
     );
     assert!(err.to_string().contains("/nonexistent-f2b-dir"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn full_queue_pauses_reading_and_loses_nothing() {
+    let _ = logs();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("fail2ban.log");
+    std::fs::write(&log, "").unwrap();
+    let ctx = zmq::Context::new();
+    let rep = ctx.socket(zmq::REP).unwrap();
+    rep.set_rcvtimeo(WAIT.as_millis() as i32).unwrap();
+    rep.bind("tcp://127.0.0.1:*").unwrap();
+    let config = MonitorConfig {
+        log_path: log.clone(),
+        publisher: Endpoint::connect(&last_endpoint(&rep)).unwrap(),
+        ignore_jails: vec![],
+        ack_timeout: Duration::from_secs(10),
+        queue_size: 1,
+        pidfile: dir.path().join("pid"),
+        legacy: None,
+    };
+    let node = NodeConfig {
+        name: NodeName::new("backpressure").unwrap(),
+    };
+    let token = CancellationToken::new();
+    let monitor = tokio::spawn(f2b_monitor::run(node, config, token.clone()));
+    wait_log(&["watching", &format!("path={}", log.display())]).await;
+
+    let p = "2026-11-21 04:53:00,000 fail2ban.actions        [1]: NOTICE  ";
+    let text: String = (1..=6)
+        .map(|i| format!("{p}[bp] Ban 203.0.113.{i}\n"))
+        .collect();
+    append(&log, &text);
+    // One event in flight, one queued: the third finds the queue full.
+    wait_log(&["event queue full", "capacity=1"]).await;
+    let server = tokio::task::spawn_blocking(move || {
+        (1..=6)
+            .map(|_| {
+                let bytes = rep.recv_bytes(0).expect("a report");
+                let Request::Report(e) = Request::decode(&bytes).unwrap() else {
+                    panic!("not a report")
+                };
+                let ack = Ack {
+                    id: e.id,
+                    seq: None,
+                    status: AckStatus::Unchanged,
+                };
+                rep.send(Reply::Ack(ack).encode(), 0).unwrap();
+                e.ip.to_string()
+            })
+            .collect::<Vec<_>>()
+    });
+    let ips = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    let want: Vec<String> = (1..=6).map(|i| format!("203.0.113.{i}")).collect();
+    assert_eq!(ips, want, "all delivered, in order");
+    token.cancel();
+    tokio::time::timeout(WAIT, monitor)
+        .await
+        .expect("run returns on shutdown")
+        .unwrap()
+        .unwrap();
+}

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use f2b_common::config::{LegacyPeer, Secret};
 use f2b_common::sockets::{last_endpoint, shutdown_socket};
 use f2b_common::zmq;
 use f2b_monitor::send::{run_sender, SenderParams};
@@ -38,6 +39,15 @@ struct Harness {
 
 /// Starts the sender for `endpoint` with a short ACK timeout.
 fn start(ctx: &zmq::Context, endpoint: &str, ack_timeout: Duration) -> Harness {
+    start_with(ctx, endpoint, ack_timeout, None)
+}
+
+fn start_with(
+    ctx: &zmq::Context,
+    endpoint: &str,
+    ack_timeout: Duration,
+    legacy: Option<LegacyPeer>,
+) -> Harness {
     let token = CancellationToken::new();
     let params = SenderParams {
         ctx: ctx.clone(),
@@ -45,6 +55,7 @@ fn start(ctx: &zmq::Context, endpoint: &str, ack_timeout: Duration) -> Harness {
         ack_timeout,
         drain_time: ack_timeout,
         shutdown: shutdown_socket(ctx, token.clone()).unwrap(),
+        legacy,
     };
     let (tx, rx) = mpsc::channel(16);
     let sender = tokio::task::spawn_blocking(move || run_sender(params, rx));
@@ -231,4 +242,48 @@ async fn shutdown_gives_up_after_the_drain_time() {
         .unwrap()
         .unwrap();
     assert!(t0.elapsed() < drain * 4, "{:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn legacy_format_echo_and_nak() {
+    let ctx = zmq::Context::new();
+    let (rep, ep) = bind(&ctx, zmq::REP);
+    let server = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        for i in 0..3 {
+            let msg = String::from_utf8(rep.recv_bytes(0).expect("a request")).unwrap();
+            let reply = match i {
+                1 => "NAK".to_owned(),
+                _ => msg
+                    .strip_prefix("tok|")
+                    .expect("the token first")
+                    .to_owned(),
+            };
+            seen.push(msg);
+            rep.send(reply.as_bytes(), 0).unwrap();
+        }
+        seen
+    });
+    let legacy = LegacyPeer {
+        token: Some(Secret::new("tok")),
+    };
+    let h = start_with(&ctx, &ep, Duration::from_secs(5), Some(legacy));
+    let mut v6 = event(9);
+    v6.ip = "2001:db8::9".parse().unwrap();
+    let mut unban = event(4);
+    unban.action = Action::Unban;
+    for e in [event(1), event(2), v6, unban] {
+        h.send(e).await;
+    }
+    let seen = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    // The IPv6 event cannot be carried and is not sent; the NAKed one is not resent.
+    assert_eq!(
+        seen,
+        [
+            "tok|web1|sshd|Ban|192.0.2.1",
+            "tok|web1|sshd|Ban|192.0.2.2",
+            "tok|web1|sshd|Unban|192.0.2.4",
+        ]
+    );
+    h.finish().await;
 }
