@@ -46,6 +46,13 @@ pub mod defaults {
     pub const HEARTBEAT_TIMEOUT: &str = "5s";
     pub const SUBSCRIBER_QUEUE_SIZE: usize = 100_000;
     pub const SUBSCRIBER_PIDFILE: &str = "/run/fail2ban-cluster/f2b-subscriber.pid";
+    /// Where the monitor keeps its queue of unacknowledged events and its position
+    /// in the log.
+    pub const MONITOR_STATE_DIR: &str = "/var/lib/fail2ban-cluster/monitor";
+    /// Where the publisher keeps its ledger.
+    pub const PUBLISHER_STATE_DIR: &str = "/var/lib/fail2ban-cluster/publisher";
+    /// Where the subscriber keeps what it applied and its pending events.
+    pub const SUBSCRIBER_STATE_DIR: &str = "/var/lib/fail2ban-cluster/subscriber";
 }
 
 /// A configuration error: which file, which key, what is wrong.
@@ -166,6 +173,7 @@ pub struct RawMonitor {
     pub pidfile: Option<PathBuf>,
     pub legacy: Option<bool>,
     pub legacy_token: Option<Secret>,
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -179,6 +187,7 @@ pub struct RawPublisher {
     pub legacy: Option<bool>,
     pub legacy_token: Option<Secret>,
     pub legacy_broadcast_bind: Option<String>,
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -197,6 +206,8 @@ pub struct RawSubscriber {
     pub queue_size: Option<usize>,
     pub pidfile: Option<PathBuf>,
     pub legacy: Option<bool>,
+    pub state_dir: Option<PathBuf>,
+    pub snapshot: Option<OneOrMany>,
 }
 
 /// Stage 1: parses the text of a configuration file. Errors carry TOML's own
@@ -301,6 +312,8 @@ pub struct MonitorConfig {
     /// Report to a fail2ban-zmq-tools publisher in its format (`host|jail|Ban|ip`),
     /// with this token when it demands one.
     pub legacy: Option<LegacyPeer>,
+    /// The durable queue and the saved log position live here.
+    pub state_dir: PathBuf,
 }
 
 /// Talking to fail2ban-zmq-tools peers (docs/PROTOCOL.md, "Legacy").
@@ -325,6 +338,8 @@ pub struct PublisherConfig {
     /// Also publish every event in the legacy format, for fail2ban-zmq-tools
     /// subscribers, on this separate PUB socket.
     pub legacy_broadcast_bind: Option<Endpoint>,
+    /// The ledger lives here.
+    pub state_dir: PathBuf,
 }
 
 /// How a subscriber applies an event.
@@ -378,6 +393,11 @@ pub struct SubscriberConfig {
     /// Follow a fail2ban-zmq-tools publisher: one-frame `host|jail|Ban|ip` messages,
     /// no sequence numbers, no heartbeats.
     pub legacy: bool,
+    /// What was applied, and what waits to be, live here.
+    pub state_dir: PathBuf,
+    /// The publishers' reply endpoints, to ask for a snapshot of the active bans on
+    /// start, reconnect and after missed events; empty: no catch-up.
+    pub snapshot: Vec<Endpoint>,
 }
 
 /// The whole validated configuration.
@@ -428,6 +448,18 @@ fn nonempty_path(key: &str, raw: Option<&PathBuf>, default: &str) -> Result<Path
         return Err(key_err(key, "must not be empty"));
     }
     Ok(p)
+}
+
+fn connect_endpoints(key: &str, raw: Option<&OneOrMany>) -> Result<Vec<Endpoint>, KeyError> {
+    match raw {
+        None => Ok(Vec::new()),
+        Some(OneOrMany::One(e)) => Ok(vec![Endpoint::parse(key, e, false)?]),
+        Some(OneOrMany::Many(v)) => v
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Endpoint::parse(&format!("{key}[{i}]"), e, false))
+            .collect(),
+    }
 }
 
 fn legacy_peer(
@@ -516,6 +548,11 @@ impl RawConfig {
                 defaults::MONITOR_PIDFILE,
             )?,
             legacy: legacy_peer("monitor", m.legacy, m.legacy_token.as_ref())?,
+            state_dir: nonempty_path(
+                "monitor.state_dir",
+                m.state_dir.as_ref(),
+                defaults::MONITOR_STATE_DIR,
+            )?,
         };
 
         let p = &self.publisher;
@@ -553,6 +590,11 @@ impl RawConfig {
                 .as_deref()
                 .map(|e| Endpoint::parse("publisher.legacy_broadcast_bind", e, true))
                 .transpose()?,
+            state_dir: nonempty_path(
+                "publisher.state_dir",
+                p.state_dir.as_ref(),
+                defaults::PUBLISHER_STATE_DIR,
+            )?,
         };
         if publisher.legacy_broadcast_bind.is_some() && publisher.legacy.is_none() {
             return Err(key_err(
@@ -694,7 +736,19 @@ impl RawConfig {
                 defaults::SUBSCRIBER_PIDFILE,
             )?,
             legacy: s.legacy.unwrap_or(false),
+            state_dir: nonempty_path(
+                "subscriber.state_dir",
+                s.state_dir.as_ref(),
+                defaults::SUBSCRIBER_STATE_DIR,
+            )?,
+            snapshot: connect_endpoints("subscriber.snapshot", s.snapshot.as_ref())?,
         };
+        if subscriber.legacy && !subscriber.snapshot.is_empty() {
+            return Err(key_err(
+                "subscriber.snapshot",
+                "a fail2ban-zmq-tools publisher (legacy = true) has no snapshots",
+            ));
+        }
 
         Ok(Config {
             node,

@@ -95,6 +95,8 @@ fn root_config_documents_every_key() {
         "legacy",
         "legacy_token",
         "legacy_broadcast_bind",
+        "state_dir",
+        "snapshot",
     ];
     for key in keys {
         let documented = text.lines().any(|l| {

@@ -14,6 +14,8 @@
 //! - [`message`]: the three message families, [`Request`] (monitor to publisher),
 //!   [`Reply`] (publisher to monitor) and [`Broadcast`] (publisher to subscribers),
 //!   with their `encode`/`decode` functions and the PUB/SUB topic frames.
+//! - [`snapshot`]: the snapshot request and its paged reply, for subscribers that
+//!   catch up after an absence.
 //! - [`legacy`]: the wire format of fail2ban-zmq-tools (`host|jail|action|ip`), for
 //!   mixed clusters during a migration.
 //! - [`error`]: [`ProtoError`], one variant per way input can be wrong, each carrying
@@ -27,6 +29,7 @@ pub mod event;
 pub mod legacy;
 pub mod message;
 pub mod names;
+pub mod snapshot;
 
 mod wire;
 
@@ -37,6 +40,7 @@ pub use message::{
     HEARTBEAT_TOPIC,
 };
 pub use names::{JailName, NodeName};
+pub use snapshot::{ActiveBan, SnapshotPage, SnapshotReply, SnapshotRequest};
 
 /// The protocol version this crate speaks; every message carries it as `"v"`.
 pub const PROTOCOL_VERSION: u64 = 1;

@@ -11,6 +11,7 @@ use serde_json::json;
 
 use crate::error::{NakReason, ProtoError};
 use crate::event::Event;
+use crate::snapshot::SnapshotRequest;
 use crate::wire::{event_value, shown, to_bytes, Obj};
 use crate::{EventId, JailName, MAX_DETAIL_LEN, PROTOCOL_VERSION};
 
@@ -20,6 +21,9 @@ use crate::{EventId, JailName, MAX_DETAIL_LEN, PROTOCOL_VERSION};
 pub enum Request {
     /// A monitor reports an event it read from its fail2ban log.
     Report(Event),
+    /// A subscriber asks for a page of the active bans; answered with a
+    /// [`crate::SnapshotReply`].
+    Snapshot(SnapshotRequest),
 }
 
 impl Request {
@@ -30,6 +34,7 @@ impl Request {
                 "type": "report",
                 "event": event_value(e),
             })),
+            Request::Snapshot(r) => to_bytes(r.to_value()),
         }
     }
 
@@ -37,6 +42,7 @@ impl Request {
         let (obj, kind) = Obj::parse_message(bytes)?;
         match kind.as_str() {
             "report" => Ok(Request::Report(obj.obj("event")?.event()?)),
+            "snapshot" => Ok(Request::Snapshot(SnapshotRequest::from_obj(&obj)?)),
             _ => Err(ProtoError::UnknownType {
                 found: shown(&kind),
             }),

@@ -39,6 +39,21 @@ impl Obj {
         Ok((obj, kind))
     }
 
+    pub(crate) fn from_map(map: &Map<String, Value>) -> Obj {
+        Obj(map.clone())
+    }
+
+    pub(crate) fn opt_array(&self, field: &'static str) -> Result<Option<Vec<Value>>, ProtoError> {
+        match self.0.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Array(items)) => Ok(Some(items.clone())),
+            Some(_) => Err(ProtoError::WrongType {
+                field,
+                expected: "a list",
+            }),
+        }
+    }
+
     fn get(&self, field: &'static str) -> Result<&Value, ProtoError> {
         match self.0.get(field) {
             None | Some(Value::Null) => Err(ProtoError::MissingField { field }),

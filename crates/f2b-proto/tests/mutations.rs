@@ -4,8 +4,8 @@
 //! failure reproduces.
 
 use f2b_proto::{
-    Ack, AckStatus, Action, Broadcast, Epoch, Event, EventId, Heartbeat, JailName, Nak, NakReason,
-    NodeName, Reply, Request, Sequenced,
+    Ack, AckStatus, Action, ActiveBan, Broadcast, Epoch, Event, EventId, Heartbeat, JailName, Nak,
+    NakReason, NodeName, Reply, Request, Sequenced, SnapshotPage, SnapshotReply, SnapshotRequest,
 };
 
 /// xorshift64*: a small deterministic generator; the test needs no crypto.
@@ -33,7 +33,21 @@ fn seeds() -> Vec<Vec<u8>> {
         1_763_700_773_446,
     )
     .unwrap();
+    let mut page = SnapshotPage::new(Epoch(7), 3);
+    page.try_push(ActiveBan {
+        seq: 2,
+        expires_ms: 1_763_700_999_000,
+        event: event.clone(),
+    })
+    .unwrap();
+    page.next = Some(2);
     vec![
+        Request::Snapshot(SnapshotRequest {
+            jails: vec![JailName::new("sshd").unwrap()],
+            cursor: Some(5),
+        })
+        .encode(),
+        SnapshotReply::Page(page).encode(),
         Request::Report(event.clone()).encode(),
         Reply::Ack(Ack {
             id: event.id,
@@ -88,6 +102,10 @@ fn check(bytes: &[u8]) -> usize {
     }
     if let Ok(r) = Reply::decode(bytes) {
         assert_eq!(Reply::decode(&r.encode()).unwrap(), r);
+        decoded += 1;
+    }
+    if let Ok(r) = SnapshotReply::decode(bytes) {
+        assert_eq!(SnapshotReply::decode(&r.encode()).unwrap(), r);
         decoded += 1;
     }
     for topic in [&b"ev:sshd\0"[..], b"hb:\0", b""] {
