@@ -450,6 +450,14 @@ impl Fail2ban {
         self.earlier.push(p);
     }
 
+    /// Asks the server to stop (`fail2ban-client stop`, bounded) without waiting for
+    /// it to exit or panicking; for clean-up code. The drop reaps it.
+    pub fn request_stop(&self) {
+        if self.is_running() {
+            let _ = self.try_client(&["stop"], Duration::from_secs(10));
+        }
+    }
+
     /// Starts the server again on the same configuration and database (bans come
     /// back as `Restore Ban`).
     pub fn start_again(&mut self) {
@@ -504,14 +512,11 @@ impl Drop for Fail2ban {
             eprintln!("{}", self.log_tail(200));
         }
         if let Some(p) = &self.process {
-            if p.is_running() {
-                // A clean stop first; the Process's own drop then kills it by PID if
-                // it is still there. Nothing here may panic (this may run while a
-                // failing test unwinds).
-                if self.try_client(&["stop"], Duration::from_secs(10)).is_ok() {
-                    let _ = p.wait_exit(Duration::from_secs(10));
-                }
-            }
+            // A clean stop first; the Process's own drop then kills it by PID if it
+            // is still there. Nothing here may panic (this may run while a failing
+            // test unwinds).
+            self.request_stop();
+            let _ = p.wait_exit(Duration::from_secs(10));
         }
     }
 }
