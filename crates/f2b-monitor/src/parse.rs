@@ -34,8 +34,45 @@ pub struct LogEntry {
     pub time: Option<NaiveDateTime>,
     /// The fail2ban server's process id, when the format has one (not 0.8.0-0.8.11).
     pub pid: Option<u32>,
+    /// The line's level.
+    pub level: Level,
     /// What the line says.
     pub kind: Kind,
+}
+
+/// A log line's level. fail2ban's default `loglevel` is INFO; at NOTICE and above,
+/// the jail and server start and stop lines are not written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Level {
+    /// DEBUG, and fail2ban's TRACEDEBUG and HEAVYDEBUG.
+    Debug,
+    Info,
+    Notice,
+    Warning,
+    Error,
+    Critical,
+    /// A level name fail2ban does not define.
+    Other,
+}
+
+impl Level {
+    fn from_name(name: &str) -> Level {
+        match name {
+            "DEBUG" | "TRACEDEBUG" | "HEAVYDEBUG" => Level::Debug,
+            "INFO" => Level::Info,
+            "NOTICE" => Level::Notice,
+            "WARNING" | "WARN" => Level::Warning,
+            "ERROR" => Level::Error,
+            "CRITICAL" | "FATAL" => Level::Critical,
+            _ => Level::Other,
+        }
+    }
+
+    /// Whether a server logging this line logs INFO lines (so its start and stop
+    /// lines are in the log).
+    pub fn shows_info(self) -> bool {
+        matches!(self, Level::Debug | Level::Info)
+    }
 }
 
 /// What a fail2ban log line says, as far as the monitor cares.
@@ -132,10 +169,11 @@ pub fn parse_line_at(line: &str, now: NaiveDateTime) -> Option<LogEntry> {
     let line = line.trim_end_matches(['\n', '\r']);
     let (time, rest) = split_timestamp(line, now)?;
     let (pid, level_and_message) = split_logger(rest)?;
-    let message = split_level(level_and_message)?;
+    let (level, message) = split_level(level_and_message)?;
     Some(LogEntry {
         time,
         pid,
+        level,
         kind: classify(message),
     })
 }
@@ -224,8 +262,9 @@ fn split_logger(rest: &str) -> Option<(Option<u32>, &str)> {
     Some((pid, after.strip_prefix(' ')?))
 }
 
-/// Splits the level (`NOTICE `, `INFO    `, `WARNING `) off; returns the message.
-fn split_level(rest: &str) -> Option<&str> {
+/// Splits the level (`NOTICE `, `INFO    `, `WARNING `) off; returns it and the
+/// message.
+fn split_level(rest: &str) -> Option<(Level, &str)> {
     let rest = rest.trim_start_matches(' ');
     let end = rest.find(' ')?;
     let level = &rest[..end];
@@ -234,7 +273,7 @@ fn split_level(rest: &str) -> Option<&str> {
     }
     // The level is padded (`%(levelname)-7s`), then one space; the message starts
     // at the first non-space. A message never starts with a space in fail2ban.
-    Some(rest[end..].trim_start_matches(' '))
+    Some((Level::from_name(level), rest[end..].trim_start_matches(' ')))
 }
 
 fn classify(message: &str) -> Kind {

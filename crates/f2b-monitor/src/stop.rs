@@ -34,7 +34,13 @@
 //!   passes (by the clock or by the log's own timestamps), or another `Flush
 //!   ticket(s)` line of the jail starts a new flush, they are reported.
 //!
-//! Nothing can stay suppressed: a held Unban is released after `hold` at the
+//! At loglevel NOTICE (fail2ban's default is INFO) none of the INFO lines above are
+//! written. Until an INFO line has been seen, an Unban after a `Flush ticket(s)`
+//! line whose hold runs out is taken as part of a stop and dropped (`unban --all`
+//! cannot be told apart there), and the Unbans of a stop with actions that have no
+//! `actionflush` cannot be recognised at all.
+//!
+//! Nothing can stay suppressed: a held Unban is decided after `hold` at the
 //! latest, and the server-wide state ends after `quiet`. The price is that an
 //! Unban is reported `hold` late, and Unbans of different jails may be reported in
 //! a different order than they were logged (within a jail the order is kept).
@@ -124,6 +130,9 @@ pub struct StopFilter {
     flushing: HashSet<String>,
     held: VecDeque<Held>,
     pid: Option<u32>,
+    /// Whether INFO lines have been seen: only then are `Jail 'x' stopped` lines
+    /// written, so only then does a Flush without one mean `unban --all`.
+    info_seen: bool,
 }
 
 impl Default for StopFilter {
@@ -143,6 +152,7 @@ impl StopFilter {
             flushing: HashSet::new(),
             held: VecDeque::new(),
             pid: None,
+            info_seen: false,
         }
     }
 
@@ -186,11 +196,18 @@ impl StopFilter {
             self.server = None;
         }
         let hold = self.hold;
-        self.release_where(out, |h| now >= h.received + hold);
+        self.expire_where(out, |h| now >= h.received + hold);
     }
 
-    /// Releases everything held (end of a scan, shutdown).
+    /// Decides everything held as if its hold had run out (end of a scan,
+    /// shutdown).
     pub fn release_all(&mut self, out: &mut Vec<Verdict>) {
+        self.expire_where(out, |_| true);
+    }
+
+    /// Reports everything held (a stop or start line shows none of it was part of
+    /// a stop).
+    fn report_all(&mut self, out: &mut Vec<Verdict>) {
         out.extend(self.held.drain(..).map(|h| Verdict::Report(h.seen)));
     }
 
@@ -198,12 +215,15 @@ impl StopFilter {
     /// in the order they are decided.
     pub fn push(&mut self, entry: &LogEntry, line: u64, now: Instant, out: &mut Vec<Verdict>) {
         self.release_due(now, out);
+        if entry.level.shows_info() {
+            self.info_seen = true;
+        }
         if let Some(pid) = entry.pid {
             if self.pid.is_some_and(|p| p != pid) {
                 // Another fail2ban process: whatever the old one was doing is over.
                 self.server = None;
                 self.flushing.clear();
-                self.release_all(out);
+                self.report_all(out);
             }
             self.pid = Some(pid);
         }
@@ -218,7 +238,7 @@ impl StopFilter {
             {
                 self.server = None;
             }
-            self.release_where(out, |h| {
+            self.expire_where(out, |h| {
                 h.seen
                     .time
                     .and_then(|ht| ht.checked_add_signed(hold))
@@ -295,7 +315,7 @@ impl StopFilter {
                 self.held = kept;
             }
             Kind::Server(ServerNote::Stopping) => {
-                self.release_all(out);
+                self.report_all(out);
                 self.server = Some(ServerStop {
                     last: now,
                     last_time: entry.time,
@@ -304,7 +324,7 @@ impl StopFilter {
             Kind::Server(ServerNote::Starting | ServerNote::Exited | ServerNote::Reloaded) => {
                 self.server = None;
                 self.flushing.clear();
-                self.release_all(out);
+                self.report_all(out);
             }
             Kind::JailNote { .. } | Kind::Other => {}
         }
@@ -321,6 +341,27 @@ impl StopFilter {
             s.last = now;
             s.last_time = time.or(s.last_time);
         }
+    }
+
+    /// Ends the hold of the Unbans matching `pred` because their time is up: they
+    /// are reported, except those after a Flush line when the log has no INFO
+    /// lines (fail2ban at loglevel NOTICE writes no `Jail 'x' stopped`, so a flush
+    /// is taken for a stop).
+    fn expire_where(&mut self, out: &mut Vec<Verdict>, pred: impl Fn(&Held) -> bool) {
+        if !self.held.iter().any(&pred) {
+            return;
+        }
+        let mut kept = VecDeque::with_capacity(self.held.len());
+        for h in self.held.drain(..) {
+            if !pred(&h) {
+                kept.push_back(h);
+            } else if h.after_flush && !self.info_seen {
+                out.push(Verdict::Suppress(h.seen, SuppressReason::JailStopping));
+            } else {
+                out.push(Verdict::Report(h.seen));
+            }
+        }
+        self.held = kept;
     }
 
     fn release_where(&mut self, out: &mut Vec<Verdict>, pred: impl Fn(&Held) -> bool) {

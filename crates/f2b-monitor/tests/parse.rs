@@ -1,7 +1,7 @@
 //! The parser against every line of real fail2ban logs (tests/data), plus the
 //! forms the samples do not cover.
 
-use f2b_monitor::parse::{parse_line, Kind, ServerNote};
+use f2b_monitor::parse::{parse_line, Kind, Level, ServerNote};
 
 fn render(line: &str) -> String {
     let Some(e) = parse_line(line) else {
@@ -252,4 +252,54 @@ fn timestamps_and_pids() {
         .unwrap();
     assert_eq!(e.pid, None);
     assert_eq!(e.time.unwrap().to_string(), "2013-05-07 10:23:33.468");
+}
+
+#[test]
+fn levels() {
+    let level = |l: &str| parse_line(l).unwrap().level;
+    assert_eq!(level(&format!("{PFX}[s] Ban 192.0.2.1")), Level::Notice);
+    assert_eq!(
+        level("2013-05-07 10:23:33,468 fail2ban.actions: WARNING [ssh] Ban 192.0.2.1"),
+        Level::Warning
+    );
+    assert_eq!(
+        level("2026-11-21 04:52:47,440 fail2ban.jail           [4994]: INFO    Jail 'x' started"),
+        Level::Info
+    );
+    assert_eq!(
+        level("2026-11-21 04:52:47,440 fail2ban.actions        [1]: HEAVYDEBUG [s] x"),
+        Level::Debug
+    );
+}
+
+/// Every prefix and many one-character corruptions of every real line: the parser
+/// returns, it never panics.
+#[test]
+fn mangled_lines_never_panic() {
+    let dir = format!("{}/tests/data", env!("CARGO_MANIFEST_DIR"));
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "log") {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            let chars: Vec<char> = line.chars().collect();
+            for i in 0..=chars.len() {
+                let prefix: String = chars[..i].iter().collect();
+                let _ = parse_line(&prefix);
+                for c in ['\0', ' ', '[', ']', ':', ',', 'é', '\u{1F600}', '9'] {
+                    let mut m = chars.clone();
+                    if i < m.len() {
+                        m[i] = c;
+                    } else {
+                        m.push(c);
+                    }
+                    let _ = parse_line(&m.iter().collect::<String>());
+                }
+                count += 1;
+            }
+        }
+    }
+    assert!(count > 1000, "only {count} cases");
 }

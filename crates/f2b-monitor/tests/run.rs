@@ -117,6 +117,7 @@ async fn reports_events_and_stops() {
         queue_size: 16,
         pidfile: dir.path().join("pid"),
         legacy: None,
+        state_dir: dir.path().join("state"),
     };
     let node = NodeConfig {
         name: NodeName::new("web1").unwrap(),
@@ -214,6 +215,7 @@ async fn missing_directory_is_an_error() {
         queue_size: 16,
         pidfile: "/tmp/x.pid".into(),
         legacy: None,
+        state_dir: "/nonexistent-f2b-dir/state".into(),
     };
     let node = NodeConfig {
         name: NodeName::new("web1").unwrap(),
@@ -250,6 +252,7 @@ async fn full_queue_pauses_reading_and_loses_nothing() {
         queue_size: 1,
         pidfile: dir.path().join("pid"),
         legacy: None,
+        state_dir: dir.path().join("state"),
     };
     let node = NodeConfig {
         name: NodeName::new("backpressure").unwrap(),

@@ -75,8 +75,13 @@ fn shared_samples() {
     assert_eq!(scan_data("older-versions.log").len(), 6);
 }
 
+/// A line as fail2ban 1.0 writes it: start/stop lines at INFO, the rest at NOTICE.
 fn line(t: &str, logger: &str, msg: &str) -> String {
-    format!("2026-11-21 {t},000 fail2ban.{logger:<16}[100]: NOTICE  {msg}")
+    let level = match logger {
+        "jail" | "server" => "INFO   ",
+        _ => "NOTICE ",
+    };
+    format!("2026-11-21 {t},000 fail2ban.{logger:<16}[100]: {level} {msg}")
 }
 
 #[test]
@@ -204,9 +209,11 @@ fn held_unban_is_released_by_the_clock() {
 
 #[test]
 fn unban_all_without_stop_is_reported() {
-    // `fail2ban-client unban --all`: Flush then Unbans, no "stopped".
+    // `fail2ban-client unban --all`: Flush then Unbans, no "stopped" (at loglevel
+    // INFO, which shows in the jail's start line).
     let mut f = StopFilter::default();
     let t0 = Instant::now();
+    feed(&mut f, &line("09:00:00", "jail", "Jail 's' started"), t0);
     feed(
         &mut f,
         &line("10:00:00", "actions", "[s] Flush ticket(s) with x"),
@@ -343,4 +350,41 @@ fn jail_flush_state_is_cleared_by_start_and_stop() {
         f.release_all(&mut out);
         assert_eq!(reported(&out), ["unban s 192.0.2.1"], "{clear}");
     }
+}
+
+#[test]
+fn at_loglevel_notice_a_flush_is_taken_for_a_stop() {
+    // No INFO line at all: no "Jail 'x' stopped" will come to confirm a stop.
+    let notice = |t: &str, msg: &str| {
+        format!("2026-11-21 {t},000 fail2ban.actions        [100]: NOTICE  {msg}")
+    };
+    let text = [
+        notice("10:00:00", "[s] Ban 192.0.2.1"),
+        notice("10:00:01", "[s] Unban 192.0.2.1"),
+        notice("10:00:20", "[s] Flush ticket(s) with iptables"),
+        notice("10:00:20", "[s] Unban 192.0.2.2"),
+        notice("10:00:20", "[t] Flush ticket(s) with iptables"),
+        notice("10:00:20", "[t] Unban 192.0.2.3"),
+    ]
+    .join("\n");
+    assert_eq!(
+        scan_text(&text),
+        ["1:ban s 192.0.2.1", "2:unban s 192.0.2.1"],
+        "the plain unban is reported, the flushed ones are not"
+    );
+    // The same with the clock running out instead of the end of the input.
+    let mut f = StopFilter::default();
+    let t0 = Instant::now();
+    feed(
+        &mut f,
+        &notice("10:00:20", "[s] Flush ticket(s) with x"),
+        t0,
+    );
+    feed(&mut f, &notice("10:00:20", "[s] Unban 192.0.2.2"), t0);
+    let mut out = Vec::new();
+    f.release_due(t0 + f.hold(), &mut out);
+    assert!(matches!(
+        out[..],
+        [Verdict::Suppress(_, SuppressReason::JailStopping)]
+    ));
 }
