@@ -18,16 +18,20 @@
 //!   with fail2ban still writing to the old file until `flushlogs`), copytruncate
 //!   and absence, woken by inotify.
 //! - [`send`]: the REQ socket loop: ACK wait, resend with backoff, NAK handling.
+//! - [`state`]: the position in the log and the unanswered events, kept in
+//!   `[monitor] state_dir` across restarts.
 //! - [`scan`]: the `scan FILE` subcommand: the events a file holds, as JSON lines.
 //! - [`run`] ties them together; `main.rs` only parses the command line.
 
 pub mod parse;
 pub mod scan;
 pub mod send;
+pub mod state;
 pub mod stop;
 pub mod tail;
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use chrono::{Local, NaiveDateTime, TimeZone};
@@ -39,8 +43,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::parse::{Kind, LogEntry};
+use crate::state::StateStore;
 use crate::stop::{StopFilter, Verdict};
-use crate::tail::Line;
+use crate::tail::Batch;
 
 /// Everything that stops the monitor.
 #[derive(Debug, thiserror::Error)]
@@ -83,10 +88,15 @@ impl MonitorError {
 /// one `queue_size` bounds).
 const LINE_BATCHES: usize = 64;
 
-/// Runs the monitor until `shutdown` is cancelled: follows `config.log_path` from
-/// its end, reports each Ban and Unban as an event of node `node.name` to
+/// Runs the monitor until `shutdown` is cancelled: follows `config.log_path`
+/// (from its end on the first start, from the saved position after that; see
+/// [`state`]), reports each Ban and Unban as an event of node `node.name` to
 /// `config.publisher`. On shutdown it stops reading, tries to deliver what is
-/// queued for at most `config.ack_timeout`, and returns `Ok`.
+/// queued for at most `config.ack_timeout`, and returns `Ok`; what is left stays
+/// in `config.state_dir` for the next start.
+///
+/// If `state_dir` cannot be used (not writable, held by another monitor), the
+/// monitor runs without it and says so in a warning.
 pub async fn run(
     node: NodeConfig,
     config: MonitorConfig,
@@ -101,6 +111,7 @@ pub async fn run(
             endpoint: endpoint.clone(),
             source,
         })?;
+    let (state, saved) = open_state(&node, &config);
     let (event_tx, event_rx) = mpsc::channel::<Event>(config.queue_size);
     let params = send::SenderParams {
         ctx,
@@ -109,11 +120,15 @@ pub async fn run(
         drain_time: config.ack_timeout,
         shutdown: shutdown_sock,
         legacy: config.legacy.clone(),
+        backlog: saved.pending,
+        state: state.clone(),
     };
     let sender = tokio::task::spawn_blocking(move || send::run_sender(params, event_rx));
 
-    let (line_tx, line_rx) = mpsc::channel::<Vec<Line>>(LINE_BATCHES);
-    let follower = match tail::Follower::start(config.log_path.clone(), tail::DRAIN_GRACE).await {
+    let (line_tx, line_rx) = mpsc::channel::<Batch>(LINE_BATCHES);
+    let started =
+        tail::Follower::start(config.log_path.clone(), tail::DRAIN_GRACE, saved.position).await;
+    let follower = match started {
         Ok(f) => tokio::spawn(f.run(line_tx, shutdown.clone())),
         Err(e) => {
             stop_sender.cancel();
@@ -125,6 +140,7 @@ pub async fn run(
     let pipeline = Pipeline {
         node: node.name.clone(),
         ignore_jails: config.ignore_jails.clone(),
+        state,
     };
     let processed = pipeline.process(line_rx, event_tx, shutdown.clone()).await;
     let followed = follower
@@ -144,17 +160,46 @@ pub async fn run(
     processed
 }
 
+/// Opens the state directory, or explains in a warning why the monitor runs
+/// without one.
+fn open_state(
+    node: &NodeConfig,
+    config: &MonitorConfig,
+) -> (Option<Arc<Mutex<StateStore>>>, state::Saved) {
+    match StateStore::open(&config.state_dir, &node.name, &config.log_path) {
+        Ok((store, saved)) => {
+            if saved.position.is_some() || !saved.pending.is_empty() {
+                tracing::info!(
+                    state_dir = %config.state_dir.display(),
+                    pending = saved.pending.len(),
+                    "resuming from the saved state"
+                );
+            }
+            (Some(Arc::new(Mutex::new(store))), saved)
+        }
+        Err(e) => {
+            tracing::warn!(
+                state_dir = %config.state_dir.display(),
+                error = %f2b_common::daemon::error_chain(&e),
+                "cannot keep state: a restart will start at the end of the log and lose unsent events"
+            );
+            (None, state::Saved::default())
+        }
+    }
+}
+
 /// Turns lines into queued events.
 #[derive(Debug, Clone)]
 struct Pipeline {
     node: f2b_proto::NodeName,
     ignore_jails: Vec<JailName>,
+    state: Option<Arc<Mutex<StateStore>>>,
 }
 
 impl Pipeline {
     async fn process(
         &self,
-        mut lines: mpsc::Receiver<Vec<Line>>,
+        mut lines: mpsc::Receiver<Batch>,
         events: mpsc::Sender<Event>,
         shutdown: CancellationToken,
     ) -> Result<(), MonitorError> {
@@ -175,7 +220,7 @@ impl Pipeline {
                 b = lines.recv() => b,
                 () = sleep => {
                     filter.release_due(Instant::now(), &mut verdicts);
-                    Some(Vec::new())
+                    Some(Batch { lines: Vec::new(), position: Vec::new() })
                 }
             };
             let Some(batch) = batch else {
@@ -198,7 +243,7 @@ impl Pipeline {
                 return Ok(());
             };
             let now_local = Local::now().naive_local();
-            for line in batch {
+            for line in &batch.lines {
                 let Some(entry) = parse::parse_line_at(&line.text, now_local) else {
                     tracing::trace!(line = line.number, text = %line.text, "not a fail2ban line");
                     continue;
@@ -241,10 +286,31 @@ impl Pipeline {
                     }
                 }
             }
+            if !batch.position.is_empty() {
+                // Every event of this batch is in the queue file: the lines are done.
+                self.with_state(|st| st.save_position(&batch.position));
+            }
         }
     }
 
-    /// The event to queue for a verdict, if any (logging the others).
+    /// Runs `f` on the state files, if kept; a failure is logged, not fatal.
+    fn with_state(&self, f: impl FnOnce(&mut StateStore) -> Result<(), state::StateError>) {
+        if let Some(state) = &self.state {
+            let r = match state.lock() {
+                Ok(mut st) => f(&mut st),
+                Err(poisoned) => f(&mut poisoned.into_inner()),
+            };
+            if let Err(e) = r {
+                tracing::warn!(
+                    error = %f2b_common::daemon::error_chain(&e),
+                    "cannot update the saved state"
+                );
+            }
+        }
+    }
+
+    /// The event to queue for a verdict, if any (logging the others). The event
+    /// is recorded in the state files before it is queued.
     fn verdict(&self, v: Verdict) -> Option<Event> {
         let seen = match v {
             Verdict::Report(seen) => seen,
@@ -282,6 +348,7 @@ impl Pipeline {
             time_ms,
         ) {
             Ok(ev) => {
+                self.with_state(|st| st.add(&ev));
                 tracing::debug!(
                     action = %ev.action,
                     jail = %ev.jail,

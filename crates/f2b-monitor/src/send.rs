@@ -26,12 +26,15 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 
 use f2b_common::config::LegacyPeer;
 use f2b_common::sockets::new_socket;
 use f2b_common::zmq;
 use f2b_proto::{legacy, Event, Reply, Request};
 use tokio::sync::mpsc;
+
+use crate::state::StateStore;
 
 /// The first wait before a resend.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -50,6 +53,10 @@ pub struct SenderParams {
     pub shutdown: zmq::Socket,
     /// Speak fail2ban-zmq-tools' format to an old publisher.
     pub legacy: Option<LegacyPeer>,
+    /// Events left by a previous run, sent before anything from the queue.
+    pub backlog: Vec<Event>,
+    /// Where answered events are recorded, if state is kept.
+    pub state: Option<Arc<Mutex<StateStore>>>,
 }
 
 impl fmt::Debug for SenderParams {
@@ -59,6 +66,7 @@ impl fmt::Debug for SenderParams {
             .field("ack_timeout", &self.ack_timeout)
             .field("drain_time", &self.drain_time)
             .field("legacy", &self.legacy)
+            .field("backlog", &self.backlog.len())
             .finish_non_exhaustive()
     }
 }
@@ -96,25 +104,32 @@ struct Sender {
 /// empty) or the shutdown deadline passes. Fails only if a socket cannot be
 /// created or connected (a bad endpoint).
 pub fn run_sender(
-    params: SenderParams,
+    mut params: SenderParams,
     mut rx: mpsc::Receiver<Event>,
 ) -> Result<(), crate::MonitorError> {
+    let backlog = std::mem::take(&mut params.backlog);
     let mut s = Sender {
         p: params,
         sock: None,
         deadline: None,
     };
-    while let Some(event) = s.next_event(&mut rx) {
-        if s.deliver(&event)? == Outcome::Abandoned {
-            let left = 1 + drain_count(&mut rx);
-            tracing::warn!(
-                undelivered = left,
-                "shutting down with events not delivered to the publisher"
-            );
+    let mut backlog = backlog.into_iter();
+    loop {
+        let Some(event) = backlog.next().or_else(|| s.next_event(&mut rx)) else {
             return Ok(());
+        };
+        match s.deliver(&event)? {
+            Outcome::Abandoned => {
+                let left = 1 + backlog.len() + drain_count(&mut rx);
+                tracing::warn!(
+                    undelivered = left,
+                    "shutting down with events not delivered to the publisher"
+                );
+                return Ok(());
+            }
+            Outcome::Acked | Outcome::Rejected => s.done(event.id),
         }
     }
-    Ok(())
 }
 
 fn drain_count(rx: &mut mpsc::Receiver<Event>) -> usize {
@@ -127,6 +142,19 @@ fn drain_count(rx: &mut mpsc::Receiver<Event>) -> usize {
 }
 
 impl Sender {
+    /// Records the answer in the state files, if kept.
+    fn done(&self, id: f2b_proto::EventId) {
+        if let Some(state) = &self.p.state {
+            let r = match state.lock() {
+                Ok(mut st) => st.done(id),
+                Err(poisoned) => poisoned.into_inner().done(id),
+            };
+            if let Err(e) = r {
+                tracing::warn!(error = %f2b_common::daemon::error_chain(&e), "cannot update the saved queue");
+            }
+        }
+    }
+
     fn next_event(&mut self, rx: &mut mpsc::Receiver<Event>) -> Option<Event> {
         // The tail side closes the queue on shutdown, so this does not block
         // forever; it blocks only while waiting for the next log line.

@@ -45,6 +45,15 @@ pub struct Line {
     pub number: u64,
 }
 
+/// How far a file has been read: which file (device and inode, so a renamed file is
+/// still recognised) and the offset of the first byte not yet returned in a line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FilePos {
+    pub dev: u64,
+    pub ino: u64,
+    pub offset: u64,
+}
+
 /// What the tailer noticed on a read, for the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -122,6 +131,29 @@ impl Reader {
         }
     }
 
+    fn pos(&self) -> FilePos {
+        FilePos {
+            dev: self.id.0,
+            ino: self.id.1,
+            // A partial line is read again after a restart.
+            offset: self.offset - self.partial.len() as u64,
+        }
+    }
+
+    /// Opens `path` and positions it at `offset` if it is still that file and is
+    /// not shorter; `None` when it is not.
+    fn reopen(path: &Path, pos: &FilePos, now: Instant) -> io::Result<Option<Reader>> {
+        let mut r = Reader::open(path, now)?;
+        if r.id != (pos.dev, pos.ino) {
+            return Ok(None);
+        }
+        if r.file.metadata()?.len() >= pos.offset {
+            r.file.seek(SeekFrom::Start(pos.offset))?;
+            r.offset = pos.offset;
+        }
+        Ok(Some(r))
+    }
+
     fn rewind(&mut self) -> io::Result<()> {
         self.file.seek(SeekFrom::Start(0))?;
         self.offset = 0;
@@ -169,6 +201,66 @@ impl Tailer {
             grace: DRAIN_GRACE,
             lines: 0,
         })
+    }
+
+    /// Resumes where a previous run stopped: `saved` is what [`Tailer::position`]
+    /// returned. The file still at `path` continues at its offset (from 0 if it was
+    /// truncated); a saved file renamed since (rotated while the monitor was down)
+    /// is found among the files of the directory whose names start with the log's
+    /// (`fail2ban.log.1`) and read to its end first; a new file at `path` is read
+    /// from the start. With nothing saved, this is [`Tailer::at_end`].
+    pub fn resume(path: &Path, saved: &[FilePos], now: Instant) -> io::Result<Tailer> {
+        if saved.is_empty() {
+            return Tailer::at_end(path, now);
+        }
+        let mut current = None;
+        let mut draining = Vec::new();
+        let current_id = match std::fs::metadata(path) {
+            Ok(m) => Some((m.dev(), m.ino())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let siblings = rotated_siblings(path);
+        for pos in saved {
+            if current_id == Some((pos.dev, pos.ino)) {
+                if current.is_none() {
+                    current = Reader::reopen(path, pos, now)?;
+                }
+                continue;
+            }
+            for sib in &siblings {
+                if let Ok(Some(r)) = Reader::reopen(sib, pos, now) {
+                    draining.push(r);
+                    break;
+                }
+            }
+        }
+        if current.is_none() {
+            // A file created since: everything in it is new.
+            current = match Reader::open(path, now) {
+                Ok(r) => Some(r),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(e),
+            };
+        }
+        Ok(Tailer {
+            path: path.to_owned(),
+            current,
+            draining,
+            grace: DRAIN_GRACE,
+            lines: 0,
+        })
+    }
+
+    /// How far every open file has been read (complete lines only): the current
+    /// file first, then rotated-away files still being read. [`Tailer::resume`]
+    /// takes it.
+    pub fn position(&self) -> Vec<FilePos> {
+        self.current
+            .iter()
+            .chain(&self.draining)
+            .map(Reader::pos)
+            .collect()
     }
 
     /// Sets how long a rotated-away file is read after its last data.
@@ -284,14 +376,48 @@ impl Tailer {
     }
 }
 
+/// The files in `path`'s directory whose names start with its name, `path` itself
+/// excepted (`fail2ban.log.1`, `fail2ban.log-20261121`).
+fn rotated_siblings(path: &Path) -> Vec<PathBuf> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Vec::new();
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name();
+            n != name && n.as_encoded_bytes().starts_with(name.as_encoded_bytes())
+        })
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    found
+}
+
+/// A batch of new lines and how far the files have been read after them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub lines: Vec<Line>,
+    /// [`Tailer::position`] after these lines.
+    pub position: Vec<FilePos>,
+}
+
 /// Follows `path` until `shutdown` (see [`Follower`]), with the default
 /// [`DRAIN_GRACE`].
 pub async fn follow(
     path: PathBuf,
-    tx: mpsc::Sender<Vec<Line>>,
+    tx: mpsc::Sender<Batch>,
     shutdown: CancellationToken,
 ) -> Result<(), crate::MonitorError> {
-    Follower::start(path, DRAIN_GRACE)
+    Follower::start(path, DRAIN_GRACE, None)
         .await?
         .run(tx, shutdown)
         .await
@@ -318,9 +444,15 @@ impl std::fmt::Debug for Follower {
 }
 
 impl Follower {
-    /// Installs the watch, then sets the position; a rotated-away file is read
-    /// for `grace` after its last data (see [`DRAIN_GRACE`]).
-    pub async fn start(path: PathBuf, grace: Duration) -> Result<Follower, crate::MonitorError> {
+    /// Installs the watch, then sets the position: where `saved` says (see
+    /// [`Tailer::resume`]), or at the end of the file when nothing is saved. A
+    /// rotated-away file is read for `grace` after its last data (see
+    /// [`DRAIN_GRACE`]).
+    pub async fn start(
+        path: PathBuf,
+        grace: Duration,
+        saved: Option<Vec<FilePos>>,
+    ) -> Result<Follower, crate::MonitorError> {
         use notify::Watcher;
 
         let wake = Arc::new(Notify::new());
@@ -363,15 +495,24 @@ impl Follower {
         // The watch is in place before the position is taken: a line written in
         // between is after the position and wakes us.
         let p = path.clone();
-        let tailer = tokio::task::spawn_blocking(move || Tailer::at_end(&p, Instant::now()))
-            .await
-            .map_err(|e| crate::MonitorError::task("tailer", e))?
-            .map_err(|source| crate::MonitorError::Read {
-                path: path.clone(),
-                source,
-            })?
-            .with_grace(grace);
+        let saved = saved.unwrap_or_default();
+        let tailer =
+            tokio::task::spawn_blocking(move || Tailer::resume(&p, &saved, Instant::now()))
+                .await
+                .map_err(|e| crate::MonitorError::task("tailer", e))?
+                .map_err(|source| crate::MonitorError::Read {
+                    path: path.clone(),
+                    source,
+                })?
+                .with_grace(grace);
         tracing::info!(path = %path.display(), offset = tailer.offset(), "watching");
+        if tailer.draining() > 0 {
+            tracing::info!(
+                path = %path.display(),
+                files = tailer.draining(),
+                "reading the rest of the log rotated away while stopped"
+            );
+        }
         if !tailer.is_open() {
             tracing::warn!(path = %path.display(), "log file does not exist yet, waiting for it");
         }
@@ -392,7 +533,7 @@ impl Follower {
     /// Sending waits while `tx` is full (the file keeps the lines meanwhile).
     pub async fn run(
         self,
-        tx: mpsc::Sender<Vec<Line>>,
+        tx: mpsc::Sender<Batch>,
         shutdown: CancellationToken,
     ) -> Result<(), crate::MonitorError> {
         let Follower {
@@ -409,20 +550,21 @@ impl Follower {
             let (t, result) = tokio::task::spawn_blocking(move || {
                 let (mut lines, mut changes) = (Vec::new(), Vec::new());
                 let r = t.read(Instant::now(), &mut lines, &mut changes);
-                (t, r.map(|()| (lines, changes)))
+                let position = t.position();
+                (t, r.map(|()| (Batch { lines, position }, changes)))
             })
             .await
             .map_err(|e| crate::MonitorError::task("tailer", e))?;
             let deadline = t.next_deadline();
             tailer = Some(t);
             match result {
-                Ok((lines, changes)) => {
+                Ok((batch, changes)) => {
                     for c in changes {
                         log_change(&path, &c);
                     }
-                    if !lines.is_empty() {
+                    if !batch.lines.is_empty() {
                         tokio::select! {
-                            r = tx.send(lines) => if r.is_err() { return Ok(()) },
+                            r = tx.send(batch) => if r.is_err() { return Ok(()) },
                             () = shutdown.cancelled() => return Ok(()),
                         }
                     }

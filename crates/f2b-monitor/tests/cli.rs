@@ -113,8 +113,9 @@ fn write_config(dir: &Path, log: &Path) -> std::path::PathBuf {
     std::fs::write(
         &conf,
         format!(
-            "[node]\nname = \"web1\"\n[monitor]\nlog_path = {:?}\npublisher = \"tcp://127.0.0.1:9\"\nignore_jails = [\"cluster\"]\n",
-            log.to_str().unwrap()
+            "[node]\nname = \"web1\"\n[monitor]\nlog_path = {:?}\npublisher = \"tcp://127.0.0.1:9\"\nignore_jails = [\"cluster\"]\nstate_dir = {:?}\n",
+            log.to_str().unwrap(),
+            dir.join("state").to_str().unwrap()
         ),
     )
     .unwrap();

@@ -207,6 +207,7 @@ async fn reports_events_and_stops() {
 #[tokio::test(flavor = "multi_thread")]
 async fn missing_directory_is_an_error() {
     let _ = logs();
+    let state = tempfile::tempdir().unwrap();
     let config = MonitorConfig {
         log_path: "/nonexistent-f2b-dir/fail2ban.log".into(),
         publisher: Endpoint::connect("tcp://127.0.0.1:9").unwrap(),
@@ -215,7 +216,7 @@ async fn missing_directory_is_an_error() {
         queue_size: 16,
         pidfile: "/tmp/x.pid".into(),
         legacy: None,
-        state_dir: "/nonexistent-f2b-dir/state".into(),
+        state_dir: state.path().to_owned(),
     };
     let node = NodeConfig {
         name: NodeName::new("web1").unwrap(),
@@ -288,6 +289,103 @@ async fn full_queue_pauses_reading_and_loses_nothing() {
     let ips = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
     let want: Vec<String> = (1..=6).map(|i| format!("203.0.113.{i}")).collect();
     assert_eq!(ips, want, "all delivered, in order");
+    token.cancel();
+    tokio::time::timeout(WAIT, monitor)
+        .await
+        .expect("run returns on shutdown")
+        .unwrap()
+        .unwrap();
+}
+
+/// Serves `n` reports on `rep` (ACKing each) and returns them.
+fn serve(
+    rep: zmq::Socket,
+    n: usize,
+) -> tokio::task::JoinHandle<(zmq::Socket, Vec<f2b_proto::Event>)> {
+    tokio::task::spawn_blocking(move || {
+        let events = (0..n)
+            .map(|i| {
+                let bytes = rep.recv_bytes(0).expect("a report");
+                let Request::Report(e) = Request::decode(&bytes).unwrap() else {
+                    panic!("not a report")
+                };
+                let ack = Ack {
+                    id: e.id,
+                    seq: Some(i as u64 + 1),
+                    status: AckStatus::Broadcast,
+                };
+                rep.send(Reply::Ack(ack).encode(), 0).unwrap();
+                e
+            })
+            .collect();
+        (rep, events)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_resumes_position_and_resends_with_the_same_id() {
+    let _ = logs();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("fail2ban.log");
+    std::fs::write(&log, "before the first start\n").unwrap();
+    let ctx = zmq::Context::new();
+    // A port with nobody behind it, for now.
+    let probe = ctx.socket(zmq::REP).unwrap();
+    probe.bind("tcp://127.0.0.1:*").unwrap();
+    let endpoint = last_endpoint(&probe);
+    drop(probe);
+    let config = MonitorConfig {
+        log_path: log.clone(),
+        publisher: Endpoint::connect(&endpoint).unwrap(),
+        ignore_jails: vec![],
+        ack_timeout: Duration::from_millis(300),
+        queue_size: 16,
+        pidfile: dir.path().join("pid"),
+        legacy: None,
+        state_dir: dir.path().join("state"),
+    };
+    let node = NodeConfig {
+        name: NodeName::new("restarter").unwrap(),
+    };
+    let p = "2026-11-21 04:53:00,000 fail2ban.actions        [1]: NOTICE  ";
+
+    // First run: the publisher is down; the event is read and kept.
+    let token = CancellationToken::new();
+    let monitor = tokio::spawn(f2b_monitor::run(
+        node.clone(),
+        config.clone(),
+        token.clone(),
+    ));
+    wait_log(&["watching", &format!("path={}", log.display()), "offset=23"]).await;
+    append(&log, &format!("{p}[rs] Ban 203.0.113.71\n"));
+    let queued = wait_log(&["queued", "ip=203.0.113.71"]).await;
+    let id = queued
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("id="))
+        .expect("an id field")
+        .to_owned();
+    token.cancel();
+    tokio::time::timeout(WAIT, monitor)
+        .await
+        .expect("run returns on shutdown")
+        .unwrap()
+        .unwrap();
+
+    // Written while the monitor is stopped.
+    append(&log, &format!("{p}[rs] Ban 203.0.113.72\n"));
+
+    // Second run, publisher up: the kept event first (same id), then the new line.
+    let rep = ctx.socket(zmq::REP).unwrap();
+    rep.set_rcvtimeo(WAIT.as_millis() as i32).unwrap();
+    rep.bind(&endpoint).unwrap();
+    let server = serve(rep, 2);
+    let token = CancellationToken::new();
+    let monitor = tokio::spawn(f2b_monitor::run(node, config, token.clone()));
+    let (_rep, events) = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    assert_eq!(events[0].id.to_string(), id, "resent with its id");
+    assert_eq!(events[0].ip.to_string(), "203.0.113.71");
+    assert_eq!(events[1].ip.to_string(), "203.0.113.72");
+    wait_log(&["resuming from the saved state", "pending=1"]).await;
     token.cancel();
     tokio::time::timeout(WAIT, monitor)
         .await

@@ -56,6 +56,8 @@ fn start_with(
         drain_time: ack_timeout,
         shutdown: shutdown_socket(ctx, token.clone()).unwrap(),
         legacy,
+        backlog: Vec::new(),
+        state: None,
     };
     let (tx, rx) = mpsc::channel(16);
     let sender = tokio::task::spawn_blocking(move || run_sender(params, rx));

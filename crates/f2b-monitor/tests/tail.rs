@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use f2b_monitor::tail::{Change, Follower, Line, Tailer};
+use f2b_monitor::tail::{Batch, Change, FilePos, Follower, Tailer};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -24,14 +24,14 @@ fn append(path: &Path, text: &str) {
 }
 
 struct Running {
-    rx: mpsc::Receiver<Vec<Line>>,
+    rx: mpsc::Receiver<Batch>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), f2b_monitor::MonitorError>>,
     offset: u64,
 }
 
 async fn start(path: &Path) -> Running {
-    let follower = Follower::start(path.to_owned(), Duration::from_secs(600))
+    let follower = Follower::start(path.to_owned(), Duration::from_secs(600), None)
         .await
         .unwrap();
     let offset = follower.offset();
@@ -56,7 +56,7 @@ impl Running {
                 .await
                 .unwrap_or_else(|_| panic!("timed out with {got:?}, expected {n} lines"))
                 .expect("follower ended");
-            got.extend(batch.into_iter().map(|l| l.text));
+            got.extend(batch.lines.into_iter().map(|l| l.text));
         }
         got
     }
@@ -311,4 +311,74 @@ fn overlong_lines_are_dropped() {
         "{} lines",
         lines.len()
     );
+}
+
+// ---------------------------------------------------------------------------
+// Resuming from a saved position.
+
+fn saved_after(path: &Path, text: &str) -> Vec<FilePos> {
+    append(path, text);
+    let now = Instant::now();
+    let t = Tailer::resume(path, &[], now).unwrap();
+    t.position()
+}
+
+#[test]
+fn resume_continues_the_same_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fail2ban.log");
+    let saved = saved_after(&path, "seen\n");
+    append(&path, "while down\npart");
+    let now = Instant::now();
+    let mut t = Tailer::resume(&path, &saved, now).unwrap();
+    assert_eq!(t.offset(), 5);
+    assert_eq!(read(&mut t, now).0, ["while down"]);
+    // The partial line is not counted as read.
+    assert_eq!(t.position()[0].offset, 16);
+    let again = t.position();
+    let mut t = Tailer::resume(&path, &again, now).unwrap();
+    append(&path, "ial\n");
+    assert_eq!(read(&mut t, now).0, ["partial"]);
+}
+
+#[test]
+fn resume_after_rotation_while_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fail2ban.log");
+    let saved = saved_after(&path, "seen\n");
+    append(&path, "old, unread\n");
+    fs::rename(&path, dir.path().join("fail2ban.log.1")).unwrap();
+    append(&path, "new 1\n");
+    let now = Instant::now();
+    let mut t = Tailer::resume(&path, &saved, now).unwrap();
+    assert_eq!(t.draining(), 1);
+    let (lines, changes) = read(&mut t, now);
+    assert_eq!(lines, ["old, unread", "new 1"]);
+    assert!(
+        matches!(changes[..], [Change::Closed { .. }]),
+        "{changes:?}"
+    );
+}
+
+#[test]
+fn resume_after_truncation_or_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fail2ban.log");
+    let saved = saved_after(&path, "a long line that was seen\n");
+    // copytruncate while down.
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    append(&path, "short\n");
+    let now = Instant::now();
+    let mut t = Tailer::resume(&path, &saved, now).unwrap();
+    assert_eq!(read(&mut t, now).0, ["short"]);
+    // The saved file is gone entirely: the new one is read from the start.
+    fs::remove_file(&path).unwrap();
+    append(&path, "fresh\n");
+    let mut t = Tailer::resume(&path, &saved, now).unwrap();
+    assert_eq!(read(&mut t, now).0, ["fresh"]);
 }
