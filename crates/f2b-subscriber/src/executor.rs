@@ -386,3 +386,317 @@ impl Executor {
         log_dropped(dropped, total, &mut self.drops, &self.notices);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::action::BoxFuture;
+    use f2b_proto::{Event, EventId, NodeName};
+    use tokio::sync::Semaphore;
+
+    type Script = Box<dyn Fn(usize, &[IpAddr]) -> Result<(), CallError> + Send>;
+
+    /// A scripted action: records each call (time, jail, action, addresses) and
+    /// answers with `script(call_number, addresses)`. Calls wait for a permit of
+    /// `gate` when one is set.
+    struct Fake {
+        calls: Arc<Mutex<Vec<(Instant, String, Action, Vec<IpAddr>)>>>,
+        script: Script,
+        gate: Option<Arc<Semaphore>>,
+        max: usize,
+    }
+
+    impl std::fmt::Debug for Fake {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Fake")
+        }
+    }
+
+    impl Applier for Fake {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        fn max_batch(&self) -> usize {
+            self.max
+        }
+        fn apply<'a>(
+            &'a mut self,
+            jail: &'a JailName,
+            action: Action,
+            items: &'a [Item],
+        ) -> BoxFuture<'a, Result<(), CallError>> {
+            Box::pin(async move {
+                if let Some(g) = &self.gate {
+                    g.acquire().await.unwrap().forget();
+                }
+                let ips: Vec<IpAddr> = items.iter().map(Item::ip).collect();
+                let n = {
+                    let mut c = self.calls.lock().unwrap();
+                    c.push((Instant::now(), jail.to_string(), action, ips.clone()));
+                    c.len()
+                };
+                (self.script)(n, &ips)
+            })
+        }
+    }
+
+    fn item(n: u32, jail: &str, action: Action) -> Item {
+        let ip = IpAddr::from(std::net::Ipv4Addr::from(0xCB00_7100 + n));
+        Item {
+            jail: JailName::new(jail).unwrap(),
+            event: Event::new(
+                EventId::from_u128(n.into()),
+                NodeName::new("web2").unwrap(),
+                JailName::new("sshd").unwrap(),
+                action,
+                ip,
+                1_763_702_000_000,
+            )
+            .unwrap(),
+            seq: n.into(),
+        }
+    }
+
+    fn ip(n: u32) -> IpAddr {
+        IpAddr::from(std::net::Ipv4Addr::from(0xCB00_7100 + n))
+    }
+
+    struct Rig {
+        tx: Notices,
+        drops: RateLimit,
+        shared: Arc<Shared>,
+        calls: Arc<Mutex<Vec<(Instant, String, Action, Vec<IpAddr>)>>>,
+        notices: mpsc::UnboundedReceiver<Notice>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Rig {
+        fn new(script: Script, gate: Option<Arc<Semaphore>>, max: usize, capacity: usize) -> Rig {
+            let calls = Arc::new(Mutex::new(Vec::new()));
+            let shared = Shared::new(capacity);
+            let (tx, notices) = mpsc::unbounded_channel();
+            let fake = Fake {
+                calls: calls.clone(),
+                script,
+                gate,
+                max,
+            };
+            let tx = Notices(Some(tx));
+            let task =
+                tokio::spawn(Executor::new(Box::new(fake), shared.clone(), tx.clone()).run());
+            Rig {
+                tx,
+                drops: RateLimit::new(Duration::ZERO),
+                shared,
+                calls,
+                notices,
+                task,
+            }
+        }
+
+        /// Queues like the intake does.
+        fn push(&mut self, item: Item) {
+            let (dropped, total) = {
+                let mut p = self.shared.lock();
+                (p.push(item, Instant::now()), p.dropped())
+            };
+            self.shared.wake.notify_one();
+            log_dropped(dropped, total, &mut self.drops, &self.tx);
+        }
+
+        fn calls(&self) -> Vec<(Instant, String, Action, Vec<IpAddr>)> {
+            self.calls.lock().unwrap().clone()
+        }
+
+        /// The next notice; fails the test after an hour of (paused) time, so a
+        /// bug that retries forever ends the test instead of running away.
+        async fn next(&mut self) -> Notice {
+            tokio::time::timeout(Duration::from_secs(3600), self.notices.recv())
+                .await
+                .expect("no notice within an hour of test time")
+                .expect("executor alive")
+        }
+
+        async fn applied(&mut self, n: usize) -> Vec<IpAddr> {
+            let mut got = Vec::new();
+            while got.len() < n {
+                if let Notice::Applied { ip, .. } = self.next().await {
+                    got.push(ip);
+                }
+            }
+            got
+        }
+    }
+
+    fn ok() -> Script {
+        Box::new(|_, _| Ok(()))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lone_ban_goes_at_once_and_a_burst_is_batched() {
+        let gate = Arc::new(Semaphore::new(0));
+        let mut rig = Rig::new(ok(), Some(gate.clone()), MAX_BATCH, 1000);
+        let t0 = Instant::now();
+        rig.push(item(1, "cluster", Action::Ban));
+        // While the first call is in flight, a burst arrives.
+        tokio::task::yield_now().await;
+        rig.push(item(2, "cluster", Action::Ban));
+        rig.push(item(3, "cluster", Action::Unban));
+        rig.push(item(4, "cluster", Action::Ban));
+        rig.push(item(2, "cluster", Action::Unban)); // coalesced: 2 is unbanned
+        rig.push(item(5, "sshd", Action::Ban));
+        gate.add_permits(100);
+        rig.applied(5).await;
+        let calls = rig.calls();
+        let shape: Vec<(String, Action, Vec<IpAddr>)> = calls
+            .iter()
+            .map(|(_, j, a, i)| (j.clone(), *a, i.clone()))
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                ("cluster".into(), Action::Ban, vec![ip(1)]),
+                ("cluster".into(), Action::Unban, vec![ip(3), ip(2)]),
+                ("cluster".into(), Action::Ban, vec![ip(4)]),
+                ("sshd".into(), Action::Ban, vec![ip(5)]),
+            ]
+        );
+        // Nothing waited for a batch to fill: the paused clock never moved.
+        assert!(calls.iter().all(|(at, ..)| *at == t0));
+        rig.shared.close();
+        rig.task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batches_are_cut_at_max_batch() {
+        let mut rig = Rig::new(ok(), None, 3, 1000);
+        for n in 0..7 {
+            rig.shared
+                .lock()
+                .push(item(n, "cluster", Action::Ban), Instant::now());
+        }
+        rig.shared.wake.notify_one();
+        rig.applied(7).await;
+        let sizes: Vec<usize> = rig.calls().iter().map(|c| c.3.len()).collect();
+        assert_eq!(sizes, [3, 3, 1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bisects_to_the_failing_address_and_resends_only_it() {
+        let bad = ip(2);
+        let script: Script = Box::new(move |n, ips| {
+            // The bad address fails until the 7th call.
+            if ips.contains(&bad) && n < 7 {
+                Err(CallError::new(FailureScope::Undetermined, "rejected"))
+            } else {
+                Ok(())
+            }
+        });
+        let mut rig = Rig::new(script, None, MAX_BATCH, 1000);
+        let t0 = Instant::now();
+        for n in 0..4 {
+            rig.shared.lock().push(item(n, "cluster", Action::Ban), t0);
+        }
+        rig.shared.wake.notify_one();
+        rig.applied(4).await;
+        let calls = rig.calls();
+        let shape: Vec<Vec<IpAddr>> = calls.iter().map(|c| c.3.clone()).collect();
+        assert_eq!(
+            shape,
+            [
+                vec![ip(0), ip(1), ip(2), ip(3)],
+                vec![ip(0), ip(1)],
+                vec![ip(2), ip(3)],
+                vec![ip(2)],
+                vec![ip(3)],
+                vec![ip(2)],
+                vec![ip(2)],
+            ]
+        );
+        // The failing address alone is retried, after 1 s then 2 s.
+        assert_eq!(calls[5].0 - t0, Duration::from_secs(1));
+        assert_eq!(calls[6].0 - t0, Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn whole_call_failures_back_off_and_keep_everything() {
+        let script: Script = Box::new(|n, _| match n {
+            1..=4 => Err(CallError::new(
+                FailureScope::Call,
+                "Failed to access socket path",
+            )),
+            _ => Ok(()),
+        });
+        let mut rig = Rig::new(script, None, MAX_BATCH, 1000);
+        let t0 = Instant::now();
+        rig.push(item(1, "cluster", Action::Ban));
+        rig.push(item(2, "cluster", Action::Ban));
+        let got = rig.applied(2).await;
+        assert_eq!(got, [ip(1), ip(2)]);
+        let calls = rig.calls();
+        let at: Vec<u64> = calls.iter().map(|c| (c.0 - t0).as_secs()).collect();
+        // The first call may hold one address or both (the second push can arrive
+        // while it runs); from then on, every retry has both.
+        assert_eq!(at[at.len() - 4..], [1, 3, 7, 15]);
+        assert_eq!(calls.last().unwrap().3, [ip(1), ip(2)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unknown_jail_is_retried_and_reported_once() {
+        let script: Script = Box::new(|n, _| match n {
+            1..=3 => Err(CallError::new(
+                FailureScope::UnknownJail,
+                "Sorry but the jail 'cluster' does not exist",
+            )),
+            _ => Ok(()),
+        });
+        let logs = crate::tests::capture_logs();
+        let mut rig = Rig::new(script, None, MAX_BATCH, 1000);
+        rig.push(item(1, "cluster", Action::Ban));
+        rig.applied(1).await;
+        let text = logs.text();
+        assert_eq!(
+            text.matches("local jail does not exist").count(),
+            1,
+            "{text}"
+        );
+        assert!(text.contains("ERROR"), "{text}");
+        assert!(!text.contains("action failed, will retry"), "{text}");
+        assert!(text.contains("local jail exists now"), "{text}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queue_bound_drops_the_oldest_with_an_error() {
+        let logs = crate::tests::capture_logs();
+        let script: Script = Box::new(|_, _| Err(CallError::new(FailureScope::Call, "down")));
+        let mut rig = Rig::new(script, None, MAX_BATCH, 2);
+        rig.push(item(1, "cluster", Action::Ban));
+        rig.push(item(2, "cluster", Action::Ban));
+        rig.push(item(3, "cluster", Action::Ban));
+        loop {
+            if let Notice::Dropped { ip: dropped, .. } = rig.next().await {
+                assert_eq!(dropped, ip(1));
+                break;
+            }
+        }
+        assert_eq!(rig.shared.lock().dropped(), 1);
+        assert!(
+            logs.text().contains("dropped the oldest event"),
+            "{}",
+            logs.text()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_applies_what_is_ready_and_stops() {
+        let gate = Arc::new(Semaphore::new(0));
+        let mut rig = Rig::new(ok(), Some(gate.clone()), MAX_BATCH, 100);
+        rig.push(item(1, "cluster", Action::Ban));
+        tokio::task::yield_now().await;
+        rig.push(item(2, "cluster", Action::Ban));
+        rig.shared.close();
+        gate.add_permits(10);
+        (&mut rig.task).await.unwrap();
+        assert_eq!(rig.applied(2).await, [ip(1), ip(2)]);
+    }
+}

@@ -298,8 +298,49 @@ pub fn summary(config: &Config) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// Log lines written by the current thread while the returned guard lives
+    /// (tests run on a current-thread runtime, so their tasks log here too).
+    pub(crate) struct Captured {
+        buf: Arc<Mutex<Vec<u8>>>,
+        _guard: tracing::subscriber::DefaultGuard,
+    }
+
+    impl Captured {
+        pub(crate) fn text(&self) -> String {
+            String::from_utf8_lossy(&self.buf.lock().unwrap()).into_owned()
+        }
+    }
+
+    #[derive(Clone)]
+    struct Writer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Writer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    pub(crate) fn capture_logs() -> Captured {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let w = Writer(buf.clone());
+        let sub = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || w.clone())
+            .finish();
+        Captured {
+            buf,
+            _guard: tracing::subscriber::set_default(sub),
+        }
+    }
 
     #[test]
     fn summary_names_the_keys() {
