@@ -395,12 +395,15 @@ mod tests {
     use tokio::sync::Semaphore;
 
     type Script = Box<dyn Fn(usize, &[IpAddr]) -> Result<(), CallError> + Send>;
+    /// One recorded call: when, jail, action, addresses.
+    type Call = (Instant, String, Action, Vec<IpAddr>);
+    type Calls = Arc<Mutex<Vec<Call>>>;
 
     /// A scripted action: records each call (time, jail, action, addresses) and
     /// answers with `script(call_number, addresses)`. Calls wait for a permit of
     /// `gate` when one is set.
     struct Fake {
-        calls: Arc<Mutex<Vec<(Instant, String, Action, Vec<IpAddr>)>>>,
+        calls: Calls,
         script: Script,
         gate: Option<Arc<Semaphore>>,
         max: usize,
@@ -465,7 +468,7 @@ mod tests {
         tx: Notices,
         drops: RateLimit,
         shared: Arc<Shared>,
-        calls: Arc<Mutex<Vec<(Instant, String, Action, Vec<IpAddr>)>>>,
+        calls: Calls,
         notices: mpsc::UnboundedReceiver<Notice>,
         task: tokio::task::JoinHandle<()>,
     }
@@ -504,7 +507,7 @@ mod tests {
             log_dropped(dropped, total, &mut self.drops, &self.tx);
         }
 
-        fn calls(&self) -> Vec<(Instant, String, Action, Vec<IpAddr>)> {
+        fn calls(&self) -> Vec<Call> {
             self.calls.lock().unwrap().clone()
         }
 
