@@ -33,11 +33,17 @@ enum Command {
 fn summary(c: &Config) -> String {
     let jails: Vec<&str> = c.monitor.ignore_jails.iter().map(|j| j.as_str()).collect();
     format!(
-        "node: {}\nlog_path: {}\npublisher: {}\nignore_jails: [{}]",
+        "node: {}\nlog_path: {}\npublisher: {}{}\nignore_jails: [{}]\nstate_dir: {}",
         c.node.name,
         c.monitor.log_path.display(),
         c.monitor.publisher,
-        jails.join(", ")
+        if c.monitor.legacy.is_some() {
+            " (legacy format)"
+        } else {
+            ""
+        },
+        jails.join(", "),
+        c.monitor.state_dir.display()
     )
 }
 

@@ -138,6 +138,7 @@ fn check_prints_the_summary() {
         format!("log_path: {}", log.display()),
         "publisher: tcp://127.0.0.1:9".to_owned(),
         "ignore_jails: [cluster]".to_owned(),
+        format!("state_dir: {}", dir.path().join("state").display()),
     ] {
         assert!(text.contains(&want), "{want:?} in {text}");
     }
