@@ -171,12 +171,13 @@ impl Publisher {
             &config,
             &format!(
                 "[node]\nname = \"hub\"\n\n[publisher]\nreply_bind = {}\nbroadcast_bind = {}\n\
-                 heartbeat_interval = {}\nban_time = {}\npidfile = {}\n",
+                 heartbeat_interval = {}\nban_time = {}\npidfile = {}\nstate_dir = {}\n",
                 toml_str(&o.reply_bind),
                 toml_str(&o.broadcast_bind),
                 toml_str(&o.heartbeat_interval),
                 toml_str(&o.ban_time),
                 path_str(&dir.join("publisher.pid")),
+                path_str(&dir.join("publisher-state")),
             ),
         );
         let mut cmd = Command::new(bins::publisher());
@@ -466,7 +467,8 @@ fn node_config(
     if let Some(t) = &o.ack_timeout {
         let _ = writeln!(c, "ack_timeout = {}", toml_str(t));
     }
-    let _ = writeln!(c, "pidfile = {}\n", path_str(&dir.join("monitor.pid")));
+    let _ = writeln!(c, "pidfile = {}", path_str(&dir.join("monitor.pid")));
+    let _ = writeln!(c, "state_dir = {}\n", path_str(&dir.join("monitor-state")));
     let _ = writeln!(c, "[subscriber]");
     let _ = writeln!(c, "publisher = {}", toml_str(broadcast));
     let _ = writeln!(c, "jails = {}", toml_list(&o.jails));
@@ -515,6 +517,7 @@ fn node_config(
     }
     c.push_str(&o.subscriber_extra);
     let _ = writeln!(c, "\npidfile = {}", path_str(&dir.join("subscriber.pid")));
+    let _ = writeln!(c, "state_dir = {}", path_str(&dir.join("subscriber-state")));
     c
 }
 
