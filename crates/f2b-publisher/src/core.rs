@@ -1,21 +1,28 @@
-//! The publisher's decisions, without I/O: request frames, the peer's address and the
-//! time in, a reply and at most one broadcast out.
+//! The publisher's decisions: request frames, the peer's address and the time in,
+//! a reply and at most one broadcast out.
 //!
 //! [`Core::handle`] is the whole policy: validation, reserved addresses, time
-//! sanity, duplicate ids, cluster-state deduplication and sequence numbers. The
-//! ZeroMQ loop in [`crate::server`] only moves bytes to and from it, so every rule
-//! here is tested without sockets, and later stages (authentication, rate limits,
-//! an allowlist, a persistent ledger, snapshots, legacy messages) slot in as further
-//! steps of `handle` or as consumers of its [`Outcome`].
+//! sanity, duplicate ids, cluster-state deduplication, sequence numbers, legacy
+//! (fail2ban-zmq-tools) requests and snapshots. Its only I/O is the [`Ledger`]
+//! (which tests keep in memory): an accepted event is committed there before
+//! `handle` returns, so the reply and the broadcast it returns describe a durable
+//! event. The ZeroMQ loop in [`crate::server`] only moves bytes to and from it, so
+//! every rule here is tested without sockets; later stages (authentication, rate
+//! limits, an allowlist) slot in as further steps of `handle`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
+use f2b_common::config::LegacyPeer;
+use f2b_proto::legacy::LegacyError;
 use f2b_proto::{
-    Ack, AckStatus, Action, Broadcast, Epoch, Event, Heartbeat, Nak, NakReason, Reply, Request,
-    Sequenced, MAX_FRAMES, MAX_SAFE_INTEGER,
+    Ack, AckStatus, Action, Broadcast, Epoch, Event, EventId, Heartbeat, Nak, NakReason, Reply,
+    Request, Sequenced, SnapshotReply, SnapshotRequest, MAX_DETAIL_LEN, MAX_FRAMES,
+    MAX_SAFE_INTEGER,
 };
 
+use crate::ledger::{Ledger, LedgerError, Record};
+use crate::legacy::{self, LEGACY_NAK};
 use crate::memory::{BanState, ClusterState, RecentIds};
 
 /// How many event ids the publisher remembers for duplicate detection.
@@ -51,19 +58,64 @@ impl Default for Limits {
     }
 }
 
+/// What to send back on the reply socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    /// The answer to a report: ACK or NAK.
+    Reply(Reply),
+    /// The answer to a snapshot request: a page or a NAK.
+    Snapshot(SnapshotReply),
+    /// The answer to a fail2ban-zmq-tools request: the message without its token
+    /// (accepted), or [`LEGACY_NAK`].
+    Legacy(String),
+}
+
+impl Response {
+    /// The reply frame.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Response::Reply(r) => r.encode(),
+            Response::Snapshot(s) => s.encode(),
+            Response::Legacy(text) => text.clone().into_bytes(),
+        }
+    }
+
+    /// Whether this refuses the request.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Response::Reply(r) => matches!(r, Reply::Nak(_)),
+            Response::Snapshot(s) => matches!(s, SnapshotReply::Nak(_)),
+            Response::Legacy(text) => text == LEGACY_NAK,
+        }
+    }
+}
+
 /// What to do with one request: the reply to send (always exactly one) and the
 /// message to broadcast, if any.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
-    pub reply: Reply,
+    pub reply: Response,
     pub broadcast: Option<Broadcast>,
+    /// The broadcast event as an old subscriber reads it, for the legacy PUB socket
+    /// (see [`legacy::broadcast_text`]); `None` when nothing is broadcast or the
+    /// event cannot be said in the old format (IPv6).
+    pub legacy_broadcast: Option<String>,
 }
 
 impl Outcome {
     fn reply(reply: Reply) -> Self {
         Outcome {
-            reply,
+            reply: Response::Reply(reply),
             broadcast: None,
+            legacy_broadcast: None,
+        }
+    }
+
+    fn legacy_nak() -> Self {
+        Outcome {
+            reply: Response::Legacy(LEGACY_NAK.to_owned()),
+            broadcast: None,
+            legacy_broadcast: None,
         }
     }
 }
@@ -110,23 +162,23 @@ fn reserved_v6(ip: Ipv6Addr) -> Option<&'static str> {
     }
 }
 
-/// The publisher's state machine. One instance per publisher process (one epoch).
+/// The publisher's state machine: one per publisher process, over its ledger.
 pub struct Core {
-    epoch: Epoch,
-    /// The last sequence number broadcast (0: none yet).
-    last_seq: u64,
+    ledger: Ledger,
     ids: RecentIds,
     state: ClusterState,
     max_future_ms: u64,
+    ban_time_ms: u64,
+    legacy: Option<LegacyPeer>,
 }
 
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Core")
-            .field("epoch", &self.epoch)
-            .field("last_seq", &self.last_seq)
+            .field("ledger", &self.ledger)
             .field("recent_ids", &self.ids.len())
             .field("cluster_states", &self.state.len())
+            .field("legacy", &self.legacy.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -135,26 +187,108 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-impl Core {
-    /// A core for `epoch` that considers an address banned for `ban_time` after the
-    /// ban was accepted.
-    pub fn new(epoch: Epoch, ban_time: Duration, limits: Limits) -> Self {
-        Core {
-            epoch,
-            last_seq: 0,
-            ids: RecentIds::new(limits.recent_ids),
-            state: ClusterState::new(limits.cluster_states, millis(ban_time)),
-            max_future_ms: millis(limits.max_future),
+/// A random (version 4) event id for an event that arrived without one.
+fn random_id() -> Result<EventId, String> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).map_err(|e| e.to_string())?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    Ok(EventId::from_u128(u128::from_be_bytes(b)))
+}
+
+/// Logs a refusal: `rejected reason=<code> peer=<address> detail="..."`.
+fn rejected(reason: &str, peer: &str, detail: &str, id: Option<EventId>) {
+    match id {
+        Some(id) => tracing::warn!(%reason, %peer, detail, %id, "rejected"),
+        None => tracing::warn!(%reason, %peer, detail, "rejected"),
+    }
+}
+
+/// What a refused legacy message is logged with. The values it quotes come from
+/// the network and are cut to [`MAX_DETAIL_LEN`]. When this publisher has no token
+/// and a 5-field message has an invalid host, the first field is not shown: it is
+/// likely an old monitor's token.
+fn legacy_detail(err: &LegacyError, bytes: &[u8], token: bool) -> String {
+    let five = bytes.iter().filter(|b| **b == b'|').count() == 4;
+    let mut detail = match err {
+        LegacyError::Host(_) if five && !token => "invalid host name in the first of 5 fields \
+             (not shown: it may be a token; is legacy_token set on the monitor but not here?)"
+            .to_owned(),
+        other => other.to_string(),
+    };
+    if detail.len() > MAX_DETAIL_LEN {
+        let mut cut = MAX_DETAIL_LEN;
+        while !detail.is_char_boundary(cut) {
+            cut -= 1;
         }
+        detail.truncate(cut);
+    }
+    detail
+}
+
+impl Core {
+    /// A core over `ledger`, that considers an address banned for `ban_time` after
+    /// the ban was accepted. The recent event ids and the cluster state are rebuilt
+    /// from what the ledger kept, as of `now_ms`, so duplicate and state
+    /// deduplication survive a restart. Legacy requests are refused until
+    /// [`Core::with_legacy`].
+    pub fn new(
+        ledger: Ledger,
+        ban_time: Duration,
+        limits: Limits,
+        now_ms: u64,
+    ) -> Result<Self, LedgerError> {
+        let ban_time_ms = millis(ban_time);
+        let mut ids = RecentIds::new(limits.recent_ids);
+        let mut state = ClusterState::new(limits.cluster_states, ban_time_ms);
+        ledger.for_each(|r| {
+            ids.insert(r.event.id, Some(r.seq));
+            let s = match r.event.action {
+                Action::Ban => BanState::Banned,
+                Action::Unban => BanState::Unbanned,
+            };
+            state.set(&r.event.jail, r.event.ip, s, r.accepted_ms);
+        })?;
+        state.prune(now_ms);
+        Ok(Core {
+            ledger,
+            ids,
+            state,
+            max_future_ms: millis(limits.max_future),
+            ban_time_ms,
+            legacy: None,
+        })
+    }
+
+    /// Accepts fail2ban-zmq-tools requests (`Some`), with the token they must carry
+    /// if it has one; refuses them (`None`).
+    pub fn with_legacy(mut self, legacy: Option<LegacyPeer>) -> Self {
+        self.legacy = legacy;
+        self
     }
 
     pub fn epoch(&self) -> Epoch {
-        self.epoch
+        self.ledger.epoch()
     }
 
     /// The last sequence number broadcast in this epoch (0: none yet).
     pub fn last_seq(&self) -> u64 {
-        self.last_seq
+        self.ledger.last_seq()
+    }
+
+    /// The ledger, for its path, counts and pruning.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Prunes the ledger at `now_ms` (see [`Ledger::prune`]), at most `batch` rows.
+    pub fn prune(
+        &mut self,
+        now_ms: u64,
+        batch: usize,
+    ) -> Result<crate::ledger::Pruned, LedgerError> {
+        self.state.prune(now_ms);
+        self.ledger.prune(now_ms, self.ban_time_ms, batch)
     }
 
     /// How many event ids and (jail, address) states are held: for tests and
@@ -166,32 +300,32 @@ impl Core {
     /// The heartbeat to broadcast now.
     pub fn heartbeat(&self, interval: Duration) -> Broadcast {
         Broadcast::Heartbeat(Heartbeat {
-            seq: self.last_seq,
-            epoch: self.epoch,
+            seq: self.last_seq(),
+            epoch: self.epoch(),
             interval_ms: millis(interval),
         })
     }
 
     /// Handles one request: the message's `frames` as received, the sender's
-    /// address (for logs; later for rate limits and authentication) and the
-    /// current time in milliseconds since the Unix epoch. Never panics, whatever the
-    /// bytes.
+    /// address (for logs and the ledger; later for rate limits and authentication)
+    /// and the current time in milliseconds since the Unix epoch. Never panics,
+    /// whatever the bytes.
     pub fn handle<F: AsRef<[u8]>>(&mut self, frames: &[F], peer: &str, now_ms: u64) -> Outcome {
-        let outcome = self.decide(frames, now_ms);
-        if let Reply::Nak(nak) = &outcome.reply {
-            match nak.id {
-                Some(id) => tracing::warn!(
-                    reason = %nak.reason, %peer, detail = nak.detail.as_str(), %id, "rejected"
-                ),
-                None => {
-                    tracing::warn!(reason = %nak.reason, %peer, detail = nak.detail.as_str(), "rejected")
-                }
+        if let Some(first) = frames.first().map(AsRef::as_ref) {
+            if f2b_proto::legacy::is_legacy(first) {
+                return self.legacy(frames.len(), first, peer, now_ms);
             }
+        }
+        let outcome = self.decide(frames, peer, now_ms);
+        if let Response::Reply(Reply::Nak(nak)) | Response::Snapshot(SnapshotReply::Nak(nak)) =
+            &outcome.reply
+        {
+            rejected(nak.reason.code(), peer, &nak.detail, nak.id);
         }
         outcome
     }
 
-    fn decide<F: AsRef<[u8]>>(&mut self, frames: &[F], now_ms: u64) -> Outcome {
+    fn decide<F: AsRef<[u8]>>(&mut self, frames: &[F], peer: &str, now_ms: u64) -> Outcome {
         // The first frame is the request. Frames 2..=MAX_FRAMES are reserved for
         // authentication and ignored for now; more than that is refused.
         let Some(first) = frames.first().map(AsRef::as_ref) else {
@@ -209,7 +343,8 @@ impl Core {
             Err(err) => return Outcome::reply(Reply::Nak(Nak::for_error(first, &err))),
         };
         match request {
-            Request::Report(event) => self.report(event, now_ms),
+            Request::Report(event) => self.report(event, peer, now_ms, None),
+            Request::Snapshot(req) => self.snapshot(&req, peer, now_ms),
             // A request type f2b-proto knows but this publisher does not serve.
             #[allow(unreachable_patterns)]
             _ => nak(
@@ -220,7 +355,65 @@ impl Core {
         }
     }
 
-    fn report(&mut self, event: Event, now_ms: u64) -> Outcome {
+    /// A fail2ban-zmq-tools request (one frame of text): answered as the old
+    /// publisher did, with the message without its token or `NAK`; accepted ones
+    /// become native events under the same rules as a report.
+    fn legacy(&mut self, parts: usize, bytes: &[u8], peer: &str, now_ms: u64) -> Outcome {
+        let Some(config) = &self.legacy else {
+            rejected(
+                "legacy_disabled",
+                peer,
+                "not JSON: a fail2ban-zmq-tools request, and [publisher] legacy is off",
+                None,
+            );
+            return Outcome::legacy_nak();
+        };
+        if parts != 1 {
+            let detail = format!("{parts} message parts (a legacy request has 1)");
+            rejected("legacy_invalid", peer, &detail, None);
+            return Outcome::legacy_nak();
+        }
+        let token = config.token.as_ref().map(|t| t.expose());
+        let msg = match f2b_proto::legacy::parse(bytes, token) {
+            Ok(m) => m,
+            Err(err) => {
+                let detail = legacy_detail(&err, bytes, token.is_some());
+                rejected("legacy_invalid", peer, &detail, None);
+                return Outcome::legacy_nak();
+            }
+        };
+        let id = match random_id() {
+            Ok(id) => id,
+            Err(e) => {
+                let detail = format!("cannot draw an event id: {e}");
+                rejected(NakReason::Busy.code(), peer, &detail, None);
+                return Outcome::legacy_nak();
+            }
+        };
+        let event = match legacy::to_event(&msg, id, now_ms) {
+            Ok(e) => e,
+            Err(err) => {
+                rejected(err.nak_reason().code(), peer, &err.to_string(), None);
+                return Outcome::legacy_nak();
+            }
+        };
+        let outcome = self.report(event, peer, now_ms, Some(&msg.wire));
+        match outcome.reply {
+            Response::Reply(Reply::Ack(_)) => Outcome {
+                reply: Response::Legacy(msg.wire),
+                ..outcome
+            },
+            Response::Reply(Reply::Nak(nak)) => {
+                rejected(nak.reason.code(), peer, &nak.detail, nak.id);
+                Outcome::legacy_nak()
+            }
+            Response::Snapshot(_) | Response::Legacy(_) => Outcome::legacy_nak(),
+        }
+    }
+
+    /// A report: the rules, then (if it changes the cluster's state) the ledger,
+    /// then the broadcast. `wire` is the legacy message it came from, if it did.
+    fn report(&mut self, event: Event, peer: &str, now_ms: u64, wire: Option<&str>) -> Outcome {
         let id = event.id;
         if let Some(range) = reserved(event.ip) {
             return nak(
@@ -251,24 +444,46 @@ impl Core {
             Action::Unban => BanState::Unbanned,
         };
         // An unban of an unknown (jail, address) is broadcast: the publisher may have
-        // restarted or forgotten, and an unban is harmless where nothing is banned.
+        // forgotten, and an unban is harmless where nothing is banned.
         if self.state.get(&event.jail, event.ip, now_ms) == Some(wanted) {
             tracing::debug!(%id, jail = %event.jail, ip = %event.ip, node = %event.node, action = %event.action, "unchanged");
             self.ids.insert(id, None);
             return ack(id, None, AckStatus::Unchanged);
         }
         let Some(seq) = self
-            .last_seq
+            .last_seq()
             .checked_add(1)
             .filter(|s| *s <= MAX_SAFE_INTEGER)
         else {
             return nak(
                 Some(id),
                 NakReason::Busy,
-                "sequence numbers exhausted; restart the publisher",
+                "sequence numbers exhausted; move the ledger away and restart the publisher",
             );
         };
-        self.last_seq = seq;
+        let record = Record {
+            seq,
+            event,
+            accepted_ms: now_ms,
+            expires_ms: (wanted == BanState::Banned)
+                .then(|| now_ms.saturating_add(self.ban_time_ms)),
+            legacy: wire.is_some(),
+            peer: peer.to_owned(),
+        };
+        // Durable before it is broadcast or ACKed.
+        if let Err(err) = self.ledger.append(&record) {
+            tracing::error!(
+                error = %f2b_common::daemon::error_chain(&err),
+                %id,
+                "ledger write failed; the report is refused as busy and will be resent"
+            );
+            return nak(
+                Some(id),
+                NakReason::Busy,
+                "the publisher cannot record the event now; send it again later",
+            );
+        }
+        let event = record.event;
         self.state.set(&event.jail, event.ip, wanted, now_ms);
         self.ids.insert(id, Some(seq));
         tracing::info!(
@@ -278,28 +493,63 @@ impl Core {
             ip = %event.ip,
             node = %event.node,
             %id,
+            origin = %if wire.is_some() { "legacy" } else { "native" },
             "broadcast"
         );
         Outcome {
-            reply: Reply::Ack(Ack {
+            reply: Response::Reply(Reply::Ack(Ack {
                 id,
                 seq: Some(seq),
                 status: AckStatus::Broadcast,
-            }),
+            })),
+            legacy_broadcast: legacy::broadcast_text(&event, wire),
             broadcast: Some(Broadcast::Event(Sequenced {
                 seq,
-                epoch: self.epoch,
+                epoch: self.epoch(),
                 event,
             })),
         }
     }
+
+    /// A snapshot page, from the ledger, consistent with the last broadcast.
+    fn snapshot(&self, req: &SnapshotRequest, peer: &str, now_ms: u64) -> Outcome {
+        let reply = match self
+            .ledger
+            .snapshot_page(&req.jails, req.cursor, now_ms, self.last_seq())
+        {
+            Ok(page) => {
+                tracing::info!(
+                    %peer,
+                    jails = req.jails.len(),
+                    cursor = req.cursor.unwrap_or(0),
+                    bans = page.bans.len(),
+                    next = page.next.unwrap_or(0),
+                    seq = page.seq,
+                    "snapshot"
+                );
+                SnapshotReply::Page(page)
+            }
+            Err(err) => {
+                tracing::error!(error = %f2b_common::daemon::error_chain(&err), "ledger read failed");
+                SnapshotReply::nak(
+                    NakReason::Busy,
+                    "the publisher cannot read its ledger now; ask again later",
+                )
+            }
+        };
+        Outcome {
+            reply: Response::Snapshot(reply),
+            broadcast: None,
+            legacy_broadcast: None,
+        }
+    }
 }
 
-fn nak(id: Option<f2b_proto::EventId>, reason: NakReason, detail: impl Into<String>) -> Outcome {
+fn nak(id: Option<EventId>, reason: NakReason, detail: impl Into<String>) -> Outcome {
     Outcome::reply(Reply::Nak(Nak::new(id, reason, detail)))
 }
 
-fn ack(id: f2b_proto::EventId, seq: Option<u64>, status: AckStatus) -> Outcome {
+fn ack(id: EventId, seq: Option<u64>, status: AckStatus) -> Outcome {
     Outcome::reply(Reply::Ack(Ack { id, seq, status }))
 }
 

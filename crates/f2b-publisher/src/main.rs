@@ -1,8 +1,9 @@
 //! `f2b-publisher`: the fail2ban-cluster hub daemon. See the library for what it does.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use f2b_common::daemon::{self, CommonArgs, Daemon};
 
 /// The fail2ban-cluster hub: validates ban reports from monitors and broadcasts them
@@ -12,10 +13,34 @@ use f2b_common::daemon::{self, CommonArgs, Daemon};
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print a fail2ban-cluster configuration (TOML) converted from a
+    /// fail2ban-zmq-tools configuration file; exit 2 if it cannot be converted.
+    ImportLegacyConfig {
+        /// The old configuration (INI).
+        file: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::ImportLegacyConfig { file }) = &args.command {
+        return match f2b_publisher::import_legacy_config(file) {
+            Ok(toml) => {
+                print!("{toml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("f2b-publisher: {}", daemon::error_chain(&e));
+                ExitCode::from(2)
+            }
+        };
+    }
     daemon::main(
         Daemon {
             name: "f2b-publisher",

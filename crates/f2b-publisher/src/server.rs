@@ -1,6 +1,7 @@
-//! The ZeroMQ side: binds the REP and PUB sockets, then one blocking thread waits in
-//! `zmq::poll` on the REP socket and the shutdown socket, with a timeout that ends
-//! when the next heartbeat is due, and hands every request to the [`Core`].
+//! The ZeroMQ side: opens the ledger, binds the REP and PUB sockets (and the legacy
+//! PUB socket when configured), then one blocking thread waits in `zmq::poll` on the
+//! REP socket and the shutdown socket, with a timeout that ends when the next
+//! heartbeat or ledger pruning is due, and hands every request to the [`Core`].
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -11,10 +12,14 @@ use f2b_common::CancellationToken;
 use f2b_proto::{Broadcast, Epoch, MAX_FRAMES};
 
 use crate::core::{Core, Limits};
+use crate::ledger::{Ledger, PRUNE_BATCH};
 use crate::PublisherError;
 
-/// How long the PUB socket may keep delivering queued broadcasts after shutdown.
+/// How long the PUB sockets may keep delivering queued broadcasts after shutdown.
 pub const SHUTDOWN_LINGER: Duration = Duration::from_secs(1);
+
+/// How often the ledger is pruned (also once at start).
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The publisher with both sockets bound, not yet serving. [`bind`] then
 /// [`Bound::serve`] is what [`crate::run`] does; tests call them separately to learn
@@ -22,8 +27,11 @@ pub const SHUTDOWN_LINGER: Duration = Duration::from_secs(1);
 pub struct Bound {
     rep: zmq::Socket,
     publ: zmq::Socket,
+    /// The PUB socket of fail2ban-zmq-tools subscribers, if configured.
+    legacy_publ: Option<zmq::Socket>,
     reply_endpoint: String,
     broadcast_endpoint: String,
+    legacy_broadcast_endpoint: Option<String>,
     heartbeat_interval: Duration,
     core: Core,
 }
@@ -32,28 +40,29 @@ fn socket_err(what: &'static str) -> impl FnOnce(zmq::Error) -> PublisherError {
     move |source| PublisherError::Socket { what, source }
 }
 
-/// A random epoch, so subscribers can tell a restarted publisher apart.
-fn random_epoch() -> Result<Epoch, PublisherError> {
-    getrandom::u64()
-        .map(Epoch)
-        .map_err(|e| PublisherError::Random(e.to_string()))
-}
-
-/// Creates both sockets and binds them, logs `listening on` with the real
-/// endpoints, and picks a random epoch.
+/// Opens the ledger in `state_dir` (see [`Ledger::open_or_recover`]), prunes it,
+/// rebuilds the core from it and logs `ledger path=.. epoch=.. seq=.. active=..`;
+/// then creates the sockets, binds them and logs `listening on` with the real
+/// endpoints.
 pub fn bind(config: &PublisherConfig) -> Result<Bound, PublisherError> {
     bind_with(config, Limits::default())
 }
 
 /// [`bind`] with the core's memory limits given (tests use small ones).
 pub fn bind_with(config: &PublisherConfig, limits: Limits) -> Result<Bound, PublisherError> {
-    if config.legacy.is_some() || config.legacy_broadcast_bind.is_some() {
-        tracing::warn!(
-            "publisher.legacy and publisher.legacy_broadcast_bind are not implemented by \
-             this version and are ignored: fail2ban-zmq-tools requests are refused as malformed"
-        );
-    }
-    let epoch = random_epoch()?;
+    let mut ledger = Ledger::open_or_recover(&config.state_dir, SystemTime::now())?;
+    let now = now_ms();
+    let ban_time_ms = u64::try_from(config.ban_time.as_millis()).unwrap_or(u64::MAX);
+    while ledger.prune(now, ban_time_ms, PRUNE_BATCH)?.more {}
+    let core = Core::new(ledger, config.ban_time, limits, now)?.with_legacy(config.legacy.clone());
+    tracing::info!(
+        path = %core.ledger().path().display(),
+        epoch = %core.epoch(),
+        seq = core.last_seq(),
+        active = core.ledger().active_bans(now)?,
+        "ledger"
+    );
+    let epoch = core.epoch();
     let ctx = zmq::Context::new();
     let rep = new_socket(&ctx, zmq::REP).map_err(socket_err("create the REP socket"))?;
     rep.bind(config.reply_bind.as_str())
@@ -69,21 +78,53 @@ pub fn bind_with(config: &PublisherConfig, limits: Limits) -> Result<Bound, Publ
             endpoint: config.broadcast_bind.to_string(),
             source,
         })?;
+    let legacy_publ = match &config.legacy_broadcast_bind {
+        Some(endpoint) => {
+            let s =
+                new_socket(&ctx, zmq::PUB).map_err(socket_err("create the legacy PUB socket"))?;
+            s.bind(endpoint.as_str())
+                .map_err(|source| PublisherError::Bind {
+                    key: "publisher.legacy_broadcast_bind",
+                    endpoint: endpoint.to_string(),
+                    source,
+                })?;
+            Some(s)
+        }
+        None => None,
+    };
     let reply_endpoint = last_endpoint(&rep);
     let broadcast_endpoint = last_endpoint(&publ);
-    tracing::info!(
-        reply = %reply_endpoint,
-        broadcast = %broadcast_endpoint,
-        %epoch,
-        "listening on"
-    );
+    let legacy_broadcast_endpoint = legacy_publ.as_ref().map(last_endpoint);
+    match &legacy_broadcast_endpoint {
+        Some(legacy) => tracing::info!(
+            reply = %reply_endpoint,
+            broadcast = %broadcast_endpoint,
+            legacy_broadcast = %legacy,
+            %epoch,
+            "listening on"
+        ),
+        None => tracing::info!(
+            reply = %reply_endpoint,
+            broadcast = %broadcast_endpoint,
+            %epoch,
+            "listening on"
+        ),
+    }
+    if config.legacy.is_some() {
+        tracing::info!(
+            token = config.legacy.as_ref().is_some_and(|l| l.token.is_some()),
+            "accepting fail2ban-zmq-tools requests on the reply socket"
+        );
+    }
     Ok(Bound {
         rep,
         publ,
+        legacy_publ,
         reply_endpoint,
         broadcast_endpoint,
+        legacy_broadcast_endpoint,
         heartbeat_interval: config.heartbeat_interval,
-        core: Core::new(epoch, config.ban_time, limits),
+        core,
     })
 }
 
@@ -92,6 +133,7 @@ impl std::fmt::Debug for Bound {
         f.debug_struct("Bound")
             .field("reply_endpoint", &self.reply_endpoint)
             .field("broadcast_endpoint", &self.broadcast_endpoint)
+            .field("legacy_broadcast_endpoint", &self.legacy_broadcast_endpoint)
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("core", &self.core)
             .finish_non_exhaustive()
@@ -109,9 +151,19 @@ impl Bound {
         &self.broadcast_endpoint
     }
 
-    /// This run's epoch.
+    /// The legacy PUB endpoint really bound, if one is configured.
+    pub fn legacy_broadcast_endpoint(&self) -> Option<&str> {
+        self.legacy_broadcast_endpoint.as_deref()
+    }
+
+    /// The epoch (kept in the ledger across restarts).
     pub fn epoch(&self) -> Epoch {
         self.core.epoch()
+    }
+
+    /// The last sequence number broadcast (0: none yet).
+    pub fn last_seq(&self) -> u64 {
+        self.core.last_seq()
     }
 
     /// Serves until `shutdown` is cancelled, then lets the PUB socket deliver what
@@ -135,8 +187,10 @@ impl Bound {
         // closes them; the context's termination, when the last of them is dropped
         // here, waits for the PUB queue to drain or the linger to pass.
         let linger = i32::try_from(SHUTDOWN_LINGER.as_millis()).unwrap_or(i32::MAX);
-        if let Err(e) = self.publ.set_linger(linger) {
-            tracing::warn!(error = %e, "cannot set the PUB linger; queued broadcasts may be lost");
+        for publ in std::iter::once(&self.publ).chain(self.legacy_publ.as_ref()) {
+            if let Err(e) = publ.set_linger(linger) {
+                tracing::warn!(error = %e, "cannot set the PUB linger; queued broadcasts may be lost");
+            }
         }
         drop(self);
         result
@@ -145,8 +199,9 @@ impl Bound {
     fn serve_loop(&mut self, waker: &zmq::Socket) -> Result<(), PublisherError> {
         let interval = self.heartbeat_interval;
         let mut last_sent = Instant::now();
+        let mut next_prune = Instant::now() + PRUNE_INTERVAL;
         loop {
-            let due = last_sent + interval;
+            let due = (last_sent + interval).min(next_prune);
             let timeout = poll_timeout(due.saturating_duration_since(Instant::now()));
             let mut items = [
                 self.rep.as_poll_item(zmq::POLLIN),
@@ -169,6 +224,33 @@ impl Bound {
                 self.send_broadcast(&hb)?;
                 last_sent = Instant::now();
             }
+            if Instant::now() >= next_prune {
+                // A full batch means more is left: go on after serving what waits.
+                let more = self.prune();
+                next_prune = Instant::now() + if more { Duration::ZERO } else { PRUNE_INTERVAL };
+            }
+        }
+    }
+
+    /// Prunes one batch of the ledger; returns whether more is left. A failure is
+    /// logged and retried at the next interval: the ledger only grows meanwhile.
+    fn prune(&mut self) -> bool {
+        let started = Instant::now();
+        match self.core.prune(now_ms(), PRUNE_BATCH) {
+            Ok(p) => {
+                if p.deleted > 0 {
+                    tracing::debug!(
+                        deleted = p.deleted,
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "ledger pruned"
+                    );
+                }
+                p.more
+            }
+            Err(e) => {
+                tracing::error!(error = %f2b_common::daemon::error_chain(&e), "ledger pruning failed");
+                false
+            }
         }
     }
 
@@ -178,12 +260,14 @@ impl Bound {
         let Some(Received { frames, peer }) = recv_request(&self.rep)? else {
             return Ok(false);
         };
+        // The core commits an accepted event to the ledger before it returns.
         let outcome = self.core.handle(&frames, &peer, now_ms());
-        // Broadcast first: an ACK with status `broadcast` then means the event is
-        // already queued on the PUB socket.
+        // Broadcast next: an ACK with status `broadcast` then means the event is
+        // durable and already queued on the PUB socket(s).
         let broadcast = match &outcome.broadcast {
             Some(b) => {
                 self.send_broadcast(b)?;
+                self.send_legacy(b, outcome.legacy_broadcast.as_deref())?;
                 true
             }
             None => false,
@@ -194,6 +278,30 @@ impl Bound {
             .send(outcome.reply.encode(), zmq::DONTWAIT)
             .map_err(socket_err("send a reply"))?;
         Ok(broadcast)
+    }
+
+    /// Sends `text` (one frame, no topic) to fail2ban-zmq-tools subscribers, when
+    /// there is a legacy PUB socket.
+    fn send_legacy(&self, b: &Broadcast, text: Option<&str>) -> Result<(), PublisherError> {
+        let Some(publ) = &self.legacy_publ else {
+            return Ok(());
+        };
+        match text {
+            Some(t) => publ
+                .send(t.as_bytes(), zmq::DONTWAIT)
+                .map_err(socket_err("broadcast to legacy subscribers")),
+            None => {
+                if let Broadcast::Event(s) = b {
+                    tracing::debug!(
+                        seq = s.seq,
+                        jail = %s.event.jail,
+                        ip = %s.event.ip,
+                        "not sent to legacy subscribers (IPv6, or a jail name the old format cannot carry)"
+                    );
+                }
+                Ok(())
+            }
+        }
     }
 
     fn send_broadcast(&self, b: &Broadcast) -> Result<(), PublisherError> {

@@ -1,6 +1,7 @@
 //! The publisher over real ZeroMQ sockets on loopback, in process: REQ clients, SUB
-//! clients, and hostile raw TCP peers. Ephemeral ports only; every wait has a
-//! deadline (socket receive timeouts), none is a sleep.
+//! clients, fail2ban-zmq-tools clients, snapshots, and hostile raw TCP peers.
+//! Ephemeral ports only; every wait has a deadline (socket receive timeouts), none
+//! is a sleep.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -13,17 +14,19 @@ use f2b_common::zmq;
 use f2b_common::CancellationToken;
 use f2b_proto::{
     event_topic, AckStatus, Action, Broadcast, Event, EventId, JailName, NakReason, NodeName,
-    Reply, Request, HEARTBEAT_TOPIC,
+    Reply, Request, SnapshotReply, SnapshotRequest, HEARTBEAT_TOPIC,
 };
 use f2b_publisher::{bind, Bound, PublisherError};
 
 /// How long any single wait may take before the test fails.
 const DEADLINE: Duration = Duration::from_secs(5);
 
-fn config(extra: &str) -> PublisherConfig {
+/// A publisher configuration on ephemeral loopback ports, its ledger in `state`.
+fn config(state: &Path, extra: &str) -> PublisherConfig {
     let text = format!(
         "[node]\nname = \"hub\"\n[publisher]\nreply_bind = \"tcp://127.0.0.1:*\"\n\
-         broadcast_bind = \"tcp://127.0.0.1:*\"\n{extra}\n"
+         broadcast_bind = \"tcp://127.0.0.1:*\"\nstate_dir = {:?}\n{extra}\n",
+        state.display().to_string()
     );
     config::from_str(&text, Path::new("test.conf"))
         .expect("test config is valid")
@@ -37,17 +40,26 @@ struct Hub {
     task: Option<tokio::task::JoinHandle<Result<(), PublisherError>>>,
     reply: String,
     broadcast: String,
+    legacy_broadcast: Option<String>,
     epoch: f2b_proto::Epoch,
     ctx: zmq::Context,
+    /// The ledger's directory; dropped last (after `Drop` stopped the hub).
+    state: tempfile::TempDir,
 }
 
 impl Hub {
     fn start(heartbeat: &str) -> Hub {
-        let bound = bind(&config(&format!("heartbeat_interval = \"{heartbeat}\""))).unwrap();
-        Hub::serve(bound)
+        Hub::start_with(&format!("heartbeat_interval = \"{heartbeat}\""))
     }
 
-    fn serve(bound: Bound) -> Hub {
+    /// A hub with `extra` configuration lines, in a new state directory.
+    fn start_with(extra: &str) -> Hub {
+        let state = tempfile::tempdir().unwrap();
+        let bound = bind(&config(state.path(), extra)).unwrap();
+        Hub::serve(bound, state)
+    }
+
+    fn serve(bound: Bound, state: tempfile::TempDir) -> Hub {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -56,6 +68,7 @@ impl Hub {
         let token = CancellationToken::new();
         let reply = bound.reply_endpoint().to_owned();
         let broadcast = bound.broadcast_endpoint().to_owned();
+        let legacy_broadcast = bound.legacy_broadcast_endpoint().map(str::to_owned);
         let epoch = bound.epoch();
         let task = Some(rt.spawn(bound.serve(token.clone())));
         Hub {
@@ -64,8 +77,10 @@ impl Hub {
             task,
             reply,
             broadcast,
+            legacy_broadcast,
             epoch,
             ctx: zmq::Context::new(),
+            state,
         }
     }
 
@@ -142,6 +157,14 @@ fn request_frames(req: &zmq::Socket, frames: &[Vec<u8>]) -> Reply {
     Reply::decode(&bytes).unwrap()
 }
 
+/// Sends `frames` and returns the reply's one frame as bytes.
+fn raw_request(req: &zmq::Socket, frames: &[Vec<u8>]) -> Vec<u8> {
+    req.send_multipart(frames, 0).unwrap();
+    let bytes = req.recv_bytes(0).expect("no reply before the deadline");
+    assert!(!req.get_rcvmore().unwrap(), "a reply has one frame");
+    bytes
+}
+
 fn report(req: &zmq::Socket, e: &Event) -> Reply {
     request_frames(req, &[Request::Report(e.clone()).encode()])
 }
@@ -202,9 +225,11 @@ fn reports_are_acked_and_broadcast_in_sequence() {
         NakReason::Forbidden,
     );
     expect_nak(
-        request_frames(&req, &[b"garbage".to_vec()]),
+        request_frames(&req, &[b"{garbage".to_vec()]),
         NakReason::Malformed,
     );
+    // Not JSON: a legacy request, and legacy is off.
+    assert_eq!(raw_request(&req, &[b"garbage".to_vec()]), b"NAK");
     let last = event(6, "sshd", Action::Ban, "198.51.100.1");
     expect_ack(report(&req, &last), AckStatus::Broadcast, Some(4));
 
@@ -327,8 +352,11 @@ fn hostile_peers_do_not_stop_service() {
     }
 
     // Multi-frame junk from a well-formed REQ is answered, once.
-    let junk: Vec<Vec<u8>> = (0..50).map(|n| vec![n; 100]).collect();
+    let mut junk: Vec<Vec<u8>> = (0..50).map(|n| vec![n; 100]).collect();
+    junk[0][0] = b'{';
     expect_nak(request_frames(&req, &junk), NakReason::Malformed);
+    junk[0][0] = b'x';
+    assert_eq!(raw_request(&req, &junk), b"NAK");
 
     // Honest peers are still served.
     expect_ack(
@@ -407,7 +435,8 @@ fn shutdown_returns_promptly_and_delivers_what_was_broadcast() {
 fn run_stops_on_cancel_and_bind_errors_name_the_key() {
     let hub = Hub::start("50ms");
     // The REP port is taken by the first hub.
-    let mut cfg = config("");
+    let state = tempfile::tempdir().unwrap();
+    let mut cfg = config(state.path(), "");
     cfg.reply_bind = config::Endpoint::bind(&hub.reply).unwrap();
     let err = bind(&cfg).unwrap_err();
     assert!(
@@ -429,7 +458,7 @@ fn run_stops_on_cancel_and_bind_errors_name_the_key() {
         .unwrap();
     rt.block_on(async {
         let token = CancellationToken::new();
-        let task = tokio::spawn(f2b_publisher::run(config(""), token.clone()));
+        let task = tokio::spawn(f2b_publisher::run(config(state.path(), ""), token.clone()));
         token.cancel();
         tokio::time::timeout(DEADLINE, task)
             .await
@@ -477,4 +506,247 @@ fn peers_that_never_read_do_not_block_the_others() {
         assert_eq!(next_event(&sub).0, u64::from(i));
     }
     drop((idle_sub, idle_req));
+}
+
+/// A SUB socket on the legacy PUB endpoint, returned once it provably receives:
+/// native reports of fresh addresses are sent until one arrives in legacy form.
+/// Returns the socket and the last sequence number those reports used.
+fn legacy_sub(hub: &Hub, req: &zmq::Socket) -> (zmq::Socket, u64) {
+    let s = new_socket(&hub.ctx, zmq::SUB).unwrap();
+    s.set_subscribe(b"").unwrap();
+    s.connect(
+        hub.legacy_broadcast
+            .as_deref()
+            .expect("legacy_broadcast_bind"),
+    )
+    .unwrap();
+    s.set_rcvtimeo(20).unwrap();
+    for n in 1..=250u64 {
+        let ip = format!("198.51.100.{n}");
+        expect_ack(
+            report(
+                req,
+                &event(u128::from(n) + 50_000, "prime", Action::Ban, &ip),
+            ),
+            AckStatus::Broadcast,
+            Some(n),
+        );
+        if let Ok(frames) = s.recv_multipart(0) {
+            assert_eq!(frames.len(), 1, "a legacy broadcast has one frame");
+            // Later primers may still be in flight: drain them, they are all ours.
+            while let Ok(f) = s.recv_multipart(0) {
+                assert!(f[0].starts_with(b"web1|prime|Ban|198.51.100."));
+            }
+            s.set_rcvtimeo(DEADLINE.as_millis() as i32).unwrap();
+            return (s, n);
+        }
+    }
+    panic!("the legacy subscription never became live");
+}
+
+fn recv_legacy(sub: &zmq::Socket) -> String {
+    let frames = sub
+        .recv_multipart(0)
+        .expect("no legacy broadcast before the deadline");
+    assert_eq!(
+        frames.len(),
+        1,
+        "a legacy broadcast has one frame: {frames:?}"
+    );
+    String::from_utf8(frames[0].clone()).unwrap()
+}
+
+#[test]
+fn legacy_monitors_and_subscribers_are_served_beside_native_ones() {
+    let hub = Hub::start_with(
+        "heartbeat_interval = \"50ms\"\nlegacy = true\n\
+         legacy_broadcast_bind = \"tcp://127.0.0.1:*\"",
+    );
+    let req = hub.req();
+    let (old_sub, primed) = legacy_sub(&hub, &req);
+    let sub = hub.sub(&[b""]);
+    // Native reports of the primers may still be queued for `sub`: it subscribed
+    // after them, so it gets none of them.
+
+    // An old monitor's report: the exact echo, a native broadcast, the same string
+    // on the legacy socket.
+    let wire = "web1|sshd|Ban|203.0.113.5";
+    assert_eq!(raw_request(&req, &[wire.into()]), wire.as_bytes());
+    let (seq, e) = next_event(&sub);
+    assert_eq!(seq, primed + 1);
+    assert_eq!(
+        (e.node.as_str(), e.jail.as_str(), e.action, e.ip.to_string()),
+        ("web1", "sshd", Action::Ban, "203.0.113.5".into())
+    );
+    assert_eq!(recv_legacy(&old_sub), wire);
+
+    // Refusals are the bare string; an echo of the cluster state is echoed.
+    assert_eq!(
+        raw_request(&req, &[b"web1|sshd|Drop|203.0.113.5".to_vec()]),
+        b"NAK"
+    );
+    assert_eq!(
+        raw_request(&req, &[b"web1|sshd|Ban|127.0.0.1".to_vec()]),
+        b"NAK"
+    );
+    assert_eq!(
+        raw_request(&req, &[b"web2|sshd|Ban|203.0.113.5".to_vec()]),
+        b"web2|sshd|Ban|203.0.113.5"
+    );
+
+    // Native reports are mirrored in legacy form, IPv4 only.
+    expect_ack(
+        report(&req, &event(1, "sshd", Action::Ban, "2001:db8::5")),
+        AckStatus::Broadcast,
+        Some(primed + 2),
+    );
+    expect_ack(
+        report(&req, &event(2, "nginx", Action::Unban, "192.0.2.7")),
+        AckStatus::Broadcast,
+        Some(primed + 3),
+    );
+    // PUB/SUB keeps order: had the IPv6 ban or a heartbeat been sent to old
+    // subscribers, it would come first.
+    assert_eq!(recv_legacy(&old_sub), "web1|nginx|Unban|192.0.2.7");
+    assert_eq!(next_event(&sub).0, primed + 2);
+    assert_eq!(next_event(&sub).0, primed + 3);
+    // Nothing else for old subscribers, heartbeats included.
+    old_sub.set_rcvtimeo(200).unwrap();
+    assert!(
+        old_sub.recv_multipart(0).is_err(),
+        "a heartbeat or the IPv6 ban went to old subscribers"
+    );
+}
+
+#[test]
+fn legacy_token_is_checked_and_stripped() {
+    let hub = Hub::start_with("legacy = true\nlegacy_token = \"s3cret\"");
+    let req = hub.req();
+    let sub = hub.sub(&[b""]);
+    assert_eq!(
+        raw_request(&req, &[b"s3cret|web1|sshd|Ban|203.0.113.5".to_vec()]),
+        b"web1|sshd|Ban|203.0.113.5"
+    );
+    assert_eq!(next_event(&sub).0, 1);
+    assert_eq!(
+        raw_request(&req, &[b"web1|sshd|Ban|203.0.113.6".to_vec()]),
+        b"NAK"
+    );
+    assert_eq!(
+        raw_request(&req, &[b"nope|web1|sshd|Ban|203.0.113.6".to_vec()]),
+        b"NAK"
+    );
+    // Native reports are unaffected by the legacy token.
+    expect_ack(
+        report(&req, &event(1, "sshd", Action::Ban, "203.0.113.6")),
+        AckStatus::Broadcast,
+        Some(2),
+    );
+}
+
+fn snapshot(req: &zmq::Socket, jails: &[&str], cursor: Option<u64>) -> f2b_proto::SnapshotPage {
+    let r = Request::Snapshot(SnapshotRequest {
+        jails: jails.iter().map(|j| JailName::new(j).unwrap()).collect(),
+        cursor,
+    });
+    match SnapshotReply::decode(&raw_request(req, &[r.encode()])).unwrap() {
+        SnapshotReply::Page(p) => p,
+        SnapshotReply::Nak(n) => panic!("{n:?}"),
+    }
+}
+
+#[test]
+fn snapshots_are_served_page_by_page() {
+    let hub = Hub::start("1h");
+    let req = hub.req();
+    let mut active = Vec::new();
+    for n in 1..=150u32 {
+        let ip = std::net::Ipv4Addr::from(0xCB00_7100 + n).to_string();
+        let jail = if n % 2 == 0 { "sshd" } else { "nginx" };
+        expect_ack(
+            report(&req, &event(n.into(), jail, Action::Ban, &ip)),
+            AckStatus::Broadcast,
+            Some(n.into()),
+        );
+        active.push((u64::from(n), jail, ip));
+    }
+    // Two of them are unbanned again.
+    for (id, n) in [(1000u128, 10usize), (1001, 11)] {
+        let (_, jail, ip) = active.remove(n);
+        expect_ack(
+            report(&req, &event(id, jail, Action::Unban, &ip)),
+            AckStatus::Broadcast,
+            Some(149 + id as u64 - 998),
+        );
+    }
+    let last = 152;
+
+    let mut got = Vec::new();
+    let mut cursor = None;
+    let mut pages = 0;
+    loop {
+        let page = snapshot(&req, &[], cursor);
+        assert_eq!((page.epoch, page.seq), (hub.epoch, last));
+        got.extend(
+            page.bans
+                .iter()
+                .map(|b| (b.seq, b.event.jail.to_string(), b.event.ip.to_string())),
+        );
+        pages += 1;
+        match page.next {
+            Some(n) => cursor = Some(n),
+            None => break,
+        }
+    }
+    assert!(pages >= 3, "{pages} pages");
+    let want: Vec<(u64, String, String)> = active
+        .iter()
+        .map(|(s, j, ip)| (*s, j.to_string(), ip.clone()))
+        .collect();
+    assert_eq!(got, want);
+
+    let page = snapshot(&req, &["sshd"], None);
+    assert!(page.bans.iter().all(|b| b.event.jail.as_str() == "sshd"));
+    assert_eq!(page.bans.first().map(|b| b.seq), Some(2));
+}
+
+#[test]
+fn a_restarted_hub_keeps_its_epoch_sequence_and_memory() {
+    let mut hub = Hub::start("50ms");
+    let req = hub.req();
+    let ban = event(1, "sshd", Action::Ban, "203.0.113.5");
+    expect_ack(report(&req, &ban), AckStatus::Broadcast, Some(1));
+    expect_ack(
+        report(&req, &event(2, "sshd", Action::Ban, "203.0.113.6")),
+        AckStatus::Broadcast,
+        Some(2),
+    );
+    let epoch = hub.epoch;
+    let (result, _) = hub.stop();
+    result.unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let state = std::mem::replace(&mut hub.state, state);
+    drop(hub);
+
+    let bound = bind(&config(state.path(), "heartbeat_interval = \"50ms\"")).unwrap();
+    let hub = Hub::serve(bound, state);
+    assert_eq!(hub.epoch, epoch);
+    let req = hub.req();
+    let sub = hub.sub(&[b""]);
+    expect_ack(report(&req, &ban), AckStatus::Duplicate, Some(1));
+    expect_ack(
+        report(&req, &event(3, "sshd", Action::Ban, "203.0.113.5")),
+        AckStatus::Unchanged,
+        None,
+    );
+    expect_ack(
+        report(&req, &event(4, "sshd", Action::Unban, "203.0.113.5")),
+        AckStatus::Broadcast,
+        Some(3),
+    );
+    let (seq, _) = next_event(&sub);
+    assert_eq!(seq, 3);
+    let page = snapshot(&req, &[], None);
+    assert_eq!((page.epoch, page.seq), (hub.epoch, 3));
+    assert_eq!(page.bans.iter().map(|b| b.seq).collect::<Vec<_>>(), [2]);
 }

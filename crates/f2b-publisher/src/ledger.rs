@@ -1,0 +1,795 @@
+//! The ledger: every event the publisher broadcast, in SQLite (`state_dir/ledger.sqlite3`),
+//! so that the epoch, the sequence numbers, the cluster state and duplicate detection
+//! survive a restart, and so that snapshots can list the active bans.
+//!
+//! fail2ban keeps its own bans in SQLite too; an operator can read the ledger with
+//! `sqlite3 ledger.sqlite3 'select * from events'` while the publisher runs (WAL mode
+//! lets readers in beside the writer).
+//!
+//! # Durability
+//!
+//! An event is committed (`synchronous = FULL`: the WAL is synced on every commit)
+//! before it is broadcast and before its ACK is sent, so an ACK `broadcast` means the
+//! event survives a crash of the publisher or of its machine. A write that fails is
+//! refused with a transient NAK (`busy`); the monitor sends it again.
+//!
+//! # Schema (version [`SCHEMA_VERSION`], in `PRAGMA user_version`)
+//!
+//! - `meta(key, value)`: `epoch` (16 hex digits), `last_seq` (the last sequence number
+//!   used, which never goes back even when its row is pruned), `created_ms`.
+//! - `events`: one row per broadcast event: `seq` (primary key), `epoch`, `id`,
+//!   `node`, `jail`, `action` (`ban`/`unban`), `ip`, `time_ms` (the event's time),
+//!   `accepted_ms` (the publisher's time), `expires_ms` (bans: `accepted_ms` +
+//!   `ban_time`; unbans: null), `origin` (`native`/`legacy`), `peer` (the reporting
+//!   socket's address) and `credential` (reserved for authentication; null).
+//!
+//! # Retention
+//!
+//! [`Ledger::prune`] deletes what no longer matters: bans that expired, rows
+//! superseded by a later row of the same (jail, address) (a ban followed by an
+//! unban), and unbans older than `ban_time`. What is left is the active bans and the
+//! recent unbans: exactly what the in-memory state is rebuilt from at start.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use f2b_proto::{
+    Action, ActiveBan, Epoch, Event, EventId, JailName, NodeName, SnapshotPage, MAX_SAFE_INTEGER,
+};
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row};
+
+/// The ledger's file name in `state_dir`.
+pub const LEDGER_FILE: &str = "ledger.sqlite3";
+
+/// The schema this publisher writes and reads (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// The most rows one [`Ledger::prune`] call deletes, so that a large backlog is
+/// pruned in steps between requests instead of in one long stall.
+pub const PRUNE_BATCH: usize = 10_000;
+
+/// How long a write waits for a lock held by another connection (an operator's
+/// `sqlite3` checkpointing) before it fails.
+const BUSY_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Rows fetched for one snapshot page: more than a page can hold (a ban takes at
+/// least about 130 of the page's 8192 bytes).
+const SNAPSHOT_FETCH: usize = 128;
+
+const SCHEMA: &str = "
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY NOT NULL,
+    value NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY NOT NULL,
+    epoch TEXT NOT NULL,
+    id TEXT NOT NULL,
+    node TEXT NOT NULL,
+    jail TEXT NOT NULL,
+    action TEXT NOT NULL CHECK (action IN ('ban', 'unban')),
+    ip TEXT NOT NULL,
+    time_ms INTEGER NOT NULL,
+    accepted_ms INTEGER NOT NULL,
+    expires_ms INTEGER,
+    origin TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    credential BLOB
+);
+CREATE INDEX events_by_address ON events (jail, ip, seq);
+";
+
+/// The columns a [`Record`] is read from, in [`record`]'s order.
+const COLUMNS: &str =
+    "e.seq, e.id, e.node, e.jail, e.action, e.ip, e.time_ms, e.accepted_ms, e.expires_ms, e.origin, e.peer";
+
+/// A row is superseded when a later row of the same (jail, address) exists.
+const SUPERSEDED: &str =
+    "EXISTS (SELECT 1 FROM events l WHERE l.jail = e.jail AND l.ip = e.ip AND l.seq > e.seq)";
+
+/// Why the ledger cannot be opened, read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LedgerError {
+    #[error("cannot create the state directory {path} (set [publisher] state_dir to a writable directory)")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read or create the ledger {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the ledger {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error(
+        "the ledger {path} is corrupt ({detail}); move it away and the publisher starts a new one"
+    )]
+    Corrupt { path: PathBuf, detail: String },
+    #[error(
+        "{path} is a SQLite database but not a fail2ban-cluster ledger; move it away or set \
+         [publisher] state_dir to another directory"
+    )]
+    Foreign { path: PathBuf },
+    #[error(
+        "the ledger {path} has schema version {found}, newer than this publisher's {supported}; \
+         run the newer publisher, or move the ledger away (losing its state)"
+    )]
+    NewerSchema {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    #[error("cannot move the corrupt ledger {path} away to {to}")]
+    Quarantine {
+        path: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("ledger {path}: cannot {what}")]
+    Sql {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("ledger {path}: sequence number {found} does not follow {last}")]
+    Sequence {
+        path: PathBuf,
+        last: u64,
+        found: u64,
+    },
+    #[error("cannot draw a random epoch: {0}")]
+    Random(String),
+}
+
+impl LedgerError {
+    /// Whether this is a corruption of the file (rather than a permission, a lock or
+    /// a full disk).
+    pub fn is_corrupt(&self) -> bool {
+        matches!(self, LedgerError::Corrupt { .. })
+    }
+}
+
+/// One broadcast event as the ledger keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub seq: u64,
+    pub event: Event,
+    /// When the publisher accepted it, ms since the Unix epoch.
+    pub accepted_ms: u64,
+    /// For a ban, when the cluster stops holding it; `None` for an unban.
+    pub expires_ms: Option<u64>,
+    /// Whether a fail2ban-zmq-tools monitor reported it.
+    pub legacy: bool,
+    /// The reporting peer's address.
+    pub peer: String,
+}
+
+/// What [`Ledger::prune`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    pub deleted: usize,
+    /// The batch was full: call again soon.
+    pub more: bool,
+}
+
+/// Whether [`Ledger::open`] found a ledger or made a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    Existing,
+    Created,
+}
+
+/// The publisher's durable record of its epoch, sequence numbers and broadcast
+/// events.
+pub struct Ledger {
+    conn: Connection,
+    path: PathBuf,
+    epoch: Epoch,
+    last_seq: u64,
+    opened: Opened,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger")
+            .field("path", &self.path)
+            .field("epoch", &self.epoch)
+            .field("last_seq", &self.last_seq)
+            .finish_non_exhaustive()
+    }
+}
+
+fn random_epoch() -> Result<Epoch, LedgerError> {
+    getrandom::u64()
+        .map(Epoch)
+        .map_err(|e| LedgerError::Random(e.to_string()))
+}
+
+fn is_corruption(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt)
+    )
+}
+
+/// A u64 as SQLite stores it (i64), saturating.
+fn sql_int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn now_ms(now: SystemTime) -> u64 {
+    now.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Reads a row of [`COLUMNS`]. The outer error is SQLite's; the inner one says why a
+/// row (edited by hand, or damaged) is not a valid event.
+fn record(row: &Row<'_>) -> rusqlite::Result<Result<Record, String>> {
+    let seq: i64 = row.get(0)?;
+    let id: String = row.get(1)?;
+    let node: String = row.get(2)?;
+    let jail: String = row.get(3)?;
+    let action: String = row.get(4)?;
+    let ip: String = row.get(5)?;
+    let time_ms: i64 = row.get(6)?;
+    let accepted_ms: i64 = row.get(7)?;
+    let expires_ms: Option<i64> = row.get(8)?;
+    let origin: String = row.get(9)?;
+    let peer: String = row.get(10)?;
+    let build = || -> Result<Record, String> {
+        let seq = u64::try_from(seq)
+            .ok()
+            .filter(|s| (1..=MAX_SAFE_INTEGER).contains(s))
+            .ok_or_else(|| format!("seq {seq} out of range"))?;
+        let bad = |what: &str, e: &dyn std::fmt::Display| format!("seq {seq}: {what}: {e}");
+        let event = Event::new(
+            id.parse::<EventId>().map_err(|e| bad("id", &e))?,
+            NodeName::new(&node).map_err(|e| bad("node", &e))?,
+            JailName::new(&jail).map_err(|e| bad("jail", &e))?,
+            action.parse::<Action>().map_err(|e| bad("action", &e))?,
+            f2b_proto::event::parse_ip(&ip).map_err(|e| bad("ip", &e))?,
+            u64::try_from(time_ms).map_err(|e| bad("time_ms", &e))?,
+        )
+        .map_err(|e| bad("event", &e))?;
+        let expires_ms = match expires_ms {
+            Some(v) => Some(u64::try_from(v).map_err(|e| bad("expires_ms", &e))?),
+            None => None,
+        };
+        if event.action == Action::Ban && expires_ms.is_none() {
+            return Err(format!("seq {seq}: a ban without expires_ms"));
+        }
+        Ok(Record {
+            seq,
+            event,
+            accepted_ms: u64::try_from(accepted_ms).map_err(|e| bad("accepted_ms", &e))?,
+            expires_ms,
+            legacy: origin == "legacy",
+            peer,
+        })
+    };
+    Ok(build())
+}
+
+impl Ledger {
+    /// Opens `dir/ledger.sqlite3`, creating the directory (mode 0700) and a new
+    /// ledger with a random epoch if there is none. Fails with
+    /// [`LedgerError::Corrupt`] when the file is not a sound SQLite database (see
+    /// [`Ledger::open_or_recover`]), and with a clear error for a ledger of a newer
+    /// schema or a database that is not a ledger.
+    pub fn open(dir: &Path) -> Result<Ledger, LedgerError> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| LedgerError::Dir {
+                path: dir.to_owned(),
+                source,
+            })?;
+        let path = dir.join(LEDGER_FILE);
+        // SQLite deletes the WAL of a file it does not recognise: look at the file
+        // first, so that what recovery moves away is the whole evidence.
+        check_header(&path)?;
+        // A new ledger is created private (SQLite gives its -wal and -shm files the
+        // same mode); an empty file is an empty database to SQLite.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(source) => {
+                    return Err(LedgerError::Read {
+                        path: path.clone(),
+                        source,
+                    })
+                }
+            }
+        }
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| LedgerError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let ledger = Ledger::init(conn, path.clone(), true).map_err(|e| match e {
+            LedgerError::Sql { source, .. } | LedgerError::Open { source, .. }
+                if is_corruption(&source) =>
+            {
+                LedgerError::Corrupt {
+                    path: path.clone(),
+                    detail: source.to_string(),
+                }
+            }
+            other => other,
+        })?;
+        if ledger.opened == Opened::Created {
+            tracing::warn!(
+                path = %path.display(),
+                epoch = %ledger.epoch,
+                "new ledger: no previous state (first start, or the ledger was deleted or \
+                 moved away); sequence numbers start at 1 in a new epoch"
+            );
+        }
+        Ok(ledger)
+    }
+
+    /// [`Ledger::open`], but a corrupt ledger file is moved away to
+    /// `ledger.sqlite3.corrupt-<unix time>` (with its `-wal` and `-shm` files) and a
+    /// new ledger with a new epoch is started, with a loud error in the log: the hub
+    /// stays up, the evidence is kept, and subscribers see the new epoch. Every
+    /// other failure (permissions, a newer schema, a foreign database) is returned.
+    pub fn open_or_recover(dir: &Path, now: SystemTime) -> Result<Ledger, LedgerError> {
+        match Ledger::open(dir) {
+            Err(LedgerError::Corrupt { path, detail }) => {
+                let moved = quarantine(&path, now)?;
+                tracing::error!(
+                    path = %path.display(),
+                    moved_to = %moved.display(),
+                    detail = detail.as_str(),
+                    "ledger corrupt: moved it away and started a new ledger with a new \
+                     epoch; the bans it held are no longer in snapshots"
+                );
+                Ledger::open(dir)
+            }
+            other => other,
+        }
+    }
+
+    /// A ledger in memory with `epoch`, for tests and tools: nothing survives it.
+    pub fn in_memory(epoch: Epoch) -> Result<Ledger, LedgerError> {
+        let path = PathBuf::from(":memory:");
+        let conn = Connection::open_in_memory().map_err(|source| LedgerError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let mut ledger = Ledger::init(conn, path, false)?;
+        ledger.epoch = epoch;
+        ledger
+            .conn
+            .execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'epoch'",
+                [epoch.to_string()],
+            )
+            .map_err(ledger.sql("set the epoch"))?;
+        Ok(ledger)
+    }
+
+    fn sql(&self, what: &'static str) -> impl FnOnce(rusqlite::Error) -> LedgerError + '_ {
+        move |source| LedgerError::Sql {
+            path: self.path.clone(),
+            what,
+            source,
+        }
+    }
+
+    /// Sets the connection up, checks the file, creates the schema in a new ledger
+    /// and reads the epoch and last sequence number.
+    fn init(mut conn: Connection, path: PathBuf, file: bool) -> Result<Ledger, LedgerError> {
+        let sql = |what: &'static str| {
+            let path = path.clone();
+            move |source| LedgerError::Sql { path, what, source }
+        };
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(sql("set the busy timeout"))?;
+        if file {
+            // The first statement that reads the file: a file that is not a
+            // database fails here.
+            let mode: String = conn
+                .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+                .map_err(sql("switch to WAL mode"))?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                tracing::warn!(path = %path.display(), mode, "the ledger is not in WAL mode");
+            }
+            conn.pragma_update(None, "synchronous", "FULL")
+                .map_err(sql("set synchronous = FULL"))?;
+            let check: String = conn
+                .query_row("PRAGMA quick_check", [], |r| r.get(0))
+                .map_err(sql("check the file"))?;
+            if check != "ok" {
+                return Err(LedgerError::Corrupt {
+                    path,
+                    detail: format!("quick_check: {check}"),
+                });
+            }
+        }
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(sql("read the schema version"))?;
+        let opened = match version {
+            0 => {
+                let objects: i64 = conn
+                    .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+                    .map_err(sql("read the schema"))?;
+                if objects != 0 {
+                    return Err(LedgerError::Foreign { path });
+                }
+                let epoch = random_epoch()?;
+                let tx = conn.transaction().map_err(sql("begin"))?;
+                tx.execute_batch(SCHEMA).map_err(sql("create the schema"))?;
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES ('epoch', ?1), ('last_seq', 0), \
+                     ('created_ms', ?2)",
+                    params![epoch.to_string(), sql_int(now_ms(SystemTime::now()))],
+                )
+                .map_err(sql("write the epoch"))?;
+                tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                    .map_err(sql("write the schema version"))?;
+                tx.commit().map_err(sql("create the ledger"))?;
+                Opened::Created
+            }
+            SCHEMA_VERSION => Opened::Existing,
+            v if v > SCHEMA_VERSION => {
+                return Err(LedgerError::NewerSchema {
+                    path,
+                    found: v,
+                    supported: SCHEMA_VERSION,
+                })
+            }
+            _ => return Err(LedgerError::Foreign { path }),
+        };
+        let meta = |key: &'static str| {
+            conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
+                r.get::<_, rusqlite::types::Value>(0)
+            })
+            .optional()
+        };
+        let corrupt = |detail: String| LedgerError::Corrupt {
+            path: path.clone(),
+            detail,
+        };
+        let epoch = match meta("epoch").map_err(sql("read the epoch"))? {
+            Some(rusqlite::types::Value::Text(t)) => t
+                .parse::<Epoch>()
+                .map_err(|e| corrupt(format!("meta epoch: {e}")))?,
+            other => return Err(corrupt(format!("meta epoch is {other:?}"))),
+        };
+        let meta_seq = match meta("last_seq").map_err(sql("read the last sequence number"))? {
+            Some(rusqlite::types::Value::Integer(n)) => u64::try_from(n).ok(),
+            _ => None,
+        }
+        .ok_or_else(|| corrupt("meta last_seq is missing or negative".into()))?;
+        let max_row: Option<i64> = conn
+            .query_row("SELECT max(seq) FROM events", [], |r| r.get(0))
+            .map_err(sql("read the last sequence number"))?;
+        let last_seq = meta_seq.max(max_row.and_then(|s| u64::try_from(s).ok()).unwrap_or(0));
+        Ok(Ledger {
+            conn,
+            path,
+            epoch,
+            last_seq,
+            opened,
+        })
+    }
+
+    /// The file (`:memory:` for an in-memory ledger).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// The last sequence number used (0: none yet).
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// Whether this ledger was made by this open.
+    pub fn opened(&self) -> Opened {
+        self.opened
+    }
+
+    /// Commits `record`, whose `seq` must be [`Self::last_seq`] + 1, and the new
+    /// last sequence number, in one transaction.
+    pub fn append(&mut self, record: &Record) -> Result<(), LedgerError> {
+        if record.seq != self.last_seq.saturating_add(1) {
+            return Err(LedgerError::Sequence {
+                path: self.path.clone(),
+                last: self.last_seq,
+                found: record.seq,
+            });
+        }
+        let e = &record.event;
+        let tx = self.conn.transaction().map_err(|source| LedgerError::Sql {
+            path: self.path.clone(),
+            what: "begin a write",
+            source,
+        })?;
+        let written = tx
+            .execute(
+                "INSERT INTO events (seq, epoch, id, node, jail, action, ip, time_ms, \
+                 accepted_ms, expires_ms, origin, peer, credential) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, NULL)",
+                params![
+                    sql_int(record.seq),
+                    self.epoch.to_string(),
+                    e.id.to_string(),
+                    e.node.as_str(),
+                    e.jail.as_str(),
+                    e.action.as_str(),
+                    e.ip.to_string(),
+                    sql_int(e.time_ms),
+                    sql_int(record.accepted_ms),
+                    record.expires_ms.map(sql_int),
+                    if record.legacy { "legacy" } else { "native" },
+                    record.peer.as_str(),
+                ],
+            )
+            .and_then(|_| {
+                tx.execute(
+                    "UPDATE meta SET value = ?1 WHERE key = 'last_seq'",
+                    [sql_int(record.seq)],
+                )
+            })
+            .and_then(|_| tx.commit());
+        written.map_err(|source| LedgerError::Sql {
+            path: self.path.clone(),
+            what: "write an event",
+            source,
+        })?;
+        self.last_seq = record.seq;
+        Ok(())
+    }
+
+    /// Calls `f` with every row kept, in sequence order; returns how many rows were
+    /// skipped as invalid (each logged).
+    pub fn for_each(&self, mut f: impl FnMut(Record)) -> Result<usize, LedgerError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("SELECT {COLUMNS} FROM events e ORDER BY e.seq"))
+            .map_err(self.sql("read the events"))?;
+        let mut rows = stmt.query([]).map_err(self.sql("read the events"))?;
+        let mut skipped = 0;
+        while let Some(row) = rows.next().map_err(self.sql("read the events"))? {
+            match record(row).map_err(self.sql("read an event"))? {
+                Ok(r) => f(r),
+                Err(why) => {
+                    skipped += 1;
+                    tracing::warn!(path = %self.path.display(), why, "ledger row skipped");
+                }
+            }
+        }
+        Ok(skipped)
+    }
+
+    /// How many bans are active at `now_ms` (unexpired, not superseded).
+    pub fn active_bans(&self, now_ms: u64) -> Result<u64, LedgerError> {
+        let n: i64 = self
+            .conn
+            .query_row(
+                &format!(
+                    "SELECT count(*) FROM events e WHERE e.action = 'ban' \
+                     AND e.expires_ms > ?1 AND NOT {SUPERSEDED}"
+                ),
+                [sql_int(now_ms)],
+                |r| r.get(0),
+            )
+            .map_err(self.sql("count the active bans"))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// One snapshot page: the active bans at `now_ms` with a sequence number above
+    /// `cursor`, of `jails` (all when empty), in sequence order, as many as fit in a
+    /// message. `seq` is the page's [`SnapshotPage::seq`] (the last broadcast).
+    /// `next` is the last sequence number included when more may follow.
+    pub fn snapshot_page(
+        &self,
+        jails: &[JailName],
+        cursor: Option<u64>,
+        now_ms: u64,
+        seq: u64,
+    ) -> Result<SnapshotPage, LedgerError> {
+        let mut sql = format!(
+            "SELECT {COLUMNS} FROM events e WHERE e.action = 'ban' AND e.expires_ms > ?1 \
+             AND e.seq > ?2 AND NOT {SUPERSEDED}"
+        );
+        let mut args: Vec<rusqlite::types::Value> =
+            vec![sql_int(now_ms).into(), sql_int(cursor.unwrap_or(0)).into()];
+        if !jails.is_empty() {
+            sql.push_str(" AND e.jail IN (");
+            for (i, j) in jails.iter().enumerate() {
+                let _ = write!(sql, "{}?{}", if i == 0 { "" } else { ", " }, i + 3);
+                args.push(j.as_str().to_owned().into());
+            }
+            sql.push(')');
+        }
+        let _ = write!(sql, " ORDER BY e.seq LIMIT {SNAPSHOT_FETCH}");
+        let mut stmt = self
+            .conn
+            .prepare(&sql)
+            .map_err(self.sql("read a snapshot"))?;
+        let mut rows = stmt
+            .query(rusqlite::params_from_iter(args))
+            .map_err(self.sql("read a snapshot"))?;
+        let mut page = SnapshotPage::new(self.epoch, seq);
+        let mut fetched = 0;
+        let mut last_seen = None;
+        while let Some(row) = rows.next().map_err(self.sql("read a snapshot"))? {
+            fetched += 1;
+            let row_seq: i64 = row.get(0).map_err(self.sql("read a snapshot"))?;
+            last_seen = u64::try_from(row_seq).ok().or(last_seen);
+            let r = match record(row).map_err(self.sql("read a snapshot"))? {
+                Ok(r) => r,
+                Err(why) => {
+                    tracing::warn!(path = %self.path.display(), why, "ledger row skipped");
+                    continue;
+                }
+            };
+            let ban = ActiveBan {
+                seq: r.seq,
+                expires_ms: r.expires_ms.unwrap_or(0),
+                event: r.event,
+            };
+            if page.try_push(ban).is_err() {
+                // The page is full: the next one starts after the last ban in it.
+                page.next = page.bans.last().map(|b| b.seq);
+                return Ok(page);
+            }
+        }
+        if fetched == SNAPSHOT_FETCH {
+            page.next = last_seen;
+        }
+        Ok(page)
+    }
+
+    /// Deletes at most `batch` rows that no longer matter at `now_ms`: expired bans,
+    /// rows superseded by a later row of the same (jail, address), and unbans older
+    /// than `ban_time_ms`. The last sequence number is kept in `meta`, so pruning its
+    /// row never lets a sequence number be used twice.
+    pub fn prune(
+        &mut self,
+        now_ms: u64,
+        ban_time_ms: u64,
+        batch: usize,
+    ) -> Result<Pruned, LedgerError> {
+        let deleted = self
+            .conn
+            .execute(
+                &format!(
+                    "DELETE FROM events WHERE seq IN (SELECT e.seq FROM events e WHERE \
+                     (e.action = 'ban' AND e.expires_ms <= ?1) \
+                     OR (e.action = 'unban' AND e.accepted_ms <= ?2) \
+                     OR {SUPERSEDED} LIMIT ?3)"
+                ),
+                params![
+                    sql_int(now_ms),
+                    sql_int(now_ms.saturating_sub(ban_time_ms)),
+                    sql_int(batch as u64),
+                ],
+            )
+            .map_err(self.sql("prune"))?;
+        Ok(Pruned {
+            deleted,
+            more: deleted >= batch,
+        })
+    }
+
+    /// How many rows the ledger holds.
+    pub fn rows(&self) -> Result<u64, LedgerError> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
+            .map_err(self.sql("count the events"))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Makes every later write fail (`true`), as a full or read-only disk would, or
+    /// work again (`false`).
+    #[cfg(test)]
+    pub(crate) fn fail_writes(&self, fail: bool) {
+        self.conn
+            .pragma_update(None, "query_only", fail)
+            .expect("set query_only");
+    }
+}
+
+/// Fails with [`LedgerError::Corrupt`] when `path` exists, is not empty and does not
+/// start with SQLite's header.
+fn check_header(path: &Path) -> Result<(), LedgerError> {
+    use std::io::Read;
+    const MAGIC: &[u8; 16] = b"SQLite format 3\0";
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        // Absent: a new ledger. Unreadable: SQLite's open says why.
+        Err(_) => return Ok(()),
+    };
+    let mut head = Vec::with_capacity(MAGIC.len());
+    let read = file
+        .by_ref()
+        .take(MAGIC.len() as u64)
+        .read_to_end(&mut head);
+    match read {
+        Ok(0) => Ok(()),
+        Ok(_) if head.as_slice() == MAGIC => Ok(()),
+        Ok(_) => Err(LedgerError::Corrupt {
+            path: path.to_owned(),
+            detail: "not a SQLite database (no SQLite header)".into(),
+        }),
+        Err(source) => Err(LedgerError::Read {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Moves `path` and its `-wal` and `-shm` files to `<path>.corrupt-<unix time>`
+/// (with a counter if that exists); returns the new name of the ledger file.
+fn quarantine(path: &Path, now: SystemTime) -> Result<PathBuf, LedgerError> {
+    let secs = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let base = format!("{}.corrupt-{secs}", path.display());
+    let mut to = PathBuf::from(&base);
+    let mut n = 1;
+    while to.exists() {
+        to = PathBuf::from(format!("{base}.{n}"));
+        n += 1;
+    }
+    std::fs::rename(path, &to).map_err(|source| LedgerError::Quarantine {
+        path: path.to_owned(),
+        to: to.clone(),
+        source,
+    })?;
+    for suffix in ["-wal", "-shm"] {
+        let side = PathBuf::from(format!("{}{suffix}", path.display()));
+        if side.exists() {
+            let side_to = PathBuf::from(format!("{}{suffix}", to.display()));
+            // A stale WAL next to a new database would be replayed into it: if it
+            // cannot be moved, it must go.
+            if std::fs::rename(&side, &side_to).is_err() {
+                std::fs::remove_file(&side).map_err(|source| LedgerError::Quarantine {
+                    path: side.clone(),
+                    to: side_to,
+                    source,
+                })?;
+            }
+        }
+    }
+    Ok(to)
+}
+
+#[cfg(test)]
+mod tests;

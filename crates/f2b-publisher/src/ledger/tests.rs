@@ -1,0 +1,371 @@
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+
+use f2b_proto::{SnapshotReply, MAX_MESSAGE_SIZE};
+
+use super::*;
+
+const NOW: u64 = 1_763_702_000_000;
+const BAN_MS: u64 = 600_000;
+
+fn event(id: u128, jail: &str, action: Action, ip: &str) -> Event {
+    Event::new(
+        EventId::from_u128(id),
+        NodeName::new("web1").unwrap(),
+        JailName::new(jail).unwrap(),
+        action,
+        ip.parse().unwrap(),
+        NOW - 5,
+    )
+    .unwrap()
+}
+
+/// Appends the next event, accepted at `at`.
+fn add(l: &mut Ledger, jail: &str, action: Action, ip: &str, at: u64) -> u64 {
+    let seq = l.last_seq() + 1;
+    l.append(&Record {
+        seq,
+        event: event(u128::from(seq as u32) + 1000, jail, action, ip),
+        accepted_ms: at,
+        expires_ms: (action == Action::Ban).then_some(at + BAN_MS),
+        legacy: false,
+        peer: "192.0.2.99".into(),
+    })
+    .unwrap();
+    seq
+}
+
+fn rows(l: &Ledger) -> Vec<Record> {
+    let mut all = Vec::new();
+    assert_eq!(l.for_each(|r| all.push(r)).unwrap(), 0);
+    all
+}
+
+/// Every page of the snapshot, following the cursors.
+fn pages(l: &Ledger, jails: &[&str], now: u64) -> Vec<SnapshotPage> {
+    let jails: Vec<JailName> = jails.iter().map(|j| JailName::new(j).unwrap()).collect();
+    let mut cursor = None;
+    let mut out = Vec::new();
+    loop {
+        let page = l.snapshot_page(&jails, cursor, now, l.last_seq()).unwrap();
+        let bytes = SnapshotReply::Page(page.clone()).encode();
+        assert!(bytes.len() <= MAX_MESSAGE_SIZE, "{} bytes", bytes.len());
+        cursor = page.next;
+        out.push(page);
+        if cursor.is_none() {
+            return out;
+        }
+        assert!(out.len() < 1000, "the cursor does not advance");
+    }
+}
+
+fn snapshot_seqs(l: &Ledger, jails: &[&str], now: u64) -> Vec<u64> {
+    pages(l, jails, now)
+        .iter()
+        .flat_map(|p| p.bans.iter().map(|b| b.seq))
+        .collect()
+}
+
+#[test]
+fn reopen_continues_the_sequence_in_the_same_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("a/b/publisher");
+    let mut l = Ledger::open(&state).unwrap();
+    assert_eq!((l.opened(), l.last_seq()), (Opened::Created, 0));
+    let mode = std::fs::metadata(&state).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+    assert_eq!(l.path(), state.join(LEDGER_FILE));
+    let mode = std::fs::metadata(l.path()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    let epoch = l.epoch();
+    for n in 0..3 {
+        add(&mut l, "sshd", Action::Ban, &format!("203.0.113.{n}"), NOW);
+    }
+    drop(l);
+
+    let mut l = Ledger::open(&state).unwrap();
+    assert_eq!(
+        (l.opened(), l.epoch(), l.last_seq()),
+        (Opened::Existing, epoch, 3)
+    );
+    assert_eq!(
+        rows(&l).iter().map(|r| r.seq).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    let first = &rows(&l)[0];
+    assert_eq!(first.event, event(1001, "sshd", Action::Ban, "203.0.113.0"));
+    assert_eq!(
+        (first.accepted_ms, first.expires_ms),
+        (NOW, Some(NOW + BAN_MS))
+    );
+    // Neither a gap nor a reuse.
+    let mut r = rows(&l)[0].clone();
+    for seq in [3, 5] {
+        r.seq = seq;
+        let err = l.append(&r).unwrap_err();
+        assert!(matches!(err, LedgerError::Sequence { .. }), "{err}");
+    }
+    assert_eq!(add(&mut l, "sshd", Action::Unban, "203.0.113.0", NOW), 4);
+}
+
+#[test]
+fn the_last_seq_survives_pruning_every_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut l = Ledger::open(dir.path()).unwrap();
+    add(&mut l, "sshd", Action::Ban, "203.0.113.1", NOW);
+    add(&mut l, "sshd", Action::Unban, "203.0.113.2", NOW);
+    let p = l.prune(NOW + 10 * BAN_MS, BAN_MS, PRUNE_BATCH).unwrap();
+    assert_eq!(
+        p,
+        Pruned {
+            deleted: 2,
+            more: false
+        }
+    );
+    assert_eq!(l.rows().unwrap(), 0);
+    drop(l);
+    let mut l = Ledger::open(dir.path()).unwrap();
+    assert_eq!(l.last_seq(), 2);
+    assert_eq!(add(&mut l, "sshd", Action::Ban, "203.0.113.1", NOW), 3);
+}
+
+#[test]
+fn a_deleted_ledger_starts_a_new_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut l = Ledger::open(&state).unwrap();
+    add(&mut l, "sshd", Action::Ban, "203.0.113.1", NOW);
+    let epoch = l.epoch();
+    drop(l);
+    std::fs::remove_dir_all(&state).unwrap();
+    let l = Ledger::open(&state).unwrap();
+    assert_eq!((l.opened(), l.last_seq()), (Opened::Created, 0));
+    assert_ne!(l.epoch(), epoch);
+}
+
+#[test]
+fn prune_keeps_active_bans_and_recent_unbans_only() {
+    let mut l = Ledger::in_memory(Epoch(1)).unwrap();
+    let t = NOW;
+    let expired = add(&mut l, "sshd", Action::Ban, "203.0.113.1", t - BAN_MS);
+    let active = add(&mut l, "sshd", Action::Ban, "203.0.113.2", t - 1000);
+    let superseded = add(&mut l, "sshd", Action::Ban, "203.0.113.3", t - 2000);
+    let recent_unban = add(&mut l, "sshd", Action::Unban, "203.0.113.3", t - 1000);
+    let old_unban = add(&mut l, "nginx", Action::Unban, "203.0.113.4", t - BAN_MS);
+    // The same address in another jail is another ban.
+    let other_jail = add(&mut l, "nginx", Action::Ban, "203.0.113.3", t - 1000);
+    let unbanned_then_banned = add(&mut l, "nginx", Action::Unban, "203.0.113.5", t - 3000);
+    let banned_again = add(&mut l, "nginx", Action::Ban, "203.0.113.5", t - 2000);
+
+    // In small batches: `more` until the last one.
+    let mut deleted = 0;
+    loop {
+        let p = l.prune(t, BAN_MS, 1).unwrap();
+        deleted += p.deleted;
+        if !p.more {
+            break;
+        }
+    }
+    assert_eq!(deleted, 4);
+    let kept: Vec<u64> = rows(&l).iter().map(|r| r.seq).collect();
+    assert_eq!(kept, [active, recent_unban, other_jail, banned_again]);
+    for gone in [expired, superseded, old_unban, unbanned_then_banned] {
+        assert!(!kept.contains(&gone));
+    }
+    assert_eq!(l.active_bans(t).unwrap(), 3);
+    assert_eq!(l.last_seq(), banned_again);
+    // Later, the bans expire and the unban ages out.
+    l.prune(t + BAN_MS, BAN_MS, PRUNE_BATCH).unwrap();
+    assert_eq!(l.rows().unwrap(), 0);
+    assert_eq!(l.active_bans(t + BAN_MS).unwrap(), 0);
+}
+
+#[test]
+fn snapshot_pages_cover_every_active_ban_once_in_order() {
+    let mut l = Ledger::in_memory(Epoch(7)).unwrap();
+    let mut expected = Vec::new();
+    for n in 0..400u32 {
+        let ip = std::net::Ipv4Addr::from(0xC633_6400 + n).to_string();
+        let jail = ["sshd", "nginx", "postfix"][n as usize % 3];
+        let seq = add(&mut l, jail, Action::Ban, &ip, NOW);
+        if n % 7 == 0 {
+            // Unbanned later: not in the snapshot.
+            add(&mut l, jail, Action::Unban, &ip, NOW);
+        } else {
+            expected.push((seq, jail));
+        }
+    }
+    // An unban of an address never banned is no ban either.
+    add(&mut l, "sshd", Action::Unban, "192.0.2.1", NOW);
+    let all = pages(&l, &[], NOW);
+    assert!(all.len() >= 4, "{} pages", all.len());
+    for p in &all {
+        assert_eq!((p.epoch, p.seq), (Epoch(7), l.last_seq()));
+        assert!(!p.bans.is_empty());
+        for b in &p.bans {
+            assert_eq!(b.event.action, Action::Ban);
+            assert_eq!(b.expires_ms, NOW + BAN_MS);
+        }
+    }
+    let seqs: Vec<u64> = all
+        .iter()
+        .flat_map(|p| p.bans.iter().map(|b| b.seq))
+        .collect();
+    assert_eq!(seqs, expected.iter().map(|(s, _)| *s).collect::<Vec<_>>());
+
+    // A jail filter.
+    let want: Vec<u64> = expected
+        .iter()
+        .filter(|(_, j)| *j != "nginx")
+        .map(|(s, _)| *s)
+        .collect();
+    assert_eq!(snapshot_seqs(&l, &["sshd", "postfix"], NOW), want);
+    assert_eq!(snapshot_seqs(&l, &["no-such-jail"], NOW), Vec::<u64>::new());
+
+    // Expired bans are not listed, even before they are pruned.
+    assert_eq!(snapshot_seqs(&l, &[], NOW + BAN_MS), Vec::<u64>::new());
+    let later = add(&mut l, "sshd", Action::Ban, "192.0.2.2", NOW + BAN_MS);
+    assert_eq!(snapshot_seqs(&l, &[], NOW + BAN_MS), [later]);
+}
+
+#[test]
+fn an_empty_snapshot_is_one_page() {
+    let l = Ledger::in_memory(Epoch(7)).unwrap();
+    let all = pages(&l, &[], NOW);
+    assert_eq!(all.len(), 1);
+    assert!(all[0].bans.is_empty());
+    assert_eq!(all[0].seq, 0);
+}
+
+#[test]
+fn a_cursor_past_the_end_gives_an_empty_last_page() {
+    let mut l = Ledger::in_memory(Epoch(7)).unwrap();
+    add(&mut l, "sshd", Action::Ban, "192.0.2.2", NOW);
+    let page = l.snapshot_page(&[], Some(u64::MAX), NOW, 1).unwrap();
+    assert!(page.bans.is_empty() && page.next.is_none());
+}
+
+#[test]
+fn garbage_is_a_corrupt_ledger_which_recovery_moves_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(LEDGER_FILE);
+    let garbage: Vec<u8> = (0..10_000u32).map(|n| (n * 7919 % 251) as u8).collect();
+    std::fs::write(&file, &garbage).unwrap();
+    std::fs::write(dir.path().join("ledger.sqlite3-wal"), b"stale wal").unwrap();
+
+    let err = Ledger::open(dir.path()).unwrap_err();
+    assert!(err.is_corrupt(), "{err:?}");
+    let shown = f2b_common::daemon::error_chain(&err);
+    assert!(
+        shown.contains(&file.display().to_string()) && shown.contains("move it away"),
+        "{shown}"
+    );
+    // Still there: open alone never deletes anything.
+    assert_eq!(std::fs::read(&file).unwrap(), garbage);
+    assert!(dir.path().join("ledger.sqlite3-wal").exists());
+
+    let now = UNIX_EPOCH + Duration::from_secs(1_763_702_000);
+    let l = Ledger::open_or_recover(dir.path(), now).unwrap();
+    assert_eq!((l.opened(), l.last_seq()), (Opened::Created, 0));
+    let moved = dir.path().join("ledger.sqlite3.corrupt-1763702000");
+    assert_eq!(std::fs::read(&moved).unwrap(), garbage);
+    assert_eq!(
+        std::fs::read(dir.path().join("ledger.sqlite3.corrupt-1763702000-wal")).unwrap(),
+        b"stale wal"
+    );
+    drop(l);
+    // The new ledger is sound, and a second corruption in the same second does
+    // not overwrite the first one's evidence.
+    assert_eq!(Ledger::open(dir.path()).unwrap().opened(), Opened::Existing);
+    std::fs::write(&file, b"garbage again, but shorter").unwrap();
+    Ledger::open_or_recover(dir.path(), now).unwrap();
+    assert_eq!(
+        std::fs::read(dir.path().join("ledger.sqlite3.corrupt-1763702000.1")).unwrap(),
+        b"garbage again, but shorter"
+    );
+    assert_eq!(std::fs::read(&moved).unwrap(), garbage);
+}
+
+#[test]
+fn damaged_pages_are_a_corrupt_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut l = Ledger::open(dir.path()).unwrap();
+    for n in 0..2000u32 {
+        let ip = std::net::Ipv4Addr::from(0xC633_6400 + n).to_string();
+        add(&mut l, "sshd", Action::Ban, &ip, NOW);
+    }
+    drop(l); // the last connection checkpoints the WAL into the file
+    let file = dir.path().join(LEDGER_FILE);
+    let mut bytes = std::fs::read(&file).unwrap();
+    assert!(bytes.len() > 64 * 1024, "{}", bytes.len());
+    for (n, b) in bytes[8192..].iter_mut().enumerate() {
+        *b = (n * 31 % 256) as u8;
+    }
+    std::fs::write(&file, &bytes).unwrap();
+    let err = Ledger::open(dir.path()).unwrap_err();
+    assert!(err.is_corrupt(), "{err:?}");
+    let l = Ledger::open_or_recover(dir.path(), SystemTime::now()).unwrap();
+    assert_eq!(l.last_seq(), 0);
+}
+
+#[test]
+fn foreign_and_newer_databases_are_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(LEDGER_FILE);
+    let other = Connection::open(&file).unwrap();
+    other
+        .execute_batch("CREATE TABLE bans (ip TEXT); INSERT INTO bans VALUES ('x');")
+        .unwrap();
+    drop(other);
+    for attempt in [
+        Ledger::open(dir.path()),
+        Ledger::open_or_recover(dir.path(), SystemTime::now()),
+    ] {
+        let err = attempt.unwrap_err();
+        assert!(matches!(err, LedgerError::Foreign { .. }), "{err:?}");
+    }
+    std::fs::remove_file(&file).unwrap();
+
+    drop(Ledger::open(dir.path()).unwrap());
+    let conn = Connection::open(&file).unwrap();
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+        .unwrap();
+    drop(conn);
+    let err = Ledger::open_or_recover(dir.path(), SystemTime::now()).unwrap_err();
+    assert!(
+        matches!(err, LedgerError::NewerSchema { found: 2, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("newer"), "{err}");
+    assert!(file.exists());
+}
+
+#[test]
+fn an_unwritable_state_dir_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, b"").unwrap();
+    let err = Ledger::open(&blocker.join("state")).unwrap_err();
+    assert!(matches!(err, LedgerError::Dir { .. }), "{err:?}");
+    assert!(err.to_string().contains("state_dir"), "{err}");
+}
+
+#[test]
+fn hand_edited_rows_are_skipped_not_fatal() {
+    let mut l = Ledger::in_memory(Epoch(1)).unwrap();
+    add(&mut l, "sshd", Action::Ban, "203.0.113.1", NOW);
+    add(&mut l, "sshd", Action::Ban, "203.0.113.2", NOW);
+    l.conn
+        .execute("UPDATE events SET ip = 'not an ip' WHERE seq = 1", [])
+        .unwrap();
+    let mut seen = BTreeSet::new();
+    assert_eq!(
+        l.for_each(|r| {
+            seen.insert(r.seq);
+        })
+        .unwrap(),
+        1
+    );
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), [2]);
+    assert_eq!(snapshot_seqs(&l, &[], NOW), [2]);
+}
