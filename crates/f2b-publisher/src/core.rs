@@ -36,6 +36,9 @@ pub const CLUSTER_STATES: usize = 100_000;
 /// forged. Past times are accepted (a monitor may send a backlog after an outage).
 pub const MAX_FUTURE: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// How often the ledger is pruned (also once at start).
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+
 /// The core's tunables; [`Limits::default`] holds the production values, tests
 /// shrink them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +49,8 @@ pub struct Limits {
     pub cluster_states: usize,
     /// How far an event's time may be ahead of the publisher's clock.
     pub max_future: Duration,
+    /// How often the server prunes the ledger.
+    pub prune_interval: Duration,
 }
 
 impl Default for Limits {
@@ -54,6 +59,7 @@ impl Default for Limits {
             recent_ids: RECENT_IDS,
             cluster_states: CLUSTER_STATES,
             max_future: MAX_FUTURE,
+            prune_interval: PRUNE_INTERVAL,
         }
     }
 }

@@ -43,7 +43,7 @@ pub mod legacy;
 pub mod memory;
 pub mod server;
 
-pub use crate::core::{reserved, Core, Limits, Outcome, Response};
+pub use crate::core::{reserved, Core, Limits, Outcome, Response, PRUNE_INTERVAL};
 pub use crate::ledger::{Ledger, LedgerError};
 pub use crate::server::{bind, bind_with, Bound};
 

@@ -18,9 +18,6 @@ use crate::PublisherError;
 /// How long the PUB sockets may keep delivering queued broadcasts after shutdown.
 pub const SHUTDOWN_LINGER: Duration = Duration::from_secs(1);
 
-/// How often the ledger is pruned (also once at start).
-pub const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
-
 /// The publisher with both sockets bound, not yet serving. [`bind`] then
 /// [`Bound::serve`] is what [`crate::run`] does; tests call them separately to learn
 /// the real endpoints.
@@ -33,6 +30,7 @@ pub struct Bound {
     broadcast_endpoint: String,
     legacy_broadcast_endpoint: Option<String>,
     heartbeat_interval: Duration,
+    prune_interval: Duration,
     core: Core,
 }
 
@@ -54,6 +52,7 @@ pub fn bind_with(config: &PublisherConfig, limits: Limits) -> Result<Bound, Publ
     let now = now_ms();
     let ban_time_ms = u64::try_from(config.ban_time.as_millis()).unwrap_or(u64::MAX);
     while ledger.prune(now, ban_time_ms, PRUNE_BATCH)?.more {}
+    let prune_interval = limits.prune_interval;
     let core = Core::new(ledger, config.ban_time, limits, now)?.with_legacy(config.legacy.clone());
     tracing::info!(
         path = %core.ledger().path().display(),
@@ -124,6 +123,7 @@ pub fn bind_with(config: &PublisherConfig, limits: Limits) -> Result<Bound, Publ
         broadcast_endpoint,
         legacy_broadcast_endpoint,
         heartbeat_interval: config.heartbeat_interval,
+        prune_interval,
         core,
     })
 }
@@ -199,7 +199,7 @@ impl Bound {
     fn serve_loop(&mut self, waker: &zmq::Socket) -> Result<(), PublisherError> {
         let interval = self.heartbeat_interval;
         let mut last_sent = Instant::now();
-        let mut next_prune = Instant::now() + PRUNE_INTERVAL;
+        let mut next_prune = Instant::now() + self.prune_interval;
         loop {
             let due = (last_sent + interval).min(next_prune);
             let timeout = poll_timeout(due.saturating_duration_since(Instant::now()));
@@ -227,7 +227,12 @@ impl Bound {
             if Instant::now() >= next_prune {
                 // A full batch means more is left: go on after serving what waits.
                 let more = self.prune();
-                next_prune = Instant::now() + if more { Duration::ZERO } else { PRUNE_INTERVAL };
+                next_prune = Instant::now()
+                    + if more {
+                        Duration::ZERO
+                    } else {
+                        self.prune_interval
+                    };
             }
         }
     }

@@ -16,7 +16,7 @@ use f2b_proto::{
     event_topic, AckStatus, Action, Broadcast, Event, EventId, JailName, NakReason, NodeName,
     Reply, Request, SnapshotReply, SnapshotRequest, HEARTBEAT_TOPIC,
 };
-use f2b_publisher::{bind, Bound, PublisherError};
+use f2b_publisher::{bind, bind_with, Bound, Limits, PublisherError};
 
 /// How long any single wait may take before the test fails.
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -749,4 +749,55 @@ fn a_restarted_hub_keeps_its_epoch_sequence_and_memory() {
     let page = snapshot(&req, &[], None);
     assert_eq!((page.epoch, page.seq), (hub.epoch, 3));
     assert_eq!(page.bans.iter().map(|b| b.seq).collect::<Vec<_>>(), [2]);
+}
+
+/// Rows in the ledger, read through a connection of its own (WAL lets a reader in
+/// beside the publisher, as an operator's sqlite3 would).
+fn ledger_rows(state: &Path) -> i64 {
+    let conn = rusqlite::Connection::open(state.join("ledger.sqlite3")).unwrap();
+    conn.query_row("SELECT count(*) FROM events", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn the_serving_hub_prunes_its_ledger_periodically() {
+    let state = tempfile::tempdir().unwrap();
+    let cfg = config(
+        state.path(),
+        "heartbeat_interval = \"50ms\"\nban_time = \"300ms\"",
+    );
+    let limits = Limits {
+        prune_interval: Duration::from_millis(50),
+        ..Limits::default()
+    };
+    let hub = Hub::serve(bind_with(&cfg, limits).unwrap(), state);
+    let req = hub.req();
+    let sub = hub.sub(&[b""]);
+    expect_ack(
+        report(&req, &event(1, "sshd", Action::Ban, "203.0.113.5")),
+        AckStatus::Broadcast,
+        Some(1),
+    );
+    expect_ack(
+        report(&req, &event(2, "sshd", Action::Unban, "203.0.113.6")),
+        AckStatus::Broadcast,
+        Some(2),
+    );
+    // Committed before the ACK.
+    assert_eq!(ledger_rows(hub.state.path()), 2);
+    let end = Instant::now() + DEADLINE;
+    while ledger_rows(hub.state.path()) != 0 {
+        assert!(Instant::now() < end, "the ledger was not pruned");
+        // Heartbeats keep coming meanwhile: pruning runs in the serving thread.
+        assert!(matches!(
+            recv_broadcast(&sub),
+            Broadcast::Heartbeat(_) | Broadcast::Event(_)
+        ));
+    }
+    // The sequence goes on.
+    expect_ack(
+        report(&req, &event(3, "sshd", Action::Ban, "203.0.113.5")),
+        AckStatus::Broadcast,
+        Some(3),
+    );
 }

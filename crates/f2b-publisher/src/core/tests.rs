@@ -540,7 +540,7 @@ fn memory_stays_bounded() {
     let limits = Limits {
         recent_ids: 50,
         cluster_states: 30,
-        max_future: MAX_FUTURE,
+        ..Limits::default()
     };
     let mut c = core_with(1, Duration::from_secs(3600), limits);
     for n in 0..2000u32 {
