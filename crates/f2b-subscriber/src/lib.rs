@@ -196,7 +196,9 @@ impl Subscriber {
             heartbeat_timeout: config.heartbeat_timeout,
         };
         let rn = notices.clone();
-        let receiver = tokio::task::spawn_blocking(move || receiver::run(ctx, rcfg, waker, tx, rn));
+        let rt = shutdown.clone();
+        let receiver =
+            tokio::task::spawn_blocking(move || receiver::run(ctx, rcfg, waker, rt, tx, rn));
         let intake = tokio::spawn(
             Intake {
                 rx,

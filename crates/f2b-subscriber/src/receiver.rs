@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use f2b_common::config::Endpoint;
 use f2b_common::sockets::new_socket;
-use f2b_common::zmq;
+use f2b_common::{zmq, CancellationToken};
 use f2b_proto::{event_topic, Broadcast, Epoch, JailName, Sequenced, HEARTBEAT_TOPIC, MAX_FRAMES};
 use tokio::sync::mpsc;
 
@@ -74,12 +74,16 @@ pub(crate) struct LinkState {
     /// With one publisher, a new epoch after another one means a restart, and the
     /// new epoch's events before the first one received were missed.
     single_publisher: bool,
+    /// False with a jail filter: the events of other jails are numbered too and
+    /// never arrive, so gaps mean nothing.
+    track_gaps: bool,
 }
 
 impl LinkState {
-    pub(crate) fn new(single_publisher: bool) -> Self {
+    pub(crate) fn new(single_publisher: bool, track_gaps: bool) -> Self {
         LinkState {
             single_publisher,
+            track_gaps,
             ..LinkState::default()
         }
     }
@@ -130,7 +134,10 @@ impl LinkState {
                 }
             }
         };
-        Observation { connected, missed }
+        Observation {
+            connected,
+            missed: if self.track_gaps { missed } else { 0 },
+        }
     }
 }
 
@@ -196,16 +203,22 @@ enum Stop {
 
 /// The receive loop. Returns on shutdown (or when the intake is gone); errors only
 /// when the socket cannot be set up at all.
+///
+/// `shutdown` (from [`f2b_common::sockets::shutdown_socket`]) wakes the poll at
+/// once; `token` is checked at each wake-up as well, so the loop also ends if the
+/// runtime that forwards the cancellation to `shutdown` is already gone.
 pub(crate) fn run(
     ctx: zmq::Context,
     cfg: ReceiverConfig,
     shutdown: zmq::Socket,
+    token: CancellationToken,
     tx: mpsc::Sender<Sequenced>,
     notices: Notices,
 ) -> Result<(), SubscriberError> {
     let mut r = Receiver {
+        token,
         publisher: cfg.publisher_label(),
-        link: LinkState::new(cfg.endpoints.len() == 1),
+        link: LinkState::new(cfg.endpoints.len() == 1, cfg.jails.is_empty()),
         timeout: cfg.heartbeat_timeout,
         bad: RateLimit::new(Duration::from_secs(10)),
         dead: RateLimit::new(Duration::from_secs(60)),
@@ -225,6 +238,7 @@ pub(crate) fn run(
 }
 
 struct Receiver {
+    token: CancellationToken,
     cfg: ReceiverConfig,
     publisher: String,
     link: LinkState,
@@ -244,6 +258,9 @@ impl Receiver {
     ) -> Result<Stop, SubscriberError> {
         let mut last = Instant::now();
         loop {
+            if self.token.is_cancelled() {
+                return Ok(Stop::Shutdown);
+            }
             let now = Instant::now();
             let deadline = last + self.timeout;
             if now >= deadline {
@@ -381,7 +398,7 @@ mod tests {
 
     #[test]
     fn connected_once_per_epoch_and_socket() {
-        let mut l = LinkState::new(true);
+        let mut l = LinkState::new(true, true);
         let e = Epoch(1);
         assert!(l.observe(e, 0, false).connected);
         assert!(!l.observe(e, 1, true).connected);
@@ -392,7 +409,7 @@ mod tests {
 
     #[test]
     fn counts_gaps_within_an_epoch() {
-        let mut l = LinkState::new(true);
+        let mut l = LinkState::new(true, true);
         let e = Epoch(7);
         // Joining a running publisher: earlier events are not a gap.
         assert_eq!(l.observe(e, 40, false).missed, 0);
@@ -407,17 +424,25 @@ mod tests {
 
     #[test]
     fn restart_of_the_only_publisher_counts_events_before_the_first_seen() {
-        let mut l = LinkState::new(true);
+        let mut l = LinkState::new(true, true);
         l.observe(Epoch(1), 5, false);
         assert_eq!(l.observe(Epoch(2), 3, true).missed, 2);
-        let mut many = LinkState::new(false);
+        let mut many = LinkState::new(false, true);
         many.observe(Epoch(1), 5, false);
         assert_eq!(many.observe(Epoch(2), 3, true).missed, 0);
     }
 
     #[test]
+    fn no_gaps_with_a_jail_filter() {
+        let mut l = LinkState::new(true, false);
+        l.observe(Epoch(1), 1, true);
+        assert_eq!(l.observe(Epoch(1), 9, true).missed, 0);
+        assert_eq!(l.observe(Epoch(1), 20, false).missed, 0);
+    }
+
+    #[test]
     fn remembers_a_bounded_number_of_epochs() {
-        let mut l = LinkState::new(false);
+        let mut l = LinkState::new(false, true);
         for i in 0..100 {
             l.observe(Epoch(i), 1, false);
         }

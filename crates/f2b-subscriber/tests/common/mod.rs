@@ -1,0 +1,312 @@
+//! Test harness: a real ZeroMQ PUB socket on an ephemeral loopback port that sends
+//! heartbeats and events, a subscriber run in-process with a channel of notices,
+//! and log capture.
+
+#![allow(dead_code)]
+
+pub mod fail2ban;
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use f2b_common::config::{NodeConfig, SubscriberConfig};
+use f2b_common::{zmq, CancellationToken};
+use f2b_proto::{
+    Action, Broadcast, Epoch, Event, EventId, Heartbeat, JailName, NodeName, Sequenced,
+};
+use f2b_subscriber::{Applier, Notice, Subscriber, SubscriberError};
+use tokio::sync::mpsc;
+
+/// How long a test waits for anything before it fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+enum Cmd {
+    Send(Broadcast),
+    Raw(Vec<Vec<u8>>),
+    Heartbeats(bool),
+    Stop,
+}
+
+/// A publisher stand-in: a PUB socket owned by a thread that sends a heartbeat
+/// every interval (while enabled) and whatever it is told to.
+pub struct TestPublisher {
+    pub endpoint: String,
+    pub epoch: Epoch,
+    cmd: std_mpsc::Sender<Cmd>,
+    thread: Option<JoinHandle<()>>,
+    next_seq: u64,
+}
+
+impl TestPublisher {
+    /// Binds tcp://127.0.0.1:* with a random epoch.
+    pub fn start(interval: Duration) -> TestPublisher {
+        TestPublisher::start_at("tcp://127.0.0.1:*", random_epoch(), interval)
+    }
+
+    /// Binds `endpoint` (to restart a publisher on the same port).
+    pub fn start_at(endpoint: &str, epoch: Epoch, interval: Duration) -> TestPublisher {
+        let (cmd, rx) = std_mpsc::channel();
+        let (ep_tx, ep_rx) = std_mpsc::channel();
+        let endpoint = endpoint.to_owned();
+        let thread = std::thread::spawn(move || {
+            let ctx = zmq::Context::new();
+            let publ = f2b_common::sockets::new_socket(&ctx, zmq::PUB).unwrap();
+            // The port of a restarted publisher may still be held for a moment.
+            let start = std::time::Instant::now();
+            loop {
+                match publ.bind(&endpoint) {
+                    Ok(()) => break,
+                    Err(e) if start.elapsed() < DEADLINE => {
+                        eprintln!("bind {endpoint}: {e}, retrying");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => panic!("bind {endpoint}: {e}"),
+                }
+            }
+            ep_tx
+                .send(f2b_common::sockets::last_endpoint(&publ))
+                .unwrap();
+            let mut beating = true;
+            let mut last_seq = 0;
+            loop {
+                match rx.recv_timeout(interval) {
+                    Ok(Cmd::Send(b)) => {
+                        if let Broadcast::Event(s) = &b {
+                            last_seq = last_seq.max(s.seq);
+                        }
+                        publ.send_multipart([b.topic(), b.encode()], 0).unwrap();
+                    }
+                    Ok(Cmd::Raw(frames)) => publ.send_multipart(frames, 0).unwrap(),
+                    Ok(Cmd::Heartbeats(on)) => beating = on,
+                    Ok(Cmd::Stop) | Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                        if beating {
+                            let hb = Broadcast::Heartbeat(Heartbeat {
+                                seq: last_seq,
+                                epoch,
+                                interval_ms: interval.as_millis() as u64,
+                            });
+                            publ.send_multipart([hb.topic(), hb.encode()], 0).unwrap();
+                        }
+                    }
+                }
+            }
+        });
+        let endpoint = ep_rx.recv().expect("publisher thread bound");
+        TestPublisher {
+            endpoint,
+            epoch,
+            cmd,
+            thread: Some(thread),
+            next_seq: 1,
+        }
+    }
+
+    /// Broadcasts an event with the next sequence number; returns it.
+    pub fn event(&mut self, node: &str, jail: &str, action: Action, ip: &str) -> Sequenced {
+        let s = Sequenced {
+            seq: self.next_seq,
+            epoch: self.epoch,
+            event: event(node, jail, action, ip),
+        };
+        self.next_seq += 1;
+        self.send(s.clone());
+        s
+    }
+
+    /// Broadcasts `s` as given.
+    pub fn send(&self, s: Sequenced) {
+        self.cmd.send(Cmd::Send(Broadcast::Event(s))).unwrap();
+    }
+
+    /// Skips `n` sequence numbers (events the subscriber never gets).
+    pub fn skip(&mut self, n: u64) {
+        self.next_seq += n;
+    }
+
+    pub fn raw(&self, frames: Vec<Vec<u8>>) {
+        self.cmd.send(Cmd::Raw(frames)).unwrap();
+    }
+
+    pub fn heartbeats(&self, on: bool) {
+        self.cmd.send(Cmd::Heartbeats(on)).unwrap();
+    }
+}
+
+impl Drop for TestPublisher {
+    fn drop(&mut self) {
+        let _ = self.cmd.send(Cmd::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A value unique in this process and unlikely to repeat across runs.
+pub fn unique() -> u128 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (nanos << 32) ^ u128::from(n) ^ (u128::from(std::process::id()) << 96)
+}
+
+pub fn random_epoch() -> Epoch {
+    Epoch(unique() as u64)
+}
+
+pub fn event(node: &str, jail: &str, action: Action, ip: &str) -> Event {
+    Event::new(
+        EventId::from_u128(unique()),
+        NodeName::new(node).unwrap(),
+        JailName::new(jail).unwrap(),
+        action,
+        ip.parse().unwrap(),
+        1_763_702_000_000,
+    )
+    .unwrap()
+}
+
+/// `[node]` and `[subscriber]` from TOML lines (`publisher` is added).
+pub fn config(node: &str, endpoint: &str, subscriber: &str) -> (NodeConfig, SubscriberConfig) {
+    let text = format!(
+        "[node]\nname = \"{node}\"\n[subscriber]\npublisher = \"{endpoint}\"\n{subscriber}\n"
+    );
+    let c = f2b_common::config::from_str(&text, Path::new("test.conf"))
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+    (c.node, c.subscriber)
+}
+
+/// A subscriber running in-process.
+pub struct Running {
+    pub token: CancellationToken,
+    handle: Option<tokio::task::JoinHandle<Result<(), SubscriberError>>>,
+    notices: mpsc::UnboundedReceiver<Notice>,
+    /// Every notice received so far.
+    pub seen: Vec<Notice>,
+}
+
+impl Running {
+    pub fn start(node: NodeConfig, config: SubscriberConfig) -> Running {
+        Running::start_with(Subscriber::new(node, config))
+    }
+
+    pub fn start_applier(
+        node: NodeConfig,
+        config: SubscriberConfig,
+        applier: Box<dyn Applier>,
+    ) -> Running {
+        Running::start_with(Subscriber::new(node, config).with_applier(applier))
+    }
+
+    pub fn start_with(s: Subscriber) -> Running {
+        let (tx, notices) = mpsc::unbounded_channel();
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(s.with_notices(tx).run(token.clone()));
+        Running {
+            token,
+            handle: Some(handle),
+            notices,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a notice matching `pred` (any time after the previous match),
+    /// failing the test after `DEADLINE`.
+    pub async fn wait_for(&mut self, what: &str, mut pred: impl FnMut(&Notice) -> bool) -> Notice {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let n = tokio::time::timeout_at(deadline, self.notices.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no {what} within {DEADLINE:?}; seen: {:#?}", self.seen))
+                .expect("subscriber stopped");
+            self.seen.push(n.clone());
+            if pred(&n) {
+                return n;
+            }
+        }
+    }
+
+    pub async fn connected(&mut self) -> Epoch {
+        match self
+            .wait_for("connected", |n| matches!(n, Notice::Connected { .. }))
+            .await
+        {
+            Notice::Connected { epoch } => epoch,
+            _ => unreachable!(),
+        }
+    }
+
+    pub async fn applied(&mut self, ip: &str) -> Notice {
+        let ip: IpAddr = ip.parse().unwrap();
+        self.wait_for(
+            &format!("applied {ip}"),
+            |n| matches!(n, Notice::Applied { ip: i, .. } if *i == ip),
+        )
+        .await
+    }
+
+    /// Cancels and waits for `run` to return, which must be Ok and prompt.
+    pub async fn stop(mut self) {
+        self.token.cancel();
+        let h = self.handle.take().unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(10), h)
+            .await
+            .expect("run returned within 10 s of shutdown")
+            .expect("run did not panic");
+        r.expect("run returned Ok");
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+/// Log lines written on the current thread while alive (the subscriber's tasks run
+/// on the test's current-thread runtime, so their lines are captured).
+pub struct Logs {
+    buf: Arc<Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl Logs {
+    pub fn capture() -> Logs {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let w = Writer(buf.clone());
+        let sub = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || w.clone())
+            .finish();
+        Logs {
+            buf,
+            _guard: tracing::subscriber::set_default(sub),
+        }
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.buf.lock().unwrap()).into_owned()
+    }
+}
+
+#[derive(Clone)]
+struct Writer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Writer {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
