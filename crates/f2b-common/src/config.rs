@@ -213,7 +213,51 @@ pub struct RawSubscriber {
 /// Stage 1: parses the text of a configuration file. Errors carry TOML's own
 /// message, which quotes the line and names an unknown key.
 pub fn parse(text: &str) -> Result<RawConfig, String> {
-    toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    toml::from_str(text).map_err(|e| {
+        // TOML's own message quotes the offending line, which may hold a secret (a
+        // token, a key); the error goes to standard error and the logs. So the line
+        // is named by its number, and the message is kept unless that line may hold
+        // a secret and the message may quote its value.
+        let Some(start) = e.span().map(|s| s.start) else {
+            return e.message().trim_end().to_owned();
+        };
+        let before = text.get(..start).unwrap_or("");
+        let line_no = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        let line = text.lines().nth(line_no - 1).unwrap_or("");
+        let message = e.message().trim_end();
+        let message = if may_hold_secret(line) && !message.starts_with("unknown field") {
+            "invalid value (not shown: this line may hold a secret)"
+        } else {
+            message
+        };
+        let section = text
+            .lines()
+            .take(line_no)
+            .filter_map(|l| {
+                let l = l.trim();
+                l.strip_prefix('[')?.split(']').next().map(str::trim)
+            })
+            .last();
+        let key = line
+            .split_once('=')
+            .map(|(k, _)| k.trim())
+            .filter(|k| !k.is_empty() && !k.starts_with('['));
+        let at = match (section, key) {
+            (Some(s), Some(k)) => format!(", key `{s}.{k}`"),
+            (None, Some(k)) => format!(", key `{k}`"),
+            _ => String::new(),
+        };
+        format!("TOML parse error at line {line_no}, column {column}{at}: {message}")
+    })
+}
+
+/// Whether a configuration line may carry a secret, by its key.
+fn may_hold_secret(line: &str) -> bool {
+    let l = line.to_ascii_lowercase();
+    ["token", "secret", "key", "password"]
+        .iter()
+        .any(|w| l.contains(w))
 }
 
 // ---------------------------------------------------------------------------
@@ -935,6 +979,24 @@ mod tests {
         assert_eq!(token.expose(), "hunter2");
         let shown = format!("{c:?} {token}");
         assert!(!shown.contains("hunter2"), "{shown}");
+    }
+
+    #[test]
+    fn syntax_errors_do_not_quote_secrets() {
+        for text in [
+            "[publisher]\nlegacy = true\nlegacy_token = \"hunter2\n",
+            "[publisher]\nlegacy = true\nlegacy_token = 1234hunter2\n",
+            "[publisher]\nlegacy_tokn = \"hunter2\"\n",
+        ] {
+            let err = validate(text).unwrap_err();
+            assert!(!err.contains("hunter2"), "{err}");
+            assert!(
+                err.contains("line 3") || err.contains("legacy_tokn"),
+                "{err}"
+            );
+        }
+        let err = validate("[monitor]\nlog_pth = \"/x\"\n").unwrap_err();
+        assert!(err.contains("log_pth"), "{err}");
     }
 
     #[test]

@@ -93,8 +93,8 @@ pub fn daemonize(pidfile: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot daemonize (pidfile {}): {e}", pidfile.display()))
 }
 
-/// A token cancelled on the first SIGTERM or SIGINT. Must be called inside a tokio
-/// runtime.
+/// A token cancelled on the first SIGTERM or SIGINT; a second one exits the
+/// process at once (status 130). Must be called inside a tokio runtime.
 pub fn shutdown_on_signals() -> std::io::Result<CancellationToken> {
     use tokio::signal::unix::{signal, SignalKind};
     let token = CancellationToken::new();
@@ -108,6 +108,13 @@ pub fn shutdown_on_signals() -> std::io::Result<CancellationToken> {
         };
         tracing::info!(signal = which, "shutting down");
         t.cancel();
+        // A second signal means the operator will not wait for a clean stop.
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::warn!(signal = which, "second signal: exiting at once");
+        std::process::exit(130);
     });
     Ok(token)
 }

@@ -60,13 +60,18 @@ pub fn shutdown_socket(ctx: &zmq::Context, token: CancellationToken) -> zmq::Res
         WAKER_ID.fetch_add(1, Ordering::Relaxed)
     );
     let rx = ctx.socket(zmq::PAIR)?;
+    rx.set_linger(0)?;
     rx.bind(&name)?;
     let tx = ctx.socket(zmq::PAIR)?;
+    tx.set_linger(0)?;
+    tx.set_sndhwm(1)?;
     tx.connect(&name)?;
     tokio::spawn(async move {
         token.cancelled().await;
-        // A failure here means the receiving side is already gone.
-        let _ = tx.send("", 0);
+        // Never block a runtime worker: if the receiving side is already gone (its
+        // thread finished first), or the one-message queue is already full, there
+        // is nobody left to wake.
+        let _ = tx.send("", zmq::DONTWAIT);
     });
     Ok(rx)
 }
@@ -87,6 +92,40 @@ mod tests {
         });
         token.cancel();
         assert!(waiter.await.unwrap());
+    }
+
+    /// The receiving side may be dropped before shutdown (its thread ended first):
+    /// cancelling must then neither block a runtime worker nor hang the runtime's
+    /// shutdown.
+    #[test]
+    fn cancel_after_the_receiver_is_gone_does_not_hang() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let ctx = zmq::Context::new();
+        let token = CancellationToken::new();
+        runtime.block_on(async {
+            let rx = shutdown_socket(&ctx, token.clone()).unwrap();
+            drop(rx);
+            token.cancel();
+            // Give the forwarding task its turn on the single worker.
+            tokio::task::yield_now().await;
+            tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                tokio::task::yield_now().await;
+            })
+            .await
+            .unwrap();
+        });
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(runtime);
+            let _ = done_tx.send(());
+        });
+        done_rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the runtime shut down");
     }
 
     #[test]

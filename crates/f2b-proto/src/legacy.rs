@@ -188,6 +188,10 @@ fn parse_part(p: &str) -> Option<u32> {
     } else {
         (p, 10)
     };
+    if !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        // from_str_radix would take a leading '+'; inet_aton does not.
+        return None;
+    }
     if digits.is_empty() {
         // "0x" alone is 0 for glibc.
         return (radix == 16).then_some(0);
@@ -218,6 +222,8 @@ mod tests {
             ("", None),
             ("1.2.3.4x", None),
             ("08.1.1.1", None),
+            ("+1.2.3.4", None),
+            ("1.+2.3.4", None),
             ("2001:db8::1", None),
             ("example.org", None),
         ];
