@@ -318,7 +318,10 @@ impl Core {
     /// whatever the bytes.
     pub fn handle<F: AsRef<[u8]>>(&mut self, frames: &[F], peer: &str, now_ms: u64) -> Outcome {
         if let Some(first) = frames.first().map(AsRef::as_ref) {
-            if f2b_proto::legacy::is_legacy(first) {
+            // An empty or blank frame is no fail2ban-zmq-tools message (that has at
+            // least `h|j|a|i`): it gets the native `malformed` NAK.
+            let blank = first.iter().all(u8::is_ascii_whitespace);
+            if !blank && f2b_proto::legacy::is_legacy(first) {
                 return self.legacy(frames.len(), first, peer, now_ms);
             }
         }

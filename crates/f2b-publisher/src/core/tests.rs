@@ -740,7 +740,6 @@ fn legacy_requests_are_refused_with_nak_when_legacy_is_off() {
     for text in [
         &b"web1|sshd|Ban|203.0.113.5"[..],
         b"secret|web1|sshd|Ban|203.0.113.5",
-        b"",
         b"[1,2,3]",
         b"\x00\xff\xfe garbage",
         "[".repeat(5000).as_bytes(),
@@ -748,6 +747,31 @@ fn legacy_requests_are_refused_with_nak_when_legacy_is_off() {
         expect_legacy_nak(&legacy_send(&mut c, text));
     }
     assert_eq!((c.last_seq(), c.memory_len()), (0, (0, 0)));
+}
+
+/// An empty or blank frame cannot be a fail2ban-zmq-tools message (it has at least
+/// `h|j|a|i`): it is answered with a native `malformed` NAK, legacy on or off.
+#[test]
+fn an_empty_or_blank_frame_is_a_native_malformed_nak() {
+    for mut c in [core(), legacy_core(None), legacy_core(Some("s3cret"))] {
+        for text in [&b""[..], b" ", b"\n", b" \t\r\n "] {
+            let out = legacy_send(&mut c, text);
+            assert!(
+                matches!(out.reply, Response::Reply(Reply::Nak(_))),
+                "{text:?}: {out:?}"
+            );
+            expect_nak(&out, NakReason::Malformed);
+            // What goes on the wire is a JSON NAK, not the bare string.
+            let bytes = out.reply.encode();
+            assert!(
+                matches!(Reply::decode(&bytes), Ok(Reply::Nak(_))),
+                "{bytes:?}"
+            );
+        }
+        // No frame at all is one too.
+        expect_nak(&c.handle::<&[u8]>(&[], PEER, NOW), NakReason::Malformed);
+        assert_eq!((c.last_seq(), c.memory_len()), (0, (0, 0)));
+    }
 }
 
 #[test]
