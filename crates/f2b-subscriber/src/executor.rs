@@ -309,7 +309,7 @@ impl Executor {
                 node = %i.event.node,
                 seq = i.seq,
                 id = %i.event.id,
-                via,
+                via = %via,
                 "applied"
             );
             self.notices.send(Notice::Applied {
@@ -335,7 +335,7 @@ impl Executor {
                 tracing::error!(
                     jail = %jail,
                     error = %e.message,
-                    via = self.applier.name(),
+                    via = %self.applier.name(),
                     "local jail does not exist: its events are kept and retried until it does (check ban_jail / jail.local)"
                 );
             } else {
@@ -348,7 +348,7 @@ impl Executor {
                 count = ips.len(),
                 error = %e.message,
                 retry_in = ?delay,
-                via = self.applier.name(),
+                via = %self.applier.name(),
                 "action failed, will retry"
             );
         }
@@ -374,7 +374,7 @@ impl Executor {
             ip = %ip,
             error = %e.message,
             retry_in = ?delay,
-            via = self.applier.name(),
+            via = %self.applier.name(),
             "action failed, will retry"
         );
         self.notices.send(Notice::Failed {

@@ -175,7 +175,7 @@ impl Subscriber {
             node = %node.name,
             publisher = %config.publisher.iter().map(|e| e.as_str()).collect::<Vec<_>>().join(","),
             jails = %jails_label(&config.jails),
-            action = applier.name(),
+            action = %applier.name(),
             ban_jail = %config.ban_jail.as_ref().map_or("(event's jail)", |j| j.as_str()),
             "starting"
         );
