@@ -236,8 +236,10 @@ impl Core {
     /// A core over `ledger`, that considers an address banned for `ban_time` after
     /// the ban was accepted. The recent event ids and the cluster state are rebuilt
     /// from what the ledger kept, as of `now_ms`, so duplicate and state
-    /// deduplication survive a restart. Legacy requests are refused until
-    /// [`Core::with_legacy`].
+    /// deduplication survive a restart: a ban kept in the ledger holds until its
+    /// row's `expires_ms` (the `ban_time` it was accepted under), as snapshots say;
+    /// an unban is remembered for the current `ban_time`. Legacy requests are
+    /// refused until [`Core::with_legacy`].
     pub fn new(
         ledger: Ledger,
         ban_time: Duration,
@@ -246,14 +248,21 @@ impl Core {
     ) -> Result<Self, LedgerError> {
         let ban_time_ms = millis(ban_time);
         let mut ids = RecentIds::new(limits.recent_ids);
-        let mut state = ClusterState::new(limits.cluster_states, ban_time_ms);
+        let mut state = ClusterState::new(limits.cluster_states);
         ledger.for_each(|r| {
             ids.insert(r.event.id, Some(r.seq));
-            let s = match r.event.action {
-                Action::Ban => BanState::Banned,
-                Action::Unban => BanState::Unbanned,
+            let (s, until_ms) = match r.event.action {
+                Action::Ban => (
+                    BanState::Banned,
+                    r.expires_ms
+                        .unwrap_or_else(|| r.accepted_ms.saturating_add(ban_time_ms)),
+                ),
+                Action::Unban => (
+                    BanState::Unbanned,
+                    r.accepted_ms.saturating_add(ban_time_ms),
+                ),
             };
-            state.set(&r.event.jail, r.event.ip, s, r.accepted_ms);
+            state.set(&r.event.jail, r.event.ip, s, until_ms, now_ms);
         })?;
         state.prune(now_ms);
         Ok(Core {
@@ -470,12 +479,12 @@ impl Core {
                 "sequence numbers exhausted; move the ledger away and restart the publisher",
             );
         };
+        let until_ms = now_ms.saturating_add(self.ban_time_ms);
         let record = Record {
             seq,
             event,
             accepted_ms: now_ms,
-            expires_ms: (wanted == BanState::Banned)
-                .then(|| now_ms.saturating_add(self.ban_time_ms)),
+            expires_ms: (wanted == BanState::Banned).then_some(until_ms),
             legacy: wire.is_some(),
             peer: peer.to_owned(),
         };
@@ -493,7 +502,8 @@ impl Core {
             );
         }
         let event = record.event;
-        self.state.set(&event.jail, event.ip, wanted, now_ms);
+        self.state
+            .set(&event.jail, event.ip, wanted, until_ms, now_ms);
         self.ids.insert(id, Some(seq));
         tracing::info!(
             seq,

@@ -75,24 +75,26 @@ pub enum BanState {
 #[derive(Debug)]
 struct Entry {
     state: BanState,
-    /// When the publisher accepted the change, in ms since the Unix epoch.
-    since_ms: u64,
+    /// Until when the state is held, in ms since the Unix epoch: a ban's
+    /// `expires_ms`, an unban's acceptance plus `ban_time`.
+    until_ms: u64,
     /// Position in [`ClusterState::order`].
     stamp: u64,
 }
 
 type Key = (JailName, IpAddr);
 
-/// The cluster's state per (jail, address): the last change broadcast and when.
+/// The cluster's state per (jail, address): the last change broadcast and until
+/// when it holds.
 ///
-/// A change is remembered for `retention_ms` (the publisher's `ban_time`): a ban
-/// older than that has expired on the nodes (fail2ban unbanned it) and an unban older
-/// than that no longer needs deduplicating, so both are forgotten. At most
-/// `capacity` entries are kept; beyond that the least recently changed is forgotten.
+/// Each change is remembered until its own end, which the caller gives: a ban
+/// until it expires (the ledger's `expires_ms`, so that a restart with another
+/// `ban_time` keeps the ledger's answer), an unban for `ban_time` (after that it no
+/// longer needs deduplicating). At most `capacity` entries are kept; beyond that the
+/// least recently changed is forgotten.
 #[derive(Debug)]
 pub struct ClusterState {
     capacity: usize,
-    retention_ms: u64,
     entries: HashMap<Key, Entry>,
     /// Entries by stamp, least recently changed first.
     order: BTreeMap<u64, Key>,
@@ -100,30 +102,32 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
-    /// Keeps at most `capacity` entries (at least one), each for `retention_ms`.
-    pub fn new(capacity: usize, retention_ms: u64) -> Self {
+    /// Keeps at most `capacity` entries (at least one).
+    pub fn new(capacity: usize) -> Self {
         ClusterState {
             capacity: capacity.max(1),
-            retention_ms,
             entries: HashMap::new(),
             order: BTreeMap::new(),
             next_stamp: 0,
         }
     }
 
-    fn expired(&self, entry: &Entry, now_ms: u64) -> bool {
-        now_ms >= entry.since_ms.saturating_add(self.retention_ms)
-    }
-
     /// The state of (jail, ip) at `now_ms`; `None` when unknown or expired.
     pub fn get(&self, jail: &JailName, ip: IpAddr, now_ms: u64) -> Option<BanState> {
         let entry = self.entries.get(&(jail.clone(), ip))?;
-        (!self.expired(entry, now_ms)).then_some(entry.state)
+        (now_ms < entry.until_ms).then_some(entry.state)
     }
 
-    /// Records that (jail, ip) changed to `state` at `now_ms`, then forgets what
-    /// expired or does not fit.
-    pub fn set(&mut self, jail: &JailName, ip: IpAddr, state: BanState, now_ms: u64) {
+    /// Records that (jail, ip) changed to `state`, held until `until_ms`, then
+    /// forgets what expired at `now_ms` or does not fit.
+    pub fn set(
+        &mut self,
+        jail: &JailName,
+        ip: IpAddr,
+        state: BanState,
+        until_ms: u64,
+        now_ms: u64,
+    ) {
         let key = (jail.clone(), ip);
         let stamp = self.next_stamp;
         self.next_stamp += 1;
@@ -131,7 +135,7 @@ impl ClusterState {
             key.clone(),
             Entry {
                 state,
-                since_ms: now_ms,
+                until_ms,
                 stamp,
             },
         ) {
@@ -143,15 +147,15 @@ impl ClusterState {
 
     /// Forgets the least recently changed entries while there are too many or they
     /// have expired. Stops at the first live one, so each call does work only for
-    /// what it removes.
+    /// what it removes (an expired entry behind a live one, which only happens
+    /// after a `ban_time` change, waits for it; [`Self::get`] ignores it meanwhile).
     pub fn prune(&mut self, now_ms: u64) {
-        let retention_ms = self.retention_ms;
         while let Some(entry) = self.order.first_entry() {
             let over = self.entries.len() > self.capacity;
             let expired = self
                 .entries
                 .get(entry.get())
-                .is_none_or(|e| now_ms >= e.since_ms.saturating_add(retention_ms));
+                .is_none_or(|e| now_ms >= e.until_ms);
             if !over && !expired {
                 break;
             }
@@ -208,8 +212,8 @@ mod tests {
 
     #[test]
     fn state_expires_after_retention() {
-        let mut s = ClusterState::new(10, 1000);
-        s.set(&jail("sshd"), ip(1), BanState::Banned, 5000);
+        let mut s = ClusterState::new(10);
+        s.set(&jail("sshd"), ip(1), BanState::Banned, 6000, 5000);
         assert_eq!(s.get(&jail("sshd"), ip(1), 5999), Some(BanState::Banned));
         assert_eq!(s.get(&jail("other"), ip(1), 5999), None);
         assert_eq!(s.get(&jail("sshd"), ip(1), 6000), None);
@@ -218,17 +222,30 @@ mod tests {
     }
 
     #[test]
+    fn each_entry_ends_at_its_own_time() {
+        let mut s = ClusterState::new(10);
+        // Set first, ends last (a longer ban_time before a restart).
+        s.set(&jail("sshd"), ip(1), BanState::Banned, 9000, 1000);
+        s.set(&jail("sshd"), ip(2), BanState::Banned, 3000, 1000);
+        assert_eq!(s.get(&jail("sshd"), ip(2), 3000), None);
+        assert_eq!(s.get(&jail("sshd"), ip(1), 8999), Some(BanState::Banned));
+        assert_eq!(s.get(&jail("sshd"), ip(1), 9000), None);
+        s.prune(9000);
+        assert!(s.is_empty());
+    }
+
+    #[test]
     fn state_is_bounded_and_forgets_least_recently_changed() {
-        let mut s = ClusterState::new(100, u64::MAX);
+        let mut s = ClusterState::new(100);
         for n in 0..1000 {
-            s.set(&jail("sshd"), ip(n), BanState::Banned, 1);
+            s.set(&jail("sshd"), ip(n), BanState::Banned, u64::MAX, 1);
             assert!(s.len() <= 100);
             assert_eq!(s.order.len(), s.len());
         }
         // Changing an old entry makes it the most recent.
-        s.set(&jail("sshd"), ip(900), BanState::Unbanned, 2);
+        s.set(&jail("sshd"), ip(900), BanState::Unbanned, u64::MAX, 2);
         for n in 1000..1099 {
-            s.set(&jail("sshd"), ip(n), BanState::Banned, 3);
+            s.set(&jail("sshd"), ip(n), BanState::Banned, u64::MAX, 3);
         }
         assert_eq!(s.get(&jail("sshd"), ip(900), 4), Some(BanState::Unbanned));
         assert_eq!(s.get(&jail("sshd"), ip(901), 4), None);
@@ -238,10 +255,10 @@ mod tests {
 
     #[test]
     fn clock_going_backwards_does_not_panic_or_grow() {
-        let mut s = ClusterState::new(5, 10);
+        let mut s = ClusterState::new(5);
         for n in 0..50u32 {
             let now = if n % 2 == 0 { 1000 - u64::from(n) } else { 0 };
-            s.set(&jail("j"), ip(n % 7), BanState::Banned, now);
+            s.set(&jail("j"), ip(n % 7), BanState::Banned, now + 10, now);
             assert!(s.len() <= 5);
         }
     }

@@ -1129,3 +1129,60 @@ fn snapshot_requests_are_answered_from_the_ledger() {
     let bad = br#"{"v":1,"type":"snapshot","jails":"sshd"}"#;
     expect_nak(&c.handle(&[&bad[..]], PEER, NOW), NakReason::Malformed);
 }
+
+/// The active-ban snapshot of the whole ledger, as one list of (seq, ip).
+fn snapshot_bans(c: &mut Core, now: u64) -> Vec<(u64, String)> {
+    let mut cursor = None;
+    let mut out = Vec::new();
+    loop {
+        let req = Request::Snapshot(SnapshotRequest {
+            jails: vec![],
+            cursor,
+        })
+        .encode();
+        let Response::Snapshot(SnapshotReply::Page(page)) = c.handle(&[&req], PEER, now).reply
+        else {
+            panic!("not a snapshot page")
+        };
+        out.extend(page.bans.iter().map(|b| (b.seq, b.event.ip.to_string())));
+        cursor = page.next;
+        if cursor.is_none() {
+            return out;
+        }
+    }
+}
+
+/// After a restart with another ban_time, a ban in the ledger still ends when its
+/// row says (`expires_ms`): deduplication agrees with the snapshot.
+#[test]
+fn the_rebuilt_state_follows_the_ledgers_expiry_not_the_new_ban_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = |ban_time: Duration, now| {
+        Core::new(
+            Ledger::open(dir.path()).unwrap(),
+            ban_time,
+            Limits::default(),
+            now,
+        )
+        .unwrap()
+    };
+    let mut c = open(BAN_TIME, NOW);
+    let ban = event(1, "sshd", Action::Ban, "203.0.113.5");
+    expect_ack(&send(&mut c, &ban, NOW), AckStatus::Broadcast, Some(1));
+    drop(c);
+
+    // ban_time shortened to 1 minute; 2 minutes later the ban (10 minutes) holds.
+    let at = NOW + 120_000;
+    let mut c = open(Duration::from_secs(60), at);
+    assert_eq!(snapshot_bans(&mut c, at), [(1, "203.0.113.5".to_owned())]);
+    let echo = event(2, "sshd", Action::Ban, "203.0.113.5");
+    expect_ack(&send(&mut c, &echo, at), AckStatus::Unchanged, None);
+    drop(c);
+
+    // ban_time lengthened to 1 hour; after the ban's own 10 minutes it is over.
+    let at = NOW + BAN_TIME.as_millis() as u64 + 1;
+    let mut c = open(Duration::from_secs(3600), at);
+    assert_eq!(snapshot_bans(&mut c, at), []);
+    let again = event(3, "sshd", Action::Ban, "203.0.113.5");
+    expect_ack(&send(&mut c, &again, at), AckStatus::Broadcast, Some(2));
+}
