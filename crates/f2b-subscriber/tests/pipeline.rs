@@ -312,3 +312,34 @@ async fn shutdown_without_a_publisher_is_prompt() {
     sub.stop().await;
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 }
+
+#[tokio::test]
+async fn shutdown_bounds_an_action_that_hangs() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = dir.path().join("started");
+    let mut publ = TestPublisher::start(HB);
+    let (node, cfg) = config(
+        "web1",
+        &publ.endpoint,
+        &format!(
+            "action = \"exec\"\nexec = [\"/bin/sh\", \"-c\", \"touch \\\"$0\\\"; exec sleep 60\", {:?}]",
+            started.to_str().unwrap()
+        ),
+    );
+    let mut sub = Running::start(node, cfg);
+    sub.connected().await;
+    publ.event("web2", "sshd", Action::Ban, "203.0.113.14");
+    let deadline = std::time::Instant::now() + common::DEADLINE;
+    while !started.exists() {
+        assert!(std::time::Instant::now() < deadline, "exec never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t = std::time::Instant::now();
+    sub.stop().await;
+    let took = t.elapsed();
+    assert!(
+        took >= f2b_subscriber::DRAIN_TIMEOUT - Duration::from_millis(100)
+            && took < f2b_subscriber::DRAIN_TIMEOUT + Duration::from_secs(2),
+        "{took:?}"
+    );
+}
