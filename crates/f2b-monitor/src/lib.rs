@@ -122,6 +122,7 @@ pub async fn run(
         legacy: config.legacy.clone(),
         backlog: saved.pending,
         state: state.clone(),
+        max_backoff: send::BACKOFF_MAX,
     };
     let sender = tokio::task::spawn_blocking(move || send::run_sender(params, event_rx));
 

@@ -8,8 +8,15 @@
 //! publisher answers a repeated id with `duplicate` and does not broadcast twice.
 //!
 //! A NAK with a transient reason (busy, rate limited) is retried the same way; any
-//! other NAK is logged at error level with its reason and detail, and the event is
-//! dropped, since sending it again cannot change the answer.
+//! other NAK is logged at error level with its reason and detail (quoted and
+//! escaped: the detail is the publisher's text), and the event is dropped, since
+//! sending it again cannot change the answer.
+//!
+//! A bare `NAK` in answer to a native request is an old fail2ban-zmq-tools
+//! publisher refusing a format it does not know: logged once at error level
+//! (`set [monitor] legacy = true`), and the event is resent every
+//! [`SenderParams::max_backoff`] until the publisher is replaced or the
+//! configuration fixed. It is never dropped.
 //!
 //! With `[monitor] legacy = true` the requests are in fail2ban-zmq-tools' format
 //! (`[token|]host|jail|Ban|ip`, see [`f2b_proto::legacy`]) for an old publisher: its
@@ -41,6 +48,11 @@ pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// The longest wait between resends.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// fail2ban-zmq-tools' only refusal: the bare string `NAK`.
+fn is_legacy_nak(reply: &[u8]) -> bool {
+    reply.trim_ascii() == b"NAK"
+}
+
 /// What the sender thread needs besides its queue.
 pub struct SenderParams {
     pub ctx: zmq::Context,
@@ -57,6 +69,8 @@ pub struct SenderParams {
     pub backlog: Vec<Event>,
     /// Where answered events are recorded, if state is kept.
     pub state: Option<Arc<Mutex<StateStore>>>,
+    /// The longest wait between resends ([`BACKOFF_MAX`] in the daemon).
+    pub max_backoff: Duration,
 }
 
 impl fmt::Debug for SenderParams {
@@ -67,6 +81,7 @@ impl fmt::Debug for SenderParams {
             .field("drain_time", &self.drain_time)
             .field("legacy", &self.legacy)
             .field("backlog", &self.backlog.len())
+            .field("max_backoff", &self.max_backoff)
             .finish_non_exhaustive()
     }
 }
@@ -98,6 +113,8 @@ struct Sender {
     sock: Option<zmq::Socket>,
     /// Set when shutdown began: nothing is tried after it.
     deadline: Option<Instant>,
+    /// Whether the "old publisher" error has been logged.
+    told_old_publisher: bool,
 }
 
 /// The sender thread's body: delivers events from `rx` until it is closed (and
@@ -112,6 +129,7 @@ pub fn run_sender(
         p: params,
         sock: None,
         deadline: None,
+        told_old_publisher: false,
     };
     let mut backlog = backlog.into_iter();
     loop {
@@ -302,6 +320,27 @@ impl Sender {
             };
             match failure {
                 Failure::Transient => {}
+                Failure::OldPublisher => {
+                    if self.told_old_publisher {
+                        tracing::debug!(
+                            publisher = %self.p.endpoint,
+                            id = %event.id,
+                            attempt,
+                            "the publisher answered NAK in the fail2ban-zmq-tools format, will retry"
+                        );
+                    } else {
+                        self.told_old_publisher = true;
+                        tracing::error!(
+                            publisher = %self.p.endpoint,
+                            id = %event.id,
+                            retry_every_ms = self.p.max_backoff.as_millis() as u64,
+                            "the publisher answered NAK in the fail2ban-zmq-tools format: it is an old publisher; set [monitor] legacy = true"
+                        );
+                    }
+                    // Nothing changes until the publisher or the configuration
+                    // does: retry slowly, keep the event.
+                    backoff = self.p.max_backoff;
+                }
                 Failure::Broken(why) => {
                     tracing::warn!(
                         publisher = %self.p.endpoint,
@@ -316,7 +355,7 @@ impl Sender {
                 }
             }
             self.pause(backoff);
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            backoff = (backoff * 2).min(self.p.max_backoff);
         }
     }
 
@@ -349,6 +388,9 @@ impl Sender {
         if let Some(echo) = echo {
             return Ok(legacy_reply(event, &bytes, echo));
         }
+        if is_legacy_nak(&bytes) {
+            return Ok(Err(Failure::OldPublisher));
+        }
         let reply = match Reply::decode(&bytes) {
             Ok(r) => r,
             Err(e) => return Ok(Err(Failure::Broken(format!("unreadable reply: {e}")))),
@@ -374,7 +416,7 @@ impl Sender {
                 tracing::warn!(
                     id = %event.id,
                     reason = %nak.reason,
-                    detail = %nak.detail,
+                    detail = ?nak.detail,
                     "publisher asked to retry later"
                 );
                 Ok(Err(Failure::Transient))
@@ -386,7 +428,7 @@ impl Sender {
                     ip = %event.ip,
                     id = %event.id,
                     reason = %nak.reason,
-                    detail = %nak.detail,
+                    detail = ?nak.detail,
                     "event rejected by the publisher, dropped"
                 );
                 Ok(Ok(Outcome::Rejected))
@@ -408,7 +450,7 @@ fn legacy_reply(event: &Event, reply: &[u8], echo: &[u8]) -> Result<Outcome, Fai
             "reported"
         );
         Ok(Outcome::Acked)
-    } else if reply == b"NAK" {
+    } else if is_legacy_nak(reply) {
         tracing::error!(
             action = %event.action,
             jail = %event.jail,
@@ -432,4 +474,7 @@ enum Failure {
     Transient,
     /// No usable answer: new socket, resend after the backoff.
     Broken(String),
+    /// A fail2ban-zmq-tools publisher's bare `NAK` to a native request: same
+    /// socket, resend after the longest backoff.
+    OldPublisher,
 }

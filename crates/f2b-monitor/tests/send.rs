@@ -1,6 +1,8 @@
 //! The sender thread against real ZeroMQ sockets on 127.0.0.1 (ephemeral ports):
 //! ACKs, a publisher that does not answer, NAKs, shutdown.
 
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use f2b_common::config::{LegacyPeer, Secret};
@@ -16,6 +18,50 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(10);
+
+/// Everything logged by this test binary (one global subscriber).
+#[derive(Clone)]
+struct Logs(Arc<Mutex<String>>);
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap()
+            .push_str(&String::from_utf8_lossy(buf));
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn logs() -> Logs {
+    static LOGS: OnceLock<Logs> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Logs(Arc::new(Mutex::new(String::new())));
+        let w = logs.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter("debug")
+            .with_ansi(false)
+            .with_writer(move || w.clone())
+            .init();
+        logs
+    })
+    .clone()
+}
+
+/// The logged lines that contain every one of `parts`.
+fn logged(parts: &[&str]) -> Vec<String> {
+    logs()
+        .0
+        .lock()
+        .unwrap()
+        .lines()
+        .filter(|l| parts.iter().all(|p| l.contains(p)))
+        .map(str::to_owned)
+        .collect()
+}
 
 fn event(n: u128) -> Event {
     Event::new(
@@ -48,6 +94,23 @@ fn start_with(
     ack_timeout: Duration,
     legacy: Option<LegacyPeer>,
 ) -> Harness {
+    start_full(
+        ctx,
+        endpoint,
+        ack_timeout,
+        legacy,
+        f2b_monitor::send::BACKOFF_MAX,
+    )
+}
+
+fn start_full(
+    ctx: &zmq::Context,
+    endpoint: &str,
+    ack_timeout: Duration,
+    legacy: Option<LegacyPeer>,
+    max_backoff: Duration,
+) -> Harness {
+    let _ = logs();
     let token = CancellationToken::new();
     let params = SenderParams {
         ctx: ctx.clone(),
@@ -58,6 +121,7 @@ fn start_with(
         legacy,
         backlog: Vec::new(),
         state: None,
+        max_backoff,
     };
     let (tx, rx) = mpsc::channel(16);
     let sender = tokio::task::spawn_blocking(move || run_sender(params, rx));
@@ -286,6 +350,83 @@ async fn legacy_format_echo_and_nak() {
             "tok|web1|sshd|Ban|192.0.2.2",
             "tok|web1|sshd|Unban|192.0.2.4",
         ]
+    );
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nak_detail_is_logged_quoted_and_escaped() {
+    let ctx = zmq::Context::new();
+    let (rep, ep) = bind(&ctx, zmq::REP);
+    // A publisher (or anything answering on its port) trying to forge a log line.
+    let forged = "no\n2026-11-21T05:29:01Z  INFO f2b_monitor::send: reported ip=192.0.2.66";
+    let server = serve(rep, 1, move |_, id| {
+        Reply::Nak(Nak::new(Some(id), NakReason::InvalidIp, forged)).encode()
+    });
+    let h = start(&ctx, &ep, Duration::from_secs(5));
+    h.send(event(61)).await;
+    tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    h.finish().await;
+    let id = EventId::from_u128(61).to_string();
+    let line = logged(&["event rejected by the publisher", &id]);
+    assert_eq!(line.len(), 1, "{line:?}");
+    assert!(
+        line[0].contains(r#"detail="no\n2026-11-21T05:29:01Z  INFO"#),
+        "{}",
+        line[0]
+    );
+    assert!(
+        logged(&["reported ip=192.0.2.66"])
+            .iter()
+            .all(|l| l.contains("detail=")),
+        "no forged line of its own"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bare_nak_from_an_old_publisher_is_retried_not_dropped() {
+    let ctx = zmq::Context::new();
+    let (rep, ep) = bind(&ctx, zmq::REP);
+    let max_backoff = Duration::from_millis(300);
+    // An old fail2ban-zmq-tools publisher answers a native request with a bare NAK;
+    // then the operator replaces it (here: the same socket starts to ACK).
+    let server = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        for i in 0..5 {
+            let msg = rep.recv_bytes(0).expect("a request within the deadline");
+            let id = report_id(&msg);
+            seen.push((id, Instant::now()));
+            let reply = if i < 3 { b"NAK".to_vec() } else { ack(id, i) };
+            rep.send(reply, 0).unwrap();
+        }
+        seen
+    });
+    let h = start_full(&ctx, &ep, Duration::from_secs(5), None, max_backoff);
+    h.send(event(62)).await;
+    h.send(event(63)).await;
+    let seen = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    let ids: Vec<EventId> = seen.iter().map(|(id, _)| *id).collect();
+    assert_eq!(
+        ids,
+        [62, 62, 62, 62, 63].map(EventId::from_u128),
+        "kept, resent, then the next one"
+    );
+    for pair in seen[..4].windows(2) {
+        let gap = pair[1].1 - pair[0].1;
+        assert!(
+            gap >= max_backoff,
+            "resent after the longest backoff: {gap:?}"
+        );
+    }
+    let id = EventId::from_u128(62).to_string();
+    let told = logged(&["it is an old publisher; set [monitor] legacy = true"]);
+    assert_eq!(told.len(), 1, "logged once: {told:?}");
+    assert!(told[0].contains(" ERROR "), "{}", told[0]);
+    assert!(told[0].contains(&format!("id={id}")), "{}", told[0]);
+    assert!(logged(&["event rejected", &id]).is_empty(), "not dropped");
+    assert!(
+        logged(&["publisher unreachable", &id]).is_empty(),
+        "not taken for an unreachable publisher"
     );
     h.finish().await;
 }
