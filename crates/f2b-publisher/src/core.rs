@@ -250,7 +250,9 @@ impl Core {
         let mut ids = RecentIds::new(limits.recent_ids);
         let mut state = ClusterState::new(limits.cluster_states);
         ledger.for_each(|r| {
-            ids.insert(r.event.id, Some(r.seq));
+            // The previous process may have crashed between committing this row
+            // and broadcasting it.
+            ids.insert_unsent(r.event.id, Some(r.seq));
             let (s, until_ms) = match r.event.action {
                 Action::Ban => (
                     BanState::Banned,
@@ -455,7 +457,10 @@ impl Core {
         }
         if let Some(seq) = self.ids.get(&id) {
             tracing::info!(%id, jail = %event.jail, ip = %event.ip, node = %event.node, seq, "duplicate");
-            return ack(id, seq, AckStatus::Duplicate);
+            return match seq {
+                Some(seq) if self.ids.is_unsent(&id) => self.rebroadcast(id, seq, now_ms),
+                _ => ack(id, seq, AckStatus::Duplicate),
+            };
         }
         let wanted = match event.action {
             Action::Ban => BanState::Banned,
@@ -522,6 +527,60 @@ impl Core {
                 status: AckStatus::Broadcast,
             })),
             legacy_broadcast: legacy::broadcast_text(&event, wire),
+            broadcast: Some(Broadcast::Event(Sequenced {
+                seq,
+                epoch: self.epoch(),
+                event,
+            })),
+        }
+    }
+
+    /// The answer to a duplicate of an event committed as `seq` that this process
+    /// may not have broadcast (it was read from the ledger at start): the previous
+    /// process may have crashed after the commit and before the broadcast, and then
+    /// the monitor's resend is the only chance left to deliver it. The ledger's row
+    /// is broadcast again with its original seq (subscribers deduplicate by id),
+    /// once, and only while it is still the cluster's state: a row superseded by a
+    /// later event of its (jail, address), or an expired ban, is not (that would
+    /// undo the later event).
+    fn rebroadcast(&mut self, id: EventId, seq: u64, now_ms: u64) -> Outcome {
+        let record = match self.ledger.current(seq, now_ms) {
+            Ok(r) => r,
+            Err(err) => {
+                tracing::error!(
+                    error = %f2b_common::daemon::error_chain(&err),
+                    %id,
+                    seq,
+                    "ledger read failed; the duplicate is refused as busy and will be resent"
+                );
+                return nak(
+                    Some(id),
+                    NakReason::Busy,
+                    "the publisher cannot read its ledger now; send it again later",
+                );
+            }
+        };
+        self.ids.set_unsent(&id, false);
+        let Some(record) = record.filter(|r| r.event.id == id) else {
+            return ack(id, Some(seq), AckStatus::Duplicate);
+        };
+        let event = record.event;
+        tracing::info!(
+            seq,
+            jail = %event.jail,
+            action = %event.action,
+            ip = %event.ip,
+            node = %event.node,
+            %id,
+            "rebroadcast"
+        );
+        Outcome {
+            reply: Response::Reply(Reply::Ack(Ack {
+                id,
+                seq: Some(seq),
+                status: AckStatus::Duplicate,
+            })),
+            legacy_broadcast: legacy::broadcast_text(&event, None),
             broadcast: Some(Broadcast::Event(Sequenced {
                 seq,
                 epoch: self.epoch(),

@@ -594,6 +594,32 @@ impl Ledger {
         Ok(skipped)
     }
 
+    /// The row with sequence number `seq` if it still describes the cluster's state
+    /// at `now_ms`: kept, valid, not superseded by a later row of the same (jail,
+    /// address), and (a ban) not expired.
+    pub fn current(&self, seq: u64, now_ms: u64) -> Result<Option<Record>, LedgerError> {
+        let row = self
+            .conn
+            .query_row(
+                &format!(
+                    "SELECT {COLUMNS} FROM events e WHERE e.seq = ?1 \
+                     AND (e.action = 'unban' OR e.expires_ms > ?2) AND NOT {SUPERSEDED}"
+                ),
+                [sql_int(seq), sql_int(now_ms)],
+                record,
+            )
+            .optional()
+            .map_err(self.sql("read an event"))?;
+        Ok(match row {
+            Some(Ok(r)) => Some(r),
+            Some(Err(why)) => {
+                tracing::warn!(path = %self.path.display(), why, "ledger row skipped");
+                None
+            }
+            None => None,
+        })
+    }
+
     /// How many bans are active at `now_ms` (unexpired, not superseded).
     pub fn active_bans(&self, now_ms: u64) -> Result<u64, LedgerError> {
         let n: i64 = self

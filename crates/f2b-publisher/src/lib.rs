@@ -12,7 +12,11 @@
 //! `[publisher] state_dir`: the epoch and the sequence numbers carry on across a
 //! restart (no number is used twice, none is skipped), duplicate and state
 //! deduplication survive it, and a subscriber can ask the reply socket for a
-//! snapshot of the active bans (`snapshot` requests, answered page by page).
+//! snapshot of the active bans (`snapshot` requests, answered page by page). An
+//! event committed but never broadcast (the publisher died in between) is not lost:
+//! its monitor, which got no ACK, resends it, and the restarted publisher answers
+//! `duplicate` and broadcasts the ledger's row again with its original sequence
+//! number (once per run, and only while it still is the cluster's state).
 //!
 //! With `[publisher] legacy = true` the reply socket also takes fail2ban-zmq-tools
 //! requests (`host|jail|action|ip`, one frame, optionally after a token) and answers

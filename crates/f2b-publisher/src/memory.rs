@@ -11,13 +11,20 @@ use std::net::IpAddr;
 use f2b_proto::{EventId, JailName};
 
 /// The answers given to the last `capacity` accepted event ids: the sequence number
-/// each was broadcast with, or `None` when it was not broadcast (unchanged).
+/// each was broadcast with, or `None` when it was not broadcast (unchanged); and for
+/// each, whether this process may not have broadcast it (see [`Self::insert_unsent`]).
 #[derive(Debug)]
 pub struct RecentIds {
     capacity: usize,
-    answers: HashMap<EventId, Option<u64>>,
+    answers: HashMap<EventId, Answer>,
     /// Insertion order, oldest first; an id is inserted once, so this is exact.
     order: VecDeque<EventId>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Answer {
+    seq: Option<u64>,
+    unsent: bool,
 }
 
 impl RecentIds {
@@ -33,12 +40,36 @@ impl RecentIds {
 
     /// The sequence number `id` was answered with, if it is remembered.
     pub fn get(&self, id: &EventId) -> Option<Option<u64>> {
-        self.answers.get(id).copied()
+        self.answers.get(id).map(|a| a.seq)
     }
 
     /// Remembers the answer for `id`, forgetting the oldest id when full. An id
     /// already remembered keeps its first answer.
     pub fn insert(&mut self, id: EventId, seq: Option<u64>) {
+        self.add(id, seq, false);
+    }
+
+    /// [`Self::insert`] for an event this process has not broadcast itself (one
+    /// read back from the ledger at start: the previous process may have crashed
+    /// between committing and broadcasting it).
+    pub fn insert_unsent(&mut self, id: EventId, seq: Option<u64>) {
+        self.add(id, seq, true);
+    }
+
+    /// Whether `id` is remembered as possibly not broadcast.
+    pub fn is_unsent(&self, id: &EventId) -> bool {
+        self.answers.get(id).is_some_and(|a| a.unsent)
+    }
+
+    /// Records whether `id` (if remembered) may not have been broadcast: `false`
+    /// once it has been broadcast again, `true` when a broadcast failed.
+    pub fn set_unsent(&mut self, id: &EventId, unsent: bool) {
+        if let Some(a) = self.answers.get_mut(id) {
+            a.unsent = unsent;
+        }
+    }
+
+    fn add(&mut self, id: EventId, seq: Option<u64>, unsent: bool) {
         if self.answers.contains_key(&id) {
             return;
         }
@@ -50,7 +81,7 @@ impl RecentIds {
                 None => break,
             }
         }
-        self.answers.insert(id, seq);
+        self.answers.insert(id, Answer { seq, unsent });
         self.order.push_back(id);
     }
 
@@ -199,6 +230,23 @@ mod tests {
         assert_eq!(ids.get(&EventId::from_u128(6)), None);
         assert_eq!(ids.get(&EventId::from_u128(7)), Some(Some(8)));
         assert_eq!(ids.get(&EventId::from_u128(9)), Some(Some(10)));
+    }
+
+    #[test]
+    fn unsent_ids_are_flagged_until_cleared() {
+        let mut ids = RecentIds::new(10);
+        ids.insert_unsent(EventId::from_u128(1), Some(5));
+        ids.insert(EventId::from_u128(2), Some(6));
+        assert!(ids.is_unsent(&EventId::from_u128(1)));
+        assert!(!ids.is_unsent(&EventId::from_u128(2)));
+        assert!(!ids.is_unsent(&EventId::from_u128(3)));
+        ids.set_unsent(&EventId::from_u128(1), false);
+        ids.set_unsent(&EventId::from_u128(2), true);
+        ids.set_unsent(&EventId::from_u128(3), true);
+        assert!(!ids.is_unsent(&EventId::from_u128(1)));
+        assert!(ids.is_unsent(&EventId::from_u128(2)));
+        assert_eq!(ids.get(&EventId::from_u128(3)), None);
+        assert_eq!(ids.get(&EventId::from_u128(1)), Some(Some(5)));
     }
 
     #[test]

@@ -1023,7 +1023,12 @@ fn state_and_duplicates_survive_a_reopen() {
 
     let mut c = open(NOW + 1000);
     assert_eq!((c.epoch(), c.last_seq()), (epoch, 2));
-    // A resend after the restart is still a duplicate, with its seq.
+    // A resend after the restart is still a duplicate, with its seq (broadcast
+    // again once: this process cannot know that the last one did).
+    assert_eq!(
+        rebroadcast(&send(&mut c, &ban, NOW + 1000), 1),
+        Some((1, ban.clone()))
+    );
     expect_ack(
         &send(&mut c, &ban, NOW + 1000),
         AckStatus::Duplicate,
@@ -1185,4 +1190,120 @@ fn the_rebuilt_state_follows_the_ledgers_expiry_not_the_new_ban_time() {
     assert_eq!(snapshot_bans(&mut c, at), []);
     let again = event(3, "sshd", Action::Ban, "203.0.113.5");
     expect_ack(&send(&mut c, &again, at), AckStatus::Broadcast, Some(2));
+}
+
+/// The event an outcome broadcasts again, for a duplicate: (seq, event).
+fn rebroadcast(out: &Outcome, seq: u64) -> Option<(u64, Event)> {
+    match &out.reply {
+        Response::Reply(Reply::Ack(a)) => {
+            assert_eq!(
+                (a.status, a.seq),
+                (AckStatus::Duplicate, Some(seq)),
+                "{out:?}"
+            );
+        }
+        other => panic!("expected a duplicate, got {other:?}"),
+    }
+    match &out.broadcast {
+        Some(Broadcast::Event(s)) => Some((s.seq, s.event.clone())),
+        Some(other) => panic!("{other:?}"),
+        None => {
+            assert!(out.legacy_broadcast.is_none(), "{out:?}");
+            None
+        }
+    }
+}
+
+/// A publisher that crashed after committing an event but before broadcasting
+/// it: the monitor's resend (same id) after the restart is a duplicate, and the
+/// ledger's row is broadcast again with its original seq, once per run.
+#[test]
+fn a_duplicate_from_before_a_restart_is_broadcast_again_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = |now| {
+        Core::new(
+            Ledger::open(dir.path()).unwrap(),
+            BAN_TIME,
+            Limits::default(),
+            now,
+        )
+        .unwrap()
+    };
+    let mut c = open(NOW);
+    let epoch = c.epoch();
+    let ban = event(1, "sshd", Action::Ban, "203.0.113.5");
+    let unban = event(2, "nginx", Action::Unban, "203.0.113.6");
+    // Committed; the outcomes (the broadcasts) are lost with the process.
+    expect_ack(&send(&mut c, &ban, NOW), AckStatus::Broadcast, Some(1));
+    expect_ack(&send(&mut c, &unban, NOW), AckStatus::Broadcast, Some(2));
+    // In the run that broadcast it, a duplicate is not broadcast again.
+    assert_eq!(rebroadcast(&send(&mut c, &ban, NOW), 1), None);
+    drop(c);
+
+    let at = NOW + 1000;
+    let mut c = open(at);
+    let out = send(&mut c, &ban, at);
+    assert_eq!(rebroadcast(&out, 1), Some((1, ban.clone())));
+    assert_eq!(
+        out.broadcast.as_ref().unwrap(),
+        &Broadcast::Event(Sequenced {
+            seq: 1,
+            epoch,
+            event: ban.clone()
+        })
+    );
+    assert_eq!(
+        out.legacy_broadcast.as_deref(),
+        Some("web1|sshd|Ban|203.0.113.5")
+    );
+    // Once: the next resend is a plain duplicate.
+    assert_eq!(rebroadcast(&send(&mut c, &ban, at), 1), None);
+    // What goes out is the ledger's event, whatever the resend carries.
+    let mut changed = unban.clone();
+    changed.ip = "198.51.100.1".parse().unwrap();
+    assert_eq!(
+        rebroadcast(&send(&mut c, &changed, at), 2),
+        Some((2, unban.clone()))
+    );
+    // Nothing new was sequenced.
+    assert_eq!(c.last_seq(), 2);
+}
+
+/// A duplicate from before the restart whose row no longer describes the
+/// cluster's state is not broadcast again: a later event of the same (jail,
+/// address) superseded it, or the ban expired.
+#[test]
+fn a_stale_duplicate_from_before_a_restart_is_not_broadcast_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = |now| {
+        Core::new(
+            Ledger::open(dir.path()).unwrap(),
+            BAN_TIME,
+            Limits::default(),
+            now,
+        )
+        .unwrap()
+    };
+    let mut c = open(NOW);
+    let ban = event(1, "sshd", Action::Ban, "203.0.113.5");
+    let unban = event(2, "sshd", Action::Unban, "203.0.113.5");
+    let other = event(3, "sshd", Action::Ban, "203.0.113.7");
+    expect_ack(&send(&mut c, &ban, NOW), AckStatus::Broadcast, Some(1));
+    expect_ack(&send(&mut c, &unban, NOW), AckStatus::Broadcast, Some(2));
+    expect_ack(&send(&mut c, &other, NOW), AckStatus::Broadcast, Some(3));
+    drop(c);
+
+    let mut c = open(NOW + 1000);
+    // The ban was lifted since: broadcasting it again would ban it anew.
+    assert_eq!(rebroadcast(&send(&mut c, &ban, NOW + 1000), 1), None);
+    assert_eq!(
+        rebroadcast(&send(&mut c, &unban, NOW + 1000), 2),
+        Some((2, unban.clone()))
+    );
+    drop(c);
+
+    // After the ban's time, an expired ban is not broadcast again either.
+    let later = NOW + BAN_TIME.as_millis() as u64;
+    let mut c = open(later);
+    assert_eq!(rebroadcast(&send(&mut c, &other, later), 3), None);
 }
