@@ -302,15 +302,17 @@ fn truncate(path: &Path) {
         .expect("truncate");
 }
 
-/// The publisher crashes (SIGKILL) and comes back on the same ports while monitors
-/// and subscribers keep running: the subscribers reconnect (a new `connected` line
-/// with the new epoch), the event the monitor read during the outage is delivered
-/// and ACKed after the restart, and later bans propagate as before.
+/// The publisher crashes (SIGKILL) and comes back on the same ports (and its
+/// ledger: same epoch, sequence numbers go on) while monitors and subscribers keep
+/// running: each subscriber notices the silence, reconnects, and logs `connected`
+/// again on the restarted publisher's first message; the event the monitor read
+/// during the outage is delivered and ACKed after the restart; later bans propagate
+/// as before.
 #[test]
 fn cluster_recovers_from_a_publisher_crash() {
     let mut c = Cluster::start_with(&["web1", "web2"], |_| NodeOptions {
         ack_timeout: Some("500ms".into()),
-        heartbeat_timeout: Some("2s".into()),
+        heartbeat_timeout: Some("1s".into()),
         ..NodeOptions::default()
     });
     c.node("web1").append_log(&[ban("sshd", "198.51.100.20")]);
@@ -329,6 +331,15 @@ fn cluster_recovers_from_a_publisher_crash() {
         &[],
         TIMEOUT,
     );
+    // The subscribers see the link dead.
+    for (n, mark) in c.nodes.iter().zip(&marks) {
+        n.subscriber().wait_for_event_after(
+            *mark,
+            "no message from the publisher, reconnecting",
+            &[],
+            TIMEOUT,
+        );
+    }
 
     c.publisher.restart();
     let a = c.node("web1");
@@ -350,7 +361,10 @@ fn cluster_recovers_from_a_publisher_crash() {
 
 /// Every kind of invalid report sent over a raw REQ socket is answered with a NAK
 /// carrying its reason code, and logged as `rejected` with that reason and the
-/// peer's address; the publisher goes on serving.
+/// peer's address; the publisher goes on serving. A request that is not a JSON
+/// object is taken for a fail2ban-zmq-tools one: with `[publisher] legacy` off it
+/// gets the old protocol's bare `NAK` (what an old monitor understands), logged as
+/// `legacy_disabled`.
 #[test]
 fn invalid_reports_are_naked_with_their_reason() {
     let c = Cluster::start(&["web1", "web2"]);
@@ -362,13 +376,32 @@ fn invalid_reports_are_naked_with_their_reason() {
         r["event"][field] = value;
         serde_json::to_vec(&r).expect("json")
     };
-    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("not JSON", b"web1|sshd|Ban|1.2.3.4".to_vec(), "malformed"),
-        ("empty", Vec::new(), "malformed"),
-        ("an array", b"[1,2]".to_vec(), "malformed"),
+    let rejected = |mark: usize, code: &str| {
+        let line = c.publisher.process().wait_for_event_after(
+            mark,
+            "rejected",
+            &[("reason", code)],
+            TIMEOUT,
+        );
+        let peer = f2b_tests::field(&line, "peer").unwrap_or_default();
+        assert!(peer.contains("127.0.0.1"), "no peer address in {line:?}");
+    };
+
+    let native: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "unterminated JSON",
+            br#"{"v":1,"type":"rep"#.to_vec(),
+            "malformed",
+        ),
+        ("no type", br#"{"v":1}"#.to_vec(), "malformed"),
         (
             "no event",
             br#"{"v":1,"type":"report"}"#.to_vec(),
+            "malformed",
+        ),
+        (
+            "event not an object",
+            br#"{"v":1,"type":"report","event":[]}"#.to_vec(),
             "malformed",
         ),
         (
@@ -406,29 +439,38 @@ fn invalid_reports_are_naked_with_their_reason() {
         ("loopback", with("ip", json!("127.0.0.1")), "forbidden"),
         ("IPv6 link-local", with("ip", json!("fe80::1")), "forbidden"),
     ];
-    for (what, payload, code) in &cases {
+    for (what, payload, code) in &native {
         let mark = c.publisher.process().mark();
         let nak = raw::expect_nak(ep, payload);
         assert_eq!(nak.reason.code(), *code, "{what}: {nak:?}");
-        let line = c.publisher.process().wait_for_event_after(
-            mark,
-            "rejected",
-            &[("reason", code)],
-            TIMEOUT,
-        );
-        let peer = f2b_tests::field(&line, "peer").unwrap_or_default();
-        assert!(
-            peer.contains("127.0.0.1"),
-            "{what}: no peer address in {line:?}"
-        );
+        rejected(mark, code);
     }
     // More message parts than the protocol allows.
+    let mark = c.publisher.process().mark();
     let frames = raw::request_frames(ep, &[b"{}", b"", b"", b"", b""]);
     let reply = f2b_proto::Reply::decode(&frames[0]).expect("a reply");
     assert!(
         matches!(&reply, f2b_proto::Reply::Nak(n) if n.reason.code() == "malformed"),
         "{reply:?}"
     );
+    rejected(mark, "malformed");
+
+    for (what, payload) in [
+        ("legacy text", &b"web1|sshd|Ban|1.2.3.4"[..]),
+        ("JSON array", b"[1,2]"),
+        ("binary", b"\xff\x00\xfe"),
+    ] {
+        let mark = c.publisher.process().mark();
+        let reply = raw::request(ep, payload);
+        assert_eq!(
+            reply,
+            b"NAK",
+            "{what}: {:?}",
+            String::from_utf8_lossy(&reply)
+        );
+        rejected(mark, "legacy_disabled");
+    }
+
     // Nothing was broadcast, and a valid report is still served and propagated.
     assert!(c.publisher.process().events("broadcast", &[]).is_empty());
     let ack = raw::request(ep, &serde_json::to_vec(&good()).expect("json"));
