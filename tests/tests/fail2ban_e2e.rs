@@ -441,3 +441,73 @@ fn fail2ban_bans_wait_for_a_stopped_server_and_none_is_lost() {
             .wait_for_event_after(mark, "applied", &[("ip", ip)], TIMEOUT);
     }
 }
+
+/// `[subscriber] action = "log"` with the shipped `[fail2ban-cluster-log]` jail: the
+/// real subscriber's lines, read by fail2ban through the shipped filter, ban the
+/// address (IPv4 and IPv6); its Unban lines unban nothing.
+#[test]
+fn fail2ban_log_action_feeds_the_shipped_log_jail() {
+    fail2ban::require();
+    let dir = TestDir::new();
+    let publisher = Publisher::start(&dir.sub("hub"));
+    let origin = Node::start(
+        dir.path(),
+        "node-a",
+        &publisher,
+        NodeOptions {
+            subscriber: false,
+            ..NodeOptions::default()
+        },
+    );
+    let b_dir = dir.sub("node-b");
+    let cluster_log = b_dir.join("fail2ban-cluster.log");
+    append_lines::<&str>(&cluster_log, &[]);
+    let f2b = Fail2ban::start(
+        &b_dir.join("fail2ban"),
+        &[JailConf::new("fail2ban-cluster-log")
+            .set("enabled", "true")
+            .set("logpath", cluster_log.to_string_lossy())],
+    );
+    let receiver = Node::start(
+        dir.path(),
+        "node-b",
+        &publisher,
+        NodeOptions {
+            monitor: false,
+            action: NodeAction::Log {
+                path: cluster_log.clone(),
+            },
+            ..NodeOptions::default()
+        },
+    );
+    origin.append_log(&[
+        f2b_tests::logline::ban("sshd", "203.0.113.41"),
+        f2b_tests::logline::ban("sshd", "2001:db8::41"),
+    ]);
+    f2b.wait_banned("fail2ban-cluster-log", "203.0.113.41");
+    f2b.wait_banned("fail2ban-cluster-log", "2001:db8::41");
+
+    origin.append_log(&[f2b_tests::logline::unban("sshd", "203.0.113.41")]);
+    receiver.subscriber().wait_for_event(
+        "applied",
+        &[("action", "unban"), ("ip", "203.0.113.41")],
+        TIMEOUT,
+    );
+    let lines = f2b_tests::cluster::read_lines(&cluster_log);
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    assert!(
+        lines[0].contains(": Ban 203.0.113.41 jail=sshd node=node-a "),
+        "{lines:#?}"
+    );
+    assert!(
+        lines[2].contains(": Unban 203.0.113.41 jail=sshd node=node-a "),
+        "{lines:#?}"
+    );
+    // A later ban proves fail2ban read past the Unban line, and kept the ban.
+    origin.append_log(&[f2b_tests::logline::ban("sshd", "203.0.113.42")]);
+    f2b.wait_banned("fail2ban-cluster-log", "203.0.113.42");
+    assert!(f2b
+        .banned("fail2ban-cluster-log")
+        .iter()
+        .any(|b| b == "203.0.113.41"));
+}
