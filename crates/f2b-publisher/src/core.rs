@@ -24,6 +24,7 @@ use f2b_proto::{
 use crate::ledger::{Ledger, LedgerError, Record};
 use crate::legacy::{self, LEGACY_NAK};
 use crate::memory::{BanState, ClusterState, RecentIds};
+use crate::throttle::Throttle;
 
 /// How many event ids the publisher remembers for duplicate detection.
 pub const RECENT_IDS: usize = 100_000;
@@ -176,6 +177,7 @@ pub struct Core {
     max_future_ms: u64,
     ban_time_ms: u64,
     legacy: Option<LegacyPeer>,
+    rejects: Throttle,
 }
 
 impl std::fmt::Debug for Core {
@@ -202,8 +204,24 @@ fn random_id() -> Result<EventId, String> {
     Ok(EventId::from_u128(u128::from_be_bytes(b)))
 }
 
-/// Logs a refusal: `rejected reason=<code> peer=<address> detail="..."`.
-fn rejected(reason: &str, peer: &str, detail: &str, id: Option<EventId>) {
+/// Counts a refusal and logs it, `rejected reason=<code> peer=<address>
+/// detail="..."`, unless `throttle` says too many of that reason were logged in the
+/// last second (see [`crate::throttle`]).
+fn rejected(
+    throttle: &mut Throttle,
+    now_ms: u64,
+    reason: &'static str,
+    peer: &str,
+    detail: &str,
+    id: Option<EventId>,
+) {
+    let (log, summary) = throttle.admit(reason, now_ms);
+    if let Some(s) = summary {
+        s.log();
+    }
+    if !log {
+        return;
+    }
     match id {
         Some(id) => tracing::warn!(%reason, %peer, detail, %id, "rejected"),
         None => tracing::warn!(%reason, %peer, detail, "rejected"),
@@ -274,6 +292,7 @@ impl Core {
             max_future_ms: millis(limits.max_future),
             ban_time_ms,
             legacy: None,
+            rejects: Throttle::default(),
         })
     }
 
@@ -340,9 +359,31 @@ impl Core {
         if let Response::Reply(Reply::Nak(nak)) | Response::Snapshot(SnapshotReply::Nak(nak)) =
             &outcome.reply
         {
-            rejected(nak.reason.code(), peer, &nak.detail, nak.id);
+            rejected(
+                &mut self.rejects,
+                now_ms,
+                nak.reason.code(),
+                peer,
+                &nak.detail,
+                nak.id,
+            );
         }
         outcome
+    }
+
+    /// Logs the summaries of `rejected` lines suppressed in windows that are over
+    /// at `now_ms`; the serving loop calls it now and then, so that the end of a
+    /// flood is summed up without waiting for the next refusal.
+    pub fn flush_log(&mut self, now_ms: u64) {
+        for s in self.rejects.flush(now_ms) {
+            s.log();
+        }
+    }
+
+    /// The refusals counted per reason (NAK codes, `legacy_disabled`,
+    /// `legacy_invalid`) since the start, logged or not: for tests and metrics.
+    pub fn rejected_counts(&self) -> Vec<(&'static str, crate::throttle::Counts)> {
+        self.rejects.counts()
     }
 
     fn decide<F: AsRef<[u8]>>(&mut self, frames: &[F], peer: &str, now_ms: u64) -> Outcome {
@@ -381,6 +422,8 @@ impl Core {
     fn legacy(&mut self, parts: usize, bytes: &[u8], peer: &str, now_ms: u64) -> Outcome {
         let Some(config) = &self.legacy else {
             rejected(
+                &mut self.rejects,
+                now_ms,
                 "legacy_disabled",
                 peer,
                 "not JSON: a fail2ban-zmq-tools request, and [publisher] legacy is off",
@@ -390,7 +433,14 @@ impl Core {
         };
         if parts != 1 {
             let detail = format!("{parts} message parts (a legacy request has 1)");
-            rejected("legacy_invalid", peer, &detail, None);
+            rejected(
+                &mut self.rejects,
+                now_ms,
+                "legacy_invalid",
+                peer,
+                &detail,
+                None,
+            );
             return Outcome::legacy_nak();
         }
         let token = config.token.as_ref().map(|t| t.expose());
@@ -398,7 +448,14 @@ impl Core {
             Ok(m) => m,
             Err(err) => {
                 let detail = legacy_detail(&err, bytes, token.is_some());
-                rejected("legacy_invalid", peer, &detail, None);
+                rejected(
+                    &mut self.rejects,
+                    now_ms,
+                    "legacy_invalid",
+                    peer,
+                    &detail,
+                    None,
+                );
                 return Outcome::legacy_nak();
             }
         };
@@ -406,14 +463,28 @@ impl Core {
             Ok(id) => id,
             Err(e) => {
                 let detail = format!("cannot draw an event id: {e}");
-                rejected(NakReason::Busy.code(), peer, &detail, None);
+                rejected(
+                    &mut self.rejects,
+                    now_ms,
+                    NakReason::Busy.code(),
+                    peer,
+                    &detail,
+                    None,
+                );
                 return Outcome::legacy_nak();
             }
         };
         let event = match legacy::to_event(&msg, id, now_ms) {
             Ok(e) => e,
             Err(err) => {
-                rejected(err.nak_reason().code(), peer, &err.to_string(), None);
+                rejected(
+                    &mut self.rejects,
+                    now_ms,
+                    err.nak_reason().code(),
+                    peer,
+                    &err.to_string(),
+                    None,
+                );
                 return Outcome::legacy_nak();
             }
         };
@@ -424,7 +495,14 @@ impl Core {
                 ..outcome
             },
             Response::Reply(Reply::Nak(nak)) => {
-                rejected(nak.reason.code(), peer, &nak.detail, nak.id);
+                rejected(
+                    &mut self.rejects,
+                    now_ms,
+                    nak.reason.code(),
+                    peer,
+                    &nak.detail,
+                    nak.id,
+                );
                 Outcome::legacy_nak()
             }
             Response::Snapshot(_) | Response::Legacy(_) => Outcome::legacy_nak(),

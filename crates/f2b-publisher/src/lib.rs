@@ -35,6 +35,7 @@
 //! - [`legacy`]: the conversions between fail2ban-zmq-tools messages and events.
 //! - [`memory`]: the bounded memories the core keeps (recent event ids, the ban
 //!   state per jail and address), rebuilt from the ledger at start.
+//! - [`throttle`]: the rate limit of the `rejected` log lines.
 //! - [`server`]: the ZeroMQ sockets and the single blocking thread that polls them
 //!   and prunes the ledger ([`bind`], [`Bound::serve`]).
 //! - [`run`]: bind then serve, what `main.rs` calls through
@@ -46,6 +47,7 @@ pub mod ledger;
 pub mod legacy;
 pub mod memory;
 pub mod server;
+pub mod throttle;
 
 pub use crate::core::{reserved, Core, Limits, Outcome, Response, PRUNE_INTERVAL};
 pub use crate::ledger::{Ledger, LedgerError};

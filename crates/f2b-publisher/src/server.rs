@@ -216,6 +216,7 @@ impl Bound {
                 tracing::debug!("shutdown requested");
                 return Ok(());
             }
+            self.core.flush_log(now_ms());
             if items[0].is_readable() && self.serve_one()? {
                 last_sent = Instant::now();
             }

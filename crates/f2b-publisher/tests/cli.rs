@@ -320,6 +320,42 @@ fn after_sigkill_a_restart_continues_the_sequence_in_the_same_epoch() {
     assert_eq!(p.terminate().code(), Some(0));
 }
 
+/// A flood of refused requests: every one is answered, at most 10 `rejected` lines
+/// per second are logged, and summary lines account for all the others.
+#[test]
+fn a_flood_of_garbage_is_logged_throttled_and_summed_up() {
+    let setup = Setup::new();
+    let mut p = Running::start(&setup.ephemeral(""));
+    let line = p.wait_for(&["listening on"]);
+    let ctx = zmq::Context::new();
+    let req = req_socket(&ctx, &field(&line, "reply"));
+    let n = 300u64;
+    let start = Instant::now();
+    for _ in 0..n {
+        req.send("{garbage", 0).unwrap();
+        let answer = Reply::decode(&req.recv_bytes(0).unwrap()).unwrap();
+        assert!(matches!(answer, Reply::Nak(ref n) if n.reason == NakReason::Malformed));
+    }
+    let took = start.elapsed();
+    let (mut logged, mut suppressed) = (0u64, 0u64);
+    while logged + suppressed < n {
+        let line = p.wait_for(&["rejected", "reason=malformed"]);
+        if line.contains("(suppressed ") {
+            assert!(line.contains(" more in the last "), "{line}");
+            suppressed += field(&line, "suppressed").parse::<u64>().unwrap();
+        } else {
+            assert_eq!(field(&line, "peer"), "127.0.0.1", "{line}");
+            logged += 1;
+        }
+    }
+    assert_eq!(logged + suppressed, n);
+    // Windows of one second: those the flood spanned, and one more at most.
+    let windows = took.as_secs() + 2;
+    assert!(logged <= 10 * windows, "{logged} lines logged in {took:?}");
+    assert!(suppressed > 0);
+    assert_eq!(p.terminate().code(), Some(0));
+}
+
 #[test]
 fn legacy_peers_and_the_token_never_in_the_log() {
     let setup = Setup::new();

@@ -1307,3 +1307,32 @@ fn a_stale_duplicate_from_before_a_restart_is_not_broadcast_again() {
     let mut c = open(later);
     assert_eq!(rebroadcast(&send(&mut c, &other, later), 3), None);
 }
+
+/// A flood of garbage is counted in full but logged at most
+/// [`crate::throttle::REJECTED_LINES`] times per reason and second.
+#[test]
+fn refusals_are_counted_and_their_lines_throttled() {
+    let mut c = legacy_core(None);
+    for n in 0..1000u64 {
+        let now = NOW + n; // one second
+        c.handle(&[&b"{garbage"[..]], PEER, now);
+        c.handle(&[&b"web1|sshd|Drop|203.0.113.5"[..]], PEER, now);
+        send(&mut c, &event(9, "sshd", Action::Ban, "127.0.0.1"), now);
+    }
+    let counts: Vec<(&str, u64, u64)> = c
+        .rejected_counts()
+        .into_iter()
+        .map(|(r, n)| (r, n.total, n.logged))
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            ("forbidden", 1000, 10),
+            ("legacy_invalid", 1000, 10),
+            ("malformed", 1000, 10),
+        ]
+    );
+    // The next second logs again.
+    c.handle(&[&b"{garbage"[..]], PEER, NOW + 1000);
+    assert_eq!(c.rejected_counts()[2].1.logged, 11);
+}
