@@ -292,7 +292,7 @@ impl Core {
             max_future_ms: millis(limits.max_future),
             ban_time_ms,
             legacy: None,
-            rejects: Throttle::default(),
+            rejects: Throttle::for_lines("rejected"),
         })
     }
 
@@ -325,6 +325,25 @@ impl Core {
     ) -> Result<crate::ledger::Pruned, LedgerError> {
         self.state.prune(now_ms);
         self.ledger.prune(now_ms, self.ban_time_ms, batch)
+    }
+
+    /// The reply to send instead of `reply` when the outcome's broadcast could not
+    /// be queued on the PUB socket. The event is durable but was not broadcast: a
+    /// native ACK becomes a `busy` NAK, so the monitor sends the event again, and
+    /// that resend (a duplicate) broadcasts the ledger's row again with its seq. A
+    /// legacy echo is left as it is: an old monitor never resends with the same id.
+    pub fn broadcast_failed(&mut self, reply: Response) -> Response {
+        match reply {
+            Response::Reply(Reply::Ack(a)) => {
+                self.ids.set_unsent(&a.id, true);
+                Response::Reply(Reply::Nak(Nak::new(
+                    Some(a.id),
+                    NakReason::Busy,
+                    "recorded but not broadcast; send it again",
+                )))
+            }
+            other => other,
+        }
     }
 
     /// How many event ids and (jail, address) states are held: for tests and

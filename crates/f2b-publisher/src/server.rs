@@ -2,6 +2,17 @@
 //! PUB socket when configured), then one blocking thread waits in `zmq::poll` on the
 //! REP socket and the shutdown socket, with a timeout that ends when the next
 //! heartbeat or ledger pruning is due, and hands every request to the [`Core`].
+//!
+//! # Errors
+//!
+//! A socket error while handling one message (receiving a request or a part of
+//! it, broadcasting, replying, a heartbeat) is logged (`socket error`, at most 10
+//! lines per operation and second) and the loop goes on; only `ETERM` (the context
+//! is being terminated) ends it. The REP socket's state machine is kept: a request
+//! that was received is always answered, a message whose later part could not be
+//! received is drained and answered `malformed`, and an event whose broadcast
+//! failed is answered `busy` so that its monitor resends it (see
+//! [`Core::broadcast_failed`]).
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -9,10 +20,11 @@ use f2b_common::config::PublisherConfig;
 use f2b_common::sockets::{last_endpoint, new_socket, shutdown_socket};
 use f2b_common::zmq;
 use f2b_common::CancellationToken;
-use f2b_proto::{Broadcast, Epoch, MAX_FRAMES};
+use f2b_proto::{Broadcast, Epoch, Nak, NakReason, Reply, MAX_FRAMES};
 
-use crate::core::{Core, Limits};
+use crate::core::{Core, Limits, Response};
 use crate::ledger::{Ledger, PRUNE_BATCH};
+use crate::throttle::Throttle;
 use crate::PublisherError;
 
 /// How long the PUB sockets may keep delivering queued broadcasts after shutdown.
@@ -32,6 +44,8 @@ pub struct Bound {
     heartbeat_interval: Duration,
     prune_interval: Duration,
     core: Core,
+    /// Limits the `socket error` lines.
+    errors: Throttle,
 }
 
 fn socket_err(what: &'static str) -> impl FnOnce(zmq::Error) -> PublisherError {
@@ -125,6 +139,7 @@ pub fn bind_with(config: &PublisherConfig, limits: Limits) -> Result<Bound, Publ
         heartbeat_interval: config.heartbeat_interval,
         prune_interval,
         core,
+        errors: Throttle::for_lines("socket error"),
     })
 }
 
@@ -216,13 +231,19 @@ impl Bound {
                 tracing::debug!("shutdown requested");
                 return Ok(());
             }
-            self.core.flush_log(now_ms());
+            let now = now_ms();
+            self.core.flush_log(now);
+            for s in self.errors.flush(now) {
+                s.log();
+            }
             if items[0].is_readable() && self.serve_one()? {
                 last_sent = Instant::now();
             }
             if Instant::now() >= last_sent + interval {
                 let hb = self.core.heartbeat(interval);
-                self.send_broadcast(&hb)?;
+                if let Err(e) = self.send_broadcast(&hb) {
+                    self.socket_error("broadcast a heartbeat", e)?;
+                }
                 last_sent = Instant::now();
             }
             if Instant::now() >= next_prune {
@@ -260,42 +281,102 @@ impl Bound {
         }
     }
 
+    /// What a socket error during one message means: `ETERM` (the context is
+    /// being terminated) ends the loop; anything else is logged, throttled, and the
+    /// loop goes on.
+    fn socket_error(&mut self, what: &'static str, e: zmq::Error) -> Result<(), PublisherError> {
+        if is_fatal(e) {
+            return Err(socket_err(what)(e));
+        }
+        let (log, summary) = self.errors.admit(what, now_ms());
+        if let Some(s) = summary {
+            s.log();
+        }
+        if log {
+            tracing::error!(reason = %what, error = %e, "socket error");
+        }
+        Ok(())
+    }
+
     /// Receives one request if one is waiting, answers it, broadcasts what the core
-    /// says. Returns whether something was broadcast.
+    /// says. Returns whether something was broadcast. Fails only on `ETERM`.
     fn serve_one(&mut self) -> Result<bool, PublisherError> {
-        let Some(Received { frames, peer }) = recv_request(&self.rep)? else {
-            return Ok(false);
+        let received = match recv_request(&self.rep) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(false),
+            // Nothing was received: the REP socket still waits for a request.
+            Err(e) => {
+                self.socket_error("receive a request", e)?;
+                return Ok(false);
+            }
         };
-        // The core commits an accepted event to the ledger before it returns.
-        let outcome = self.core.handle(&frames, &peer, now_ms());
+        let Received {
+            frames,
+            peer,
+            broken,
+        } = received;
+        let outcome = match broken {
+            None => {
+                // The core commits an accepted event to the ledger before it returns.
+                self.core.handle(&frames, &peer, now_ms())
+            }
+            Some(e) => {
+                self.socket_error("receive a request part", e)?;
+                let nak = Nak::new(
+                    None,
+                    NakReason::Malformed,
+                    "the message could not be received whole",
+                );
+                crate::core::Outcome {
+                    reply: Response::Reply(Reply::Nak(nak)),
+                    broadcast: None,
+                    legacy_broadcast: None,
+                }
+            }
+        };
         // Broadcast next: an ACK with status `broadcast` then means the event is
         // durable and already queued on the PUB socket(s).
+        let mut reply = outcome.reply;
         let broadcast = match &outcome.broadcast {
-            Some(b) => {
-                self.send_broadcast(b)?;
-                self.send_legacy(b, outcome.legacy_broadcast.as_deref())?;
-                true
-            }
+            Some(b) => match self.send_broadcast(b) {
+                Ok(()) => {
+                    if let Err(e) = self.send_legacy(b, outcome.legacy_broadcast.as_deref()) {
+                        self.socket_error("broadcast to legacy subscribers", e)?;
+                    }
+                    true
+                }
+                Err(e) => {
+                    self.socket_error("broadcast", e)?;
+                    reply = self.core.broadcast_failed(reply);
+                    false
+                }
+            },
             None => false,
         };
-        // REP routes the reply to the request's sender; it never blocks (a peer that
-        // does not read has its replies dropped at the high-water mark).
-        self.rep
-            .send(outcome.reply.encode(), zmq::DONTWAIT)
-            .map_err(socket_err("send a reply"))?;
+        // A REP socket that received must send, or it takes no further request.
+        self.reply(&reply)?;
         Ok(broadcast)
+    }
+
+    /// Sends `reply` on the REP socket, which routes it to the request's sender; it
+    /// never blocks (a peer that does not read has its replies dropped at the
+    /// high-water mark). Fails only on `ETERM`.
+    fn reply(&mut self, reply: &Response) -> Result<(), PublisherError> {
+        match self.rep.send(reply.encode(), zmq::DONTWAIT) {
+            Ok(()) => Ok(()),
+            // EFSM: the socket holds no request to answer; it still takes one.
+            Err(e) => self.socket_error("send a reply", e),
+        }
     }
 
     /// Sends `text` (one frame, no topic) to fail2ban-zmq-tools subscribers, when
     /// there is a legacy PUB socket.
-    fn send_legacy(&self, b: &Broadcast, text: Option<&str>) -> Result<(), PublisherError> {
+    fn send_legacy(&self, b: &Broadcast, text: Option<&str>) -> Result<(), zmq::Error> {
         let Some(publ) = &self.legacy_publ else {
             return Ok(());
         };
         match text {
-            Some(t) => publ
-                .send(t.as_bytes(), zmq::DONTWAIT)
-                .map_err(socket_err("broadcast to legacy subscribers")),
+            Some(t) => publ.send(t.as_bytes(), zmq::DONTWAIT),
             None => {
                 if let Broadcast::Event(s) = b {
                     tracing::debug!(
@@ -310,42 +391,72 @@ impl Bound {
         }
     }
 
-    fn send_broadcast(&self, b: &Broadcast) -> Result<(), PublisherError> {
+    fn send_broadcast(&self, b: &Broadcast) -> Result<(), zmq::Error> {
         // PUB never blocks: a subscriber at its high-water mark loses messages (and
         // learns from the next heartbeat's seq that it did).
         self.publ
             .send(b.topic(), zmq::SNDMORE | zmq::DONTWAIT)
             .and_then(|()| self.publ.send(b.encode(), zmq::DONTWAIT))
-            .map_err(socket_err("broadcast"))
     }
 }
 
-/// One request as received: its parts (at most `MAX_FRAMES + 1`) and the sender.
+/// Whether a socket error ends the serving loop: only `ETERM`, the context being
+/// terminated (the sockets cannot be used any more).
+fn is_fatal(e: zmq::Error) -> bool {
+    e == zmq::Error::ETERM
+}
+
+/// One request as received: its parts (at most `MAX_FRAMES + 1`), the sender, and
+/// the error that cut it short, if one did (then the rest was drained).
 struct Received {
     frames: Vec<Vec<u8>>,
     peer: String,
+    broken: Option<zmq::Error>,
 }
 
 /// Receives the parts of one message, keeping at most `MAX_FRAMES + 1` of them (one
 /// more than allowed, so the core can refuse the message), and the sender's address.
-fn recv_request(rep: &zmq::Socket) -> Result<Option<Received>, PublisherError> {
+/// `Ok(None)`: nothing waits. `Err`: nothing was received.
+fn recv_request(rep: &zmq::Socket) -> Result<Option<Received>, zmq::Error> {
     let mut msg = zmq::Message::new();
     match rep.recv(&mut msg, zmq::DONTWAIT) {
         Ok(()) => {}
         Err(zmq::Error::EAGAIN) | Err(zmq::Error::EINTR) => return Ok(None),
-        Err(e) => return Err(socket_err("receive a request")(e)),
+        Err(e) => return Err(e),
     }
     let peer = msg.gets("Peer-Address").unwrap_or("unknown").to_owned();
     let mut frames = vec![msg.to_vec()];
-    while msg.get_more() {
+    let mut broken = None;
+    let mut more = msg.get_more();
+    while more {
         // The rest of a message that has started arriving is already queued.
-        rep.recv(&mut msg, 0)
-            .map_err(socket_err("receive a request part"))?;
-        if frames.len() <= MAX_FRAMES {
-            frames.push(msg.to_vec());
+        match rep.recv(&mut msg, 0) {
+            Ok(()) => {
+                more = msg.get_more();
+                if frames.len() <= MAX_FRAMES {
+                    frames.push(msg.to_vec());
+                }
+            }
+            Err(zmq::Error::EINTR) => {}
+            Err(e) => {
+                // Drain what is left of the message, so that the socket is ready
+                // to send the reply.
+                let mut rest = zmq::Message::new();
+                while !is_fatal(e) && rep.recv(&mut rest, zmq::DONTWAIT).is_ok() {
+                    if !rest.get_more() {
+                        break;
+                    }
+                }
+                broken = Some(e);
+                break;
+            }
         }
     }
-    Ok(Some(Received { frames, peer }))
+    Ok(Some(Received {
+        frames,
+        peer,
+        broken,
+    }))
 }
 
 /// A `zmq::poll` timeout in whole milliseconds, rounded up so the loop does not wake
@@ -365,6 +476,74 @@ fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn bound(state: &std::path::Path) -> Bound {
+        let text = format!(
+            "[node]\nname = \"hub\"\n[publisher]\nreply_bind = \"tcp://127.0.0.1:*\"\n\
+             broadcast_bind = \"tcp://127.0.0.1:*\"\nstate_dir = {:?}\n",
+            state.display().to_string()
+        );
+        let config = f2b_common::config::from_str(&text, std::path::Path::new("test.conf"))
+            .unwrap()
+            .publisher;
+        bind(&config).unwrap()
+    }
+
+    #[test]
+    fn only_eterm_is_fatal() {
+        assert!(is_fatal(zmq::Error::ETERM));
+        for e in [
+            zmq::Error::EFSM,
+            zmq::Error::EAGAIN,
+            zmq::Error::EINTR,
+            zmq::Error::EHOSTUNREACH,
+            zmq::Error::EMSGSIZE,
+        ] {
+            assert!(!is_fatal(e), "{e}");
+        }
+        let state = tempfile::tempdir().unwrap();
+        let mut b = bound(state.path());
+        assert!(b
+            .socket_error("broadcast", zmq::Error::EHOSTUNREACH)
+            .is_ok());
+        let err = b.socket_error("broadcast", zmq::Error::ETERM).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PublisherError::Socket {
+                    what: "broadcast",
+                    source: zmq::Error::ETERM
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    /// A reply the REP socket refuses (EFSM: it holds no request) is logged, not
+    /// fatal, and the socket serves the next request.
+    #[test]
+    fn a_failed_reply_is_not_fatal_and_the_socket_serves_on() {
+        let state = tempfile::tempdir().unwrap();
+        let mut b = bound(state.path());
+        let nak = Response::Reply(Reply::Nak(Nak::new(None, NakReason::Busy, "x")));
+        b.reply(&nak).unwrap();
+
+        let ctx = zmq::Context::new();
+        let req = ctx.socket(zmq::REQ).unwrap();
+        req.set_linger(0).unwrap();
+        req.set_rcvtimeo(5000).unwrap();
+        req.connect(b.reply_endpoint()).unwrap();
+        req.send("{garbage", 0).unwrap();
+        assert_eq!(b.rep.poll(zmq::POLLIN, 5000).unwrap(), 1);
+        assert!(!b.serve_one().unwrap());
+        let answer = Reply::decode(&req.recv_bytes(0).unwrap()).unwrap();
+        assert!(
+            matches!(answer, Reply::Nak(ref n) if n.reason == NakReason::Malformed),
+            "{answer:?}"
+        );
+        // Nothing waits: nothing is received, nothing fails.
+        assert!(!b.serve_one().unwrap());
+    }
 
     #[test]
     fn poll_timeout_rounds_up() {

@@ -1,11 +1,11 @@
-//! Rate limiting of the `rejected` log lines: the network chooses how many refused
-//! requests arrive, so without a limit a flood of garbage would fill the disk.
+//! Rate limiting of log lines the network can cause at will (the `rejected` lines,
+//! socket errors): without a limit a flood of garbage would fill the disk.
 //!
 //! Per reason, at most [`REJECTED_LINES`] lines are logged per [`WINDOW`]; the
-//! refusals beyond that are only counted, and when the window is over one summary
-//! line says how many were not shown: `rejected (suppressed N more in the last Xs)`
-//! with `reason=` and `suppressed=`. Every refusal is counted in the totals either
-//! way.
+//! events beyond that are only counted, and when the window is over one summary
+//! line says how many were not shown, e.g. `rejected (suppressed N more in the last
+//! Xs)` with `reason=` and `suppressed=`. Every event is counted in the totals
+//! either way.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -23,9 +23,11 @@ pub struct Counts {
     pub logged: u64,
 }
 
-/// Lines that were suppressed for `reason` over the last `over_ms`.
+/// Lines (`line`, their message) that were suppressed for `reason` over the last
+/// `over_ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Suppressed {
+    pub line: &'static str,
     pub reason: &'static str,
     pub count: u64,
     pub over_ms: u64,
@@ -38,7 +40,8 @@ impl Suppressed {
         tracing::warn!(
             reason = %self.reason,
             suppressed = self.count,
-            "rejected (suppressed {} more in the last {secs}s)",
+            "{} (suppressed {} more in the last {secs}s)",
+            self.line,
             self.count
         );
     }
@@ -55,21 +58,23 @@ struct Window {
 /// The per-reason windows and totals.
 #[derive(Debug)]
 pub struct Throttle {
+    line: &'static str,
     per_window: u32,
     window_ms: u64,
     reasons: HashMap<&'static str, Window>,
 }
 
-impl Default for Throttle {
-    fn default() -> Self {
-        Throttle::new(REJECTED_LINES, WINDOW)
-    }
-}
-
 impl Throttle {
-    /// At most `per_window` lines per reason and `window`.
-    pub fn new(per_window: u32, window: Duration) -> Self {
+    /// At most [`REJECTED_LINES`] lines with the message `line` per reason and
+    /// [`WINDOW`].
+    pub fn for_lines(line: &'static str) -> Self {
+        Throttle::new(line, REJECTED_LINES, WINDOW)
+    }
+
+    /// At most `per_window` lines with the message `line` per reason and `window`.
+    pub fn new(line: &'static str, per_window: u32, window: Duration) -> Self {
         Throttle {
+            line,
             per_window,
             window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
             reasons: HashMap::new(),
@@ -87,7 +92,7 @@ impl Throttle {
             suppressed: 0,
             counts: Counts::default(),
         });
-        let summary = roll(reason, w, now_ms, window_ms);
+        let summary = roll(self.line, reason, w, now_ms, window_ms);
         w.counts.total += 1;
         let log = w.logged < self.per_window;
         if log {
@@ -102,10 +107,10 @@ impl Throttle {
     /// The summaries of the windows over at `now_ms` that suppressed lines, so that
     /// a flood that stopped is still summed up (the serving loop calls this).
     pub fn flush(&mut self, now_ms: u64) -> Vec<Suppressed> {
-        let window_ms = self.window_ms;
+        let (line, window_ms) = (self.line, self.window_ms);
         self.reasons
             .iter_mut()
-            .filter_map(|(reason, w)| roll(reason, w, now_ms, window_ms))
+            .filter_map(|(reason, w)| roll(line, reason, w, now_ms, window_ms))
             .collect()
     }
 
@@ -119,12 +124,19 @@ impl Throttle {
 
 /// Starts a new window for `w` if its window is over at `now_ms` (or the clock went
 /// back); returns the old window's summary if it suppressed lines.
-fn roll(reason: &'static str, w: &mut Window, now_ms: u64, window_ms: u64) -> Option<Suppressed> {
+fn roll(
+    line: &'static str,
+    reason: &'static str,
+    w: &mut Window,
+    now_ms: u64,
+    window_ms: u64,
+) -> Option<Suppressed> {
     let over = now_ms < w.start_ms || now_ms - w.start_ms >= window_ms;
     if !over {
         return None;
     }
     let summary = (w.suppressed > 0).then(|| Suppressed {
+        line,
         reason,
         count: w.suppressed,
         over_ms: now_ms.saturating_sub(w.start_ms),
@@ -141,7 +153,7 @@ mod tests {
 
     #[test]
     fn at_most_n_lines_per_window_then_one_summary() {
-        let mut t = Throttle::new(10, Duration::from_secs(1));
+        let mut t = Throttle::new("rejected", 10, Duration::from_secs(1));
         let mut logged = 0;
         for n in 0..1000u64 {
             let (log, summary) = t.admit("malformed", 5000 + n % 1000);
@@ -159,6 +171,7 @@ mod tests {
         assert_eq!(
             summary,
             Some(Suppressed {
+                line: "rejected",
                 reason: "malformed",
                 count: 990,
                 over_ms: 1000
@@ -187,7 +200,7 @@ mod tests {
 
     #[test]
     fn a_flood_that_stopped_is_summed_up_by_flush_once() {
-        let mut t = Throttle::new(2, Duration::from_secs(1));
+        let mut t = Throttle::new("rejected", 2, Duration::from_secs(1));
         for _ in 0..5 {
             t.admit("legacy_invalid", 1000);
         }
@@ -195,6 +208,7 @@ mod tests {
         assert_eq!(
             t.flush(4000),
             [Suppressed {
+                line: "rejected",
                 reason: "legacy_invalid",
                 count: 3,
                 over_ms: 3000
@@ -207,7 +221,7 @@ mod tests {
 
     #[test]
     fn the_clock_going_back_starts_a_new_window() {
-        let mut t = Throttle::new(1, Duration::from_secs(1));
+        let mut t = Throttle::new("rejected", 1, Duration::from_secs(1));
         assert_eq!(t.admit("malformed", 10_000), (true, None));
         assert_eq!(t.admit("malformed", 10_001), (false, None));
         let (log, summary) = t.admit("malformed", 0);

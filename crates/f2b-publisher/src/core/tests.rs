@@ -1336,3 +1336,26 @@ fn refusals_are_counted_and_their_lines_throttled() {
     c.handle(&[&b"{garbage"[..]], PEER, NOW + 1000);
     assert_eq!(c.rejected_counts()[2].1.logged, 11);
 }
+
+/// The server could not queue a broadcast: the ACK becomes `busy`, and the
+/// monitor's resend broadcasts the recorded event with its seq.
+#[test]
+fn a_broadcast_that_failed_is_refused_busy_and_sent_again_on_the_resend() {
+    let mut c = core();
+    let e = event(1, "sshd", Action::Ban, "203.0.113.5");
+    let out = send(&mut c, &e, NOW);
+    expect_ack(&out, AckStatus::Broadcast, Some(1));
+    let reply = c.broadcast_failed(out.reply);
+    let failed = Outcome {
+        reply,
+        broadcast: None,
+        legacy_broadcast: None,
+    };
+    assert_eq!(expect_nak(&failed, NakReason::Busy).id, Some(e.id));
+    assert_eq!(rebroadcast(&send(&mut c, &e, NOW), 1), Some((1, e.clone())));
+    assert_eq!(rebroadcast(&send(&mut c, &e, NOW), 1), None);
+    // Other replies are left alone.
+    let nak = Response::Legacy("NAK".into());
+    assert_eq!(c.broadcast_failed(nak.clone()), nak);
+    assert_eq!(c.last_seq(), 1);
+}
