@@ -86,12 +86,17 @@ pub enum PublisherError {
 /// `ledger path=.. epoch=.. seq=.. active=..`), binds the sockets (logging
 /// `listening on reply=.. broadcast=..`, and `legacy_broadcast=..` when
 /// configured), serves, and on shutdown lets queued broadcasts go out (at most
-/// [`server::SHUTDOWN_LINGER`]) before returning `Ok`.
+/// [`server::SHUTDOWN_LINGER`]) before returning `Ok`. Opening, pruning and
+/// reading the ledger, which may take a while, happen on a blocking thread, never
+/// on the runtime's.
 pub async fn run(
     config: PublisherConfig,
     shutdown: CancellationToken,
 ) -> Result<(), PublisherError> {
-    bind(&config)?.serve(shutdown).await
+    let bound = tokio::task::spawn_blocking(move || bind(&config))
+        .await
+        .map_err(|e| PublisherError::Thread(e.to_string()))??;
+    bound.serve(shutdown).await
 }
 
 /// Why `import-legacy-config` failed.

@@ -55,7 +55,8 @@ fn socket_err(what: &'static str) -> impl FnOnce(zmq::Error) -> PublisherError {
 /// Opens the ledger in `state_dir` (see [`Ledger::open_or_recover`]), prunes it,
 /// rebuilds the core from it and logs `ledger path=.. epoch=.. seq=.. active=..`;
 /// then creates the sockets, binds them and logs `listening on` with the real
-/// endpoints.
+/// endpoints. It blocks (file I/O, possibly a long prune): inside a runtime, call
+/// it on a blocking thread, as [`crate::run`] does.
 pub fn bind(config: &PublisherConfig) -> Result<Bound, PublisherError> {
     bind_with(config, Limits::default())
 }

@@ -806,3 +806,34 @@ fn the_serving_hub_prunes_its_ledger_periodically() {
         Some(3),
     );
 }
+
+/// `run` opens, prunes and rebuilds the ledger off the async runtime's threads:
+/// while another writer (an operator's `sqlite3`) holds the ledger's lock, the
+/// runtime's only thread still runs other tasks.
+#[test]
+fn run_opens_the_ledger_without_blocking_the_runtime() {
+    let state = tempfile::tempdir().unwrap();
+    drop(f2b_publisher::Ledger::open(state.path()).unwrap());
+    let lock = rusqlite::Connection::open(state.path().join("ledger.sqlite3")).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let token = CancellationToken::new();
+        let run = tokio::spawn(f2b_publisher::run(config(state.path(), ""), token.clone()));
+        // The runtime's one thread polls `run` now: had it opened the ledger
+        // there, it would have come back only after the lock's busy timeout.
+        tokio::task::yield_now().await;
+        assert!(!run.is_finished(), "run blocked the runtime's thread");
+        let result = tokio::time::timeout(DEADLINE, run)
+            .await
+            .expect("run did not end")
+            .unwrap();
+        // The ledger stayed locked: the start fails, and says why.
+        let err = result.unwrap_err();
+        assert!(matches!(err, PublisherError::Ledger(_)), "{err:?}");
+    });
+    lock.execute_batch("ROLLBACK").unwrap();
+}
