@@ -22,6 +22,14 @@
 //!   `accepted_ms` (the publisher's time), `expires_ms` (bans: `accepted_ms` +
 //!   `ban_time`; unbans: null), `origin` (`native`/`legacy`), `peer` (the reporting
 //!   socket's address) and `credential` (reserved for authentication; null).
+//! - `active_bans(seq, jail, ip, expires_ms)` (since version 2): the ban rows of
+//!   `events` that no later row of their (jail, address) superseded, kept in the
+//!   same transaction as each event (a ban replaces its (jail, address)'s row, an
+//!   unban deletes it), so that snapshots read active bans only.
+//! - `superseded(seq)` (since version 2): the `events` rows a later row of their
+//!   (jail, address) superseded, queued for pruning.
+//!
+//! A version 1 ledger is upgraded in place when it is opened.
 //!
 //! # Retention
 //!
@@ -29,21 +37,32 @@
 //! superseded by a later row of the same (jail, address) (a ban followed by an
 //! unban), and unbans older than `ban_time`. What is left is the active bans and the
 //! recent unbans: exactly what the in-memory state is rebuilt from at start.
+//!
+//! # Cost
+//!
+//! Nothing the network can ask for scans the ledger: a snapshot page looks at
+//! most at [`SNAPSHOT_SCAN`] rows of `active_bans` (and one index probe per jail
+//! named), and pruning finds what to delete through indexes and the `superseded`
+//! queue, so it only touches the rows it deletes. [`Ledger::vm_steps`] counts the
+//! work (SQLite virtual machine steps) so that tests can check it.
 
-use std::fmt::Write as _;
+use std::cell::Cell;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use f2b_proto::{
     Action, ActiveBan, Epoch, Event, EventId, JailName, NodeName, SnapshotPage, MAX_SAFE_INTEGER,
 };
-use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row};
+use rusqlite::{
+    params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row, Statement, StatementStatus,
+};
 
 /// The ledger's file name in `state_dir`.
 pub const LEDGER_FILE: &str = "ledger.sqlite3";
 
 /// The schema this publisher writes and reads (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// The most rows one [`Ledger::prune`] call deletes, so that a large backlog is
 /// pruned in steps between requests instead of in one long stall.
@@ -53,11 +72,14 @@ pub const PRUNE_BATCH: usize = 10_000;
 /// `sqlite3` checkpointing) before it fails.
 const BUSY_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// Rows fetched for one snapshot page: more than a page can hold (a ban takes at
-/// least about 130 of the page's 8192 bytes).
-const SNAPSHOT_FETCH: usize = 128;
+/// The most rows of `active_bans` one snapshot page looks at; when it looked at
+/// that many, its `next` says where to go on (the page may then even be empty,
+/// for a jail filter that matches few of them). Many more than a page can hold (a
+/// ban takes at least about 130 of the page's 8192 bytes).
+pub const SNAPSHOT_SCAN: usize = 1024;
 
-const SCHEMA: &str = "
+/// The schema of version 1.
+const SCHEMA_V1: &str = "
 CREATE TABLE meta (
     key TEXT PRIMARY KEY NOT NULL,
     value NOT NULL
@@ -80,11 +102,38 @@ CREATE TABLE events (
 CREATE INDEX events_by_address ON events (jail, ip, seq);
 ";
 
+/// What version 2 adds to version 1; from a version 1 ledger's rows, it fills the
+/// new tables as [`Ledger::append`] would have.
+const SCHEMA_V2: &str = "
+CREATE TABLE active_bans (
+    seq INTEGER PRIMARY KEY NOT NULL,
+    jail TEXT NOT NULL,
+    ip TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX active_bans_by_address ON active_bans (jail, ip);
+CREATE INDEX active_bans_by_jail ON active_bans (jail, seq);
+CREATE INDEX active_bans_by_expiry ON active_bans (expires_ms);
+CREATE TABLE superseded (
+    seq INTEGER PRIMARY KEY NOT NULL
+);
+CREATE INDEX events_bans_by_expiry ON events (expires_ms) WHERE action = 'ban';
+CREATE INDEX events_unbans_by_age ON events (accepted_ms) WHERE action = 'unban';
+INSERT OR REPLACE INTO active_bans (seq, jail, ip, expires_ms)
+    SELECT e.seq, e.jail, e.ip, e.expires_ms FROM events e
+    WHERE e.action = 'ban' AND e.expires_ms IS NOT NULL
+    AND NOT EXISTS (SELECT 1 FROM events l WHERE l.jail = e.jail AND l.ip = e.ip AND l.seq > e.seq);
+INSERT OR IGNORE INTO superseded (seq)
+    SELECT e.seq FROM events e
+    WHERE EXISTS (SELECT 1 FROM events l WHERE l.jail = e.jail AND l.ip = e.ip AND l.seq > e.seq);
+";
+
 /// The columns a [`Record`] is read from, in [`record`]'s order.
 const COLUMNS: &str =
     "e.seq, e.id, e.node, e.jail, e.action, e.ip, e.time_ms, e.accepted_ms, e.expires_ms, e.origin, e.peer";
 
-/// A row is superseded when a later row of the same (jail, address) exists.
+/// A row is superseded when a later row of the same (jail, address) exists (one
+/// probe of `events_by_address`).
 const SUPERSEDED: &str =
     "EXISTS (SELECT 1 FROM events l WHERE l.jail = e.jail AND l.ip = e.ip AND l.seq > e.seq)";
 
@@ -198,6 +247,9 @@ pub struct Ledger {
     epoch: Epoch,
     last_seq: u64,
     opened: Opened,
+    /// SQLite virtual machine steps run by snapshots, pruning and rebroadcast
+    /// look-ups (see [`Ledger::vm_steps`]).
+    steps: Cell<u64>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -226,6 +278,17 @@ fn is_corruption(e: &rusqlite::Error) -> bool {
 /// A u64 as SQLite stores it (i64), saturating.
 fn sql_int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Adds the virtual machine steps `stmt` ran since the last call to `steps`.
+fn count_steps(steps: &Cell<u64>, stmt: &Statement<'_>) {
+    let n = u64::try_from(stmt.reset_status(StatementStatus::VmStep)).unwrap_or(0);
+    steps.set(steps.get().saturating_add(n));
+}
+
+fn sql_err(path: &Path, what: &'static str) -> impl FnOnce(rusqlite::Error) -> LedgerError {
+    let path = path.to_owned();
+    move |source| LedgerError::Sql { path, what, source }
 }
 
 fn now_ms(now: SystemTime) -> u64 {
@@ -446,7 +509,9 @@ impl Ledger {
                 }
                 let epoch = random_epoch()?;
                 let tx = conn.transaction().map_err(sql("begin"))?;
-                tx.execute_batch(SCHEMA).map_err(sql("create the schema"))?;
+                tx.execute_batch(SCHEMA_V1)
+                    .and_then(|()| tx.execute_batch(SCHEMA_V2))
+                    .map_err(sql("create the schema"))?;
                 tx.execute(
                     "INSERT INTO meta (key, value) VALUES ('epoch', ?1), ('last_seq', 0), \
                      ('created_ms', ?2)",
@@ -457,6 +522,17 @@ impl Ledger {
                     .map_err(sql("write the schema version"))?;
                 tx.commit().map_err(sql("create the ledger"))?;
                 Opened::Created
+            }
+            1 => {
+                let tx = conn.transaction().map_err(sql("begin"))?;
+                tx.execute_batch(SCHEMA_V2)
+                    .map_err(sql("upgrade the schema to version 2"))?;
+                tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                    .map_err(sql("write the schema version"))?;
+                tx.commit()
+                    .map_err(sql("upgrade the schema to version 2"))?;
+                tracing::info!(path = %path.display(), from = 1, to = SCHEMA_VERSION, "ledger schema upgraded");
+                Opened::Existing
             }
             SCHEMA_VERSION => Opened::Existing,
             v if v > SCHEMA_VERSION => {
@@ -499,6 +575,7 @@ impl Ledger {
             epoch,
             last_seq,
             opened,
+            steps: Cell::new(0),
         })
     }
 
@@ -522,7 +599,8 @@ impl Ledger {
     }
 
     /// Commits `record`, whose `seq` must be [`Self::last_seq`] + 1, and the new
-    /// last sequence number, in one transaction.
+    /// last sequence number, in one transaction, with what it changes in
+    /// `active_bans` and `superseded`.
     pub fn append(&mut self, record: &Record) -> Result<(), LedgerError> {
         if record.seq != self.last_seq.saturating_add(1) {
             return Err(LedgerError::Sequence {
@@ -532,43 +610,56 @@ impl Ledger {
             });
         }
         let e = &record.event;
-        let tx = self.conn.transaction().map_err(|source| LedgerError::Sql {
-            path: self.path.clone(),
-            what: "begin a write",
-            source,
-        })?;
-        let written = tx
-            .execute(
+        let (seq, jail, ip) = (sql_int(record.seq), e.jail.as_str(), e.ip.to_string());
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(sql_err(&self.path, "begin a write"))?;
+        let written = (|| {
+            tx.prepare_cached(
                 "INSERT INTO events (seq, epoch, id, node, jail, action, ip, time_ms, \
                  accepted_ms, expires_ms, origin, peer, credential) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, NULL)",
-                params![
-                    sql_int(record.seq),
-                    self.epoch.to_string(),
-                    e.id.to_string(),
-                    e.node.as_str(),
-                    e.jail.as_str(),
-                    e.action.as_str(),
-                    e.ip.to_string(),
-                    sql_int(e.time_ms),
-                    sql_int(record.accepted_ms),
-                    record.expires_ms.map(sql_int),
-                    if record.legacy { "legacy" } else { "native" },
-                    record.peer.as_str(),
-                ],
-            )
-            .and_then(|_| {
-                tx.execute(
-                    "UPDATE meta SET value = ?1 WHERE key = 'last_seq'",
-                    [sql_int(record.seq)],
-                )
-            })
-            .and_then(|_| tx.commit());
-        written.map_err(|source| LedgerError::Sql {
-            path: self.path.clone(),
-            what: "write an event",
-            source,
-        })?;
+            )?
+            .execute(params![
+                seq,
+                self.epoch.to_string(),
+                e.id.to_string(),
+                e.node.as_str(),
+                jail,
+                e.action.as_str(),
+                ip,
+                sql_int(e.time_ms),
+                sql_int(record.accepted_ms),
+                record.expires_ms.map(sql_int),
+                if record.legacy { "legacy" } else { "native" },
+                record.peer.as_str(),
+            ])?;
+            // The row this one supersedes (the last one of its (jail, address);
+            // those before it were queued when it was appended).
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO superseded (seq) SELECT seq FROM events \
+                 WHERE jail = ?1 AND ip = ?2 AND seq < ?3 ORDER BY seq DESC LIMIT 1",
+            )?
+            .execute(params![jail, ip, seq])?;
+            match e.action {
+                // A ban without expires_ms fails the NOT NULL constraint.
+                Action::Ban => tx
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO active_bans (seq, jail, ip, expires_ms) \
+                         VALUES (?1, ?2, ?3, ?4)",
+                    )?
+                    .execute(params![seq, jail, ip, record.expires_ms.map(sql_int)])?,
+                Action::Unban => tx
+                    .prepare_cached("DELETE FROM active_bans WHERE jail = ?1 AND ip = ?2")?
+                    .execute(params![jail, ip])?,
+            };
+            tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'last_seq'")?
+                .execute([seq])?;
+            Ok(())
+        })()
+        .and_then(|()| tx.commit());
+        written.map_err(sql_err(&self.path, "write an event"))?;
         self.last_seq = record.seq;
         Ok(())
     }
@@ -598,18 +689,18 @@ impl Ledger {
     /// at `now_ms`: kept, valid, not superseded by a later row of the same (jail,
     /// address), and (a ban) not expired.
     pub fn current(&self, seq: u64, now_ms: u64) -> Result<Option<Record>, LedgerError> {
-        let row = self
+        let mut stmt = self
             .conn
-            .query_row(
-                &format!(
-                    "SELECT {COLUMNS} FROM events e WHERE e.seq = ?1 \
-                     AND (e.action = 'unban' OR e.expires_ms > ?2) AND NOT {SUPERSEDED}"
-                ),
-                [sql_int(seq), sql_int(now_ms)],
-                record,
-            )
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM events e WHERE e.seq = ?1 \
+                 AND (e.action = 'unban' OR e.expires_ms > ?2) AND NOT {SUPERSEDED}"
+            ))
+            .map_err(self.sql("read an event"))?;
+        let row = stmt
+            .query_row([sql_int(seq), sql_int(now_ms)], record)
             .optional()
             .map_err(self.sql("read an event"))?;
+        count_steps(&self.steps, &stmt);
         Ok(match row {
             Some(Ok(r)) => Some(r),
             Some(Err(why)) => {
@@ -625,10 +716,7 @@ impl Ledger {
         let n: i64 = self
             .conn
             .query_row(
-                &format!(
-                    "SELECT count(*) FROM events e WHERE e.action = 'ban' \
-                     AND e.expires_ms > ?1 AND NOT {SUPERSEDED}"
-                ),
+                "SELECT count(*) FROM active_bans WHERE expires_ms > ?1",
                 [sql_int(now_ms)],
                 |r| r.get(0),
             )
@@ -639,7 +727,9 @@ impl Ledger {
     /// One snapshot page: the active bans at `now_ms` with a sequence number above
     /// `cursor`, of `jails` (all when empty), in sequence order, as many as fit in a
     /// message. `seq` is the page's [`SnapshotPage::seq`] (the last broadcast).
-    /// `next` is the last sequence number included when more may follow.
+    /// `next` is where the next page starts when more may follow: after the last
+    /// ban of a full page, or after the last row looked at when the page looked at
+    /// [`SNAPSHOT_SCAN`] rows (a page may then hold few bans, or none).
     pub fn snapshot_page(
         &self,
         jails: &[JailName],
@@ -647,41 +737,85 @@ impl Ledger {
         now_ms: u64,
         seq: u64,
     ) -> Result<SnapshotPage, LedgerError> {
-        let mut sql = format!(
-            "SELECT {COLUMNS} FROM events e WHERE e.action = 'ban' AND e.expires_ms > ?1 \
-             AND e.seq > ?2 AND NOT {SUPERSEDED}"
-        );
-        let mut args: Vec<rusqlite::types::Value> =
-            vec![sql_int(now_ms).into(), sql_int(cursor.unwrap_or(0)).into()];
-        if !jails.is_empty() {
-            sql.push_str(" AND e.jail IN (");
-            for (i, j) in jails.iter().enumerate() {
-                let _ = write!(sql, "{}?{}", if i == 0 { "" } else { ", " }, i + 3);
-                args.push(j.as_str().to_owned().into());
-            }
-            sql.push(')');
-        }
-        let _ = write!(sql, " ORDER BY e.seq LIMIT {SNAPSHOT_FETCH}");
-        let mut stmt = self
-            .conn
-            .prepare(&sql)
-            .map_err(self.sql("read a snapshot"))?;
-        let mut rows = stmt
-            .query(rusqlite::params_from_iter(args))
-            .map_err(self.sql("read a snapshot"))?;
+        let wanted: HashSet<&str> = jails.iter().map(JailName::as_str).collect();
+        let after = cursor.unwrap_or(0);
         let mut page = SnapshotPage::new(self.epoch, seq);
-        let mut fetched = 0;
-        let mut last_seen = None;
-        while let Some(row) = rows.next().map_err(self.sql("read a snapshot"))? {
-            fetched += 1;
-            let row_seq: i64 = row.get(0).map_err(self.sql("read a snapshot"))?;
-            last_seen = u64::try_from(row_seq).ok().or(last_seen);
-            let r = match record(row).map_err(self.sql("read a snapshot"))? {
-                Ok(r) => r,
-                Err(why) => {
+        // With a jail filter, start at the first ban of those jails past the
+        // cursor (one index probe per jail); if there is none, this is the end.
+        let mut from = after;
+        if !wanted.is_empty() {
+            let mut probe = self
+                .conn
+                .prepare_cached("SELECT min(seq) FROM active_bans WHERE jail = ?1 AND seq > ?2")
+                .map_err(self.sql("read a snapshot"))?;
+            let mut first: Option<i64> = None;
+            for jail in &wanted {
+                let found: Option<i64> = probe
+                    .query_row(params![jail, sql_int(after)], |r| r.get(0))
+                    .map_err(self.sql("read a snapshot"))?;
+                first = match (first, found) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            count_steps(&self.steps, &probe);
+            match first.and_then(|s| u64::try_from(s).ok()) {
+                Some(s) => from = s.saturating_sub(1).max(after),
+                None => return Ok(page),
+            }
+        }
+        let mut scan = self
+            .conn
+            .prepare_cached(
+                "SELECT seq, jail, expires_ms FROM active_bans WHERE seq > ?1 \
+                 ORDER BY seq LIMIT ?2",
+            )
+            .map_err(self.sql("read a snapshot"))?;
+        let mut fetch = self
+            .conn
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM events e WHERE e.seq = ?1"))
+            .map_err(self.sql("read a snapshot"))?;
+        let filled = self.fill_page(&mut page, &mut scan, &mut fetch, &wanted, from, now_ms);
+        count_steps(&self.steps, &scan);
+        count_steps(&self.steps, &fetch);
+        filled.map_err(self.sql("read a snapshot"))?;
+        Ok(page)
+    }
+
+    /// Fills `page` from the rows of `active_bans` after `from` (see
+    /// [`Self::snapshot_page`]).
+    fn fill_page(
+        &self,
+        page: &mut SnapshotPage,
+        scan: &mut Statement<'_>,
+        fetch: &mut Statement<'_>,
+        wanted: &HashSet<&str>,
+        from: u64,
+        now_ms: u64,
+    ) -> rusqlite::Result<()> {
+        let limit = i64::try_from(SNAPSHOT_SCAN).unwrap_or(i64::MAX);
+        let mut rows = scan.query(params![sql_int(from), limit])?;
+        let mut looked = 0;
+        let mut last = from;
+        while let Some(row) = rows.next()? {
+            looked += 1;
+            let row_seq: i64 = row.get(0)?;
+            let jail: String = row.get(1)?;
+            let expires_ms: i64 = row.get(2)?;
+            last = u64::try_from(row_seq).unwrap_or(last);
+            if expires_ms <= sql_int(now_ms)
+                || (!wanted.is_empty() && !wanted.contains(jail.as_str()))
+            {
+                continue;
+            }
+            let r = match fetch.query_row([row_seq], record).optional()? {
+                Some(Ok(r)) => r,
+                Some(Err(why)) => {
                     tracing::warn!(path = %self.path.display(), why, "ledger row skipped");
                     continue;
                 }
+                // Pruned meanwhile (it expired).
+                None => continue,
             };
             let ban = ActiveBan {
                 seq: r.seq,
@@ -691,18 +825,20 @@ impl Ledger {
             if page.try_push(ban).is_err() {
                 // The page is full: the next one starts after the last ban in it.
                 page.next = page.bans.last().map(|b| b.seq);
-                return Ok(page);
+                return Ok(());
             }
         }
-        if fetched == SNAPSHOT_FETCH {
-            page.next = last_seen;
+        if looked == SNAPSHOT_SCAN {
+            page.next = Some(last);
         }
-        Ok(page)
+        Ok(())
     }
 
     /// Deletes at most `batch` rows that no longer matter at `now_ms`: expired bans,
     /// rows superseded by a later row of the same (jail, address), and unbans older
-    /// than `ban_time_ms`. The last sequence number is kept in `meta`, so pruning its
+    /// than `ban_time_ms`, in one transaction. Each is found through an index or
+    /// the `superseded` queue: the cost is that of the rows deleted, not of the
+    /// ledger's size. The last sequence number is kept in `meta`, so pruning its
     /// row never lets a sequence number be used twice.
     pub fn prune(
         &mut self,
@@ -710,26 +846,76 @@ impl Ledger {
         ban_time_ms: u64,
         batch: usize,
     ) -> Result<Pruned, LedgerError> {
-        let deleted = self
+        let now = sql_int(now_ms);
+        let unbans_before = sql_int(now_ms.saturating_sub(ban_time_ms));
+        let tx = self
             .conn
-            .execute(
-                &format!(
-                    "DELETE FROM events WHERE seq IN (SELECT e.seq FROM events e WHERE \
-                     (e.action = 'ban' AND e.expires_ms <= ?1) \
-                     OR (e.action = 'unban' AND e.accepted_ms <= ?2) \
-                     OR {SUPERSEDED} LIMIT ?3)"
-                ),
-                params![
-                    sql_int(now_ms),
-                    sql_int(now_ms.saturating_sub(ban_time_ms)),
-                    sql_int(batch as u64),
-                ],
-            )
-            .map_err(self.sql("prune"))?;
-        Ok(Pruned {
-            deleted,
-            more: deleted >= batch,
-        })
+            .transaction()
+            .map_err(sql_err(&self.path, "prune"))?;
+        let steps = &self.steps;
+        let mut left = i64::try_from(batch).unwrap_or(i64::MAX);
+        let mut deleted = 0;
+        let mut more = false;
+        let run = |sql: &str, args: &[&dyn rusqlite::ToSql]| -> rusqlite::Result<usize> {
+            let mut stmt = tx.prepare_cached(sql)?;
+            let n = stmt.execute(args)?;
+            count_steps(steps, &stmt);
+            Ok(n)
+        };
+        let pruned = (|| {
+            // 1. Rows superseded by a later row of their (jail, address).
+            let queue = "SELECT seq FROM superseded ORDER BY seq LIMIT ?1";
+            deleted += run(
+                &format!("DELETE FROM events WHERE seq IN ({queue})"),
+                &[&left],
+            )?;
+            let taken = run(
+                &format!("DELETE FROM superseded WHERE seq IN ({queue})"),
+                &[&left],
+            )?;
+            more |= taken as i64 >= left;
+            left -= taken as i64;
+            // 2. Expired bans, and their active_bans rows.
+            if left > 0 {
+                let gone = run(
+                    "DELETE FROM active_bans WHERE seq IN (SELECT seq FROM active_bans \
+                     WHERE expires_ms <= ?1 ORDER BY expires_ms LIMIT ?2)",
+                    &[&now, &left],
+                )?;
+                more |= gone as i64 >= left;
+                let n = run(
+                    "DELETE FROM events WHERE seq IN (SELECT seq FROM events \
+                     WHERE action = 'ban' AND expires_ms <= ?1 ORDER BY expires_ms LIMIT ?2)",
+                    &[&now, &left],
+                )?;
+                more |= n as i64 >= left;
+                deleted += n;
+                left -= n as i64;
+            }
+            // 3. Unbans older than ban_time.
+            if left > 0 {
+                let n = run(
+                    "DELETE FROM events WHERE seq IN (SELECT seq FROM events \
+                     WHERE action = 'unban' AND accepted_ms <= ?1 ORDER BY accepted_ms LIMIT ?2)",
+                    &[&unbans_before, &left],
+                )?;
+                more |= n as i64 >= left;
+                deleted += n;
+                left -= n as i64;
+            }
+            more |= left <= 0;
+            Ok(())
+        })()
+        .and_then(|()| tx.commit());
+        pruned.map_err(sql_err(&self.path, "prune"))?;
+        Ok(Pruned { deleted, more })
+    }
+
+    /// The SQLite virtual machine steps run so far by snapshots, pruning and
+    /// [`Self::current`]: a measure of the rows they examined that, unlike time,
+    /// does not depend on the machine. For tests and metrics.
+    pub fn vm_steps(&self) -> u64 {
+        self.steps.get()
     }
 
     /// How many rows the ledger holds.
