@@ -11,14 +11,17 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use f2b_proto::{Action, JailName, Sequenced};
+use f2b_proto::{Action, Epoch, Event, JailName, Sequenced};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::action::{Applier, CallError, FailureScope};
+use crate::catchup::Resync;
 use crate::filter::{machine_addresses, Filter, SkipReason};
 use crate::pending::{group, Group, Item, Pending, Taken, MAX_BATCH};
 use crate::ratelimit::RateLimit;
+use crate::receiver::{random_id, Input};
+use crate::store::{now_ms, State};
 use crate::{Notice, Notices};
 
 /// How often the machine's own addresses are read again.
@@ -39,7 +42,7 @@ impl Shared {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Pending> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Pending> {
         // A panic while holding the lock cannot leave Pending inconsistent in a way
         // worse than losing the panicking operation; keep going.
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
@@ -61,7 +64,17 @@ pub(crate) enum LocalAddresses {
     Fixed(Vec<IpAddr>),
 }
 
-fn log_dropped(dropped: Vec<Item>, total: u64, limit: &mut RateLimit, notices: &Notices) {
+fn log_dropped(
+    dropped: Vec<Item>,
+    total: u64,
+    limit: &mut RateLimit,
+    notices: &Notices,
+    state: &State,
+) {
+    if dropped.is_empty() {
+        return;
+    }
+    state.with(|s| s.settle(&dropped, false, now_ms()));
     for item in dropped {
         notices.send(Notice::Dropped {
             jail: item.jail.clone(),
@@ -82,14 +95,47 @@ fn log_dropped(dropped: Vec<Item>, total: u64, limit: &mut RateLimit, notices: &
     }
 }
 
-/// The intake task: filters received events and queues the others.
+/// Queues `items` (already recorded as pending) and wakes the executor; the items
+/// dropped to stay within the bound are settled and reported.
+pub(crate) fn enqueue(
+    shared: &Shared,
+    items: Vec<Item>,
+    drops: &mut RateLimit,
+    notices: &Notices,
+    state: &State,
+) {
+    let (dropped, total) = {
+        let mut p = shared.lock();
+        let now = Instant::now();
+        let mut d = Vec::new();
+        for item in items {
+            d.extend(p.push(item, now));
+        }
+        (d, p.dropped())
+    };
+    shared.wake.notify_one();
+    log_dropped(dropped, total, drops, notices, state);
+}
+
+/// How an event reached the intake, for its log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// A broadcast, or a fail2ban-zmq-tools message: `skipped` at info.
+    Live,
+    /// Listed in a snapshot: `skipped` at debug (every resync lists every ban).
+    Snapshot,
+}
+
+/// The intake task: filters received events, records and queues the others, and
+/// applies snapshots (see [`Intake::resync`]).
 pub(crate) struct Intake {
-    pub(crate) rx: mpsc::Receiver<Sequenced>,
+    pub(crate) rx: mpsc::Receiver<Input>,
     pub(crate) filter: Filter,
     pub(crate) local: LocalAddresses,
     pub(crate) ban_jail: Option<JailName>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) notices: Notices,
+    pub(crate) state: State,
 }
 
 impl Intake {
@@ -123,47 +169,213 @@ impl Intake {
         loop {
             tokio::select! {
                 msg = self.rx.recv() => match msg {
-                    Some(s) => self.accept(s, &mut drops),
+                    Some(Input::Event { event, seq, epoch }) => {
+                        if let Some(item) = self.admit(event, seq, epoch, None, Source::Live) {
+                            enqueue(&self.shared, vec![item], &mut drops, &self.notices, &self.state);
+                        }
+                    }
+                    Some(Input::Resync(r)) => self.resync(*r, &mut drops),
                     None => break,
                 },
-                _ = refresh.tick() => self.refresh_local(&mut warned),
+                _ = refresh.tick() => {
+                    self.refresh_local(&mut warned);
+                    self.state.with(|s| s.prune(now_ms()));
+                }
             }
         }
         self.shared.close();
     }
 
-    fn accept(&mut self, s: Sequenced, drops: &mut RateLimit) {
-        let ev = s.event;
-        if let Some(reason) = self.filter.check(&ev) {
-            tracing::info!(
-                reason = %reason,
-                ip = %ev.ip,
-                jail = %ev.jail,
-                action = %ev.action,
-                node = %ev.node,
-                id = %ev.id,
-                seq = s.seq,
-                "skipped"
-            );
+    /// Filters one event; returns it as an item to queue (recorded as pending in
+    /// the state), or `None` when it is skipped.
+    fn admit(
+        &mut self,
+        ev: Event,
+        seq: u64,
+        epoch: Option<Epoch>,
+        expires_ms: Option<u64>,
+        source: Source,
+    ) -> Option<Item> {
+        let known = self.state.with(|s| s.known(ev.id));
+        let skip = if known {
+            Some(SkipReason::Duplicate)
+        } else {
+            self.filter.check(&ev)
+        };
+        if let Some(reason) = skip {
+            if source == Source::Live {
+                tracing::info!(
+                    reason = %reason,
+                    ip = %ev.ip,
+                    jail = %ev.jail,
+                    action = %ev.action,
+                    node = %ev.node,
+                    id = %ev.id,
+                    seq,
+                    "skipped"
+                );
+            } else {
+                tracing::debug!(
+                    reason = %reason,
+                    ip = %ev.ip,
+                    jail = %ev.jail,
+                    node = %ev.node,
+                    id = %ev.id,
+                    seq,
+                    "snapshot ban skipped"
+                );
+            }
             self.notices.send(Notice::Skipped {
                 reason,
                 jail: ev.jail.clone(),
                 ip: ev.ip,
             });
-            return;
+            return None;
         }
         let item = Item {
             jail: self.ban_jail.clone().unwrap_or_else(|| ev.jail.clone()),
             event: ev,
-            seq: s.seq,
+            seq,
+            epoch,
+            expires_ms,
         };
-        let (dropped, total) = {
-            let mut p = self.shared.lock();
-            let d = p.push(item, Instant::now());
-            (d, p.dropped())
+        self.state.with(|s| s.add_pending(&item, now_ms()));
+        Some(item)
+    }
+
+    /// Applies a complete snapshot of one publisher (the Clone pattern):
+    ///
+    /// 1. each listed ban not expired and not known (applied, pending, or held) goes
+    ///    through the filter and is queued;
+    /// 2. each held ban of the snapshot's epoch, of a jail the snapshot covers, with
+    ///    a sequence number up to the snapshot's, that the snapshot does not list
+    ///    and no queued broadcast concerns, was unbanned (or expired) in the cluster
+    ///    meanwhile: it is unbanned here (unless another held ban of another jail
+    ///    needs the same local jail and address); a pending ban in that situation
+    ///    is dropped;
+    /// 3. the broadcasts queued during the fetch follow, except those of the
+    ///    snapshot's epoch up to its sequence number, which it already reflects.
+    fn resync(&mut self, r: Resync, drops: &mut RateLimit) {
+        let now = now_ms();
+        let epoch = r.epoch;
+        let covered = |jail: &JailName| r.jails.is_empty() || r.jails.contains(jail);
+        let reflected = |s: &Sequenced| s.epoch == epoch && s.seq <= r.seq;
+        let mut keys: HashSet<(JailName, IpAddr)> = r
+            .bans
+            .iter()
+            .map(|b| (b.event.jail.clone(), b.event.ip))
+            .collect();
+        keys.extend(
+            r.queued
+                .iter()
+                .filter(|s| !reflected(s))
+                .map(|s| (s.event.jail.clone(), s.event.ip)),
+        );
+        let listed = r.bans.len();
+        let mut queue = Vec::new();
+        for ban in r.bans {
+            if ban.expires_ms <= now {
+                let reason = SkipReason::Expired;
+                tracing::debug!(reason = %reason, ip = %ban.event.ip, jail = %ban.event.jail, id = %ban.event.id, "snapshot ban skipped");
+                self.notices.send(Notice::Skipped {
+                    reason,
+                    jail: ban.event.jail.clone(),
+                    ip: ban.event.ip,
+                });
+                continue;
+            }
+            // A ban applied from a broadcast learns its expiry here.
+            self.state.with(|s| {
+                s.learn_expiry(&ban.event.jail, ban.event.ip, ban.event.id, ban.expires_ms)
+            });
+            if let Some(item) = self.admit(
+                ban.event,
+                ban.seq,
+                Some(epoch),
+                Some(ban.expires_ms),
+                Source::Snapshot,
+            ) {
+                queue.push(item);
+            }
+        }
+        let applied = queue.len();
+
+        let gone = |jail: &JailName, ip: IpAddr, seq: u64| {
+            seq <= r.seq && covered(jail) && !keys.contains(&(jail.clone(), ip))
         };
-        self.shared.wake.notify_one();
-        log_dropped(dropped, total, drops, &self.notices);
+        let mut unbanned = 0;
+        for h in self.state.with(|s| s.held(epoch)) {
+            if !gone(&h.jail, h.ip, h.seq) {
+                continue;
+            }
+            self.state.with(|s| s.forget_held(&h.jail, h.ip));
+            if self.state.with(|s| s.held_locally(&h.local_jail, h.ip)) > 0 {
+                tracing::debug!(jail = %h.jail, ip = %h.ip, local_jail = %h.local_jail, "no longer held by the cluster, but another jail's ban keeps it");
+                continue;
+            }
+            let Some(id) = random_id() else {
+                tracing::warn!(jail = %h.jail, ip = %h.ip, "cannot draw an event id; the unban is not applied");
+                continue;
+            };
+            let Ok(event) = Event::new(
+                id,
+                h.node.clone(),
+                h.jail.clone(),
+                Action::Unban,
+                h.ip,
+                now.max(1),
+            ) else {
+                continue;
+            };
+            tracing::debug!(jail = %h.jail, ip = %h.ip, node = %h.node, id = %h.id, "unbanned in the cluster while away");
+            let item = Item {
+                jail: h.local_jail,
+                event,
+                seq: r.seq,
+                epoch: Some(epoch),
+                expires_ms: None,
+            };
+            self.state.with(|s| s.add_pending(&item, now));
+            queue.push(item);
+            unbanned += 1;
+        }
+        let stale = self.shared.lock().remove_where(|i| {
+            i.action() == Action::Ban
+                && i.epoch == Some(epoch)
+                && gone(&i.event.jail, i.event.ip, i.seq)
+        });
+        if !stale.is_empty() {
+            unbanned += stale.len();
+            self.state.with(|s| s.settle(&stale, false, now));
+        }
+        tracing::info!(
+            reason = %r.reason,
+            bans = listed,
+            applied,
+            unbanned,
+            seq = r.seq,
+            epoch = %epoch,
+            publisher = %r.endpoint,
+            "resync"
+        );
+        self.notices.send(Notice::Resynced {
+            reason: r.reason,
+            epoch,
+            seq: r.seq,
+            bans: listed,
+            applied,
+            unbanned,
+        });
+        for s in r.queued {
+            if reflected(&s) {
+                tracing::debug!(seq = s.seq, id = %s.event.id, "queued broadcast already in the snapshot");
+                continue;
+            }
+            if let Some(item) = self.admit(s.event, s.seq, Some(s.epoch), None, Source::Live) {
+                queue.push(item);
+            }
+        }
+        enqueue(&self.shared, queue, drops, &self.notices, &self.state);
     }
 }
 
@@ -172,18 +384,52 @@ pub(crate) struct Executor {
     pub(crate) applier: Box<dyn Applier>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) notices: Notices,
+    state: State,
     unknown_jails: HashSet<JailName>,
     drops: RateLimit,
 }
 
 impl Executor {
-    pub(crate) fn new(applier: Box<dyn Applier>, shared: Arc<Shared>, notices: Notices) -> Self {
+    pub(crate) fn new(
+        applier: Box<dyn Applier>,
+        shared: Arc<Shared>,
+        notices: Notices,
+        state: State,
+    ) -> Self {
         Executor {
             applier,
             shared,
             notices,
+            state,
             unknown_jails: HashSet::new(),
             drops: RateLimit::new(Duration::from_secs(10)),
+        }
+    }
+
+    fn skipped(&self, jail: &JailName, reason: SkipReason, t: &Taken) {
+        let ip = t.item.ip();
+        tracing::info!(
+            reason = %reason,
+            ip = %ip,
+            jail = %jail,
+            action = %t.item.action(),
+            node = %t.item.event.node,
+            id = %t.item.event.id,
+            seq = t.item.seq,
+            "skipped"
+        );
+        self.notices.send(Notice::Skipped {
+            reason,
+            jail: jail.clone(),
+            ip,
+        });
+    }
+
+    /// Records `skipped` as settled (never to be applied).
+    fn settle_skipped(&self, skipped: Vec<Taken>) {
+        if !skipped.is_empty() {
+            let items: Vec<Item> = skipped.into_iter().map(|t| t.item).collect();
+            self.state.with(|s| s.settle(&items, false, now_ms()));
         }
     }
 
@@ -202,7 +448,7 @@ impl Executor {
                     if left > 0 {
                         tracing::warn!(
                             count = left,
-                            "stopping with events not applied (waiting for a retry)"
+                            "stopping with events not applied (waiting for a retry); they are applied after the restart"
                         );
                     }
                     return;
@@ -229,30 +475,31 @@ impl Executor {
             mut items,
         } = g;
         if action == Action::Ban {
+            // A ban the cluster no longer holds is not applied.
+            let now = now_ms();
+            let (expired, live): (Vec<Taken>, Vec<Taken>) =
+                items.into_iter().partition(|t| t.item.expired(now));
+            items = live;
+            for t in &expired {
+                self.skipped(&jail, SkipReason::Expired, t);
+            }
+            self.settle_skipped(expired);
+            if items.is_empty() {
+                return;
+            }
             match self.applier.jail_ignores(&jail).await {
-                Ok(ignores) => items.retain(|t| {
-                    let ip = t.item.ip();
-                    if !ignores.nets.iter().any(|n| n.contains(&ip)) {
-                        return true;
+                Ok(ignores) => {
+                    let (ignored, kept): (Vec<Taken>, Vec<Taken>) =
+                        items.into_iter().partition(|t| {
+                            let ip = t.item.ip();
+                            ignores.nets.iter().any(|n| n.contains(&ip))
+                        });
+                    items = kept;
+                    for t in &ignored {
+                        self.skipped(&jail, SkipReason::IgnoreIpOfJail, t);
                     }
-                    let reason = SkipReason::IgnoreIpOfJail;
-                    tracing::info!(
-                        reason = %reason,
-                        ip = %ip,
-                        jail = %jail,
-                        action = %action,
-                        node = %t.item.event.node,
-                        id = %t.item.event.id,
-                        seq = t.item.seq,
-                        "skipped"
-                    );
-                    self.notices.send(Notice::Skipped {
-                        reason,
-                        jail: jail.clone(),
-                        ip,
-                    });
-                    false
-                }),
+                    self.settle_skipped(ignored);
+                }
                 Err(e) => {
                     self.whole_failure(&jail, action, items, e);
                     return;
@@ -296,6 +543,8 @@ impl Executor {
 
     fn success(&mut self, jail: &JailName, action: Action, chunk: Vec<Taken>) {
         self.shared.lock().gate_success(jail);
+        let items: Vec<Item> = chunk.iter().map(|t| t.item.clone()).collect();
+        self.state.with(|s| s.settle(&items, true, now_ms()));
         if self.unknown_jails.remove(jail) {
             tracing::info!(jail = %jail, "local jail exists now, applying its events");
         }
@@ -358,7 +607,7 @@ impl Executor {
             ips,
             message: e.message,
         });
-        log_dropped(dropped, total, &mut self.drops, &self.notices);
+        log_dropped(dropped, total, &mut self.drops, &self.notices, &self.state);
     }
 
     fn item_failure(&mut self, jail: &JailName, action: Action, t: Taken, e: &CallError) {
@@ -383,7 +632,7 @@ impl Executor {
             ips: vec![ip],
             message: e.message.clone(),
         });
-        log_dropped(dropped, total, &mut self.drops, &self.notices);
+        log_dropped(dropped, total, &mut self.drops, &self.notices, &self.state);
     }
 }
 
@@ -445,9 +694,9 @@ mod tests {
 
     fn item(n: u32, jail: &str, action: Action) -> Item {
         let ip = IpAddr::from(std::net::Ipv4Addr::from(0xCB00_7100 + n));
-        Item {
-            jail: JailName::new(jail).unwrap(),
-            event: Event::new(
+        Item::new(
+            JailName::new(jail).unwrap(),
+            Event::new(
                 EventId::from_u128(n.into()),
                 NodeName::new("web2").unwrap(),
                 JailName::new("sshd").unwrap(),
@@ -456,8 +705,8 @@ mod tests {
                 1_763_702_000_000,
             )
             .unwrap(),
-            seq: n.into(),
-        }
+            n.into(),
+        )
     }
 
     fn ip(n: u32) -> IpAddr {
@@ -467,6 +716,8 @@ mod tests {
     struct Rig {
         tx: Notices,
         drops: RateLimit,
+        state: State,
+        _dir: tempfile::TempDir,
         shared: Arc<Shared>,
         calls: Calls,
         notices: mpsc::UnboundedReceiver<Notice>,
@@ -485,11 +736,15 @@ mod tests {
                 max,
             };
             let tx = Notices(Some(tx));
-            let task =
-                tokio::spawn(Executor::new(Box::new(fake), shared.clone(), tx.clone()).run());
+            let (state, dir) = State::temp();
+            let task = tokio::spawn(
+                Executor::new(Box::new(fake), shared.clone(), tx.clone(), state.clone()).run(),
+            );
             Rig {
                 tx,
                 drops: RateLimit::new(Duration::ZERO),
+                state,
+                _dir: dir,
                 shared,
                 calls,
                 notices,
@@ -504,7 +759,7 @@ mod tests {
                 (p.push(item, Instant::now()), p.dropped())
             };
             self.shared.wake.notify_one();
-            log_dropped(dropped, total, &mut self.drops, &self.tx);
+            log_dropped(dropped, total, &mut self.drops, &self.tx, &self.state);
         }
 
         fn calls(&self) -> Vec<Call> {

@@ -26,6 +26,8 @@ pub enum SkipReason {
     LocalAddress,
     /// The address is in the local jail's own `ignoreip` (`banip` would bypass it).
     IgnoreIpOfJail,
+    /// A ban whose expiry (as a snapshot told it) has passed.
+    Expired,
 }
 
 impl SkipReason {
@@ -37,6 +39,7 @@ impl SkipReason {
             SkipReason::IgnoreIp => "ignore_ip",
             SkipReason::LocalAddress => "local_address",
             SkipReason::IgnoreIpOfJail => "ignoreip_of_jail",
+            SkipReason::Expired => "expired",
         }
     }
 }

@@ -2,32 +2,53 @@
 //! this node.
 //!
 //! An event travels: publisher PUB socket → [`receiver`] (SUB socket, liveness,
-//! epochs, sequence gaps) → intake ([`filter`]: own node, duplicates, `ignore_ip`,
-//! this machine's addresses) → [`pending`] queue (coalesced per jail and address,
-//! bounded) → executor (batches per jail and action, the local jail's `ignoreip`,
-//! retries with backoff) → an [`action`] (`fail2ban-client`, `log`, `exec`, `none`).
+//! epochs, sequence gaps, reconnections) → intake ([`filter`]: own node, duplicates,
+//! `ignore_ip`, this machine's addresses; recorded as pending in the [`store`]) →
+//! [`pending`] queue (coalesced per jail and address, bounded) → executor (batches
+//! per jail and action, expiry, the local jail's `ignoreip`, retries with backoff)
+//! → an [`action`] (`fail2ban-client`, `log`, `exec`, `none`) → recorded as applied.
+//!
+//! Catch-up ([`catchup`], `[subscriber] snapshot`): on start, on every
+//! reconnection, on an epoch change and on a sequence gap, the receive loop asks
+//! the publishers for a snapshot of the active bans while it keeps receiving (and
+//! queueing) broadcasts; the intake applies the bans it does not have, unbans the
+//! bans it holds that the cluster no longer does, then the queued broadcasts newer
+//! than the snapshot.
+//!
+//! Delivery is at least once: an event is marked applied in the state after its
+//! action succeeded, so a crash in between applies it again after the restart
+//! (`fail2ban-client banip`/`unbanip` are idempotent). Events received and not yet
+//! applied survive a restart; events applied before are never applied again.
 //!
 //! # Layout
 //!
-//! - [`receiver`]: the ZeroMQ loop, on a blocking thread; logs `connected`,
-//!   `missed events`, dead links; sends decoded events on a channel.
+//! - [`receiver`]: the ZeroMQ loop, on a blocking thread; the socket monitor;
+//!   logs `connected`, `disconnected`, `missed events`, dead links; legacy
+//!   (fail2ban-zmq-tools) messages; sends events and snapshots on a channel.
+//! - [`catchup`]: fetching snapshots page by page over REQ, queueing broadcasts
+//!   meanwhile, backoff.
 //! - [`filter`]: the pure filter core and its [`SkipReason`]s.
 //! - [`pending`]: the pure queue: coalescing, grouping, backoff, the `queue_size` bound.
-//! - `executor`: the intake and executor tasks around the queue.
+//! - `executor`: the intake (filter, record, queue, resync) and executor tasks
+//!   around the queue.
+//! - [`store`]: the SQLite state in `state_dir`: pending and applied events, the
+//!   bans held from the cluster; lock, pruning, rebuild of a damaged file.
 //! - [`action`]: the [`Applier`] trait and the four actions.
 //!
 //! [`run`] wires them with the configured action; [`Subscriber`] does the same with
 //! an injected action and a channel of [`Notice`]s, for tests and embedding.
 
 pub mod action;
+pub mod catchup;
 mod executor;
 pub mod filter;
 pub mod pending;
 mod ratelimit;
 pub mod receiver;
+pub mod store;
 
 use std::net::IpAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use f2b_common::config::{Config, NodeConfig, SubscriberConfig};
 use f2b_common::{sockets, zmq, CancellationToken};
@@ -35,12 +56,16 @@ use f2b_proto::{Action, Epoch, JailName};
 use tokio::sync::mpsc;
 
 pub use action::{Applier, CallError, FailureScope};
+pub use catchup::{ResyncReason, SNAPSHOT_TIMEOUT};
 pub use executor::LOCAL_ADDRESS_REFRESH;
 pub use filter::SkipReason;
+pub use store::StoreError;
 
-use executor::{Executor, Intake, LocalAddresses, Shared};
+use executor::{enqueue, Executor, Intake, LocalAddresses, Shared};
 use filter::Filter;
+use ratelimit::RateLimit;
 use receiver::ReceiverConfig;
+use store::{State, Store};
 
 /// After shutdown is requested, how long in-flight and ready events may still take
 /// to be applied before the executor is stopped.
@@ -66,6 +91,8 @@ pub enum SubscriberError {
     },
     #[error("polling the SUB socket failed")]
     Poll { source: zmq::Error },
+    #[error("cannot use the state directory")]
+    State { source: StoreError },
     #[error("the {what} task failed")]
     Task {
         what: &'static str,
@@ -78,10 +105,28 @@ pub enum SubscriberError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Notice {
-    /// First message of a publisher epoch since the socket was (re)created.
+    /// First message of a publisher epoch since the socket was (re)created, or
+    /// first message after a connection was re-established.
     Connected { epoch: Epoch },
+    /// A connection to a fail2ban-zmq-tools publisher was made (`legacy = true`).
+    LegacyConnected { publisher: String },
+    /// A connection to a publisher was lost (libzmq reconnects by itself).
+    Disconnected { publisher: String },
     /// No message for the link timeout: the socket is recreated.
     LinkDead,
+    /// A snapshot was applied.
+    Resynced {
+        reason: ResyncReason,
+        epoch: Epoch,
+        /// The snapshot's sequence number.
+        seq: u64,
+        /// Bans it listed.
+        bans: usize,
+        /// Of those, bans queued to be applied (the others were known or skipped).
+        applied: usize,
+        /// Held or pending bans the cluster no longer holds, unbanned or dropped.
+        unbanned: usize,
+    },
     /// Sequence numbers skipped in an epoch.
     Missed { epoch: Epoch, count: u64 },
     /// An event not applied, and why.
@@ -129,6 +174,7 @@ pub struct Subscriber {
     applier: Option<Box<dyn Applier>>,
     notices: Notices,
     local: LocalAddresses,
+    snapshot_timeout: Duration,
 }
 
 impl Subscriber {
@@ -139,7 +185,15 @@ impl Subscriber {
             applier: None,
             notices: Notices::default(),
             local: LocalAddresses::Interfaces,
+            snapshot_timeout: SNAPSHOT_TIMEOUT,
         }
+    }
+
+    /// How long a snapshot page may take before the request is abandoned and
+    /// retried (default [`SNAPSHOT_TIMEOUT`]).
+    pub fn with_snapshot_timeout(mut self, timeout: Duration) -> Self {
+        self.snapshot_timeout = timeout;
+        self
     }
 
     /// Uses `applier` instead of the configured action.
@@ -161,7 +215,8 @@ impl Subscriber {
     }
 
     /// Runs until `shutdown` is cancelled, then applies what is in flight or ready
-    /// (for at most [`DRAIN_TIMEOUT`]) and returns.
+    /// (for at most [`DRAIN_TIMEOUT`]) and returns. Fails at once when the state
+    /// directory cannot be created or is locked by another subscriber.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), SubscriberError> {
         let Subscriber {
             node,
@@ -169,15 +224,37 @@ impl Subscriber {
             applier,
             notices,
             local,
+            snapshot_timeout,
         } = self;
         let applier = applier.unwrap_or_else(|| action::from_config(&config.action));
         tracing::info!(
             node = %node.name,
-            publisher = %config.publisher.iter().map(|e| e.as_str()).collect::<Vec<_>>().join(","),
+            publisher = %endpoints_label(&config.publisher),
             jails = %jails_label(&config.jails),
             action = %applier.name(),
             ban_jail = %config.ban_jail.as_ref().map_or("(event's jail)", |j| j.as_str()),
+            snapshot = %endpoints_label(&config.snapshot),
+            legacy = config.legacy,
             "starting"
+        );
+        if !config.legacy && config.snapshot.is_empty() {
+            tracing::warn!(
+                "no [subscriber] snapshot endpoint: events broadcast while this subscriber is \
+                 stopped or cut off from the publisher will not be recovered"
+            );
+        }
+        let store = Store::open(&config.state_dir, SystemTime::now())
+            .map_err(|source| SubscriberError::State { source })?;
+        let state = State::new(store);
+        state.with(|s| s.prune(store::now_ms()));
+        let waiting = state.with(|s| s.pending());
+        let counts = state.with(|s| s.counts());
+        tracing::info!(
+            path = %config.state_dir.display(),
+            pending = counts.pending,
+            applied = counts.done,
+            held = counts.held,
+            "state"
         );
 
         let ctx = zmq::Context::new();
@@ -189,11 +266,28 @@ impl Subscriber {
         })?;
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let shared = Shared::new(config.queue_size);
+        if !waiting.is_empty() {
+            tracing::info!(
+                count = waiting.len(),
+                "events received before the restart and not applied yet are queued again"
+            );
+            enqueue(
+                &shared,
+                waiting,
+                &mut RateLimit::new(Duration::from_secs(10)),
+                &notices,
+                &state,
+            );
+        }
 
         let rcfg = ReceiverConfig {
             endpoints: config.publisher.clone(),
             jails: config.jails.clone(),
             heartbeat_timeout: config.heartbeat_timeout,
+            snapshot: config.snapshot.clone(),
+            snapshot_timeout,
+            queue_limit: config.queue_size,
+            legacy: config.legacy,
         };
         let rn = notices.clone();
         let rt = shutdown.clone();
@@ -207,10 +301,11 @@ impl Subscriber {
                 ban_jail: config.ban_jail.clone(),
                 shared: shared.clone(),
                 notices: notices.clone(),
+                state: state.clone(),
             }
             .run(),
         );
-        let mut executor = tokio::spawn(Executor::new(applier, shared, notices).run());
+        let mut executor = tokio::spawn(Executor::new(applier, shared, notices, state).run());
 
         // The receive loop ends on shutdown (or on a fatal socket error); then the
         // intake drains the channel and closes the queue, and the executor finishes.
@@ -219,6 +314,8 @@ impl Subscriber {
         let drained = tokio::time::timeout(DRAIN_TIMEOUT, &mut executor).await;
         if drained.is_err() {
             executor.abort();
+            // Wait until it is dropped: it holds the state (and its lock).
+            let _ = (&mut executor).await;
             tracing::warn!(timeout = ?DRAIN_TIMEOUT, "in-flight events not finished in time, stopped");
         }
         received.map_err(|source| SubscriberError::Task {
@@ -246,6 +343,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), SubscriberError> {
     Subscriber::new(node, config).run(shutdown).await
+}
+
+fn endpoints_label(endpoints: &[f2b_common::config::Endpoint]) -> String {
+    endpoints
+        .iter()
+        .map(|e| e.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn jails_label(jails: &[JailName]) -> String {
@@ -277,7 +382,7 @@ pub fn summary(config: &Config) -> String {
         f2b_common::config::SubscriberAction::None => "none".to_owned(),
     };
     format!(
-        "node: {}\npublisher: {}\njails: {}\naction: {}\nban_jail: {}\nignore_ip: {}\nheartbeat_timeout: {:?}\nqueue_size: {}",
+        "node: {}\npublisher: {}\njails: {}\naction: {}\nban_jail: {}\nignore_ip: {}\nheartbeat_timeout: {:?}\nqueue_size: {}\nlegacy: {}\nstate_dir: {}\nsnapshot: {}",
         config.node.name,
         s.publisher
             .iter()
@@ -296,6 +401,17 @@ pub fn summary(config: &Config) -> String {
             .join(", "),
         s.heartbeat_timeout,
         s.queue_size,
+        s.legacy,
+        s.state_dir.display(),
+        if s.snapshot.is_empty() {
+            "(none: no catch-up)".to_owned()
+        } else {
+            s.snapshot
+                .iter()
+                .map(|e| e.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
     )
 }
 

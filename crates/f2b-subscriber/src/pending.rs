@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::time::Duration;
 
-use f2b_proto::{Action, Event, JailName};
+use f2b_proto::{Action, Epoch, Event, JailName};
 use tokio::time::Instant;
 
 /// The first retry delay.
@@ -38,11 +38,33 @@ pub struct Item {
     pub jail: JailName,
     /// The event as received.
     pub event: Event,
-    /// Its broadcast sequence number.
+    /// Its broadcast sequence number (0 for a fail2ban-zmq-tools message).
     pub seq: u64,
+    /// The publisher epoch it came from; `None` for a fail2ban-zmq-tools message.
+    pub epoch: Option<Epoch>,
+    /// For a ban listed in a snapshot, when the cluster stops holding it (ms since
+    /// the Unix epoch): a ban not applied by then is not applied at all. `None` for
+    /// broadcasts, which carry no expiry.
+    pub expires_ms: Option<u64>,
 }
 
 impl Item {
+    /// An item of no known epoch and no expiry.
+    pub fn new(jail: JailName, event: Event, seq: u64) -> Self {
+        Item {
+            jail,
+            event,
+            seq,
+            epoch: None,
+            expires_ms: None,
+        }
+    }
+
+    /// Whether this is a ban whose expiry has passed at `now_ms`.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.action() == Action::Ban && self.expires_ms.is_some_and(|t| t <= now_ms)
+    }
+
     pub fn ip(&self) -> IpAddr {
         self.event.ip
     }
@@ -56,7 +78,8 @@ impl Item {
     }
 }
 
-type Key = (JailName, IpAddr);
+/// A queue entry's key: (local jail, address).
+pub type Key = (JailName, IpAddr);
 
 /// An entry taken out of the queue, to be applied and then dropped (success) or
 /// handed back ([`Pending::retry`], [`Pending::requeue`]).
@@ -179,6 +202,25 @@ impl Pending {
 
     fn gate_open(&self, jail: &JailName, now: Instant) -> bool {
         self.gates.get(jail).is_none_or(|g| g.until <= now)
+    }
+
+    /// Removes (and returns) the waiting entries for which `pred` is true. Entries
+    /// taken and not handed back yet are not seen.
+    pub fn remove_where(&mut self, mut pred: impl FnMut(&Item) -> bool) -> Vec<Item> {
+        let keys: Vec<(u64, Key)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| pred(&e.item))
+            .map(|(k, e)| (e.order, k.clone()))
+            .collect();
+        let mut out = Vec::with_capacity(keys.len());
+        for (order, key) in keys {
+            self.order.remove(&order);
+            if let Some(e) = self.entries.remove(&key) {
+                out.push(e.item);
+            }
+        }
+        out
     }
 
     /// Takes up to `max` entries that may be tried at `now`, oldest first.
@@ -304,9 +346,9 @@ mod tests {
     use f2b_proto::{EventId, NodeName};
 
     fn item(id: u128, jail: &str, action: Action, ip: &str) -> Item {
-        Item {
-            jail: JailName::new(jail).unwrap(),
-            event: Event::new(
+        Item::new(
+            JailName::new(jail).unwrap(),
+            Event::new(
                 EventId::from_u128(id),
                 NodeName::new("web2").unwrap(),
                 JailName::new("sshd").unwrap(),
@@ -315,8 +357,38 @@ mod tests {
                 1_763_702_000_000,
             )
             .unwrap(),
-            seq: id as u64,
-        }
+            id as u64,
+        )
+    }
+
+    #[test]
+    fn remove_where_takes_waiting_entries_out() {
+        let now = Instant::now();
+        let mut p = Pending::new(100);
+        p.push(item(1, "cluster", Action::Ban, "203.0.113.1"), now);
+        p.push(item(2, "cluster", Action::Ban, "203.0.113.2"), now);
+        p.push(item(3, "cluster", Action::Unban, "203.0.113.3"), now);
+        let gone = p.remove_where(|i| i.seq == 2);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].seq, 2);
+        let left: Vec<u64> = p
+            .take_ready(now, MAX_BATCH)
+            .iter()
+            .map(|t| t.item.seq)
+            .collect();
+        assert_eq!(left, [1, 3]);
+    }
+
+    #[test]
+    fn expiry_concerns_bans_only() {
+        let mut ban = item(1, "cluster", Action::Ban, "203.0.113.1");
+        assert!(!ban.expired(u64::MAX));
+        ban.expires_ms = Some(1000);
+        assert!(!ban.expired(999));
+        assert!(ban.expired(1000));
+        let mut unban = item(2, "cluster", Action::Unban, "203.0.113.1");
+        unban.expires_ms = Some(1000);
+        assert!(!unban.expired(2000));
     }
 
     fn ips(t: &[Taken]) -> Vec<String> {

@@ -1,18 +1,61 @@
 //! The receive loop: a SUB socket on a blocking thread, liveness, epochs and
-//! sequence numbers. Decoded events go to the intake over a channel; nothing here
-//! applies anything.
+//! sequence numbers, (re)connections, and catch-up. Decoded events and snapshots go
+//! to the intake over a channel; nothing here applies anything.
+//!
+//! A libzmq socket monitor on the SUB socket (read from an inproc PAIR socket
+//! polled in the same loop) says when a connection to a publisher is established
+//! or lost. libzmq reconnects by itself, so without it a publisher that restarts
+//! with the same epoch (its ledger kept) would go unnoticed. The first message
+//! after each (re)connection is logged as `connected` and, with `[subscriber]
+//! snapshot` set, starts a resync ([`crate::catchup`]); so do an epoch change and,
+//! without a jail filter, a sequence gap.
+//!
+//! With `[subscriber] legacy = true` the socket follows a fail2ban-zmq-tools
+//! publisher instead: one-frame `host|jail|action|ip` messages, no heartbeats (no
+//! dead-link timeout: ZMTP heartbeats and TCP keepalive watch the connection), no
+//! sequence numbers, no snapshots.
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use f2b_common::config::Endpoint;
 use f2b_common::sockets::new_socket;
 use f2b_common::{zmq, CancellationToken};
-use f2b_proto::{event_topic, Broadcast, Epoch, JailName, Sequenced, HEARTBEAT_TOPIC, MAX_FRAMES};
+use f2b_proto::{
+    event_topic, Broadcast, Epoch, Event, EventId, JailName, NodeName, Sequenced, HEARTBEAT_TOPIC,
+    MAX_FRAMES,
+};
 use tokio::sync::mpsc;
 
+use crate::catchup::{CatchUp, Out, Resync, ResyncReason};
 use crate::ratelimit::RateLimit;
 use crate::{Notice, Notices, SubscriberError};
+
+/// What the receive loop hands to the intake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Input {
+    /// A broadcast event (`epoch` set), or a fail2ban-zmq-tools message (`epoch`
+    /// `None`, `seq` 0).
+    Event {
+        event: Event,
+        seq: u64,
+        epoch: Option<Epoch>,
+    },
+    /// A complete snapshot of one publisher, with the broadcasts queued meanwhile.
+    Resync(Box<Resync>),
+}
+
+impl From<Sequenced> for Input {
+    fn from(s: Sequenced) -> Self {
+        Input::Event {
+            event: s.event,
+            seq: s.seq,
+            epoch: Some(s.epoch),
+        }
+    }
+}
 
 /// Epochs remembered for sequence tracking.
 const MAX_EPOCHS: usize = 16;
@@ -28,12 +71,20 @@ pub(crate) struct ReceiverConfig {
     pub(crate) endpoints: Vec<Endpoint>,
     pub(crate) jails: Vec<JailName>,
     pub(crate) heartbeat_timeout: Duration,
+    /// The publishers' reply endpoints to ask for snapshots; empty: no catch-up.
+    pub(crate) snapshot: Vec<Endpoint>,
+    pub(crate) snapshot_timeout: Duration,
+    /// Broadcasts queued while a snapshot is fetched, at most.
+    pub(crate) queue_limit: usize,
+    /// Follow a fail2ban-zmq-tools publisher.
+    pub(crate) legacy: bool,
 }
 
 impl ReceiverConfig {
-    /// The subscriptions: everything, or heartbeats plus each jail's topic.
+    /// The subscriptions: everything, or heartbeats plus each jail's topic. A
+    /// legacy publisher's messages have no topic: everything, filtered here.
     pub(crate) fn topics(&self) -> Vec<Vec<u8>> {
-        if self.jails.is_empty() {
+        if self.jails.is_empty() || self.legacy {
             return vec![Vec::new()];
         }
         let mut t = vec![HEARTBEAT_TOPIC.to_vec()];
@@ -55,6 +106,8 @@ impl ReceiverConfig {
 pub(crate) struct Observation {
     /// First message of this epoch since the socket was (re)created.
     pub(crate) connected: bool,
+    /// First message of this epoch ever (as far as remembered).
+    pub(crate) new_epoch: bool,
     /// Events broadcast in this epoch that never arrived.
     pub(crate) missed: u64,
 }
@@ -98,6 +151,7 @@ impl LinkState {
     pub(crate) fn observe(&mut self, epoch: Epoch, seq: u64, is_event: bool) -> Observation {
         self.tick += 1;
         let connected = self.live.insert(epoch);
+        let new_epoch = !self.epochs.contains_key(&epoch);
         // The last sequence number this message proves was broadcast before it.
         let before = if is_event { seq.saturating_sub(1) } else { seq };
         let missed = match self.epochs.get_mut(&epoch) {
@@ -136,6 +190,7 @@ impl LinkState {
         };
         Observation {
             connected,
+            new_epoch,
             missed: if self.track_gaps { missed } else { 0 },
         }
     }
@@ -147,7 +202,18 @@ pub(crate) fn link_timeout(configured: Duration, interval_ms: u64) -> Duration {
     configured.max(interval * MISSED_HEARTBEATS)
 }
 
-fn open(ctx: &zmq::Context, cfg: &ReceiverConfig) -> Result<zmq::Socket, SubscriberError> {
+/// Epochs whose endpoint is remembered (for the `connected` line).
+const MAX_ORIGINS: usize = 64;
+
+static MONITOR_ID: AtomicU64 = AtomicU64::new(0);
+
+/// One SUB socket and its monitor.
+struct Session {
+    sub: zmq::Socket,
+    monitor: Option<zmq::Socket>,
+}
+
+fn open(ctx: &zmq::Context, cfg: &ReceiverConfig) -> Result<Session, SubscriberError> {
     let sub = new_socket(ctx, zmq::SUB).map_err(|source| SubscriberError::Socket {
         what: "SUB",
         source,
@@ -159,6 +225,17 @@ fn open(ctx: &zmq::Context, cfg: &ReceiverConfig) -> Result<zmq::Socket, Subscri
                 source,
             })?;
     }
+    // Before connecting, so that the first connection is seen too.
+    let monitor = match attach_monitor(ctx, &sub) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "cannot monitor the SUB socket: a publisher that restarts with the same epoch goes unnoticed"
+            );
+            None
+        }
+    };
     for e in &cfg.endpoints {
         sub.connect(e.as_str())
             .map_err(|source| SubscriberError::Connect {
@@ -166,7 +243,76 @@ fn open(ctx: &zmq::Context, cfg: &ReceiverConfig) -> Result<zmq::Socket, Subscri
                 source,
             })?;
     }
-    Ok(sub)
+    Ok(Session { sub, monitor })
+}
+
+/// Starts a libzmq socket monitor on `sub` (connections made and lost) and returns
+/// the PAIR socket its events arrive on.
+fn attach_monitor(ctx: &zmq::Context, sub: &zmq::Socket) -> zmq::Result<zmq::Socket> {
+    let name = format!(
+        "inproc://f2b-sub-monitor-{}-{}",
+        std::process::id(),
+        MONITOR_ID.fetch_add(1, Ordering::Relaxed)
+    );
+    let events = i32::from(zmq::SocketEvent::CONNECTED.to_raw())
+        | i32::from(zmq::SocketEvent::DISCONNECTED.to_raw());
+    sub.monitor(&name, events)?;
+    let pair = ctx.socket(zmq::PAIR)?;
+    pair.set_linger(0)?;
+    pair.connect(&name)?;
+    Ok(pair)
+}
+
+/// A connection event of the SUB socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum LinkEvent {
+    Connected(String),
+    Disconnected(String),
+}
+
+/// Reads a socket monitor message: a frame of the event number (16 bits) and its
+/// value (32 bits), native byte order, then a frame of the endpoint.
+pub(crate) fn parse_monitor(frames: &[Vec<u8>]) -> Option<LinkEvent> {
+    let head = frames.first()?;
+    let event = u16::from_ne_bytes([*head.first()?, *head.get(1)?]);
+    let endpoint = String::from_utf8_lossy(frames.get(1)?).into_owned();
+    if event == zmq::SocketEvent::CONNECTED.to_raw() {
+        Some(LinkEvent::Connected(endpoint))
+    } else if event == zmq::SocketEvent::DISCONNECTED.to_raw() {
+        Some(LinkEvent::Disconnected(endpoint))
+    } else {
+        None
+    }
+}
+
+/// A random (version 4) event id, for events that arrive without one.
+pub(crate) fn random_id() -> Option<EventId> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).ok()?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    Some(EventId::from_u128(u128::from_be_bytes(b)))
+}
+
+/// A fail2ban-zmq-tools broadcast (`host|jail|action|ip`, maybe a fifth field) as a
+/// native event with `id`, at `time_ms`: `Ok(None)` when its jail is not in `jails`
+/// (when that is not empty), `Err` with why it is not valid.
+pub(crate) fn legacy_event(
+    bytes: &[u8],
+    jails: &[JailName],
+    id: EventId,
+    time_ms: u64,
+) -> Result<Option<Event>, String> {
+    let m = f2b_proto::legacy::parse(bytes, None).map_err(|e| format!("legacy message: {e}"))?;
+    let jail = JailName::new(&m.jail).map_err(|e| format!("legacy message: {e}"))?;
+    if !jails.is_empty() && !jails.contains(&jail) {
+        return Ok(None);
+    }
+    let host = m.host.strip_suffix('.').unwrap_or(&m.host);
+    let node = NodeName::new(host).map_err(|e| format!("legacy message: {e}"))?;
+    Event::new(id, node, jail, m.action, IpAddr::V4(m.ip), time_ms)
+        .map(Some)
+        .map_err(|e| format!("legacy message: {e}"))
 }
 
 /// A multipart message: at most [`MAX_FRAMES`] frames kept, all counted.
@@ -212,7 +358,7 @@ pub(crate) fn run(
     cfg: ReceiverConfig,
     shutdown: zmq::Socket,
     token: CancellationToken,
-    tx: mpsc::Sender<Sequenced>,
+    tx: mpsc::Sender<Input>,
     notices: Notices,
 ) -> Result<(), SubscriberError> {
     let mut r = Receiver {
@@ -222,17 +368,34 @@ pub(crate) fn run(
         timeout: cfg.heartbeat_timeout,
         bad: RateLimit::new(Duration::from_secs(10)),
         dead: RateLimit::new(Duration::from_secs(60)),
+        catchup: CatchUp::new(
+            if cfg.legacy { &[] } else { &cfg.snapshot },
+            cfg.jails.clone(),
+            cfg.snapshot_timeout,
+            cfg.queue_limit,
+        ),
+        fresh: Vec::new(),
+        origin: HashMap::new(),
+        started: false,
         cfg,
         tx,
         notices,
     };
     loop {
-        let sub = open(&ctx, &r.cfg)?;
+        let session = open(&ctx, &r.cfg)?;
         r.link.reset_live();
+        r.fresh.clear();
         tracing::debug!(publisher = %r.publisher, "subscribing");
-        match r.session(&sub, &shutdown)? {
+        match r.session(&ctx, &session, &shutdown)? {
             Stop::Shutdown => return Ok(()),
-            Stop::Reopen => drop(sub),
+            Stop::Reopen => {
+                if let Some(out) = r.catchup.abandon() {
+                    if !r.deliver(out) {
+                        return Ok(());
+                    }
+                }
+                drop(session);
+            }
         }
     }
 }
@@ -245,7 +408,14 @@ struct Receiver {
     timeout: Duration,
     bad: RateLimit,
     dead: RateLimit,
-    tx: mpsc::Sender<Sequenced>,
+    catchup: CatchUp,
+    /// Endpoints connected (as the monitor said) whose first message has not come.
+    fresh: Vec<String>,
+    /// Which endpoint an epoch's messages came from, as far as known.
+    origin: HashMap<Epoch, String>,
+    /// Whether any publisher message was received yet (the first is a "start").
+    started: bool,
+    tx: mpsc::Sender<Input>,
     notices: Notices,
 }
 
@@ -253,7 +423,8 @@ impl Receiver {
     /// One socket's life: until shutdown or a dead link.
     fn session(
         &mut self,
-        sub: &zmq::Socket,
+        ctx: &zmq::Context,
+        s: &Session,
         shutdown: &zmq::Socket,
     ) -> Result<Stop, SubscriberError> {
         let mut last = Instant::now();
@@ -262,39 +433,80 @@ impl Receiver {
                 return Ok(Stop::Shutdown);
             }
             let now = Instant::now();
-            let deadline = last + self.timeout;
-            if now >= deadline {
-                if let Some(held) = self.dead.allow() {
-                    tracing::warn!(
-                        publisher = %self.publisher,
-                        timeout = ?self.timeout,
-                        held_back = held,
-                        "no message from the publisher, reconnecting"
-                    );
+            if let Some(out) = self.catchup.step(ctx, now) {
+                if !self.deliver(out) {
+                    return Ok(Stop::Shutdown);
                 }
-                self.notices.send(Notice::LinkDead);
-                return Ok(Stop::Reopen);
             }
-            let wait = i64::try_from((deadline - now).as_millis())
-                .unwrap_or(i64::MAX)
-                .saturating_add(1);
-            let mut items = [
-                sub.as_poll_item(zmq::POLLIN),
-                shutdown.as_poll_item(zmq::POLLIN),
-            ];
-            match zmq::poll(&mut items, wait) {
-                Ok(_) => {}
-                Err(zmq::Error::EINTR) => continue,
-                Err(source) => return Err(SubscriberError::Poll { source }),
+            let mut deadline = self.catchup.deadline();
+            if !self.cfg.legacy {
+                let dead_at = last + self.timeout;
+                if now >= dead_at {
+                    if let Some(held) = self.dead.allow() {
+                        tracing::warn!(
+                            publisher = %self.publisher,
+                            timeout = ?self.timeout,
+                            held_back = held,
+                            "no message from the publisher, reconnecting"
+                        );
+                    }
+                    self.notices.send(Notice::LinkDead);
+                    return Ok(Stop::Reopen);
+                }
+                deadline = Some(deadline.map_or(dead_at, |d| d.min(dead_at)));
             }
-            if items[1].is_readable() {
+            let wait = match deadline {
+                Some(d) => i64::try_from(d.saturating_duration_since(now).as_millis())
+                    .unwrap_or(i64::MAX)
+                    .saturating_add(1),
+                None => -1,
+            };
+            let (sub_ready, shut, mon_ready, req_ready) = {
+                let mut items = vec![
+                    s.sub.as_poll_item(zmq::POLLIN),
+                    shutdown.as_poll_item(zmq::POLLIN),
+                ];
+                let mon_at = s.monitor.as_ref().map(|m| {
+                    items.push(m.as_poll_item(zmq::POLLIN));
+                    items.len() - 1
+                });
+                let req_at = self.catchup.socket().map(|r| {
+                    items.push(r.as_poll_item(zmq::POLLIN));
+                    items.len() - 1
+                });
+                match zmq::poll(&mut items, wait) {
+                    Ok(_) => {}
+                    Err(zmq::Error::EINTR) => continue,
+                    Err(source) => return Err(SubscriberError::Poll { source }),
+                }
+                let ready = |i: Option<usize>| i.is_some_and(|i| items[i].is_readable());
+                (
+                    items[0].is_readable(),
+                    items[1].is_readable(),
+                    ready(mon_at),
+                    ready(req_at),
+                )
+            };
+            if shut {
                 return Ok(Stop::Shutdown);
             }
-            if !items[0].is_readable() {
+            if mon_ready {
+                self.read_monitor(s.monitor.as_ref());
+            }
+            if req_ready {
+                if let Some(out) = self.catchup.readable(Instant::now()) {
+                    if !self.deliver(out) {
+                        return Ok(Stop::Shutdown);
+                    }
+                }
+            }
+            if !sub_ready {
                 continue;
             }
             loop {
-                match recv_frames(sub) {
+                // A connection made since the last look applies to what follows.
+                self.read_monitor(s.monitor.as_ref());
+                match recv_frames(&s.sub) {
                     Ok(Some(frames)) => {
                         last = Instant::now();
                         if !self.handle(frames) {
@@ -311,6 +523,41 @@ impl Receiver {
         }
     }
 
+    /// Passes catch-up output to the intake; false when the intake is gone.
+    fn deliver(&self, out: Out) -> bool {
+        match out {
+            Out::Resync(r) => self.tx.blocking_send(Input::Resync(r)).is_ok(),
+            Out::Release(queued) => queued
+                .into_iter()
+                .all(|s| self.tx.blocking_send(s.into()).is_ok()),
+        }
+    }
+
+    fn read_monitor(&mut self, monitor: Option<&zmq::Socket>) {
+        let Some(m) = monitor else { return };
+        while let Ok(frames) = m.recv_multipart(zmq::DONTWAIT) {
+            match parse_monitor(&frames) {
+                Some(LinkEvent::Connected(ep)) => {
+                    if self.cfg.legacy {
+                        tracing::info!(publisher = %ep, legacy = true, "connected");
+                        self.notices.send(Notice::LegacyConnected { publisher: ep });
+                    } else {
+                        tracing::debug!(publisher = %ep, "connection established");
+                        if !self.fresh.contains(&ep) {
+                            self.fresh.push(ep);
+                        }
+                    }
+                }
+                Some(LinkEvent::Disconnected(ep)) => {
+                    tracing::info!(publisher = %ep, "disconnected");
+                    self.fresh.retain(|f| *f != ep);
+                    self.notices.send(Notice::Disconnected { publisher: ep });
+                }
+                None => {}
+            }
+        }
+    }
+
     fn bad_message(&mut self, error: &dyn std::fmt::Display) {
         if let Some(held) = self.bad.allow() {
             tracing::warn!(error = %error, held_back = held, "bad message dropped");
@@ -319,6 +566,9 @@ impl Receiver {
 
     /// Handles one message; false when the intake is gone.
     fn handle(&mut self, frames: Frames) -> bool {
+        if self.cfg.legacy {
+            return self.handle_legacy(frames);
+        }
         let (Some(topic), Some(payload), 2) =
             (frames.kept.first(), frames.kept.get(1), frames.count)
         else {
@@ -354,15 +604,101 @@ impl Receiver {
                     id = %s.event.id,
                     "received"
                 );
-                self.tx.blocking_send(s).is_ok()
+                if self.catchup.fetching() {
+                    match self.catchup.queue(s) {
+                        Some(out) => self.deliver(out),
+                        None => true,
+                    }
+                } else {
+                    self.tx.blocking_send(s.into()).is_ok()
+                }
             }
         }
     }
 
-    fn report(&self, epoch: Epoch, seq: u64, obs: Observation) {
-        if obs.connected {
-            tracing::info!(publisher = %self.publisher, epoch = %epoch, seq, "connected");
+    fn handle_legacy(&mut self, frames: Frames) -> bool {
+        let (Some(bytes), 1) = (frames.kept.first(), frames.count) else {
+            self.bad_message(&format!(
+                "expected 1 frame (a fail2ban-zmq-tools message), got {}",
+                frames.count
+            ));
+            return true;
+        };
+        let Some(id) = random_id() else {
+            self.bad_message(&"cannot draw a random event id");
+            return true;
+        };
+        match legacy_event(bytes, &self.cfg.jails, id, crate::store::now_ms()) {
+            Ok(Some(event)) => {
+                tracing::debug!(
+                    jail = %event.jail,
+                    action = %event.action,
+                    ip = %event.ip,
+                    node = %event.node,
+                    id = %event.id,
+                    "received"
+                );
+                self.tx
+                    .blocking_send(Input::Event {
+                        event,
+                        seq: 0,
+                        epoch: None,
+                    })
+                    .is_ok()
+            }
+            Ok(None) => true,
+            Err(why) => {
+                self.bad_message(&why);
+                true
+            }
+        }
+    }
+
+    /// Which of the fresh connections a message of `epoch` proves live, if any.
+    fn fresh_for(&self, epoch: Epoch) -> Option<usize> {
+        if self.fresh.is_empty() {
+            return None;
+        }
+        match self.origin.get(&epoch) {
+            Some(ep) => self
+                .fresh
+                .iter()
+                .position(|f| f == ep)
+                .or_else(|| (self.cfg.endpoints.len() == 1).then_some(0)),
+            None => Some(0),
+        }
+    }
+
+    fn report(&mut self, epoch: Epoch, seq: u64, obs: Observation) {
+        let fresh = self.fresh_for(epoch);
+        let connected = obs.connected || fresh.is_some();
+        if connected {
+            let publisher = match fresh {
+                Some(i) => {
+                    let ep = self.fresh.remove(i);
+                    if self.origin.len() >= MAX_ORIGINS && !self.origin.contains_key(&epoch) {
+                        self.origin.clear();
+                    }
+                    self.origin.insert(epoch, ep.clone());
+                    ep
+                }
+                None => self
+                    .origin
+                    .get(&epoch)
+                    .cloned()
+                    .unwrap_or_else(|| self.publisher.clone()),
+            };
+            tracing::info!(publisher = %publisher, epoch = %epoch, seq, "connected");
             self.notices.send(Notice::Connected { epoch });
+            let reason = if !self.started {
+                ResyncReason::Start
+            } else if obs.new_epoch {
+                ResyncReason::Epoch
+            } else {
+                ResyncReason::Reconnect
+            };
+            self.started = true;
+            self.catchup.trigger(reason);
         }
         if obs.missed > 0 {
             tracing::warn!(
@@ -376,6 +712,9 @@ impl Receiver {
                 epoch,
                 count: obs.missed,
             });
+            if !connected {
+                self.catchup.trigger(ResyncReason::Gap);
+            }
         }
     }
 }
@@ -390,10 +729,99 @@ mod tests {
             endpoints: vec![],
             jails: vec![],
             heartbeat_timeout: Duration::from_secs(5),
+            snapshot: vec![],
+            snapshot_timeout: Duration::from_secs(5),
+            queue_limit: 10,
+            legacy: false,
         };
         assert_eq!(cfg.topics(), vec![Vec::<u8>::new()]);
         cfg.jails = vec![JailName::new("sshd").unwrap()];
         assert_eq!(cfg.topics(), vec![b"hb:\0".to_vec(), b"ev:sshd\0".to_vec()]);
+        cfg.legacy = true;
+        assert_eq!(cfg.topics(), vec![Vec::<u8>::new()]);
+    }
+
+    #[test]
+    fn new_epochs_are_told_apart_from_reconnections() {
+        let mut l = LinkState::new(true, true);
+        assert!(l.observe(Epoch(1), 0, false).new_epoch);
+        assert!(!l.observe(Epoch(1), 0, false).new_epoch);
+        l.reset_live();
+        let o = l.observe(Epoch(1), 0, false);
+        assert!(o.connected && !o.new_epoch);
+        assert!(l.observe(Epoch(2), 0, false).new_epoch);
+    }
+
+    #[test]
+    fn monitor_messages_are_read() {
+        let frame = |ev: zmq::SocketEvent| {
+            let mut b = ev.to_raw().to_ne_bytes().to_vec();
+            b.extend_from_slice(&7u32.to_ne_bytes());
+            b
+        };
+        let ep = b"tcp://127.0.0.1:5680".to_vec();
+        assert_eq!(
+            parse_monitor(&[frame(zmq::SocketEvent::CONNECTED), ep.clone()]),
+            Some(LinkEvent::Connected("tcp://127.0.0.1:5680".into()))
+        );
+        assert_eq!(
+            parse_monitor(&[frame(zmq::SocketEvent::DISCONNECTED), ep.clone()]),
+            Some(LinkEvent::Disconnected("tcp://127.0.0.1:5680".into()))
+        );
+        assert_eq!(
+            parse_monitor(&[frame(zmq::SocketEvent::CLOSED), ep.clone()]),
+            None
+        );
+        assert_eq!(parse_monitor(&[vec![1], ep]), None);
+        assert_eq!(parse_monitor(&[frame(zmq::SocketEvent::CONNECTED)]), None);
+        assert_eq!(parse_monitor(&[]), None);
+    }
+
+    #[test]
+    fn legacy_messages_become_events() {
+        let id = EventId::from_u128(7);
+        let e = legacy_event(b"web1|sshd|Ban|10.1", &[], id, 1_763_702_000_000)
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.node.as_str(), "web1");
+        assert_eq!(e.jail.as_str(), "sshd");
+        assert_eq!(e.action, f2b_proto::Action::Ban);
+        assert_eq!(e.ip.to_string(), "10.0.0.1");
+        assert_eq!(e.id, id);
+        assert_eq!(e.time_ms, 1_763_702_000_000);
+        let e = legacy_event(b"Web2.example.org.|sshd|UnBan|192.0.2.1|x", &[], id, 1)
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.node.as_str(), "web2.example.org");
+        assert_eq!(e.action, f2b_proto::Action::Unban);
+        let sshd = [JailName::new("sshd").unwrap()];
+        assert_eq!(legacy_event(b"web1|nginx|Ban|10.1", &sshd, id, 1), Ok(None));
+        assert!(legacy_event(b"web1|sshd|Ban|10.1", &sshd, id, 1)
+            .unwrap()
+            .is_some());
+        for bad in [
+            &b"web1||Ban|10.1"[..],
+            b"web1|sshd|Drop|10.1",
+            b"web1|sshd|Ban|2001:db8::1",
+            b"web1|sshd|Ban",
+            b"{\"v\":1}",
+            b"",
+            b"\xff|sshd|Ban|10.1",
+        ] {
+            assert!(
+                legacy_event(bad, &[], id, 1).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn random_ids_are_version_4_and_differ() {
+        let a = random_id().unwrap();
+        let b = random_id().unwrap();
+        assert_ne!(a, b);
+        assert_eq!((a.as_u128() >> 76) & 0xf, 4);
     }
 
     #[test]

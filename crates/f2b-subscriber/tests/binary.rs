@@ -70,9 +70,10 @@ fn runs_applies_and_stops_on_sigterm_with_status_0() {
     std::fs::write(
         &conf,
         format!(
-            "[node]\nname = \"web1\"\n[subscriber]\npublisher = \"{}\"\naction = \"log\"\nlog_path = {:?}\n",
+            "[node]\nname = \"web1\"\n[subscriber]\npublisher = \"{}\"\naction = \"log\"\nlog_path = {:?}\nstate_dir = {:?}\n",
             publ.endpoint,
-            log.to_str().unwrap()
+            log.to_str().unwrap(),
+            dir.path().join("state").to_str().unwrap()
         ),
     )
     .unwrap();
@@ -109,7 +110,7 @@ fn runs_applies_and_stops_on_sigterm_with_status_0() {
             }
         }
     };
-    let connected = wait_line("connected");
+    let connected = wait_line(" connected publisher=");
     assert!(
         connected.contains(&format!(
             "connected publisher={} epoch={}",

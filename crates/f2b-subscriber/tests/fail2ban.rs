@@ -17,9 +17,9 @@ use f2b_subscriber::{Applier, FailureScope, Notice, SkipReason};
 const HB: Duration = Duration::from_millis(100);
 
 fn item(jail: &str, ip: &str, action: Action) -> Item {
-    Item {
-        jail: JailName::new(jail).unwrap(),
-        event: Event::new(
+    Item::new(
+        JailName::new(jail).unwrap(),
+        Event::new(
             EventId::from_u128(common::unique()),
             NodeName::new("web2").unwrap(),
             JailName::new("sshd").unwrap(),
@@ -28,8 +28,8 @@ fn item(jail: &str, ip: &str, action: Action) -> Item {
             1_763_702_000_000,
         )
         .unwrap(),
-        seq: 1,
-    }
+        1,
+    )
 }
 
 fn client(server: &Server) -> Fail2banClient {

@@ -167,9 +167,9 @@ mod tests {
     use f2b_proto::{Event, EventId, NodeName};
 
     fn item(jail: &str, ip: &str, action: Action) -> Item {
-        Item {
-            jail: JailName::new(jail).unwrap(),
-            event: Event::new(
+        Item::new(
+            JailName::new(jail).unwrap(),
+            Event::new(
                 EventId::from_u128(1),
                 NodeName::new("web1").unwrap(),
                 JailName::new("sshd").unwrap(),
@@ -178,8 +178,8 @@ mod tests {
                 1_763_702_000_000,
             )
             .unwrap(),
-            seq: 1,
-        }
+            1,
+        )
     }
 
     fn argv(a: &[&str]) -> Vec<String> {

@@ -124,9 +124,9 @@ mod tests {
     use f2b_proto::{Event, EventId, NodeName};
 
     fn item(action: Action, ip: &str) -> Item {
-        Item {
-            jail: JailName::new("cluster").unwrap(),
-            event: Event::new(
+        Item::new(
+            JailName::new("cluster").unwrap(),
+            Event::new(
                 EventId::from_u128(0x0f1e_2d3c_4b5a_6978_8796_a5b4_c3d2_e1f0),
                 NodeName::new("web1").unwrap(),
                 JailName::new("sshd").unwrap(),
@@ -135,8 +135,8 @@ mod tests {
                 1_763_702_000_000,
             )
             .unwrap(),
-            seq: 17,
-        }
+            17,
+        )
     }
 
     fn time() -> DateTime<Local> {

@@ -174,10 +174,26 @@ pub fn event(node: &str, jail: &str, action: Action, ip: &str) -> Event {
     .unwrap()
 }
 
-/// `[node]` and `[subscriber]` from TOML lines (`publisher` is added).
+/// A new directory for a test's files, under the target directory's `tmp` (kept
+/// after the test, for a look at what went wrong).
+pub fn scratch_dir() -> std::path::PathBuf {
+    tempfile::Builder::new()
+        .prefix("f2b-subscriber-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("scratch directory")
+        .keep()
+}
+
+/// `[node]` and `[subscriber]` from TOML lines (`publisher` is added, and a new
+/// `state_dir` unless the lines set one).
 pub fn config(node: &str, endpoint: &str, subscriber: &str) -> (NodeConfig, SubscriberConfig) {
+    let state = if subscriber.contains("state_dir") {
+        String::new()
+    } else {
+        format!("state_dir = {:?}\n", scratch_dir().join("state"))
+    };
     let text = format!(
-        "[node]\nname = \"{node}\"\n[subscriber]\npublisher = \"{endpoint}\"\n{subscriber}\n"
+        "[node]\nname = \"{node}\"\n[subscriber]\npublisher = \"{endpoint}\"\n{state}{subscriber}\n"
     );
     let c = f2b_common::config::from_str(&text, Path::new("test.conf"))
         .unwrap_or_else(|e| panic!("{e}\n{text}"));

@@ -1,0 +1,414 @@
+//! Catch-up (the ZeroMQ guide's Clone pattern): while subscribed, ask each
+//! publisher's reply socket (`[subscriber] snapshot`) for the bans the cluster holds,
+//! page by page, and hand them to the intake together with the broadcasts received
+//! meanwhile.
+//!
+//! Owned by the receive loop's thread: the REQ socket is polled in the same
+//! `zmq::poll` as the SUB socket, so broadcasts keep being received (and queued)
+//! while a snapshot is fetched.
+//!
+//! One fetch at a time, one publisher after another. A fetch that fails (no answer
+//! within the timeout, a refusal, a reply that makes no sense) releases the
+//! broadcasts it queued to the intake at once (live events never wait for a
+//! retry), and is tried again after a backoff (1 s, 2 s, 4 s ... 60 s) with a new
+//! socket; each attempt queues from its own start, so whatever it delivers is
+//! consistent. A publisher that answers `unknown_type` (a version without
+//! snapshots), or the bare `NAK` of a fail2ban-zmq-tools publisher, is warned about
+//! once and not asked again.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use f2b_common::config::Endpoint;
+use f2b_common::sockets::new_socket;
+use f2b_common::zmq;
+use f2b_proto::{
+    ActiveBan, Epoch, JailName, NakReason, Request, Sequenced, SnapshotReply, SnapshotRequest,
+};
+
+use crate::pending::backoff;
+
+/// How long one snapshot page may take to arrive.
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most bans one snapshot may list (a publisher that sends more is answered as
+/// a failure).
+pub const MAX_SNAPSHOT_BANS: usize = 1_000_000;
+
+/// Why a resync was started; the `reason=` of the `resync` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ResyncReason {
+    /// The first connection since the subscriber started.
+    Start,
+    /// A connection to a publisher was re-established (same epoch).
+    Reconnect,
+    /// A publisher's epoch changed (it lost its ledger, or another one answers).
+    Epoch,
+    /// Sequence numbers were skipped: broadcasts were missed.
+    Gap,
+}
+
+impl ResyncReason {
+    /// The value logged as `reason=`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResyncReason::Start => "start",
+            ResyncReason::Reconnect => "reconnect",
+            ResyncReason::Epoch => "epoch",
+            ResyncReason::Gap => "gap",
+        }
+    }
+}
+
+impl fmt::Display for ResyncReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A complete snapshot from one publisher, with the broadcasts received while it
+/// was fetched (in order of arrival).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Resync {
+    pub(crate) reason: ResyncReason,
+    pub(crate) endpoint: String,
+    pub(crate) epoch: Epoch,
+    /// The first page's sequence number: every broadcast of `epoch` up to it is
+    /// reflected in the snapshot.
+    pub(crate) seq: u64,
+    /// The jails asked for (empty: all).
+    pub(crate) jails: Vec<JailName>,
+    pub(crate) bans: Vec<ActiveBan>,
+    pub(crate) queued: Vec<Sequenced>,
+}
+
+/// What the receive loop must pass on to the intake.
+#[derive(Debug)]
+pub(crate) enum Out {
+    /// A complete resync.
+    Resync(Box<Resync>),
+    /// Broadcasts queued by a fetch that ended without a snapshot, to deliver as
+    /// they are.
+    Release(Vec<Sequenced>),
+}
+
+#[derive(Debug)]
+struct Target {
+    endpoint: Endpoint,
+    wanted: Option<ResyncReason>,
+    attempts: u32,
+    next_try: Instant,
+    disabled: bool,
+}
+
+struct Fetch {
+    target: usize,
+    reason: ResyncReason,
+    req: zmq::Socket,
+    cursor: Option<u64>,
+    first: Option<(Epoch, u64)>,
+    bans: Vec<ActiveBan>,
+    queued: Vec<Sequenced>,
+    deadline: Instant,
+}
+
+/// Why a fetch failed.
+enum Failure {
+    /// Worth retrying after a backoff.
+    Retry(String),
+    /// The publisher does not serve snapshots: never ask it again.
+    Unsupported(String),
+}
+
+/// The catch-up state of the receive loop.
+pub(crate) struct CatchUp {
+    targets: Vec<Target>,
+    fetch: Option<Fetch>,
+    jails: Vec<JailName>,
+    timeout: Duration,
+    queue_limit: usize,
+}
+
+impl fmt::Debug for CatchUp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CatchUp")
+            .field("targets", &self.targets)
+            .field("fetching", &self.fetch.as_ref().map(|f| f.target))
+            .finish_non_exhaustive()
+    }
+}
+
+impl CatchUp {
+    pub(crate) fn new(
+        endpoints: &[Endpoint],
+        jails: Vec<JailName>,
+        timeout: Duration,
+        queue_limit: usize,
+    ) -> Self {
+        let now = Instant::now();
+        CatchUp {
+            targets: endpoints
+                .iter()
+                .map(|e| Target {
+                    endpoint: e.clone(),
+                    wanted: None,
+                    attempts: 0,
+                    next_try: now,
+                    disabled: false,
+                })
+                .collect(),
+            fetch: None,
+            jails,
+            timeout,
+            queue_limit: queue_limit.max(1),
+        }
+    }
+
+    /// Asks for a resync of every publisher (as soon as its backoff allows). A
+    /// fetch under way goes on; another follows it.
+    pub(crate) fn trigger(&mut self, reason: ResyncReason) {
+        for t in self.targets.iter_mut().filter(|t| !t.disabled) {
+            if t.wanted.is_none() {
+                t.wanted = Some(reason);
+            }
+        }
+    }
+
+    /// Whether broadcasts are being queued.
+    pub(crate) fn fetching(&self) -> bool {
+        self.fetch.is_some()
+    }
+
+    /// Queues a broadcast received during a fetch. When the queue is full, the
+    /// fetch is abandoned and started again at once (the new snapshot will be newer
+    /// than everything queued): the queue is returned, to deliver as it is.
+    pub(crate) fn queue(&mut self, s: Sequenced) -> Option<Out> {
+        let f = self.fetch.as_mut()?;
+        f.queued.push(s);
+        if f.queued.len() < self.queue_limit {
+            return None;
+        }
+        let f = self.fetch.take()?;
+        tracing::warn!(
+            publisher = %self.targets[f.target].endpoint,
+            queued = f.queued.len(),
+            "too many broadcasts while fetching a snapshot (queue_size); delivering them and asking again"
+        );
+        self.targets[f.target].wanted.get_or_insert(f.reason);
+        Some(Out::Release(f.queued))
+    }
+
+    /// Abandons a fetch under way (the SUB socket is being recreated); its queue is
+    /// returned. The publisher is asked again later.
+    pub(crate) fn abandon(&mut self) -> Option<Out> {
+        let f = self.fetch.take()?;
+        self.targets[f.target].wanted.get_or_insert(f.reason);
+        Some(Out::Release(f.queued))
+    }
+
+    /// When [`CatchUp::step`] must be called next, if ever.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        match &self.fetch {
+            Some(f) => Some(f.deadline),
+            None => self
+                .targets
+                .iter()
+                .filter(|t| t.wanted.is_some() && !t.disabled)
+                .map(|t| t.next_try)
+                .min(),
+        }
+    }
+
+    /// The REQ socket of the fetch under way, to poll.
+    pub(crate) fn socket(&self) -> Option<&zmq::Socket> {
+        self.fetch.as_ref().map(|f| &f.req)
+    }
+
+    /// Times a fetch out, or starts the next one that is due.
+    pub(crate) fn step(&mut self, ctx: &zmq::Context, now: Instant) -> Option<Out> {
+        if let Some(f) = &self.fetch {
+            if now >= f.deadline {
+                let why = format!("no answer within {:?}", self.timeout);
+                return self.fail(Failure::Retry(why), now);
+            }
+            return None;
+        }
+        let i = self
+            .targets
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| !t.disabled && t.wanted.is_some() && t.next_try <= now)
+            .min_by_key(|(_, t)| t.next_try)
+            .map(|(i, _)| i)?;
+        let reason = self.targets[i].wanted.take()?;
+        let endpoint = self.targets[i].endpoint.clone();
+        let req = match open_req(ctx, &endpoint) {
+            Ok(r) => r,
+            Err(e) => {
+                self.targets[i].wanted = Some(reason);
+                let t = &mut self.targets[i];
+                t.attempts = t.attempts.saturating_add(1);
+                let delay = backoff(t.attempts);
+                t.next_try = now + delay;
+                tracing::warn!(publisher = %endpoint, error = %e, retry_in = ?delay, "snapshot failed, will retry");
+                return None;
+            }
+        };
+        let mut f = Fetch {
+            target: i,
+            reason,
+            req,
+            cursor: None,
+            first: None,
+            bans: Vec::new(),
+            queued: Vec::new(),
+            deadline: now + self.timeout,
+        };
+        tracing::debug!(publisher = %endpoint, reason = %reason, "asking for a snapshot");
+        if let Err(e) = send_page_request(&f.req, &self.jails, None) {
+            f.deadline = now;
+            self.fetch = Some(f);
+            return self.fail(Failure::Retry(format!("send: {e}")), now);
+        }
+        self.fetch = Some(f);
+        None
+    }
+
+    /// Reads the reply that arrived on the REQ socket.
+    pub(crate) fn readable(&mut self, now: Instant) -> Option<Out> {
+        let f = self.fetch.as_mut()?;
+        let bytes = match f.req.recv_bytes(zmq::DONTWAIT) {
+            Ok(b) => b,
+            Err(zmq::Error::EAGAIN) => return None,
+            Err(e) => return self.fail(Failure::Retry(format!("receive: {e}")), now),
+        };
+        let page = match SnapshotReply::decode(&bytes) {
+            Ok(SnapshotReply::Page(p)) => p,
+            Ok(SnapshotReply::Nak(n)) if n.reason == NakReason::UnknownType => {
+                return self.fail(
+                    Failure::Unsupported(format!("unknown_type: {}", n.detail)),
+                    now,
+                )
+            }
+            Ok(SnapshotReply::Nak(n)) => {
+                let why = format!("refused: {} {}", n.reason.code(), n.detail);
+                return self.fail(Failure::Retry(why), now);
+            }
+            Err(_) if bytes.trim_ascii() == b"NAK" => {
+                return self.fail(
+                    Failure::Unsupported("a fail2ban-zmq-tools publisher (bare NAK)".into()),
+                    now,
+                )
+            }
+            Err(e) => return self.fail(Failure::Retry(format!("bad reply: {e}")), now),
+        };
+        let (epoch, seq) = *f.first.get_or_insert((page.epoch, page.seq));
+        if page.epoch != epoch {
+            let why = format!(
+                "the publisher's epoch changed from {epoch} to {} between pages",
+                page.epoch
+            );
+            return self.fail(Failure::Retry(why), now);
+        }
+        if f.bans.len() + page.bans.len() > MAX_SNAPSHOT_BANS {
+            let why = format!("more than {MAX_SNAPSHOT_BANS} bans");
+            return self.fail(Failure::Retry(why), now);
+        }
+        f.bans.extend(page.bans);
+        match page.next {
+            Some(next) if f.cursor.is_some_and(|c| next <= c) => {
+                let why = format!("the page cursor went back from {:?} to {next}", f.cursor);
+                self.fail(Failure::Retry(why), now)
+            }
+            Some(next) => {
+                f.cursor = Some(next);
+                f.deadline = now + self.timeout;
+                if let Err(e) = send_page_request(&f.req, &self.jails, Some(next)) {
+                    return self.fail(Failure::Retry(format!("send: {e}")), now);
+                }
+                None
+            }
+            None => {
+                let f = self.fetch.take()?;
+                let t = &mut self.targets[f.target];
+                t.attempts = 0;
+                Some(Out::Resync(Box::new(Resync {
+                    reason: f.reason,
+                    endpoint: t.endpoint.to_string(),
+                    epoch,
+                    seq,
+                    jails: self.jails.clone(),
+                    bans: f.bans,
+                    queued: f.queued,
+                })))
+            }
+        }
+    }
+
+    fn fail(&mut self, failure: Failure, now: Instant) -> Option<Out> {
+        let f = self.fetch.take()?;
+        let t = &mut self.targets[f.target];
+        match failure {
+            Failure::Retry(why) => {
+                t.attempts = t.attempts.saturating_add(1);
+                let delay = backoff(t.attempts);
+                t.next_try = now + delay;
+                t.wanted.get_or_insert(f.reason);
+                tracing::warn!(
+                    publisher = %t.endpoint,
+                    error = why.as_str(),
+                    retry_in = ?delay,
+                    "snapshot failed, will retry"
+                );
+            }
+            Failure::Unsupported(why) => {
+                t.disabled = true;
+                t.wanted = None;
+                tracing::warn!(
+                    publisher = %t.endpoint,
+                    detail = why.as_str(),
+                    "this publisher serves no snapshots (an older version): events missed while disconnected will not be recovered from it"
+                );
+            }
+        }
+        // The socket is closed at once (linger 0); the queue goes to the intake.
+        drop(f.req);
+        Some(Out::Release(f.queued))
+    }
+}
+
+fn open_req(ctx: &zmq::Context, endpoint: &Endpoint) -> zmq::Result<zmq::Socket> {
+    let req = new_socket(ctx, zmq::REQ)?;
+    req.connect(endpoint.as_str())?;
+    Ok(req)
+}
+
+fn send_page_request(
+    req: &zmq::Socket,
+    jails: &[JailName],
+    cursor: Option<u64>,
+) -> zmq::Result<()> {
+    let r = Request::Snapshot(SnapshotRequest {
+        jails: jails.to_vec(),
+        cursor,
+    });
+    req.send(r.encode(), zmq::DONTWAIT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_print_as_logged() {
+        let all = [
+            (ResyncReason::Start, "start"),
+            (ResyncReason::Reconnect, "reconnect"),
+            (ResyncReason::Epoch, "epoch"),
+            (ResyncReason::Gap, "gap"),
+        ];
+        for (r, s) in all {
+            assert_eq!(r.to_string(), s);
+        }
+    }
+}

@@ -1,0 +1,807 @@
+//! The subscriber's durable state, a SQLite file in `[subscriber] state_dir`
+//! (`subscriber.sqlite3`), so that a restart neither applies an event twice nor
+//! loses one that was received and not applied yet.
+//!
+//! # What is kept
+//!
+//! - `events`: every event accepted for application (past the filter), by id, with
+//!   its state: `pending` (queued, not applied yet) or `done` (applied, skipped by
+//!   the executor, or replaced by a later event of the same local jail and
+//!   address). Pending rows are queued again at start; done rows make a
+//!   re-received event (the same broadcast again, or the same ban listed in a
+//!   snapshot) a duplicate.
+//! - `held`: the bans applied from the cluster and not unbanned since, per (jail
+//!   of the event, address): event id, node, epoch, sequence number, local jail,
+//!   and the cluster's expiry when a snapshot told it. After a complete snapshot, a
+//!   held ban of the snapshot's epoch that it does not list is unbanned.
+//!
+//! # Durability
+//!
+//! The file is in WAL mode with `synchronous = NORMAL`: a crash of the subscriber
+//! loses nothing committed; a crash of the machine may lose the last commits. An
+//! event is marked done after its action succeeded, so a crash between the two
+//! applies it again after the restart (at least once). `fail2ban-client set JAIL
+//! banip` and `unbanip` are idempotent, so that repeats nothing visible.
+//!
+//! # Bounds
+//!
+//! Done rows are kept [`DONE_RETENTION`] and at most [`KEEP_DONE`] of them; held
+//! bans until their expiry (or [`HELD_UNKNOWN_RETENTION`] after they were applied
+//! when no snapshot ever told it), at most [`MAX_HELD`].
+//!
+//! # Damage
+//!
+//! A file that is not a sound SQLite database of this schema is moved away to
+//! `subscriber.sqlite3.corrupt-<unix time>` and a new, empty state is started,
+//! with an error in the log: the subscriber never refuses to start (or crashes in
+//! a loop) over its own state. A missing file is a new state (with a warning). The
+//! directory is created with mode 0700 and locked (`flock` on `subscriber.lock`),
+//! so two subscribers never share it.
+
+use std::fs::File;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use f2b_proto::{Action, Epoch, Event, EventId, JailName, NodeName};
+use nix::fcntl::{Flock, FlockArg};
+use rusqlite::{params, Connection, ErrorCode, OpenFlags};
+
+use crate::filter::DEDUP_CAPACITY;
+use crate::pending::Item;
+use crate::ratelimit::RateLimit;
+
+/// The state file's name in `state_dir`.
+pub const STATE_FILE: &str = "subscriber.sqlite3";
+/// The lock file's name in `state_dir`.
+pub const LOCK_FILE: &str = "subscriber.lock";
+/// The schema this subscriber writes and reads (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+/// Settled event ids kept for duplicate detection, at most.
+pub const KEEP_DONE: usize = DEDUP_CAPACITY;
+/// How long a settled event id is kept (if [`KEEP_DONE`] allows).
+pub const DONE_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
+/// Held bans remembered, at most (the oldest applied are forgotten first).
+pub const MAX_HELD: usize = 1_000_000;
+/// A held ban whose expiry no snapshot told is forgotten this long after it was
+/// applied.
+pub const HELD_UNKNOWN_RETENTION: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+
+const BUSY_TIMEOUT: Duration = Duration::from_millis(500);
+
+const SCHEMA: &str = "
+CREATE TABLE events (
+    id TEXT PRIMARY KEY NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'done')),
+    local_jail TEXT NOT NULL,
+    node TEXT NOT NULL,
+    jail TEXT NOT NULL,
+    action TEXT NOT NULL CHECK (action IN ('ban', 'unban')),
+    ip TEXT NOT NULL,
+    time_ms INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    epoch TEXT,
+    expires_ms INTEGER,
+    received_ms INTEGER NOT NULL,
+    done_ms INTEGER
+);
+CREATE INDEX events_pending ON events (state, local_jail, ip);
+CREATE INDEX events_done ON events (state, done_ms);
+CREATE TABLE held (
+    jail TEXT NOT NULL,
+    ip TEXT NOT NULL,
+    local_jail TEXT NOT NULL,
+    id TEXT NOT NULL,
+    node TEXT NOT NULL,
+    epoch TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    expires_ms INTEGER,
+    applied_ms INTEGER NOT NULL,
+    PRIMARY KEY (jail, ip)
+) WITHOUT ROWID;
+CREATE INDEX held_by_id ON held (id);
+CREATE INDEX held_by_epoch ON held (epoch);
+";
+
+/// Why the state cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("cannot create the state directory {path} (set [subscriber] state_dir to a writable directory)")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the lock file {path}")]
+    LockFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is locked: another f2b-subscriber uses this state_dir (give each subscriber its own)")]
+    Locked { path: PathBuf },
+    #[error("cannot open the state {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("the state {path} is unusable: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("cannot move the unusable state {path} away to {to}")]
+    Quarantine {
+        path: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state {path}: cannot {what}")]
+    Sql {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+}
+
+/// A ban applied from the cluster and not unbanned since.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    /// The event's jail (what snapshots are filtered by).
+    pub jail: JailName,
+    pub ip: IpAddr,
+    /// The local jail it was applied in.
+    pub local_jail: JailName,
+    pub id: EventId,
+    pub node: NodeName,
+    pub epoch: Epoch,
+    pub seq: u64,
+    /// The cluster's expiry, once a snapshot told it.
+    pub expires_ms: Option<u64>,
+    pub applied_ms: u64,
+}
+
+/// Counts of what the state holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub pending: u64,
+    pub done: u64,
+    pub held: u64,
+}
+
+/// The open state: the SQLite connection and the directory's lock.
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    _lock: Flock<File>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The current time in milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    unix_ms(SystemTime::now())
+}
+
+fn sql_int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn from_sql(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn is_corruption(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt)
+    )
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Store {
+    /// Creates `dir` (mode 0700) if needed, locks it, and opens the state in it,
+    /// creating a new one if there is none and moving an unusable one away (see
+    /// the module documentation). Fails when the directory cannot be created or
+    /// locked, or the file cannot be opened at all (permissions).
+    pub fn open(dir: &Path, now: SystemTime) -> Result<Store, StoreError> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| StoreError::Dir {
+                path: dir.to_owned(),
+                source,
+            })?;
+        let lock_path = dir.join(LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|source| StoreError::LockFile {
+                path: lock_path.clone(),
+                source,
+            })?;
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|_| StoreError::Locked { path: lock_path })?;
+        let path = dir.join(STATE_FILE);
+        match Store::open_file(&path) {
+            Ok((conn, created)) => {
+                if created {
+                    tracing::warn!(
+                        path = %path.display(),
+                        "new subscriber state: no previous state (first start, or it was \
+                         deleted); events applied before are not known"
+                    );
+                }
+                Ok(Store {
+                    conn,
+                    path,
+                    _lock: lock,
+                })
+            }
+            Err(StoreError::Corrupt { path, detail }) => {
+                let moved = quarantine(&path, now)?;
+                tracing::error!(
+                    path = %path.display(),
+                    moved_to = %moved.display(),
+                    detail = detail.as_str(),
+                    "subscriber state unusable: moved it away and started a new, empty one; \
+                     what it held (applied events, pending events) is forgotten"
+                );
+                let (conn, _) = Store::open_file(&path)?;
+                Ok(Store {
+                    conn,
+                    path,
+                    _lock: lock,
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opens (or creates) the file; returns whether it was created.
+    fn open_file(path: &Path) -> Result<(Connection, bool), StoreError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        check_header(path)?;
+        // A new state is created private (SQLite gives its -wal and -shm files the
+        // same mode); if it exists, or cannot be created, SQLite's open says so.
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path);
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let corrupt = |detail: String| StoreError::Corrupt {
+            path: path.to_owned(),
+            detail,
+        };
+        let sql = |what: &'static str| {
+            move |source: rusqlite::Error| {
+                if is_corruption(&source) {
+                    StoreError::Corrupt {
+                        path: path.to_owned(),
+                        detail: source.to_string(),
+                    }
+                } else {
+                    StoreError::Sql {
+                        path: path.to_owned(),
+                        what,
+                        source,
+                    }
+                }
+            }
+        };
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(sql("set the busy timeout"))?;
+        let _: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .map_err(sql("switch to WAL mode"))?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql("set synchronous"))?;
+        let check: String = conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(sql("check the file"))?;
+        if check != "ok" {
+            return Err(corrupt(format!("quick_check: {check}")));
+        }
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(sql("read the schema version"))?;
+        match version {
+            0 => {
+                let objects: i64 = conn
+                    .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+                    .map_err(sql("read the schema"))?;
+                if objects != 0 {
+                    return Err(corrupt(
+                        "a SQLite database, but not a subscriber state".into(),
+                    ));
+                }
+                conn.execute_batch(&format!(
+                    "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                ))
+                .map_err(sql("create the schema"))?;
+                Ok((conn, true))
+            }
+            SCHEMA_VERSION => Ok((conn, false)),
+            v => Err(corrupt(format!(
+                "schema version {v}, this subscriber reads {SCHEMA_VERSION}"
+            ))),
+        }
+    }
+
+    fn sql(&self, what: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
+        move |source| StoreError::Sql {
+            path: self.path.clone(),
+            what,
+            source,
+        }
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The pending events, oldest first. Rows that are not valid events (edited by
+    /// hand) are deleted with a warning.
+    pub fn pending(&mut self) -> Result<Vec<Item>, StoreError> {
+        let mut items = Vec::new();
+        let mut bad = Vec::new();
+        {
+            let mut stmt = self
+                .conn
+                .prepare(
+                    "SELECT id, local_jail, node, jail, action, ip, time_ms, seq, epoch, \
+                     expires_ms FROM events WHERE state = 'pending' ORDER BY rowid",
+                )
+                .map_err(self.sql("read the pending events"))?;
+            let mut rows = stmt
+                .query([])
+                .map_err(self.sql("read the pending events"))?;
+            while let Some(row) = rows.next().map_err(self.sql("read the pending events"))? {
+                let id: String = row.get(0).map_err(self.sql("read a pending event"))?;
+                match pending_row(row) {
+                    Ok(item) => items.push(item),
+                    Err(why) => {
+                        tracing::warn!(path = %self.path.display(), id, why, "pending event in the state is invalid, dropped");
+                        bad.push(id);
+                    }
+                }
+            }
+        }
+        for id in bad {
+            self.conn
+                .execute("DELETE FROM events WHERE id = ?1", [id])
+                .map_err(self.sql("drop an invalid row"))?;
+        }
+        Ok(items)
+    }
+
+    /// Whether the event `id` was accepted before (pending or settled) or is a held
+    /// ban.
+    pub fn known(&self, id: EventId) -> Result<bool, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM events WHERE id = ?1) \
+                 OR EXISTS (SELECT 1 FROM held WHERE id = ?1)",
+                [id.to_string()],
+                |r| r.get(0),
+            )
+            .map_err(self.sql("look an event up"))
+    }
+
+    /// Records an event accepted for application, not applied yet.
+    pub fn add_pending(&self, item: &Item, now_ms: u64) -> Result<(), StoreError> {
+        insert(&self.conn, item, "pending", now_ms)
+            .map(drop)
+            .map_err(self.sql("record a pending event"))
+    }
+
+    /// Records that `items` are settled: applied (`applied`: the held bans are
+    /// updated), or given up (skipped or dropped). Pending rows of the same local
+    /// jail and address recorded before each item are settled too (the queue
+    /// replaced them with it).
+    pub fn settle(&mut self, items: &[Item], applied: bool, now_ms: u64) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let sql = |what: &'static str| {
+            let path = path.clone();
+            move |source| StoreError::Sql { path, what, source }
+        };
+        let tx = self.conn.transaction().map_err(sql("begin"))?;
+        for item in items {
+            let e = &item.event;
+            insert(&tx, item, "done", now_ms).map_err(sql("record an event"))?;
+            tx.execute(
+                "UPDATE events SET state = 'done', done_ms = ?2 WHERE state = 'pending' \
+                 AND local_jail = ?3 AND ip = ?4 \
+                 AND rowid <= (SELECT rowid FROM events WHERE id = ?1)",
+                params![
+                    e.id.to_string(),
+                    sql_int(now_ms),
+                    item.jail.as_str(),
+                    e.ip.to_string()
+                ],
+            )
+            .map_err(sql("settle an event"))?;
+            if !applied {
+                continue;
+            }
+            match (e.action, item.epoch) {
+                (Action::Ban, Some(epoch)) => {
+                    tx.execute(
+                        "INSERT INTO held (jail, ip, local_jail, id, node, epoch, seq, \
+                         expires_ms, applied_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                         ON CONFLICT (jail, ip) DO UPDATE SET local_jail = excluded.local_jail, \
+                         id = excluded.id, node = excluded.node, epoch = excluded.epoch, \
+                         seq = excluded.seq, expires_ms = excluded.expires_ms, \
+                         applied_ms = excluded.applied_ms",
+                        params![
+                            e.jail.as_str(),
+                            e.ip.to_string(),
+                            item.jail.as_str(),
+                            e.id.to_string(),
+                            e.node.as_str(),
+                            epoch.to_string(),
+                            sql_int(item.seq),
+                            item.expires_ms.map(sql_int),
+                            sql_int(now_ms),
+                        ],
+                    )
+                    .map_err(sql("record a held ban"))?;
+                }
+                (Action::Ban, None) => {}
+                (Action::Unban, _) => {
+                    tx.execute(
+                        "DELETE FROM held WHERE jail = ?1 AND ip = ?2",
+                        params![e.jail.as_str(), e.ip.to_string()],
+                    )
+                    .map_err(sql("forget a held ban"))?;
+                }
+            }
+        }
+        tx.commit().map_err(sql("commit"))
+    }
+
+    /// The held bans applied from `epoch`.
+    pub fn held(&self, epoch: Epoch) -> Result<Vec<Held>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT jail, ip, local_jail, id, node, seq, expires_ms, applied_ms \
+                 FROM held WHERE epoch = ?1",
+            )
+            .map_err(self.sql("read the held bans"))?;
+        let mut rows = stmt
+            .query([epoch.to_string()])
+            .map_err(self.sql("read the held bans"))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(self.sql("read the held bans"))? {
+            match held_row(row, epoch) {
+                Ok(h) => out.push(h),
+                Err(why) => {
+                    tracing::warn!(path = %self.path.display(), why, "held ban in the state is invalid, ignored");
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many held bans are applied in `local_jail` for `ip`.
+    pub fn held_locally(&self, local_jail: &JailName, ip: IpAddr) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .conn
+            .query_row(
+                "SELECT count(*) FROM held WHERE local_jail = ?1 AND ip = ?2",
+                params![local_jail.as_str(), ip.to_string()],
+                |r| r.get(0),
+            )
+            .map_err(self.sql("count the held bans"))?;
+        Ok(from_sql(n))
+    }
+
+    /// Sets the expiry of the held ban `id` of (`jail`, `ip`), as a snapshot told it.
+    pub fn learn_expiry(
+        &self,
+        jail: &JailName,
+        ip: IpAddr,
+        id: EventId,
+        expires_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE held SET expires_ms = ?4 WHERE jail = ?1 AND ip = ?2 AND id = ?3",
+                params![
+                    jail.as_str(),
+                    ip.to_string(),
+                    id.to_string(),
+                    sql_int(expires_ms)
+                ],
+            )
+            .map_err(self.sql("record an expiry"))?;
+        Ok(())
+    }
+
+    /// Forgets the held ban of (`jail`, `ip`).
+    pub fn forget_held(&self, jail: &JailName, ip: IpAddr) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "DELETE FROM held WHERE jail = ?1 AND ip = ?2",
+                params![jail.as_str(), ip.to_string()],
+            )
+            .map_err(self.sql("forget a held ban"))?;
+        Ok(())
+    }
+
+    /// Deletes what no longer matters at `now_ms` (see the module documentation);
+    /// returns how many rows.
+    pub fn prune(&mut self, now_ms: u64) -> Result<usize, StoreError> {
+        let done_before = now_ms.saturating_sub(ms(DONE_RETENTION));
+        let unknown_before = now_ms.saturating_sub(ms(HELD_UNKNOWN_RETENTION));
+        let path = self.path.clone();
+        let sql = move |source| StoreError::Sql {
+            path: path.clone(),
+            what: "prune",
+            source,
+        };
+        let tx = self.conn.transaction().map_err(&sql)?;
+        let mut n = tx
+            .execute(
+                "DELETE FROM events WHERE state = 'done' AND done_ms < ?1",
+                [sql_int(done_before)],
+            )
+            .map_err(&sql)?;
+        n += tx
+            .execute(
+                "DELETE FROM events WHERE state = 'done' AND rowid NOT IN \
+                 (SELECT rowid FROM events WHERE state = 'done' \
+                  ORDER BY done_ms DESC, rowid DESC LIMIT ?1)",
+                [sql_int(KEEP_DONE as u64)],
+            )
+            .map_err(&sql)?;
+        n += tx
+            .execute(
+                "DELETE FROM held WHERE (expires_ms IS NOT NULL AND expires_ms <= ?1) \
+                 OR (expires_ms IS NULL AND applied_ms < ?2)",
+                params![sql_int(now_ms), sql_int(unknown_before)],
+            )
+            .map_err(&sql)?;
+        n += tx
+            .execute(
+                "DELETE FROM held WHERE (jail, ip) NOT IN \
+                 (SELECT jail, ip FROM held ORDER BY applied_ms DESC LIMIT ?1)",
+                [sql_int(MAX_HELD as u64)],
+            )
+            .map_err(&sql)?;
+        tx.commit().map_err(&sql)?;
+        Ok(n)
+    }
+
+    /// What the state holds.
+    pub fn counts(&self) -> Result<Counts, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT (SELECT count(*) FROM events WHERE state = 'pending'), \
+                 (SELECT count(*) FROM events WHERE state = 'done'), \
+                 (SELECT count(*) FROM held)",
+                [],
+                |r| {
+                    Ok(Counts {
+                        pending: from_sql(r.get(0)?),
+                        done: from_sql(r.get(1)?),
+                        held: from_sql(r.get(2)?),
+                    })
+                },
+            )
+            .map_err(self.sql("count"))
+    }
+}
+
+fn insert(conn: &Connection, item: &Item, state: &str, now_ms: u64) -> rusqlite::Result<usize> {
+    let e = &item.event;
+    conn.execute(
+        "INSERT OR IGNORE INTO events (id, state, local_jail, node, jail, action, ip, time_ms, \
+         seq, epoch, expires_ms, received_ms, done_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        params![
+            e.id.to_string(),
+            state,
+            item.jail.as_str(),
+            e.node.as_str(),
+            e.jail.as_str(),
+            e.action.as_str(),
+            e.ip.to_string(),
+            sql_int(e.time_ms),
+            sql_int(item.seq),
+            item.epoch.map(|x| x.to_string()),
+            item.expires_ms.map(sql_int),
+            sql_int(now_ms),
+            (state == "done").then_some(sql_int(now_ms)),
+        ],
+    )
+}
+
+fn pending_row(row: &rusqlite::Row<'_>) -> Result<Item, String> {
+    let get_s = |i: usize| row.get::<_, String>(i).map_err(|e| e.to_string());
+    let get_i = |i: usize| row.get::<_, i64>(i).map_err(|e| e.to_string());
+    let id: EventId = get_s(0)?.parse().map_err(|e| format!("id: {e}"))?;
+    let local = JailName::new(&get_s(1)?).map_err(|e| format!("local_jail: {e}"))?;
+    let node = NodeName::new(&get_s(2)?).map_err(|e| format!("node: {e}"))?;
+    let jail = JailName::new(&get_s(3)?).map_err(|e| format!("jail: {e}"))?;
+    let action: Action = get_s(4)?.parse().map_err(|e| format!("action: {e}"))?;
+    let ip = f2b_proto::event::parse_ip(&get_s(5)?).map_err(|e| format!("ip: {e}"))?;
+    let time_ms = u64::try_from(get_i(6)?).map_err(|e| format!("time_ms: {e}"))?;
+    let seq = u64::try_from(get_i(7)?).map_err(|e| format!("seq: {e}"))?;
+    let epoch = match row.get::<_, Option<String>>(8).map_err(|e| e.to_string())? {
+        Some(s) => Some(s.parse::<Epoch>().map_err(|e| format!("epoch: {e}"))?),
+        None => None,
+    };
+    let expires_ms = match row.get::<_, Option<i64>>(9).map_err(|e| e.to_string())? {
+        Some(v) => Some(u64::try_from(v).map_err(|e| format!("expires_ms: {e}"))?),
+        None => None,
+    };
+    let event =
+        Event::new(id, node, jail, action, ip, time_ms).map_err(|e| format!("event: {e}"))?;
+    Ok(Item {
+        jail: local,
+        event,
+        seq,
+        epoch,
+        expires_ms,
+    })
+}
+
+fn held_row(row: &rusqlite::Row<'_>, epoch: Epoch) -> Result<Held, String> {
+    let get_s = |i: usize| row.get::<_, String>(i).map_err(|e| e.to_string());
+    let get_i = |i: usize| row.get::<_, i64>(i).map_err(|e| e.to_string());
+    Ok(Held {
+        jail: JailName::new(&get_s(0)?).map_err(|e| format!("jail: {e}"))?,
+        ip: f2b_proto::event::parse_ip(&get_s(1)?).map_err(|e| format!("ip: {e}"))?,
+        local_jail: JailName::new(&get_s(2)?).map_err(|e| format!("local_jail: {e}"))?,
+        id: get_s(3)?.parse().map_err(|e| format!("id: {e}"))?,
+        node: NodeName::new(&get_s(4)?).map_err(|e| format!("node: {e}"))?,
+        epoch,
+        seq: from_sql(get_i(5)?),
+        expires_ms: row
+            .get::<_, Option<i64>>(6)
+            .map_err(|e| e.to_string())?
+            .map(from_sql),
+        applied_ms: from_sql(get_i(7)?),
+    })
+}
+
+/// Fails with [`StoreError::Corrupt`] when `path` exists, is not empty and does not
+/// start with SQLite's header.
+fn check_header(path: &Path) -> Result<(), StoreError> {
+    use std::io::Read;
+    const MAGIC: &[u8; 16] = b"SQLite format 3\0";
+    let Ok(file) = File::open(path) else {
+        return Ok(());
+    };
+    let mut head = Vec::with_capacity(MAGIC.len());
+    match file.take(MAGIC.len() as u64).read_to_end(&mut head) {
+        Ok(0) => Ok(()),
+        Ok(_) if head.as_slice() == MAGIC => Ok(()),
+        Ok(_) => Err(StoreError::Corrupt {
+            path: path.to_owned(),
+            detail: "not a SQLite database (no SQLite header)".into(),
+        }),
+        // Unreadable: SQLite's open says why.
+        Err(_) => Ok(()),
+    }
+}
+
+/// Moves `path` and its `-wal` and `-shm` files to `<path>.corrupt-<unix time>`;
+/// returns the new name.
+fn quarantine(path: &Path, now: SystemTime) -> Result<PathBuf, StoreError> {
+    let secs = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let base = format!("{}.corrupt-{secs}", path.display());
+    let mut to = PathBuf::from(&base);
+    let mut n = 1;
+    while to.exists() {
+        to = PathBuf::from(format!("{base}.{n}"));
+        n += 1;
+    }
+    std::fs::rename(path, &to).map_err(|source| StoreError::Quarantine {
+        path: path.to_owned(),
+        to: to.clone(),
+        source,
+    })?;
+    for suffix in ["-wal", "-shm"] {
+        let side = PathBuf::from(format!("{}{suffix}", path.display()));
+        if side.exists() {
+            let side_to = PathBuf::from(format!("{}{suffix}", to.display()));
+            // A stale WAL next to a new database would be replayed into it.
+            if std::fs::rename(&side, &side_to).is_err() {
+                std::fs::remove_file(&side).map_err(|source| StoreError::Quarantine {
+                    path: side.clone(),
+                    to: side_to,
+                    source,
+                })?;
+            }
+        }
+    }
+    Ok(to)
+}
+
+/// The store shared by the intake and the executor. A failing operation is logged
+/// (at most one line per 10 s) and the subscriber goes on without it: applying bans
+/// matters more than remembering them.
+#[derive(Debug, Clone)]
+pub(crate) struct State(Arc<Mutex<(Store, RateLimit)>>);
+
+impl State {
+    pub(crate) fn new(store: Store) -> Self {
+        State(Arc::new(Mutex::new((
+            store,
+            RateLimit::new(Duration::from_secs(10)),
+        ))))
+    }
+
+    /// A state in a new temporary directory (which must outlive it).
+    #[cfg(test)]
+    pub(crate) fn temp() -> (State, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let store = Store::open(dir.path(), SystemTime::now()).expect("open the state");
+        (State::new(store), dir)
+    }
+
+    /// Runs `f` on the store; on error logs it and returns `T::default()`.
+    pub(crate) fn with<T: Default>(
+        &self,
+        f: impl FnOnce(&mut Store) -> Result<T, StoreError>,
+    ) -> T {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (store, limit) = &mut *g;
+        match f(store) {
+            Ok(v) => v,
+            Err(e) => {
+                if let Some(held) = limit.allow() {
+                    tracing::warn!(
+                        error = %f2b_common::daemon::error_chain(&e),
+                        held_back = held,
+                        "cannot use the subscriber state; going on without it (events may be applied again after a restart)"
+                    );
+                }
+                T::default()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

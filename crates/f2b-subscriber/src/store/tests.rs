@@ -1,0 +1,233 @@
+use super::*;
+
+fn item(id: u128, local: &str, action: Action, ip: &str, epoch: Option<u64>) -> Item {
+    Item {
+        jail: JailName::new(local).unwrap(),
+        event: Event::new(
+            EventId::from_u128(id),
+            NodeName::new("web2").unwrap(),
+            JailName::new("sshd").unwrap(),
+            action,
+            ip.parse().unwrap(),
+            1_763_702_000_000,
+        )
+        .unwrap(),
+        seq: id as u64,
+        epoch: epoch.map(Epoch),
+        expires_ms: None,
+    }
+}
+
+const NOW: u64 = 1_763_702_100_000;
+
+fn open(dir: &Path) -> Store {
+    Store::open(dir, SystemTime::now()).unwrap()
+}
+
+#[test]
+fn creates_a_private_locked_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a/b");
+    let s = open(&dir);
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    assert!(dir.join(STATE_FILE).exists());
+    match Store::open(&dir, SystemTime::now()) {
+        Err(StoreError::Locked { path }) => assert_eq!(path, dir.join(LOCK_FILE)),
+        other => panic!("{other:?}"),
+    }
+    drop(s);
+    // The lock goes with the store.
+    open(&dir);
+}
+
+#[test]
+fn pending_events_survive_a_reopen_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    {
+        let s = open(tmp.path());
+        let mut a = item(3, "cluster", Action::Ban, "203.0.113.3", Some(9));
+        a.expires_ms = Some(NOW + 1000);
+        s.add_pending(&a, NOW).unwrap();
+        s.add_pending(&item(1, "cluster", Action::Unban, "2001:db8::1", None), NOW)
+            .unwrap();
+        // The same id twice is one row.
+        s.add_pending(&a, NOW).unwrap();
+    }
+    let mut s = open(tmp.path());
+    let p = s.pending().unwrap();
+    assert_eq!(p.len(), 2);
+    assert_eq!(p[0].event.id, EventId::from_u128(3));
+    assert_eq!(p[0].epoch, Some(Epoch(9)));
+    assert_eq!(p[0].expires_ms, Some(NOW + 1000));
+    assert_eq!(p[0].jail.as_str(), "cluster");
+    assert_eq!(p[1].event.ip.to_string(), "2001:db8::1");
+    assert_eq!(p[1].epoch, None);
+    assert_eq!(p[1].action(), Action::Unban);
+    assert!(s.known(EventId::from_u128(3)).unwrap());
+    assert!(!s.known(EventId::from_u128(4)).unwrap());
+}
+
+#[test]
+fn settling_records_applied_bans_and_replaced_events() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = open(tmp.path());
+    let old = item(1, "cluster", Action::Ban, "203.0.113.1", Some(5));
+    let new = item(2, "cluster", Action::Unban, "203.0.113.1", Some(5));
+    let other = item(3, "cluster", Action::Ban, "203.0.113.3", Some(5));
+    for i in [&old, &new, &other] {
+        s.add_pending(i, NOW).unwrap();
+    }
+    // The queue replaced `old` by `new`; `new` is applied.
+    s.settle(std::slice::from_ref(&new), true, NOW).unwrap();
+    let left: Vec<EventId> = s.pending().unwrap().iter().map(|i| i.event.id).collect();
+    assert_eq!(left, [other.event.id]);
+    s.settle(std::slice::from_ref(&other), true, NOW).unwrap();
+    let held = s.held(Epoch(5)).unwrap();
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].ip.to_string(), "203.0.113.3");
+    assert_eq!(held[0].id, other.event.id);
+    assert_eq!(held[0].jail.as_str(), "sshd");
+    assert_eq!(held[0].local_jail.as_str(), "cluster");
+    assert_eq!(held[0].expires_ms, None);
+    assert!(s.held(Epoch(6)).unwrap().is_empty());
+    assert_eq!(
+        s.held_locally(&JailName::new("cluster").unwrap(), other.event.ip)
+            .unwrap(),
+        1
+    );
+    s.learn_expiry(&other.event.jail, other.event.ip, other.event.id, NOW + 5)
+        .unwrap();
+    assert_eq!(s.held(Epoch(5)).unwrap()[0].expires_ms, Some(NOW + 5));
+    // An unban of the same (jail, address) ends the held ban.
+    let unban = item(4, "cluster", Action::Unban, "203.0.113.3", Some(5));
+    s.settle(&[unban], true, NOW).unwrap();
+    assert!(s.held(Epoch(5)).unwrap().is_empty());
+    // Settled ids stay known; a ban given up is not held.
+    let given_up = item(5, "cluster", Action::Ban, "203.0.113.5", Some(5));
+    s.settle(std::slice::from_ref(&given_up), false, NOW)
+        .unwrap();
+    assert!(s.known(given_up.event.id).unwrap());
+    assert!(s.held(Epoch(5)).unwrap().is_empty());
+    // Legacy bans (no epoch) are never held.
+    s.settle(
+        &[item(6, "cluster", Action::Ban, "203.0.113.6", None)],
+        true,
+        NOW,
+    )
+    .unwrap();
+    assert_eq!(s.counts().unwrap().held, 0);
+}
+
+#[test]
+fn pruning_keeps_recent_ids_and_live_bans() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = open(tmp.path());
+    let day = ms(DONE_RETENTION);
+    let old = item(1, "cluster", Action::Unban, "203.0.113.1", Some(1));
+    s.settle(std::slice::from_ref(&old), true, NOW).unwrap();
+    let mut expiring = item(2, "cluster", Action::Ban, "203.0.113.2", Some(1));
+    expiring.expires_ms = Some(NOW + 10);
+    let unknown = item(3, "cluster", Action::Ban, "203.0.113.3", Some(1));
+    s.settle(&[expiring.clone(), unknown.clone()], true, NOW)
+        .unwrap();
+    s.add_pending(
+        &item(4, "cluster", Action::Ban, "203.0.113.4", Some(1)),
+        NOW,
+    )
+    .unwrap();
+    assert_eq!(s.prune(NOW + 5).unwrap(), 0);
+    // A day later: the done rows are gone, the expired ban too; the pending event
+    // and the ban of unknown expiry stay.
+    s.prune(NOW + day + 1).unwrap();
+    assert!(!s.known(old.event.id).unwrap());
+    assert!(!s.known(expiring.event.id).unwrap());
+    assert!(s.known(unknown.event.id).unwrap(), "held");
+    assert_eq!(
+        s.counts().unwrap(),
+        Counts {
+            pending: 1,
+            done: 0,
+            held: 1
+        }
+    );
+    s.prune(NOW + ms(HELD_UNKNOWN_RETENTION) + 1).unwrap();
+    assert_eq!(s.counts().unwrap().held, 0);
+}
+
+fn corrupt_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".corrupt-"))
+        .collect()
+}
+
+#[test]
+fn unusable_files_are_moved_away_and_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join(STATE_FILE);
+    // Not a database at all.
+    std::fs::write(&path, b"this is not SQLite, it is garbage of some length").unwrap();
+    let mut s = open(tmp.path());
+    assert!(s.pending().unwrap().is_empty());
+    s.add_pending(&item(1, "cluster", Action::Ban, "203.0.113.1", None), NOW)
+        .unwrap();
+    drop(s);
+    assert_eq!(corrupt_files(tmp.path()).len(), 1);
+
+    // A database of something else.
+    std::fs::remove_file(&path).unwrap();
+    for side in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{side}", path.display()));
+    }
+    {
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+            .unwrap();
+    }
+    let mut s = open(tmp.path());
+    assert!(s.pending().unwrap().is_empty());
+    drop(s);
+    // A state of a newer schema.
+    {
+        let c = Connection::open(&path).unwrap();
+        c.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+    }
+    let mut s = open(tmp.path());
+    assert!(s.pending().unwrap().is_empty());
+    drop(s);
+    assert_eq!(
+        corrupt_files(tmp.path()).len(),
+        3,
+        "{:?}",
+        corrupt_files(tmp.path())
+    );
+    // The new state is used normally.
+    let s = open(tmp.path());
+    s.add_pending(&item(2, "cluster", Action::Ban, "203.0.113.2", None), NOW)
+        .unwrap();
+}
+
+#[test]
+fn invalid_rows_are_dropped_not_fatal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = open(tmp.path());
+    s.add_pending(&item(1, "cluster", Action::Ban, "203.0.113.1", None), NOW)
+        .unwrap();
+    s.add_pending(&item(2, "cluster", Action::Ban, "203.0.113.2", None), NOW)
+        .unwrap();
+    s.conn
+        .execute(
+            "UPDATE events SET ip = 'not an ip' WHERE id = ?1",
+            [EventId::from_u128(1).to_string()],
+        )
+        .unwrap();
+    let p = s.pending().unwrap();
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].event.id, EventId::from_u128(2));
+    assert!(!s.known(EventId::from_u128(1)).unwrap());
+}
