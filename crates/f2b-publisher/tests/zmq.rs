@@ -837,3 +837,67 @@ fn run_opens_the_ledger_without_blocking_the_runtime() {
     });
     lock.execute_batch("ROLLBACK").unwrap();
 }
+
+/// Not a pass/fail test of speed: prints how many reports per second get ACKed
+/// over loopback, each committed (`synchronous = FULL`) to a file ledger before its
+/// ACK, from one REQ client and from several at once. Run with `--nocapture` to
+/// see the figures. Every ACK and every broadcast is still checked.
+#[test]
+fn throughput_of_durable_reports() {
+    let hub = Hub::start("50ms");
+    let sub = hub.sub(&[b""]);
+    let ip = |i: u32| std::net::Ipv4Addr::from(0x0A00_0000 + i).to_string();
+    let n = 2000u32;
+    let req = hub.req();
+    let start = Instant::now();
+    for i in 1..=n {
+        expect_ack(
+            report(&req, &event(u128::from(i), "sshd", Action::Ban, &ip(i))),
+            AckStatus::Broadcast,
+            Some(u64::from(i)),
+        );
+    }
+    let one = start.elapsed();
+
+    let clients = 8u32;
+    let each = n / clients;
+    let start = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|c| {
+            let req = hub.req();
+            std::thread::spawn(move || {
+                let mut seqs = Vec::new();
+                for k in 0..each {
+                    let i = n + 1 + c * each + k;
+                    let e = event(u128::from(i), "sshd", Action::Ban, &ip(i));
+                    match report(&req, &e) {
+                        Reply::Ack(a) if a.status == AckStatus::Broadcast => {
+                            seqs.push(a.seq.unwrap())
+                        }
+                        other => panic!("{other:?}"),
+                    }
+                }
+                seqs
+            })
+        })
+        .collect();
+    let mut seqs: Vec<u64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let many = start.elapsed();
+    seqs.sort_unstable();
+    let want: Vec<u64> = (u64::from(n) + 1..=u64::from(2 * n)).collect();
+    assert_eq!(seqs, want);
+    for seq in 1..=u64::from(2 * n) {
+        assert_eq!(next_event(&sub).0, seq);
+    }
+    let rate = |d: Duration| f64::from(n) / d.as_secs_f64();
+    println!(
+        "{n} durable reports from 1 client in {one:?}: {:.0} events/s; from {clients} \
+         clients at once in {many:?}: {:.0} events/s (ledger in {})",
+        rate(one),
+        rate(many),
+        hub.state.path().display()
+    );
+}
