@@ -388,3 +388,265 @@ fn at_loglevel_notice_a_flush_is_taken_for_a_stop() {
         [Verdict::Suppress(_, SuppressReason::JailStopping)]
     ));
 }
+
+/// A fail2ban 1.0 line of process `pid` at `t` (`HH:MM:SS,mmm`).
+fn line_of(pid: u32, t: &str, logger: &str, msg: &str) -> String {
+    let level = match logger {
+        "jail" | "server" => "INFO   ",
+        _ => "NOTICE ",
+    };
+    format!("2026-11-21 {t} fail2ban.{logger:<16}[{pid}]: {level} {msg}")
+}
+
+#[test]
+fn at_loglevel_notice_a_restart_does_not_unban() {
+    // `fail2ban-client restart` at loglevel NOTICE: the old process flushes, the
+    // new one restores the bans 2 s later. Nothing of it is an unban to report.
+    let text = [
+        line_of(4994, "10:00:00,000", "actions", "[s] Ban 192.0.2.1"),
+        line_of(
+            4994,
+            "10:00:05,000",
+            "actions",
+            "[s] Flush ticket(s) with x",
+        ),
+        line_of(4994, "10:00:05,003", "actions", "[s] Unban 192.0.2.1"),
+        line_of(7503, "10:00:07,000", "actions", "[s] Restore Ban 192.0.2.1"),
+    ]
+    .join("\n");
+    assert_eq!(scan_text(&text), ["1:ban s 192.0.2.1"]);
+    // `reload --restart`: the same process restores the bans (a sign of life of
+    // the jail, which at NOTICE does not make a flushed Unban real).
+    let text = [
+        line_of(
+            4994,
+            "10:00:05,000",
+            "actions",
+            "[s] Flush ticket(s) with x",
+        ),
+        line_of(4994, "10:00:05,003", "actions", "[s] Unban 192.0.2.1"),
+        line_of(4994, "10:00:06,000", "actions", "[s] Restore Ban 192.0.2.1"),
+    ]
+    .join("\n");
+    assert_eq!(scan_text(&text), Vec::<String>::new());
+}
+
+#[test]
+fn a_new_process_id_makes_the_held_unbans_a_stop() {
+    // No Flush line (an action without actionflush), no stop lines (the old
+    // process was killed, or logs at NOTICE): every Unban still held when another
+    // process writes is the old one's stop.
+    let mut f = StopFilter::default();
+    let t0 = Instant::now();
+    let mut out = Vec::new();
+    for l in [
+        line_of(100, "10:00:00,000", "jail", "Jail 's' started"),
+        line_of(100, "10:00:01,000", "actions", "[s] Unban 192.0.2.1"),
+        line_of(100, "10:00:01,001", "actions", "[t] Unban 192.0.2.2"),
+    ] {
+        f.push(&parse_line(&l).unwrap(), 1, t0, &mut out);
+    }
+    assert!(out.is_empty());
+    let l = line_of(200, "10:00:03,000", "server", "Starting Fail2ban v1.0.2");
+    f.push(&parse_line(&l).unwrap(), 2, t0, &mut out);
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(out
+        .iter()
+        .all(|v| matches!(v, Verdict::Suppress(_, SuppressReason::ServerStopping))));
+    assert_eq!(f.held(), 0);
+}
+
+#[test]
+fn without_a_flush_line_only_the_burst_before_stopped_is_the_stop() {
+    // A manual unban 3.5 s before a stop of a jail whose action has no
+    // actionflush: reported; the stop's burst (same millisecond as the stopped
+    // line, as fail2ban writes it) suppressed.
+    let text = [
+        line_of(100, "10:00:00,000", "jail", "Jail 's' started"),
+        line_of(100, "10:00:01,000", "actions", "[s] Ban 192.0.2.1"),
+        line_of(100, "10:00:01,000", "actions", "[s] Ban 192.0.2.2"),
+        line_of(100, "10:00:01,000", "actions", "[s] Ban 192.0.2.3"),
+        line_of(100, "10:00:02,000", "actions", "[s] Unban 192.0.2.1"),
+        line_of(100, "10:00:05,500", "actions", "[s] Unban 192.0.2.2"),
+        line_of(100, "10:00:05,501", "actions", "[s] Unban 192.0.2.3"),
+        line_of(100, "10:00:05,501", "jail", "Jail 's' stopped"),
+    ]
+    .join("\n");
+    assert_eq!(
+        scan_text(&text),
+        [
+            "2:ban s 192.0.2.1",
+            "3:ban s 192.0.2.2",
+            "4:ban s 192.0.2.3",
+            "5:unban s 192.0.2.1"
+        ]
+    );
+}
+
+#[test]
+fn a_slow_burst_is_followed_back_gap_by_gap() {
+    // Each Unban within BURST_GAP of the next, the last within it of the stopped
+    // line: one burst, though it spans more than BURST_GAP. One Unban 1.5 s before
+    // the burst is not part of it.
+    let text = [
+        line_of(100, "10:00:00,000", "jail", "Jail 's' started"),
+        line_of(100, "10:00:01,000", "actions", "[s] Unban 192.0.2.9"),
+        line_of(100, "10:00:02,500", "actions", "[s] Unban 192.0.2.1"),
+        line_of(100, "10:00:03,400", "actions", "[s] Unban 192.0.2.2"),
+        line_of(100, "10:00:04,300", "actions", "[s] Unban 192.0.2.3"),
+        line_of(100, "10:00:05,200", "jail", "Jail 's' stopped"),
+    ]
+    .join("\n");
+    assert_eq!(scan_text(&text), ["2:unban s 192.0.2.9"]);
+    // The stopped line 1.5 s after the last Unban: no burst ends there.
+    let text = [
+        line_of(100, "10:00:00,000", "jail", "Jail 's' started"),
+        line_of(100, "10:00:01,000", "actions", "[s] Unban 192.0.2.9"),
+        line_of(100, "10:00:02,500", "jail", "Jail 's' stopped"),
+    ]
+    .join("\n");
+    assert_eq!(scan_text(&text), ["2:unban s 192.0.2.9"]);
+}
+
+#[test]
+fn without_timestamps_the_burst_is_measured_by_read_time() {
+    use f2b_monitor::parse::{Kind, Level, LogEntry};
+    use f2b_proto::{Action, JailName};
+    let entry = |kind| LogEntry {
+        time: None,
+        pid: Some(1),
+        level: Level::Info,
+        kind,
+    };
+    let unban = |ip: &str| {
+        entry(Kind::Event {
+            jail: JailName::new("s").unwrap(),
+            action: Action::Unban,
+            ip: ip.parse().unwrap(),
+        })
+    };
+    let mut f = StopFilter::default();
+    let t0 = Instant::now();
+    let mut out = Vec::new();
+    f.push(&unban("192.0.2.1"), 1, t0, &mut out);
+    let t1 = t0 + Duration::from_secs(3);
+    f.push(&unban("192.0.2.2"), 2, t1, &mut out);
+    let stopped = entry(Kind::JailStopped { jail: "s".into() });
+    f.push(&stopped, 3, t1 + Duration::from_millis(2), &mut out);
+    assert_eq!(reported(&out), ["unban s 192.0.2.1"]);
+    assert!(matches!(
+        &out[1],
+        Verdict::Suppress(s, SuppressReason::JailStopping) if s.line == 2
+    ));
+}
+
+#[test]
+fn an_unban_long_after_a_lone_flush_is_not_the_flush() {
+    // At loglevel NOTICE, `unban --all` on a jail with no bans leaves a Flush line
+    // alone; an expiry ten minutes later is not part of it.
+    let text = [
+        line_of(100, "10:00:00,000", "actions", "[s] Flush ticket(s) with x"),
+        line_of(100, "10:10:00,000", "actions", "[s] Unban 192.0.2.1"),
+    ]
+    .join("\n");
+    assert_eq!(scan_text(&text), ["2:unban s 192.0.2.1"]);
+}
+
+#[test]
+fn oldest_line_is_the_first_line_still_needed() {
+    let mut f = StopFilter::default();
+    let t0 = Instant::now();
+    let mut out = Vec::new();
+    let mut push = |f: &mut StopFilter, n: u64, l: String| {
+        f.push(&parse_line(&l).unwrap(), n, t0, &mut out);
+    };
+    push(
+        &mut f,
+        1,
+        line_of(100, "10:00:00,000", "actions", "[s] Ban 192.0.2.1"),
+    );
+    assert_eq!(f.oldest_line(), None);
+    push(
+        &mut f,
+        2,
+        line_of(100, "10:00:00,000", "actions", "[t] Unban 192.0.2.7"),
+    );
+    push(
+        &mut f,
+        3,
+        line_of(100, "10:00:00,000", "actions", "[s] Flush ticket(s) with x"),
+    );
+    push(
+        &mut f,
+        4,
+        line_of(100, "10:00:00,000", "actions", "[s] Unban 192.0.2.1"),
+    );
+    assert_eq!(f.oldest_line(), Some(2));
+    push(
+        &mut f,
+        5,
+        line_of(100, "10:00:00,000", "actions", "[t] Ban 192.0.2.8"),
+    );
+    assert_eq!(
+        f.oldest_line(),
+        Some(3),
+        "the Flush line the held Unban follows"
+    );
+    push(
+        &mut f,
+        6,
+        line_of(100, "10:00:00,000", "jail", "Jail 's' stopped"),
+    );
+    assert_eq!(f.oldest_line(), None);
+}
+
+#[test]
+fn many_held_unbans_cost_linear_time() {
+    // A jail with 50,000 bans stops (no Flush line) while another jail keeps
+    // banning: each line must look only at the oldest held Unban of each jail.
+    use f2b_monitor::parse::{Kind, Level, LogEntry};
+    use f2b_proto::{Action, JailName};
+    const N: u32 = 50_000;
+    let t = chrono::NaiveDate::from_ymd_opt(2026, 11, 21)
+        .unwrap()
+        .and_hms_opt(10, 0, 0)
+        .unwrap();
+    let event = |jail: &str, action, n: u32| LogEntry {
+        time: Some(t),
+        pid: Some(1),
+        level: Level::Notice,
+        kind: Kind::Event {
+            jail: JailName::new(jail).unwrap(),
+            action,
+            ip: std::net::IpAddr::from((0x0a00_0000u32 + n).to_be_bytes()),
+        },
+    };
+    let mut lines = Vec::with_capacity(2 * N as usize + 1);
+    for n in 0..N {
+        lines.push(event("big", Action::Unban, n));
+        lines.push(event("other", Action::Ban, n));
+    }
+    lines.push(LogEntry {
+        time: Some(t),
+        pid: Some(1),
+        level: Level::Info,
+        kind: Kind::JailStopped { jail: "big".into() },
+    });
+    let mut f = StopFilter::default();
+    let mut out = Vec::new();
+    let started = Instant::now();
+    let now = Instant::now();
+    for (i, l) in lines.iter().enumerate() {
+        f.push(l, i as u64 + 1, now, &mut out);
+    }
+    let took = started.elapsed();
+    assert_eq!(f.held(), 0);
+    assert_eq!(out.len(), 2 * N as usize);
+    assert_eq!(
+        reported(&out).len(),
+        N as usize,
+        "only the other jail's bans"
+    );
+    // Quadratic work (2.5e9 steps) takes minutes; linear work well under a second.
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}
