@@ -87,6 +87,25 @@ impl Response {
         }
     }
 
+    /// This reply as a `busy` refusal, for a request whose effects were rolled
+    /// back (its batch could not be committed): an ACK or a snapshot page becomes a
+    /// `busy` NAK, a legacy echo the bare `NAK`; a refusal stays as it is.
+    pub fn refused_busy(self) -> Response {
+        match self {
+            Response::Reply(Reply::Ack(a)) => Response::Reply(Reply::Nak(Nak::new(
+                Some(a.id),
+                NakReason::Busy,
+                "the publisher cannot record the event now; send it again later",
+            ))),
+            Response::Snapshot(SnapshotReply::Page(_)) => Response::Snapshot(SnapshotReply::nak(
+                NakReason::Busy,
+                "the publisher cannot read its ledger now; ask again later",
+            )),
+            Response::Legacy(text) if text != LEGACY_NAK => Response::Legacy(LEGACY_NAK.to_owned()),
+            other => other,
+        }
+    }
+
     /// Whether this refuses the request.
     pub fn is_refusal(&self) -> bool {
         match self {
@@ -176,6 +195,7 @@ pub struct Core {
     state: ClusterState,
     max_future_ms: u64,
     ban_time_ms: u64,
+    limits: Limits,
     legacy: Option<LegacyPeer>,
     rejects: Throttle,
 }
@@ -250,6 +270,37 @@ fn legacy_detail(err: &LegacyError, bytes: &[u8], token: bool) -> String {
     detail
 }
 
+/// The recent event ids and the cluster state, as of `now_ms`, from what `ledger`
+/// kept.
+fn rebuild(
+    ledger: &Ledger,
+    ban_time_ms: u64,
+    limits: &Limits,
+    now_ms: u64,
+) -> Result<(RecentIds, ClusterState), LedgerError> {
+    let mut ids = RecentIds::new(limits.recent_ids);
+    let mut state = ClusterState::new(limits.cluster_states);
+    ledger.for_each(|r| {
+        // The previous process may have crashed between committing this row and
+        // broadcasting it.
+        ids.insert_unsent(r.event.id, Some(r.seq));
+        let (s, until_ms) = match r.event.action {
+            Action::Ban => (
+                BanState::Banned,
+                r.expires_ms
+                    .unwrap_or_else(|| r.accepted_ms.saturating_add(ban_time_ms)),
+            ),
+            Action::Unban => (
+                BanState::Unbanned,
+                r.accepted_ms.saturating_add(ban_time_ms),
+            ),
+        };
+        state.set(&r.event.jail, r.event.ip, s, until_ms, now_ms);
+    })?;
+    state.prune(now_ms);
+    Ok((ids, state))
+}
+
 impl Core {
     /// A core over `ledger`, that considers an address banned for `ban_time` after
     /// the ban was accepted. The recent event ids and the cluster state are rebuilt
@@ -265,32 +316,14 @@ impl Core {
         now_ms: u64,
     ) -> Result<Self, LedgerError> {
         let ban_time_ms = millis(ban_time);
-        let mut ids = RecentIds::new(limits.recent_ids);
-        let mut state = ClusterState::new(limits.cluster_states);
-        ledger.for_each(|r| {
-            // The previous process may have crashed between committing this row
-            // and broadcasting it.
-            ids.insert_unsent(r.event.id, Some(r.seq));
-            let (s, until_ms) = match r.event.action {
-                Action::Ban => (
-                    BanState::Banned,
-                    r.expires_ms
-                        .unwrap_or_else(|| r.accepted_ms.saturating_add(ban_time_ms)),
-                ),
-                Action::Unban => (
-                    BanState::Unbanned,
-                    r.accepted_ms.saturating_add(ban_time_ms),
-                ),
-            };
-            state.set(&r.event.jail, r.event.ip, s, until_ms, now_ms);
-        })?;
-        state.prune(now_ms);
+        let (ids, state) = rebuild(&ledger, ban_time_ms, &limits, now_ms)?;
         Ok(Core {
             ledger,
             ids,
             state,
             max_future_ms: millis(limits.max_future),
             ban_time_ms,
+            limits,
             legacy: None,
             rejects: Throttle::for_lines("rejected"),
         })
@@ -325,6 +358,33 @@ impl Core {
     ) -> Result<crate::ledger::Pruned, LedgerError> {
         self.state.prune(now_ms);
         self.ledger.prune(now_ms, self.ban_time_ms, batch)
+    }
+
+    /// Opens a batch: the events accepted until [`Core::commit_batch`] are
+    /// committed together by it (see [`Ledger::begin_batch`]). Their outcomes must
+    /// not be sent before it succeeded.
+    pub fn begin_batch(&mut self) -> Result<(), LedgerError> {
+        self.ledger.begin_batch()
+    }
+
+    /// Commits the open batch. On failure nothing of it happened: the ledger is
+    /// rolled back, the memories are rebuilt from it as of `now_ms`, and every
+    /// outcome of the batch must be sent as [`Response::refused_busy`] without its
+    /// broadcasts.
+    pub fn commit_batch(&mut self, now_ms: u64) -> Result<(), LedgerError> {
+        let Err(err) = self.ledger.commit_batch() else {
+            return Ok(());
+        };
+        match rebuild(&self.ledger, self.ban_time_ms, &self.limits, now_ms) {
+            Ok((ids, state)) => (self.ids, self.state) = (ids, state),
+            Err(e) => {
+                // Forgetting only weakens deduplication.
+                tracing::error!(error = %f2b_common::daemon::error_chain(&e), "ledger read failed; the publisher's memories start empty");
+                self.ids = RecentIds::new(self.limits.recent_ids);
+                self.state = ClusterState::new(self.limits.cluster_states);
+            }
+        }
+        Err(err)
     }
 
     /// The reply to send instead of `reply` when the outcome's broadcast could not

@@ -13,6 +13,13 @@
 //! event survives a crash of the publisher or of its machine. A write that fails is
 //! refused with a transient NAK (`busy`); the monitor sends it again.
 //!
+//! Requests that arrive together are committed together (group commit): between
+//! [`Ledger::begin_batch`] and [`Ledger::commit_batch`] each [`Ledger::append`] is a
+//! savepoint of one transaction, and the server sends their broadcasts and replies
+//! only once that transaction is committed, so one sync covers them all. If that
+//! commit fails, none of them happened: the sequence number goes back and every
+//! request of the batch is refused as `busy`.
+//!
 //! # Schema (version [`SCHEMA_VERSION`], in `PRAGMA user_version`)
 //!
 //! - `meta(key, value)`: `epoch` (16 hex digits), `last_seq` (the last sequence number
@@ -250,6 +257,11 @@ pub struct Ledger {
     /// SQLite virtual machine steps run by snapshots, pruning and rebroadcast
     /// look-ups (see [`Ledger::vm_steps`]).
     steps: Cell<u64>,
+    /// While a batch is open, the last sequence number when it began.
+    batch: Option<u64>,
+    /// Makes the next [`Ledger::commit_batch`] fail, for tests.
+    #[cfg(test)]
+    fail_commit: bool,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -576,6 +588,9 @@ impl Ledger {
             last_seq,
             opened,
             steps: Cell::new(0),
+            batch: None,
+            #[cfg(test)]
+            fail_commit: false,
         })
     }
 
@@ -598,9 +613,64 @@ impl Ledger {
         self.opened
     }
 
+    /// Opens a batch: the [`Self::append`]s until [`Self::commit_batch`] are
+    /// committed together, by it. Takes the write lock now (waiting at most the
+    /// busy timeout for another writer). Nothing happens if a batch is open.
+    pub fn begin_batch(&mut self) -> Result<(), LedgerError> {
+        if self.batch.is_some() {
+            return Ok(());
+        }
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(sql_err(&self.path, "begin a batch"))?;
+        self.batch = Some(self.last_seq);
+        Ok(())
+    }
+
+    /// Commits the open batch (if any): when this returns `Ok`, every event
+    /// appended since [`Self::begin_batch`] is durable. When it fails, none of them
+    /// is: the batch is rolled back and [`Self::last_seq`] is what it was before.
+    pub fn commit_batch(&mut self) -> Result<(), LedgerError> {
+        let Some(start) = self.batch.take() else {
+            return Ok(());
+        };
+        #[cfg(test)]
+        let injected = std::mem::take(&mut self.fail_commit).then(|| {
+            rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+                Some("injected commit failure".into()),
+            )
+        });
+        #[cfg(not(test))]
+        let injected: Option<rusqlite::Error> = None;
+        let committed = match injected {
+            Some(e) => Err(e),
+            None => self.conn.execute_batch("COMMIT"),
+        };
+        if let Err(source) = committed {
+            // A failed COMMIT may leave the transaction open (SQLITE_BUSY) or have
+            // rolled it back already; either way it must be gone.
+            let _ = self.conn.execute_batch("ROLLBACK");
+            self.last_seq = start;
+            return Err(LedgerError::Sql {
+                path: self.path.clone(),
+                what: "commit a batch",
+                source,
+            });
+        }
+        Ok(())
+    }
+
+    /// Makes the next [`Self::commit_batch`] fail, as a full disk would.
+    #[cfg(test)]
+    pub(crate) fn fail_next_commit(&mut self) {
+        self.fail_commit = true;
+    }
+
     /// Commits `record`, whose `seq` must be [`Self::last_seq`] + 1, and the new
-    /// last sequence number, in one transaction, with what it changes in
-    /// `active_bans` and `superseded`.
+    /// last sequence number, with what it changes in `active_bans` and
+    /// `superseded`: in a transaction of its own, or, in a batch, as a savepoint
+    /// of the batch's (then it is durable once [`Self::commit_batch`] succeeds).
     pub fn append(&mut self, record: &Record) -> Result<(), LedgerError> {
         if record.seq != self.last_seq.saturating_add(1) {
             return Err(LedgerError::Sequence {
@@ -613,7 +683,7 @@ impl Ledger {
         let (seq, jail, ip) = (sql_int(record.seq), e.jail.as_str(), e.ip.to_string());
         let tx = self
             .conn
-            .transaction()
+            .savepoint()
             .map_err(sql_err(&self.path, "begin a write"))?;
         let written = (|| {
             tx.prepare_cached(

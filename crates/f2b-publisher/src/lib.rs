@@ -1,7 +1,9 @@
 //! f2b-publisher, the fail2ban-cluster hub.
 //!
 //! Monitors report each Ban and Unban their fail2ban logged over a REQ socket to
-//! this daemon's REP socket (`[publisher] reply_bind`). The publisher validates the
+//! this daemon's reply socket (`[publisher] reply_bind`; a ROUTER, which a REQ peer
+//! cannot tell from a REP, so that requests arriving together are committed to the
+//! ledger together, see [`server`]). The publisher validates the
 //! report, answers it with an ACK or a NAK, and broadcasts each event that changes
 //! the cluster's state, numbered 1, 2, 3... within an epoch, on its PUB socket
 //! (`[publisher] broadcast_bind`), under the topic of the event's jail. When nothing

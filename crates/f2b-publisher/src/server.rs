@@ -1,18 +1,30 @@
-//! The ZeroMQ side: opens the ledger, binds the REP and PUB sockets (and the legacy
-//! PUB socket when configured), then one blocking thread waits in `zmq::poll` on the
-//! REP socket and the shutdown socket, with a timeout that ends when the next
-//! heartbeat or ledger pruning is due, and hands every request to the [`Core`].
+//! The ZeroMQ side: opens the ledger, binds the reply and PUB sockets (and the
+//! legacy PUB socket when configured), then one blocking thread waits in `zmq::poll`
+//! on the reply socket and the shutdown socket, with a timeout that ends when the
+//! next heartbeat or ledger pruning is due, and hands every request to the [`Core`].
+//!
+//! # The reply socket and group commit
+//!
+//! The reply socket is a ROUTER, which REQ peers (monitors, old fail2ban-zmq-tools
+//! monitors, subscribers asking for snapshots) cannot tell from a REP: each request
+//! carries its envelope (the peer's routing id, then an empty delimiter frame), and
+//! its reply goes back with that envelope. Unlike a REP it lets the loop take every
+//! request already waiting (at most [`MAX_BATCH`]), decide them all in one ledger
+//! transaction, commit it once (one disk sync for all their events), and only then
+//! broadcast and reply, in the order they arrived. An ACK still means the event is
+//! durable; if the commit fails, every request of the batch is answered `busy`.
+//! A message without the delimiter (not from a REQ-like peer) is dropped, as a REP
+//! would.
 //!
 //! # Errors
 //!
 //! A socket error while handling one message (receiving a request or a part of
 //! it, broadcasting, replying, a heartbeat) is logged (`socket error`, at most 10
 //! lines per operation and second) and the loop goes on; only `ETERM` (the context
-//! is being terminated) ends it. The REP socket's state machine is kept: a request
-//! that was received is always answered, a message whose later part could not be
-//! received is drained and answered `malformed`, and an event whose broadcast
-//! failed is answered `busy` so that its monitor resends it (see
-//! [`Core::broadcast_failed`]).
+//! is being terminated) ends it. A request that was received is always answered: a
+//! message whose later part could not be received is drained and answered
+//! `malformed`, and an event whose broadcast failed is answered `busy` so that its
+//! monitor resends it (see [`Core::broadcast_failed`]).
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -22,7 +34,7 @@ use f2b_common::zmq;
 use f2b_common::CancellationToken;
 use f2b_proto::{Broadcast, Epoch, Nak, NakReason, Reply, MAX_FRAMES};
 
-use crate::core::{Core, Limits, Response};
+use crate::core::{Core, Limits, Outcome, Response};
 use crate::ledger::{Ledger, PRUNE_BATCH};
 use crate::throttle::Throttle;
 use crate::PublisherError;
@@ -30,11 +42,19 @@ use crate::PublisherError;
 /// How long the PUB sockets may keep delivering queued broadcasts after shutdown.
 pub const SHUTDOWN_LINGER: Duration = Duration::from_secs(1);
 
+/// The most requests decided and committed together.
+pub const MAX_BATCH: usize = 64;
+
+/// The most envelope frames (routing ids) a request may carry before its empty
+/// delimiter: one from a direct peer, one more per proxy on the way.
+const MAX_ENVELOPE: usize = 8;
+
 /// The publisher with both sockets bound, not yet serving. [`bind`] then
 /// [`Bound::serve`] is what [`crate::run`] does; tests call them separately to learn
 /// the real endpoints.
 pub struct Bound {
-    rep: zmq::Socket,
+    /// The reply socket, a ROUTER (see the module's documentation).
+    router: zmq::Socket,
     publ: zmq::Socket,
     /// The PUB socket of fail2ban-zmq-tools subscribers, if configured.
     legacy_publ: Option<zmq::Socket>,
@@ -78,8 +98,9 @@ pub fn bind_with(config: &PublisherConfig, limits: Limits) -> Result<Bound, Publ
     );
     let epoch = core.epoch();
     let ctx = zmq::Context::new();
-    let rep = new_socket(&ctx, zmq::REP).map_err(socket_err("create the REP socket"))?;
-    rep.bind(config.reply_bind.as_str())
+    let router = new_socket(&ctx, zmq::ROUTER).map_err(socket_err("create the reply socket"))?;
+    router
+        .bind(config.reply_bind.as_str())
         .map_err(|source| PublisherError::Bind {
             key: "publisher.reply_bind",
             endpoint: config.reply_bind.to_string(),
@@ -106,7 +127,7 @@ pub fn bind_with(config: &PublisherConfig, limits: Limits) -> Result<Bound, Publ
         }
         None => None,
     };
-    let reply_endpoint = last_endpoint(&rep);
+    let reply_endpoint = last_endpoint(&router);
     let broadcast_endpoint = last_endpoint(&publ);
     let legacy_broadcast_endpoint = legacy_publ.as_ref().map(last_endpoint);
     match &legacy_broadcast_endpoint {
@@ -131,7 +152,7 @@ pub fn bind_with(config: &PublisherConfig, limits: Limits) -> Result<Bound, Publ
         );
     }
     Ok(Bound {
-        rep,
+        router,
         publ,
         legacy_publ,
         reply_endpoint,
@@ -157,7 +178,7 @@ impl std::fmt::Debug for Bound {
 }
 
 impl Bound {
-    /// The REP endpoint really bound (the port chosen for `*`).
+    /// The reply endpoint really bound (the port chosen for `*`).
     pub fn reply_endpoint(&self) -> &str {
         &self.reply_endpoint
     }
@@ -220,7 +241,7 @@ impl Bound {
             let due = (last_sent + interval).min(next_prune);
             let timeout = poll_timeout(due.saturating_duration_since(Instant::now()));
             let mut items = [
-                self.rep.as_poll_item(zmq::POLLIN),
+                self.router.as_poll_item(zmq::POLLIN),
                 waker.as_poll_item(zmq::POLLIN),
             ];
             match zmq::poll(&mut items, timeout) {
@@ -237,7 +258,7 @@ impl Bound {
             for s in self.errors.flush(now) {
                 s.log();
             }
-            if items[0].is_readable() && self.serve_one()? {
+            if items[0].is_readable() && self.serve_waiting()? {
                 last_sent = Instant::now();
             }
             if Instant::now() >= last_sent + interval {
@@ -299,43 +320,81 @@ impl Bound {
         Ok(())
     }
 
-    /// Receives one request if one is waiting, answers it, broadcasts what the core
-    /// says. Returns whether something was broadcast. Fails only on `ETERM`.
-    fn serve_one(&mut self) -> Result<bool, PublisherError> {
-        let received = match recv_request(&self.rep) {
-            Ok(Some(r)) => r,
-            Ok(None) => return Ok(false),
-            // Nothing was received: the REP socket still waits for a request.
-            Err(e) => {
-                self.socket_error("receive a request", e)?;
-                return Ok(false);
-            }
-        };
-        let Received {
-            frames,
-            peer,
-            broken,
-        } = received;
-        let outcome = match broken {
-            None => {
-                // The core commits an accepted event to the ledger before it returns.
-                self.core.handle(&frames, &peer, now_ms())
-            }
-            Some(e) => {
-                self.socket_error("receive a request part", e)?;
-                let nak = Nak::new(
-                    None,
-                    NakReason::Malformed,
-                    "the message could not be received whole",
-                );
-                crate::core::Outcome {
-                    reply: Response::Reply(Reply::Nak(nak)),
-                    broadcast: None,
-                    legacy_broadcast: None,
+    /// Takes the requests waiting (at most [`MAX_BATCH`]), decides them in one
+    /// ledger transaction, commits it, then broadcasts what the core says and
+    /// answers each, in order. Returns whether something was broadcast. Fails only
+    /// on `ETERM`.
+    fn serve_waiting(&mut self) -> Result<bool, PublisherError> {
+        let mut batch = Vec::new();
+        while batch.len() < MAX_BATCH {
+            match recv_request(&self.router) {
+                Ok(Some(r)) => batch.push(r),
+                Ok(None) => break,
+                Err(e) => {
+                    self.socket_error("receive a request", e)?;
+                    break;
                 }
             }
+        }
+        if batch.is_empty() {
+            return Ok(false);
+        }
+        let now = now_ms();
+        // Without a batch (it could not begin), each event commits on its own.
+        let batched = match self.core.begin_batch() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %f2b_common::daemon::error_chain(&e), "cannot begin a ledger batch; committing one by one");
+                false
+            }
         };
-        // Broadcast next: an ACK with status `broadcast` then means the event is
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for r in &batch {
+            let outcome = match r.broken {
+                // The core records an accepted event in the ledger (in the batch).
+                None => self.core.handle(&r.frames, &r.peer, now),
+                Some(e) => {
+                    self.socket_error("receive a request part", e)?;
+                    let nak = Nak::new(
+                        None,
+                        NakReason::Malformed,
+                        "the message could not be received whole",
+                    );
+                    Outcome {
+                        reply: Response::Reply(Reply::Nak(nak)),
+                        broadcast: None,
+                        legacy_broadcast: None,
+                    }
+                }
+            };
+            outcomes.push(outcome);
+        }
+        if batched {
+            if let Err(e) = self.core.commit_batch(now) {
+                tracing::error!(
+                    error = %f2b_common::daemon::error_chain(&e),
+                    requests = outcomes.len(),
+                    "ledger commit failed; the requests are refused as busy and will be resent"
+                );
+                for o in &mut outcomes {
+                    o.reply = std::mem::replace(&mut o.reply, Response::Legacy(String::new()))
+                        .refused_busy();
+                    o.broadcast = None;
+                    o.legacy_broadcast = None;
+                }
+            }
+        }
+        let mut broadcast = false;
+        for (r, outcome) in batch.iter().zip(outcomes) {
+            broadcast |= self.deliver(&r.envelope, outcome)?;
+        }
+        Ok(broadcast)
+    }
+
+    /// Broadcasts what `outcome` says, then sends its reply back along
+    /// `envelope`. Returns whether something was broadcast.
+    fn deliver(&mut self, envelope: &[Vec<u8>], outcome: Outcome) -> Result<bool, PublisherError> {
+        // Broadcast first: an ACK with status `broadcast` then means the event is
         // durable and already queued on the PUB socket(s).
         let mut reply = outcome.reply;
         let broadcast = match &outcome.broadcast {
@@ -354,18 +413,33 @@ impl Bound {
             },
             None => false,
         };
-        // A REP socket that received must send, or it takes no further request.
-        self.reply(&reply)?;
+        self.reply(envelope, &reply)?;
         Ok(broadcast)
     }
 
-    /// Sends `reply` on the REP socket, which routes it to the request's sender; it
-    /// never blocks (a peer that does not read has its replies dropped at the
-    /// high-water mark). Fails only on `ETERM`.
-    fn reply(&mut self, reply: &Response) -> Result<(), PublisherError> {
-        match self.rep.send(reply.encode(), zmq::DONTWAIT) {
+    /// Sends `reply` along `envelope` (routing ids, then the empty delimiter). It
+    /// never blocks: a reply to a peer that is gone, or that does not read and is at
+    /// its high-water mark, is dropped. Fails only on `ETERM`.
+    fn reply(&mut self, envelope: &[Vec<u8>], reply: &Response) -> Result<(), PublisherError> {
+        let mut sent = 0;
+        let mut result = Ok(());
+        for frame in envelope {
+            result = self
+                .router
+                .send(frame.as_slice(), zmq::SNDMORE | zmq::DONTWAIT);
+            if result.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        if result.is_ok() {
+            result = self.router.send(reply.encode(), zmq::DONTWAIT);
+        } else if sent > 0 {
+            // End the message begun, so that the next one starts afresh.
+            let _ = self.router.send(&[][..], zmq::DONTWAIT);
+        }
+        match result {
             Ok(()) => Ok(()),
-            // EFSM: the socket holds no request to answer; it still takes one.
             Err(e) => self.socket_error("send a reply", e),
         }
     }
@@ -407,57 +481,88 @@ fn is_fatal(e: zmq::Error) -> bool {
     e == zmq::Error::ETERM
 }
 
-/// One request as received: its parts (at most `MAX_FRAMES + 1`), the sender, and
-/// the error that cut it short, if one did (then the rest was drained).
+/// One request as received: its envelope (routing ids and the empty delimiter),
+/// its parts (at most `MAX_FRAMES + 1`), the sender, and the error that cut it
+/// short, if one did (then the rest was drained).
 struct Received {
+    envelope: Vec<Vec<u8>>,
     frames: Vec<Vec<u8>>,
     peer: String,
     broken: Option<zmq::Error>,
 }
 
-/// Receives the parts of one message, keeping at most `MAX_FRAMES + 1` of them (one
-/// more than allowed, so the core can refuse the message), and the sender's address.
-/// `Ok(None)`: nothing waits. `Err`: nothing was received.
-fn recv_request(rep: &zmq::Socket) -> Result<Option<Received>, zmq::Error> {
-    let mut msg = zmq::Message::new();
-    match rep.recv(&mut msg, zmq::DONTWAIT) {
-        Ok(()) => {}
-        Err(zmq::Error::EAGAIN) | Err(zmq::Error::EINTR) => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let peer = msg.gets("Peer-Address").unwrap_or("unknown").to_owned();
-    let mut frames = vec![msg.to_vec()];
-    let mut broken = None;
-    let mut more = msg.get_more();
-    while more {
-        // The rest of a message that has started arriving is already queued.
-        match rep.recv(&mut msg, 0) {
-            Ok(()) => {
-                more = msg.get_more();
-                if frames.len() <= MAX_FRAMES {
-                    frames.push(msg.to_vec());
-                }
+/// Receives one message from the ROUTER socket: the envelope up to and including
+/// the empty delimiter, then the request's parts, keeping at most `MAX_FRAMES + 1`
+/// of them (one more than allowed, so the core can refuse the message), and the
+/// sender's address. `Ok(None)`: nothing waits. `Err`: nothing was received. A
+/// message without a delimiter among its first [`MAX_ENVELOPE`] + 1 frames cannot
+/// be answered: it is dropped and the next one is taken.
+fn recv_request(router: &zmq::Socket) -> Result<Option<Received>, zmq::Error> {
+    loop {
+        let mut msg = zmq::Message::new();
+        match router.recv(&mut msg, zmq::DONTWAIT) {
+            Ok(()) => {}
+            Err(zmq::Error::EAGAIN) | Err(zmq::Error::EINTR) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let mut peer = None;
+        let mut envelope = Vec::new();
+        let mut frames = Vec::new();
+        let mut delimited = false;
+        let mut broken = None;
+        // `msg` holds a received part, not stored yet.
+        loop {
+            if peer.is_none() {
+                peer = msg.gets("Peer-Address").map(str::to_owned);
             }
-            Err(zmq::Error::EINTR) => {}
-            Err(e) => {
-                // Drain what is left of the message, so that the socket is ready
-                // to send the reply.
-                let mut rest = zmq::Message::new();
-                while !is_fatal(e) && rep.recv(&mut rest, zmq::DONTWAIT).is_ok() {
-                    if !rest.get_more() {
-                        break;
-                    }
+            if !delimited {
+                delimited = msg.is_empty();
+                if envelope.len() <= MAX_ENVELOPE {
+                    envelope.push(msg.to_vec());
                 }
+            } else if frames.len() <= MAX_FRAMES {
+                frames.push(msg.to_vec());
+            }
+            if !msg.get_more() {
+                break;
+            }
+            // The rest of a message that has started arriving is already queued.
+            let next = loop {
+                match router.recv(&mut msg, 0) {
+                    Err(zmq::Error::EINTR) => {}
+                    other => break other,
+                }
+            };
+            if let Err(e) = next {
+                drain(router, e);
                 broken = Some(e);
                 break;
             }
         }
+        if !delimited || envelope.len() > MAX_ENVELOPE {
+            tracing::debug!(
+                peer = peer.as_deref().unwrap_or("unknown"),
+                "dropped a message without a REQ envelope"
+            );
+            continue;
+        }
+        return Ok(Some(Received {
+            envelope,
+            frames,
+            peer: peer.unwrap_or_else(|| "unknown".to_owned()),
+            broken,
+        }));
     }
-    Ok(Some(Received {
-        frames,
-        peer,
-        broken,
-    }))
+}
+
+/// Drains what is left of a message whose part could not be received (`e`), so
+/// that the next receive starts a new message.
+fn drain(router: &zmq::Socket, e: zmq::Error) {
+    if is_fatal(e) {
+        return;
+    }
+    let mut rest = zmq::Message::new();
+    while router.recv(&mut rest, zmq::DONTWAIT).is_ok() && rest.get_more() {}
 }
 
 /// A `zmq::poll` timeout in whole milliseconds, rounded up so the loop does not wake
@@ -520,30 +625,94 @@ mod tests {
         );
     }
 
-    /// A reply the REP socket refuses (EFSM: it holds no request) is logged, not
-    /// fatal, and the socket serves the next request.
+    fn dealer(ctx: &zmq::Context, b: &Bound) -> zmq::Socket {
+        let d = ctx.socket(zmq::DEALER).unwrap();
+        d.set_linger(0).unwrap();
+        d.set_rcvtimeo(5000).unwrap();
+        d.connect(b.reply_endpoint()).unwrap();
+        d
+    }
+
+    /// Serves until `n` replies reached `d`; returns their bodies (the delimiter
+    /// checked and stripped).
+    fn served(b: &mut Bound, d: &zmq::Socket, n: usize) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let end = Instant::now() + Duration::from_secs(5);
+        while out.len() < n {
+            assert!(Instant::now() < end, "{} of {n} replies", out.len());
+            if b.router.poll(zmq::POLLIN, 50).unwrap() > 0 {
+                b.serve_waiting().unwrap();
+            }
+            while let Ok(frames) = d.recv_multipart(zmq::DONTWAIT) {
+                assert_eq!(frames.len(), 2, "{frames:?}");
+                assert!(frames[0].is_empty());
+                out.push(frames[1].clone());
+            }
+        }
+        out
+    }
+
+    /// A message without the empty delimiter cannot be answered (a REP drops it
+    /// too); the next one, with it, is; a reply to a peer that is gone is dropped,
+    /// not an error.
     #[test]
-    fn a_failed_reply_is_not_fatal_and_the_socket_serves_on() {
+    fn messages_without_an_envelope_are_dropped_and_service_goes_on() {
         let state = tempfile::tempdir().unwrap();
         let mut b = bound(state.path());
         let nak = Response::Reply(Reply::Nak(Nak::new(None, NakReason::Busy, "x")));
-        b.reply(&nak).unwrap();
+        b.reply(&[b"\0gone".to_vec(), Vec::new()], &nak).unwrap();
 
         let ctx = zmq::Context::new();
-        let req = ctx.socket(zmq::REQ).unwrap();
-        req.set_linger(0).unwrap();
-        req.set_rcvtimeo(5000).unwrap();
-        req.connect(b.reply_endpoint()).unwrap();
-        req.send("{garbage", 0).unwrap();
-        assert_eq!(b.rep.poll(zmq::POLLIN, 5000).unwrap(), 1);
-        assert!(!b.serve_one().unwrap());
-        let answer = Reply::decode(&req.recv_bytes(0).unwrap()).unwrap();
+        let d = dealer(&ctx, &b);
+        d.send("{no delimiter", 0).unwrap();
+        d.send_multipart([&b""[..], b"{garbage"], 0).unwrap();
+        let replies = served(&mut b, &d, 1);
+        let answer = Reply::decode(&replies[0]).unwrap();
         assert!(
             matches!(answer, Reply::Nak(ref n) if n.reason == NakReason::Malformed),
             "{answer:?}"
         );
+        assert!(d.recv_multipart(zmq::DONTWAIT).is_err(), "a second reply");
         // Nothing waits: nothing is received, nothing fails.
-        assert!(!b.serve_one().unwrap());
+        assert!(!b.serve_waiting().unwrap());
+    }
+
+    /// Requests pipelined by one peer are decided in batches and answered in the
+    /// order they were sent, each event with the next sequence number.
+    #[test]
+    fn requests_waiting_together_are_answered_in_order() {
+        let state = tempfile::tempdir().unwrap();
+        let mut b = bound(state.path());
+        let ctx = zmq::Context::new();
+        let d = dealer(&ctx, &b);
+        let n = 200u32;
+        for i in 1..=n {
+            let e = f2b_proto::Event::new(
+                f2b_proto::EventId::from_u128(i.into()),
+                f2b_proto::NodeName::new("web1").unwrap(),
+                f2b_proto::JailName::new("sshd").unwrap(),
+                f2b_proto::Action::Ban,
+                std::net::Ipv4Addr::from(0x0A00_0000 + i).into(),
+                now_ms(),
+            )
+            .unwrap();
+            let report = f2b_proto::Request::Report(e).encode();
+            d.send_multipart([&b""[..], &report], 0).unwrap();
+        }
+        let replies = served(&mut b, &d, n as usize);
+        for (i, r) in replies.iter().enumerate() {
+            match Reply::decode(r).unwrap() {
+                Reply::Ack(a) => assert_eq!(
+                    (a.id, a.seq),
+                    (
+                        f2b_proto::EventId::from_u128(i as u128 + 1),
+                        Some(i as u64 + 1)
+                    )
+                ),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(b.core.ledger().rows().unwrap(), u64::from(n));
     }
 
     #[test]

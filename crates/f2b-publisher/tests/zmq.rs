@@ -434,7 +434,7 @@ fn shutdown_returns_promptly_and_delivers_what_was_broadcast() {
 #[test]
 fn run_stops_on_cancel_and_bind_errors_name_the_key() {
     let hub = Hub::start("50ms");
-    // The REP port is taken by the first hub.
+    // The reply port is taken by the first hub.
     let state = tempfile::tempdir().unwrap();
     let mut cfg = config(state.path(), "");
     cfg.reply_bind = config::Endpoint::bind(&hub.reply).unwrap();

@@ -1359,3 +1359,91 @@ fn a_broadcast_that_failed_is_refused_busy_and_sent_again_on_the_resend() {
     assert_eq!(c.broadcast_failed(nak.clone()), nak);
     assert_eq!(c.last_seq(), 1);
 }
+
+/// Rows of the ledger in `dir` as another connection (a crash, a reader) sees
+/// them: only what was committed.
+fn committed_rows(dir: &std::path::Path) -> i64 {
+    let conn = rusqlite::Connection::open(dir.join(crate::ledger::LEDGER_FILE)).unwrap();
+    conn.query_row("SELECT count(*) FROM events", [], |r| r.get(0))
+        .unwrap()
+}
+
+/// Group commit: the events of a batch become durable together, at
+/// `commit_batch`, not one by one.
+#[test]
+fn a_batch_is_committed_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Core::new(
+        Ledger::open(dir.path()).unwrap(),
+        BAN_TIME,
+        Limits::default(),
+        NOW,
+    )
+    .unwrap();
+    c.begin_batch().unwrap();
+    let a = event(1, "sshd", Action::Ban, "203.0.113.1");
+    let b = event(2, "sshd", Action::Ban, "203.0.113.2");
+    expect_ack(&send(&mut c, &a, NOW), AckStatus::Broadcast, Some(1));
+    expect_ack(&send(&mut c, &b, NOW), AckStatus::Broadcast, Some(2));
+    // Later requests of the batch see the earlier ones.
+    expect_ack(&send(&mut c, &a, NOW), AckStatus::Duplicate, Some(1));
+    let echo = event(3, "sshd", Action::Ban, "203.0.113.2");
+    expect_ack(&send(&mut c, &echo, NOW), AckStatus::Unchanged, None);
+    assert_eq!(snapshot_bans(&mut c, NOW).len(), 2);
+    assert_eq!(committed_rows(dir.path()), 0);
+    c.commit_batch(NOW).unwrap();
+    assert_eq!(committed_rows(dir.path()), 2);
+    // Outside a batch, each event is committed on its own.
+    let d = event(4, "sshd", Action::Ban, "203.0.113.4");
+    expect_ack(&send(&mut c, &d, NOW), AckStatus::Broadcast, Some(3));
+    assert_eq!(committed_rows(dir.path()), 3);
+}
+
+/// A batch whose commit fails never happened: its sequence numbers are used
+/// again, its events are new again, and its replies are sent as `busy`.
+#[test]
+fn a_failed_batch_commit_undoes_the_batch() {
+    let mut c = legacy_core(None);
+    let first = event(1, "sshd", Action::Ban, "203.0.113.1");
+    expect_ack(&send(&mut c, &first, NOW), AckStatus::Broadcast, Some(1));
+    c.begin_batch().unwrap();
+    let ban = event(2, "sshd", Action::Ban, "203.0.113.2");
+    let unban = event(3, "sshd", Action::Unban, "203.0.113.1");
+    let out = send(&mut c, &ban, NOW);
+    expect_ack(&out, AckStatus::Broadcast, Some(2));
+    expect_ack(&send(&mut c, &unban, NOW), AckStatus::Broadcast, Some(3));
+    let echo = expect_echo(
+        &legacy_send(&mut c, b"web1|sshd|Ban|203.0.113.9"),
+        "web1|sshd|Ban|203.0.113.9",
+    );
+    assert_eq!(echo.unwrap().seq, 4);
+    c.ledger.fail_next_commit();
+    assert!(c.commit_batch(NOW).is_err());
+    assert_eq!((c.last_seq(), c.ledger().rows().unwrap()), (1, 1));
+    assert_eq!(c.memory_len(), (1, 1));
+    // How the server answers the batch's requests.
+    let busy = Outcome {
+        reply: out.reply.clone().refused_busy(),
+        broadcast: None,
+        legacy_broadcast: None,
+    };
+    assert_eq!(expect_nak(&busy, NakReason::Busy).id, Some(ban.id));
+    assert_eq!(
+        Response::Legacy("web1|sshd|Ban|203.0.113.9".into()).refused_busy(),
+        Response::Legacy("NAK".into())
+    );
+    let page = Response::Snapshot(SnapshotReply::Page(f2b_proto::SnapshotPage::new(
+        Epoch(1),
+        4,
+    )));
+    assert!(matches!(
+        page.refused_busy(),
+        Response::Snapshot(SnapshotReply::Nak(ref n)) if n.reason == NakReason::Busy
+    ));
+    let nak = Response::Reply(Reply::Nak(Nak::new(None, NakReason::Malformed, "x")));
+    assert_eq!(nak.clone().refused_busy(), nak);
+    // The resends are new events again, with the same sequence numbers.
+    expect_ack(&send(&mut c, &ban, NOW), AckStatus::Broadcast, Some(2));
+    expect_ack(&send(&mut c, &unban, NOW), AckStatus::Broadcast, Some(3));
+    assert_eq!(c.ledger().rows().unwrap(), 3);
+}
