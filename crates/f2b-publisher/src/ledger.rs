@@ -292,6 +292,29 @@ fn sql_int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// The last sequence number the file holds: `meta`'s, or that of the last row if
+/// it is higher.
+fn stored_last_seq(conn: &Connection, path: &Path) -> Result<u64, LedgerError> {
+    let meta: Option<rusqlite::types::Value> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'last_seq'", [], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(sql_err(path, "read the last sequence number"))?;
+    let meta_seq = match meta {
+        Some(rusqlite::types::Value::Integer(n)) => u64::try_from(n).ok(),
+        _ => None,
+    }
+    .ok_or_else(|| LedgerError::Corrupt {
+        path: path.to_owned(),
+        detail: "meta last_seq is missing or negative".into(),
+    })?;
+    let max_row: Option<i64> = conn
+        .query_row("SELECT max(seq) FROM events", [], |r| r.get(0))
+        .map_err(sql_err(path, "read the last sequence number"))?;
+    Ok(meta_seq.max(max_row.and_then(|s| u64::try_from(s).ok()).unwrap_or(0)))
+}
+
 /// Adds the virtual machine steps `stmt` ran since the last call to `steps`.
 fn count_steps(steps: &Cell<u64>, stmt: &Statement<'_>) {
     let n = u64::try_from(stmt.reset_status(StatementStatus::VmStep)).unwrap_or(0);
@@ -572,15 +595,7 @@ impl Ledger {
                 .map_err(|e| corrupt(format!("meta epoch: {e}")))?,
             other => return Err(corrupt(format!("meta epoch is {other:?}"))),
         };
-        let meta_seq = match meta("last_seq").map_err(sql("read the last sequence number"))? {
-            Some(rusqlite::types::Value::Integer(n)) => u64::try_from(n).ok(),
-            _ => None,
-        }
-        .ok_or_else(|| corrupt("meta last_seq is missing or negative".into()))?;
-        let max_row: Option<i64> = conn
-            .query_row("SELECT max(seq) FROM events", [], |r| r.get(0))
-            .map_err(sql("read the last sequence number"))?;
-        let last_seq = meta_seq.max(max_row.and_then(|s| u64::try_from(s).ok()).unwrap_or(0));
+        let last_seq = stored_last_seq(&conn, &path)?;
         Ok(Ledger {
             conn,
             path,
@@ -628,8 +643,11 @@ impl Ledger {
     }
 
     /// Commits the open batch (if any): when this returns `Ok`, every event
-    /// appended since [`Self::begin_batch`] is durable. When it fails, none of them
-    /// is: the batch is rolled back and [`Self::last_seq`] is what it was before.
+    /// appended since [`Self::begin_batch`] is durable. When it fails, the batch is
+    /// rolled back and [`Self::last_seq`] is read again from the file: normally
+    /// what it was before the batch, but if SQLite rolled the transaction back by
+    /// itself on an error (it does on a full disk, for instance), the appends after
+    /// that were committed one by one, and those stay.
     pub fn commit_batch(&mut self) -> Result<(), LedgerError> {
         let Some(start) = self.batch.take() else {
             return Ok(());
@@ -650,8 +668,16 @@ impl Ledger {
         if let Err(source) = committed {
             // A failed COMMIT may leave the transaction open (SQLITE_BUSY) or have
             // rolled it back already; either way it must be gone.
-            let _ = self.conn.execute_batch("ROLLBACK");
-            self.last_seq = start;
+            if !self.conn.is_autocommit() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+            self.last_seq = match stored_last_seq(&self.conn, &self.path) {
+                Ok(n) => n.max(start),
+                Err(e) => {
+                    tracing::error!(error = %f2b_common::daemon::error_chain(&e), "cannot read the last sequence number back");
+                    start
+                }
+            };
             return Err(LedgerError::Sql {
                 path: self.path.clone(),
                 what: "commit a batch",
