@@ -62,8 +62,9 @@ impl Request {
 pub enum AckStatus {
     /// Broadcast now, with the sequence number in the ACK.
     Broadcast,
-    /// The same event id was accepted before; the ACK repeats that answer and nothing
-    /// is broadcast again.
+    /// The same event id was accepted before; the ACK repeats that answer. Nothing is
+    /// broadcast again, except once after a publisher restart, in case the previous
+    /// process died between recording and broadcasting it (docs/PROTOCOL.md).
     Duplicate,
     /// Valid, but it changes nothing the cluster does not already know (a ban of an
     /// address already banned in that jail, an unban of one already unbanned, for
