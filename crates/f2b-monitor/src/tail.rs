@@ -1,9 +1,10 @@
 //! Following a log file across appends, rotation, truncation and absence.
 //!
-//! [`Tailer`] is the synchronous part: one call to [`Tailer::read`] reads whatever
-//! is new and returns complete lines. [`Follower`] drives it: it watches the
-//! file's directory with inotify (through `notify`) and calls `read` on every
-//! change, with no polling.
+//! [`Tailer`] is the synchronous part: one call to [`Tailer::read`] reads what is
+//! new, up to [`READ_BYTES`] and [`READ_LINES`], and returns complete lines.
+//! [`Follower`] drives it: it watches the file's directory with inotify (through
+//! `notify`) and calls `read` on every change, with no polling, and again at once
+//! while a read stopped at its limit.
 //!
 //! What `read` handles:
 //!
@@ -15,7 +16,13 @@
 //!   (the new file has data; the old is then read to its end once more and
 //!   closed), or until it has had no new data for [`DRAIN_GRACE`].
 //! - copytruncate: the file is shorter than the offset: read it again from 0.
+//!   Lines fail2ban writes between logrotate's copy and its truncation are in
+//!   neither the copy nor the truncated file, and are lost: that is inherent to
+//!   copytruncate (prefer rename and create, Debian's default).
 //! - Missing file: wait for it to be created, then read it from the start.
+//! - A read error (a rotated-away file on a failing disk, permissions changed):
+//!   the lines read before it are returned with the error, every file stays open
+//!   and the next read goes on where this one stopped.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -31,10 +38,21 @@ use tokio_util::sync::CancellationToken;
 /// when the new file stays empty (fail2ban not told to reopen its log).
 pub const DRAIN_GRACE: Duration = Duration::from_secs(600);
 
+/// How soon a read that failed is tried again when no change of the file comes
+/// first.
+pub const READ_RETRY: Duration = Duration::from_secs(1);
+
 /// Lines longer than this are dropped (fail2ban's are a few hundred bytes).
 pub const MAX_LINE: usize = 64 * 1024;
 
 const CHUNK: usize = 64 * 1024;
+
+/// The most bytes one [`Tailer::read`] reads (resuming after downtime, draining a
+/// rotated file: the rest is read by the next calls).
+pub const READ_BYTES: usize = 256 * 1024;
+
+/// The most lines one [`Tailer::read`] returns.
+pub const READ_LINES: usize = 2048;
 
 /// One line read from the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +61,8 @@ pub struct Line {
     pub text: String,
     /// 1-based count of lines read by this tailer, across files.
     pub number: u64,
+    /// The file the line is in, and the offset just after its newline.
+    pub pos: FilePos,
 }
 
 /// How far a file has been read: which file (device and inode, so a renamed file is
@@ -67,13 +87,28 @@ pub enum Change {
     Truncated { offset: u64 },
     /// A rotated-away file was closed.
     Closed { offset: u64, grace_expired: bool },
+    /// A rotated-away file that could not be read for the whole grace was closed.
+    Abandoned { offset: u64, error: String },
+}
+
+/// How much one read may still take.
+#[derive(Debug)]
+struct Budget {
+    bytes: usize,
+    lines: usize,
 }
 
 #[derive(Debug)]
 struct Reader {
     file: File,
     id: (u64, u64),
+    /// How far the file has been read.
     offset: u64,
+    /// Read, not yet split into lines (a read stopped by its line limit), just
+    /// before `offset`.
+    unsplit: Vec<u8>,
+    /// The start of a line whose newline has not been read yet, just before
+    /// `unsplit`.
     partial: Vec<u8>,
     /// Discarding up to the next newline (started mid-line, or an overlong line).
     discarding: bool,
@@ -88,47 +123,103 @@ impl Reader {
             file,
             id: (meta.dev(), meta.ino()),
             offset: 0,
+            unsplit: Vec::new(),
             partial: Vec::new(),
             discarding: false,
             last_data: now,
         })
     }
 
-    /// Reads to the end of the file; complete lines go to `out`.
-    fn drain(&mut self, now: Instant, counter: &mut u64, out: &mut Vec<Line>) -> io::Result<()> {
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            let n = self.file.read(&mut buf)?;
-            if n == 0 {
-                return Ok(());
-            }
-            self.offset += n as u64;
-            self.last_data = now;
-            let mut rest = &buf[..n];
-            while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
-                let (head, tail) = rest.split_at(pos);
-                rest = &tail[1..];
-                if self.discarding || self.partial.len() + head.len() > MAX_LINE {
-                    self.discarding = false;
-                    self.partial.clear();
-                    continue;
-                }
-                self.partial.extend_from_slice(head);
-                *counter += 1;
-                out.push(Line {
-                    text: String::from_utf8_lossy(&self.partial).into_owned(),
-                    number: *counter,
-                });
-                self.partial.clear();
-            }
-            if !self.discarding {
-                self.partial.extend_from_slice(rest);
-                if self.partial.len() > MAX_LINE {
-                    self.partial.clear();
-                    self.discarding = true;
-                }
+    /// Reads to the end of the file, or until `budget` is spent; complete lines go
+    /// to `out`. Returns whether the end was reached. On an error, what was read
+    /// before it is in `out` and counted in the offset.
+    fn drain(
+        &mut self,
+        now: Instant,
+        counter: &mut u64,
+        out: &mut Vec<Line>,
+        budget: &mut Budget,
+    ) -> io::Result<bool> {
+        if !self.unsplit.is_empty() {
+            let data = std::mem::take(&mut self.unsplit);
+            let start = self.offset - data.len() as u64;
+            let used = self.split(&data, start, counter, out, budget);
+            if used < data.len() {
+                self.unsplit = data[used..].to_vec();
+                return Ok(false);
             }
         }
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            if budget.bytes == 0 || budget.lines == 0 {
+                return Ok(false);
+            }
+            let want = CHUNK.min(budget.bytes);
+            let n = match self.file.read(&mut buf[..want]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                return Ok(true);
+            }
+            let start = self.offset;
+            self.offset += n as u64;
+            budget.bytes = budget.bytes.saturating_sub(n);
+            self.last_data = now;
+            let used = self.split(&buf[..n], start, counter, out, budget);
+            if used < n {
+                self.unsplit = buf[used..n].to_vec();
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Splits `data`, the file's bytes from offset `start`, into lines for `out`
+    /// until the budget's lines are spent; returns how many bytes it used (all of
+    /// them, or up to the end of the last line it could take).
+    fn split(
+        &mut self,
+        data: &[u8],
+        start: u64,
+        counter: &mut u64,
+        out: &mut Vec<Line>,
+        budget: &mut Budget,
+    ) -> usize {
+        let mut used = 0;
+        while let Some(len) = data[used..].iter().position(|&b| b == b'\n') {
+            if budget.lines == 0 {
+                return used;
+            }
+            let head = &data[used..used + len];
+            used += len + 1;
+            if self.discarding || self.partial.len() + head.len() > MAX_LINE {
+                self.discarding = false;
+                self.partial.clear();
+                continue;
+            }
+            self.partial.extend_from_slice(head);
+            *counter += 1;
+            out.push(Line {
+                text: String::from_utf8_lossy(&self.partial).into_owned(),
+                number: *counter,
+                pos: FilePos {
+                    dev: self.id.0,
+                    ino: self.id.1,
+                    offset: start + used as u64,
+                },
+            });
+            self.partial.clear();
+            budget.lines -= 1;
+        }
+        if !self.discarding {
+            self.partial.extend_from_slice(&data[used..]);
+            if self.partial.len() > MAX_LINE {
+                self.partial.clear();
+                self.discarding = true;
+            }
+        }
+        data.len()
     }
 
     fn pos(&self) -> FilePos {
@@ -136,7 +227,7 @@ impl Reader {
             dev: self.id.0,
             ino: self.id.1,
             // A partial line is read again after a restart.
-            offset: self.offset - self.partial.len() as u64,
+            offset: self.offset - (self.partial.len() + self.unsplit.len()) as u64,
         }
     }
 
@@ -157,6 +248,7 @@ impl Reader {
     fn rewind(&mut self) -> io::Result<()> {
         self.file.seek(SeekFrom::Start(0))?;
         self.offset = 0;
+        self.unsplit.clear();
         self.partial.clear();
         self.discarding = false;
         Ok(())
@@ -172,6 +264,8 @@ pub struct Tailer {
     draining: Vec<Reader>,
     grace: Duration,
     lines: u64,
+    max_bytes: usize,
+    max_lines: usize,
 }
 
 impl Tailer {
@@ -200,6 +294,8 @@ impl Tailer {
             draining: Vec::new(),
             grace: DRAIN_GRACE,
             lines: 0,
+            max_bytes: READ_BYTES,
+            max_lines: READ_LINES,
         })
     }
 
@@ -249,6 +345,8 @@ impl Tailer {
             draining,
             grace: DRAIN_GRACE,
             lines: 0,
+            max_bytes: READ_BYTES,
+            max_lines: READ_LINES,
         })
     }
 
@@ -266,6 +364,14 @@ impl Tailer {
     /// Sets how long a rotated-away file is read after its last data.
     pub fn with_grace(mut self, grace: Duration) -> Self {
         self.grace = grace;
+        self
+    }
+
+    /// Sets how much one [`Tailer::read`] reads at most (at least one byte and one
+    /// line).
+    pub fn with_limits(mut self, bytes: usize, lines: usize) -> Self {
+        self.max_bytes = bytes.max(1);
+        self.max_lines = lines.max(1);
         self
     }
 
@@ -294,13 +400,24 @@ impl Tailer {
         self.draining.iter().map(|r| r.last_data + self.grace).min()
     }
 
-    /// Reads everything new: complete lines to `lines`, what happened to `changes`.
+    /// Reads what is new, up to the limits ([`READ_BYTES`], [`READ_LINES`]):
+    /// complete lines to `lines`, what happened to `changes`. Returns whether it
+    /// stopped at a limit (call again at once for the rest).
+    ///
+    /// On an error the lines read before it are in `lines` and count as read
+    /// ([`Tailer::position`] includes them); every file stays open, and the next
+    /// call goes on from there. A rotated-away file that keeps failing is closed
+    /// once its grace has passed ([`Change::Abandoned`]).
     pub fn read(
         &mut self,
         now: Instant,
         lines: &mut Vec<Line>,
         changes: &mut Vec<Change>,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
+        let mut budget = Budget {
+            bytes: self.max_bytes,
+            lines: self.max_lines,
+        };
         // 1. Where does the path point now?
         let mut new_has_data = false;
         match std::fs::metadata(&self.path) {
@@ -351,28 +468,48 @@ impl Tailer {
             Err(e) => return Err(e),
         }
 
-        // 2. Drain the rotated-away files. If the new file already had data before
-        // this drain, the writer had moved to it, so this drain is the last one.
-        let mut kept = Vec::with_capacity(self.draining.len());
-        for mut old in self.draining.drain(..) {
-            old.drain(now, &mut self.lines, lines)?;
+        // 2. Drain the rotated-away files, oldest first. If the new file already
+        // had data before this drain, the writer had moved to it, so a drain to
+        // the end is the last one.
+        let mut i = 0;
+        while i < self.draining.len() {
+            let old = &mut self.draining[i];
+            let at_end = match old.drain(now, &mut self.lines, lines, &mut budget) {
+                Ok(at_end) => at_end,
+                Err(e) if now >= old.last_data + self.grace => {
+                    let old = self.draining.remove(i);
+                    changes.push(Change::Abandoned {
+                        offset: old.offset,
+                        error: e.to_string(),
+                    });
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if !at_end {
+                // Limit reached: the rest of this file (and the newer files) next
+                // time, in order.
+                return Ok(true);
+            }
             let grace_expired = now >= old.last_data + self.grace;
             if new_has_data || grace_expired {
+                let old = self.draining.remove(i);
                 changes.push(Change::Closed {
                     offset: old.offset,
                     grace_expired: !new_has_data,
                 });
             } else {
-                kept.push(old);
+                i += 1;
             }
         }
-        self.draining = kept;
 
         // 3. Then the current file.
         if let Some(cur) = &mut self.current {
-            cur.drain(now, &mut self.lines, lines)?;
+            if !cur.drain(now, &mut self.lines, lines, &mut budget)? {
+                return Ok(true);
+            }
         }
-        Ok(())
+        Ok(false)
     }
 }
 
@@ -547,32 +684,41 @@ impl Follower {
             let Some(mut t) = tailer.take() else {
                 return Ok(());
             };
-            let (t, result) = tokio::task::spawn_blocking(move || {
+            let (t, batch, changes, result) = tokio::task::spawn_blocking(move || {
                 let (mut lines, mut changes) = (Vec::new(), Vec::new());
                 let r = t.read(Instant::now(), &mut lines, &mut changes);
                 let position = t.position();
-                (t, r.map(|()| (Batch { lines, position }, changes)))
+                (t, Batch { lines, position }, changes, r)
             })
             .await
             .map_err(|e| crate::MonitorError::task("tailer", e))?;
-            let deadline = t.next_deadline();
+            let mut deadline = t.next_deadline();
             tailer = Some(t);
-            match result {
-                Ok((batch, changes)) => {
-                    for c in changes {
-                        log_change(&path, &c);
-                    }
-                    if !batch.lines.is_empty() {
-                        tokio::select! {
-                            r = tx.send(batch) => if r.is_err() { return Ok(()) },
-                            () = shutdown.cancelled() => return Ok(()),
-                        }
-                    }
+            for c in changes {
+                log_change(&path, &c);
+            }
+            // Lines read before an error are sent too: they count as read.
+            if !batch.lines.is_empty() {
+                tokio::select! {
+                    r = tx.send(batch) => if r.is_err() { return Ok(()) },
+                    () = shutdown.cancelled() => return Ok(()),
                 }
+            }
+            match result {
+                Ok(true) => {
+                    // Stopped at the read limit: go on at once.
+                    if shutdown.is_cancelled() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Ok(false) => {}
                 Err(e) => {
                     // Transient (permissions being fixed, NFS hiccup): report and
-                    // try again at the next change.
+                    // try again at the next change, or after a while.
                     tracing::warn!(path = %path.display(), error = %e, "cannot read the log file");
+                    let retry = Instant::now() + READ_RETRY;
+                    deadline = Some(deadline.map_or(retry, |d| d.min(retry)));
                 }
             }
             let sleep = async {
@@ -609,6 +755,12 @@ fn log_change(path: &Path, change: &Change) {
             offset,
             grace_expired,
             "finished reading the rotated log file"
+        ),
+        Change::Abandoned { offset, error } => tracing::warn!(
+            %path,
+            offset,
+            %error,
+            "gave up reading the rotated log file: it could not be read for the whole grace"
         ),
     }
 }

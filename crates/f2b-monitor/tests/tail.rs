@@ -382,3 +382,228 @@ fn resume_after_truncation_or_loss() {
     let mut t = Tailer::resume(&path, &saved, now).unwrap();
     assert_eq!(read(&mut t, now).0, ["fresh"]);
 }
+
+// ---------------------------------------------------------------------------
+// Bounded reads.
+
+#[test]
+fn reads_stop_at_the_line_limit_and_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fail2ban.log");
+    append(&path, "");
+    let now = Instant::now();
+    let mut t = Tailer::at_end(&path, now).unwrap();
+    let text: String = (0..5000).map(|i| format!("line {i}\n")).collect();
+    append(&path, &text);
+    let mut got = Vec::new();
+    let mut reads = 0;
+    loop {
+        let (mut lines, mut changes) = (Vec::new(), Vec::new());
+        let more = t.read(now, &mut lines, &mut changes).unwrap();
+        assert!(
+            lines.len() <= f2b_monitor::tail::READ_LINES,
+            "{}",
+            lines.len()
+        );
+        // Every line says where it ends; the position is after the last one.
+        if let Some(last) = lines.last() {
+            assert_eq!(t.position(), [last.pos]);
+        }
+        got.extend(lines.into_iter().map(|l| l.text));
+        reads += 1;
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(reads, 3);
+    let want: Vec<String> = (0..5000).map(|i| format!("line {i}")).collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn reads_stop_at_the_byte_limit_and_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fail2ban.log");
+    append(&path, "");
+    let now = Instant::now();
+    let mut t = Tailer::at_end(&path, now).unwrap().with_limits(100, 1000);
+    let line = "x".repeat(29);
+    append(&path, &format!("{line}\n").repeat(10));
+    let (mut lines, mut changes) = (Vec::new(), Vec::new());
+    assert!(
+        t.read(now, &mut lines, &mut changes).unwrap(),
+        "more to read"
+    );
+    assert_eq!(lines.len(), 3, "100 bytes hold 3 lines of 30");
+    // The partial fourth line is not counted as read.
+    assert_eq!(t.position()[0].offset, 90);
+    let mut total = lines.len();
+    loop {
+        lines.clear();
+        let more = t.read(now, &mut lines, &mut changes).unwrap();
+        total += lines.len();
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(total, 10);
+}
+
+#[test]
+fn a_rotated_file_is_drained_in_bounded_reads_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fail2ban.log");
+    append(&path, "");
+    let now = Instant::now();
+    let mut t = Tailer::at_end(&path, now)
+        .unwrap()
+        .with_limits(1 << 20, 100);
+    let old: String = (0..250).map(|i| format!("old {i}\n")).collect();
+    append(&path, &old);
+    fs::rename(&path, dir.path().join("fail2ban.log.1")).unwrap();
+    append(&path, "new 0\nnew 1\n");
+    let mut got = Vec::new();
+    let mut all_changes = Vec::new();
+    loop {
+        let (mut lines, mut changes) = (Vec::new(), Vec::new());
+        let more = t.read(now, &mut lines, &mut changes).unwrap();
+        assert!(lines.len() <= 100);
+        got.extend(lines.into_iter().map(|l| l.text));
+        all_changes.extend(changes);
+        if !more {
+            break;
+        }
+    }
+    let mut want: Vec<String> = (0..250).map(|i| format!("old {i}")).collect();
+    want.extend(["new 0".to_owned(), "new 1".to_owned()]);
+    assert_eq!(got, want);
+    assert!(
+        matches!(
+            all_changes[..],
+            [Change::Rotated, Change::Closed { offset, .. }] if offset == old.len() as u64
+        ),
+        "{all_changes:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_backlog_arrives_in_bounded_batches() {
+    // Resuming after downtime: 10,000 lines written while stopped.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fail2ban.log");
+    let saved = saved_after(&path, "seen\n");
+    let text: String = (0..10_000).map(|i| format!("while down {i}\n")).collect();
+    append(&path, &text);
+    let follower = Follower::start(path.clone(), Duration::from_secs(600), Some(saved))
+        .await
+        .unwrap();
+    let (tx, mut rx) = mpsc::channel(4);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(follower.run(tx, stop.clone()));
+    let mut n = 0;
+    while n < 10_000 {
+        let batch = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("the backlog keeps coming with no change of the file")
+            .unwrap();
+        assert!(
+            batch.lines.len() <= f2b_monitor::tail::READ_LINES,
+            "{}",
+            batch.lines.len()
+        );
+        assert_eq!(batch.lines[0].text, format!("while down {n}"));
+        n += batch.lines.len();
+    }
+    assert_eq!(n, 10_000);
+    stop.cancel();
+    tokio::time::timeout(WAIT, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Read errors.
+
+/// A log whose rotated-away files are `fail2ban.log.1` (readable, being drained)
+/// and `fail2ban.log.d`, a directory standing for a file that fails to read.
+fn failing_rotation(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, Vec<FilePos>) {
+    use std::os::unix::fs::MetadataExt;
+    let path = dir.join("fail2ban.log");
+    let rotated = dir.join("fail2ban.log.1");
+    append(&rotated, "");
+    let broken = dir.join("fail2ban.log.d");
+    fs::create_dir(&broken).unwrap();
+    append(&path, "");
+    let pos = |p: &Path| {
+        let m = fs::metadata(p).unwrap();
+        FilePos {
+            dev: m.dev(),
+            ino: m.ino(),
+            offset: 0,
+        }
+    };
+    let saved = vec![pos(&path), pos(&rotated), pos(&broken)];
+    (path, rotated, saved)
+}
+
+#[test]
+fn a_read_error_keeps_the_files_and_the_lines_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, rotated, saved) = failing_rotation(dir.path());
+    let now = Instant::now();
+    let grace = Duration::from_secs(30);
+    let mut t = Tailer::resume(&path, &saved, now)
+        .unwrap()
+        .with_grace(grace);
+    assert_eq!(t.draining(), 2);
+    append(&rotated, "old 1\n");
+    let (mut lines, mut changes) = (Vec::new(), Vec::new());
+    t.read(now, &mut lines, &mut changes).unwrap_err();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0].text, "old 1");
+    assert_eq!(t.draining(), 2, "no file dropped by the error");
+    assert!(t.position().contains(&lines[0].pos), "{:?}", t.position());
+    // fail2ban still writes to the rotated file: nothing of it is lost.
+    append(&rotated, "old 2\n");
+    append(&path, "new\n");
+    lines.clear();
+    t.read(now, &mut lines, &mut changes).unwrap_err();
+    let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+    assert_eq!(texts, ["old 2"], "the newer file waits for the older ones");
+    // The broken file is given up after the grace; then the rest is read.
+    lines.clear();
+    changes.clear();
+    assert!(!t.read(now + grace, &mut lines, &mut changes).unwrap());
+    let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+    assert_eq!(texts, ["new"]);
+    assert!(
+        changes
+            .iter()
+            .any(|c| matches!(c, Change::Abandoned { .. })),
+        "{changes:?}"
+    );
+    assert_eq!(t.draining(), 0);
+}
+
+#[tokio::test]
+async fn lines_read_before_an_error_are_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, rotated, saved) = failing_rotation(dir.path());
+    append(&rotated, "old 1\nold 2\n");
+    let follower = Follower::start(path, Duration::from_secs(600), Some(saved))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(16);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(follower.run(tx, stop.clone()));
+    let mut r = Running {
+        rx,
+        stop,
+        task,
+        offset: 0,
+    };
+    assert_eq!(r.lines(2).await, ["old 1", "old 2"]);
+    r.stop().await;
+}
