@@ -207,9 +207,24 @@ impl Publisher {
         &self.process
     }
 
-    /// SIGKILL (a crash: no clean-up).
+    /// SIGKILL (a crash: no clean-up), by its PID.
     pub fn kill(&self) {
         self.process.kill();
+    }
+
+    /// SIGTERM, and asserts a clean exit (status 0).
+    pub fn stop(&self) {
+        self.process.terminate_and_wait();
+    }
+
+    /// Every run so far, oldest first (the current one last).
+    pub fn runs(&self) -> impl Iterator<Item = &Process> {
+        self.earlier.iter().chain(std::iter::once(&self.process))
+    }
+
+    /// `[publisher] state_dir`, where its ledger is.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("publisher-state")
     }
 
     /// Starts the publisher again on the endpoints it had (after [`Publisher::kill`]
@@ -253,12 +268,18 @@ pub enum NodeAction {
     Fail2banClient { socket: PathBuf },
     /// `log`, to this file.
     Log { path: PathBuf },
+    /// `log`, to the node's `applied.log` ([`Node::action_log_path`]): one line per
+    /// applied event with its id and sequence number, read with
+    /// [`crate::applied::ActionLog`]. Cheap at thousands of events, where
+    /// [`NodeAction::Record`] starts a process per event.
+    LogFile,
     /// `none`.
     None,
 }
 
 /// What a [`Node`] runs and how. `Default`: both daemons, action [`NodeAction::Record`],
-/// all jails, default ignore_ip, a fresh empty fail2ban log.
+/// all jails, default ignore_ip, a fresh empty fail2ban log, snapshots from the
+/// publisher's reply endpoint.
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
     pub monitor: bool,
@@ -278,6 +299,10 @@ pub struct NodeOptions {
     pub action: NodeAction,
     /// `[subscriber] heartbeat_timeout`.
     pub heartbeat_timeout: Option<String>,
+    /// `[subscriber] snapshot`: `true` (the default) sets it to the publisher's reply
+    /// endpoint, so the subscriber catches up (snapshots) on start, reconnection, a
+    /// new epoch and a sequence gap; `false` leaves it unset.
+    pub snapshot: bool,
     /// Extra lines for the `[subscriber]` section.
     pub subscriber_extra: String,
 }
@@ -295,6 +320,7 @@ impl Default for NodeOptions {
             ban_jail: None,
             action: NodeAction::Record,
             heartbeat_timeout: None,
+            snapshot: true,
             subscriber_extra: String::new(),
         }
     }
@@ -314,6 +340,10 @@ pub struct Node {
     pub record_path: PathBuf,
     /// Where [`NodeAction::Fail2banClient`] lists the fail2ban-client calls.
     pub calls_path: PathBuf,
+    /// Where [`NodeAction::LogFile`] writes.
+    pub action_log_path: PathBuf,
+    /// Whether the subscriber asks for snapshots ([`NodeOptions::snapshot`]).
+    snapshot: bool,
     monitor: Option<Process>,
     subscriber: Option<Process>,
     earlier: Vec<Process>,
@@ -335,6 +365,7 @@ impl Node {
         }
         let record_path = dir.join("applied.txt");
         let calls_path = dir.join("fail2ban-client-calls.txt");
+        let action_log_path = dir.join("applied.log");
         let config = dir.join("fail2ban-cluster.conf");
         write_file(
             &config,
@@ -342,7 +373,7 @@ impl Node {
                 name,
                 &dir,
                 &log_path,
-                &record_path,
+                (&record_path, &action_log_path),
                 (&publisher.reply, &publisher.broadcast),
                 &options,
                 bins::bin_path,
@@ -355,6 +386,8 @@ impl Node {
             log_path,
             record_path,
             calls_path,
+            action_log_path,
+            snapshot: options.snapshot,
             monitor: None,
             subscriber: None,
             earlier: Vec::new(),
@@ -387,13 +420,56 @@ impl Node {
         }
     }
 
-    /// Starts (or starts again) the subscriber; waits for its `connected` line.
+    /// Starts (or starts again) the subscriber; waits for its `connected` line (the
+    /// subscription is live) and, when it asks for snapshots, for the `resync` line
+    /// of its start (it has caught up with what the cluster holds).
     pub fn start_subscriber(&mut self) {
         let p = self.daemon(bins::subscriber(), "subscriber");
         p.wait_for_line(r"\bconnected\b", TIMEOUT);
+        if self.snapshot {
+            p.wait_for_event("resync", &[("reason", "start")], TIMEOUT);
+        }
         if let Some(old) = self.subscriber.replace(p) {
             self.earlier.push(old);
         }
+    }
+
+    /// SIGKILLs the monitor, by its PID (a crash: no clean-up).
+    pub fn kill_monitor(&self) {
+        self.monitor().kill();
+    }
+
+    /// SIGTERMs the monitor and asserts a clean exit.
+    pub fn stop_monitor(&self) {
+        self.monitor().terminate_and_wait();
+    }
+
+    /// SIGKILLs the subscriber, by its PID (a crash: no clean-up).
+    pub fn kill_subscriber(&self) {
+        self.subscriber().kill();
+    }
+
+    /// SIGTERMs the subscriber and asserts a clean exit.
+    pub fn stop_subscriber(&self) {
+        self.subscriber().terminate_and_wait();
+    }
+
+    /// `[monitor] state_dir`.
+    pub fn monitor_state_dir(&self) -> PathBuf {
+        self.dir.join("monitor-state")
+    }
+
+    /// `[subscriber] state_dir`.
+    pub fn subscriber_state_dir(&self) -> PathBuf {
+        self.dir.join("subscriber-state")
+    }
+
+    /// Every daemon process the node ran, earlier runs included.
+    pub fn processes(&self) -> impl Iterator<Item = &Process> {
+        self.earlier
+            .iter()
+            .chain(self.monitor.iter())
+            .chain(self.subscriber.iter())
     }
 
     /// The monitor. Panics when the node runs none.
@@ -453,7 +529,7 @@ fn node_config(
     name: &str,
     dir: &Path,
     log_path: &Path,
-    record_path: &Path,
+    (record_path, action_log_path): (&Path, &Path),
     (reply, broadcast): (&str, &str),
     o: &NodeOptions,
     helper: impl Fn(&str) -> PathBuf,
@@ -480,6 +556,9 @@ fn node_config(
     }
     if let Some(t) = &o.heartbeat_timeout {
         let _ = writeln!(c, "heartbeat_timeout = {}", toml_str(t));
+    }
+    if o.snapshot {
+        let _ = writeln!(c, "snapshot = {}", toml_str(reply));
     }
     match &o.action {
         NodeAction::Record => {
@@ -510,6 +589,10 @@ fn node_config(
         NodeAction::Log { path } => {
             let _ = writeln!(c, "action = \"log\"");
             let _ = writeln!(c, "log_path = {}", path_str(path));
+        }
+        NodeAction::LogFile => {
+            let _ = writeln!(c, "action = \"log\"");
+            let _ = writeln!(c, "log_path = {}", path_str(action_log_path));
         }
         NodeAction::None => {
             let _ = writeln!(c, "action = \"none\"");
@@ -548,6 +631,7 @@ mod tests {
             NodeAction::Log {
                 path: "/tmp/x/cluster.log".into(),
             },
+            NodeAction::LogFile,
             NodeAction::None,
         ];
         for action in actions {
@@ -565,7 +649,7 @@ mod tests {
                 "node-a",
                 dir,
                 &dir.join("fail2ban.log"),
-                &dir.join("applied.txt"),
+                (&dir.join("applied.txt"), &dir.join("applied.log")),
                 ("tcp://127.0.0.1:5000", "tcp://127.0.0.1:5001"),
                 &o,
                 |name| Path::new("/usr/local/bin").join(name),
@@ -576,12 +660,14 @@ mod tests {
             assert_eq!(c.subscriber.jails.len(), 2);
             assert_eq!(c.monitor.ack_timeout, Duration::from_millis(500));
             assert_eq!(c.subscriber.pidfile, dir.join("subscriber.pid"));
+            assert_eq!(c.subscriber.snapshot.len(), 1);
+            assert_eq!(c.subscriber.snapshot[0].as_str(), "tcp://127.0.0.1:5000");
             assert_eq!(
                 c.subscriber.action.name(),
                 match o.action {
                     NodeAction::Record => "exec",
                     NodeAction::Fail2banClient { .. } => "fail2ban-client",
-                    NodeAction::Log { .. } => "log",
+                    NodeAction::Log { .. } | NodeAction::LogFile => "log",
                     NodeAction::None => "none",
                 }
             );

@@ -9,12 +9,18 @@
 //!   `target/`, profile debug), with a clear panic when they were not built.
 //! - [`process`]: [`Process`], a child whose standard error and output are read line
 //!   by line on reader threads; tests wait for a line matching a regex (a condition
-//!   with a generous deadline, never a sleep). Killed by its own PID on drop; its
-//!   output is printed when a test fails.
+//!   with a generous deadline, never a sleep), or count lines incrementally
+//!   ([`LineCount`]). Killed by its own PID on drop; its output is printed when a
+//!   test fails.
 //! - [`cluster`]: [`Publisher`] and [`Node`] (monitor + subscriber) started from real
 //!   configuration files, and [`TestDir`], the temporary directory kept when a test
 //!   fails. The default subscriber action is `exec` with the `f2b-test-record`
-//!   helper, which appends `<action> <jail> <ip> <node>` to a file per node.
+//!   helper, which appends `<action> <jail> <ip> <node>` to a file per node; for
+//!   thousands of events, the `log` action to a file per node
+//!   ([`NodeAction::LogFile`]). Subscribers ask the publisher for snapshots (catch
+//!   up) unless told not to.
+//! - [`applied`]: reading the files of the subscribers' `log` action
+//!   incrementally, and counting what was lost or applied twice.
 //! - [`fail2ban`]: [`Fail2ban`], a private fail2ban-server configured with the
 //!   project's `fail2ban/` files verbatim, and the skip rules of `fail2ban_*` tests.
 //! - [`raw`]: talking to a publisher without the daemons: a raw ZeroMQ REQ, and a
@@ -25,6 +31,7 @@
 //! The helper binaries `f2b-test-record` and `f2b-test-fail2ban-client` (a counting
 //! wrapper around the real fail2ban-client) are built with this crate.
 
+pub mod applied;
 pub mod bins;
 pub mod cluster;
 pub mod fail2ban;
@@ -35,5 +42,5 @@ pub mod wait;
 
 pub use cluster::{Node, NodeAction, NodeOptions, Publisher, PublisherOptions, TestDir};
 pub use fail2ban::{Fail2ban, JailConf};
-pub use process::{field, LineMatch, Process};
+pub use process::{field, LineCount, LineMatch, Process};
 pub use wait::TIMEOUT;

@@ -15,6 +15,10 @@ pub const TERM_GRACE: Duration = Duration::from_secs(5);
 /// How long [`Process::terminate_and_wait`] waits for a clean exit.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The most lines [`Process::dump`] prints (a daemon of a 10,000-event test prints
+/// tens of thousands).
+pub const DUMP_LINES: usize = 5000;
+
 #[derive(Debug, Default)]
 struct LogState {
     lines: Vec<String>,
@@ -101,6 +105,36 @@ impl LineMatch {
     /// line has no such field.
     pub fn field(&self, key: &str) -> String {
         field(&self.line, key).unwrap_or_else(|| panic!("no field {key:?} in line {:?}", self.line))
+    }
+}
+
+/// An incremental count of the lines of one [`Process`] matching a pattern, for
+/// polling thousands of lines: see [`Process::count`].
+#[derive(Debug, Clone)]
+pub struct LineCount {
+    re: Regex,
+    /// The index of the first line not matched yet.
+    next: usize,
+    /// The indexes of the matching lines.
+    found: Vec<usize>,
+}
+
+impl LineCount {
+    pub fn new(pattern: &str) -> LineCount {
+        LineCount {
+            re: compile(pattern),
+            next: 0,
+            found: Vec::new(),
+        }
+    }
+
+    fn scan(&mut self, lines: &[String]) {
+        for (i, l) in lines.iter().enumerate().skip(self.next) {
+            if self.re.is_match(l) {
+                self.found.push(i);
+            }
+        }
+        self.next = self.next.max(lines.len());
     }
 }
 
@@ -376,29 +410,25 @@ impl Process {
             .collect()
     }
 
-    /// Waits until at least `n` lines match `pattern`; returns them all.
+    /// Waits until at least `n` lines match `pattern`; returns them all. Each new
+    /// line is matched once, so waiting for thousands of lines costs little.
     pub fn wait_for_count(&self, pattern: &str, n: usize, timeout: Duration) -> Vec<String> {
-        let re = compile(pattern);
+        let mut count = LineCount::new(pattern);
         let deadline = Instant::now() + timeout;
         let mut st = self.log.lock();
         loop {
-            let found: Vec<String> = st
-                .lines
-                .iter()
-                .filter(|l| re.is_match(l))
-                .cloned()
-                .collect();
-            if found.len() >= n {
-                return found;
+            count.scan(&st.lines);
+            if count.found.len() >= n {
+                return count.found.iter().map(|&i| st.lines[i].clone()).collect();
             }
             let now = Instant::now();
             if now >= deadline || st.open == 0 {
+                let found = count.found.len();
                 drop(st);
                 panic!(
-                    "{} printed {} lines matching {pattern:?}, expected at least {n} \
+                    "{} printed {found} lines matching {pattern:?}, expected at least {n} \
                      (within {timeout:?})\n{}",
                     self.name,
-                    found.len(),
                     self.dump()
                 );
             }
@@ -409,6 +439,13 @@ impl Process {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    /// How many lines match `counter`'s pattern so far; only the lines printed since
+    /// the counter's last use are matched.
+    pub fn count(&self, counter: &mut LineCount) -> usize {
+        counter.scan(&self.log.lock().lines);
+        counter.found.len()
     }
 
     /// The exit status, if the process has exited (reaps it).
@@ -508,7 +545,9 @@ impl Process {
         }
     }
 
-    /// The whole output, framed, for failure messages.
+    /// The output, framed, for failure messages: all of it up to [`DUMP_LINES`]
+    /// lines, else its first and last lines (see [`Process::save_output`] for
+    /// everything).
     pub fn dump(&self) -> String {
         let lines = self.lines();
         let mut s = format!(
@@ -518,12 +557,40 @@ impl Process {
             self.describe_status(),
             lines.len()
         );
-        for l in lines {
-            s.push_str(&l);
+        let (head, tail) = if lines.len() > DUMP_LINES {
+            (DUMP_LINES / 5, DUMP_LINES - DUMP_LINES / 5)
+        } else {
+            (lines.len(), 0)
+        };
+        for l in &lines[..head] {
+            s.push_str(l);
             s.push('\n');
+        }
+        if tail > 0 {
+            s.push_str(&format!(
+                "[... {} lines left out ...]\n",
+                lines.len() - head - tail
+            ));
+            for l in &lines[lines.len() - tail..] {
+                s.push_str(l);
+                s.push('\n');
+            }
         }
         s.push_str(&format!("----- end of {} -----", self.name));
         s
+    }
+
+    /// Writes the whole output to `path`, one line per line.
+    pub fn save_output(&self, path: &std::path::Path) {
+        let mut text = self.lines().join("\n");
+        text.push('\n');
+        if let Err(e) = std::fs::write(path, text) {
+            eprintln!(
+                "cannot save the output of {} to {}: {e}",
+                self.name,
+                path.display()
+            );
+        }
     }
 }
 
