@@ -291,8 +291,14 @@ impl Subscriber {
         };
         let rn = notices.clone();
         let rt = shutdown.clone();
-        let receiver =
-            tokio::task::spawn_blocking(move || receiver::run(ctx, rcfg, waker, rt, tx, rn));
+        // The receive loop logs through the caller's tracing dispatcher, even a
+        // scoped (thread-local) one.
+        let dispatch = tracing::dispatcher::get_default(Clone::clone);
+        let receiver = tokio::task::spawn_blocking(move || {
+            tracing::dispatcher::with_default(&dispatch, || {
+                receiver::run(ctx, rcfg, waker, rt, tx, rn)
+            })
+        });
         let intake = tokio::spawn(
             Intake {
                 rx,

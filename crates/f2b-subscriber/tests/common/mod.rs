@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod fail2ban;
+pub mod hub;
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -223,6 +224,7 @@ impl Running {
     }
 
     pub fn start_with(s: Subscriber) -> Running {
+        keep_logs_interesting();
         let (tx, notices) = mpsc::unbounded_channel();
         let token = CancellationToken::new();
         let handle = tokio::spawn(s.with_notices(tx).run(token.clone()));
@@ -294,8 +296,26 @@ pub struct Logs {
     _guard: tracing::subscriber::DefaultGuard,
 }
 
+/// Installs, once, a global subscriber that wants every event up to DEBUG and
+/// writes them nowhere. Captures are thread-scoped; tracing caches each log
+/// call's interest when it is first hit, from the subscribers alive then, and a
+/// call first hit while no capture was alive (another test's thread) could be
+/// cached as "never" and missed by a capture created at that moment. With this
+/// one alive for the whole process, no call is ever cached as "never".
+pub fn keep_logs_interesting() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let sink = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(std::io::sink)
+            .finish();
+        let _ = tracing::subscriber::set_global_default(sink);
+    });
+}
+
 impl Logs {
     pub fn capture() -> Logs {
+        keep_logs_interesting();
         let buf = Arc::new(Mutex::new(Vec::new()));
         let w = Writer(buf.clone());
         let sub = tracing_subscriber::fmt()

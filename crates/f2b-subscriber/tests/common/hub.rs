@@ -1,0 +1,243 @@
+//! A real f2b-publisher in-process (ledger in a directory of the test), reports to
+//! it over REQ, a fake REP socket that answers snapshot requests as a test says,
+//! and an action that counts what it applies.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use f2b_common::{zmq, CancellationToken};
+use f2b_proto::{AckStatus, Action, Epoch, Event, JailName, Reply, Request};
+use f2b_subscriber::action::BoxFuture;
+use f2b_subscriber::pending::Item;
+use f2b_subscriber::{Applier, CallError};
+
+use super::{event, DEADLINE};
+
+/// A publisher serving on loopback until stopped, on a thread and runtime of its
+/// own (so that a failing test's runtime never waits for it).
+pub struct Hub {
+    pub reply: String,
+    pub broadcast: String,
+    pub epoch: Epoch,
+    pub state_dir: PathBuf,
+    token: CancellationToken,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Hub {
+    /// A publisher on ephemeral ports, its ledger in `state_dir`.
+    pub fn start(state_dir: &Path) -> Hub {
+        Hub::start_at(state_dir, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*")
+    }
+
+    /// A publisher on the given endpoints (to restart one on the same ports; the
+    /// ports may still be held for a moment, so binding is retried).
+    pub fn start_at(state_dir: &Path, reply: &str, broadcast: &str) -> Hub {
+        let text = format!(
+            "[node]\nname = \"hub\"\n[publisher]\nreply_bind = \"{reply}\"\nbroadcast_bind = \"{broadcast}\"\n\
+             heartbeat_interval = \"100ms\"\nban_time = \"1h\"\nstate_dir = {:?}\n",
+            state_dir.to_str().unwrap()
+        );
+        let cfg = f2b_common::config::from_str(&text, Path::new("hub.conf"))
+            .unwrap_or_else(|e| panic!("{e}\n{text}"))
+            .publisher;
+        let start = Instant::now();
+        let bound = loop {
+            match f2b_publisher::bind(&cfg) {
+                Ok(b) => break b,
+                Err(e) if start.elapsed() < DEADLINE => {
+                    eprintln!("hub bind: {e}, retrying");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("hub bind: {e}"),
+            }
+        };
+        let token = CancellationToken::new();
+        let (reply, broadcast, epoch) = (
+            bound.reply_endpoint().to_owned(),
+            bound.broadcast_endpoint().to_owned(),
+            bound.epoch(),
+        );
+        let serving = token.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(bound.serve(serving)).expect("hub returned Ok");
+        });
+        Hub {
+            reply,
+            broadcast,
+            epoch,
+            state_dir: state_dir.to_owned(),
+            token,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops it and waits until its sockets are closed.
+    pub async fn stop(mut self) {
+        self.token.cancel();
+        if let Some(t) = self.thread.take() {
+            let joined = tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio::task::spawn_blocking(move || t.join()),
+            )
+            .await
+            .expect("hub stopped within 10 s");
+            assert!(joined.unwrap().is_ok(), "the hub thread panicked");
+        }
+    }
+
+    /// Reports an event; it must be accepted and broadcast. Returns it.
+    pub async fn report(&self, node: &str, jail: &str, action: Action, ip: &str) -> Event {
+        let e = event(node, jail, action, ip);
+        let reply = request(&self.reply, Request::Report(e.clone()).encode()).await;
+        match Reply::decode(&reply).unwrap() {
+            Reply::Ack(a) => assert_eq!(a.status, AckStatus::Broadcast, "{a:?}"),
+            Reply::Nak(n) => panic!("{n:?}"),
+        }
+        e
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.token.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends one request on a new REQ socket to `endpoint`; returns the reply.
+pub async fn request(endpoint: &str, frame: Vec<u8>) -> Vec<u8> {
+    let endpoint = endpoint.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let ctx = zmq::Context::new();
+        let req = f2b_common::sockets::new_socket(&ctx, zmq::REQ).unwrap();
+        req.set_rcvtimeo(DEADLINE.as_millis() as i32).unwrap();
+        req.connect(&endpoint).unwrap();
+        req.send(frame, 0).unwrap();
+        req.recv_bytes(0).expect("a reply before the deadline")
+    })
+    .await
+    .unwrap()
+}
+
+/// A REP socket that answers each request with what `answer` makes of it.
+pub struct FakeRep {
+    pub endpoint: String,
+    /// Requests received so far.
+    pub requests: Arc<AtomicUsize>,
+    stop: std_mpsc::Sender<()>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FakeRep {
+    pub fn start(mut answer: impl FnMut(&[u8]) -> Vec<u8> + Send + 'static) -> FakeRep {
+        let (stop, stopped) = std_mpsc::channel();
+        let (ep_tx, ep_rx) = std_mpsc::channel();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let count = requests.clone();
+        let thread = std::thread::spawn(move || {
+            let ctx = zmq::Context::new();
+            let rep = f2b_common::sockets::new_socket(&ctx, zmq::REP).unwrap();
+            rep.bind("tcp://127.0.0.1:*").unwrap();
+            ep_tx
+                .send(f2b_common::sockets::last_endpoint(&rep))
+                .unwrap();
+            loop {
+                match stopped.try_recv() {
+                    Ok(()) | Err(std_mpsc::TryRecvError::Disconnected) => return,
+                    Err(std_mpsc::TryRecvError::Empty) => {}
+                }
+                let mut items = [rep.as_poll_item(zmq::POLLIN)];
+                zmq::poll(&mut items, 50).unwrap();
+                if !items[0].is_readable() {
+                    continue;
+                }
+                let req = rep.recv_bytes(0).unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                rep.send(answer(&req), 0).unwrap();
+            }
+        });
+        FakeRep {
+            endpoint: ep_rx.recv().unwrap(),
+            requests,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for FakeRep {
+    fn drop(&mut self) {
+        let _ = self.stop.send(());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One application: (local jail, action, address).
+pub type Applied = (String, Action, IpAddr);
+
+/// An action that records every address it applies, and fails while `failing`.
+#[derive(Debug, Clone, Default)]
+pub struct Counting {
+    pub applied: Arc<Mutex<Vec<Applied>>>,
+    pub failing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Counting {
+    pub fn calls(&self) -> Vec<Applied> {
+        self.applied.lock().unwrap().clone()
+    }
+
+    /// How many times `action` of `ip` was applied.
+    pub fn count(&self, action: Action, ip: &str) -> usize {
+        let ip: IpAddr = ip.parse().unwrap();
+        self.calls()
+            .iter()
+            .filter(|(_, a, i)| *a == action && *i == ip)
+            .count()
+    }
+}
+
+impl Applier for Counting {
+    fn name(&self) -> &'static str {
+        "counting"
+    }
+
+    fn max_batch(&self) -> usize {
+        500
+    }
+
+    fn apply<'a>(
+        &'a mut self,
+        jail: &'a JailName,
+        action: Action,
+        items: &'a [Item],
+    ) -> BoxFuture<'a, Result<(), CallError>> {
+        Box::pin(async move {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(CallError::new(
+                    f2b_subscriber::FailureScope::Call,
+                    "failing on purpose",
+                ));
+            }
+            let mut a = self.applied.lock().unwrap();
+            for i in items {
+                a.push((jail.to_string(), action, i.ip()));
+            }
+            Ok(())
+        })
+    }
+}
