@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use f2b_proto::{Action, Epoch, Event, JailName, Sequenced};
+use f2b_proto::{Action, Epoch, Event, EventId, JailName, Sequenced};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
@@ -170,9 +170,7 @@ impl Intake {
             tokio::select! {
                 msg = self.rx.recv() => match msg {
                     Some(Input::Event { event, seq, epoch }) => {
-                        if let Some(item) = self.admit(event, seq, epoch, None, Source::Live) {
-                            enqueue(&self.shared, vec![item], &mut drops, &self.notices, &self.state);
-                        }
+                        self.live(event, seq, epoch, &mut drops);
                     }
                     Some(Input::Resync(r)) => self.resync(*r, &mut drops),
                     None => break,
@@ -186,8 +184,8 @@ impl Intake {
         self.shared.close();
     }
 
-    /// Filters one event; returns it as an item to queue (recorded as pending in
-    /// the state), or `None` when it is skipped.
+    /// Filters one event (`known`: the state knows its id); returns it as an item
+    /// to queue, or `None` when it is skipped. The caller records it as pending.
     fn admit(
         &mut self,
         ev: Event,
@@ -195,8 +193,8 @@ impl Intake {
         epoch: Option<Epoch>,
         expires_ms: Option<u64>,
         source: Source,
+        known: bool,
     ) -> Option<Item> {
-        let known = self.state.with(|s| s.known(ev.id));
         let skip = if known {
             Some(SkipReason::Duplicate)
         } else {
@@ -232,15 +230,22 @@ impl Intake {
             });
             return None;
         }
-        let item = Item {
+        Some(Item {
             jail: self.ban_jail.clone().unwrap_or_else(|| ev.jail.clone()),
             event: ev,
             seq,
             epoch,
             expires_ms,
-        };
-        self.state.with(|s| s.add_pending(&item, now_ms()));
-        Some(item)
+        })
+    }
+
+    /// A live event: filtered, recorded as pending, queued.
+    fn live(&mut self, event: Event, seq: u64, epoch: Option<Epoch>, drops: &mut RateLimit) {
+        let known = self.state.with(|s| s.known(event.id));
+        if let Some(item) = self.admit(event, seq, epoch, None, Source::Live, known) {
+            self.state.with(|s| s.add_pending(&item, now_ms()));
+            enqueue(&self.shared, vec![item], drops, &self.notices, &self.state);
+        }
     }
 
     /// Applies a complete snapshot of one publisher (the Clone pattern):
@@ -272,8 +277,27 @@ impl Intake {
                 .map(|s| (s.event.jail.clone(), s.event.ip)),
         );
         let listed = r.bans.len();
+        // One transaction for the whole snapshot: a ban applied from a broadcast
+        // learns its expiry; which ids are known already.
+        self.state.with(|s| {
+            let expiries: Vec<_> = r
+                .bans
+                .iter()
+                .map(|b| (&b.event.jail, b.event.ip, b.event.id, b.expires_ms))
+                .collect();
+            s.learn_expiries(&expiries)
+        });
+        let ids: Vec<EventId> = r
+            .bans
+            .iter()
+            .map(|b| b.event.id)
+            .chain(r.queued.iter().map(|s| s.event.id))
+            .collect();
+        let known = self.state.with(|s| s.known_all(&ids));
+        let mut known = known.into_iter();
         let mut queue = Vec::new();
         for ban in r.bans {
+            let was_known = known.next().unwrap_or(false);
             if ban.expires_ms <= now {
                 let reason = SkipReason::Expired;
                 tracing::debug!(reason = %reason, ip = %ban.event.ip, jail = %ban.event.jail, id = %ban.event.id, "snapshot ban skipped");
@@ -284,16 +308,13 @@ impl Intake {
                 });
                 continue;
             }
-            // A ban applied from a broadcast learns its expiry here.
-            self.state.with(|s| {
-                s.learn_expiry(&ban.event.jail, ban.event.ip, ban.event.id, ban.expires_ms)
-            });
             if let Some(item) = self.admit(
                 ban.event,
                 ban.seq,
                 Some(epoch),
                 Some(ban.expires_ms),
                 Source::Snapshot,
+                was_known,
             ) {
                 queue.push(item);
             }
@@ -328,15 +349,13 @@ impl Intake {
                 continue;
             };
             tracing::debug!(jail = %h.jail, ip = %h.ip, node = %h.node, id = %h.id, "unbanned in the cluster while away");
-            let item = Item {
+            queue.push(Item {
                 jail: h.local_jail,
                 event,
                 seq: r.seq,
                 epoch: Some(epoch),
                 expires_ms: None,
-            };
-            self.state.with(|s| s.add_pending(&item, now));
-            queue.push(item);
+            });
             unbanned += 1;
         }
         let stale = self.shared.lock().remove_where(|i| {
@@ -367,14 +386,18 @@ impl Intake {
             unbanned,
         });
         for s in r.queued {
+            let was_known = known.next().unwrap_or(false);
             if reflected(&s) {
                 tracing::debug!(seq = s.seq, id = %s.event.id, "queued broadcast already in the snapshot");
                 continue;
             }
-            if let Some(item) = self.admit(s.event, s.seq, Some(s.epoch), None, Source::Live) {
+            if let Some(item) =
+                self.admit(s.event, s.seq, Some(s.epoch), None, Source::Live, was_known)
+            {
                 queue.push(item);
             }
         }
+        self.state.with(|s| s.add_pending_all(&queue, now));
         enqueue(&self.shared, queue, drops, &self.notices, &self.state);
     }
 }

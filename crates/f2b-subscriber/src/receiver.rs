@@ -387,7 +387,13 @@ pub(crate) fn run(
         r.fresh.clear();
         tracing::debug!(publisher = %r.publisher, "subscribing");
         match r.session(&ctx, &session, &shutdown)? {
-            Stop::Shutdown => return Ok(()),
+            Stop::Shutdown => {
+                // Broadcasts queued by a fetch under way are still applied.
+                if let Some(out) = r.catchup.abandon() {
+                    r.deliver(out);
+                }
+                return Ok(());
+            }
             Stop::Reopen => {
                 if let Some(out) = r.catchup.abandon() {
                     if !r.deliver(out) {

@@ -422,11 +422,54 @@ impl Store {
             .map_err(self.sql("look an event up"))
     }
 
+    /// [`Store::known`] of each of `ids`, in one transaction.
+    pub fn known_all(&mut self, ids: &[EventId]) -> Result<Vec<bool>, StoreError> {
+        let path = self.path.clone();
+        let sql = move |source| StoreError::Sql {
+            path: path.clone(),
+            what: "look events up",
+            source,
+        };
+        let tx = self.conn.transaction().map_err(&sql)?;
+        let mut out = Vec::with_capacity(ids.len());
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM events WHERE id = ?1) \
+                     OR EXISTS (SELECT 1 FROM held WHERE id = ?1)",
+                )
+                .map_err(&sql)?;
+            for id in ids {
+                out.push(
+                    stmt.query_row([id.to_string()], |r| r.get(0))
+                        .map_err(&sql)?,
+                );
+            }
+        }
+        tx.commit().map_err(&sql)?;
+        Ok(out)
+    }
+
     /// Records an event accepted for application, not applied yet.
     pub fn add_pending(&self, item: &Item, now_ms: u64) -> Result<(), StoreError> {
         insert(&self.conn, item, "pending", now_ms)
             .map(drop)
             .map_err(self.sql("record a pending event"))
+    }
+
+    /// [`Store::add_pending`] of each of `items`, in one transaction.
+    pub fn add_pending_all(&mut self, items: &[Item], now_ms: u64) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let sql = move |source| StoreError::Sql {
+            path: path.clone(),
+            what: "record pending events",
+            source,
+        };
+        let tx = self.conn.transaction().map_err(&sql)?;
+        for item in items {
+            insert(&tx, item, "pending", now_ms).map_err(&sql)?;
+        }
+        tx.commit().map_err(&sql)
     }
 
     /// Records that `items` are settled: applied (`applied`: the held bans are
@@ -551,6 +594,38 @@ impl Store {
             )
             .map_err(self.sql("record an expiry"))?;
         Ok(())
+    }
+
+    /// [`Store::learn_expiry`] of each listed ban, in one transaction.
+    pub fn learn_expiries(
+        &mut self,
+        bans: &[(&JailName, IpAddr, EventId, u64)],
+    ) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let sql = move |source| StoreError::Sql {
+            path: path.clone(),
+            what: "record expiries",
+            source,
+        };
+        let tx = self.conn.transaction().map_err(&sql)?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "UPDATE held SET expires_ms = ?4 WHERE jail = ?1 AND ip = ?2 AND id = ?3 \
+                     AND expires_ms IS NOT ?4",
+                )
+                .map_err(&sql)?;
+            for (jail, ip, id, expires_ms) in bans {
+                stmt.execute(params![
+                    jail.as_str(),
+                    ip.to_string(),
+                    id.to_string(),
+                    sql_int(*expires_ms)
+                ])
+                .map_err(&sql)?;
+            }
+        }
+        tx.commit().map_err(&sql)
     }
 
     /// Forgets the held ban of (`jail`, `ip`).

@@ -513,6 +513,53 @@ async fn a_snapshot_that_times_out_lets_live_events_through_and_is_retried() {
 }
 
 #[tokio::test]
+async fn nonsense_pages_fail_the_snapshot_and_live_events_go_on() {
+    let mut publ = TestPublisher::start(HB);
+    let epoch = publ.epoch;
+    let ban = Sequenced {
+        seq: 1,
+        epoch,
+        event: common::event("web2", "sshd", Action::Ban, "203.0.113.90"),
+    };
+    let listed = active(&ban, now_ms() + 3_600_000);
+    // Page after page with the same cursor: the publisher would be asked forever.
+    let rep = FakeRep::start(move |_| {
+        let mut page = SnapshotPage::new(epoch, 5);
+        page.try_push(listed.clone()).unwrap();
+        page.next = Some(7);
+        SnapshotReply::Page(page).encode()
+    });
+    let (node, cfg) = config(
+        "web1",
+        &publ.endpoint,
+        &format!("snapshot = \"{}\"", rep.endpoint),
+    );
+    let applier = Counting::default();
+    let logs = Logs::capture();
+    let mut sub = start(&node, &cfg, &applier);
+    sub.connected().await;
+    publ.event("web2", "sshd", Action::Ban, "203.0.113.91");
+    sub.applied("203.0.113.91").await;
+    let deadline = tokio::time::Instant::now() + common::DEADLINE;
+    while !logs.text().contains("the page cursor went back") {
+        assert!(tokio::time::Instant::now() < deadline, "{}", logs.text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sub.stop().await;
+    assert!(
+        !sub_saw(&logs, "resync reason="),
+        "no resync from nonsense: {}",
+        logs.text()
+    );
+    // Nothing of the failed snapshot was applied.
+    assert_eq!(applier.count(Action::Ban, "203.0.113.90"), 0);
+}
+
+fn sub_saw(logs: &Logs, what: &str) -> bool {
+    logs.text().contains(what)
+}
+
+#[tokio::test]
 async fn a_corrupt_state_is_moved_away_and_rebuilt() {
     let dir = scratch_dir();
     let state = dir.join("state");

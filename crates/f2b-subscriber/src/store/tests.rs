@@ -231,3 +231,26 @@ fn invalid_rows_are_dropped_not_fatal() {
     assert_eq!(p[0].event.id, EventId::from_u128(2));
     assert!(!s.known(EventId::from_u128(1)).unwrap());
 }
+
+#[test]
+fn batch_operations_match_the_single_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = open(tmp.path());
+    let a = item(1, "cluster", Action::Ban, "203.0.113.1", Some(3));
+    let b = item(2, "cluster", Action::Ban, "203.0.113.2", Some(3));
+    s.add_pending_all(&[a.clone(), b.clone()], NOW).unwrap();
+    assert_eq!(s.pending().unwrap().len(), 2);
+    s.settle(std::slice::from_ref(&a), true, NOW).unwrap();
+    assert_eq!(
+        s.known_all(&[a.event.id, EventId::from_u128(99), b.event.id])
+            .unwrap(),
+        [true, false, true]
+    );
+    s.learn_expiries(&[
+        (&a.event.jail, a.event.ip, a.event.id, NOW + 7),
+        // Another id for the same address: not the held ban, untouched.
+        (&a.event.jail, a.event.ip, EventId::from_u128(98), NOW + 8),
+    ])
+    .unwrap();
+    assert_eq!(s.held(Epoch(3)).unwrap()[0].expires_ms, Some(NOW + 7));
+}
