@@ -9,6 +9,7 @@
 //!   the maximum message size, high-water marks, ZMTP heartbeats and keepalive; plus
 //!   a shutdown socket that wakes a blocked `zmq::poll` when the daemon stops.
 //! - [`legacy_config`]: converts a fail2ban-zmq-tools INI configuration to ours.
+//! - [`state_file`]: recognising a damaged state database and moving it aside.
 //! - [`daemon`]: common command-line options, logging, `--check`, `--daemon`,
 //!   SIGTERM/SIGINT, and error reporting, so each `main.rs` stays a few lines.
 //!
@@ -19,6 +20,7 @@ pub mod config;
 pub mod daemon;
 pub mod legacy_config;
 pub mod sockets;
+pub mod state_file;
 
 pub use tokio_util::sync::CancellationToken;
 pub use zmq;

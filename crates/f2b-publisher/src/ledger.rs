@@ -1036,22 +1036,9 @@ impl Ledger {
 /// Fails with [`LedgerError::Corrupt`] when `path` exists, is not empty and does not
 /// start with SQLite's header.
 fn check_header(path: &Path) -> Result<(), LedgerError> {
-    use std::io::Read;
-    const MAGIC: &[u8; 16] = b"SQLite format 3\0";
-    let mut file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        // Absent: a new ledger. Unreadable: SQLite's open says why.
-        Err(_) => return Ok(()),
-    };
-    let mut head = Vec::with_capacity(MAGIC.len());
-    let read = file
-        .by_ref()
-        .take(MAGIC.len() as u64)
-        .read_to_end(&mut head);
-    match read {
-        Ok(0) => Ok(()),
-        Ok(_) if head.as_slice() == MAGIC => Ok(()),
-        Ok(_) => Err(LedgerError::Corrupt {
+    match f2b_common::state_file::looks_like_sqlite(path) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(LedgerError::Corrupt {
             path: path.to_owned(),
             detail: "not a SQLite database (no SQLite header)".into(),
         }),
@@ -1062,41 +1049,14 @@ fn check_header(path: &Path) -> Result<(), LedgerError> {
     }
 }
 
-/// Moves `path` and its `-wal` and `-shm` files to `<path>.corrupt-<unix time>`
-/// (with a counter if that exists); returns the new name of the ledger file.
+/// Moves the ledger and its `-wal`/`-shm` aside (see
+/// [`f2b_common::state_file::quarantine`]); returns its new name.
 fn quarantine(path: &Path, now: SystemTime) -> Result<PathBuf, LedgerError> {
-    let secs = now
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let base = format!("{}.corrupt-{secs}", path.display());
-    let mut to = PathBuf::from(&base);
-    let mut n = 1;
-    while to.exists() {
-        to = PathBuf::from(format!("{base}.{n}"));
-        n += 1;
-    }
-    std::fs::rename(path, &to).map_err(|source| LedgerError::Quarantine {
-        path: path.to_owned(),
-        to: to.clone(),
-        source,
-    })?;
-    for suffix in ["-wal", "-shm"] {
-        let side = PathBuf::from(format!("{}{suffix}", path.display()));
-        if side.exists() {
-            let side_to = PathBuf::from(format!("{}{suffix}", to.display()));
-            // A stale WAL next to a new database would be replayed into it: if it
-            // cannot be moved, it must go.
-            if std::fs::rename(&side, &side_to).is_err() {
-                std::fs::remove_file(&side).map_err(|source| LedgerError::Quarantine {
-                    path: side.clone(),
-                    to: side_to,
-                    source,
-                })?;
-            }
-        }
-    }
-    Ok(to)
+    f2b_common::state_file::quarantine(path, now).map_err(|e| LedgerError::Quarantine {
+        path: e.path,
+        to: e.to,
+        source: e.source,
+    })
 }
 
 #[cfg(test)]

@@ -779,58 +779,24 @@ fn held_row(row: &rusqlite::Row<'_>, epoch: Epoch) -> Result<Held, String> {
 /// Fails with [`StoreError::Corrupt`] when `path` exists, is not empty and does not
 /// start with SQLite's header.
 fn check_header(path: &Path) -> Result<(), StoreError> {
-    use std::io::Read;
-    const MAGIC: &[u8; 16] = b"SQLite format 3\0";
-    let Ok(file) = File::open(path) else {
-        return Ok(());
-    };
-    let mut head = Vec::with_capacity(MAGIC.len());
-    match file.take(MAGIC.len() as u64).read_to_end(&mut head) {
-        Ok(0) => Ok(()),
-        Ok(_) if head.as_slice() == MAGIC => Ok(()),
-        Ok(_) => Err(StoreError::Corrupt {
+    match f2b_common::state_file::looks_like_sqlite(path) {
+        Ok(false) => Err(StoreError::Corrupt {
             path: path.to_owned(),
             detail: "not a SQLite database (no SQLite header)".into(),
         }),
         // Unreadable: SQLite's open says why.
-        Err(_) => Ok(()),
+        Ok(true) | Err(_) => Ok(()),
     }
 }
 
-/// Moves `path` and its `-wal` and `-shm` files to `<path>.corrupt-<unix time>`;
-/// returns the new name.
+/// Moves the store and its `-wal`/`-shm` aside (see
+/// [`f2b_common::state_file::quarantine`]); returns its new name.
 fn quarantine(path: &Path, now: SystemTime) -> Result<PathBuf, StoreError> {
-    let secs = now
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let base = format!("{}.corrupt-{secs}", path.display());
-    let mut to = PathBuf::from(&base);
-    let mut n = 1;
-    while to.exists() {
-        to = PathBuf::from(format!("{base}.{n}"));
-        n += 1;
-    }
-    std::fs::rename(path, &to).map_err(|source| StoreError::Quarantine {
-        path: path.to_owned(),
-        to: to.clone(),
-        source,
-    })?;
-    for suffix in ["-wal", "-shm"] {
-        let side = PathBuf::from(format!("{}{suffix}", path.display()));
-        if side.exists() {
-            let side_to = PathBuf::from(format!("{}{suffix}", to.display()));
-            // A stale WAL next to a new database would be replayed into it.
-            if std::fs::rename(&side, &side_to).is_err() {
-                std::fs::remove_file(&side).map_err(|source| StoreError::Quarantine {
-                    path: side.clone(),
-                    to: side_to,
-                    source,
-                })?;
-            }
-        }
-    }
-    Ok(to)
+    f2b_common::state_file::quarantine(path, now).map_err(|e| StoreError::Quarantine {
+        path: e.path,
+        to: e.to,
+        source: e.source,
+    })
 }
 
 /// The store shared by the intake and the executor. A failing operation is logged
