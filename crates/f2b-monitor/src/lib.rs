@@ -4,9 +4,10 @@
 //! An event travels: fail2ban writes `NOTICE [sshd] Ban 203.0.113.5` to its log;
 //! [`tail::follow`] is woken by inotify and reads the new line; [`parse`] turns it
 //! into a [`parse::LogEntry`]; [`stop::StopFilter`] decides whether an Unban is a
-//! real one or part of fail2ban stopping; the event, with a random id, waits in a
-//! bounded queue; the sender thread ([`send`]) delivers it over a REQ socket and
-//! logs `reported` when the publisher ACKs it.
+//! real one or part of fail2ban stopping; the event, with a random id, is written
+//! to the queue file in `[monitor] state_dir` and waits in a bounded queue; the
+//! sender thread ([`send`]) delivers it over a REQ socket and logs `reported`
+//! when the publisher ACKs it.
 //!
 //! # Layout
 //!
@@ -16,14 +17,18 @@
 //!   active ban) from being propagated. Pure.
 //! - [`tail`]: following the log file across appends, rotation (rename and create,
 //!   with fail2ban still writing to the old file until `flushlogs`), copytruncate
-//!   and absence, woken by inotify.
+//!   and absence, woken by inotify, in bounded reads.
+//! - `pipeline`: lines to queued events: the stop filter, the queue file, the
+//!   saved position (never past a line whose outcome is not on the disk), the
+//!   bound on unanswered events (backpressure).
 //! - [`send`]: the REQ socket loop: ACK wait, resend with backoff, NAK handling.
 //! - [`state`]: the position in the log and the unanswered events, kept in
-//!   `[monitor] state_dir` across restarts.
+//!   `[monitor] state_dir` across restarts and crashes.
 //! - [`scan`]: the `scan FILE` subcommand: the events a file holds, as JSON lines.
 //! - [`run`] ties them together; `main.rs` only parses the command line.
 
 pub mod parse;
+mod pipeline;
 pub mod scan;
 pub mod send;
 pub mod state;
@@ -32,19 +37,19 @@ pub mod tail;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use chrono::{Local, NaiveDateTime, TimeZone};
 use f2b_common::config::{MonitorConfig, NodeConfig};
 use f2b_common::sockets::shutdown_socket;
 use f2b_common::zmq;
-use f2b_proto::{Event, EventId, JailName};
+use f2b_proto::Event;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::parse::{Kind, LogEntry};
-use crate::state::StateStore;
-use crate::stop::{StopFilter, Verdict};
+use crate::pipeline::Pipeline;
+use crate::send::Room;
+use crate::state::{StateError, StateStore};
+use crate::stop::StopFilter;
 use crate::tail::Batch;
 
 /// Everything that stops the monitor.
@@ -73,6 +78,14 @@ pub enum MonitorError {
     },
     #[error("the {task} task failed: {detail}")]
     Task { task: &'static str, detail: String },
+    /// Another monitor uses the same state files (and so the same log): two
+    /// monitors would report every event twice.
+    #[error("cannot use the state directory {dir}")]
+    State {
+        dir: PathBuf,
+        #[source]
+        source: StateError,
+    },
 }
 
 impl MonitorError {
@@ -84,24 +97,28 @@ impl MonitorError {
     }
 }
 
-/// Lines read but not yet parsed, in batches (the event queue behind them is the
-/// one `queue_size` bounds).
-const LINE_BATCHES: usize = 64;
+/// Lines read but not yet parsed, in batches of at most [`tail::READ_LINES`]
+/// (the event queue behind them is the one `queue_size` bounds).
+const LINE_BATCHES: usize = 8;
 
 /// Runs the monitor until `shutdown` is cancelled: follows `config.log_path`
-/// (from its end on the first start, from the saved position after that; see
-/// [`state`]), reports each Ban and Unban as an event of node `node.name` to
+/// (from its end on the first start; later starts resume from the saved position,
+/// see [`state`]), reports each Ban and Unban as an event of node `node.name` to
 /// `config.publisher`. On shutdown it stops reading, tries to deliver what is
 /// queued for at most `config.ack_timeout`, and returns `Ok`; what is left stays
-/// in `config.state_dir` for the next start.
+/// in `config.state_dir` for the next start, and so do the Unbans the stop filter
+/// still holds (their lines are read again).
 ///
-/// If `state_dir` cannot be used (not writable, held by another monitor), the
-/// monitor runs without it and says so in a warning.
+/// Fails at once with [`MonitorError::State`] if another monitor holds
+/// `state_dir`'s lock for the same node and log. If `state_dir` cannot be used
+/// for another reason (not writable), the monitor runs without it and says so in
+/// a warning.
 pub async fn run(
     node: NodeConfig,
     config: MonitorConfig,
     shutdown: CancellationToken,
 ) -> Result<(), MonitorError> {
+    let (state, saved) = open_state(&node, &config).await?;
     let ctx = zmq::Context::new();
     // Stops the sender: on shutdown, or when the reading side fails.
     let stop_sender = shutdown.child_token();
@@ -111,8 +128,9 @@ pub async fn run(
             endpoint: endpoint.clone(),
             source,
         })?;
-    let (state, saved) = open_state(&node, &config);
-    let (event_tx, event_rx) = mpsc::channel::<Event>(config.queue_size);
+    let room = Arc::new(Room::new(config.queue_size, saved.pending.len()));
+    // Never full: the room bounds the events taken from the log.
+    let (event_tx, event_rx) = mpsc::channel::<Event>(config.queue_size.max(1));
     let params = send::SenderParams {
         ctx,
         endpoint,
@@ -123,14 +141,18 @@ pub async fn run(
         backlog: saved.pending,
         state: state.clone(),
         max_backoff: send::BACKOFF_MAX,
+        room: Some(room.clone()),
     };
     let sender = tokio::task::spawn_blocking(move || send::run_sender(params, event_rx));
 
     let (line_tx, line_rx) = mpsc::channel::<Batch>(LINE_BATCHES);
     let started =
         tail::Follower::start(config.log_path.clone(), tail::DRAIN_GRACE, saved.position).await;
-    let follower = match started {
-        Ok(f) => tokio::spawn(f.run(line_tx, shutdown.clone())),
+    let (follower, start) = match started {
+        Ok(f) => {
+            let start = f.position();
+            (tokio::spawn(f.run(line_tx, shutdown.clone())), start)
+        }
         Err(e) => {
             stop_sender.cancel();
             drop(event_tx);
@@ -142,8 +164,12 @@ pub async fn run(
         node: node.name.clone(),
         ignore_jails: config.ignore_jails.clone(),
         state,
+        room,
+        filter: StopFilter::default().with_info_seen(saved.info_seen),
     };
-    let processed = pipeline.process(line_rx, event_tx, shutdown.clone()).await;
+    let processed = pipeline
+        .process(start, line_rx, event_tx, shutdown.clone())
+        .await;
     let followed = follower
         .await
         .map_err(|e| MonitorError::task("follower", e))
@@ -161,13 +187,21 @@ pub async fn run(
     processed
 }
 
-/// Opens the state directory, or explains in a warning why the monitor runs
-/// without one.
-fn open_state(
+/// Opens the state directory (on a blocking thread): an error if another monitor
+/// holds it; for any other failure a warning, and the monitor runs without it.
+async fn open_state(
     node: &NodeConfig,
     config: &MonitorConfig,
-) -> (Option<Arc<Mutex<StateStore>>>, state::Saved) {
-    match StateStore::open(&config.state_dir, &node.name, &config.log_path) {
+) -> Result<(Option<Arc<Mutex<StateStore>>>, state::Saved), MonitorError> {
+    let (dir, name, log) = (
+        config.state_dir.clone(),
+        node.name.clone(),
+        config.log_path.clone(),
+    );
+    let opened = tokio::task::spawn_blocking(move || StateStore::open(&dir, &name, &log))
+        .await
+        .map_err(|e| MonitorError::task("state", e))?;
+    match opened {
         Ok((store, saved)) => {
             if saved.position.is_some() || !saved.pending.is_empty() {
                 tracing::info!(
@@ -176,201 +210,20 @@ fn open_state(
                     "resuming from the saved state"
                 );
             }
-            (Some(Arc::new(Mutex::new(store))), saved)
+            Ok((Some(Arc::new(Mutex::new(store))), saved))
         }
+        Err(source @ StateError::Locked { .. }) => Err(MonitorError::State {
+            dir: config.state_dir.clone(),
+            source,
+        }),
         Err(e) => {
             tracing::warn!(
                 state_dir = %config.state_dir.display(),
                 error = %f2b_common::daemon::error_chain(&e),
                 "cannot keep state: a restart will start at the end of the log and lose unsent events"
             );
-            (None, state::Saved::default())
+            Ok((None, state::Saved::default()))
         }
-    }
-}
-
-/// Turns lines into queued events.
-#[derive(Debug, Clone)]
-struct Pipeline {
-    node: f2b_proto::NodeName,
-    ignore_jails: Vec<JailName>,
-    state: Option<Arc<Mutex<StateStore>>>,
-}
-
-impl Pipeline {
-    async fn process(
-        &self,
-        mut lines: mpsc::Receiver<Batch>,
-        events: mpsc::Sender<Event>,
-        shutdown: CancellationToken,
-    ) -> Result<(), MonitorError> {
-        let mut filter = StopFilter::default();
-        let mut verdicts = Vec::new();
-        // Events not queued because shutdown came while the queue was full.
-        let mut dropped = 0usize;
-        let mut paused = false;
-        loop {
-            let deadline = filter.next_deadline();
-            let sleep = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let batch = tokio::select! {
-                b = lines.recv() => b,
-                () = sleep => {
-                    filter.release_due(Instant::now(), &mut verdicts);
-                    Some(Batch { lines: Vec::new(), position: Vec::new() })
-                }
-            };
-            let Some(batch) = batch else {
-                // The follower ended (shutdown): what is held is real as far as we
-                // know; queue it without waiting.
-                filter.release_all(&mut verdicts);
-                for v in verdicts.drain(..) {
-                    if let Some(ev) = self.verdict(v) {
-                        if events.try_send(ev).is_err() {
-                            dropped += 1;
-                        }
-                    }
-                }
-                if dropped > 0 {
-                    tracing::warn!(
-                        events = dropped,
-                        "shutting down with events read but not queued"
-                    );
-                }
-                return Ok(());
-            };
-            let now_local = Local::now().naive_local();
-            for line in &batch.lines {
-                let Some(entry) = parse::parse_line_at(&line.text, now_local) else {
-                    tracing::trace!(line = line.number, text = %line.text, "not a fail2ban line");
-                    continue;
-                };
-                log_skipped(&entry, line.number);
-                filter.push(&entry, line.number, Instant::now(), &mut verdicts);
-            }
-            for v in verdicts.drain(..) {
-                let Some(ev) = self.verdict(v) else { continue };
-                match events.try_send(ev) {
-                    Ok(()) => {
-                        if paused {
-                            paused = false;
-                            tracing::info!("event queue has room again");
-                        }
-                    }
-                    Err(mpsc::error::TrySendError::Full(ev)) => {
-                        // Backpressure: stop reading (the log file keeps the lines)
-                        // until the sender takes an event. Logged once per episode.
-                        if !paused {
-                            paused = true;
-                            tracing::warn!(
-                                capacity = events.max_capacity(),
-                                "event queue full, reading paused until the publisher catches up"
-                            );
-                        }
-                        tokio::select! {
-                            r = events.send(ev) => {
-                                if r.is_err() {
-                                    return Err(MonitorError::task("sender", "stopped"));
-                                }
-                            }
-                            () = shutdown.cancelled() => {
-                                dropped += 1;
-                            }
-                        }
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
-                        return Err(MonitorError::task("sender", "stopped"));
-                    }
-                }
-            }
-            if !batch.position.is_empty() {
-                // Every event of this batch is in the queue file: the lines are done.
-                self.with_state(|st| st.save_position(&batch.position));
-            }
-        }
-    }
-
-    /// Runs `f` on the state files, if kept; a failure is logged, not fatal.
-    fn with_state(&self, f: impl FnOnce(&mut StateStore) -> Result<(), state::StateError>) {
-        if let Some(state) = &self.state {
-            let r = match state.lock() {
-                Ok(mut st) => f(&mut st),
-                Err(poisoned) => f(&mut poisoned.into_inner()),
-            };
-            if let Err(e) = r {
-                tracing::warn!(
-                    error = %f2b_common::daemon::error_chain(&e),
-                    "cannot update the saved state"
-                );
-            }
-        }
-    }
-
-    /// The event to queue for a verdict, if any (logging the others). The event
-    /// is recorded in the state files before it is queued.
-    fn verdict(&self, v: Verdict) -> Option<Event> {
-        let seen = match v {
-            Verdict::Report(seen) => seen,
-            Verdict::Suppress(seen, reason) => {
-                tracing::debug!(
-                    reason = %reason,
-                    action = %seen.action,
-                    jail = %seen.jail,
-                    ip = %seen.ip,
-                    line = seen.line,
-                    "ignored"
-                );
-                return None;
-            }
-        };
-        if self.ignore_jails.contains(&seen.jail) {
-            tracing::debug!(
-                reason = %"ignore_jails",
-                action = %seen.action,
-                jail = %seen.jail,
-                ip = %seen.ip,
-                line = seen.line,
-                "ignored"
-            );
-            return None;
-        }
-        let id = EventId::from_u128(uuid::Uuid::new_v4().as_u128());
-        let time_ms = event_time_ms(seen.time);
-        match Event::new(
-            id,
-            self.node.clone(),
-            seen.jail,
-            seen.action,
-            seen.ip,
-            time_ms,
-        ) {
-            Ok(ev) => {
-                self.with_state(|st| st.add(&ev));
-                tracing::debug!(
-                    action = %ev.action,
-                    jail = %ev.jail,
-                    ip = %ev.ip,
-                    id = %ev.id,
-                    line = seen.line,
-                    "queued"
-                );
-                Some(ev)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, line = seen.line, "cannot build the event");
-                None
-            }
-        }
-    }
-}
-
-fn log_skipped(entry: &LogEntry, line: u64) {
-    if let Kind::Skipped { jail, reason } = &entry.kind {
-        tracing::debug!(reason = %reason, jail = %jail, line, "ignored");
     }
 }
 

@@ -33,6 +33,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use f2b_common::config::LegacyPeer;
@@ -71,6 +72,75 @@ pub struct SenderParams {
     pub state: Option<Arc<Mutex<StateStore>>>,
     /// The longest wait between resends ([`BACKOFF_MAX`] in the daemon).
     pub max_backoff: Duration,
+    /// The bound on events not yet answered, given a place back per answer;
+    /// `None`: no bound.
+    pub room: Option<Arc<Room>>,
+}
+
+/// The bound on events read but not yet answered (`[monitor] queue_size`): the
+/// reading side takes a place for each event before it writes it to the queue
+/// file and queues it, and the sender gives the place back when the publisher
+/// has answered (or the event was dropped). So the queue file and the queue hold
+/// at most `capacity` events (more only while a backlog left by a run with a
+/// larger bound is sent).
+#[derive(Debug)]
+pub struct Room {
+    places: tokio::sync::Semaphore,
+    capacity: usize,
+    /// Places not to give back: the events of a backlog beyond `capacity`.
+    debt: AtomicUsize,
+}
+
+impl Room {
+    /// A bound of `capacity` events, `taken` of them already pending (a backlog).
+    pub fn new(capacity: usize, taken: usize) -> Self {
+        Room {
+            places: tokio::sync::Semaphore::new(capacity.saturating_sub(taken)),
+            capacity,
+            debt: AtomicUsize::new(taken.saturating_sub(capacity)),
+        }
+    }
+
+    /// The bound.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Free places now.
+    pub fn available(&self) -> usize {
+        self.places.available_permits()
+    }
+
+    /// Waits for `n` free places and takes them.
+    pub async fn take(&self, n: usize) {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        if let Ok(p) = self.places.acquire_many(n).await {
+            p.forget();
+        }
+    }
+
+    /// Takes `n` places if they are free now; returns whether it did.
+    pub fn try_take(&self, n: usize) -> bool {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        match self.places.try_acquire_many(n) {
+            Ok(p) => {
+                p.forget();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Gives one place back: an event was answered.
+    pub fn give(&self) {
+        let paid = self
+            .debt
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1))
+            .is_ok();
+        if !paid {
+            self.places.add_permits(1);
+        }
+    }
 }
 
 impl fmt::Debug for SenderParams {
@@ -160,7 +230,7 @@ fn drain_count(rx: &mut mpsc::Receiver<Event>) -> usize {
 }
 
 impl Sender {
-    /// Records the answer in the state files, if kept.
+    /// Records the answer in the state files, if kept, and frees its place.
     fn done(&self, id: f2b_proto::EventId) {
         if let Some(state) = &self.p.state {
             let r = match state.lock() {
@@ -170,6 +240,9 @@ impl Sender {
             if let Err(e) = r {
                 tracing::warn!(error = %f2b_common::daemon::error_chain(&e), "cannot update the saved queue");
             }
+        }
+        if let Some(room) = &self.p.room {
+            room.give();
         }
     }
 

@@ -4,26 +4,33 @@
 //! Three files per monitor, named after the node and a hash of the log path (so
 //! monitors of different nodes or logs can share a directory):
 //!
-//! - `<key>.position`: `{"files":[{"dev":..,"ino":..,"offset":..}]}`, the
-//!   [`Tailer::position`](crate::tail::Tailer::position) after the last batch whose
-//!   events are all in the queue file; replaced atomically (write, rename).
+//! - `<key>.position`: `{"files":[{"dev":..,"ino":..,"offset":..}],"info_seen":..}`,
+//!   where to read again from: before the first line whose verdict or event is
+//!   not final yet (an Unban still held by [`crate::stop`], an event not yet in the
+//!   queue file), else after the last line read; and whether the log had shown
+//!   INFO lines. Replaced atomically (write, fsync, rename, fsync of the
+//!   directory).
 //! - `<key>.queue`: a journal, one line per change: `+<report>` when an event is
 //!   queued (the protocol's own `report` request, so the event keeps its id and a
 //!   resend is recognised by the publisher as a duplicate), `-<id>` when the
 //!   publisher answered it. On start the events with no answer are sent first, in
-//!   order. The file is emptied whenever nothing is pending and rewritten with only
-//!   the pending events when it grows large.
-//! - `<key>.lock`: the process id of the monitor using the files.
-//!
-//! Writes are not fsynced: a crash of the monitor loses nothing, a crash of the
-//! machine may lose the last writes.
+//!   order. Queued events are fsynced before the position moves past their lines
+//!   ([`StateStore::add_all`]), so an event not yet answered survives a crash of
+//!   the machine; answers are not (an answer lost is a resend the publisher
+//!   recognises). The file is emptied whenever nothing is pending and rewritten
+//!   with only the pending events when it grows large. The monitor keeps at most
+//!   `[monitor] queue_size` events pending.
+//! - `<key>.lock`: held with `flock(2)` by the monitor using the files (the lock
+//!   goes with the process, so a crash or a reboot leaves no stale lock); holds
+//!   its process id, for the error message of a second monitor.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use f2b_proto::{Event, EventId, NodeName, Request};
+use nix::fcntl::{Flock, FlockArg};
 
 use crate::tail::FilePos;
 
@@ -40,8 +47,8 @@ pub enum StateError {
         #[source]
         source: io::Error,
     },
-    #[error("{path} is held by another monitor (process {pid})")]
-    Locked { path: PathBuf, pid: u32 },
+    #[error("{path} is held by another monitor{}", .pid.map(|p| format!(" (process {p})")).unwrap_or_default())]
+    Locked { path: PathBuf, pid: Option<u32> },
 }
 
 /// What a previous run left.
@@ -49,6 +56,8 @@ pub enum StateError {
 pub struct Saved {
     /// `None` on the first start: begin at the end of the log.
     pub position: Option<Vec<FilePos>>,
+    /// Whether the log had shown INFO lines (see [`crate::stop`]).
+    pub info_seen: bool,
     /// Events read and never answered, oldest first.
     pub pending: Vec<Event>,
 }
@@ -56,9 +65,12 @@ pub struct Saved {
 /// The open state files.
 #[derive(Debug)]
 pub struct StateStore {
+    dir: PathBuf,
     position_path: PathBuf,
     queue_path: PathBuf,
-    lock_path: PathBuf,
+    /// Held while the store is open; released by the kernel when the process
+    /// ends, however it ends.
+    _lock: Flock<File>,
     queue: File,
     queue_len: u64,
     /// Ids and journal lines of the events not yet answered.
@@ -85,7 +97,8 @@ pub fn key(node: &NodeName, log_path: &Path) -> String {
 
 impl StateStore {
     /// Creates `dir` if needed, takes the lock, reads what a previous run left and
-    /// compacts the queue file.
+    /// compacts the queue file. Fails with [`StateError::Locked`] while another
+    /// monitor uses the same files.
     pub fn open(
         dir: &Path,
         node: &NodeName,
@@ -93,50 +106,39 @@ impl StateStore {
     ) -> Result<(StateStore, Saved), StateError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let key = key(node, log_path);
-        let lock_path = dir.join(format!("{key}.lock"));
-        take_lock(&lock_path)?;
+        let lock = take_lock(&dir.join(format!("{key}.lock")))?;
         let position_path = dir.join(format!("{key}.position"));
         let queue_path = dir.join(format!("{key}.queue"));
-        let opened = (|| {
-            let position = read_position(&position_path)?;
-            let pending = read_queue(&queue_path)?;
-            // Rewrite the journal with only what is pending.
-            let tmp = queue_path.with_extension("queue.tmp");
-            let mut text = String::new();
-            for (_, line) in &pending {
-                text.push_str(line);
-                text.push('\n');
-            }
-            std::fs::write(&tmp, &text).map_err(io_err(&tmp))?;
-            std::fs::rename(&tmp, &queue_path).map_err(io_err(&queue_path))?;
-            let queue = OpenOptions::new()
-                .append(true)
-                .open(&queue_path)
-                .map_err(io_err(&queue_path))?;
-            let events = pending
-                .iter()
-                .filter_map(|(_, line)| decode_add(line))
-                .collect();
-            let store = StateStore {
-                position_path: position_path.clone(),
-                queue_path: queue_path.clone(),
-                lock_path: lock_path.clone(),
-                queue,
-                queue_len: text.len() as u64,
-                pending,
-            };
-            Ok((
-                store,
-                Saved {
-                    position,
-                    pending: events,
-                },
-            ))
-        })();
-        if opened.is_err() {
-            let _ = std::fs::remove_file(&lock_path);
-        }
-        opened
+        let (position, info_seen) = read_position(&position_path)?;
+        let pending = read_queue(&queue_path)?;
+        // Rewrite the journal with only what is pending.
+        let text = journal_text(&pending);
+        replace(dir, &queue_path, text.as_bytes())?;
+        let queue = OpenOptions::new()
+            .append(true)
+            .open(&queue_path)
+            .map_err(io_err(&queue_path))?;
+        let events = pending
+            .iter()
+            .filter_map(|(_, line)| decode_add(line))
+            .collect();
+        let store = StateStore {
+            dir: dir.to_owned(),
+            position_path,
+            queue_path,
+            _lock: lock,
+            queue,
+            queue_len: text.len() as u64,
+            pending,
+        };
+        Ok((
+            store,
+            Saved {
+                position,
+                info_seen,
+                pending: events,
+            },
+        ))
     }
 
     /// How many events wait for an answer.
@@ -144,7 +146,7 @@ impl StateStore {
         self.pending.len()
     }
 
-    /// Records a queued event.
+    /// Records a queued event (not synced: see [`StateStore::add_all`]).
     pub fn add(&mut self, event: &Event) -> Result<(), StateError> {
         let line = format!(
             "+{}",
@@ -152,6 +154,18 @@ impl StateStore {
         );
         self.append(&line)?;
         self.pending.push_back((event.id, line));
+        Ok(())
+    }
+
+    /// Records queued events and syncs the journal to the disk, so they survive a
+    /// crash of the machine.
+    pub fn add_all(&mut self, events: &[Event]) -> Result<(), StateError> {
+        for e in events {
+            self.add(e)?;
+        }
+        if !events.is_empty() {
+            self.queue.sync_data().map_err(io_err(&self.queue_path))?;
+        }
         Ok(())
     }
 
@@ -173,16 +187,15 @@ impl StateStore {
         Ok(())
     }
 
-    /// Saves how far the log has been read.
-    pub fn save_position(&mut self, files: &[FilePos]) -> Result<(), StateError> {
+    /// Saves where to read the log again from, and whether it had shown INFO
+    /// lines; on the disk when this returns.
+    pub fn save_position(&mut self, files: &[FilePos], info_seen: bool) -> Result<(), StateError> {
         let files: Vec<serde_json::Value> = files
             .iter()
             .map(|f| serde_json::json!({"dev": f.dev, "ino": f.ino, "offset": f.offset}))
             .collect();
-        let text = serde_json::json!({ "files": files }).to_string();
-        let tmp = self.position_path.with_extension("position.tmp");
-        std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, &self.position_path).map_err(io_err(&self.position_path))
+        let text = serde_json::json!({ "files": files, "info_seen": info_seen }).to_string();
+        replace(&self.dir, &self.position_path, text.as_bytes())
     }
 
     fn append(&mut self, line: &str) -> Result<(), StateError> {
@@ -197,14 +210,8 @@ impl StateStore {
     }
 
     fn compact(&mut self) -> Result<(), StateError> {
-        let tmp = self.queue_path.with_extension("queue.tmp");
-        let mut text = String::new();
-        for (_, line) in &self.pending {
-            text.push_str(line);
-            text.push('\n');
-        }
-        std::fs::write(&tmp, &text).map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, &self.queue_path).map_err(io_err(&self.queue_path))?;
+        let text = journal_text(&self.pending);
+        replace(&self.dir, &self.queue_path, text.as_bytes())?;
         self.queue = OpenOptions::new()
             .append(true)
             .open(&self.queue_path)
@@ -214,44 +221,69 @@ impl StateStore {
     }
 }
 
-impl Drop for StateStore {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.lock_path);
+/// The journal holding only `pending`.
+fn journal_text(pending: &VecDeque<(EventId, String)>) -> String {
+    let mut text = String::new();
+    for (_, line) in pending {
+        text.push_str(line);
+        text.push('\n');
     }
+    text
 }
 
-/// Takes the lock file, unless a live process other than this one holds it.
-fn take_lock(path: &Path) -> Result<(), StateError> {
-    let me = std::process::id();
-    loop {
-        match OpenOptions::new().write(true).create_new(true).open(path) {
-            Ok(mut f) => {
-                return writeln!(f, "{me}").map_err(io_err(path));
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                let holder = std::fs::read_to_string(path)
-                    .ok()
-                    .and_then(|t| t.trim().parse::<u32>().ok());
-                if let Some(pid) = holder {
-                    if pid != me && Path::new(&format!("/proc/{pid}")).exists() {
-                        return Err(StateError::Locked {
-                            path: path.to_owned(),
-                            pid,
-                        });
-                    }
-                }
-                // Stale (its process is gone) or unreadable: take it over.
-                std::fs::remove_file(path).map_err(io_err(path))?;
-            }
-            Err(e) => return Err(io_err(path)(e)),
+/// Replaces `path` in `dir` with `bytes`, durably: write a temporary file, sync
+/// it, rename it over `path`, sync the directory.
+fn replace(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(bytes).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// Takes the lock file with `flock(2)`, unless another process holds it.
+fn take_lock(path: &Path) -> Result<Flock<File>, StateError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io_err(path))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            let me = std::process::id();
+            lock.set_len(0)
+                .and_then(|()| lock.rewind())
+                .and_then(|()| writeln!(*lock, "{me}"))
+                .map_err(io_err(path))?;
+            Ok(lock)
         }
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut text = String::new();
+            let pid = file
+                .read_to_string(&mut text)
+                .ok()
+                .and_then(|_| text.trim().parse().ok());
+            Err(StateError::Locked {
+                path: path.to_owned(),
+                pid,
+            })
+        }
+        Err((_, errno)) => Err(io_err(path)(io::Error::from(errno))),
     }
 }
 
-fn read_position(path: &Path) -> Result<Option<Vec<FilePos>>, StateError> {
+fn read_position(path: &Path) -> Result<(Option<Vec<FilePos>>, bool), StateError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((None, false)),
         Err(e) => return Err(io_err(path)(e)),
     };
     let parsed = serde_json::from_str::<serde_json::Value>(&text).ok();
@@ -271,11 +303,16 @@ fn read_position(path: &Path) -> Result<Option<Vec<FilePos>>, StateError> {
                 })
                 .collect::<Vec<_>>()
         });
+    let info_seen = parsed
+        .as_ref()
+        .and_then(|v| v.get("info_seen"))
+        .and_then(|i| i.as_bool())
+        .unwrap_or(false);
     match files {
-        Some(files) => Ok(Some(files)),
+        Some(files) => Ok((Some(files), info_seen)),
         None => {
             tracing::warn!(path = %path.display(), "unreadable saved position, starting at the end of the log");
-            Ok(None)
+            Ok((None, false))
         }
     }
 }

@@ -304,11 +304,8 @@ impl Tailer {
     /// truncated); a saved file renamed since (rotated while the monitor was down)
     /// is found among the files of the directory whose names start with the log's
     /// (`fail2ban.log.1`) and read to its end first; a new file at `path` is read
-    /// from the start. With nothing saved, this is [`Tailer::at_end`].
+    /// from the start (also when `saved` is empty: no file was open then).
     pub fn resume(path: &Path, saved: &[FilePos], now: Instant) -> io::Result<Tailer> {
-        if saved.is_empty() {
-            return Tailer::at_end(path, now);
-        }
         let mut current = None;
         let mut draining = Vec::new();
         let current_id = match std::fs::metadata(path) {
@@ -632,16 +629,17 @@ impl Follower {
         // The watch is in place before the position is taken: a line written in
         // between is after the position and wakes us.
         let p = path.clone();
-        let saved = saved.unwrap_or_default();
-        let tailer =
-            tokio::task::spawn_blocking(move || Tailer::resume(&p, &saved, Instant::now()))
-                .await
-                .map_err(|e| crate::MonitorError::task("tailer", e))?
-                .map_err(|source| crate::MonitorError::Read {
-                    path: path.clone(),
-                    source,
-                })?
-                .with_grace(grace);
+        let tailer = tokio::task::spawn_blocking(move || match saved {
+            Some(saved) => Tailer::resume(&p, &saved, Instant::now()),
+            None => Tailer::at_end(&p, Instant::now()),
+        })
+        .await
+        .map_err(|e| crate::MonitorError::task("tailer", e))?
+        .map_err(|source| crate::MonitorError::Read {
+            path: path.clone(),
+            source,
+        })?
+        .with_grace(grace);
         tracing::info!(path = %path.display(), offset = tailer.offset(), "watching");
         if tailer.draining() > 0 {
             tracing::info!(
@@ -664,6 +662,11 @@ impl Follower {
     /// The position in the file (0 if it does not exist yet).
     pub fn offset(&self) -> u64 {
         self.tailer.offset()
+    }
+
+    /// Where reading starts ([`Tailer::position`]).
+    pub fn position(&self) -> Vec<FilePos> {
+        self.tailer.position()
     }
 
     /// Sends new lines to `tx` until `shutdown` is cancelled or `tx` is closed.

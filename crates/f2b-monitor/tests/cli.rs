@@ -206,3 +206,118 @@ fn sigterm_exits_zero() {
     };
     assert_eq!(status.code(), Some(0));
 }
+
+/// A running `f2b-monitor` and its stderr, line by line.
+struct Monitor {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Monitor {
+    fn start(conf: &Path) -> Monitor {
+        let mut child = Child(
+            Command::new(BIN)
+                .args(["--config", conf.to_str().unwrap(), "--log-level", "info"])
+                .stderr(Stdio::piped())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let stderr = child.0.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        Monitor { child, lines }
+    }
+
+    /// Waits for a line with every one of `parts`.
+    fn wait_for(&self, parts: &[&str]) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no line with {parts:?}"));
+            if parts.iter().all(|p| line.contains(p)) {
+                return line;
+            }
+        }
+    }
+}
+
+/// Serves one report on `rep` with an ACK; returns its event.
+fn serve_one(rep: &f2b_common::zmq::Socket) -> f2b_proto::Event {
+    use f2b_proto::{Ack, AckStatus, Reply, Request};
+    let bytes = rep.recv_bytes(0).expect("a report in time");
+    let Request::Report(e) = Request::decode(&bytes).unwrap() else {
+        panic!("not a report")
+    };
+    let ack = Ack {
+        id: e.id,
+        seq: Some(1),
+        status: AckStatus::Broadcast,
+    };
+    rep.send(Reply::Ack(ack).encode(), 0).unwrap();
+    e
+}
+
+#[test]
+fn kill_9_while_an_unban_is_held_loses_nothing() {
+    use f2b_common::zmq;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("fail2ban.log");
+    std::fs::write(&log, "").unwrap();
+    let ctx = zmq::Context::new();
+    let rep = ctx.socket(zmq::REP).unwrap();
+    rep.set_rcvtimeo(15_000).unwrap();
+    rep.set_linger(0).unwrap();
+    rep.bind("tcp://127.0.0.1:*").unwrap();
+    let endpoint = f2b_common::sockets::last_endpoint(&rep);
+    let conf = dir.path().join("f2b.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[node]\nname = \"web1\"\n[monitor]\nlog_path = {:?}\npublisher = {endpoint:?}\nstate_dir = {:?}\n",
+            log.to_str().unwrap(),
+            dir.path().join("state").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+
+    let mut m = Monitor::start(&conf);
+    m.wait_for(&["watching"]);
+    let p = "2026-11-21 04:53:00,000 fail2ban.actions        [1]: NOTICE  ";
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    std::io::Write::write_all(
+        &mut f,
+        format!("{p}[sshd] Ban 192.0.2.90\n{p}[sshd] Unban 192.0.2.91\n").as_bytes(),
+    )
+    .unwrap();
+    let ban = serve_one(&rep);
+    assert_eq!(ban.ip.to_string(), "192.0.2.90");
+    m.wait_for(&["reported", "ip=192.0.2.90"]);
+    // The Unban is held by the stop filter (5 s, waiting for a `Jail 'sshd'
+    // stopped` that would make it part of a stop). The machine crashes now.
+    m.child.0.kill().unwrap();
+    m.child.0.wait().unwrap();
+
+    let m = Monitor::start(&conf);
+    m.wait_for(&["watching"]);
+    let mut e = serve_one(&rep);
+    if e.id == ban.id {
+        // Killed between the ACK and its record: resent with its id (the
+        // publisher answers `duplicate`).
+        e = serve_one(&rep);
+    }
+    assert_eq!(
+        (e.action, e.ip.to_string()),
+        (f2b_proto::Action::Unban, "192.0.2.91".to_owned()),
+        "the held Unban is read again and reported"
+    );
+    m.wait_for(&["reported", "ip=192.0.2.91"]);
+}

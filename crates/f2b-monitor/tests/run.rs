@@ -393,3 +393,189 @@ async fn restart_resumes_position_and_resends_with_the_same_id() {
         .unwrap()
         .unwrap();
 }
+
+fn config_in(dir: &std::path::Path, endpoint: &str, queue_size: usize) -> MonitorConfig {
+    MonitorConfig {
+        log_path: dir.join("fail2ban.log"),
+        publisher: Endpoint::connect(endpoint).unwrap(),
+        ignore_jails: vec![],
+        ack_timeout: Duration::from_millis(300),
+        queue_size,
+        pidfile: dir.join("pid"),
+        legacy: None,
+        state_dir: dir.join("state"),
+    }
+}
+
+/// An endpoint with nobody behind it, for now.
+fn free_endpoint(ctx: &zmq::Context) -> String {
+    let probe = ctx.socket(zmq::REP).unwrap();
+    probe.bind("tcp://127.0.0.1:*").unwrap();
+    last_endpoint(&probe)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_monitor_on_the_same_state_refuses_to_start() {
+    let _ = logs();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("fail2ban.log"), "").unwrap();
+    let ctx = zmq::Context::new();
+    let config = config_in(dir.path(), &free_endpoint(&ctx), 16);
+    let node = NodeConfig {
+        name: NodeName::new("twice").unwrap(),
+    };
+    // The first monitor's lock.
+    let (_first, _) =
+        f2b_monitor::state::StateStore::open(&config.state_dir, &node.name, &config.log_path)
+            .unwrap();
+    let r = tokio::time::timeout(
+        WAIT,
+        f2b_monitor::run(node, config.clone(), CancellationToken::new()),
+    )
+    .await
+    .expect("refuses at once instead of running without state");
+    let err = r.unwrap_err();
+    assert!(
+        matches!(err, f2b_monitor::MonitorError::State { .. }),
+        "{err}"
+    );
+    let chain = f2b_common::daemon::error_chain(&err);
+    assert!(chain.contains("held by another monitor"), "{chain}");
+    assert!(
+        chain.contains(&config.state_dir.display().to_string()),
+        "{chain}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_queue_file_is_bounded_and_the_rest_is_read_again() {
+    let _ = logs();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("fail2ban.log");
+    std::fs::write(&log, "").unwrap();
+    let ctx = zmq::Context::new();
+    let endpoint = free_endpoint(&ctx);
+    let config = config_in(dir.path(), &endpoint, 3);
+    let node = NodeConfig {
+        name: NodeName::new("bounded").unwrap(),
+    };
+    let p = "2026-11-21 04:53:00,000 fail2ban.actions        [1]: NOTICE  ";
+
+    // The publisher is down: three events fill the queue, reading pauses.
+    let token = CancellationToken::new();
+    let monitor = tokio::spawn(f2b_monitor::run(
+        node.clone(),
+        config.clone(),
+        token.clone(),
+    ));
+    wait_log(&["watching", &format!("path={}", log.display())]).await;
+    let text: String = (1..=10)
+        .map(|i| format!("{p}[bq] Ban 203.0.113.{i}\n"))
+        .collect();
+    append(&log, &text);
+    let full = wait_log(&["event queue full", "capacity=3"]).await;
+    assert!(full.contains(" WARN "), "{full}");
+    assert!(full.contains("waiting=7"), "{full}");
+    let queue = dir.path().join("state").join(format!(
+        "{}.queue",
+        f2b_monitor::state::key(&node.name, &log)
+    ));
+    let journaled = std::fs::read_to_string(&queue).unwrap();
+    assert_eq!(
+        journaled.lines().filter(|l| l.starts_with('+')).count(),
+        3,
+        "the queue file holds queue_size events:\n{journaled}"
+    );
+    token.cancel();
+    tokio::time::timeout(WAIT, monitor)
+        .await
+        .expect("run returns on shutdown")
+        .unwrap()
+        .unwrap();
+
+    // Publisher up: the three kept events (same ids), then the seven lines read
+    // again, in order, none twice.
+    let rep = ctx.socket(zmq::REP).unwrap();
+    rep.set_rcvtimeo(WAIT.as_millis() as i32).unwrap();
+    rep.bind(&endpoint).unwrap();
+    let server = serve(rep, 10);
+    let token = CancellationToken::new();
+    let monitor = tokio::spawn(f2b_monitor::run(node, config, token.clone()));
+    let (rep, events) = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    let ips: Vec<String> = events.iter().map(|e| e.ip.to_string()).collect();
+    let want: Vec<String> = (1..=10).map(|i| format!("203.0.113.{i}")).collect();
+    assert_eq!(ips, want);
+    for e in &events[..3] {
+        assert!(journaled.contains(&e.id.to_string()), "{} resent", e.id);
+    }
+    wait_log(&["event queue has room again", "capacity=3"]).await;
+    // Nothing more comes.
+    rep.set_rcvtimeo(500).unwrap();
+    assert!(rep.recv_bytes(0).is_err(), "no duplicate");
+    token.cancel();
+    tokio::time::timeout(WAIT, monitor)
+        .await
+        .expect("run returns on shutdown")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_position_stays_before_a_held_unban() {
+    let _ = logs();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("fail2ban.log");
+    std::fs::write(&log, "").unwrap();
+    let ctx = zmq::Context::new();
+    let rep = ctx.socket(zmq::REP).unwrap();
+    rep.set_rcvtimeo(WAIT.as_millis() as i32).unwrap();
+    rep.bind("tcp://127.0.0.1:*").unwrap();
+    let config = config_in(dir.path(), &last_endpoint(&rep), 16);
+    let node = NodeConfig {
+        name: NodeName::new("holder").unwrap(),
+    };
+    let token = CancellationToken::new();
+    let monitor = tokio::spawn(f2b_monitor::run(
+        node.clone(),
+        config.clone(),
+        token.clone(),
+    ));
+    wait_log(&["watching", &format!("path={}", log.display())]).await;
+    let p = "2026-11-21 04:53:00,000 fail2ban.actions        [1]: NOTICE  ";
+    let ban = format!("{p}[hp] Ban 203.0.113.80\n");
+    let unban = format!("{p}[hp] Unban 203.0.113.81\n");
+    append(&log, &format!("{ban}{unban}"));
+    let server = serve(rep, 1);
+    let (rep, events) = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    assert_eq!(events[0].ip.to_string(), "203.0.113.80");
+    // The Ban is in the queue file and the position saved with it; the Unban is
+    // held for 5 s: a crash now must read it again.
+    let position = dir.path().join("state").join(format!(
+        "{}.position",
+        f2b_monitor::state::key(&node.name, &log)
+    ));
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&position).unwrap()).unwrap();
+    assert_eq!(
+        saved["files"][0]["offset"].as_u64(),
+        Some(ban.len() as u64),
+        "{saved}"
+    );
+    // Once it is reported, the position moves past it.
+    let server = serve(rep, 1);
+    let (_rep, events) = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    assert_eq!(events[0].ip.to_string(), "203.0.113.81");
+    token.cancel();
+    tokio::time::timeout(WAIT, monitor)
+        .await
+        .expect("run returns on shutdown")
+        .unwrap()
+        .unwrap();
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&position).unwrap()).unwrap();
+    assert_eq!(
+        saved["files"][0]["offset"].as_u64(),
+        Some((ban.len() + unban.len()) as u64),
+        "{saved}"
+    );
+}

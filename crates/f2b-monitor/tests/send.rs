@@ -122,6 +122,7 @@ fn start_full(
         backlog: Vec::new(),
         state: None,
         max_backoff,
+        room: None,
     };
     let (tx, rx) = mpsc::channel(16);
     let sender = tokio::task::spawn_blocking(move || run_sender(params, rx));

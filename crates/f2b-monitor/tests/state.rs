@@ -44,11 +44,14 @@ fn pending_events_and_position_survive() {
         }
         s.done(EventId::from_u128(1)).unwrap();
         s.done(EventId::from_u128(3)).unwrap();
-        s.save_position(&[FilePos {
-            dev: 1,
-            ino: 2,
-            offset: 3,
-        }])
+        s.save_position(
+            &[FilePos {
+                dev: 1,
+                ino: 2,
+                offset: 3,
+            }],
+            true,
+        )
         .unwrap();
         assert_eq!(s.pending(), 2);
     }
@@ -63,6 +66,35 @@ fn pending_events_and_position_survive() {
         }])
     );
     assert_eq!(s.pending(), 2);
+    assert!(saved.info_seen);
+}
+
+#[test]
+fn add_all_and_position_are_on_the_disk_when_they_return() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut s, _) = open(dir.path());
+        s.add_all(&[event(1), event(2)]).unwrap();
+        s.save_position(
+            &[FilePos {
+                dev: 1,
+                ino: 2,
+                offset: 30,
+            }],
+            false,
+        )
+        .unwrap();
+        // Nothing half-written is left behind.
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+    }
+    let (_s, saved) = open(dir.path());
+    assert_eq!(saved.pending, [event(1), event(2)]);
+    assert_eq!(saved.position.unwrap()[0].offset, 30);
+    assert!(!saved.info_seen);
 }
 
 #[test]
@@ -100,20 +132,32 @@ fn a_cut_last_line_is_skipped() {
 #[test]
 fn one_monitor_per_state() {
     let dir = tempfile::tempdir().unwrap();
-    let k = key(&node(), Path::new("/var/log/fail2ban.log"));
-    // A live process (pid 1) holds the lock.
-    std::fs::write(dir.path().join(format!("{k}.lock")), "1\n").unwrap();
+    let (held, _) = open(dir.path());
+    // The lock is flock(2): a second open, even from this process, is refused,
+    // and says who holds it.
     let err =
         StateStore::open(dir.path(), &node(), Path::new("/var/log/fail2ban.log")).unwrap_err();
-    assert!(matches!(err, StateError::Locked { pid: 1, .. }), "{err}");
+    let me = std::process::id();
+    assert!(
+        matches!(err, StateError::Locked { pid: Some(p), .. } if p == me),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&format!("process {me}")), "{err}");
     // Another node or another log: other files.
     assert!(StateStore::open(dir.path(), &node(), Path::new("/var/log/other.log")).is_ok());
-    // A stale lock (no such process) is taken over.
-    std::fs::write(dir.path().join(format!("{k}.lock")), "4000000000\n").unwrap();
-    let (s, _) = open(dir.path());
-    drop(s);
-    assert!(
-        !dir.path().join(format!("{k}.lock")).exists(),
-        "released on drop"
-    );
+    // Released when the store is dropped (or the process ends).
+    drop(held);
+    let (_again, _) = open(dir.path());
+}
+
+#[test]
+fn a_stale_lock_file_is_not_a_lock() {
+    // After a reboot the lock file may name a process id now used by another
+    // program (here pid 1, always alive): nobody holds the lock, so it is taken.
+    let dir = tempfile::tempdir().unwrap();
+    let k = key(&node(), Path::new("/var/log/fail2ban.log"));
+    std::fs::write(dir.path().join(format!("{k}.lock")), "1\n").unwrap();
+    let (_s, _) = open(dir.path());
+    let text = std::fs::read_to_string(dir.path().join(format!("{k}.lock"))).unwrap();
+    assert_eq!(text.trim(), std::process::id().to_string());
 }

@@ -319,7 +319,7 @@ fn overlong_lines_are_dropped() {
 fn saved_after(path: &Path, text: &str) -> Vec<FilePos> {
     append(path, text);
     let now = Instant::now();
-    let t = Tailer::resume(path, &[], now).unwrap();
+    let t = Tailer::at_end(path, now).unwrap();
     t.position()
 }
 
@@ -606,4 +606,16 @@ async fn lines_read_before_an_error_are_sent() {
     };
     assert_eq!(r.lines(2).await, ["old 1", "old 2"]);
     r.stop().await;
+}
+
+#[test]
+fn resume_with_no_file_open_reads_a_new_file_from_the_start() {
+    // The monitor stopped while the log did not exist (position: no file); the
+    // file created since is all new.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fail2ban.log");
+    append(&path, "written while down\n");
+    let now = Instant::now();
+    let mut t = Tailer::resume(&path, &[], now).unwrap();
+    assert_eq!(read(&mut t, now).0, ["written while down"]);
 }
