@@ -17,7 +17,10 @@
 //!   active ban) from being propagated. Pure.
 //! - [`tail`]: following the log file across appends, rotation (rename and create,
 //!   with fail2ban still writing to the old file until `flushlogs`), copytruncate
-//!   and absence, woken by inotify, in bounded reads.
+//!   (lines written between logrotate's copy and its truncation are lost: that
+//!   is inherent to copytruncate) and absence, woken by inotify, in bounded
+//!   reads. Read from the end of the log on first start; later starts resume
+//!   from the saved position.
 //! - `pipeline`: lines to queued events: the stop filter, the queue file, the
 //!   saved position (never past a line whose outcome is not on the disk), the
 //!   bound on unanswered events (backpressure).
@@ -102,8 +105,10 @@ impl MonitorError {
 const LINE_BATCHES: usize = 8;
 
 /// Runs the monitor until `shutdown` is cancelled: follows `config.log_path`
-/// (from its end on the first start; later starts resume from the saved position,
-/// see [`state`]), reports each Ban and Unban as an event of node `node.name` to
+/// (read from its end on first start; later starts resume from the saved
+/// position, see [`state`]; with copytruncate rotation, lines written between
+/// logrotate's copy and its truncation are lost, which is inherent to
+/// copytruncate), reports each Ban and Unban as an event of node `node.name` to
 /// `config.publisher`. On shutdown it stops reading, tries to deliver what is
 /// queued for at most `config.ack_timeout`, and returns `Ok`; what is left stays
 /// in `config.state_dir` for the next start, and so do the Unbans the stop filter

@@ -558,8 +558,9 @@ pub async fn follow(
 }
 
 /// A [`Tailer`] woken by inotify. [`Follower::start`] installs the watch on the
-/// file's directory (so creation and renames of the file are seen), positions at
-/// the end of the file and logs `watching path=.. offset=..`; [`Follower::run`]
+/// file's directory (so creation and renames of the file are seen), sets the
+/// position (the end of the file on the first start; later starts resume from
+/// the saved position) and logs `watching path=.. offset=..`; [`Follower::run`]
 /// then sends each batch of new lines as soon as the file changes.
 pub struct Follower {
     path: PathBuf,
@@ -578,8 +579,9 @@ impl std::fmt::Debug for Follower {
 }
 
 impl Follower {
-    /// Installs the watch, then sets the position: where `saved` says (see
-    /// [`Tailer::resume`]), or at the end of the file when nothing is saved. A
+    /// Installs the watch, then sets the position: at the end of the file when
+    /// nothing is saved (the first start), else where `saved` says (see
+    /// [`Tailer::resume`]; later starts resume from the saved position). A
     /// rotated-away file is read for `grace` after its last data (see
     /// [`DRAIN_GRACE`]).
     pub async fn start(
