@@ -289,6 +289,13 @@ async fn full_queue_pauses_reading_and_loses_nothing() {
     let ips = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
     let want: Vec<String> = (1..=6).map(|i| format!("203.0.113.{i}")).collect();
     assert_eq!(ips, want, "all delivered, in order");
+    // Loud: a warning when the episode starts, a line when it ends.
+    let full = wait_log(&["event queue full", "capacity=1"]).await;
+    assert!(full.contains(" WARN "), "{full}");
+    assert!(full.contains("episodes="), "{full}");
+    let resumed = wait_log(&["event queue has room again", "capacity=1"]).await;
+    assert!(resumed.contains(" INFO "), "{resumed}");
+    assert!(resumed.contains("paused_ms="), "{resumed}");
     token.cancel();
     tokio::time::timeout(WAIT, monitor)
         .await
@@ -508,7 +515,6 @@ async fn the_queue_file_is_bounded_and_the_rest_is_read_again() {
     for e in &events[..3] {
         assert!(journaled.contains(&e.id.to_string()), "{} resent", e.id);
     }
-    wait_log(&["event queue has room again", "capacity=3"]).await;
     // Nothing more comes.
     rep.set_rcvtimeo(500).unwrap();
     assert!(rep.recv_bytes(0).is_err(), "no duplicate");
