@@ -10,8 +10,9 @@
 //!    places of the [`Room`] (`[monitor] queue_size`), is written to the queue
 //!    file, which is synced, together with the new position (see below); only
 //!    then is the chunk handed to the sender. With no free place, reading pauses
-//!    (backpressure: the log file keeps the lines), with a warning once per
-//!    episode and a line when it ends;
+//!    (backpressure: the log file keeps the lines). An episode of backpressure
+//!    starts with a warning and ends, with an info line, once half the places
+//!    are free again: one warning for a whole overload, not one per event;
 //! 3. the position saved is the checkpoint of the first line whose outcome is not
 //!    on the disk yet: an Unban still held by the stop filter (or the Flush line
 //!    it follows), or an event not yet in the queue file. After a crash, even
@@ -154,12 +155,17 @@ impl Pipeline {
                     None => std::future::pending().await,
                 }
             };
+            let under_pressure = pauses.since.is_some();
             tokio::select! {
                 b = lines.recv() => match b {
                     Some(batch) => self.feed(batch, &mut progress, &mut verdicts),
                     None => return self.finish(&mut progress, &events).await,
                 },
                 () = sleep => self.filter.release_due(Instant::now(), &mut verdicts),
+                () = self.room.wait_free(self.resume_at()), if under_pressure => {
+                    self.resumed(&mut pauses);
+                    continue;
+                }
             }
             let to_send = self.events_of(verdicts.drain(..));
             let done = self
@@ -278,7 +284,6 @@ impl Pipeline {
             } else {
                 self.room.try_take(fits);
             }
-            self.resumed(pauses);
             let chunk: Vec<Event> = to_send.by_ref().take(fits).map(|(e, _)| e).collect();
             sent += chunk.len();
             let next = first_left[sent];
@@ -294,6 +299,9 @@ impl Pipeline {
         if sent == 0 {
             let position = self.resume_point(progress, None);
             self.commit(Vec::new(), position).await?;
+        }
+        if self.room.available() >= self.resume_at() {
+            self.resumed(pauses);
         }
         Ok(true)
     }
@@ -355,6 +363,11 @@ impl Pipeline {
         })
         .await
         .map_err(|e| MonitorError::task("state", e))
+    }
+
+    /// How many free places end an episode of backpressure.
+    fn resume_at(&self) -> usize {
+        (self.room.capacity() / 2).max(1)
     }
 
     fn paused(&self, pauses: &mut Pauses, waiting: usize) {

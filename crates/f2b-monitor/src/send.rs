@@ -119,6 +119,13 @@ impl Room {
         }
     }
 
+    /// Waits until `n` places are free, without taking them.
+    pub async fn wait_free(&self, n: usize) {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        // Taken and given back at once (the permit's drop).
+        let _ = self.places.acquire_many(n).await;
+    }
+
     /// Takes `n` places if they are free now; returns whether it did.
     pub fn try_take(&self, n: usize) -> bool {
         let n = u32::try_from(n).unwrap_or(u32::MAX);

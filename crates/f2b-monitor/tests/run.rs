@@ -585,3 +585,51 @@ async fn the_position_stays_before_a_held_unban() {
         "{saved}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_warning_per_backpressure_episode() {
+    let _ = logs();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("fail2ban.log");
+    std::fs::write(&log, "").unwrap();
+    let ctx = zmq::Context::new();
+    let rep = ctx.socket(zmq::REP).unwrap();
+    rep.set_rcvtimeo(WAIT.as_millis() as i32).unwrap();
+    rep.bind("tcp://127.0.0.1:*").unwrap();
+    // Capacity 2: no other test of this binary uses it, so the lines are ours.
+    let config = config_in(dir.path(), &last_endpoint(&rep), 2);
+    let node = NodeConfig {
+        name: NodeName::new("episodes").unwrap(),
+    };
+    let token = CancellationToken::new();
+    let monitor = tokio::spawn(f2b_monitor::run(node, config, token.clone()));
+    wait_log(&["watching", &format!("path={}", log.display())]).await;
+    let p = "2026-11-21 04:53:00,000 fail2ban.actions        [1]: NOTICE  ";
+    let text: String = (1..=20)
+        .map(|i| format!("{p}[ep] Ban 198.51.100.{i}\n"))
+        .collect();
+    append(&log, &text);
+    wait_log(&["event queue full", "capacity=2"]).await;
+    // The publisher answers one event at a time: each answer frees one place,
+    // taken at once by the next event. Still one episode.
+    let (_rep, events) = tokio::time::timeout(WAIT, serve(rep, 20))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(events.len(), 20);
+    wait_log(&["event queue has room again", "capacity=2"]).await;
+    let text = logs().text.lock().unwrap().clone();
+    let count = |what: &str| {
+        text.lines()
+            .filter(|l| l.contains(what) && l.contains("capacity=2"))
+            .count()
+    };
+    assert_eq!(count("event queue full"), 1, "{text}");
+    assert_eq!(count("event queue has room again"), 1, "{text}");
+    token.cancel();
+    tokio::time::timeout(WAIT, monitor)
+        .await
+        .expect("run returns on shutdown")
+        .unwrap()
+        .unwrap();
+}
