@@ -281,8 +281,10 @@ fn take_lock(path: &Path) -> Result<Flock<File>, StateError> {
 }
 
 fn read_position(path: &Path) -> Result<(Option<Vec<FilePos>>, bool), StateError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
+    // Read as bytes: a damaged file (not UTF-8) is an unreadable position like any
+    // other, to be discarded, not a reason to give up the whole state.
+    let text = match std::fs::read(path) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((None, false)),
         Err(e) => return Err(io_err(path)(e)),
     };
