@@ -42,6 +42,7 @@ pub mod defaults {
     /// Loopback and link-local, IPv4 and IPv6.
     pub const IGNORE_IP: [&str; 4] = ["127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10"];
     pub const FAIL2BAN_CLIENT: &str = "fail2ban-client";
+    pub const FAIL2BAN_SOCKET: &str = "/var/run/fail2ban/fail2ban.sock";
     pub const SUBSCRIBER_LOG_PATH: &str = "/var/log/fail2ban-cluster.log";
     pub const HEARTBEAT_TIMEOUT: &str = "5s";
     pub const SUBSCRIBER_QUEUE_SIZE: usize = 100_000;
@@ -394,6 +395,9 @@ pub enum SubscriberAction {
         program: PathBuf,
         socket: Option<PathBuf>,
     },
+    /// `["set", <jail>, "banip"|"unbanip", <ip>...]` sent straight to fail2ban-server's
+    /// Unix socket (no fail2ban-client process per call).
+    Fail2banSocket { socket: PathBuf },
     /// One line per event appended to a file that a fail2ban jail reads.
     Log { path: PathBuf },
     /// A command (argv, no shell) with `<ip>`, `<jail>`, `<action>`, `<node>` replaced.
@@ -407,6 +411,7 @@ impl SubscriberAction {
     pub fn name(&self) -> &'static str {
         match self {
             SubscriberAction::Fail2banClient { .. } => "fail2ban-client",
+            SubscriberAction::Fail2banSocket { .. } => "fail2ban-socket",
             SubscriberAction::Log { .. } => "log",
             SubscriberAction::Exec { .. } => "exec",
             SubscriberAction::None => "none",
@@ -698,6 +703,13 @@ impl RawConfig {
                 )?,
                 socket: s.socket.clone(),
             },
+            "fail2ban-socket" => SubscriberAction::Fail2banSocket {
+                socket: nonempty_path(
+                    "subscriber.socket",
+                    s.socket.as_ref(),
+                    defaults::FAIL2BAN_SOCKET,
+                )?,
+            },
             "log" => SubscriberAction::Log {
                 path: nonempty_path(
                     "subscriber.log_path",
@@ -722,15 +734,20 @@ impl RawConfig {
                 return Err(key_err(
                     "subscriber.action",
                     format!(
-                        "{other:?} is not one of \"fail2ban-client\", \"log\", \"exec\", \"none\""
+                        "{other:?} is not one of \"fail2ban-client\", \"fail2ban-socket\", \"log\", \"exec\", \"none\""
                     ),
                 ))
             }
         };
-        if s.socket.is_some() && !matches!(action, SubscriberAction::Fail2banClient { .. }) {
+        if s.socket.is_some()
+            && !matches!(
+                action,
+                SubscriberAction::Fail2banClient { .. } | SubscriberAction::Fail2banSocket { .. }
+            )
+        {
             return Err(key_err(
                 "subscriber.socket",
-                format!("only used with action = \"fail2ban-client\" (action is {action_name:?})"),
+                format!("only used with action = \"fail2ban-client\" or \"fail2ban-socket\" (action is {action_name:?})"),
             ));
         }
         if s.exec.is_some() && !matches!(action, SubscriberAction::Exec { .. }) {
@@ -853,6 +870,30 @@ mod tests {
             c.subscriber.action,
             SubscriberAction::Fail2banClient { socket: None, .. }
         ));
+    }
+
+    #[test]
+    fn fail2ban_socket_action_parses() {
+        let c = validate("[subscriber]\naction = \"fail2ban-socket\"\n").unwrap();
+        assert_eq!(
+            c.subscriber.action,
+            SubscriberAction::Fail2banSocket {
+                socket: PathBuf::from("/var/run/fail2ban/fail2ban.sock")
+            }
+        );
+        assert_eq!(c.subscriber.action.name(), "fail2ban-socket");
+        let c = validate("[subscriber]\naction = \"fail2ban-socket\"\nsocket = \"/run/f.sock\"\n")
+            .unwrap();
+        assert_eq!(
+            c.subscriber.action,
+            SubscriberAction::Fail2banSocket {
+                socket: PathBuf::from("/run/f.sock")
+            }
+        );
+        let err = validate("[subscriber]\naction = \"fail2ban-socket\"\nsocket = \"\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key `subscriber.socket`"), "{err}");
     }
 
     #[test]

@@ -383,6 +383,9 @@ pub fn summary(config: &Config) -> String {
                 .map(|p| format!(" -s {}", p.display()))
                 .unwrap_or_default()
         ),
+        f2b_common::config::SubscriberAction::Fail2banSocket { socket } => {
+            format!("fail2ban-socket ({})", socket.display())
+        }
         f2b_common::config::SubscriberAction::Log { path } => format!("log ({})", path.display()),
         f2b_common::config::SubscriberAction::Exec { argv } => format!("exec ({argv:?})"),
         f2b_common::config::SubscriberAction::None => "none".to_owned(),

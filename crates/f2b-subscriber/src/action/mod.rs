@@ -6,6 +6,9 @@
 //! [`FailureScope`]).
 //!
 //! - [`fail2ban::Fail2banClient`]: `fail2ban-client [-s SOCKET] set JAIL banip|unbanip IP...`.
+//! - [`socket::Fail2banSocket`]: the same `set JAIL banip|unbanip IP...` commands sent
+//!   straight to fail2ban-server's Unix socket over one kept connection
+//!   ([`pickle`] encodes the requests and decodes the replies).
 //! - [`log::LogFile`]: one line per event appended to a file a fail2ban jail reads.
 //! - [`exec::Exec`]: a command per event, argv with tags replaced, no shell.
 //! - [`NoAction`]: logs what it would do.
@@ -13,6 +16,8 @@
 pub mod exec;
 pub mod fail2ban;
 pub mod log;
+pub mod pickle;
+pub mod socket;
 
 use std::fmt;
 use std::future::Future;
@@ -128,6 +133,9 @@ pub fn from_config(action: &SubscriberAction) -> Box<dyn Applier> {
         SubscriberAction::Fail2banClient { program, socket } => Box::new(
             fail2ban::Fail2banClient::new(program.clone(), socket.clone()),
         ),
+        SubscriberAction::Fail2banSocket { socket } => {
+            Box::new(socket::Fail2banSocket::new(socket.clone()))
+        }
         SubscriberAction::Log { path } => Box::new(log::LogFile::new(path.clone())),
         SubscriberAction::Exec { argv } => Box::new(exec::Exec::new(argv.clone())),
         SubscriberAction::None => Box::new(NoAction),
