@@ -1,6 +1,7 @@
 //! The `f2b-monitor` binary: command line, then [`f2b_monitor::run`] or
 //! [`f2b_monitor::scan`].
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -28,6 +29,14 @@ enum Command {
         /// The log file.
         file: PathBuf,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish or powershell) to
+    /// standard output.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to standard output.
+    Man,
 }
 
 fn summary(c: &Config) -> String {
@@ -56,6 +65,11 @@ fn main() -> ExitCode {
     let explicit_config =
         matches.value_source("config") == Some(clap::parser::ValueSource::CommandLine);
 
+    if let Some(command) = &args.command {
+        if let Some(code) = print_help_file(command) {
+            return code;
+        }
+    }
     if let Some(Command::Scan { file }) = &args.command {
         return scan(&args.common, explicit_config, file);
     }
@@ -69,6 +83,32 @@ fn main() -> ExitCode {
         &args.common,
         |cfg, token| f2b_monitor::run(cfg.node, cfg.monitor, token),
     )
+}
+
+/// `completions SHELL` and `man`: generated from the command line's definition,
+/// in memory first so that a closed standard output is an error, not a panic.
+fn print_help_file(command: &Command) -> Option<ExitCode> {
+    let mut text = Vec::new();
+    match command {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Args::command(), "f2b-monitor", &mut text)
+        }
+        Command::Man => {
+            if let Err(e) = clap_mangen::Man::new(Args::command()).render(&mut text) {
+                eprintln!("f2b-monitor: cannot render the man page: {e}");
+                return Some(ExitCode::FAILURE);
+            }
+        }
+        _ => return None,
+    }
+    let mut out = std::io::stdout().lock();
+    Some(match out.write_all(&text).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("f2b-monitor: cannot write to standard output: {e}");
+            ExitCode::FAILURE
+        }
+    })
 }
 
 /// `scan FILE`: works without a configuration file; an explicit `--config` must
