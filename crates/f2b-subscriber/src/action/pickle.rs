@@ -334,6 +334,17 @@ impl<'a> Machine<'a> {
     }
 
     fn object(class: Value, args: Value) -> Result<Value, PickleError> {
+        // `builtins.str("x")` is how fail2ban's IPAddr pickles itself (the
+        // `ignoreip` reply): the string itself.
+        if let Value::Global(m, n) = &class {
+            if (m == "builtins" || m == "__builtin__") && n == "str" {
+                if let Value::Seq(SeqKind::Tuple, items, _) = &args {
+                    if let [Value::Str(x)] = &items[..] {
+                        return Ok(Value::Str(x.clone()));
+                    }
+                }
+            }
+        }
         let d = class.depth().max(args.depth()) + 1;
         if d > MAX_DEPTH {
             return Err(PickleError::TooDeep);
@@ -682,6 +693,9 @@ mod tests {
     const UNKNOWN_JAIL: &[u8] = b"\x80\x05\x95A\x00\x00\x00\x00\x00\x00\x00K\x01\x8c\x13fail2ban.exceptions\x94\x8c\x14UnknownJailException\x94\x93\x94\x8c\x06nojail\x94\x85\x94R\x94\x86\x94.";
     const NOT_BANNED: &[u8] = b"\x80\x05\x95<\x00\x00\x00\x00\x00\x00\x00K\x01\x8c\x08builtins\x94\x8c\tException\x94\x93\x94\x8c\x17not banned: ['1.2.3.4']\x94\x85\x94R\x94\x86\x94.";
     const LIST: &[u8] = b"\x80\x05\x95\x19\x00\x00\x00\x00\x00\x00\x00K\x00]\x94(\x8c\x071.2.3.4\x94\x8c\x03::1\x94e\x86\x94.";
+    /// `(0, [IPAddr('192.0.2.0/24'), IPAddr('localhost')])`: IPAddr pickles as
+    /// `builtins.str(...)`.
+    const IPADDRS: &[u8] = b"\x80\x05\x95\x7f\x00\x00\x00\x00\x00\x00\x00K\x00]\x94(\x8c\x08builtins\x94\x8c\x03str\x94\x93\x94\x8c\x0c192.0.2.0/24\x94\x85\x94R\x94h\x03\x8c\tlocalhost\x94\x85\x94R\x94e\x86\x94.";
     const COUNT: &[u8] = b"\x80\x05\x95\x07\x00\x00\x00\x00\x00\x00\x00K\x00K\x03\x86\x94.";
 
     fn s(x: &str) -> Value {
@@ -715,6 +729,9 @@ mod tests {
         let v = decode(LIST).unwrap();
         let t = v.as_seq().unwrap();
         assert_eq!(t[1].as_seq().unwrap(), &[s("1.2.3.4"), s("::1")]);
+        let v = decode(IPADDRS).unwrap();
+        let t = v.as_seq().unwrap();
+        assert_eq!(t[1].as_seq().unwrap(), &[s("192.0.2.0/24"), s("localhost")]);
         let v = decode(UNKNOWN_JAIL).unwrap();
         let t = v.as_seq().unwrap();
         assert_eq!(t[0], Value::Int(1));
@@ -771,7 +788,7 @@ mod tests {
     /// Random and mutated bytes never panic.
     #[test]
     fn fuzz_never_panics() {
-        let seeds: [&[u8]; 4] = [UNKNOWN_JAIL, NOT_BANNED, LIST, COUNT];
+        let seeds: [&[u8]; 5] = [UNKNOWN_JAIL, NOT_BANNED, LIST, COUNT, IPADDRS];
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut next = move || {
             x ^= x << 13;

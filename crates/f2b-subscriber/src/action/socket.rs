@@ -7,7 +7,8 @@
 //! of strings followed by [`END`]; the server answers each request with a pickled
 //! tuple `(code, result)` followed by [`END`], and keeps the connection open for
 //! more requests. Code 0: `result` is the command's value (`banip`/`unbanip`: a
-//! count; `get J ignoreip`: a list of strings). Code 1: `result` is the exception
+//! count; `get J ignoreip`: a list of IPAddr objects, each pickled as
+//! `builtins.str("...")`, read here as strings). Code 1: `result` is the exception
 //! (`UnknownJailException('J')` for an unknown jail). A request the server cannot
 //! unpickle is answered with the string `"ERROR: ..."`.
 //!
