@@ -329,11 +329,8 @@ impl Intake {
             if !gone(&h.jail, h.ip, h.seq) {
                 continue;
             }
-            self.state.with(|s| s.forget_held(&h.jail, h.ip));
-            if self.state.with(|s| s.held_locally(&h.local_jail, h.ip)) > 0 {
-                tracing::debug!(jail = %h.jail, ip = %h.ip, local_jail = %h.local_jail, "no longer held by the cluster, but another jail's ban keeps it");
-                continue;
-            }
+            // Whether another event jail's ban keeps the local ban is decided by
+            // the executor when it takes the unban (see Pending::held_elsewhere).
             let Some(id) = random_id() else {
                 tracing::warn!(jail = %h.jail, ip = %h.ip, "cannot draw an event id; the unban is not applied");
                 continue;
@@ -452,8 +449,43 @@ impl Executor {
     fn settle_skipped(&self, skipped: Vec<Taken>) {
         if !skipped.is_empty() {
             let items: Vec<Item> = skipped.into_iter().map(|t| t.item).collect();
+            {
+                let mut p = self.shared.lock();
+                for i in &items {
+                    p.settled(i, false);
+                }
+            }
             self.state.with(|s| s.settle(&items, false, now_ms()));
         }
+    }
+
+    /// Takes out of `items` (unbans) those of an event jail whose local ban another
+    /// event jail still holds (`ban_jail`): that jail no longer holds it, the local
+    /// ban stays.
+    fn keep_held_bans(&self, jail: &JailName, items: Vec<Taken>) -> Vec<Taken> {
+        let (kept, go): (Vec<Taken>, Vec<Taken>) = {
+            let mut p = self.shared.lock();
+            let mut kept = Vec::new();
+            let mut go = Vec::new();
+            for t in items {
+                if p.held_elsewhere(&t.item) {
+                    p.settled(&t.item, false);
+                    kept.push(t);
+                } else {
+                    go.push(t);
+                }
+            }
+            (kept, go)
+        };
+        if !kept.is_empty() {
+            for t in &kept {
+                self.skipped(jail, SkipReason::HeldByOtherJail, t);
+            }
+            // Settled as applied: the event jail's held ban is forgotten.
+            let items: Vec<Item> = kept.into_iter().map(|t| t.item).collect();
+            self.state.with(|s| s.settle(&items, true, now_ms()));
+        }
+        go
     }
 
     /// Runs until the input is closed and nothing is ready; entries still waiting
@@ -528,6 +560,11 @@ impl Executor {
                     return;
                 }
             }
+        } else {
+            items = self.keep_held_bans(&jail, items);
+            if items.is_empty() {
+                return;
+            }
         }
         let max = self.applier.max_batch().max(1);
         // Chunks of at most `max`, first chunk on top of the stack.
@@ -565,8 +602,14 @@ impl Executor {
     }
 
     fn success(&mut self, jail: &JailName, action: Action, chunk: Vec<Taken>) {
-        self.shared.lock().gate_success(jail);
         let items: Vec<Item> = chunk.iter().map(|t| t.item.clone()).collect();
+        {
+            let mut p = self.shared.lock();
+            p.gate_success(jail);
+            for i in &items {
+                p.settled(i, true);
+            }
+        }
         self.state.with(|s| s.settle(&items, true, now_ms()));
         if self.unknown_jails.remove(jail) {
             tracing::info!(jail = %jail, "local jail exists now, applying its events");
@@ -966,6 +1009,91 @@ mod tests {
             "{}",
             logs.text()
         );
+    }
+
+    /// An event of event jail `jail` for address `ip(n)`, applied in "cluster".
+    fn in_cluster(id: u128, jail: &str, action: Action, n: u32) -> Item {
+        Item::new(
+            JailName::new("cluster").unwrap(),
+            Event::new(
+                EventId::from_u128(id),
+                NodeName::new("web2").unwrap(),
+                JailName::new(jail).unwrap(),
+                action,
+                ip(n),
+                1_763_702_000_000,
+            )
+            .unwrap(),
+            id as u64,
+        )
+    }
+
+    /// The next applied or skipped notice: (action or reason, address).
+    async fn outcome(rig: &mut Rig) -> (String, IpAddr) {
+        loop {
+            match rig.next().await {
+                Notice::Applied { action, ip, .. } => return (action.to_string(), ip),
+                Notice::Skipped { reason, ip, .. } => return (reason.to_string(), ip),
+                _ => {}
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unban_of_one_jail_keeps_another_jails_ban_in_the_shared_local_jail() {
+        let mut rig = Rig::new(ok(), None, MAX_BATCH, 1000);
+        // (a) applied ban of sshd, then an unban of nginx: the local ban stays.
+        rig.push(in_cluster(1, "sshd", Action::Ban, 1));
+        assert_eq!(outcome(&mut rig).await, ("ban".into(), ip(1)));
+        rig.push(in_cluster(2, "nginx", Action::Unban, 1));
+        assert_eq!(
+            outcome(&mut rig).await,
+            ("held_by_other_jail".into(), ip(1))
+        );
+        // The last holder's unban is applied.
+        rig.push(in_cluster(3, "sshd", Action::Unban, 1));
+        assert_eq!(outcome(&mut rig).await, ("unban".into(), ip(1)));
+        // (b) a waiting ban of sshd is not replaced by an unban of nginx.
+        rig.push(in_cluster(4, "sshd", Action::Ban, 2));
+        rig.push(in_cluster(5, "nginx", Action::Unban, 2));
+        let mut got = vec![outcome(&mut rig).await, outcome(&mut rig).await];
+        got.sort();
+        assert_eq!(
+            got,
+            [("ban".into(), ip(2)), ("held_by_other_jail".into(), ip(2))]
+        );
+        // Two holders: each unban but the last keeps the ban.
+        rig.push(in_cluster(6, "nginx", Action::Ban, 3));
+        rig.push(in_cluster(7, "sshd", Action::Ban, 3));
+        assert_eq!(outcome(&mut rig).await, ("ban".into(), ip(3)));
+        assert_eq!(outcome(&mut rig).await, ("ban".into(), ip(3)));
+        rig.push(in_cluster(8, "sshd", Action::Unban, 3));
+        assert_eq!(
+            outcome(&mut rig).await,
+            ("held_by_other_jail".into(), ip(3))
+        );
+        rig.push(in_cluster(9, "nginx", Action::Unban, 3));
+        assert_eq!(outcome(&mut rig).await, ("unban".into(), ip(3)));
+        let unbans: Vec<Vec<IpAddr>> = rig
+            .calls()
+            .into_iter()
+            .filter(|c| c.2 == Action::Unban)
+            .map(|c| c.3)
+            .collect();
+        assert_eq!(unbans, [vec![ip(1)], vec![ip(3)]]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_ban_jail_jails_are_independent() {
+        let mut rig = Rig::new(ok(), None, MAX_BATCH, 1000);
+        let mut a = in_cluster(1, "sshd", Action::Ban, 1);
+        a.jail = JailName::new("sshd").unwrap();
+        let mut b = in_cluster(2, "nginx", Action::Unban, 1);
+        b.jail = JailName::new("nginx").unwrap();
+        rig.push(a);
+        assert_eq!(outcome(&mut rig).await, ("ban".into(), ip(1)));
+        rig.push(b);
+        assert_eq!(outcome(&mut rig).await, ("unban".into(), ip(1)));
     }
 
     #[tokio::test(start_paused = true)]

@@ -28,6 +28,9 @@ pub enum SkipReason {
     IgnoreIpOfJail,
     /// A ban whose expiry (as a snapshot told it) has passed.
     Expired,
+    /// An unban from one jail while another jail's ban holds the same address in
+    /// the same local jail (`ban_jail`): the local ban stays.
+    HeldByOtherJail,
 }
 
 impl SkipReason {
@@ -40,6 +43,7 @@ impl SkipReason {
             SkipReason::LocalAddress => "local_address",
             SkipReason::IgnoreIpOfJail => "ignoreip_of_jail",
             SkipReason::Expired => "expired",
+            SkipReason::HeldByOtherJail => "held_by_other_jail",
         }
     }
 }

@@ -266,6 +266,13 @@ impl Subscriber {
         })?;
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let shared = Shared::new(config.queue_size);
+        {
+            let held = state.with(|s| s.held_in_other_jails());
+            let mut p = shared.lock();
+            for (local, jail, ip) in held {
+                p.held(local, jail, ip);
+            }
+        }
         if !waiting.is_empty() {
             tracing::info!(
                 count = waiting.len(),

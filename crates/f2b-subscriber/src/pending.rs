@@ -1,8 +1,15 @@
 //! Events accepted by the filter and not yet applied: coalescing, batching,
 //! retry backoff and the queue bound. Pure (the caller passes the time).
 //!
-//! One entry per (local jail, address): a newer event for the same pair replaces the
-//! older one (the last action wins), so a burst of ban, unban, ban applies one ban.
+//! One entry per (local jail, event jail, address): a newer event for the same
+//! triple replaces the older one (the last action wins), so a burst of ban, unban,
+//! ban applies one ban. Events of different event jails never replace each other,
+//! even when `ban_jail` applies them in the same local jail.
+//!
+//! With `ban_jail`, several event jails can hold one (local jail, address): the
+//! queue knows which ones (bans applied, waiting, or being applied), and an unban
+//! from one jail is applied locally only when no other jail holds the address
+//! ([`Pending::held_elsewhere`]).
 //! Two kinds of delay keep a failing entry from being retried at once:
 //! - a *gate* per local jail, closed after a failure of a whole call (fail2ban-server
 //!   unreachable, jail unknown): nothing of that jail is tried before it opens;
@@ -10,7 +17,7 @@
 //!
 //! Both grow as [`backoff`] says and end at the first success.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -74,12 +81,17 @@ impl Item {
     }
 
     fn key(&self) -> Key {
-        (self.jail.clone(), self.event.ip)
+        (self.jail.clone(), self.event.jail.clone(), self.event.ip)
+    }
+
+    /// Whether the event's jail differs from the local jail (`ban_jail`).
+    fn shared_local(&self) -> bool {
+        self.jail != self.event.jail
     }
 }
 
-/// A queue entry's key: (local jail, address).
-pub type Key = (JailName, IpAddr);
+/// A queue entry's key: (local jail, event jail, address).
+pub type Key = (JailName, JailName, IpAddr);
 
 /// An entry taken out of the queue, to be applied and then dropped (success) or
 /// handed back ([`Pending::retry`], [`Pending::requeue`]).
@@ -122,6 +134,11 @@ pub struct Pending {
     order: BTreeMap<u64, Key>,
     next_order: u64,
     gates: HashMap<JailName, Gate>,
+    /// Entries taken by the executor and not settled or handed back yet.
+    in_flight: HashMap<Key, Item>,
+    /// Bans applied in a local jail other than their event's jail: per (local
+    /// jail, address), the event jails that hold it.
+    applied: HashMap<(JailName, IpAddr), HashSet<JailName>>,
     capacity: usize,
     dropped: u64,
     closed: bool,
@@ -135,6 +152,8 @@ impl Pending {
             order: BTreeMap::new(),
             next_order: 0,
             gates: HashMap::new(),
+            in_flight: HashMap::new(),
+            applied: HashMap::new(),
             capacity: capacity.max(1),
             dropped: 0,
             closed: false,
@@ -242,6 +261,7 @@ impl Pending {
             .filter_map(|order| {
                 let key = self.order.remove(&order)?;
                 let e = self.entries.remove(&key)?;
+                self.in_flight.insert(key, e.item.clone());
                 Some(Taken {
                     item: e.item,
                     attempts: e.attempts,
@@ -264,6 +284,7 @@ impl Pending {
 
     fn put_back(&mut self, taken: Taken, not_before: Instant) -> Vec<Item> {
         let key = taken.item.key();
+        self.in_flight.remove(&key);
         if self.entries.contains_key(&key) {
             // A newer event for the same (jail, address) arrived meanwhile: it wins.
             return Vec::new();
@@ -297,6 +318,72 @@ impl Pending {
             dropped.extend(self.put_back(t, now));
         }
         dropped
+    }
+
+    /// Records that a taken entry is settled: applied (`applied`) or given up. An
+    /// applied ban in a local jail other than its event's jail makes that jail a
+    /// holder of the (local jail, address); an unban (applied or not) ends it.
+    pub fn settled(&mut self, item: &Item, applied: bool) {
+        let key = item.key();
+        if self
+            .in_flight
+            .get(&key)
+            .is_some_and(|i| i.event.id == item.event.id)
+        {
+            self.in_flight.remove(&key);
+        }
+        if !item.shared_local() {
+            return;
+        }
+        let local = (item.jail.clone(), item.ip());
+        match item.action() {
+            Action::Ban if applied => {
+                self.applied
+                    .entry(local)
+                    .or_default()
+                    .insert(item.event.jail.clone());
+            }
+            Action::Ban => {}
+            Action::Unban => {
+                if let Some(set) = self.applied.get_mut(&local) {
+                    set.remove(&item.event.jail);
+                    if set.is_empty() {
+                        self.applied.remove(&local);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records a ban applied before (the state's held bans, at start) in `local`
+    /// for event jail `jail`.
+    pub fn held(&mut self, local: JailName, jail: JailName, ip: IpAddr) {
+        if local != jail {
+            self.applied.entry((local, ip)).or_default().insert(jail);
+        }
+    }
+
+    /// Whether an event jail other than `item`'s holds `item`'s (local jail,
+    /// address): a ban of it applied, waiting, or being applied. Always false
+    /// without `ban_jail` (the local jail is the event's jail).
+    pub fn held_elsewhere(&self, item: &Item) -> bool {
+        if !item.shared_local() {
+            return false;
+        }
+        let (local, jail, ip) = (&item.jail, &item.event.jail, item.ip());
+        let other_ban = |i: &Item| {
+            i.action() == Action::Ban && i.jail == *local && i.ip() == ip && i.event.jail != *jail
+        };
+        self.applied
+            .get(&(local.clone(), ip))
+            .is_some_and(|s| s.iter().any(|j| j != jail))
+            || self.entries.values().any(|e| other_ban(&e.item))
+            || self.in_flight.values().any(other_ban)
+    }
+
+    /// The entries being applied (taken, not settled or handed back).
+    pub fn in_flight(&self) -> impl Iterator<Item = &Item> {
+        self.in_flight.values()
     }
 
     /// Records a failure of a whole call for `jail`: closes its gate for the next
@@ -427,6 +514,32 @@ mod tests {
                 ("cluster".into(), Action::Ban, 5),
             ]
         );
+    }
+
+    fn in_cluster(id: u128, jail: &str, action: Action, ip: &str) -> Item {
+        let mut i = item(id, "cluster", action, ip);
+        i.event.jail = JailName::new(jail).unwrap();
+        i
+    }
+
+    #[test]
+    fn events_of_other_jails_do_not_replace_each_other_in_a_shared_local_jail() {
+        let now = Instant::now();
+        let mut p = Pending::new(100);
+        p.push(in_cluster(1, "sshd", Action::Ban, "203.0.113.1"), now);
+        p.push(in_cluster(2, "nginx", Action::Unban, "203.0.113.1"), now);
+        assert_eq!(p.len(), 2);
+        let unban = in_cluster(3, "nginx", Action::Unban, "203.0.113.1");
+        assert!(p.held_elsewhere(&unban));
+        let taken = p.take_ready(now, MAX_BATCH);
+        // Being applied still holds it.
+        assert!(p.held_elsewhere(&unban));
+        p.settled(&taken[0].item, true);
+        p.settled(&taken[1].item, false);
+        // Applied holds it.
+        assert!(p.held_elsewhere(&unban));
+        p.settled(&in_cluster(4, "sshd", Action::Unban, "203.0.113.1"), true);
+        assert!(!p.held_elsewhere(&unban));
     }
 
     #[test]

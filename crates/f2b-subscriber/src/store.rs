@@ -6,7 +6,7 @@
 //!
 //! - `events`: every event accepted for application (past the filter), by id, with
 //!   its state: `pending` (queued, not applied yet) or `done` (applied, skipped by
-//!   the executor, or replaced by a later event of the same local jail and
+//!   the executor, or replaced by a later event of the same local jail, event jail and
 //!   address). Pending rows are queued again at start; done rows make a
 //!   re-received event (the same broadcast again, or the same ban listed in a
 //!   snapshot) a duplicate.
@@ -473,7 +473,7 @@ impl Store {
     }
 
     /// Records that `items` are settled: applied (`applied`: the held bans are
-    /// updated), or given up (skipped or dropped). Pending rows of the same local
+    /// updated), or given up (skipped). Pending rows of the same local jail, event
     /// jail and address recorded before each item are settled too (the queue
     /// replaced them with it).
     pub fn settle(&mut self, items: &[Item], applied: bool, now_ms: u64) -> Result<(), StoreError> {
@@ -488,13 +488,14 @@ impl Store {
             insert(&tx, item, "done", now_ms).map_err(sql("record an event"))?;
             tx.execute(
                 "UPDATE events SET state = 'done', done_ms = ?2 WHERE state = 'pending' \
-                 AND local_jail = ?3 AND ip = ?4 \
+                 AND local_jail = ?3 AND ip = ?4 AND jail = ?5 \
                  AND rowid <= (SELECT rowid FROM events WHERE id = ?1)",
                 params![
                     e.id.to_string(),
                     sql_int(now_ms),
                     item.jail.as_str(),
-                    e.ip.to_string()
+                    e.ip.to_string(),
+                    e.jail.as_str()
                 ],
             )
             .map_err(sql("settle an event"))?;
@@ -556,6 +557,34 @@ impl Store {
                 Err(why) => {
                     tracing::warn!(path = %self.path.display(), why, "held ban in the state is invalid, ignored");
                 }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The held bans applied in a local jail other than their event's jail
+    /// (`ban_jail`): (local jail, event jail, address).
+    pub fn held_in_other_jails(&self) -> Result<Vec<(JailName, JailName, IpAddr)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT local_jail, jail, ip FROM held WHERE local_jail != jail")
+            .map_err(self.sql("read the held bans"))?;
+        let mut rows = stmt.query([]).map_err(self.sql("read the held bans"))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(self.sql("read the held bans"))? {
+            let (Ok(local), Ok(jail), Ok(ip)) = (
+                row.get::<_, String>(0),
+                row.get::<_, String>(1),
+                row.get::<_, String>(2),
+            ) else {
+                continue;
+            };
+            if let (Ok(local), Ok(jail), Ok(ip)) = (
+                JailName::new(&local),
+                JailName::new(&jail),
+                f2b_proto::event::parse_ip(&ip),
+            ) {
+                out.push((local, jail, ip));
             }
         }
         Ok(out)
