@@ -74,7 +74,9 @@ fn log_dropped(
     if dropped.is_empty() {
         return;
     }
-    state.with(|s| s.settle(&dropped, false, now_ms()));
+    // Forgotten, not settled: a later snapshot or broadcast of the same event
+    // must not count as a duplicate.
+    state.with(|s| s.forget_dropped(&dropped));
     for item in dropped {
         notices.send(Notice::Dropped {
             jail: item.jail.clone(),
@@ -1094,6 +1096,29 @@ mod tests {
         assert_eq!(outcome(&mut rig).await, ("ban".into(), ip(1)));
         rig.push(b);
         assert_eq!(outcome(&mut rig).await, ("unban".into(), ip(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropped_events_are_not_known_afterwards() {
+        let script: Script = Box::new(|_, _| Err(CallError::new(FailureScope::Call, "down")));
+        let mut rig = Rig::new(script, None, MAX_BATCH, 1);
+        let first = item(1, "cluster", Action::Ban);
+        let id = first.event.id;
+        rig.state.with(|s| s.add_pending(&first, now_ms()));
+        assert!(rig.state.with(|s| s.known(id)));
+        rig.push(first);
+        let second = item(2, "cluster", Action::Ban);
+        rig.state.with(|s| s.add_pending(&second, now_ms()));
+        rig.push(second);
+        loop {
+            if let Notice::Dropped { ip: dropped, .. } = rig.next().await {
+                assert_eq!(dropped, ip(1));
+                break;
+            }
+        }
+        // A later snapshot or re-broadcast of it is not a duplicate.
+        assert!(!rig.state.with(|s| s.known(id)));
+        assert_eq!(rig.state.with(|s| s.counts()).pending, 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -538,6 +538,40 @@ impl Store {
         tx.commit().map_err(sql("commit"))
     }
 
+    /// Forgets `items`, dropped from the queue unapplied (queue_size), and the
+    /// pending rows of the same local jail, event jail and address recorded before
+    /// each (the queue had replaced them with it): their ids are not known, so the
+    /// same ban listed by a later snapshot or broadcast again is applied.
+    pub fn forget_dropped(&mut self, items: &[Item]) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let sql = move |source| StoreError::Sql {
+            path: path.clone(),
+            what: "forget dropped events",
+            source,
+        };
+        let tx = self.conn.transaction().map_err(&sql)?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "DELETE FROM events WHERE state = 'pending' AND local_jail = ?2 \
+                     AND jail = ?3 AND ip = ?4 \
+                     AND rowid <= (SELECT rowid FROM events WHERE id = ?1)",
+                )
+                .map_err(&sql)?;
+            for item in items {
+                let e = &item.event;
+                stmt.execute(params![
+                    e.id.to_string(),
+                    item.jail.as_str(),
+                    e.jail.as_str(),
+                    e.ip.to_string()
+                ])
+                .map_err(&sql)?;
+            }
+        }
+        tx.commit().map_err(&sql)
+    }
+
     /// The held bans applied from `epoch`.
     pub fn held(&self, epoch: Epoch) -> Result<Vec<Held>, StoreError> {
         let mut stmt = self
