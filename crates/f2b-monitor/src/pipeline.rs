@@ -23,6 +23,16 @@
 //!    and so is a chunk whose position was not yet renamed into place when the
 //!    machine crashed.
 //!
+//! A failed write of the queue file (a full disk) is logged, not fatal: the
+//! chunk still goes to the sender (the cluster keeps getting the bans) and its
+//! events stay pending in the [`StateStore`], which retries them with the next
+//! write, rewriting the queue file whole ([`StateStore::add_all`]). The position
+//! is saved only after a write that put every pending event on the disk; until
+//! then it stays where it was, before the failed chunk's lines. So after a crash
+//! each event is either in the queue file (resent with its id) or read again
+//! from the log (sent under a new id); an event answered meanwhile needs
+//! neither. A failed save of the position is retried at the next commit.
+//!
 //! The file writes run on tokio's blocking threads, never on the async workers.
 
 use std::collections::BTreeMap;
@@ -224,7 +234,7 @@ impl Pipeline {
         self.room.try_take(fits);
         let position = self.resume_point(progress, dropped.first().map(|e| e.1));
         let chunk: Vec<Event> = to_send.into_iter().map(|(e, _)| e).collect();
-        self.commit(chunk.clone(), position).await?;
+        self.commit(chunk.clone(), position, progress).await?;
         for ev in chunk {
             if events.try_send(ev).is_err() {
                 break;
@@ -288,7 +298,7 @@ impl Pipeline {
             sent += chunk.len();
             let next = first_left[sent];
             let position = self.resume_point(progress, (next != u64::MAX).then_some(next));
-            self.commit(chunk.clone(), position).await?;
+            self.commit(chunk.clone(), position, progress).await?;
             for ev in chunk {
                 // The room bounds the queue, so this does not wait.
                 if events.send(ev).await.is_err() {
@@ -298,7 +308,7 @@ impl Pipeline {
         }
         if sent == 0 {
             let position = self.resume_point(progress, None);
-            self.commit(Vec::new(), position).await?;
+            self.commit(Vec::new(), position, progress).await?;
         }
         if self.room.available() >= self.resume_at() {
             self.resumed(pauses);
@@ -324,16 +334,19 @@ impl Pipeline {
         if progress.saved.as_ref() == Some(&position) {
             return None;
         }
-        progress.saved = Some(position.clone());
         Some(position)
     }
 
     /// Writes `events` to the queue file (synced) and then `position`, on a
-    /// blocking thread. A failure is logged, not fatal.
+    /// blocking thread. A failure is logged, not fatal, and never moves the
+    /// position: it is saved only once every pending event is in the queue file
+    /// (see the module documentation), and recorded in `progress` only once
+    /// saved.
     async fn commit(
         &self,
         events: Vec<Event>,
         position: Option<Vec<FilePos>>,
+        progress: &mut Progress,
     ) -> Result<(), MonitorError> {
         let Some(state) = self.state.clone() else {
             return Ok(());
@@ -346,23 +359,33 @@ impl Pipeline {
             position,
             info_seen: self.filter.info_seen(),
         };
-        tokio::task::spawn_blocking(move || {
+        let saved = tokio::task::spawn_blocking(move || {
             let mut st = match state.lock() {
                 Ok(st) => st,
                 Err(poisoned) => poisoned.into_inner(),
             };
+            // `add_all` is `Ok` only once every pending event is on the disk,
+            // also those of an earlier failed write.
             let r = st
                 .add_all(&commit.events)
                 .and_then(|()| match &commit.position {
-                    Some(p) => st.save_position(p, commit.info_seen),
-                    None => Ok(()),
+                    Some(p) => st.save_position(p, commit.info_seen).map(|()| Some(p)),
+                    None => Ok(None),
                 });
-            if let Err(e) = r {
-                warn_state(&e);
+            match r {
+                Ok(saved) => saved.cloned(),
+                Err(e) => {
+                    warn_state(&e);
+                    None
+                }
             }
         })
         .await
-        .map_err(|e| MonitorError::task("state", e))
+        .map_err(|e| MonitorError::task("state", e))?;
+        if saved.is_some() {
+            progress.saved = saved;
+        }
+        Ok(())
     }
 
     /// How many free places end an episode of backpressure.
@@ -515,5 +538,186 @@ mod tests {
         p.advance(new);
         p.checkpoint(7, false);
         assert_eq!(p.resume_point(Some(7)), Some(vec![at(500), new]));
+    }
+
+    /// Failed writes of the state files, injected: no event read may be lost
+    /// to a crash after them, and nothing panics.
+    mod failed_writes {
+        use std::fs::OpenOptions;
+        use std::io::Write;
+        use std::path::PathBuf;
+        use std::time::Duration;
+
+        use super::*;
+        use crate::state::Saved;
+        use crate::tail::Tailer;
+
+        fn node() -> NodeName {
+            NodeName::new("web1").unwrap()
+        }
+
+        fn ban(ip: &str) -> String {
+            format!(
+                "2026-11-21 04:52:53,446 fail2ban.actions        [4994]: NOTICE  [sshd] Ban {ip}\n"
+            )
+        }
+
+        /// A log file, its tailer, the state store and a pipeline between them.
+        struct Rig {
+            _dir: tempfile::TempDir,
+            log: PathBuf,
+            state_dir: PathBuf,
+            tailer: Tailer,
+            state: Arc<Mutex<StateStore>>,
+            lines: mpsc::Sender<Batch>,
+            events: mpsc::Receiver<Event>,
+            task: tokio::task::JoinHandle<Result<(), MonitorError>>,
+        }
+
+        impl Rig {
+            /// As after a first run that saved its position at the end of an
+            /// empty log.
+            fn start() -> Rig {
+                let dir = tempfile::tempdir().unwrap();
+                let log = dir.path().join("fail2ban.log");
+                std::fs::write(&log, "").unwrap();
+                let state_dir = dir.path().join("state");
+                let tailer = Tailer::at_end(&log, Instant::now()).unwrap();
+                let (mut store, _) = StateStore::open(&state_dir, &node(), &log).unwrap();
+                store.save_position(&tailer.position(), false).unwrap();
+                let state = Arc::new(Mutex::new(store));
+                let pipeline = Pipeline {
+                    node: node(),
+                    ignore_jails: Vec::new(),
+                    state: Some(state.clone()),
+                    room: Arc::new(Room::new(16, 0)),
+                    filter: StopFilter::default(),
+                };
+                let (lines, line_rx) = mpsc::channel(8);
+                let (event_tx, events) = mpsc::channel(16);
+                let task = tokio::spawn(pipeline.process(
+                    tailer.position(),
+                    line_rx,
+                    event_tx,
+                    CancellationToken::new(),
+                ));
+                Rig {
+                    _dir: dir,
+                    log,
+                    state_dir,
+                    tailer,
+                    state,
+                    lines,
+                    events,
+                    task,
+                }
+            }
+
+            fn faults(&self, f: impl FnOnce(&mut crate::state::Faults)) {
+                f(&mut self.state.lock().unwrap().faults);
+            }
+
+            /// Appends `text` to the log and hands what the tailer reads to the
+            /// pipeline.
+            async fn append(&mut self, text: &str) {
+                OpenOptions::new()
+                    .append(true)
+                    .open(&self.log)
+                    .unwrap()
+                    .write_all(text.as_bytes())
+                    .unwrap();
+                let (mut lines, mut changes) = (Vec::new(), Vec::new());
+                self.tailer
+                    .read(Instant::now(), &mut lines, &mut changes)
+                    .unwrap();
+                let position = self.tailer.position();
+                self.lines.send(Batch { lines, position }).await.unwrap();
+            }
+
+            /// The next event handed to the sender.
+            async fn event(&mut self) -> Event {
+                tokio::time::timeout(Duration::from_secs(10), self.events.recv())
+                    .await
+                    .expect("an event within 10 s")
+                    .expect("the pipeline is running")
+            }
+
+            /// Stops the pipeline (as a crash would, with no answer from the
+            /// publisher), then opens the state as the next start does and
+            /// reads the log from the saved position: what was left, and the
+            /// lines read again.
+            async fn restart(self) -> (Saved, Vec<String>) {
+                let Rig {
+                    _dir,
+                    log,
+                    state_dir,
+                    lines,
+                    state,
+                    task,
+                    ..
+                } = self;
+                drop(lines);
+                task.await.unwrap().unwrap();
+                drop(state);
+                let (_store, saved) = StateStore::open(&state_dir, &node(), &log).unwrap();
+                let position = saved.position.clone().expect("a saved position");
+                let mut tailer = Tailer::resume(&log, &position, Instant::now()).unwrap();
+                let (mut lines, mut changes) = (Vec::new(), Vec::new());
+                tailer
+                    .read(Instant::now(), &mut lines, &mut changes)
+                    .unwrap();
+                (saved, lines.into_iter().map(|l| l.text + "\n").collect())
+            }
+        }
+
+        #[tokio::test]
+        async fn a_failed_journal_write_is_retried_with_the_next_chunk() {
+            let mut rig = Rig::start();
+            // The disk is full for one write, half of which lands.
+            rig.faults(|f| f.journal = 1);
+            rig.append(&ban("192.0.2.1")).await;
+            let first = rig.event().await;
+            rig.append(&ban("192.0.2.2")).await;
+            let second = rig.event().await;
+            let (saved, again) = rig.restart().await;
+            // Chunk 2's write put chunk 1 on the disk too (same id, same
+            // order): the position may be past both lines.
+            assert_eq!(saved.pending, [first, second]);
+            assert!(again.is_empty(), "read again: {again:?}");
+        }
+
+        #[tokio::test]
+        async fn while_the_journal_fails_the_position_stays_before_the_lines() {
+            let mut rig = Rig::start();
+            // The disk stays full for the journal; the position still saves.
+            rig.faults(|f| f.journal = u32::MAX);
+            rig.append(&ban("192.0.2.1")).await;
+            // Delivered from memory all the same.
+            assert_eq!(rig.event().await.ip.to_string(), "192.0.2.1");
+            rig.append(&ban("192.0.2.2")).await;
+            assert_eq!(rig.event().await.ip.to_string(), "192.0.2.2");
+            // A line with no event: only the position would move.
+            let found = "2026-11-21 04:52:54,000 fail2ban.filter         [4994]: INFO    [sshd] Found 192.0.2.3\n";
+            rig.append(found).await;
+            let (saved, again) = rig.restart().await;
+            assert!(saved.pending.is_empty());
+            // Not past the failed chunks' lines: the next start reads them again.
+            assert_eq!(
+                again,
+                [ban("192.0.2.1"), ban("192.0.2.2"), found.to_owned()]
+            );
+        }
+
+        #[tokio::test]
+        async fn a_failed_position_save_is_retried() {
+            let mut rig = Rig::start();
+            rig.faults(|f| f.position = 1);
+            rig.append(&ban("192.0.2.1")).await;
+            let first = rig.event().await;
+            let (saved, again) = rig.restart().await;
+            assert_eq!(saved.pending, [first]);
+            // Saved at shutdown, though it had been computed before.
+            assert!(again.is_empty(), "read again: {again:?}");
+        }
     }
 }

@@ -19,7 +19,11 @@
 //!   the machine; answers are not (an answer lost is a resend the publisher
 //!   recognises). The file is emptied whenever nothing is pending and rewritten
 //!   with only the pending events when it grows large. The monitor keeps at most
-//!   `[monitor] queue_size` events pending.
+//!   `[monitor] queue_size` events pending. After a failed write (a full disk)
+//!   the events stay pending in memory, a partial line is cut off, and the next
+//!   [`StateStore::add_all`] rewrites the journal whole; it returns `Ok` only
+//!   when every pending event is on the disk, and the position is saved only
+//!   after that.
 //! - `<key>.lock`: held with `flock(2)` by the monitor using the files (the lock
 //!   goes with the process, so a crash or a reboot leaves no stale lock); holds
 //!   its process id, for the error message of a second monitor.
@@ -75,6 +79,36 @@ pub struct StateStore {
     queue_len: u64,
     /// Ids and journal lines of the events not yet answered.
     pending: VecDeque<(EventId, String)>,
+    /// How many of the last `pending` events are not (known to be) on the disk:
+    /// their write or its sync failed.
+    unwritten: usize,
+    /// A write failed: the journal file may miss lines or end in a partial one,
+    /// so it is rewritten whole (from `pending`) before anything is appended.
+    rewrite: bool,
+    /// Writes to fail, for the tests.
+    #[cfg(test)]
+    pub(crate) faults: Faults,
+}
+
+/// Failures to inject into the next writes (tests only): each count is how many
+/// of the next journal writes or position saves fail with `ENOSPC`; a failing
+/// journal append writes half of its bytes first, as a full disk may.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct Faults {
+    pub journal: u32,
+    pub position: u32,
+}
+
+#[cfg(test)]
+impl Faults {
+    fn take(n: &mut u32) -> io::Result<()> {
+        if *n == 0 {
+            return Ok(());
+        }
+        *n -= 1;
+        Err(io::Error::from(nix::errno::Errno::ENOSPC))
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
@@ -130,6 +164,10 @@ impl StateStore {
             queue,
             queue_len: text.len() as u64,
             pending,
+            unwritten: 0,
+            rewrite: false,
+            #[cfg(test)]
+            faults: Faults::default(),
         };
         Ok((
             store,
@@ -148,24 +186,59 @@ impl StateStore {
 
     /// Records a queued event (not synced: see [`StateStore::add_all`]).
     pub fn add(&mut self, event: &Event) -> Result<(), StateError> {
-        let line = format!(
-            "+{}",
-            String::from_utf8_lossy(&Request::Report(event.clone()).encode())
-        );
-        self.append(&line)?;
-        self.pending.push_back((event.id, line));
-        Ok(())
+        self.push(event);
+        self.flush(false)
     }
 
     /// Records queued events and syncs the journal to the disk, so they survive a
     /// crash of the machine.
+    ///
+    /// `Ok` means every pending event is on the disk, also those of an earlier
+    /// call that failed (a full disk): each call first retries them (rewriting
+    /// the journal whole after a failed write), so a position saved after an `Ok`
+    /// is never past the line of an event that is neither on the disk nor
+    /// answered. On an error the events stay pending in memory, and
+    /// [`StateStore::done`] for them is fine.
     pub fn add_all(&mut self, events: &[Event]) -> Result<(), StateError> {
         for e in events {
-            self.add(e)?;
+            self.push(e);
         }
-        if !events.is_empty() {
-            self.queue.sync_data().map_err(io_err(&self.queue_path))?;
+        self.flush(true)
+    }
+
+    fn push(&mut self, event: &Event) {
+        let line = format!(
+            "+{}",
+            String::from_utf8_lossy(&Request::Report(event.clone()).encode())
+        );
+        self.pending.push_back((event.id, line));
+        self.unwritten += 1;
+    }
+
+    /// Puts the pending events not on the disk yet there: appended, or after a
+    /// failed write by rewriting the journal; synced if `sync`.
+    fn flush(&mut self, sync: bool) -> Result<(), StateError> {
+        if self.rewrite {
+            return self.compact();
         }
+        if self.unwritten == 0 {
+            return Ok(());
+        }
+        let first = self.pending.len().saturating_sub(self.unwritten);
+        let mut buf = Vec::new();
+        for (_, line) in self.pending.iter().skip(first) {
+            buf.extend_from_slice(line.as_bytes());
+            buf.push(b'\n');
+        }
+        self.append(&buf)?;
+        if sync {
+            if let Err(e) = self.queue.sync_data() {
+                // Whether the lines reached the disk is unknown: rewrite.
+                self.rewrite = true;
+                return Err(io_err(&self.queue_path)(e));
+            }
+        }
+        self.unwritten = 0;
         Ok(())
     }
 
@@ -174,13 +247,19 @@ impl StateStore {
         let Some(i) = self.pending.iter().position(|(p, _)| *p == id) else {
             return Ok(());
         };
+        if i >= self.pending.len().saturating_sub(self.unwritten) {
+            self.unwritten -= 1;
+        }
         self.pending.remove(i);
         if self.pending.is_empty() {
-            self.queue.set_len(0).map_err(io_err(&self.queue_path))?;
+            if let Err(e) = self.queue.set_len(0) {
+                self.rewrite = true;
+                return Err(io_err(&self.queue_path)(e));
+            }
             self.queue_len = 0;
             return Ok(());
         }
-        self.append(&format!("-{id}"))?;
+        self.append(format!("-{id}\n").as_bytes())?;
         if self.queue_len > COMPACT_AT {
             self.compact()?;
         }
@@ -195,21 +274,43 @@ impl StateStore {
             .map(|f| serde_json::json!({"dev": f.dev, "ino": f.ino, "offset": f.offset}))
             .collect();
         let text = serde_json::json!({ "files": files, "info_seen": info_seen }).to_string();
+        #[cfg(test)]
+        Faults::take(&mut self.faults.position).map_err(io_err(&self.position_path))?;
         replace(&self.dir, &self.position_path, text.as_bytes())
     }
 
-    fn append(&mut self, line: &str) -> Result<(), StateError> {
-        let mut buf = Vec::with_capacity(line.len() + 1);
-        buf.extend_from_slice(line.as_bytes());
-        buf.push(b'\n');
-        self.queue
-            .write_all(&buf)
-            .map_err(io_err(&self.queue_path))?;
-        self.queue_len += buf.len() as u64;
-        Ok(())
+    /// Appends whole lines to the journal. On a failure the file is cut back to
+    /// its last whole line (best effort: a full disk may have taken part of the
+    /// bytes) and marked for a rewrite.
+    fn append(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+        match self.write_journal(bytes) {
+            Ok(()) => {
+                self.queue_len += bytes.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.queue.set_len(self.queue_len);
+                self.rewrite = true;
+                Err(io_err(&self.queue_path)(e))
+            }
+        }
     }
 
+    fn write_journal(&mut self, bytes: &[u8]) -> io::Result<()> {
+        #[cfg(test)]
+        if self.faults.journal > 0 {
+            let _ = self.queue.write_all(&bytes[..bytes.len() / 2]);
+            return Faults::take(&mut self.faults.journal);
+        }
+        self.queue.write_all(bytes)
+    }
+
+    /// Rewrites the journal with only the pending events (durably); clears a
+    /// failed write's marks once the new file is in place and open.
     fn compact(&mut self) -> Result<(), StateError> {
+        self.rewrite = true;
+        #[cfg(test)]
+        Faults::take(&mut self.faults.journal).map_err(io_err(&self.queue_path))?;
         let text = journal_text(&self.pending);
         replace(&self.dir, &self.queue_path, text.as_bytes())?;
         self.queue = OpenOptions::new()
@@ -217,6 +318,8 @@ impl StateStore {
             .open(&self.queue_path)
             .map_err(io_err(&self.queue_path))?;
         self.queue_len = text.len() as u64;
+        self.rewrite = false;
+        self.unwritten = 0;
         Ok(())
     }
 }
@@ -237,11 +340,14 @@ fn replace(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(".tmp");
     let tmp = PathBuf::from(tmp_name);
-    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(bytes).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    let written = File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        // Do not leave a partial file taking room on a full disk.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io_err(path)(e));
+    }
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(dir))
@@ -357,4 +463,80 @@ fn read_queue(path: &Path) -> Result<VecDeque<(EventId, String)>, StateError> {
         tracing::warn!(path = %path.display(), lines = bad, "skipped unreadable lines of the saved queue");
     }
     Ok(pending)
+}
+
+#[cfg(test)]
+mod tests {
+    use f2b_proto::{Action, JailName};
+
+    use super::*;
+
+    fn node() -> NodeName {
+        NodeName::new("web1").unwrap()
+    }
+
+    fn event(n: u128) -> Event {
+        Event::new(
+            EventId::from_u128(n),
+            node(),
+            JailName::new("sshd").unwrap(),
+            Action::Ban,
+            format!("192.0.2.{n}").parse().unwrap(),
+            1_763_702_000_000,
+        )
+        .unwrap()
+    }
+
+    fn ids(pending: &VecDeque<(EventId, String)>) -> Vec<EventId> {
+        pending.iter().map(|(id, _)| *id).collect()
+    }
+
+    #[test]
+    fn a_failed_journal_write_is_retried_and_leaves_no_partial_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Path::new("/var/log/fail2ban.log");
+        let (mut s, _) = StateStore::open(dir.path(), &node(), log).unwrap();
+        s.add_all(&[event(1)]).unwrap();
+        // A full disk takes half of the write.
+        s.faults.journal = 1;
+        assert!(s.add_all(&[event(2), event(3)]).is_err());
+        assert_eq!(s.pending(), 3, "still pending in memory");
+        // A crash now: the journal holds event 1, whole, and nothing cut.
+        assert_eq!(
+            ids(&read_queue(&s.queue_path).unwrap()),
+            [EventId::from_u128(1)]
+        );
+        // Event 2 is answered before it reached the disk; event 1 too.
+        s.done(EventId::from_u128(2)).unwrap();
+        s.done(EventId::from_u128(1)).unwrap();
+        s.add_all(&[event(4)]).unwrap();
+        let queue_path = s.queue_path.clone();
+        drop(s);
+        let (_, saved) = StateStore::open(dir.path(), &node(), log).unwrap();
+        assert_eq!(saved.pending, [event(3), event(4)]);
+        let tmp = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension() == Some("tmp".as_ref()))
+            .count();
+        assert_eq!(tmp, 0, "no temporary file left");
+        assert!(queue_path.exists());
+    }
+
+    #[test]
+    fn a_failed_position_save_keeps_the_last_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Path::new("/var/log/fail2ban.log");
+        let at = |offset| FilePos {
+            dev: 1,
+            ino: 2,
+            offset,
+        };
+        let (mut s, _) = StateStore::open(dir.path(), &node(), log).unwrap();
+        s.save_position(&[at(10)], false).unwrap();
+        s.faults.position = 1;
+        assert!(s.save_position(&[at(20)], false).is_err());
+        drop(s);
+        let (_, saved) = StateStore::open(dir.path(), &node(), log).unwrap();
+        assert_eq!(saved.position, Some(vec![at(10)]));
+    }
 }
