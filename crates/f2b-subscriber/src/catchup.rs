@@ -180,21 +180,27 @@ impl CatchUp {
     }
 
     /// Queues a broadcast received during a fetch. When the queue is full, the
-    /// fetch is abandoned and started again at once (the new snapshot will be newer
-    /// than everything queued): the queue is returned, to deliver as it is.
-    pub(crate) fn queue(&mut self, s: Sequenced) -> Option<Out> {
+    /// fetch is abandoned and started again after a backoff like a failed one (the
+    /// new snapshot will be newer than everything queued): the queue is returned,
+    /// to deliver as it is.
+    pub(crate) fn queue(&mut self, s: Sequenced, now: Instant) -> Option<Out> {
         let f = self.fetch.as_mut()?;
         f.queued.push(s);
         if f.queued.len() < self.queue_limit {
             return None;
         }
         let f = self.fetch.take()?;
+        let t = &mut self.targets[f.target];
+        t.attempts = t.attempts.saturating_add(1);
+        let delay = backoff(t.attempts);
+        t.next_try = now + delay;
+        t.wanted.get_or_insert(f.reason);
         tracing::warn!(
-            publisher = %self.targets[f.target].endpoint,
+            publisher = %t.endpoint,
             queued = f.queued.len(),
+            retry_in = ?delay,
             "too many broadcasts while fetching a snapshot (queue_size); delivering them and asking again"
         );
-        self.targets[f.target].wanted.get_or_insert(f.reason);
         Some(Out::Release(f.queued))
     }
 
@@ -398,6 +404,40 @@ fn send_page_request(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_queue_overflow_backs_off_before_asking_again() {
+        let ctx = zmq::Context::new();
+        let rep = new_socket(&ctx, zmq::REP).unwrap();
+        rep.bind("tcp://127.0.0.1:*").unwrap();
+        let endpoint = Endpoint::connect(&f2b_common::sockets::last_endpoint(&rep)).unwrap();
+        let mut c = CatchUp::new(&[endpoint], Vec::new(), SNAPSHOT_TIMEOUT, 2);
+        c.trigger(ResyncReason::Start);
+        let now = Instant::now();
+        assert!(c.step(&ctx, now).is_none());
+        assert!(c.fetching());
+        let s = |seq: u64| Sequenced {
+            seq,
+            epoch: Epoch(1),
+            event: f2b_proto::Event::new(
+                f2b_proto::EventId::from_u128(seq.into()),
+                f2b_proto::NodeName::new("web2").unwrap(),
+                JailName::new("sshd").unwrap(),
+                f2b_proto::Action::Ban,
+                "203.0.113.1".parse().unwrap(),
+                1_763_702_000_000,
+            )
+            .unwrap(),
+        };
+        assert!(c.queue(s(1), now).is_none());
+        assert!(matches!(c.queue(s(2), now), Some(Out::Release(q)) if q.len() == 2));
+        // Not asked again at once: after the first backoff.
+        assert!(c.step(&ctx, now).is_none());
+        assert!(!c.fetching());
+        assert_eq!(c.deadline(), Some(now + backoff(1)));
+        assert!(c.step(&ctx, now + backoff(1)).is_none());
+        assert!(c.fetching());
+    }
 
     #[test]
     fn reasons_print_as_logged() {

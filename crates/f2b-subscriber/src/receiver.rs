@@ -59,6 +59,8 @@ impl From<Sequenced> for Input {
 
 /// Epochs remembered for sequence tracking.
 const MAX_EPOCHS: usize = 16;
+/// The most messages read from the SUB socket per wake-up before polling again.
+pub(crate) const MAX_DRAIN: usize = 256;
 /// A heartbeat interval announced by a publisher is believed up to this value.
 const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(600);
 /// The link is dead after this many announced heartbeat intervals without a
@@ -509,7 +511,9 @@ impl Receiver {
             if !sub_ready {
                 continue;
             }
-            loop {
+            // At most MAX_DRAIN messages, then back to the poll: a backlog must not
+            // starve the shutdown socket, the fetch's deadline or its REQ socket.
+            for _ in 0..MAX_DRAIN {
                 // A connection made since the last look applies to what follows.
                 self.read_monitor(s.monitor.as_ref());
                 match recv_frames(&s.sub) {
@@ -611,7 +615,7 @@ impl Receiver {
                     "received"
                 );
                 if self.catchup.fetching() {
-                    match self.catchup.queue(s) {
+                    match self.catchup.queue(s, Instant::now()) {
                         Some(out) => self.deliver(out),
                         None => true,
                     }

@@ -343,3 +343,41 @@ async fn shutdown_bounds_an_action_that_hangs() {
         "{took:?}"
     );
 }
+
+#[tokio::test]
+async fn shutdown_is_prompt_under_a_flood_of_messages() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    // A publisher that sends heartbeats as fast as it can: the SUB socket never
+    // runs dry, yet the shutdown socket must still be looked at.
+    let ctx = f2b_common::zmq::Context::new();
+    let publ = f2b_common::sockets::new_socket(&ctx, f2b_common::zmq::PUB).unwrap();
+    publ.bind("tcp://127.0.0.1:*").unwrap();
+    let endpoint = f2b_common::sockets::last_endpoint(&publ);
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let hb = f2b_proto::Broadcast::Heartbeat(f2b_proto::Heartbeat {
+                seq: 0,
+                epoch: common::random_epoch(),
+                interval_ms: 100,
+            });
+            let (topic, payload) = (hb.topic(), hb.encode());
+            while !stop.load(Ordering::Relaxed) {
+                let _ = publ.send_multipart([&topic, &payload], f2b_common::zmq::DONTWAIT);
+            }
+        })
+    };
+    let (node, cfg) = config("web1", &endpoint, "action = \"none\"");
+    let mut sub = Running::start(node, cfg);
+    sub.connected().await;
+    // Let the backlog build up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = std::time::Instant::now();
+    sub.stop().await;
+    let took = t.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    flood.join().unwrap();
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
