@@ -258,8 +258,9 @@ impl Intake {
     ///    a sequence number up to the snapshot's, that the snapshot does not list
     ///    and no queued broadcast concerns, was unbanned (or expired) in the cluster
     ///    meanwhile: it is unbanned here (unless another held ban of another jail
-    ///    needs the same local jail and address); a pending ban in that situation
-    ///    is dropped;
+    ///    needs the same local jail and address, which the executor checks); a
+    ///    pending ban in that situation is dropped, and one being applied is
+    ///    followed by an unban;
     /// 3. the broadcasts queued during the fetch follow, except those of the
     ///    snapshot's epoch up to its sequence number, which it already reflects.
     fn resync(&mut self, r: Resync, drops: &mut RateLimit) {
@@ -357,11 +358,51 @@ impl Intake {
             });
             unbanned += 1;
         }
-        let stale = self.shared.lock().remove_where(|i| {
+        let is_gone = |i: &Item| {
             i.action() == Action::Ban
                 && i.epoch == Some(epoch)
                 && gone(&i.event.jail, i.event.ip, i.seq)
-        });
+        };
+        let (stale, flying) = {
+            let mut p = self.shared.lock();
+            let flying: Vec<Item> = p.in_flight().filter(|i| is_gone(i)).cloned().collect();
+            (p.remove_where(is_gone), flying)
+        };
+        // A ban being applied that the snapshot no longer lists: an unban follows
+        // it (it replaces the ban if the ban is handed back for a retry).
+        for b in flying {
+            let Some(id) = random_id() else {
+                tracing::warn!(jail = %b.event.jail, ip = %b.ip(), "cannot draw an event id; the unban is not applied");
+                continue;
+            };
+            let Ok(event) = Event::new(
+                id,
+                b.event.node.clone(),
+                b.event.jail.clone(),
+                Action::Unban,
+                b.ip(),
+                now.max(1),
+            ) else {
+                continue;
+            };
+            tracing::debug!(jail = %b.event.jail, ip = %b.ip(), node = %b.event.node, id = %b.event.id, "unbanned in the cluster while being applied");
+            if queue.iter().any(|q: &Item| {
+                q.action() == Action::Unban
+                    && q.jail == b.jail
+                    && q.event.jail == b.event.jail
+                    && q.ip() == b.ip()
+            }) {
+                continue;
+            }
+            queue.push(Item {
+                jail: b.jail,
+                event,
+                seq: r.seq,
+                epoch: Some(epoch),
+                expires_ms: None,
+            });
+            unbanned += 1;
+        }
         if !stale.is_empty() {
             unbanned += stale.len();
             self.state.with(|s| s.settle(&stale, false, now));
@@ -1119,6 +1160,58 @@ mod tests {
         // A later snapshot or re-broadcast of it is not a duplicate.
         assert!(!rig.state.with(|s| s.known(id)));
         assert_eq!(rig.state.with(|s| s.counts()).pending, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resync_unbans_a_ban_being_applied_that_it_does_not_list() {
+        let (state, _dir) = State::temp();
+        let shared = Shared::new(100);
+        let (_tx, rx) = mpsc::channel(1);
+        let mut intake = Intake {
+            rx,
+            filter: Filter::new(NodeName::new("web1").unwrap(), Vec::new()),
+            local: LocalAddresses::Fixed(Vec::new()),
+            ban_jail: Some(JailName::new("cluster").unwrap()),
+            shared: shared.clone(),
+            notices: Notices(None),
+            state,
+        };
+        let epoch = Epoch(7);
+        let mut ban = in_cluster(5, "sshd", Action::Ban, 1);
+        ban.epoch = Some(epoch);
+        let mut kept = in_cluster(6, "nginx", Action::Ban, 2);
+        kept.epoch = Some(epoch);
+        for i in [&ban, &kept] {
+            intake.state.with(|s| s.add_pending(i, now_ms()));
+            shared.lock().push(i.clone(), Instant::now());
+        }
+        // The executor took both and is applying them.
+        let taken = shared.lock().take_ready(Instant::now(), MAX_BATCH);
+        assert_eq!(taken.len(), 2);
+        let listed = f2b_proto::ActiveBan {
+            seq: kept.seq,
+            expires_ms: now_ms() + 3_600_000,
+            event: kept.event.clone(),
+        };
+        intake.resync(
+            Resync {
+                reason: crate::catchup::ResyncReason::Start,
+                endpoint: "tcp://127.0.0.1:1".into(),
+                epoch,
+                seq: 10,
+                jails: Vec::new(),
+                bans: vec![listed],
+                queued: Vec::new(),
+            },
+            &mut RateLimit::new(Duration::ZERO),
+        );
+        let queued = shared.lock().take_ready(Instant::now(), MAX_BATCH);
+        let got: Vec<(String, Action, IpAddr)> = queued
+            .iter()
+            .map(|t| (t.item.event.jail.to_string(), t.item.action(), t.item.ip()))
+            .collect();
+        assert_eq!(got, [("sshd".into(), Action::Unban, ip(1))]);
+        assert_eq!(queued[0].item.jail.as_str(), "cluster");
     }
 
     #[tokio::test(start_paused = true)]
