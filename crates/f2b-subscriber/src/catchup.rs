@@ -30,9 +30,10 @@ use crate::pending::backoff;
 
 /// How long one snapshot page may take to arrive.
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(5);
-/// The most bans one snapshot may list (a publisher that sends more is answered as
-/// a failure).
-pub const MAX_SNAPSHOT_BANS: usize = 1_000_000;
+/// The most bans of one snapshot kept in memory. A snapshot that lists more is
+/// cut there (with an error in the log): the bans kept are applied, and no held
+/// ban is unbanned for being absent from it (the absence proves nothing).
+pub const MAX_SNAPSHOT_BANS: usize = 200_000;
 
 /// Why a resync was started; the `reason=` of the `resync` line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -80,6 +81,9 @@ pub(crate) struct Resync {
     pub(crate) jails: Vec<JailName>,
     pub(crate) bans: Vec<ActiveBan>,
     pub(crate) queued: Vec<Sequenced>,
+    /// Whether bans were left out ([`MAX_SNAPSHOT_BANS`]): absence from `bans`
+    /// then proves nothing.
+    pub(crate) truncated: bool,
 }
 
 /// What the receive loop must pass on to the intake.
@@ -108,6 +112,8 @@ struct Fetch {
     cursor: Option<u64>,
     first: Option<(Epoch, u64)>,
     bans: Vec<ActiveBan>,
+    /// Bans left out for [`MAX_SNAPSHOT_BANS`].
+    left_out: usize,
     queued: Vec<Sequenced>,
     deadline: Instant,
 }
@@ -127,6 +133,8 @@ pub(crate) struct CatchUp {
     jails: Vec<JailName>,
     timeout: Duration,
     queue_limit: usize,
+    /// [`MAX_SNAPSHOT_BANS`] (smaller in tests).
+    max_bans: usize,
 }
 
 impl fmt::Debug for CatchUp {
@@ -161,6 +169,7 @@ impl CatchUp {
             jails,
             timeout,
             queue_limit: queue_limit.max(1),
+            max_bans: MAX_SNAPSHOT_BANS,
         }
     }
 
@@ -267,6 +276,7 @@ impl CatchUp {
             cursor: None,
             first: None,
             bans: Vec::new(),
+            left_out: 0,
             queued: Vec::new(),
             deadline: now + self.timeout,
         };
@@ -316,11 +326,10 @@ impl CatchUp {
             );
             return self.fail(Failure::Retry(why), now);
         }
-        if f.bans.len() + page.bans.len() > MAX_SNAPSHOT_BANS {
-            let why = format!("more than {MAX_SNAPSHOT_BANS} bans");
-            return self.fail(Failure::Retry(why), now);
-        }
-        f.bans.extend(page.bans);
+        let room = self.max_bans.saturating_sub(f.bans.len());
+        let count = page.bans.len();
+        f.bans.extend(page.bans.into_iter().take(room));
+        f.left_out = f.left_out.saturating_add(count.saturating_sub(room));
         match page.next {
             Some(next) if f.cursor.is_some_and(|c| next <= c) => {
                 let why = format!("the page cursor went back from {:?} to {next}", f.cursor);
@@ -338,6 +347,16 @@ impl CatchUp {
                 let f = self.fetch.take()?;
                 let t = &mut self.targets[f.target];
                 t.attempts = 0;
+                if f.left_out > 0 {
+                    tracing::error!(
+                        publisher = %t.endpoint,
+                        kept = f.bans.len(),
+                        left_out = f.left_out,
+                        max = self.max_bans,
+                        "snapshot lists more bans than this subscriber keeps: the first are applied, \
+                         the rest are not, and no ban is unbanned for being absent from it"
+                    );
+                }
                 Some(Out::Resync(Box::new(Resync {
                     reason: f.reason,
                     endpoint: t.endpoint.to_string(),
@@ -346,6 +365,7 @@ impl CatchUp {
                     jails: self.jails.clone(),
                     bans: f.bans,
                     queued: f.queued,
+                    truncated: f.left_out > 0,
                 })))
             }
         }
@@ -437,6 +457,63 @@ mod tests {
         assert_eq!(c.deadline(), Some(now + backoff(1)));
         assert!(c.step(&ctx, now + backoff(1)).is_none());
         assert!(c.fetching());
+    }
+
+    fn ban(n: u8) -> ActiveBan {
+        ActiveBan {
+            seq: n.into(),
+            expires_ms: 4_000_000_000_000,
+            event: f2b_proto::Event::new(
+                f2b_proto::EventId::from_u128(n.into()),
+                f2b_proto::NodeName::new("web2").unwrap(),
+                JailName::new("sshd").unwrap(),
+                f2b_proto::Action::Ban,
+                std::net::IpAddr::from([203, 0, 113, n]),
+                1_763_702_000_000,
+            )
+            .unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_snapshot_over_the_cap_keeps_what_fits_and_says_so() {
+        let ctx = zmq::Context::new();
+        let rep = new_socket(&ctx, zmq::REP).unwrap();
+        rep.bind("tcp://127.0.0.1:*").unwrap();
+        let endpoint = Endpoint::connect(&f2b_common::sockets::last_endpoint(&rep)).unwrap();
+        let mut c = CatchUp::new(&[endpoint], Vec::new(), SNAPSHOT_TIMEOUT, 100);
+        c.max_bans = 3;
+        c.trigger(ResyncReason::Start);
+        assert!(c.step(&ctx, Instant::now()).is_none());
+        let mut out = None;
+        for (bans, next) in [
+            (vec![ban(1), ban(2)], Some(1)),
+            (vec![ban(3), ban(4)], None),
+        ] {
+            rep.recv_bytes(0).unwrap();
+            let mut page = f2b_proto::SnapshotPage::new(Epoch(1), 9);
+            for b in bans {
+                page.try_push(b).unwrap();
+            }
+            page.next = next;
+            rep.send(SnapshotReply::Page(page).encode(), 0).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let mut items = [c.socket().unwrap().as_poll_item(zmq::POLLIN)];
+                zmq::poll(&mut items, 100).unwrap();
+                if items[0].is_readable() {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "no reply");
+            }
+            out = c.readable(Instant::now());
+        }
+        let Some(Out::Resync(r)) = out else {
+            panic!("no resync: {out:?}");
+        };
+        assert!(r.truncated);
+        let seqs: Vec<u64> = r.bans.iter().map(|b| b.seq).collect();
+        assert_eq!(seqs, [1, 2, 3]);
     }
 
     #[test]

@@ -324,8 +324,9 @@ impl Intake {
         }
         let applied = queue.len();
 
+        // A cut snapshot (MAX_SNAPSHOT_BANS) proves no absence.
         let gone = |jail: &JailName, ip: IpAddr, seq: u64| {
-            seq <= r.seq && covered(jail) && !keys.contains(&(jail.clone(), ip))
+            !r.truncated && seq <= r.seq && covered(jail) && !keys.contains(&(jail.clone(), ip))
         };
         let mut unbanned = 0;
         for h in self.state.with(|s| s.held(epoch)) {
@@ -1202,6 +1203,7 @@ mod tests {
                 jails: Vec::new(),
                 bans: vec![listed],
                 queued: Vec::new(),
+                truncated: false,
             },
             &mut RateLimit::new(Duration::ZERO),
         );
@@ -1212,6 +1214,43 @@ mod tests {
             .collect();
         assert_eq!(got, [("sshd".into(), Action::Unban, ip(1))]);
         assert_eq!(queued[0].item.jail.as_str(), "cluster");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cut_snapshot_unbans_nothing_for_being_absent() {
+        let (state, _dir) = State::temp();
+        let shared = Shared::new(100);
+        let (_tx, rx) = mpsc::channel(1);
+        let mut intake = Intake {
+            rx,
+            filter: Filter::new(NodeName::new("web1").unwrap(), Vec::new()),
+            local: LocalAddresses::Fixed(Vec::new()),
+            ban_jail: None,
+            shared: shared.clone(),
+            notices: Notices(None),
+            state,
+        };
+        let epoch = Epoch(7);
+        let mut held = item(1, "sshd", Action::Ban);
+        held.epoch = Some(epoch);
+        intake.state.with(|s| s.settle(&[held], true, now_ms()));
+        let resync = |truncated| Resync {
+            reason: crate::catchup::ResyncReason::Start,
+            endpoint: "tcp://127.0.0.1:1".into(),
+            epoch,
+            seq: 10,
+            jails: Vec::new(),
+            bans: Vec::new(),
+            queued: Vec::new(),
+            truncated,
+        };
+        let mut drops = RateLimit::new(Duration::ZERO);
+        intake.resync(resync(true), &mut drops);
+        assert!(shared.lock().is_empty());
+        intake.resync(resync(false), &mut drops);
+        let t = shared.lock().take_ready(Instant::now(), MAX_BATCH);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].item.action(), Action::Unban);
     }
 
     #[tokio::test(start_paused = true)]
