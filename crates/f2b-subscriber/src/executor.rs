@@ -168,22 +168,46 @@ impl Intake {
         );
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut drops = RateLimit::new(Duration::from_secs(10));
+        let shared = self.shared.clone();
         loop {
-            tokio::select! {
-                msg = self.rx.recv() => match msg {
-                    Some(Input::Event { event, seq, epoch }) => {
-                        self.live(event, seq, epoch, &mut drops);
-                    }
-                    Some(Input::Resync(r)) => self.resync(*r, &mut drops),
-                    None => break,
-                },
+            let msg = tokio::select! {
+                msg = self.rx.recv() => msg,
                 _ = refresh.tick() => {
                     self.refresh_local(&mut warned);
                     self.state.with(|s| s.prune(now_ms()));
+                    continue;
                 }
+            };
+            match msg {
+                Some(Input::Event { event, seq, epoch }) => {
+                    self.live(event, seq, epoch, &mut drops);
+                }
+                Some(Input::Resync(r)) => {
+                    // A snapshot's reconciliation (up to MAX_SNAPSHOT_BANS bans and
+                    // the state's held bans) runs off the async workers, logging
+                    // through the caller's dispatcher.
+                    let dispatch = tracing::dispatcher::get_default(Clone::clone);
+                    let job = tokio::task::spawn_blocking(move || {
+                        tracing::dispatcher::with_default(&dispatch, || {
+                            self.resync(*r, &mut drops);
+                            (self, drops)
+                        })
+                    });
+                    match job.await {
+                        Ok((me, d)) => {
+                            self = me;
+                            drops = d;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "the resync failed; no more events are taken");
+                            break;
+                        }
+                    }
+                }
+                None => break,
             }
         }
-        self.shared.close();
+        shared.close();
     }
 
     /// Filters one event (`known`: the state knows its id); returns it as an item
