@@ -21,7 +21,7 @@ use crate::filter::{machine_addresses, Filter, SkipReason};
 use crate::pending::{group, Group, Item, Pending, Taken, MAX_BATCH};
 use crate::ratelimit::RateLimit;
 use crate::receiver::{random_id, Input};
-use crate::store::{now_ms, State};
+use crate::store::{now_ms, State, Tx};
 use crate::{Notice, Notices};
 
 /// How often the machine's own addresses are read again.
@@ -288,6 +288,15 @@ impl Intake {
     /// 3. the broadcasts queued during the fetch follow, except those of the
     ///    snapshot's epoch up to its sequence number, which it already reflects.
     fn resync(&mut self, r: Resync, drops: &mut RateLimit) {
+        // One transaction for the whole reconciliation.
+        let state = self.state.clone();
+        let queue = state.transaction(|tx| self.reconcile(r, tx));
+        enqueue(&self.shared, queue, drops, &self.notices, &self.state);
+    }
+
+    /// The body of [`Intake::resync`], in the state's transaction `tx`; returns the
+    /// items to queue (recorded as pending).
+    fn reconcile(&mut self, r: Resync, tx: &mut Tx<'_>) -> Vec<Item> {
         let now = now_ms();
         let epoch = r.epoch;
         let covered = |jail: &JailName| r.jails.is_empty() || r.jails.contains(jail);
@@ -304,9 +313,9 @@ impl Intake {
                 .map(|s| (s.event.jail.clone(), s.event.ip)),
         );
         let listed = r.bans.len();
-        // One transaction for the whole snapshot: a ban applied from a broadcast
-        // learns its expiry; which ids are known already.
-        self.state.with(|s| {
+        // A ban applied from a broadcast learns its expiry; which ids are known
+        // already.
+        tx.with(|s| {
             let expiries: Vec<_> = r
                 .bans
                 .iter()
@@ -320,7 +329,7 @@ impl Intake {
             .map(|b| b.event.id)
             .chain(r.queued.iter().map(|s| s.event.id))
             .collect();
-        let known = self.state.with(|s| s.known_all(&ids));
+        let known = tx.with(|s| s.known_all(&ids));
         let mut known = known.into_iter();
         let mut queue = Vec::new();
         for ban in r.bans {
@@ -353,7 +362,7 @@ impl Intake {
             !r.truncated && seq <= r.seq && covered(jail) && !keys.contains(&(jail.clone(), ip))
         };
         let mut unbanned = 0;
-        for h in self.state.with(|s| s.held(epoch)) {
+        for h in tx.with(|s| s.held(epoch)) {
             if !gone(&h.jail, h.ip, h.seq) {
                 continue;
             }
@@ -430,7 +439,7 @@ impl Intake {
         }
         if !stale.is_empty() {
             unbanned += stale.len();
-            self.state.with(|s| s.settle(&stale, false, now));
+            tx.with(|s| s.settle(&stale, false, now));
         }
         tracing::info!(
             reason = %r.reason,
@@ -462,8 +471,8 @@ impl Intake {
                 queue.push(item);
             }
         }
-        self.state.with(|s| s.add_pending_all(&queue, now));
-        enqueue(&self.shared, queue, drops, &self.notices, &self.state);
+        tx.with(|s| s.add_pending_all(&queue, now));
+        queue
     }
 }
 

@@ -430,7 +430,7 @@ impl Store {
             what: "look events up",
             source,
         };
-        let tx = self.conn.transaction().map_err(&sql)?;
+        let tx = self.conn.savepoint().map_err(&sql)?;
         let mut out = Vec::with_capacity(ids.len());
         {
             let mut stmt = tx
@@ -465,7 +465,7 @@ impl Store {
             what: "record pending events",
             source,
         };
-        let tx = self.conn.transaction().map_err(&sql)?;
+        let tx = self.conn.savepoint().map_err(&sql)?;
         for item in items {
             insert(&tx, item, "pending", now_ms).map_err(&sql)?;
         }
@@ -482,7 +482,7 @@ impl Store {
             let path = path.clone();
             move |source| StoreError::Sql { path, what, source }
         };
-        let tx = self.conn.transaction().map_err(sql("begin"))?;
+        let tx = self.conn.savepoint().map_err(sql("begin"))?;
         for item in items {
             let e = &item.event;
             insert(&tx, item, "done", now_ms).map_err(sql("record an event"))?;
@@ -549,7 +549,7 @@ impl Store {
             what: "forget dropped events",
             source,
         };
-        let tx = self.conn.transaction().map_err(&sql)?;
+        let tx = self.conn.savepoint().map_err(&sql)?;
         {
             let mut stmt = tx
                 .prepare_cached(
@@ -670,7 +670,7 @@ impl Store {
             what: "record expiries",
             source,
         };
-        let tx = self.conn.transaction().map_err(&sql)?;
+        let tx = self.conn.savepoint().map_err(&sql)?;
         {
             let mut stmt = tx
                 .prepare_cached(
@@ -713,7 +713,7 @@ impl Store {
             what: "prune",
             source,
         };
-        let tx = self.conn.transaction().map_err(&sql)?;
+        let tx = self.conn.savepoint().map_err(&sql)?;
         let mut n = tx
             .execute(
                 "DELETE FROM events WHERE state = 'done' AND done_ms < ?1",
@@ -884,6 +884,34 @@ impl State {
         (State::new(store), dir)
     }
 
+    /// Runs `f` with the store in one transaction (the store's own operations
+    /// nest in it as savepoints). The state is locked meanwhile: `f` must not use
+    /// this `State` itself, only the [`Tx`] it is given.
+    pub(crate) fn transaction<T>(&self, f: impl FnOnce(&mut Tx<'_>) -> T) -> T {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (store, limit) = &mut *g;
+        let began = store
+            .conn
+            .execute_batch("BEGIN")
+            .map_err(store.sql("begin"));
+        let mut tx = Tx { store, limit };
+        if let Err(e) = began {
+            tx.log(&e);
+            return f(&mut tx);
+        }
+        let out = f(&mut tx);
+        if let Err(e) = tx
+            .store
+            .conn
+            .execute_batch("COMMIT")
+            .map_err(tx.store.sql("commit"))
+        {
+            tx.log(&e);
+            let _ = tx.store.conn.execute_batch("ROLLBACK");
+        }
+        out
+    }
+
     /// Runs `f` on the store; on error logs it and returns `T::default()`.
     pub(crate) fn with<T: Default>(
         &self,
@@ -901,6 +929,38 @@ impl State {
                         "cannot use the subscriber state; going on without it (events may be applied again after a restart)"
                     );
                 }
+                T::default()
+            }
+        }
+    }
+}
+
+/// The store inside [`State::transaction`].
+pub(crate) struct Tx<'a> {
+    store: &'a mut Store,
+    limit: &'a mut RateLimit,
+}
+
+impl Tx<'_> {
+    fn log(&mut self, e: &StoreError) {
+        if let Some(held) = self.limit.allow() {
+            tracing::warn!(
+                error = %f2b_common::daemon::error_chain(e),
+                held_back = held,
+                "cannot use the subscriber state; going on without it (events may be applied again after a restart)"
+            );
+        }
+    }
+
+    /// Like [`State::with`], inside the transaction.
+    pub(crate) fn with<T: Default>(
+        &mut self,
+        f: impl FnOnce(&mut Store) -> Result<T, StoreError>,
+    ) -> T {
+        match f(self.store) {
+            Ok(v) => v,
+            Err(e) => {
+                self.log(&e);
                 T::default()
             }
         }

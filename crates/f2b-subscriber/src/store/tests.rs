@@ -254,3 +254,33 @@ fn batch_operations_match_the_single_ones() {
     .unwrap();
     assert_eq!(s.held(Epoch(3)).unwrap()[0].expires_ms, Some(NOW + 7));
 }
+
+#[test]
+fn a_state_transaction_holds_the_store_operations() {
+    let (state, _dir) = State::temp();
+    let a = item(1, "cluster", Action::Ban, "203.0.113.1", Some(1));
+    let b = item(2, "cluster", Action::Ban, "203.0.113.2", Some(1));
+    let known = state.transaction(|tx| {
+        tx.with(|s| {
+            assert!(!s.conn.is_autocommit(), "not in a transaction");
+            s.add_pending_all(&[a.clone(), b.clone()], NOW)?;
+            s.settle(std::slice::from_ref(&a), true, NOW)?;
+            // Still inside the one transaction after the nested operations.
+            assert!(!s.conn.is_autocommit());
+            s.known_all(&[a.event.id, b.event.id, EventId::from_u128(3)])
+        })
+    });
+    assert_eq!(known, [true, true, false]);
+    let counts = state.with(|s| {
+        assert!(s.conn.is_autocommit());
+        s.counts()
+    });
+    assert_eq!(
+        counts,
+        Counts {
+            pending: 1,
+            done: 1,
+            held: 1
+        }
+    );
+}
