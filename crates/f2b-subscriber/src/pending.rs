@@ -139,6 +139,9 @@ pub struct Pending {
     /// Bans applied in a local jail other than their event's jail: per (local
     /// jail, address), the event jails that hold it.
     applied: HashMap<(JailName, IpAddr), HashSet<JailName>>,
+    /// Bans waiting or being applied in a local jail other than their event's
+    /// jail: per (local jail, address), how many per event jail.
+    banning: HashMap<(JailName, IpAddr), HashMap<JailName, u32>>,
     capacity: usize,
     dropped: u64,
     closed: bool,
@@ -154,6 +157,7 @@ impl Pending {
             gates: HashMap::new(),
             in_flight: HashMap::new(),
             applied: HashMap::new(),
+            banning: HashMap::new(),
             capacity: capacity.max(1),
             dropped: 0,
             closed: false,
@@ -189,7 +193,9 @@ impl Pending {
         let key = item.key();
         if let Some(old) = self.entries.remove(&key) {
             self.order.remove(&old.order);
+            self.count(&old.item, false);
         }
+        self.count(&item, true);
         let order = self.next_order;
         self.next_order += 1;
         self.order.insert(order, key.clone());
@@ -212,6 +218,7 @@ impl Pending {
                 break;
             };
             if let Some(e) = self.entries.remove(&key) {
+                self.count(&e.item, false);
                 self.dropped += 1;
                 dropped.push(e.item);
             }
@@ -236,6 +243,7 @@ impl Pending {
         for (order, key) in keys {
             self.order.remove(&order);
             if let Some(e) = self.entries.remove(&key) {
+                self.count(&e.item, false);
                 out.push(e.item);
             }
         }
@@ -261,7 +269,9 @@ impl Pending {
             .filter_map(|order| {
                 let key = self.order.remove(&order)?;
                 let e = self.entries.remove(&key)?;
-                self.in_flight.insert(key, e.item.clone());
+                if let Some(old) = self.in_flight.insert(key, e.item.clone()) {
+                    self.count(&old, false);
+                }
                 Some(Taken {
                     item: e.item,
                     attempts: e.attempts,
@@ -284,12 +294,15 @@ impl Pending {
 
     fn put_back(&mut self, taken: Taken, not_before: Instant) -> Vec<Item> {
         let key = taken.item.key();
-        self.in_flight.remove(&key);
+        if let Some(old) = self.in_flight.remove(&key) {
+            self.count(&old, false);
+        }
         if self.entries.contains_key(&key) {
             // A newer event for the same (jail, address) arrived meanwhile: it wins.
             return Vec::new();
         }
         self.order.insert(taken.order, key.clone());
+        self.count(&taken.item, true);
         self.entries.insert(
             key,
             Entry {
@@ -330,7 +343,9 @@ impl Pending {
             .get(&key)
             .is_some_and(|i| i.event.id == item.event.id)
         {
-            self.in_flight.remove(&key);
+            if let Some(old) = self.in_flight.remove(&key) {
+                self.count(&old, false);
+            }
         }
         if !item.shared_local() {
             return;
@@ -370,15 +385,44 @@ impl Pending {
         if !item.shared_local() {
             return false;
         }
-        let (local, jail, ip) = (&item.jail, &item.event.jail, item.ip());
-        let other_ban = |i: &Item| {
-            i.action() == Action::Ban && i.jail == *local && i.ip() == ip && i.event.jail != *jail
-        };
+        let jail = &item.event.jail;
+        let local = (item.jail.clone(), item.ip());
         self.applied
-            .get(&(local.clone(), ip))
+            .get(&local)
             .is_some_and(|s| s.iter().any(|j| j != jail))
-            || self.entries.values().any(|e| other_ban(&e.item))
-            || self.in_flight.values().any(other_ban)
+            || self
+                .banning
+                .get(&local)
+                .is_some_and(|m| m.iter().any(|(j, &n)| j != jail && n > 0))
+    }
+
+    /// Counts `item` in or out of [`Pending::banning`] (bans in a local jail other
+    /// than their event's jail only).
+    fn count(&mut self, item: &Item, add: bool) {
+        if !item.shared_local() || item.action() != Action::Ban {
+            return;
+        }
+        let local = (item.jail.clone(), item.ip());
+        if add {
+            *self
+                .banning
+                .entry(local)
+                .or_default()
+                .entry(item.event.jail.clone())
+                .or_insert(0) += 1;
+            return;
+        }
+        if let Some(m) = self.banning.get_mut(&local) {
+            if let Some(n) = m.get_mut(&item.event.jail) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&item.event.jail);
+                }
+            }
+            if m.is_empty() {
+                self.banning.remove(&local);
+            }
+        }
     }
 
     /// The entries being applied (taken, not settled or handed back).
@@ -540,6 +584,40 @@ mod tests {
         assert!(p.held_elsewhere(&unban));
         p.settled(&in_cluster(4, "sshd", Action::Unban, "203.0.113.1"), true);
         assert!(!p.held_elsewhere(&unban));
+    }
+
+    #[test]
+    fn the_count_of_bans_per_local_jail_follows_every_move() {
+        let now = Instant::now();
+        let mut p = Pending::new(2);
+        let unban = in_cluster(100, "nginx", Action::Unban, "203.0.113.1");
+        // Replaced by an unban of the same jail: no longer counted.
+        p.push(in_cluster(1, "sshd", Action::Ban, "203.0.113.1"), now);
+        assert!(p.held_elsewhere(&unban));
+        p.push(in_cluster(2, "sshd", Action::Unban, "203.0.113.1"), now);
+        assert!(!p.held_elsewhere(&unban));
+        // Taken, retried, taken again, settled without being applied.
+        p.push(in_cluster(3, "sshd", Action::Ban, "203.0.113.1"), now);
+        let t: Vec<Taken> = p
+            .take_ready(now, MAX_BATCH)
+            .into_iter()
+            .filter(|t| t.item.action() == Action::Ban)
+            .collect();
+        assert!(p.held_elsewhere(&unban));
+        let (delay, _) = p.retry(t.into_iter().next().unwrap(), now);
+        assert!(p.held_elsewhere(&unban));
+        let t = p.take_ready(now + delay, MAX_BATCH);
+        p.settled(&t[0].item, false);
+        assert!(!p.held_elsewhere(&unban));
+        // Removed, or dropped for the capacity.
+        p.push(in_cluster(4, "sshd", Action::Ban, "203.0.113.1"), now);
+        p.remove_where(|i| i.seq == 4);
+        assert!(!p.held_elsewhere(&unban));
+        p.push(in_cluster(5, "sshd", Action::Ban, "203.0.113.1"), now);
+        p.push(in_cluster(6, "sshd", Action::Ban, "203.0.113.2"), now);
+        p.push(in_cluster(7, "sshd", Action::Ban, "203.0.113.3"), now);
+        assert!(!p.held_elsewhere(&unban));
+        assert_eq!(p.banning.len(), 2);
     }
 
     #[test]
