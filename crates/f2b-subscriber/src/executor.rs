@@ -174,7 +174,9 @@ impl Intake {
                 msg = self.rx.recv() => msg,
                 _ = refresh.tick() => {
                     self.refresh_local(&mut warned);
-                    self.state.with(|s| s.prune(now_ms()));
+                    let now = now_ms();
+                    self.state.with(|s| s.prune(now));
+                    self.shared.lock().prune_applied(now);
                     continue;
                 }
             };
@@ -323,6 +325,12 @@ impl Intake {
                 .collect();
             s.learn_expiries(&expiries)
         });
+        if let Some(local) = &self.ban_jail {
+            let mut p = self.shared.lock();
+            for b in &r.bans {
+                p.learn_expiry(local, &b.event.jail, b.event.ip, b.expires_ms);
+            }
+        }
         let ids: Vec<EventId> = r
             .bans
             .iter()
@@ -529,7 +537,7 @@ impl Executor {
             {
                 let mut p = self.shared.lock();
                 for i in &items {
-                    p.settled(i, false);
+                    p.settled(i, false, now_ms());
                 }
             }
             self.state.with(|s| s.settle(&items, false, now_ms()));
@@ -546,7 +554,7 @@ impl Executor {
             let mut go = Vec::new();
             for t in items {
                 if p.held_elsewhere(&t.item) {
-                    p.settled(&t.item, false);
+                    p.settled(&t.item, false, now_ms());
                     kept.push(t);
                 } else {
                     go.push(t);
@@ -684,7 +692,7 @@ impl Executor {
             let mut p = self.shared.lock();
             p.gate_success(jail);
             for i in &items {
-                p.settled(i, true);
+                p.settled(i, true, now_ms());
             }
         }
         self.state.with(|s| s.settle(&items, true, now_ms()));

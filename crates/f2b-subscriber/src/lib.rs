@@ -269,8 +269,8 @@ impl Subscriber {
         {
             let held = state.with(|s| s.held_in_other_jails());
             let mut p = shared.lock();
-            for (local, jail, ip) in held {
-                p.held(local, jail, ip);
+            for (local, jail, ip, until) in held {
+                p.held(local, jail, ip, until);
             }
         }
         if !waiting.is_empty() {

@@ -17,12 +17,14 @@
 //!
 //! Both grow as [`backoff`] says and end at the first success.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::time::Duration;
 
 use f2b_proto::{Action, Epoch, Event, JailName};
 use tokio::time::Instant;
+
+use crate::store::HELD_UNKNOWN_RETENTION;
 
 /// The first retry delay.
 pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -137,8 +139,10 @@ pub struct Pending {
     /// Entries taken by the executor and not settled or handed back yet.
     in_flight: HashMap<Key, Item>,
     /// Bans applied in a local jail other than their event's jail: per (local
-    /// jail, address), the event jails that hold it.
-    applied: HashMap<(JailName, IpAddr), HashSet<JailName>>,
+    /// jail, address), the event jails that hold it, each with when it is
+    /// forgotten (ms since the Unix epoch: the cluster's expiry, or
+    /// [`HELD_UNKNOWN_RETENTION`] after it was applied), as the state's held bans.
+    applied: HashMap<(JailName, IpAddr), HashMap<JailName, u64>>,
     /// Bans waiting or being applied in a local jail other than their event's
     /// jail: per (local jail, address), how many per event jail.
     banning: HashMap<(JailName, IpAddr), HashMap<JailName, u32>>,
@@ -336,7 +340,7 @@ impl Pending {
     /// Records that a taken entry is settled: applied (`applied`) or given up. An
     /// applied ban in a local jail other than its event's jail makes that jail a
     /// holder of the (local jail, address); an unban (applied or not) ends it.
-    pub fn settled(&mut self, item: &Item, applied: bool) {
+    pub fn settled(&mut self, item: &Item, applied: bool, now_ms: u64) {
         let key = item.key();
         if self
             .in_flight
@@ -353,10 +357,15 @@ impl Pending {
         let local = (item.jail.clone(), item.ip());
         match item.action() {
             Action::Ban if applied => {
+                let retention =
+                    u64::try_from(HELD_UNKNOWN_RETENTION.as_millis()).unwrap_or(u64::MAX);
+                let until = item
+                    .expires_ms
+                    .unwrap_or_else(|| now_ms.saturating_add(retention));
                 self.applied
                     .entry(local)
                     .or_default()
-                    .insert(item.event.jail.clone());
+                    .insert(item.event.jail.clone(), until);
             }
             Action::Ban => {}
             Action::Unban => {
@@ -371,11 +380,35 @@ impl Pending {
     }
 
     /// Records a ban applied before (the state's held bans, at start) in `local`
-    /// for event jail `jail`.
-    pub fn held(&mut self, local: JailName, jail: JailName, ip: IpAddr) {
+    /// for event jail `jail`, forgotten at `until` (ms since the Unix epoch).
+    pub fn held(&mut self, local: JailName, jail: JailName, ip: IpAddr, until: u64) {
         if local != jail {
-            self.applied.entry((local, ip)).or_default().insert(jail);
+            self.applied
+                .entry((local, ip))
+                .or_default()
+                .insert(jail, until);
         }
+    }
+
+    /// Sets when the applied ban of `jail` in `local` for `ip` is forgotten (the
+    /// cluster's expiry, as a snapshot told it).
+    pub fn learn_expiry(&mut self, local: &JailName, jail: &JailName, ip: IpAddr, expires_ms: u64) {
+        if let Some(until) = self
+            .applied
+            .get_mut(&(local.clone(), ip))
+            .and_then(|m| m.get_mut(jail))
+        {
+            *until = expires_ms;
+        }
+    }
+
+    /// Forgets the applied bans whose time has come at `now_ms` (as the state
+    /// prunes its held bans): they no longer keep another jail's unban back.
+    pub fn prune_applied(&mut self, now_ms: u64) {
+        self.applied.retain(|_, m| {
+            m.retain(|_, until| *until > now_ms);
+            !m.is_empty()
+        });
     }
 
     /// Whether an event jail other than `item`'s holds `item`'s (local jail,
@@ -389,7 +422,7 @@ impl Pending {
         let local = (item.jail.clone(), item.ip());
         self.applied
             .get(&local)
-            .is_some_and(|s| s.iter().any(|j| j != jail))
+            .is_some_and(|m| m.keys().any(|j| j != jail))
             || self
                 .banning
                 .get(&local)
@@ -578,11 +611,15 @@ mod tests {
         let taken = p.take_ready(now, MAX_BATCH);
         // Being applied still holds it.
         assert!(p.held_elsewhere(&unban));
-        p.settled(&taken[0].item, true);
-        p.settled(&taken[1].item, false);
+        p.settled(&taken[0].item, true, 0);
+        p.settled(&taken[1].item, false, 0);
         // Applied holds it.
         assert!(p.held_elsewhere(&unban));
-        p.settled(&in_cluster(4, "sshd", Action::Unban, "203.0.113.1"), true);
+        p.settled(
+            &in_cluster(4, "sshd", Action::Unban, "203.0.113.1"),
+            true,
+            0,
+        );
         assert!(!p.held_elsewhere(&unban));
     }
 
@@ -607,7 +644,7 @@ mod tests {
         let (delay, _) = p.retry(t.into_iter().next().unwrap(), now);
         assert!(p.held_elsewhere(&unban));
         let t = p.take_ready(now + delay, MAX_BATCH);
-        p.settled(&t[0].item, false);
+        p.settled(&t[0].item, false, 0);
         assert!(!p.held_elsewhere(&unban));
         // Removed, or dropped for the capacity.
         p.push(in_cluster(4, "sshd", Action::Ban, "203.0.113.1"), now);
@@ -618,6 +655,35 @@ mod tests {
         p.push(in_cluster(7, "sshd", Action::Ban, "203.0.113.3"), now);
         assert!(!p.held_elsewhere(&unban));
         assert_eq!(p.banning.len(), 2);
+    }
+
+    #[test]
+    fn applied_holders_are_forgotten_at_their_expiry() {
+        let mut p = Pending::new(10);
+        let unban = in_cluster(100, "nginx", Action::Unban, "203.0.113.1");
+        let mut known = in_cluster(1, "sshd", Action::Ban, "203.0.113.1");
+        known.expires_ms = Some(5_000);
+        p.settled(&known, true, 1_000);
+        assert!(p.held_elsewhere(&unban));
+        p.prune_applied(4_999);
+        assert!(p.held_elsewhere(&unban));
+        p.prune_applied(5_000);
+        assert!(!p.held_elsewhere(&unban));
+        // No expiry told: kept HELD_UNKNOWN_RETENTION, unless a snapshot tells one.
+        p.settled(
+            &in_cluster(2, "sshd", Action::Ban, "203.0.113.1"),
+            true,
+            1_000,
+        );
+        p.prune_applied(1_000_000);
+        assert!(p.held_elsewhere(&unban));
+        let cluster = JailName::new("cluster").unwrap();
+        let sshd = JailName::new("sshd").unwrap();
+        p.learn_expiry(&cluster, &sshd, "203.0.113.1".parse().unwrap(), 2_000_000);
+        p.prune_applied(2_000_000);
+        assert!(!p.held_elsewhere(&unban));
+        p.held(cluster, sshd, "203.0.113.1".parse().unwrap(), 3_000_000);
+        assert!(p.held_elsewhere(&unban));
     }
 
     #[test]

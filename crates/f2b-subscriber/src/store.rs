@@ -163,6 +163,10 @@ pub struct Held {
     pub applied_ms: u64,
 }
 
+/// A held ban applied in a local jail other than its event's jail: (local jail,
+/// event jail, address, when it is forgotten in ms since the Unix epoch).
+pub type HeldElsewhere = (JailName, JailName, IpAddr, u64);
+
 /// Counts of what the state holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -597,19 +601,26 @@ impl Store {
     }
 
     /// The held bans applied in a local jail other than their event's jail
-    /// (`ban_jail`): (local jail, event jail, address).
-    pub fn held_in_other_jails(&self) -> Result<Vec<(JailName, JailName, IpAddr)>, StoreError> {
+    /// (`ban_jail`): (local jail, event jail, address, when it is forgotten: its
+    /// expiry, or [`HELD_UNKNOWN_RETENTION`] after it was applied).
+    pub fn held_in_other_jails(&self) -> Result<Vec<HeldElsewhere>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT local_jail, jail, ip FROM held WHERE local_jail != jail")
+            .prepare(
+                "SELECT local_jail, jail, ip, COALESCE(expires_ms, applied_ms + ?1) \
+                 FROM held WHERE local_jail != jail",
+            )
             .map_err(self.sql("read the held bans"))?;
-        let mut rows = stmt.query([]).map_err(self.sql("read the held bans"))?;
+        let mut rows = stmt
+            .query([sql_int(ms(HELD_UNKNOWN_RETENTION))])
+            .map_err(self.sql("read the held bans"))?;
         let mut out = Vec::new();
         while let Some(row) = rows.next().map_err(self.sql("read the held bans"))? {
-            let (Ok(local), Ok(jail), Ok(ip)) = (
+            let (Ok(local), Ok(jail), Ok(ip), Ok(until)) = (
                 row.get::<_, String>(0),
                 row.get::<_, String>(1),
                 row.get::<_, String>(2),
+                row.get::<_, i64>(3),
             ) else {
                 continue;
             };
@@ -618,7 +629,7 @@ impl Store {
                 JailName::new(&jail),
                 f2b_proto::event::parse_ip(&ip),
             ) {
-                out.push((local, jail, ip));
+                out.push((local, jail, ip, from_sql(until)));
             }
         }
         Ok(out)
