@@ -650,7 +650,7 @@ mod tests {
                 dir,
                 &dir.join("fail2ban.log"),
                 (&dir.join("applied.txt"), &dir.join("applied.log")),
-                ("tcp://127.0.0.1:5000", "tcp://127.0.0.1:5001"),
+                ("tcp://hub.invalid:5000", "tcp://hub.invalid:5001"),
                 &o,
                 |name| Path::new("/usr/local/bin").join(name),
             );
@@ -661,7 +661,7 @@ mod tests {
             assert_eq!(c.monitor.ack_timeout, Duration::from_millis(500));
             assert_eq!(c.subscriber.pidfile, dir.join("subscriber.pid"));
             assert_eq!(c.subscriber.snapshot.len(), 1);
-            assert_eq!(c.subscriber.snapshot[0].as_str(), "tcp://127.0.0.1:5000");
+            assert_eq!(c.subscriber.snapshot[0].as_str(), "tcp://hub.invalid:5000");
             assert_eq!(
                 c.subscriber.action.name(),
                 match o.action {
