@@ -57,8 +57,7 @@ pub struct Fail2banClient {
     program: PathBuf,
     socket: Option<PathBuf>,
     timeout: Duration,
-    ignores: HashMap<JailName, (Instant, JailIgnores)>,
-    warned_names: HashSet<(JailName, String)>,
+    ignores: IgnoreCache,
 }
 
 impl Fail2banClient {
@@ -68,8 +67,7 @@ impl Fail2banClient {
             program,
             socket,
             timeout: CLIENT_TIMEOUT,
-            ignores: HashMap::new(),
-            warned_names: HashSet::new(),
+            ignores: IgnoreCache::default(),
         }
     }
 
@@ -143,21 +141,11 @@ impl Fail2banClient {
         Err(classify(out.status.code(), &stdout, &stderr))
     }
 
-    async fn fetch_ignores(&mut self, jail: &JailName) -> Result<JailIgnores, CallError> {
+    async fn fetch_ignores(&mut self, jail: &JailName) -> Result<IgnoreList, CallError> {
         let mut args = self.socket_args();
         args.extend(["get".into(), jail.as_str().into(), "ignoreip".into()]);
         let text = self.run(args).await?;
-        let list = parse_ignoreip(&text);
-        for name in list.names {
-            if self.warned_names.insert((jail.clone(), name.clone())) {
-                tracing::warn!(
-                    jail = %jail,
-                    entry = %name,
-                    "ignoreip of the local jail names a host; not resolved, so bans of its addresses are not refused"
-                );
-            }
-        }
-        Ok(JailIgnores { nets: list.nets })
+        Ok(parse_ignoreip(&text))
     }
 }
 
@@ -189,14 +177,11 @@ impl Applier for Fail2banClient {
     ) -> BoxFuture<'a, Result<JailIgnores, CallError>> {
         Box::pin(async move {
             let now = Instant::now();
-            if let Some((at, list)) = self.ignores.get(jail) {
-                if now.duration_since(*at) < IGNOREIP_REFRESH {
-                    return Ok(list.clone());
-                }
+            if let Some(list) = self.ignores.fresh(jail, now) {
+                return Ok(list);
             }
             let list = self.fetch_ignores(jail).await?;
-            self.ignores.insert(jail.clone(), (now, list.clone()));
-            Ok(list)
+            Ok(self.ignores.store(jail, now, list))
         })
     }
 }
@@ -268,6 +253,40 @@ pub struct IgnoreList {
     pub nets: Vec<IpNet>,
     /// Entries that are neither (host names, `file:` lists...): not resolved.
     pub names: Vec<String>,
+}
+
+/// Each local jail's `ignoreip`, kept for [`IGNOREIP_REFRESH`], shared by the actions
+/// that ask fail2ban for it. Host names in it are warned about once per jail and name.
+#[derive(Debug, Default)]
+pub struct IgnoreCache {
+    entries: HashMap<JailName, (Instant, JailIgnores)>,
+    warned_names: HashSet<(JailName, String)>,
+}
+
+impl IgnoreCache {
+    /// The cached list of `jail`, if read less than [`IGNOREIP_REFRESH`] ago.
+    pub fn fresh(&self, jail: &JailName, now: Instant) -> Option<JailIgnores> {
+        self.entries
+            .get(jail)
+            .filter(|(at, _)| now.duration_since(*at) < IGNOREIP_REFRESH)
+            .map(|(_, list)| list.clone())
+    }
+
+    /// Keeps the list just read for `jail`, warning once about each host name in it.
+    pub fn store(&mut self, jail: &JailName, now: Instant, list: IgnoreList) -> JailIgnores {
+        for name in list.names {
+            if self.warned_names.insert((jail.clone(), name.clone())) {
+                tracing::warn!(
+                    jail = %jail,
+                    entry = %name,
+                    "ignoreip of the local jail names a host; not resolved, so bans of its addresses are not refused"
+                );
+            }
+        }
+        let ignores = JailIgnores { nets: list.nets };
+        self.entries.insert(jail.clone(), (now, ignores.clone()));
+        ignores
+    }
 }
 
 /// Parses the output of `fail2ban-client get J ignoreip`.

@@ -26,7 +26,6 @@
 //! `get J ignoreip` over the same socket (the reply list decoded here) and cached
 //! for [`super::fail2ban::IGNOREIP_REFRESH`].
 
-use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -37,7 +36,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::time::Instant;
 
-use super::fail2ban::{parse_ignore_entry, IGNOREIP_REFRESH};
+use super::fail2ban::{parse_ignore_entry, IgnoreCache, IgnoreList};
 use super::pickle::{self, Value};
 use super::{clip, Applier, BoxFuture, CallError, FailureScope, JailIgnores};
 use crate::pending::Item;
@@ -57,8 +56,7 @@ pub struct Fail2banSocket {
     socket: PathBuf,
     timeout: Duration,
     conn: Option<UnixStream>,
-    ignores: HashMap<JailName, (Instant, JailIgnores)>,
-    warned_names: HashSet<(JailName, String)>,
+    ignores: IgnoreCache,
 }
 
 /// How one exchange failed.
@@ -75,8 +73,7 @@ impl Fail2banSocket {
             socket,
             timeout: SOCKET_TIMEOUT,
             conn: None,
-            ignores: HashMap::new(),
-            warned_names: HashSet::new(),
+            ignores: IgnoreCache::default(),
         }
     }
 
@@ -205,7 +202,7 @@ impl Fail2banSocket {
         }
     }
 
-    async fn fetch_ignores(&mut self, jail: &JailName) -> Result<JailIgnores, CallError> {
+    async fn fetch_ignores(&mut self, jail: &JailName) -> Result<IgnoreList, CallError> {
         let cmd = ["get", jail.as_str(), "ignoreip"].map(str::to_owned);
         let value = self.command(&cmd).await?;
         let items = value.as_seq().ok_or_else(|| {
@@ -217,7 +214,7 @@ impl Fail2banSocket {
                 ),
             )
         })?;
-        let mut nets = Vec::new();
+        let mut list = IgnoreList::default();
         for item in items {
             let entry = match item {
                 Value::Str(s) => s.trim().to_owned(),
@@ -227,19 +224,11 @@ impl Fail2banSocket {
                 continue;
             }
             match parse_ignore_entry(&entry) {
-                Some(net) => nets.push(net),
-                None => {
-                    if self.warned_names.insert((jail.clone(), entry.clone())) {
-                        tracing::warn!(
-                            jail = %jail,
-                            entry = %entry,
-                            "ignoreip of the local jail names a host; not resolved, so bans of its addresses are not refused"
-                        );
-                    }
-                }
+                Some(net) => list.nets.push(net),
+                None => list.names.push(entry),
             }
         }
-        Ok(JailIgnores { nets })
+        Ok(list)
     }
 }
 
@@ -334,14 +323,11 @@ impl Applier for Fail2banSocket {
     ) -> BoxFuture<'a, Result<JailIgnores, CallError>> {
         Box::pin(async move {
             let now = Instant::now();
-            if let Some((at, list)) = self.ignores.get(jail) {
-                if now.duration_since(*at) < IGNOREIP_REFRESH {
-                    return Ok(list.clone());
-                }
+            if let Some(list) = self.ignores.fresh(jail, now) {
+                return Ok(list);
             }
             let list = self.fetch_ignores(jail).await?;
-            self.ignores.insert(jail.clone(), (now, list.clone()));
-            Ok(list)
+            Ok(self.ignores.store(jail, now, list))
         })
     }
 }
