@@ -242,46 +242,7 @@ async fn fail2ban_down_then_up_applies_every_pending_ban() {
     if !available() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(dir.path(), &[jail("cluster", "")]);
-    server.stop();
-    let mut publ = TestPublisher::start(HB);
-    let (node, cfg) = config(
-        "web1",
-        &publ.endpoint,
-        &format!(
-            "ban_jail = \"cluster\"\nsocket = {:?}",
-            server.socket.to_str().unwrap()
-        ),
-    );
-    let logs = Logs::capture();
-    let mut sub = Running::start(node, cfg);
-    sub.connected().await;
-    let ips = ["203.0.113.21", "203.0.113.22", "203.0.113.23"];
-    for ip in ips {
-        publ.event("web2", "sshd", Action::Ban, ip);
-    }
-    sub.wait_for("failure", |n| {
-        matches!(
-            n,
-            Notice::Failed {
-                scope: FailureScope::Call,
-                ..
-            }
-        )
-    })
-    .await;
-    server.launch();
-    for ip in ips {
-        sub.applied(ip).await;
-    }
-    assert_eq!(server.banned("cluster"), ips);
-    sub.stop().await;
-    let text = logs.text();
-    assert!(
-        text.contains("action failed, will retry") && text.contains("Is fail2ban running?"),
-        "{text}"
-    );
+    common::fail2ban::down_then_up_applies_every_pending_ban("", HB).await;
 }
 
 #[test]

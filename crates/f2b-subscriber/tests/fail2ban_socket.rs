@@ -38,7 +38,7 @@ fn items(jail: &str, ips: &[&str], action: Action) -> Vec<Item> {
 }
 
 #[tokio::test]
-async fn socket_action_bans_unbans_reads_ignoreip_and_names_unknown_jails() {
+async fn fail2ban_socket_action_bans_unbans_reads_ignoreip_and_names_unknown_jails() {
     if !available() {
         return;
     }
@@ -101,7 +101,7 @@ async fn socket_action_bans_unbans_reads_ignoreip_and_names_unknown_jails() {
 }
 
 #[tokio::test]
-async fn socket_action_down_is_a_whole_call_failure_then_reconnects() {
+async fn fail2ban_socket_action_down_is_a_whole_call_failure_then_reconnects() {
     if !available() {
         return;
     }
@@ -155,7 +155,7 @@ async fn socket_action_down_is_a_whole_call_failure_then_reconnects() {
 }
 
 #[tokio::test]
-async fn socket_pipeline_unknown_jail_is_one_error() {
+async fn fail2ban_socket_pipeline_unknown_jail_is_one_error() {
     if !available() {
         return;
     }
@@ -200,50 +200,12 @@ async fn socket_pipeline_unknown_jail_is_one_error() {
 }
 
 #[tokio::test]
-async fn socket_pipeline_down_then_up_applies_every_pending_ban() {
+async fn fail2ban_socket_pipeline_down_then_up_applies_every_pending_ban() {
     if !available() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(dir.path(), &[jail("cluster", "")]);
-    server.stop();
-    let mut publ = TestPublisher::start(HB);
-    let (node, cfg) = config(
-        "web1",
-        &publ.endpoint,
-        &format!(
-            "action = \"fail2ban-socket\"\nban_jail = \"cluster\"\nsocket = {:?}",
-            server.socket.to_str().unwrap()
-        ),
-    );
-    let logs = Logs::capture();
-    let mut sub = Running::start(node, cfg);
-    sub.connected().await;
-    let ips = ["203.0.113.21", "203.0.113.22", "203.0.113.23"];
-    for ip in ips {
-        publ.event("web2", "sshd", Action::Ban, ip);
-    }
-    sub.wait_for("failure", |n| {
-        matches!(
-            n,
-            Notice::Failed {
-                scope: FailureScope::Call,
-                ..
-            }
-        )
-    })
-    .await;
-    server.launch();
-    for ip in ips {
-        sub.applied(ip).await;
-    }
-    assert_eq!(server.banned("cluster"), ips);
-    sub.stop().await;
-    let text = logs.text();
-    assert!(
-        text.contains("action failed, will retry") && text.contains("Is fail2ban running?"),
-        "{text}"
-    );
+    common::fail2ban::down_then_up_applies_every_pending_ban("action = \"fail2ban-socket\"\n", HB)
+        .await;
 }
 
 /// 10,000 bans in batches of [`MAX_BATCH`], over the socket and through
@@ -252,7 +214,7 @@ async fn socket_pipeline_down_then_up_applies_every_pending_ban() {
 /// `cargo test -p f2b-subscriber --test fail2ban_socket -- --ignored --nocapture`.
 #[tokio::test]
 #[ignore]
-async fn measure_10000_bans_socket_vs_client() {
+async fn fail2ban_measure_10000_bans_socket_vs_client() {
     if !available() {
         return;
     }
