@@ -4,7 +4,7 @@
 
 use std::error::Error;
 use std::future::Future;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -34,6 +34,40 @@ pub struct CommonArgs {
     /// which otherwise discards them).
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<PathBuf>,
+}
+
+/// A file generated from a binary's command-line definition.
+#[derive(Debug, Clone, Copy)]
+pub enum HelpFile {
+    /// A shell completion script.
+    Completions(clap_complete::Shell),
+    /// The man page, in roff.
+    Man,
+}
+
+/// Prints `file` for the command `cmd` (the binary's `Args::command()`) to standard
+/// output. It is generated in memory first, so that a closed standard output is an
+/// error, not a panic.
+pub fn print_help_file(mut cmd: clap::Command, file: HelpFile) -> ExitCode {
+    let name = cmd.get_name().to_owned();
+    let mut text = Vec::new();
+    match file {
+        HelpFile::Completions(shell) => clap_complete::generate(shell, &mut cmd, &name, &mut text),
+        HelpFile::Man => {
+            if let Err(e) = clap_mangen::Man::new(cmd).render(&mut text) {
+                eprintln!("{name}: cannot render the man page: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    match out.write_all(&text).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: cannot write to standard output: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// An error with its whole chain of causes, `outer: inner: innermost`.

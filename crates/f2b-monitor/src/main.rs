@@ -1,13 +1,12 @@
 //! The `f2b-monitor` binary: command line, then [`f2b_monitor::run`] or
 //! [`f2b_monitor::scan`].
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use f2b_common::config::{self, Config};
-use f2b_common::daemon::{self, CommonArgs, Daemon};
+use f2b_common::daemon::{self, CommonArgs, Daemon, HelpFile};
 
 /// Tails fail2ban.log and reports every Ban and Unban to the fail2ban-cluster
 /// publisher.
@@ -66,8 +65,13 @@ fn main() -> ExitCode {
         matches.value_source("config") == Some(clap::parser::ValueSource::CommandLine);
 
     if let Some(command) = &args.command {
-        if let Some(code) = print_help_file(command) {
-            return code;
+        let file = match command {
+            Command::Completions { shell } => Some(HelpFile::Completions(*shell)),
+            Command::Man => Some(HelpFile::Man),
+            _ => None,
+        };
+        if let Some(file) = file {
+            return daemon::print_help_file(Args::command(), file);
         }
     }
     if let Some(Command::Scan { file }) = &args.command {
@@ -83,32 +87,6 @@ fn main() -> ExitCode {
         &args.common,
         |cfg, token| f2b_monitor::run(cfg.node, cfg.monitor, token),
     )
-}
-
-/// `completions SHELL` and `man`: generated from the command line's definition,
-/// in memory first so that a closed standard output is an error, not a panic.
-fn print_help_file(command: &Command) -> Option<ExitCode> {
-    let mut text = Vec::new();
-    match command {
-        Command::Completions { shell } => {
-            clap_complete::generate(*shell, &mut Args::command(), "f2b-monitor", &mut text)
-        }
-        Command::Man => {
-            if let Err(e) = clap_mangen::Man::new(Args::command()).render(&mut text) {
-                eprintln!("f2b-monitor: cannot render the man page: {e}");
-                return Some(ExitCode::FAILURE);
-            }
-        }
-        _ => return None,
-    }
-    let mut out = std::io::stdout().lock();
-    Some(match out.write_all(&text).and_then(|()| out.flush()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("f2b-monitor: cannot write to standard output: {e}");
-            ExitCode::FAILURE
-        }
-    })
 }
 
 /// `scan FILE`: works without a configuration file; an explicit `--config` must

@@ -1,11 +1,10 @@
 //! `f2b-publisher`: the fail2ban-cluster hub daemon. See the library for what it does.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use f2b_common::daemon::{self, CommonArgs, Daemon};
+use f2b_common::daemon::{self, CommonArgs, Daemon, HelpFile};
 
 /// The fail2ban-cluster hub: validates ban reports from monitors and broadcasts them
 /// to subscribers.
@@ -39,8 +38,13 @@ enum Command {
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(command) = &args.command {
-        if let Some(code) = print_help_file(command) {
-            return code;
+        let file = match command {
+            Command::Completions { shell } => Some(HelpFile::Completions(*shell)),
+            Command::Man => Some(HelpFile::Man),
+            _ => None,
+        };
+        if let Some(file) = file {
+            return daemon::print_help_file(Args::command(), file);
         }
     }
     if let Some(Command::ImportLegacyConfig { file }) = &args.command {
@@ -64,30 +68,4 @@ fn main() -> ExitCode {
         &args.common,
         |config, token| f2b_publisher::run(config.publisher, token),
     )
-}
-
-/// `completions SHELL` and `man`: generated from the command line's definition,
-/// in memory first so that a closed standard output is an error, not a panic.
-fn print_help_file(command: &Command) -> Option<ExitCode> {
-    let mut text = Vec::new();
-    match command {
-        Command::Completions { shell } => {
-            clap_complete::generate(*shell, &mut Args::command(), "f2b-publisher", &mut text)
-        }
-        Command::Man => {
-            if let Err(e) = clap_mangen::Man::new(Args::command()).render(&mut text) {
-                eprintln!("f2b-publisher: cannot render the man page: {e}");
-                return Some(ExitCode::FAILURE);
-            }
-        }
-        _ => return None,
-    }
-    let mut out = std::io::stdout().lock();
-    Some(match out.write_all(&text).and_then(|()| out.flush()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("f2b-publisher: cannot write to standard output: {e}");
-            ExitCode::FAILURE
-        }
-    })
 }

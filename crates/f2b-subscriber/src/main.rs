@@ -1,10 +1,9 @@
 //! `f2b-subscriber`: receives the cluster's bans and applies them on this node.
 
-use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use f2b_common::daemon::{self, CommonArgs, Daemon};
+use f2b_common::daemon::{self, CommonArgs, Daemon, HelpFile};
 
 /// Receive ban/unban events from the fail2ban-cluster publisher(s) and apply them
 /// locally (fail2ban-client, a log file, a command, or nothing).
@@ -32,7 +31,11 @@ enum Command {
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(command) = &args.command {
-        return print_help_file(command);
+        let file = match command {
+            Command::Completions { shell } => HelpFile::Completions(*shell),
+            Command::Man => HelpFile::Man,
+        };
+        return daemon::print_help_file(Args::command(), file);
     }
     daemon::main(
         Daemon {
@@ -43,29 +46,4 @@ fn main() -> ExitCode {
         &args.common,
         |cfg, token| f2b_subscriber::run(cfg.node, cfg.subscriber, token),
     )
-}
-
-/// `completions SHELL` and `man`: generated from the command line's definition,
-/// in memory first so that a closed standard output is an error, not a panic.
-fn print_help_file(command: &Command) -> ExitCode {
-    let mut text = Vec::new();
-    match command {
-        Command::Completions { shell } => {
-            clap_complete::generate(*shell, &mut Args::command(), "f2b-subscriber", &mut text)
-        }
-        Command::Man => {
-            if let Err(e) = clap_mangen::Man::new(Args::command()).render(&mut text) {
-                eprintln!("f2b-subscriber: cannot render the man page: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
-    }
-    let mut out = std::io::stdout().lock();
-    match out.write_all(&text).and_then(|()| out.flush()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("f2b-subscriber: cannot write to standard output: {e}");
-            ExitCode::FAILURE
-        }
-    }
 }
