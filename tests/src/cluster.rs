@@ -7,8 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use f2b_proto::auth::{MonitorSecret, PublicKey};
+
 use crate::bins;
 use crate::process::Process;
+use crate::trust::{Keyring, DEFAULT_MONITORS};
 use crate::wait::{self, TIMEOUT};
 
 /// The log filter the daemons run with: info, and debug for the project's crates
@@ -109,13 +112,27 @@ pub fn read_lines(path: &Path) -> Vec<String> {
     }
 }
 
-/// `[publisher]` settings.
+/// `[publisher]` and `[trust]` settings. `Default`: ephemeral loopback ports, a
+/// 200 ms heartbeat, and real trust: a fresh [`Keyring`] (signing key file written
+/// 0600) and `[trust.monitors]` credentials for [`DEFAULT_MONITORS`].
 #[derive(Debug, Clone)]
 pub struct PublisherOptions {
     pub reply_bind: String,
     pub broadcast_bind: String,
     pub heartbeat_interval: String,
     pub ban_time: String,
+    /// The publisher's key pair and the monitors' secrets.
+    pub keyring: Keyring,
+    /// `[trust] signing_key_file` is written and set (`false`: no signing key).
+    pub signing_key: bool,
+    /// The nodes listed in `[trust.monitors]`, each with its secret from the keyring.
+    pub monitors: Vec<String>,
+    /// `[trust] allow_unauthenticated`.
+    pub allow_unauthenticated: bool,
+    /// Extra lines for the `[publisher]` section (e.g. `ignore_ip = [...]`).
+    pub publisher_extra: String,
+    /// Extra lines for the `[trust]` section (e.g. `max_clock_skew = "5s"`).
+    pub trust_extra: String,
 }
 
 impl Default for PublisherOptions {
@@ -125,8 +142,62 @@ impl Default for PublisherOptions {
             broadcast_bind: "tcp://127.0.0.1:*".into(),
             heartbeat_interval: "200ms".into(),
             ban_time: "10m".into(),
+            keyring: Keyring::generate(),
+            signing_key: true,
+            monitors: DEFAULT_MONITORS.iter().map(|&n| n.to_owned()).collect(),
+            allow_unauthenticated: false,
+            publisher_extra: String::new(),
+            trust_extra: String::new(),
         }
     }
+}
+
+impl PublisherOptions {
+    /// With the hub's rate limit off and its circuit breaker out of reach, for tests
+    /// that push thousands of events through one node to test something else (the
+    /// limits' own tests use the defaults or set them).
+    pub fn without_hub_limits(mut self) -> PublisherOptions {
+        self.publisher_extra
+            .push_str("rate_limit = 0\nquarantine_floor = 4000000000\n");
+        self
+    }
+}
+
+/// The publisher's configuration file.
+fn publisher_config(dir: &Path, o: &PublisherOptions) -> String {
+    let mut c = format!(
+        "[node]\nname = \"hub\"\n\n[publisher]\nreply_bind = {}\nbroadcast_bind = {}\n\
+         heartbeat_interval = {}\nban_time = {}\npidfile = {}\nstate_dir = {}\n",
+        toml_str(&o.reply_bind),
+        toml_str(&o.broadcast_bind),
+        toml_str(&o.heartbeat_interval),
+        toml_str(&o.ban_time),
+        path_str(&dir.join("publisher.pid")),
+        path_str(&dir.join("publisher-state")),
+    );
+    c.push_str(&o.publisher_extra);
+    let _ = writeln!(c, "\n[trust]");
+    if o.allow_unauthenticated {
+        let _ = writeln!(c, "allow_unauthenticated = true");
+    }
+    if o.signing_key {
+        let path = dir.join("publisher.key");
+        o.keyring.write_signing_key(&path);
+        let _ = writeln!(c, "signing_key_file = {}", path_str(&path));
+    }
+    c.push_str(&o.trust_extra);
+    if !o.monitors.is_empty() {
+        let _ = writeln!(c, "\n[trust.monitors]");
+        for m in &o.monitors {
+            let _ = writeln!(
+                c,
+                "{} = {}",
+                toml_str(m),
+                toml_str(o.keyring.secret(m).expose())
+            );
+        }
+    }
+    c
 }
 
 /// A running `f2b-publisher`.
@@ -167,19 +238,7 @@ impl Publisher {
 
     fn launch(dir: &Path, o: &PublisherOptions, run: usize) -> (Process, String, String) {
         let config = dir.join("publisher.conf");
-        write_file(
-            &config,
-            &format!(
-                "[node]\nname = \"hub\"\n\n[publisher]\nreply_bind = {}\nbroadcast_bind = {}\n\
-                 heartbeat_interval = {}\nban_time = {}\npidfile = {}\nstate_dir = {}\n",
-                toml_str(&o.reply_bind),
-                toml_str(&o.broadcast_bind),
-                toml_str(&o.heartbeat_interval),
-                toml_str(&o.ban_time),
-                path_str(&dir.join("publisher.pid")),
-                path_str(&dir.join("publisher-state")),
-            ),
-        );
+        write_file(&config, &publisher_config(dir, o));
         let mut cmd = Command::new(bins::publisher());
         cmd.arg("--config")
             .arg(&config)
@@ -191,7 +250,8 @@ impl Publisher {
             format!("publisher (run {})", run + 1)
         };
         let p = Process::spawn(name, cmd);
-        let m = p.wait_for_line(r"listening on", TIMEOUT);
+        // Not `metrics listening on ...`: the line with the endpoints.
+        let m = p.wait_for_line(r"\blistening on\b.*\breply=", TIMEOUT);
         let reply = m.field("reply");
         let broadcast = m.field("broadcast");
         assert!(
@@ -227,13 +287,40 @@ impl Publisher {
         self.dir.join("publisher-state")
     }
 
+    /// The options it runs with (its keyring among them).
+    pub fn options(&self) -> &PublisherOptions {
+        &self.options
+    }
+
+    /// The publisher's key pair and the monitors' secrets.
+    pub fn keyring(&self) -> &Keyring {
+        &self.options.keyring
+    }
+
+    /// Its public key (what subscribers set as `publisher_key`).
+    pub fn public_key(&self) -> PublicKey {
+        self.options.keyring.public_key()
+    }
+
+    /// The credential of monitor `node`, as the publisher knows it.
+    pub fn secret(&self, node: &str) -> MonitorSecret {
+        self.options.keyring.secret(node)
+    }
+
     /// Starts the publisher again on the endpoints it had (after [`Publisher::kill`]
     /// or a clean stop), and asserts it got them.
     pub fn restart(&mut self) {
+        self.restart_with(|_| {});
+    }
+
+    /// Like [`Publisher::restart`], with its options changed by `change` first (for
+    /// instance a monitor's credential removed: a revocation).
+    pub fn restart_with(&mut self, change: impl FnOnce(&mut PublisherOptions)) {
         assert!(
             !self.process.is_running(),
             "restart: the publisher is still running"
         );
+        change(&mut self.options);
         let options = PublisherOptions {
             reply_bind: self.reply.clone(),
             broadcast_bind: self.broadcast.clone(),
@@ -305,6 +392,32 @@ pub struct NodeOptions {
     pub snapshot: bool,
     /// Extra lines for the `[subscriber]` section.
     pub subscriber_extra: String,
+    /// `[trust] secret`: the monitor's credential.
+    pub secret: NodeSecret,
+    /// `[trust] publisher_key`; `None`: the publisher's real key.
+    pub publisher_keys: Option<Vec<PublicKey>>,
+    /// `[trust] allow_unauthenticated`.
+    pub allow_unauthenticated: bool,
+    /// `[monitor] publisher`; `None`: the publisher's reply endpoint (a proxy in
+    /// between, for instance).
+    pub monitor_publisher: Option<String>,
+    /// More broadcast endpoints for `[subscriber] publisher` (after the publisher's).
+    pub also_follow: Vec<String>,
+    /// Wait for the subscriber's `connected` (and `resync`) line at start; `false`:
+    /// only for its `starting` line (a subscriber that will refuse everything).
+    pub wait_connected: bool,
+}
+
+/// Which `[trust] secret` a node is configured with.
+#[derive(Debug, Clone, Default)]
+pub enum NodeSecret {
+    /// The one the publisher holds for the node's name (the default).
+    #[default]
+    Publisher,
+    /// This one (a wrong one, another keyring's).
+    Given(MonitorSecret),
+    /// None.
+    None,
 }
 
 impl Default for NodeOptions {
@@ -322,6 +435,12 @@ impl Default for NodeOptions {
             heartbeat_timeout: None,
             snapshot: true,
             subscriber_extra: String::new(),
+            secret: NodeSecret::Publisher,
+            publisher_keys: None,
+            allow_unauthenticated: false,
+            monitor_publisher: None,
+            also_follow: Vec::new(),
+            wait_connected: true,
         }
     }
 }
@@ -344,6 +463,8 @@ pub struct Node {
     pub action_log_path: PathBuf,
     /// Whether the subscriber asks for snapshots ([`NodeOptions::snapshot`]).
     snapshot: bool,
+    /// [`NodeOptions::wait_connected`].
+    wait_connected: bool,
     monitor: Option<Process>,
     subscriber: Option<Process>,
     earlier: Vec<Process>,
@@ -367,18 +488,25 @@ impl Node {
         let calls_path = dir.join("fail2ban-client-calls.txt");
         let action_log_path = dir.join("applied.log");
         let config = dir.join("fail2ban-cluster.conf");
-        write_file(
-            &config,
-            &node_config(
-                name,
-                &dir,
-                &log_path,
-                (&record_path, &action_log_path),
-                (&publisher.reply, &publisher.broadcast),
-                &options,
-                bins::bin_path,
-            ),
-        );
+        let secret = match &options.secret {
+            NodeSecret::Publisher => Some(publisher.secret(name)),
+            NodeSecret::Given(s) => Some(s.clone()),
+            NodeSecret::None => None,
+        };
+        let keys = options
+            .publisher_keys
+            .clone()
+            .unwrap_or_else(|| vec![publisher.public_key()]);
+        let text = node_config(
+            name,
+            &dir,
+            &log_path,
+            (&record_path, &action_log_path),
+            (&publisher.reply, &publisher.broadcast),
+            &options,
+            bins::bin_path,
+        ) + &trust_section(secret.as_ref(), &keys, options.allow_unauthenticated);
+        write_file(&config, &text);
         let mut node = Node {
             name: name.to_owned(),
             dir,
@@ -388,6 +516,7 @@ impl Node {
             calls_path,
             action_log_path,
             snapshot: options.snapshot,
+            wait_connected: options.wait_connected,
             monitor: None,
             subscriber: None,
             earlier: Vec::new(),
@@ -425,8 +554,12 @@ impl Node {
     /// of its start (it has caught up with what the cluster holds).
     pub fn start_subscriber(&mut self) {
         let p = self.daemon(bins::subscriber(), "subscriber");
-        p.wait_for_line(r"\bconnected\b", TIMEOUT);
-        if self.snapshot {
+        if !self.wait_connected {
+            p.wait_for_event("starting", &[], TIMEOUT);
+        } else {
+            p.wait_for_line(r"\bconnected\b", TIMEOUT);
+        }
+        if self.snapshot && self.wait_connected {
             p.wait_for_event("resync", &[("reason", "start")], TIMEOUT);
         }
         if let Some(old) = self.subscriber.replace(p) {
@@ -538,7 +671,8 @@ fn node_config(
     let _ = writeln!(c, "[node]\nname = {}\n", toml_str(name));
     let _ = writeln!(c, "[monitor]");
     let _ = writeln!(c, "log_path = {}", path_str(log_path));
-    let _ = writeln!(c, "publisher = {}", toml_str(reply));
+    let monitor_publisher = o.monitor_publisher.as_deref().unwrap_or(reply);
+    let _ = writeln!(c, "publisher = {}", toml_str(monitor_publisher));
     let _ = writeln!(c, "ignore_jails = {}", toml_list(&o.ignore_jails));
     if let Some(t) = &o.ack_timeout {
         let _ = writeln!(c, "ack_timeout = {}", toml_str(t));
@@ -546,7 +680,9 @@ fn node_config(
     let _ = writeln!(c, "pidfile = {}", path_str(&dir.join("monitor.pid")));
     let _ = writeln!(c, "state_dir = {}\n", path_str(&dir.join("monitor-state")));
     let _ = writeln!(c, "[subscriber]");
-    let _ = writeln!(c, "publisher = {}", toml_str(broadcast));
+    let mut follow = vec![broadcast.to_owned()];
+    follow.extend(o.also_follow.iter().cloned());
+    let _ = writeln!(c, "publisher = {}", toml_list(&follow));
     let _ = writeln!(c, "jails = {}", toml_list(&o.jails));
     if let Some(ips) = &o.ignore_ip {
         let _ = writeln!(c, "ignore_ip = {}", toml_list(ips));
@@ -604,6 +740,27 @@ fn node_config(
     c
 }
 
+/// A node's `[trust]` section: its monitor's secret, the publisher keys its
+/// subscriber obeys, the opt-out.
+pub fn trust_section(
+    secret: Option<&MonitorSecret>,
+    publisher_keys: &[PublicKey],
+    allow_unauthenticated: bool,
+) -> String {
+    let mut c = String::from("\n[trust]\n");
+    if allow_unauthenticated {
+        c.push_str("allow_unauthenticated = true\n");
+    }
+    if let Some(s) = secret {
+        let _ = writeln!(c, "secret = {}", toml_str(s.expose()));
+    }
+    if !publisher_keys.is_empty() {
+        let keys: Vec<String> = publisher_keys.iter().map(ToString::to_string).collect();
+        let _ = writeln!(c, "publisher_key = {}", toml_list(&keys));
+    }
+    c
+}
+
 /// Convenience: a [`Duration`] of seconds.
 pub fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
@@ -623,6 +780,8 @@ mod tests {
     #[test]
     fn node_configs_are_valid_configs() {
         let dir = Path::new("/tmp/x");
+        let keyring = Keyring::generate();
+        let secret = keyring.secret("node-a");
         let actions = [
             NodeAction::Record,
             NodeAction::Fail2banClient {
@@ -653,10 +812,15 @@ mod tests {
                 ("tcp://hub.invalid:5000", "tcp://hub.invalid:5001"),
                 &o,
                 |name| Path::new("/usr/local/bin").join(name),
-            );
+            ) + &trust_section(Some(&secret), &[keyring.public_key()], false);
             let c = f2b_common::config::from_str(&text, Path::new("node.conf"))
                 .unwrap_or_else(|e| panic!("{e}\n{text}"));
             assert_eq!(c.node.name.as_str(), "node-a");
+            assert_eq!(c.trust.secret.as_ref(), Some(&secret));
+            assert_eq!(c.trust.publisher_keys, [keyring.public_key()]);
+            assert!(!c.trust.allow_unauthenticated);
+            c.trust.require_monitor().unwrap();
+            c.trust.require_subscriber().unwrap();
             assert_eq!(c.subscriber.jails.len(), 2);
             assert_eq!(c.monitor.ack_timeout, Duration::from_millis(500));
             assert_eq!(c.subscriber.pidfile, dir.join("subscriber.pid"));
@@ -672,6 +836,46 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn publisher_configs_are_valid_configs() {
+        let d = TestDir::new();
+        let o = PublisherOptions {
+            publisher_extra: "ignore_ip = [\"192.0.2.0/24\"]\n".into(),
+            trust_extra: "max_clock_skew = \"5s\"\n".into(),
+            ..PublisherOptions::default()
+        }
+        .without_hub_limits();
+        let text = publisher_config(d.path(), &o);
+        let c = f2b_common::config::from_str(&text, &d.path().join("publisher.conf"))
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        c.trust.require_publisher().unwrap();
+        assert_eq!(
+            c.trust.signing_key.as_ref().map(|k| k.public()),
+            Some(o.keyring.public_key())
+        );
+        assert_eq!(c.trust.monitors.len(), DEFAULT_MONITORS.len());
+        let web1 = f2b_proto::NodeName::new("web1").unwrap();
+        assert_eq!(c.trust.monitors.get(&web1), Some(&o.keyring.secret("web1")));
+        assert_eq!(c.trust.max_clock_skew, Duration::from_secs(5));
+        assert_eq!(c.publisher.ignore_ip.len(), 1);
+        assert_eq!(c.publisher.rate_limit, 0);
+        assert_eq!(c.publisher.quarantine_floor, 4_000_000_000);
+        assert!(!text.contains(o.keyring.signing_key().to_file_text().trim()));
+
+        // The opt-out, without keys.
+        let o = PublisherOptions {
+            signing_key: false,
+            monitors: Vec::new(),
+            allow_unauthenticated: true,
+            ..PublisherOptions::default()
+        };
+        let text = publisher_config(d.path(), &o);
+        let c = f2b_common::config::from_str(&text, &d.path().join("publisher.conf"))
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert!(c.trust.allow_unauthenticated && c.trust.signing_key.is_none());
+        c.trust.require_publisher().unwrap();
     }
 
     #[test]

@@ -19,6 +19,10 @@
 //!   thousands of events, the `log` action to a file per node
 //!   ([`NodeAction::LogFile`]). Subscribers ask the publisher for snapshots (catch
 //!   up) unless told not to.
+//! - [`trust`]: [`Keyring`], a test cluster's keys: the publisher's signing key and
+//!   a secret per monitor node, random per test. Every publisher and node the
+//!   harness starts runs with real trust (signed broadcasts, authenticated reports)
+//!   unless its options say otherwise (the opt-out, wrong keys).
 //! - [`applied`]: reading the files of the subscribers' `log` action
 //!   incrementally, and counting what was lost or applied twice.
 //! - [`fail2ban`]: [`Fail2ban`], a private fail2ban-server configured with the
@@ -38,9 +42,13 @@ pub mod fail2ban;
 pub mod logline;
 pub mod process;
 pub mod raw;
+pub mod trust;
 pub mod wait;
 
-pub use cluster::{Node, NodeAction, NodeOptions, Publisher, PublisherOptions, TestDir};
+pub use cluster::{
+    Node, NodeAction, NodeOptions, NodeSecret, Publisher, PublisherOptions, TestDir,
+};
 pub use fail2ban::{Fail2ban, JailConf};
 pub use process::{field, LineCount, LineMatch, Process};
+pub use trust::Keyring;
 pub use wait::TIMEOUT;

@@ -171,12 +171,13 @@ pub fn field(line: &str, key: &str) -> Option<String> {
 }
 
 /// Whether a tracing fmt line (`<time> <LEVEL> <target>: <message> k=v ...`) has the
-/// message `message` and every field of `fields` with that value.
+/// message `message` and every field of `fields` with that value. The message may
+/// go on after a `:` or `,` (a hint appended to it: `publisher unreachable: is ...`).
 pub fn is_event(line: &str, message: &str, fields: &[(&str, &str)]) -> bool {
     let needle = format!(": {message}");
     let has_message = line.match_indices(&needle).any(|(i, _)| {
         let rest = &line[i + needle.len()..];
-        rest.is_empty() || rest.starts_with(' ')
+        rest.is_empty() || rest.starts_with([' ', ':', ','])
     });
     has_message
         && fields
@@ -480,11 +481,15 @@ impl Process {
         }
     }
 
-    /// Waits up to `timeout` for the process to exit; its status, or `None`.
+    /// Waits up to `timeout` for the process to exit; its status, or `None`. When it
+    /// has exited, its output is read to the end first (for at most 5 s more: a
+    /// grandchild may hold the pipes).
     pub fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(s) = self.try_status() {
+                // Its last lines may still be in the pipes: read them first.
+                self.wait_output_closed(Duration::from_secs(5));
                 return Some(s);
             }
             if Instant::now() >= deadline {
@@ -646,6 +651,15 @@ mod tests {
             !is_event(line, "broadcast", &[]),
             "a field value is not a message"
         );
+        let hinted = "2026-11-21T05:29:01.123Z  WARN f2b_monitor::send: publisher unreachable: is it running? attempt=1";
+        assert!(is_event(
+            hinted,
+            "publisher unreachable",
+            &[("attempt", "1")]
+        ));
+        let old = "2026-11-21T05:29:01.123Z  WARN f2b_monitor::send: publisher unreachable, will retry attempt=1";
+        assert!(is_event(old, "publisher unreachable", &[]));
+        assert!(!is_event(old, "publisher unreach", &[]));
     }
 
     #[test]

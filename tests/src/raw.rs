@@ -5,6 +5,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use f2b_proto::auth::{MonitorSecret, RequestAuth};
 use f2b_proto::{Nak, Reply};
 use serde_json::{json, Value};
 
@@ -71,6 +72,42 @@ pub fn expect_nak(endpoint: &str, payload: &[u8]) -> Nak {
     }
 }
 
+/// Sends `payload` with an auth frame signed as `node` with `secret` (now, fresh
+/// nonce) and returns the reply's frames and the auth frame sent.
+pub fn signed_request(
+    endpoint: &str,
+    payload: &[u8],
+    node: &str,
+    secret: &MonitorSecret,
+) -> (Vec<Vec<u8>>, RequestAuth) {
+    let auth = crate::trust::sign(secret, node, payload);
+    let frames = request_frames(endpoint, &[payload, &auth.encode()]);
+    (frames, auth)
+}
+
+/// Sends a signed request (see [`signed_request`]) and decodes the reply; when it
+/// carries a MAC frame, asserts that the MAC is right.
+pub fn signed_reply(endpoint: &str, payload: &[u8], node: &str, secret: &MonitorSecret) -> Reply {
+    let (frames, auth) = signed_request(endpoint, payload, node, secret);
+    assert!(
+        (1..=2).contains(&frames.len()),
+        "a reply to a signed request has one or two frames: {frames:?}"
+    );
+    if let Some(mac) = frames.get(1) {
+        assert!(
+            crate::trust::reply_mac_ok(secret, &auth, &frames[0], mac),
+            "wrong reply MAC for {:?}",
+            String::from_utf8_lossy(&frames[0])
+        );
+    }
+    Reply::decode(&frames[0]).unwrap_or_else(|e| {
+        panic!(
+            "undecodable reply {:?}: {e}",
+            String::from_utf8_lossy(&frames[0])
+        )
+    })
+}
+
 /// The ZMTP 3.0 greeting of a client using the NULL mechanism.
 fn greeting() -> [u8; 64] {
     let mut g = [0u8; 64];
@@ -106,6 +143,13 @@ fn ready(socket_type: &str) -> Vec<u8> {
 /// and a few bytes of it. Returns how long the peer took to close the connection;
 /// panics when it keeps it open for 15 s (it would be buffering the frame).
 pub fn announce_huge_frame(endpoint: &str, socket_type: &str) -> Duration {
+    announce_frame(endpoint, socket_type, 1u64 << 40, &[0x41; 64])
+}
+
+/// Like [`announce_huge_frame`], with a message frame announcing `len` bytes of
+/// which `body` is sent (all of them for a frame just past a size limit). Returns
+/// how long the peer took to close the connection; panics when it keeps it open.
+pub fn announce_frame(endpoint: &str, socket_type: &str, len: u64, body: &[u8]) -> Duration {
     let addr = endpoint
         .strip_prefix("tcp://")
         .unwrap_or_else(|| panic!("not a tcp endpoint: {endpoint}"));
@@ -135,8 +179,8 @@ pub fn announce_huge_frame(endpoint: &str, socket_type: &str) -> Duration {
     assert_eq!(peer[10], 3, "not ZMTP 3: {peer:?}");
     s.write_all(&ready(socket_type)).expect("send READY");
     let mut header = vec![0x02u8]; // a long message frame, no more frames
-    header.extend_from_slice(&(1u64 << 40).to_be_bytes());
-    header.extend_from_slice(&[0x41; 64]);
+    header.extend_from_slice(&len.to_be_bytes());
+    header.extend_from_slice(body);
     let sent = Instant::now();
     // The peer may already have dropped the connection.
     let _ = s.write_all(&header);
@@ -159,8 +203,8 @@ pub fn announce_huge_frame(endpoint: &str, socket_type: &str) -> Duration {
         }
         if sent.elapsed() > REPLY_TIMEOUT {
             panic!(
-                "{endpoint} kept the connection open {REPLY_TIMEOUT:?} after a 1 TiB frame \
-                 header: it is not enforcing its maximum message size"
+                "{endpoint} kept the connection open {REPLY_TIMEOUT:?} after a frame header \
+                 of {len} bytes: it is not enforcing its maximum message size"
             );
         }
     }

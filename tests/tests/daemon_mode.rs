@@ -5,7 +5,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use f2b_tests::{bins, wait};
+use f2b_tests::cluster::{toml_str, trust_section};
+use f2b_tests::{bins, wait, Keyring};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -81,6 +82,19 @@ fn every_binary_detaches_writes_its_pidfile_and_stops_on_sigterm() {
     let d = dir.path();
     std::fs::write(d.join("fail2ban.log"), "").unwrap();
     let config = d.join("fail2ban-cluster.conf");
+    // Real trust: the publisher's key file and web1's credential on both sides.
+    let keyring = Keyring::generate();
+    keyring.write_signing_key(&d.join("publisher.key"));
+    let trust = format!(
+        "{}signing_key_file = \"{d}/publisher.key\"\n[trust.monitors]\nweb1 = {}\n",
+        trust_section(
+            Some(&keyring.secret("web1")),
+            &[keyring.public_key()],
+            false
+        ),
+        toml_str(keyring.secret("web1").expose()),
+        d = d.display()
+    );
     std::fs::write(
         &config,
         format!(
@@ -90,7 +104,7 @@ fn every_binary_detaches_writes_its_pidfile_and_stops_on_sigterm() {
              [monitor]\nlog_path = \"{d}/fail2ban.log\"\npublisher = \"tcp://127.0.0.1:9\"\n\
              pidfile = \"{d}/run/monitor.pid\"\nstate_dir = \"{d}/monitor\"\n\
              [subscriber]\npublisher = \"tcp://127.0.0.1:9\"\naction = \"none\"\n\
-             pidfile = \"{d}/run/subscriber.pid\"\nstate_dir = \"{d}/subscriber\"\n",
+             pidfile = \"{d}/run/subscriber.pid\"\nstate_dir = \"{d}/subscriber\"\n{trust}",
             d = d.display()
         ),
     )

@@ -22,9 +22,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use f2b_tests::bins;
-use f2b_tests::cluster::{read_lines, toml_list, toml_str, TestDir, LOG_LEVEL};
+use f2b_tests::cluster::{read_lines, toml_list, toml_str, trust_section, TestDir, LOG_LEVEL};
 use f2b_tests::logline::{ban, unban};
 use f2b_tests::raw;
+use f2b_tests::trust::{Keyring, DEFAULT_MONITORS};
 use f2b_tests::wait;
 use f2b_tests::{Process, TIMEOUT};
 
@@ -146,19 +147,43 @@ struct Hub {
     reply: String,
     broadcast: String,
     legacy_broadcast: Option<String>,
+    /// Its keys: native peers authenticate (legacy ones cannot).
+    keyring: Keyring,
 }
 
-/// Starts f2b-publisher on ephemeral loopback ports with a temporary state_dir and
-/// `extra` lines in its `[publisher]` section; waits for `listening on`.
+impl Hub {
+    /// The `[trust]` section of a native node of this hub: its monitor's secret and
+    /// the hub's public key.
+    fn node_trust(&self, node: &str) -> String {
+        trust_section(
+            Some(&self.keyring.secret(node)),
+            &[self.keyring.public_key()],
+            false,
+        )
+    }
+}
+
+/// Starts f2b-publisher on ephemeral loopback ports with a temporary state_dir, real
+/// trust (a signing key, credentials for the usual node names) and `extra` lines in
+/// its `[publisher]` section; waits for `listening on`.
 fn start_hub(dir: &Path, label: &str, extra: &str) -> Hub {
     std::fs::create_dir_all(dir).expect("mkdir");
     let config = dir.join("publisher.conf");
+    let keyring = Keyring::generate();
+    let key_file = dir.join("publisher.key");
+    keyring.write_signing_key(&key_file);
+    let mut monitors = String::new();
+    for m in DEFAULT_MONITORS {
+        let _ = writeln!(monitors, "{m} = {}", toml_str(keyring.secret(m).expose()));
+    }
     let text = format!(
         "[node]\nname = \"hub\"\n\n[publisher]\nreply_bind = \"tcp://127.0.0.1:*\"\n\
          broadcast_bind = \"tcp://127.0.0.1:*\"\nheartbeat_interval = \"200ms\"\n\
-         pidfile = {}\nstate_dir = {}\n{extra}",
+         pidfile = {}\nstate_dir = {}\n{extra}\n\
+         [trust]\nsigning_key_file = {}\n\n[trust.monitors]\n{monitors}",
         path_str(&dir.join("publisher.pid")),
         path_str(&dir.join("publisher-state")),
+        path_str(&key_file),
     );
     write(&config, &text);
     let mut cmd = Command::new(bins::publisher());
@@ -167,12 +192,13 @@ fn start_hub(dir: &Path, label: &str, extra: &str) -> Hub {
         .arg("--log-level")
         .arg(LOG_LEVEL);
     let process = Process::spawn(label, cmd);
-    let m = process.wait_for_line(r"listening on", TIMEOUT);
+    let m = process.wait_for_line(r"\blistening on\b.*\breply=", TIMEOUT);
     Hub {
         reply: m.field("reply"),
         broadcast: m.field("broadcast"),
         legacy_broadcast: f2b_tests::process::field(&m.line, "legacy_broadcast"),
         process,
+        keyring,
     }
 }
 
@@ -188,12 +214,14 @@ struct NodeFiles {
 /// Writes a node's configuration in `dir`: its name, an optional `[monitor]` (the
 /// publisher's reply endpoint and extra lines) and an optional `[subscriber]`
 /// (publisher endpoint and extra lines; action `exec` with the recorder), each with
-/// a temporary state_dir; and an empty fail2ban log.
+/// a temporary state_dir; `trust`, its `[trust]` section (see [`Hub::node_trust`],
+/// or the opt-out for a peer of an old publisher); and an empty fail2ban log.
 fn node_files(
     dir: &Path,
     name: &str,
     monitor: Option<(&str, &str)>,
     subscriber: Option<(&str, &str)>,
+    trust: &str,
 ) -> NodeFiles {
     std::fs::create_dir_all(dir).expect("mkdir");
     let log_path = dir.join("fail2ban.log");
@@ -229,6 +257,7 @@ fn node_files(
         let _ = writeln!(c, "state_dir = {}", path_str(&dir.join("subscriber-state")));
         let _ = writeln!(c, "{extra}");
     }
+    c.push_str(trust);
     let config = dir.join("fail2ban-cluster.conf");
     write(&config, &c);
     NodeFiles {
@@ -237,6 +266,9 @@ fn node_files(
         record_path,
     }
 }
+
+/// The `[trust]` section of a native peer of an old (fail2ban-zmq-tools) peer.
+const UNAUTHENTICATED: &str = "\n[trust]\nallow_unauthenticated = true\n";
 
 /// Starts `binary` on `config` with the tests' log level.
 fn daemon(label: &str, binary: PathBuf, config: &Path) -> Process {
@@ -335,6 +367,7 @@ fn pyzmq_old_monitor_to_new_publisher() {
         "web5",
         None,
         Some((hub.broadcast.as_str(), "")),
+        &hub.node_trust("web5"),
     );
     let sub = daemon("subscriber web5", bins::subscriber(), &web5.config);
     sub.wait_for_line(r"\bconnected\b", TIMEOUT);
@@ -472,6 +505,7 @@ fn pyzmq_new_publisher_to_old_subscriber() {
         "web2",
         Some((hub.reply.as_str(), "")),
         None,
+        &hub.node_trust("web2"),
     );
     let monitor = daemon("monitor web2", bins::monitor(), &web2.config);
     monitor.wait_for_line(r"\bwatching\b", TIMEOUT);
@@ -552,6 +586,8 @@ fn pyzmq_new_monitor_to_old_publisher() {
         "web3",
         Some((rep.as_str(), "legacy = true\nlegacy_token = \"tok\"")),
         None,
+        // An old publisher cannot check a credential: the explicit opt-out.
+        UNAUTHENTICATED,
     );
     let monitor = daemon("monitor web3", bins::monitor(), &web3.config);
     monitor.wait_for_line(r"\bwatching\b", TIMEOUT);
@@ -656,6 +692,8 @@ fn pyzmq_old_publisher_to_new_subscriber() {
         "web4",
         None,
         Some((publ.as_str(), "legacy = true")),
+        // An old publisher signs nothing: the explicit opt-out, no publisher_key.
+        UNAUTHENTICATED,
     );
     let sub = daemon("subscriber web4", bins::subscriber(), &web4.config);
     sub.wait_for_line(r"\bconnected\b", TIMEOUT);

@@ -127,17 +127,26 @@ fn units_declare_what_the_daemons_need() {
             ],
             "{name}: ExecStart"
         );
-        assert_eq!(value(&unit, name, "Service", "Type"), "simple", "{name}");
+        // The daemons send READY=1 and STOPPING=1 (f2b_common::daemon::notify_ready).
+        assert_eq!(value(&unit, name, "Service", "Type"), "notify", "{name}");
         assert_eq!(
             value(&unit, name, "Service", "Restart"),
             "on-failure",
             "{name}"
         );
-        // The daemons do not reload on SIGHUP.
-        assert!(
-            !unit["Service"].contains_key("ExecReload"),
-            "{name}: ExecReload= declared but SIGHUP reload is not implemented"
-        );
+        // f2b-publisher reloads its configuration on SIGHUP; the others do not.
+        if daemon == "f2b-publisher" {
+            assert_eq!(
+                value(&unit, name, "Service", "ExecReload"),
+                "/bin/kill -HUP $MAINPID",
+                "{name}: ExecReload"
+            );
+        } else {
+            assert!(
+                !unit["Service"].contains_key("ExecReload"),
+                "{name}: ExecReload= declared but SIGHUP reload is not implemented"
+            );
+        }
 
         // The directories of the configuration's defaults.
         let state = format!(

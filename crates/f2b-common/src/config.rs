@@ -3,16 +3,20 @@
 //! 1. [`parse`]: text to raw structs ([`RawConfig`]); every table denies unknown keys,
 //!    so a misspelt key is an error that names it.
 //! 2. [`RawConfig::validate`]: raw values to typed ones (endpoints, CIDR networks,
-//!    durations, node and jail names), each error naming its key.
+//!    durations, node and jail names, keys; the secret and key files named in
+//!    `[trust]` are read here), each error naming its key (and the file).
 //! 3. [`load`]: reads the file and runs both, naming the file in every error.
 //!
 //! Every section is optional; a missing key takes the default named in [`defaults`].
 //! The shipped `fail2ban-cluster.conf` documents every key.
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use f2b_proto::auth::{MonitorSecret, PublicKey, SigningKey};
 use f2b_proto::{JailName, NodeName};
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -54,6 +58,18 @@ pub mod defaults {
     pub const PUBLISHER_STATE_DIR: &str = "/var/lib/fail2ban-cluster/publisher";
     /// Where the subscriber keeps what it applied and its pending events.
     pub const SUBSCRIBER_STATE_DIR: &str = "/var/lib/fail2ban-cluster/subscriber";
+    /// `[trust] max_clock_skew`.
+    pub const MAX_CLOCK_SKEW: &str = "60s";
+    /// `[publisher] rate_limit`: reports per second per monitor node.
+    pub const RATE_LIMIT: u32 = 50;
+    /// `[publisher] rate_burst`.
+    pub const RATE_BURST: u32 = 1000;
+    /// `[publisher] quarantine_floor`: reports in one minute.
+    pub const QUARANTINE_FLOOR: u32 = 3000;
+    /// `[publisher] quarantine_factor`.
+    pub const QUARANTINE_FACTOR: u32 = 10;
+    /// `[publisher] quarantine_time`.
+    pub const QUARANTINE_TIME: &str = "10m";
 }
 
 /// A configuration error: which file, which key, what is wrong.
@@ -155,6 +171,36 @@ pub struct RawConfig {
     pub publisher: RawPublisher,
     #[serde(default)]
     pub subscriber: RawSubscriber,
+    #[serde(default)]
+    pub trust: RawTrust,
+}
+
+/// `[trust]`: credentials and keys.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTrust {
+    pub allow_unauthenticated: Option<bool>,
+    pub secret: Option<Secret>,
+    pub secret_file: Option<PathBuf>,
+    pub publisher_key: Option<OneOrMany>,
+    pub signing_key_file: Option<PathBuf>,
+    pub max_clock_skew: Option<RawDuration>,
+    pub monitors: Option<BTreeMap<String, RawCredential>>,
+}
+
+/// One monitor's credential in `[trust.monitors]`: the secret inline, or a file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawCredential {
+    Inline(Secret),
+    File(RawCredentialFile),
+}
+
+/// `node = { secret_file = "..." }` in `[trust.monitors]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCredentialFile {
+    pub secret_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -175,6 +221,7 @@ pub struct RawMonitor {
     pub legacy: Option<bool>,
     pub legacy_token: Option<Secret>,
     pub state_dir: Option<PathBuf>,
+    pub metrics_bind: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -189,6 +236,13 @@ pub struct RawPublisher {
     pub legacy_token: Option<Secret>,
     pub legacy_broadcast_bind: Option<String>,
     pub state_dir: Option<PathBuf>,
+    pub ignore_ip: Option<Vec<String>>,
+    pub rate_limit: Option<u32>,
+    pub rate_burst: Option<u32>,
+    pub quarantine_floor: Option<u32>,
+    pub quarantine_factor: Option<u32>,
+    pub quarantine_time: Option<RawDuration>,
+    pub metrics_bind: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -209,6 +263,7 @@ pub struct RawSubscriber {
     pub legacy: Option<bool>,
     pub state_dir: Option<PathBuf>,
     pub snapshot: Option<OneOrMany>,
+    pub metrics_bind: Option<String>,
 }
 
 /// Stage 1: parses the text of a configuration file. Errors carry TOML's own
@@ -385,6 +440,107 @@ pub struct PublisherConfig {
     pub legacy_broadcast_bind: Option<Endpoint>,
     /// The ledger lives here.
     pub state_dir: PathBuf,
+    /// Addresses no one may ban cluster-wide (NAK `forbidden`), on top of the
+    /// reserved ranges.
+    pub ignore_ip: Vec<IpNet>,
+    /// Reports per second per monitor node (token bucket refill); 0: no limit.
+    pub rate_limit: u32,
+    /// The token bucket's size.
+    pub rate_burst: u32,
+    /// Reports in one minute below which a node is never quarantined.
+    pub quarantine_floor: u32,
+    /// A node whose last minute's reports exceed this many times its usual
+    /// per-minute rate (and the floor) is quarantined.
+    pub quarantine_factor: u32,
+    /// How long a quarantine lasts.
+    pub quarantine_time: Duration,
+}
+
+/// `[trust]`: who may report, whose broadcasts are obeyed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustConfig {
+    /// The explicit opt-out: run without credentials or keys where none are set.
+    pub allow_unauthenticated: bool,
+    /// This node's credential (f2b-monitor, `f2b-monitor send`).
+    pub secret: Option<MonitorSecret>,
+    /// Where `secret` came from, for messages: `trust.secret` or the file.
+    pub secret_source: Option<String>,
+    /// The publishers' public keys (f2b-subscriber): a message signed by any of
+    /// them is accepted.
+    pub publisher_keys: Vec<PublicKey>,
+    /// The publisher's signing key (f2b-publisher).
+    pub signing_key: Option<SigningKey>,
+    /// The replay window: how far a report's timestamp may be from the publisher's
+    /// clock, and how long its nonce is remembered.
+    pub max_clock_skew: Duration,
+    /// The monitors' credentials, by node name (f2b-publisher).
+    pub monitors: BTreeMap<NodeName, MonitorSecret>,
+}
+
+/// A daemon cannot run with this trust configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("key `{key}`: {message}")]
+pub struct TrustError {
+    pub key: &'static str,
+    pub message: String,
+}
+
+impl TrustConfig {
+    /// f2b-monitor (and `f2b-monitor send`): a secret, unless opted out.
+    pub fn require_monitor(&self) -> Result<(), TrustError> {
+        if self.secret.is_none() && !self.allow_unauthenticated {
+            return Err(TrustError {
+                key: "trust.secret",
+                message: "not set: the monitor needs this node's credential (`trust.secret` or `trust.secret_file`; \
+                          make one with `f2b-publisher keygen --monitor NODE` on the hub), \
+                          or the explicit opt-out `trust.allow_unauthenticated = true`"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// f2b-publisher: a signing key and at least one monitor credential, unless
+    /// opted out.
+    pub fn require_publisher(&self) -> Result<(), TrustError> {
+        if self.allow_unauthenticated {
+            return Ok(());
+        }
+        if self.signing_key.is_none() {
+            return Err(TrustError {
+                key: "trust.signing_key_file",
+                message: "not set: the publisher signs every broadcast with its key \
+                          (make one with `f2b-publisher keygen`), \
+                          or set the explicit opt-out `trust.allow_unauthenticated = true`"
+                    .into(),
+            });
+        }
+        if self.monitors.is_empty() {
+            return Err(TrustError {
+                key: "trust.monitors",
+                message: "no monitor credential: add `[trust.monitors]` with one line per node \
+                          (`f2b-publisher keygen --monitor NODE` prints it), \
+                          or set the explicit opt-out `trust.allow_unauthenticated = true`"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// f2b-subscriber (native mode): a publisher key, unless opted out.
+    pub fn require_subscriber(&self) -> Result<(), TrustError> {
+        if self.publisher_keys.is_empty() && !self.allow_unauthenticated {
+            return Err(TrustError {
+                key: "trust.publisher_key",
+                message:
+                    "not set: the subscriber obeys only broadcasts signed by the publisher's key \
+                          (`f2b-publisher keygen` prints the line to paste here), \
+                          or set the explicit opt-out `trust.allow_unauthenticated = true`"
+                        .into(),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// How a subscriber applies an event.
@@ -449,6 +605,17 @@ pub struct SubscriberConfig {
     pub snapshot: Vec<Endpoint>,
 }
 
+/// Where each daemon serves its metrics and health answers (`metrics_bind` in
+/// `[monitor]`, `[publisher]` and `[subscriber]`); `None`: not served (the default).
+/// Kept apart from the daemons' own sections so that code building those by hand
+/// is unaffected.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetricsConfig {
+    pub monitor: Option<SocketAddr>,
+    pub publisher: Option<SocketAddr>,
+    pub subscriber: Option<SocketAddr>,
+}
+
 /// The whole validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -456,6 +623,8 @@ pub struct Config {
     pub monitor: MonitorConfig,
     pub publisher: PublisherConfig,
     pub subscriber: SubscriberConfig,
+    pub trust: TrustConfig,
+    pub metrics: MetricsConfig,
 }
 
 fn duration(key: &str, raw: Option<&RawDuration>, default: &str) -> Result<Duration, KeyError> {
@@ -532,6 +701,131 @@ fn legacy_peer(
         )),
         (false, None) => Ok(None),
     }
+}
+
+fn positive_u32(key: &str, raw: Option<u32>, default: u32) -> Result<u32, KeyError> {
+    match raw.unwrap_or(default) {
+        0 => Err(key_err(key, "must be at least 1")),
+        n => Ok(n),
+    }
+}
+
+fn nets(key: &str, raw: Option<&Vec<String>>) -> Result<Vec<IpNet>, KeyError> {
+    raw.map(|v| v.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .map(|(i, n)| parse_net(n).map_err(|e| key_err(format!("{key}[{i}]"), e)))
+        .collect()
+}
+
+/// Reads a secret or key file named by `key`. The error names the key and the file,
+/// never the content.
+fn read_secret_file(key: &str, path: &Path) -> Result<String, KeyError> {
+    if path.as_os_str().is_empty() {
+        return Err(key_err(key, "must not be empty"));
+    }
+    std::fs::read_to_string(path)
+        .map_err(|e| key_err(key, format!("cannot read {}: {e}", path.display())))
+}
+
+fn trust(t: &RawTrust) -> Result<TrustConfig, KeyError> {
+    let (secret, secret_source) = match (&t.secret, &t.secret_file) {
+        (Some(_), Some(_)) => {
+            return Err(key_err(
+                "trust.secret_file",
+                "set either trust.secret or trust.secret_file, not both",
+            ))
+        }
+        (Some(s), None) => (
+            Some(MonitorSecret::new(s.expose()).map_err(|e| key_err("trust.secret", e))?),
+            Some("trust.secret".to_owned()),
+        ),
+        (None, Some(path)) => {
+            let text = read_secret_file("trust.secret_file", path)?;
+            let secret = MonitorSecret::new(&text)
+                .map_err(|e| key_err("trust.secret_file", format!("{}: {e}", path.display())))?;
+            (Some(secret), Some(path.display().to_string()))
+        }
+        (None, None) => (None, None),
+    };
+    let publisher_keys = match &t.publisher_key {
+        None => Vec::new(),
+        Some(OneOrMany::One(k)) => vec![k
+            .parse::<PublicKey>()
+            .map_err(|e| key_err("trust.publisher_key", e))?],
+        Some(OneOrMany::Many(v)) => v
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                k.parse::<PublicKey>()
+                    .map_err(|e| key_err(format!("trust.publisher_key[{i}]"), e))
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let signing_key = match &t.signing_key_file {
+        None => None,
+        Some(path) => {
+            let text = read_secret_file("trust.signing_key_file", path)?;
+            Some(SigningKey::parse(&text).map_err(|e| {
+                key_err("trust.signing_key_file", format!("{}: {e}", path.display()))
+            })?)
+        }
+    };
+    let mut monitors = BTreeMap::new();
+    for (name, cred) in t.monitors.iter().flatten() {
+        let key = format!("trust.monitors.{name}");
+        let node =
+            NodeName::new(name).map_err(|e| key_err(&key, format!("not a node name: {e}")))?;
+        let secret = match cred {
+            RawCredential::Inline(s) => {
+                MonitorSecret::new(s.expose()).map_err(|e| key_err(&key, e))?
+            }
+            RawCredential::File(RawCredentialFile { secret_file }) => {
+                let text = read_secret_file(&format!("{key}.secret_file"), secret_file)?;
+                MonitorSecret::new(&text).map_err(|e| {
+                    key_err(
+                        format!("{key}.secret_file"),
+                        format!("{}: {e}", secret_file.display()),
+                    )
+                })?
+            }
+        };
+        if monitors.insert(node, secret).is_some() {
+            return Err(key_err(
+                &key,
+                "names the same node as another entry (node names are compared in lower case)",
+            ));
+        }
+    }
+    Ok(TrustConfig {
+        allow_unauthenticated: t.allow_unauthenticated.unwrap_or(false),
+        secret,
+        secret_source,
+        publisher_keys,
+        signing_key,
+        max_clock_skew: duration(
+            "trust.max_clock_skew",
+            t.max_clock_skew.as_ref(),
+            defaults::MAX_CLOCK_SKEW,
+        )?,
+        monitors,
+    })
+}
+
+/// A `metrics_bind` value: an IP address and a port (0: any free port).
+fn socket_addr(key: &str, raw: Option<&String>) -> Result<Option<SocketAddr>, KeyError> {
+    raw.map(|v| {
+        v.trim().parse::<SocketAddr>().map_err(|_| {
+            key_err(
+                key,
+                format!(
+                    "{v:?} is not an address and port: try \"127.0.0.1:9731\" or \"[::1]:9731\""
+                ),
+            )
+        })
+    })
+    .transpose()
 }
 
 /// Parses one CIDR network or a bare address (taken as a single host).
@@ -643,6 +937,24 @@ impl RawConfig {
                 "publisher.state_dir",
                 p.state_dir.as_ref(),
                 defaults::PUBLISHER_STATE_DIR,
+            )?,
+            ignore_ip: nets("publisher.ignore_ip", p.ignore_ip.as_ref())?,
+            rate_limit: p.rate_limit.unwrap_or(defaults::RATE_LIMIT),
+            rate_burst: positive_u32("publisher.rate_burst", p.rate_burst, defaults::RATE_BURST)?,
+            quarantine_floor: positive_u32(
+                "publisher.quarantine_floor",
+                p.quarantine_floor,
+                defaults::QUARANTINE_FLOOR,
+            )?,
+            quarantine_factor: positive_u32(
+                "publisher.quarantine_factor",
+                p.quarantine_factor,
+                defaults::QUARANTINE_FACTOR,
+            )?,
+            quarantine_time: duration(
+                "publisher.quarantine_time",
+                p.quarantine_time.as_ref(),
+                defaults::QUARANTINE_TIME,
             )?,
         };
         if publisher.legacy_broadcast_bind.is_some() && publisher.legacy.is_none() {
@@ -811,11 +1123,27 @@ impl RawConfig {
             ));
         }
 
+        let trust = trust(&self.trust)?;
+
+        let metrics = MetricsConfig {
+            monitor: socket_addr("monitor.metrics_bind", self.monitor.metrics_bind.as_ref())?,
+            publisher: socket_addr(
+                "publisher.metrics_bind",
+                self.publisher.metrics_bind.as_ref(),
+            )?,
+            subscriber: socket_addr(
+                "subscriber.metrics_bind",
+                self.subscriber.metrics_bind.as_ref(),
+            )?,
+        };
+
         Ok(Config {
             node,
             monitor,
             publisher,
             subscriber,
+            trust,
+            metrics,
         })
     }
 }
@@ -1051,10 +1379,158 @@ mod tests {
     }
 
     #[test]
+    fn metrics_bind_is_a_socket_address() {
+        let c = validate("[node]\nname = \"n\"\n").unwrap();
+        assert_eq!(c.metrics, MetricsConfig::default());
+        let c = validate(
+            "[monitor]\nmetrics_bind = \"127.0.0.1:9731\"\n[publisher]\nmetrics_bind = \"[::1]:0\"\n\
+             [subscriber]\nmetrics_bind = \"0.0.0.0:9733\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.metrics.monitor, Some("127.0.0.1:9731".parse().unwrap()));
+        assert_eq!(c.metrics.publisher, Some("[::1]:0".parse().unwrap()));
+        assert_eq!(c.metrics.subscriber, Some("0.0.0.0:9733".parse().unwrap()));
+        for section in ["monitor", "publisher", "subscriber"] {
+            for bad in ["localhost:9731", "127.0.0.1", "127.0.0.1:99999", ""] {
+                let err = validate(&format!("[{section}]\nmetrics_bind = {bad:?}\n")).unwrap_err();
+                assert!(
+                    err.contains(&format!("key `{section}.metrics_bind`"))
+                        && err.contains("test.conf"),
+                    "{err}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn missing_file_is_named() {
         let err = load(Path::new("/nonexistent/f2b.conf"))
             .unwrap_err()
             .to_string();
         assert!(err.contains("/nonexistent/f2b.conf"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod trust_tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn validate(text: &str) -> Result<Config, String> {
+        from_str(text, Path::new("t.conf")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn trust_defaults_require_keys_per_daemon() {
+        let c = validate("[node]\nname = \"web1\"\n").unwrap();
+        assert!(!c.trust.allow_unauthenticated);
+        assert_eq!(c.trust.max_clock_skew, Duration::from_secs(60));
+        let e = c.trust.require_monitor().unwrap_err().to_string();
+        assert!(
+            e.contains("trust.secret") && e.contains("allow_unauthenticated"),
+            "{e}"
+        );
+        let e = c.trust.require_publisher().unwrap_err().to_string();
+        assert!(e.contains("trust.signing_key_file"), "{e}");
+        let e = c.trust.require_subscriber().unwrap_err().to_string();
+        assert!(e.contains("trust.publisher_key"), "{e}");
+        let c = validate("[trust]\nallow_unauthenticated = true\n").unwrap();
+        assert!(c.trust.require_monitor().is_ok());
+        assert!(c.trust.require_publisher().is_ok());
+        assert!(c.trust.require_subscriber().is_ok());
+        assert_eq!(c.publisher.rate_limit, defaults::RATE_LIMIT);
+        assert!(c.publisher.ignore_ip.is_empty());
+    }
+
+    #[test]
+    fn trust_keys_and_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = f2b_proto::auth::SigningKey::from_seed([5; 32]);
+        let key_path = dir.path().join("publisher.key");
+        std::fs::write(&key_path, key.to_file_text()).unwrap();
+        let web2 = dir.path().join("web2.secret");
+        std::fs::write(&web2, format!("{SECRET}x\n")).unwrap();
+        let text = format!(
+            "[trust]\nsecret = {SECRET:?}\npublisher_key = [{:?}]\nsigning_key_file = {:?}\n\
+             max_clock_skew = \"5s\"\n[trust.monitors]\nWeb1 = {SECRET:?}\nweb2 = {{ secret_file = {:?} }}\n\
+             [publisher]\nignore_ip = [\"10.0.0.0/8\", \"192.0.2.1\"]\nrate_limit = 0\n",
+            key.public().to_string(),
+            key_path.display().to_string(),
+            web2.display().to_string(),
+        );
+        let c = validate(&text).unwrap();
+        assert_eq!(c.trust.publisher_keys, vec![key.public()]);
+        assert_eq!(
+            c.trust.signing_key.as_ref().map(|k| k.public()),
+            Some(key.public())
+        );
+        assert_eq!(c.trust.max_clock_skew, Duration::from_secs(5));
+        let names: Vec<&str> = c.trust.monitors.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["web1", "web2"]);
+        assert_eq!(
+            c.trust.monitors.values().nth(1).unwrap().expose(),
+            format!("{SECRET}x")
+        );
+        assert_eq!(c.trust.secret.as_ref().unwrap().expose(), SECRET);
+        assert!(c.trust.require_publisher().is_ok() && c.trust.require_monitor().is_ok());
+        assert_eq!(c.publisher.ignore_ip.len(), 2);
+        assert_eq!(c.publisher.rate_limit, 0);
+        // --check prints the config with {:?}: no secret in it.
+        let shown = format!("{c:?}");
+        assert!(!shown.contains(SECRET), "{shown}");
+        assert!(!shown.contains(key.to_file_text().trim()), "{shown}");
+    }
+
+    #[test]
+    fn trust_errors_name_key_and_file_but_never_the_secret() {
+        let e = validate("[trust]\nsecret = \"short-secret-value\"\n").unwrap_err();
+        assert!(e.contains("trust.secret") && e.contains("t.conf"), "{e}");
+        assert!(!e.contains("short-secret-value"), "{e}");
+        let e = validate("[trust]\nsecret_file = \"/nonexistent/node.secret\"\n").unwrap_err();
+        assert!(
+            e.contains("trust.secret_file") && e.contains("/nonexistent/node.secret"),
+            "{e}"
+        );
+        let e = validate(&format!(
+            "[trust]\nsecret = {SECRET:?}\nsecret_file = \"/x\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("not both"), "{e}");
+        let e = validate("[trust]\npublisher_key = \"ed25519:nope\"\n").unwrap_err();
+        assert!(
+            e.contains("trust.publisher_key") && e.contains("keygen"),
+            "{e}"
+        );
+        let e = validate("[trust]\npublisher_key = [\"ed25519:nope\"]\n").unwrap_err();
+        assert!(e.contains("trust.publisher_key[0]"), "{e}");
+        let e = validate("[trust.monitors]\n\"bad name\" = \"0123456789abcdef0123456789abcdef\"\n")
+            .unwrap_err();
+        assert!(e.contains("trust.monitors.bad name"), "{e}");
+        assert!(!e.contains("0123456789abcdef"), "{e}");
+        let e = validate("[trust.monitors]\nweb1 = { secret_fil = \"/x\" }\n").unwrap_err();
+        assert!(e.contains("t.conf"), "{e}");
+        let e = validate(&format!(
+            "[trust.monitors]\nweb1 = {SECRET:?}\nWEB1 = {SECRET:?}\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("same node"), "{e}");
+        assert!(!e.contains(SECRET), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.key");
+        std::fs::write(&bad, "not a key\n").unwrap();
+        let e = validate(&format!(
+            "[trust]\nsigning_key_file = {:?}\n",
+            bad.display().to_string()
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("trust.signing_key_file") && e.contains("bad.key"),
+            "{e}"
+        );
+        let e = validate("[publisher]\nignore_ip = [\"10.0.0.0/33\"]\n").unwrap_err();
+        assert!(e.contains("publisher.ignore_ip[0]"), "{e}");
+        let e = validate("[publisher]\nrate_burst = 0\n").unwrap_err();
+        assert!(e.contains("publisher.rate_burst"), "{e}");
     }
 }

@@ -1,6 +1,7 @@
 //! What every daemon's `main` does: common command-line options, loading the
-//! configuration, `--check`, logging, `--daemon`, signals, and reporting a fatal
-//! error with its whole chain.
+//! configuration, `--check`, logging, `--daemon`, signals, telling systemd when the
+//! daemon is ready or stopping (`sd_notify`), and reporting a fatal error with its
+//! whole chain.
 
 use std::error::Error;
 use std::future::Future;
@@ -142,6 +143,7 @@ pub fn shutdown_on_signals() -> std::io::Result<CancellationToken> {
         };
         tracing::info!(signal = which, "shutting down");
         t.cancel();
+        notify_stopping(&format!("stopping ({which})"));
         // A second signal means the operator will not wait for a clean stop.
         let which = tokio::select! {
             _ = term.recv() => "SIGTERM",
@@ -153,6 +155,87 @@ pub fn shutdown_on_signals() -> std::io::Result<CancellationToken> {
     Ok(token)
 }
 
+/// Tells systemd (a `Type=notify` unit) that the daemon has started: `READY=1`,
+/// so that `systemctl start` returns, and `status` as the unit's STATUS= line
+/// (`systemctl status`). Call once, when the daemon is serving. Does nothing
+/// when `NOTIFY_SOCKET` is unset (not started by systemd, or not `Type=notify`);
+/// a failure to send is logged as a warning, never fatal.
+pub fn notify_ready(status: &str) {
+    let status = one_line(status);
+    notify(
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status),
+        ],
+        "READY=1",
+    );
+}
+
+/// Replaces the unit's STATUS= line with `status` (a short human sentence). Not
+/// for a hot path: each call is a datagram to the service manager. A no-op
+/// without `NOTIFY_SOCKET`.
+pub fn notify_status(status: &str) {
+    let status = one_line(status);
+    notify(&[sd_notify::NotifyState::Status(&status)], "STATUS=");
+}
+
+/// Tells systemd that the daemon is stopping (`STOPPING=1`, and `status`). Sent by
+/// [`shutdown_on_signals`] on the first SIGTERM or SIGINT. A no-op without
+/// `NOTIFY_SOCKET`.
+pub fn notify_stopping(status: &str) {
+    let status = one_line(status);
+    notify(
+        &[
+            sd_notify::NotifyState::Stopping,
+            sd_notify::NotifyState::Status(&status),
+        ],
+        "STOPPING=1",
+    );
+}
+
+/// A status on one line: a newline would start another `KEY=value` assignment.
+fn one_line(status: &str) -> String {
+    status.replace(['\n', '\r'], " ")
+}
+
+fn notify(states: &[sd_notify::NotifyState<'_>], what: &str) {
+    if let Err(e) = sd_notify::notify(states) {
+        let socket = std::env::var_os("NOTIFY_SOCKET").unwrap_or_default();
+        tracing::warn!(
+            error = %e,
+            socket = %Path::new(&socket).display(),
+            "cannot notify the service manager ({what}); is NOTIFY_SOCKET a datagram socket this process may write to?"
+        );
+    }
+}
+
+/// What SIGHUP does to a daemon with nothing to reload: an info line. Its default
+/// action, ending the process, would stop the daemon on a `kill -HUP` or
+/// `systemctl reload` meant for another one. Installs the handler (for the life
+/// of the process) and a task that logs each SIGHUP until `shutdown`. Must be
+/// called inside a tokio runtime.
+pub fn ignore_sighup(shutdown: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                got = hup.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    tracing::info!(
+                        signal = "SIGHUP",
+                        "nothing to reload; restart to apply configuration changes"
+                    );
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
 /// A daemon as `main` sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct Daemon {
@@ -162,6 +245,10 @@ pub struct Daemon {
     pub pidfile: fn(&Config) -> &Path,
     /// What `--check` prints after "valid".
     pub summary: fn(&Config) -> String,
+    /// What this daemon needs of a valid configuration before it may start (its
+    /// `[trust]` keys): checked by `--check` too, and before detaching. The error
+    /// names the key.
+    pub require: fn(&Config) -> Result<(), config::TrustError>,
 }
 
 /// Loads the configuration or prints why it cannot (exit status 2).
@@ -184,6 +271,10 @@ where
         Ok(c) => c,
         Err(code) => return code,
     };
+    if let Err(e) = (daemon.require)(&config) {
+        eprintln!("{}: {}: {e}", daemon.name, args.config.display());
+        return ExitCode::from(2);
+    }
     if args.check {
         println!(
             "{}: {} is valid\n{}",

@@ -252,6 +252,31 @@ pub fn convert(ini_text: &str, source: &str) -> Result<String, LegacyConfigError
             notes.push(format!("section [{name}] has no equivalent ({keys})"));
         }
     }
+    // fail2ban-zmq-tools had no credentials or signatures (at most a token in plain
+    // text): a converted configuration runs as it did, which must be said explicitly.
+    let _ = writeln!(w, "[trust]");
+    let _ = writeln!(
+        w,
+        "# fail2ban-zmq-tools authenticated nothing (at most a plaintext token), so this"
+    );
+    let _ = writeln!(
+        w,
+        "# configuration runs without credentials and signatures, and the daemons warn about"
+    );
+    let _ = writeln!(
+        w,
+        "# it at start. Once every node runs fail2ban-cluster, give the hub a key and each"
+    );
+    let _ = writeln!(
+        w,
+        "# node a credential (`f2b-publisher keygen`, `f2b-publisher keygen --monitor NODE`)"
+    );
+    let _ = writeln!(
+        w,
+        "# and remove this line (see fail2ban-cluster.conf, [trust])."
+    );
+    let _ = writeln!(w, "allow_unauthenticated = true");
+    let _ = writeln!(w);
     for n in notes {
         let _ = writeln!(w, "# NOTE: {n}");
     }
@@ -335,6 +360,12 @@ colour = blue
             "{out}"
         );
         assert!(out.contains("zmqprefixfilter"), "{out}");
+        // The old tool authenticated nothing: the converted file says so explicitly,
+        // and every daemon can start with it.
+        assert!(cfg.trust.allow_unauthenticated, "{out}");
+        assert!(cfg.trust.require_publisher().is_ok());
+        assert!(cfg.trust.require_monitor().is_ok());
+        assert!(cfg.trust.require_subscriber().is_ok());
     }
 
     #[test]

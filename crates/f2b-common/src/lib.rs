@@ -10,8 +10,14 @@
 //!   a shutdown socket that wakes a blocked `zmq::poll` when the daemon stops.
 //! - [`legacy_config`]: converts a fail2ban-zmq-tools INI configuration to ours.
 //! - [`state_file`]: recognising a damaged state database and moving it aside.
+//! - [`metrics`]: Prometheus metrics (each daemon's set of typed handles) and the
+//!   small HTTP server of `metrics_bind`: `/metrics`, `/healthz`, `/readyz`.
 //! - [`daemon`]: common command-line options, logging, `--check`, `--daemon`,
-//!   SIGTERM/SIGINT, and error reporting, so each `main.rs` stays a few lines.
+//!   SIGTERM/SIGINT, systemd's readiness notification (`READY=1`, `STOPPING=1`),
+//!   and error reporting, so each `main.rs` stays a few lines.
+//! - `testing` (feature `testing`, for the daemons' integration tests only): a
+//!   spawned binary killed on drop whose log lines are awaited with a deadline, a
+//!   stand-in for systemd's `NOTIFY_SOCKET`, and an HTTP GET for the metrics server.
 //!
 //! Kept apart from `f2b-proto` because all of it does I/O (files, sockets, signals),
 //! which the protocol crate must not.
@@ -19,8 +25,11 @@
 pub mod config;
 pub mod daemon;
 pub mod legacy_config;
+pub mod metrics;
 pub mod sockets;
 pub mod state_file;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use tokio_util::sync::CancellationToken;
 pub use zmq;

@@ -97,6 +97,19 @@ fn root_config_documents_every_key() {
         "legacy_broadcast_bind",
         "state_dir",
         "snapshot",
+        "rate_limit",
+        "rate_burst",
+        "quarantine_floor",
+        "quarantine_factor",
+        "quarantine_time",
+        "allow_unauthenticated",
+        "secret",
+        "secret_file",
+        "publisher_key",
+        "signing_key_file",
+        "max_clock_skew",
+        "web1",
+        "metrics_bind",
     ];
     for key in keys {
         let documented = text.lines().any(|l| {

@@ -19,17 +19,37 @@
 //!   with fail2ban still writing to the old file until `flushlogs`), copytruncate
 //!   (lines written between logrotate's copy and its truncation are lost: that
 //!   is inherent to copytruncate) and absence, woken by inotify, in bounded
-//!   reads. Read from the end of the log on first start; later starts resume
-//!   from the saved position.
+//!   reads. Read from the end of the log on first start (that position is
+//!   saved before anything is read, so a crash before the first event loses
+//!   nothing); later starts resume from the saved position.
 //! - `pipeline`: lines to queued events: the stop filter, the queue file, the
 //!   saved position (never past a line whose outcome is not on the disk), the
 //!   bound on unanswered events (backpressure).
 //! - [`send`]: the REQ socket loop: ACK wait, resend with backoff, NAK handling.
+//! - [`link`]: whether the publisher is connected while nothing is sent (a
+//!   socket monitor on the REQ socket), for readiness.
+//! - `exchange`: one report and its reply: signing with this node's credential
+//!   (`[trust] secret`), reading the reply, checking its MAC.
+//! - [`manual`]: the `send` subcommand: one event typed by an administrator,
+//!   reported like a logged one, and its answer.
 //! - [`state`]: the position in the log and the unanswered events, kept in
 //!   `[monitor] state_dir` across restarts and crashes.
 //! - [`scan`]: the `scan FILE` subcommand: the events a file holds, as JSON lines.
-//! - [`run`] ties them together; `main.rs` only parses the command line.
+//! - [`run`] ties them together, [`run_with`] also serves metrics and health
+//!   ([`Telemetry`], `[monitor] metrics_bind`); `main.rs` only parses the command
+//!   line.
+//!
+//! # Metrics
+//!
+//! The counters of [`f2b_common::metrics::MonitorMetrics`] are recorded where
+//! its table says: lines read and events found or ignored in `pipeline`, the
+//! events queued and the room left in [`send::Room`], sends, answers, NAKs,
+//! drops, ACK timeouts and the round trip in [`send`]. Each is an atomic
+//! operation; label lookups are done once, not per line.
 
+mod exchange;
+pub mod link;
+pub mod manual;
 pub mod parse;
 mod pipeline;
 pub mod scan;
@@ -38,18 +58,20 @@ pub mod state;
 pub mod stop;
 pub mod tail;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use chrono::{Local, NaiveDateTime, TimeZone};
-use f2b_common::config::{MonitorConfig, NodeConfig};
+use f2b_common::config::{MonitorConfig, NodeConfig, TrustConfig, TrustError};
+use f2b_common::metrics::{self, Metrics, MetricsError, MonitorMetrics, Readiness};
 use f2b_common::sockets::shutdown_socket;
 use f2b_common::zmq;
 use f2b_proto::Event;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Counters, Pipeline};
 use crate::send::Room;
 use crate::state::{StateError, StateStore};
 use crate::stop::StopFilter;
@@ -79,6 +101,9 @@ pub enum MonitorError {
         #[source]
         source: zmq::Error,
     },
+    /// `[trust]` does not let the monitor run (no credential, no opt-out).
+    #[error("invalid [trust] configuration")]
+    Trust(#[source] TrustError),
     #[error("the {task} task failed: {detail}")]
     Task { task: &'static str, detail: String },
     /// Another monitor uses the same state files (and so the same log): two
@@ -89,6 +114,11 @@ pub enum MonitorError {
         #[source]
         source: StateError,
     },
+    /// `[monitor] metrics_bind` cannot be listened on.
+    #[error("cannot serve metrics")]
+    Metrics(#[source] MetricsError),
+    #[error("cannot install the SIGHUP handler")]
+    Signal(#[source] std::io::Error),
 }
 
 impl MonitorError {
@@ -98,6 +128,38 @@ impl MonitorError {
             detail: err.to_string(),
         }
     }
+}
+
+/// The monitor's metrics and readiness, and where to serve them.
+#[derive(Debug)]
+pub struct Telemetry {
+    /// `[monitor] metrics_bind`: `None`, no server (the handles still count).
+    pub bind: Option<SocketAddr>,
+    pub registry: Metrics,
+    pub readiness: Readiness,
+    /// The handles; clone them before [`run_with`] to read them in-process.
+    pub metrics: MonitorMetrics,
+}
+
+impl Telemetry {
+    /// A registry with the monitor's metrics, served on `bind` if set.
+    pub fn new(bind: Option<SocketAddr>) -> Self {
+        let readiness = Readiness::new();
+        let mut registry = Metrics::new("f2b-monitor");
+        let metrics = MonitorMetrics::new(&mut registry, &readiness);
+        Telemetry {
+            bind,
+            registry,
+            readiness,
+            metrics,
+        }
+    }
+}
+
+/// Metric handles registered nowhere: they count, and nobody reads them (for
+/// [`send::SenderParams::metrics`] outside the daemon).
+pub fn detached_metrics() -> MonitorMetrics {
+    Telemetry::new(None).metrics
 }
 
 /// Lines read but not yet parsed, in batches of at most [`tail::READ_LINES`]
@@ -114,15 +176,69 @@ const LINE_BATCHES: usize = 8;
 /// in `config.state_dir` for the next start, and so do the Unbans the stop filter
 /// still holds (their lines are read again).
 ///
-/// Fails at once with [`MonitorError::State`] if another monitor holds
-/// `state_dir`'s lock for the same node and log. If `state_dir` cannot be used
-/// for another reason (not writable), the monitor runs without it and says so in
-/// a warning.
+/// Native reports are signed with `trust.secret` (see [`send`]); without one the
+/// monitor runs only with `trust.allow_unauthenticated`, and warns.
+///
+/// Once its state is loaded and the log is watched it tells systemd it is ready
+/// (`READY=1`, for a `Type=notify` unit), without waiting for the publisher.
+///
+/// Fails at once with [`MonitorError::Trust`] if `trust` has neither, and with
+/// [`MonitorError::State`] if another monitor holds `state_dir`'s lock for the
+/// same node and log. If `state_dir` cannot be used for another reason (not
+/// writable), the monitor runs without it and says so in a warning.
 pub async fn run(
     node: NodeConfig,
     config: MonitorConfig,
+    trust: TrustConfig,
     shutdown: CancellationToken,
 ) -> Result<(), MonitorError> {
+    run_with(node, config, trust, Telemetry::new(None), shutdown).await
+}
+
+/// [`run`], recording [`Telemetry::metrics`] and serving them with `/healthz`
+/// and `/readyz` on [`Telemetry::bind`] if set ("metrics listening on ADDR" in
+/// the log). The server starts before the monitor's work (an address that
+/// cannot be bound fails the start with [`MonitorError::Metrics`]) and has
+/// stopped when this returns, on shutdown or on an error; a scrape in progress
+/// does not hold it up.
+pub async fn run_with(
+    node: NodeConfig,
+    config: MonitorConfig,
+    trust: TrustConfig,
+    telemetry: Telemetry,
+    shutdown: CancellationToken,
+) -> Result<(), MonitorError> {
+    let credential = credential(&node, &config, &trust)?;
+    let Telemetry {
+        bind,
+        registry,
+        readiness,
+        metrics: m,
+    } = telemetry;
+    // Stopped when `run` returns, whether or not `shutdown` came.
+    let stop_server = shutdown.child_token();
+    let server = metrics::serve_if(bind, registry, readiness, stop_server.clone())
+        .await
+        .map_err(MonitorError::Metrics)?;
+    let result = monitor(node, config, trust, credential, m, shutdown).await;
+    stop_server.cancel();
+    if let Some(server) = server {
+        server.join().await;
+    }
+    result
+}
+
+async fn monitor(
+    node: NodeConfig,
+    config: MonitorConfig,
+    trust: TrustConfig,
+    credential: Option<send::Credential>,
+    m: MonitorMetrics,
+    shutdown: CancellationToken,
+) -> Result<(), MonitorError> {
+    log_credential(&node, &config, &trust, credential.as_ref());
+    m.queue_capacity
+        .set(i64::try_from(config.queue_size).unwrap_or(i64::MAX));
     let (state, saved) = open_state(&node, &config).await?;
     let ctx = zmq::Context::new();
     // Stops the sender: on shutdown, or when the reading side fails.
@@ -133,9 +249,13 @@ pub async fn run(
             endpoint: endpoint.clone(),
             source,
         })?;
-    let room = Arc::new(Room::new(config.queue_size, saved.pending.len()));
+    let room = Arc::new(
+        Room::new(config.queue_size, saved.pending.len())
+            .observed(m.events_queued.clone(), m.queue_has_room.clone()),
+    );
     // Never full: the room bounds the events taken from the log.
     let (event_tx, event_rx) = mpsc::channel::<Event>(config.queue_size.max(1));
+    let link = link::Link::start(&ctx, m.publisher_answering.clone(), stop_sender.clone());
     let params = send::SenderParams {
         ctx,
         endpoint,
@@ -143,20 +263,24 @@ pub async fn run(
         drain_time: config.ack_timeout,
         shutdown: shutdown_sock,
         legacy: config.legacy.clone(),
+        credential,
         backlog: saved.pending,
         state: state.clone(),
         max_backoff: send::BACKOFF_MAX,
         room: Some(room.clone()),
+        metrics: m.clone(),
+        link,
     };
     let sender = tokio::task::spawn_blocking(move || send::run_sender(params, event_rx));
 
     let (line_tx, line_rx) = mpsc::channel::<Batch>(LINE_BATCHES);
+    let first_start = saved.position.is_none();
     let started =
-        tail::Follower::start(config.log_path.clone(), tail::DRAIN_GRACE, saved.position).await;
+        tail::Follower::open(config.log_path.clone(), tail::DRAIN_GRACE, saved.position).await;
     let (follower, start) = match started {
         Ok(f) => {
             let start = f.position();
-            (tokio::spawn(f.run(line_tx, shutdown.clone())), start)
+            (f, start)
         }
         Err(e) => {
             stop_sender.cancel();
@@ -165,15 +289,30 @@ pub async fn run(
             return Err(e);
         }
     };
+    // A first start reads from the end of the log: that decision is saved
+    // before anything is read (and before `watching`), so a crash at any later
+    // moment resumes from there instead of from a later end of the log.
+    let start_saved = first_start && save_start(state.as_ref(), &start, saved.info_seen).await;
+    follower.announce();
+    let follower = tokio::spawn(follower.run(line_tx, shutdown.clone()));
+    // The state is loaded, the REQ socket's thread and the log watcher are up:
+    // ready, whether or not the publisher answers (a unit must not fail to start
+    // because the hub is down; /readyz tells that apart).
+    f2b_common::daemon::notify_ready(&format!(
+        "watching {}, reporting to {}",
+        config.log_path.display(),
+        config.publisher.as_str()
+    ));
     let pipeline = Pipeline {
         node: node.name.clone(),
         ignore_jails: config.ignore_jails.clone(),
         state,
         room,
         filter: StopFilter::default().with_info_seen(saved.info_seen),
+        counters: Counters::new(&m),
     };
     let processed = pipeline
-        .process(start, line_rx, event_tx, shutdown.clone())
+        .process(start, start_saved, line_rx, event_tx, shutdown.clone())
         .await;
     let followed = follower
         .await
@@ -190,6 +329,56 @@ pub async fn run(
     sent?;
     followed?;
     processed
+}
+
+/// This node's credential for native reports: `None` in the legacy format, or
+/// with `trust.allow_unauthenticated` and no secret; an error with neither a
+/// secret nor the opt-out.
+pub fn credential(
+    node: &NodeConfig,
+    config: &MonitorConfig,
+    trust: &TrustConfig,
+) -> Result<Option<send::Credential>, MonitorError> {
+    if config.legacy.is_some() {
+        return Ok(None);
+    }
+    trust.require_monitor().map_err(MonitorError::Trust)?;
+    Ok(trust.secret.clone().map(|secret| send::Credential {
+        key: node.name.clone(),
+        secret,
+    }))
+}
+
+/// Says at start how reports are authenticated: the credential's name and where
+/// its secret came from (never the secret), or a warning when they go without.
+fn log_credential(
+    node: &NodeConfig,
+    config: &MonitorConfig,
+    trust: &TrustConfig,
+    credential: Option<&send::Credential>,
+) {
+    let source = trust.secret_source.as_deref().unwrap_or("trust.secret");
+    if config.legacy.is_some() {
+        if trust.secret.is_some() {
+            tracing::info!(
+                source = %source,
+                "[monitor] legacy = true: reports use the fail2ban-zmq-tools format and its token, not this node's [trust] credential"
+            );
+        }
+    } else if let Some(c) = credential {
+        tracing::info!(
+            key = %c.key,
+            source = %source,
+            "reports are signed with this node's credential"
+        );
+    } else {
+        tracing::warn!(
+            node = %node.name,
+            "reports are sent unauthenticated (trust.allow_unauthenticated = true and no trust.secret): \
+             a publisher that checks credentials refuses them (NAK unauthenticated, retried), \
+             and one that accepts them lets anyone who can reach it report bans and unbans in any node's name"
+        );
+    }
 }
 
 /// Opens the state directory (on a blocking thread): an error if another monitor
@@ -232,6 +421,43 @@ async fn open_state(
     }
 }
 
+/// Saves a first start's position (the end of the log, or no file when the log
+/// does not exist yet: it is then read from its start, as this run reads it),
+/// on a blocking thread. `true` once it is on the disk; a failure is logged, not
+/// fatal, and the pipeline saves a position at its first commit.
+async fn save_start(
+    state: Option<&Arc<Mutex<StateStore>>>,
+    start: &[tail::FilePos],
+    info_seen: bool,
+) -> bool {
+    let Some(state) = state.cloned() else {
+        return false;
+    };
+    let position = start.to_vec();
+    let saved = tokio::task::spawn_blocking(move || {
+        let mut st = match state.lock() {
+            Ok(st) => st,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        st.save_position(&position, info_seen)
+    })
+    .await;
+    match saved {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(
+                error = %f2b_common::daemon::error_chain(&e),
+                "cannot save the starting position (tried again with the first lines read): a crash before then starts the next run at the end of the log"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot save the starting position");
+            false
+        }
+    }
+}
+
 /// The event time of a line's timestamp (local time), or now if it has none.
 pub fn event_time_ms(time: Option<NaiveDateTime>) -> u64 {
     time.and_then(|t| Local.from_local_datetime(&t).earliest())
@@ -241,6 +467,7 @@ pub fn event_time_ms(time: Option<NaiveDateTime>) -> u64 {
         .unwrap_or_else(now_ms)
 }
 
-fn now_ms() -> u64 {
+/// Now, in milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
     u64::try_from(Local::now().timestamp_millis()).unwrap_or(1)
 }

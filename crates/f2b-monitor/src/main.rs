@@ -1,12 +1,15 @@
-//! The `f2b-monitor` binary: command line, then [`f2b_monitor::run`] or
-//! [`f2b_monitor::scan`].
+//! The `f2b-monitor` binary: command line, then [`f2b_monitor::run`],
+//! [`f2b_monitor::scan`] or [`f2b_monitor::manual`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use f2b_common::config::{self, Config};
 use f2b_common::daemon::{self, CommonArgs, Daemon, HelpFile};
+use f2b_monitor::manual::{self, ManualArgs};
+use f2b_proto::Action;
 
 /// Tails fail2ban.log and reports every Ban and Unban to the fail2ban-cluster
 /// publisher.
@@ -28,6 +31,29 @@ enum Command {
         /// The log file.
         file: PathBuf,
     },
+    /// Report one Ban or Unban to the publisher by hand, as this node (its name
+    /// and [trust] credential), exactly like one read from fail2ban's log, and
+    /// wait for the answer. Exit status: 0 acknowledged (broadcast, duplicate or
+    /// unchanged), 1 refused (NAK), 2 invalid argument or configuration (nothing
+    /// sent), 3 no answer that can be trusted within the timeout.
+    #[command(group(clap::ArgGroup::new("action").required(true).args(["ban", "unban"])))]
+    Send {
+        /// The jail the event is reported in (as fail2ban names it, e.g. sshd).
+        #[arg(long, value_name = "JAIL")]
+        jail: String,
+        /// Ban this address across the cluster.
+        #[arg(long, value_name = "IP")]
+        ban: Option<String>,
+        /// Unban this address across the cluster.
+        #[arg(long, value_name = "IP")]
+        unban: Option<String>,
+        /// How long to wait for the publisher's answer (e.g. 10s, 1m).
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = timeout)]
+        timeout: Duration,
+        /// Print the outcome as one JSON object on standard output, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish or powershell) to
     /// standard output.
     Completions {
@@ -38,10 +64,34 @@ enum Command {
     Man,
 }
 
+fn timeout(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be greater than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{e}; try \"10s\" or \"1m\"")),
+    }
+}
+
+/// How reports are authenticated, for `--check`: the credential's name and
+/// source, never the secret.
+fn credential_summary(c: &Config) -> String {
+    if c.monitor.legacy.is_some() {
+        "not used (legacy format)".to_owned()
+    } else if c.trust.secret.is_some() {
+        format!(
+            "{} (from {})",
+            c.node.name,
+            c.trust.secret_source.as_deref().unwrap_or("trust.secret")
+        )
+    } else {
+        "none: reports go unauthenticated (trust.allow_unauthenticated)".to_owned()
+    }
+}
+
 fn summary(c: &Config) -> String {
     let jails: Vec<&str> = c.monitor.ignore_jails.iter().map(|j| j.as_str()).collect();
     format!(
-        "node: {}\nlog_path: {}\npublisher: {}{}\nignore_jails: [{}]\nstate_dir: {}",
+        "node: {}\nlog_path: {}\npublisher: {}{}\ncredential: {}\nignore_jails: [{}]\nstate_dir: {}\nmetrics: {}",
         c.node.name,
         c.monitor.log_path.display(),
         c.monitor.publisher,
@@ -50,8 +100,12 @@ fn summary(c: &Config) -> String {
         } else {
             ""
         },
+        credential_summary(c),
         jails.join(", "),
-        c.monitor.state_dir.display()
+        c.monitor.state_dir.display(),
+        c.metrics
+            .monitor
+            .map_or_else(|| "off".to_owned(), |a| format!("http://{a}/metrics")),
     )
 }
 
@@ -74,19 +128,79 @@ fn main() -> ExitCode {
             return daemon::print_help_file(Args::command(), file);
         }
     }
-    if let Some(Command::Scan { file }) = &args.command {
-        return scan(&args.common, explicit_config, file);
+    match &args.command {
+        Some(Command::Scan { file }) => return scan(&args.common, explicit_config, file),
+        Some(Command::Send {
+            jail,
+            ban,
+            unban,
+            timeout,
+            json,
+        }) => {
+            let (action, ip) = match (ban, unban) {
+                (Some(ip), _) => (Action::Ban, ip.clone()),
+                (None, Some(ip)) => (Action::Unban, ip.clone()),
+                // clap requires one of them.
+                (None, None) => return ExitCode::from(manual::EXIT_INVALID),
+            };
+            let m = ManualArgs {
+                jail: jail.clone(),
+                action,
+                ip,
+                timeout: *timeout,
+                json: *json,
+            };
+            return send(&args.common, &m);
+        }
+        _ => {}
     }
-
     daemon::main(
         Daemon {
             name: "f2b-monitor",
             pidfile: |c| &c.monitor.pidfile,
             summary,
+            // A fail2ban-zmq-tools publisher (legacy) takes no credential.
+            require: |c| match c.monitor.legacy {
+                Some(_) => Ok(()),
+                None => c.trust.require_monitor(),
+            },
         },
         &args.common,
-        |cfg, token| f2b_monitor::run(cfg.node, cfg.monitor, token),
+        |cfg, token| async move {
+            daemon::ignore_sighup(token.clone()).map_err(f2b_monitor::MonitorError::Signal)?;
+            let telemetry = f2b_monitor::Telemetry::new(cfg.metrics.monitor);
+            f2b_monitor::run_with(cfg.node, cfg.monitor, cfg.trust, telemetry, token).await
+        },
     )
+}
+
+/// `send`: a manual event. The configuration must be valid (exit status 2 if not).
+fn send(common: &CommonArgs, m: &ManualArgs) -> ExitCode {
+    let config = match config::load(&common.config) {
+        Ok(c) => c,
+        Err(e) => {
+            let message = daemon::error_chain(&e);
+            if m.json {
+                let v = serde_json::json!({
+                    "ok": false,
+                    "outcome": "error",
+                    "error": "config",
+                    "message": message,
+                });
+                println!("{v}");
+            } else {
+                eprintln!("f2b-monitor send: {message}");
+            }
+            return ExitCode::from(manual::EXIT_INVALID);
+        }
+    };
+    let code = manual::cli(
+        &config,
+        m,
+        &mut std::io::stdout().lock(),
+        &mut std::io::stderr().lock(),
+    );
+    ExitCode::from(code)
 }
 
 /// `scan FILE`: works without a configuration file; an explicit `--config` must

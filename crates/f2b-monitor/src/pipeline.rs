@@ -8,20 +8,33 @@
 //!    kept as a checkpoint;
 //! 2. each event to report gets a random id and, in chunks that fit in the free
 //!    places of the [`Room`] (`[monitor] queue_size`), is written to the queue
-//!    file, which is synced, together with the new position (see below); only
-//!    then is the chunk handed to the sender. With no free place, reading pauses
+//!    file, which is synced; then the chunk is handed to the sender, and only
+//!    then is the new position (see below) saved, so the position's own syncs
+//!    are not on the path of the report. The position never moves past a line
+//!    whose event is not in the queue file (or answered): the chunk's events are
+//!    on the disk before it is saved, whichever comes first of the report and
+//!    the save. With no free place, reading pauses
 //!    (backpressure: the log file keeps the lines). An episode of backpressure
 //!    starts with a warning and ends, with an info line, once half the places
 //!    are free again: one warning for a whole overload, not one per event;
-//! 3. the position saved is the checkpoint of the first line whose outcome is not
-//!    on the disk yet: an Unban still held by the stop filter (or the Flush line
+//! 3. the position saved (a first start saves its own before reading: see
+//!    [`crate::state`]) is the checkpoint of the first line whose outcome is
+//!    not on the disk yet: an Unban still held by the stop filter (or the Flush line
 //!    it follows), or an event not yet in the queue file. After a crash, even
 //!    `kill -9` within a hold, the next start reads those lines again and reaches
 //!    the same verdicts. The price: events of the few seconds after a held Unban
 //!    that were already queued are read again after a crash and sent a second
 //!    time under new ids (the publisher's state dedup answers them `unchanged`),
 //!    and so is a chunk whose position was not yet renamed into place when the
-//!    machine crashed.
+//!    monitor or the machine crashed: its events are resent from the queue file
+//!    under their ids (`duplicate` if the publisher had them) unless answered,
+//!    and its lines are read again and reported under new ids. Queue-file
+//!    entries carry no log position, so a line read again is not recognised.
+//!    Saving the position after the hand-over does not widen that window (it
+//!    runs from the queue file's write to the position's rename, as when the
+//!    save came first); it only lets the first report leave, and perhaps be
+//!    answered, within it, which the restart cannot tell from a report sent
+//!    just after it.
 //!
 //! A failed write of the queue file (a full disk) is logged, not fatal: the
 //! chunk still goes to the sender (the cluster keeps getting the bans) and its
@@ -40,7 +53,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use chrono::Local;
-use f2b_proto::{Event, EventId, JailName, NodeName};
+use f2b_common::metrics::prometheus_client::metrics::counter::Counter;
+use f2b_common::metrics::{ActionLabel, MonitorMetrics};
+use f2b_proto::{Action, Event, EventId, JailName, NodeName};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -63,6 +78,32 @@ pub(crate) struct Pipeline {
     pub state: Option<Arc<Mutex<StateStore>>>,
     pub room: Arc<Room>,
     pub filter: StopFilter,
+    pub counters: Counters,
+}
+
+/// The pipeline's metrics, resolved once (no label lookup per line or event).
+#[derive(Debug, Clone)]
+pub(crate) struct Counters {
+    lines_read: Counter,
+    found_ban: Counter,
+    found_unban: Counter,
+    ignored: Counter,
+}
+
+impl Counters {
+    pub fn new(m: &MonitorMetrics) -> Self {
+        let found = |action| {
+            m.events_found
+                .get_or_create(&ActionLabel { action })
+                .clone()
+        };
+        Counters {
+            lines_read: m.lines_read.clone(),
+            found_ban: found("ban"),
+            found_unban: found("unban"),
+            ignored: m.events_ignored.clone(),
+        }
+    }
 }
 
 /// Where the log would be read again from.
@@ -133,25 +174,21 @@ struct Pauses {
     episodes: u64,
 }
 
-/// What the blocking side of a commit needs.
-struct Commit {
-    events: Vec<Event>,
-    position: Option<Vec<FilePos>>,
-    info_seen: bool,
-}
-
 impl Pipeline {
     /// Runs until `lines` closes (the follower stopped) or, while waiting for room
     /// in the queue, `shutdown` comes. `start` is the follower's position before
-    /// its first batch. Events go to `events` in order.
+    /// its first batch; `start_saved`, whether it is the saved position already
+    /// (a first start saves it before reading). Events go to `events` in order.
     pub async fn process(
         mut self,
         start: Vec<FilePos>,
+        start_saved: bool,
         mut lines: mpsc::Receiver<Batch>,
         events: mpsc::Sender<Event>,
         shutdown: CancellationToken,
     ) -> Result<(), MonitorError> {
         let mut progress = Progress {
+            saved: start_saved.then(|| start.clone()),
             current: start,
             ..Progress::default()
         };
@@ -210,6 +247,9 @@ impl Pipeline {
             self.filter
                 .push(&entry, line.number, Instant::now(), verdicts);
         }
+        self.counters
+            .lines_read
+            .inc_by(u64::try_from(batch.lines.len()).unwrap_or(u64::MAX));
         // The tailer's own position also covers what no line shows (a file
         // closed, a partial line, skipped bytes).
         progress.current = batch.position;
@@ -250,8 +290,10 @@ impl Pipeline {
     }
 
     /// Queues `to_send` (events with their line numbers, in order) in chunks that
-    /// fit in the room, each chunk in the queue file and the position saved
-    /// before it is handed to the sender; then saves the position if it moved.
+    /// fit in the room: each chunk is written to the queue file (synced), handed
+    /// to the sender, and then the position past its lines is saved (only if
+    /// the write put every pending event on the disk); with nothing to queue,
+    /// saves the position if it moved.
     /// Returns `false` if shutdown came while waiting for room.
     async fn deliver(
         &mut self,
@@ -298,13 +340,22 @@ impl Pipeline {
             sent += chunk.len();
             let next = first_left[sent];
             let position = self.resume_point(progress, (next != u64::MAX).then_some(next));
-            self.commit(chunk.clone(), position, progress).await?;
+            let on_disk = self.queue(chunk.clone()).await?;
+            let mut handed = Ok(());
             for ev in chunk {
                 // The room bounds the queue, so this does not wait.
                 if events.send(ev).await.is_err() {
-                    return Err(MonitorError::task("sender", "stopped"));
+                    handed = Err(MonitorError::task("sender", "stopped"));
+                    break;
                 }
             }
+            // Off the report's path: the sender has the chunk already. Saved
+            // also when the sender has stopped, as before the reordering: the
+            // chunk is in the queue file, the next start resends it from there.
+            if on_disk {
+                self.save(position, progress).await?;
+            }
+            handed?;
         }
         if sent == 0 {
             let position = self.resume_point(progress, None);
@@ -337,43 +388,70 @@ impl Pipeline {
         Some(position)
     }
 
-    /// Writes `events` to the queue file (synced) and then `position`, on a
-    /// blocking thread. A failure is logged, not fatal, and never moves the
-    /// position: it is saved only once every pending event is in the queue file
-    /// (see the module documentation), and recorded in `progress` only once
-    /// saved.
+    /// Writes `events` to the queue file (synced) and then `position`, on
+    /// blocking threads, for the paths where nothing waits for the events.
     async fn commit(
         &self,
         events: Vec<Event>,
         position: Option<Vec<FilePos>>,
         progress: &mut Progress,
     ) -> Result<(), MonitorError> {
-        let Some(state) = self.state.clone() else {
-            return Ok(());
-        };
         if events.is_empty() && position.is_none() {
             return Ok(());
         }
-        let commit = Commit {
-            events,
-            position,
-            info_seen: self.filter.info_seen(),
+        if self.queue(events).await? {
+            self.save(position, progress).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes `events` to the queue file and syncs it, on a blocking thread.
+    /// `true` when every pending event is on the disk (also those of an earlier
+    /// failed write), the condition for saving a position past their lines;
+    /// `false` without state, or after a failure, which is logged, not fatal.
+    async fn queue(&self, events: Vec<Event>) -> Result<bool, MonitorError> {
+        let Some(state) = self.state.clone() else {
+            return Ok(false);
         };
+        tokio::task::spawn_blocking(move || {
+            let mut st = match state.lock() {
+                Ok(st) => st,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            match st.add_all(&events) {
+                Ok(()) => true,
+                Err(e) => {
+                    warn_state(&e);
+                    false
+                }
+            }
+        })
+        .await
+        .map_err(|e| MonitorError::task("state", e))
+    }
+
+    /// Saves `position` (if any) on a blocking thread; called only after a
+    /// [`Pipeline::queue`] that returned `true`, so the position never passes the
+    /// line of an event neither on the disk nor answered (an answer meanwhile
+    /// removes an event from the queue file, which is fine: its line needs
+    /// nothing more). A failure is logged, not fatal, and leaves `progress` as
+    /// it was, so the next commit retries.
+    async fn save(
+        &self,
+        position: Option<Vec<FilePos>>,
+        progress: &mut Progress,
+    ) -> Result<(), MonitorError> {
+        let (Some(state), Some(position)) = (self.state.clone(), position) else {
+            return Ok(());
+        };
+        let info_seen = self.filter.info_seen();
         let saved = tokio::task::spawn_blocking(move || {
             let mut st = match state.lock() {
                 Ok(st) => st,
                 Err(poisoned) => poisoned.into_inner(),
             };
-            // `add_all` is `Ok` only once every pending event is on the disk,
-            // also those of an earlier failed write.
-            let r = st
-                .add_all(&commit.events)
-                .and_then(|()| match &commit.position {
-                    Some(p) => st.save_position(p, commit.info_seen).map(|()| Some(p)),
-                    None => Ok(None),
-                });
-            match r {
-                Ok(saved) => saved.cloned(),
+            match st.save_position(&position, info_seen) {
+                Ok(()) => Some(position),
                 Err(e) => {
                     warn_state(&e);
                     None
@@ -423,6 +501,10 @@ impl Pipeline {
     }
 
     fn event_of(&self, v: Verdict) -> Option<(Event, u64)> {
+        match v.seen().action {
+            Action::Ban => self.counters.found_ban.inc(),
+            Action::Unban => self.counters.found_unban.inc(),
+        };
         let seen = match v {
             Verdict::Report(seen) => seen,
             Verdict::Suppress(seen, reason) => {
@@ -434,6 +516,7 @@ impl Pipeline {
                     line = seen.line,
                     "ignored"
                 );
+                self.counters.ignored.inc();
                 return None;
             }
         };
@@ -446,6 +529,7 @@ impl Pipeline {
                 line = seen.line,
                 "ignored"
             );
+            self.counters.ignored.inc();
             return None;
         }
         let id = EventId::from_u128(uuid::Uuid::new_v4().as_u128());
@@ -592,11 +676,13 @@ mod tests {
                     state: Some(state.clone()),
                     room: Arc::new(Room::new(16, 0)),
                     filter: StopFilter::default(),
+                    counters: Counters::new(&crate::detached_metrics()),
                 };
                 let (lines, line_rx) = mpsc::channel(8);
                 let (event_tx, events) = mpsc::channel(16);
                 let task = tokio::spawn(pipeline.process(
                     tailer.position(),
+                    true,
                     line_rx,
                     event_tx,
                     CancellationToken::new(),
@@ -659,15 +745,75 @@ mod tests {
                 drop(lines);
                 task.await.unwrap().unwrap();
                 drop(state);
-                let (_store, saved) = StateStore::open(&state_dir, &node(), &log).unwrap();
-                let position = saved.position.clone().expect("a saved position");
-                let mut tailer = Tailer::resume(&log, &position, Instant::now()).unwrap();
-                let (mut lines, mut changes) = (Vec::new(), Vec::new());
-                tailer
-                    .read(Instant::now(), &mut lines, &mut changes)
-                    .unwrap();
-                (saved, lines.into_iter().map(|l| l.text + "\n").collect())
+                reopen(&state_dir, &log)
             }
+        }
+
+        /// Opens the state in `state_dir` as a start does and reads `log` from
+        /// its saved position: what was left, and the lines read again.
+        fn reopen(state_dir: &std::path::Path, log: &std::path::Path) -> (Saved, Vec<String>) {
+            let (_store, saved) = StateStore::open(state_dir, &node(), log).unwrap();
+            let position = saved.position.clone().expect("a saved position");
+            let mut tailer = Tailer::resume(log, &position, Instant::now()).unwrap();
+            let (mut lines, mut changes) = (Vec::new(), Vec::new());
+            tailer
+                .read(Instant::now(), &mut lines, &mut changes)
+                .unwrap();
+            (saved, lines.into_iter().map(|l| l.text + "\n").collect())
+        }
+
+        /// The state files as they are now in `from`, copied to `to`: what a
+        /// `kill -9` at this moment would leave (the page cache outlives the
+        /// process; the files were synced before anything was sent anyway).
+        fn snapshot(from: &std::path::Path, to: &std::path::Path) {
+            std::fs::create_dir_all(to).unwrap();
+            for entry in std::fs::read_dir(from).unwrap() {
+                let path = entry.unwrap().path();
+                let ext = path.extension().and_then(|e| e.to_str());
+                if matches!(ext, Some("position" | "queue")) {
+                    std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+                }
+            }
+        }
+
+        /// The window this ordering opens: the event goes to the sender once
+        /// it is in the queue file, before the position is saved. A crash in
+        /// it loses nothing: the event is resent with its id, or, if its
+        /// answer was recorded, its line is read again (a new id, answered
+        /// `unchanged`, as after a crash between the queue file's sync and
+        /// the position's rename when the save came first).
+        #[tokio::test]
+        async fn a_crash_between_the_hand_over_and_the_position_save_loses_nothing() {
+            let mut rig = Rig::start();
+            let (release, gate) = std::sync::mpsc::channel::<()>();
+            rig.faults(|f| f.position_gate = Some(gate));
+            rig.append(&ban("192.0.2.1")).await;
+            // Handed over while the position save waits at the gate (with the
+            // save first, this would wait for ever and time out).
+            let sent = rig.event().await;
+            let crashed = rig._dir.path().join("crashed");
+            snapshot(&rig.state_dir, &crashed);
+
+            // Killed now, before any answer: resent from the queue file under
+            // its id, and its line read again.
+            let (saved, again) = reopen(&crashed, &rig.log);
+            assert_eq!(saved.pending, std::slice::from_ref(&sent));
+            assert_eq!(again, [ban("192.0.2.1")]);
+            // Killed after the sender recorded the publisher's answer: nothing
+            // to resend, and the line is read again: not lost.
+            {
+                let (mut store, _) = StateStore::open(&crashed, &node(), &rig.log).unwrap();
+                store.done(sent.id).unwrap();
+            }
+            let (saved, again) = reopen(&crashed, &rig.log);
+            assert!(saved.pending.is_empty());
+            assert_eq!(again, [ban("192.0.2.1")]);
+
+            // Not killed: the save goes through, past the line.
+            release.send(()).unwrap();
+            let (saved, again) = rig.restart().await;
+            assert_eq!(saved.pending, [sent]);
+            assert!(again.is_empty(), "read again: {again:?}");
         }
 
         #[tokio::test]

@@ -7,10 +7,32 @@
 //! [`BACKOFF_MAX`]. Events go strictly in order, one at a time, at least once; the
 //! publisher answers a repeated id with `duplicate` and does not broadcast twice.
 //!
-//! A NAK with a transient reason (busy, rate limited) is retried the same way; any
-//! other NAK is logged at error level with its reason and detail (quoted and
-//! escaped: the detail is the publisher's text), and the event is dropped, since
-//! sending it again cannot change the answer.
+//! With this node's [`Credential`] (`[trust] secret`), every send of a report,
+//! every resend too, is signed anew (a new time and nonce, the same payload and
+//! event id), and a reply counts only if its MAC is right (see `exchange.rs`).
+//! A reply that fails authentication is treated like no reply (new socket,
+//! resend after the backoff) and logged as a warning: the secrets differ between
+//! this node's `[trust]` and the publisher's `[trust.monitors]`, or the reply is
+//! forged.
+//!
+//! NAKs:
+//! - `unauthenticated` (the publisher refused this node's credential) and
+//!   `replayed` (the publisher found the timestamp too far from its clock, or the
+//!   nonce seen before) keep the event and retry it with the backoff, with an
+//!   error saying what to check. They are taken even without a valid MAC (a
+//!   publisher that does not know this node's key cannot sign them), for "not
+//!   now" only.
+//! - `quarantined` (the publisher's circuit breaker) drops the event.
+//! - other transient reasons (busy, rate limited) are retried;
+//! - any other NAK drops the event, since sending it again cannot change the
+//!   answer; it is logged at error level with its reason and detail (quoted and
+//!   escaped: the detail is the publisher's text).
+//!
+//! A problem that repeats on every retry (no reply, a refused credential, a
+//! refused clock, a quarantine, replies that fail authentication) is logged when
+//! it starts, then
+//! summarized at most every [`NAG_EVERY`], and once more when it ends, not once
+//! per retry.
 //!
 //! A bare `NAK` in answer to a native request is an old fail2ban-zmq-tools
 //! publisher refusing a format it does not know: logged once at error level
@@ -23,7 +45,7 @@
 //! reply is the message echoed without the token (success) or the bare string `NAK`
 //! (dropped). Events that format cannot carry (IPv6, a jail with characters other
 //! than letters, digits, `_` and `-`, longer than the old 64-byte limit) are
-//! logged at error level and dropped.
+//! logged at error level and dropped. No credential is used in that format.
 //!
 //! The thread polls the REQ socket together with the shutdown socket
 //! ([`f2b_common::sockets::shutdown_socket`]); on shutdown it keeps delivering
@@ -37,17 +59,32 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use f2b_common::config::LegacyPeer;
+use f2b_common::metrics::prometheus_client::metrics::gauge::Gauge;
+use f2b_common::metrics::{Condition, MonitorMetrics};
 use f2b_common::sockets::new_socket;
 use f2b_common::zmq;
-use f2b_proto::{legacy, Event, Reply, Request};
+use f2b_proto::{legacy, Event, Nak, NakReason, Reply, Request};
 use tokio::sync::mpsc;
 
+pub use crate::exchange::Credential;
+use crate::exchange::{self, Received};
+use crate::link::Link;
 use crate::state::StateStore;
 
 /// The first wait before a resend.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// The longest wait between resends.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A problem that repeats on every retry is summarized in the log at most this
+/// often (besides when it starts and when it ends).
+pub const NAG_EVERY: Duration = Duration::from_secs(60);
+
+/// `f2b_monitor_events_dropped_total`'s reason for an event a legacy publisher
+/// refused (its bare `NAK`).
+pub const DROPPED_LEGACY_NAK: &str = "legacy_nak";
+/// `f2b_monitor_events_dropped_total`'s reason for an event the legacy format
+/// cannot carry (never sent).
+pub const DROPPED_LEGACY_FORMAT: &str = "legacy_format";
 
 /// fail2ban-zmq-tools' only refusal: the bare string `NAK`.
 fn is_legacy_nak(reply: &[u8]) -> bool {
@@ -66,6 +103,10 @@ pub struct SenderParams {
     pub shutdown: zmq::Socket,
     /// Speak fail2ban-zmq-tools' format to an old publisher.
     pub legacy: Option<LegacyPeer>,
+    /// This node's credential: every native report is signed with it and every
+    /// reply checked. `None`: reports go unauthenticated (`[trust]
+    /// allow_unauthenticated`). Not used in the legacy format.
+    pub credential: Option<Credential>,
     /// Events left by a previous run, sent before anything from the queue.
     pub backlog: Vec<Event>,
     /// Where answered events are recorded, if state is kept.
@@ -75,6 +116,12 @@ pub struct SenderParams {
     /// The bound on events not yet answered, given a place back per answer;
     /// `None`: no bound.
     pub room: Option<Arc<Room>>,
+    /// Where sends, answers, drops, timeouts and round trips are counted
+    /// ([`crate::detached_metrics`] when nobody reads them).
+    pub metrics: MonitorMetrics,
+    /// Watches the connection to the publisher for readiness while idle
+    /// ([`crate::link`]); with it, the socket is connected at start.
+    pub link: Option<Link>,
 }
 
 /// The bound on events read but not yet answered (`[monitor] queue_size`): the
@@ -89,16 +136,55 @@ pub struct Room {
     capacity: usize,
     /// Places not to give back: the events of a backlog beyond `capacity`.
     debt: AtomicUsize,
+    /// The events held (`f2b_monitor_events_queued`).
+    queued: Gauge,
+    /// Readiness: a free place (`queue_has_room`).
+    has_room: Option<Condition>,
 }
 
 impl Room {
     /// A bound of `capacity` events, `taken` of them already pending (a backlog).
     pub fn new(capacity: usize, taken: usize) -> Self {
+        let queued = Gauge::default();
+        queued.set(i64::try_from(taken).unwrap_or(i64::MAX));
         Room {
             places: tokio::sync::Semaphore::new(capacity.saturating_sub(taken)),
             capacity,
             debt: AtomicUsize::new(taken.saturating_sub(capacity)),
+            queued,
+            has_room: None,
         }
+    }
+
+    /// Keeps `queued` at the number of events held and `has_room` to whether a
+    /// place is free, from now on and at every change.
+    pub fn observed(mut self, queued: Gauge, has_room: Condition) -> Self {
+        queued.set(self.queued.get());
+        self.queued = queued;
+        self.has_room = Some(has_room);
+        self.changed();
+        self
+    }
+
+    /// Updates `has_room` after a change. Another thread may change the places
+    /// between the read and the store: read again until they agree, so that the
+    /// last store is right (cheap: atomics, and a second pass only on a race).
+    fn changed(&self) {
+        let Some(has_room) = &self.has_room else {
+            return;
+        };
+        loop {
+            let free = self.places.available_permits() > 0;
+            has_room.set(free);
+            if (self.places.available_permits() > 0) == free {
+                return;
+            }
+        }
+    }
+
+    fn took(&self, n: usize) {
+        self.queued.inc_by(i64::try_from(n).unwrap_or(i64::MAX));
+        self.changed();
     }
 
     /// The bound.
@@ -116,6 +202,7 @@ impl Room {
         let n = u32::try_from(n).unwrap_or(u32::MAX);
         if let Ok(p) = self.places.acquire_many(n).await {
             p.forget();
+            self.took(n as usize);
         }
     }
 
@@ -132,6 +219,7 @@ impl Room {
         match self.places.try_acquire_many(n) {
             Ok(p) => {
                 p.forget();
+                self.took(n as usize);
                 true
             }
             Err(_) => false,
@@ -147,6 +235,8 @@ impl Room {
         if !paid {
             self.places.add_permits(1);
         }
+        self.queued.dec();
+        self.changed();
     }
 }
 
@@ -157,8 +247,10 @@ impl fmt::Debug for SenderParams {
             .field("ack_timeout", &self.ack_timeout)
             .field("drain_time", &self.drain_time)
             .field("legacy", &self.legacy)
+            .field("credential", &self.credential)
             .field("backlog", &self.backlog.len())
             .field("max_backoff", &self.max_backoff)
+            .field("link", &self.link)
             .finish_non_exhaustive()
     }
 }
@@ -185,6 +277,20 @@ impl fmt::Display for Seq {
     }
 }
 
+/// Logs a [`Nag`]'s occurrence: the first at `$level` with `$msg`, summaries at
+/// the same level, the rest at debug level.
+macro_rules! nag {
+    ($tell:expr, $level:ident, $msg:expr, $($field:tt)*) => {
+        match $tell {
+            Tell::First => tracing::$level!($($field)* "{}", $msg),
+            Tell::Again { untold, count, for_s } => tracing::$level!(
+                $($field)* repeated = untold, count, for_s, "still: {}", $msg
+            ),
+            Tell::Quiet => tracing::debug!($($field)* "{}", $msg),
+        }
+    };
+}
+
 struct Sender {
     p: SenderParams,
     sock: Option<zmq::Socket>,
@@ -192,6 +298,77 @@ struct Sender {
     deadline: Option<Instant>,
     /// Whether the "old publisher" error has been logged.
     told_old_publisher: bool,
+    /// Problems that repeat on every retry, for the log.
+    nags: Nags,
+}
+
+/// A problem that repeats on every retry, logged when it starts, then at most
+/// every [`NAG_EVERY`], then when it ends.
+#[derive(Debug, Default)]
+struct Nag {
+    since: Option<Instant>,
+    told: Option<Instant>,
+    count: u64,
+    untold: u64,
+}
+
+/// Whether to log an occurrence of a [`Nag`].
+#[derive(Debug, PartialEq, Eq)]
+enum Tell {
+    /// The first occurrence: say everything.
+    First,
+    /// A summary: `untold` occurrences since the last line, `count` in all, for
+    /// `for_s` seconds.
+    Again { untold: u64, count: u64, for_s: u64 },
+    /// Nothing (debug level at most).
+    Quiet,
+}
+
+impl Nag {
+    fn hit(&mut self, now: Instant) -> Tell {
+        self.count += 1;
+        match (self.since, self.told) {
+            (Some(since), Some(told)) => {
+                self.untold += 1;
+                if now.duration_since(told) < NAG_EVERY {
+                    return Tell::Quiet;
+                }
+                self.told = Some(now);
+                Tell::Again {
+                    untold: std::mem::take(&mut self.untold),
+                    count: self.count,
+                    for_s: now.duration_since(since).as_secs(),
+                }
+            }
+            _ => {
+                *self = Nag {
+                    since: Some(now),
+                    told: Some(now),
+                    count: 1,
+                    untold: 0,
+                };
+                Tell::First
+            }
+        }
+    }
+
+    /// The problem is over: how many times it happened, for how many seconds, if
+    /// it did.
+    fn end(&mut self, now: Instant) -> Option<(u64, u64)> {
+        let since = self.since?;
+        let r = (self.count, now.duration_since(since).as_secs());
+        *self = Nag::default();
+        Some(r)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Nags {
+    unauthenticated: Nag,
+    replayed: Nag,
+    quarantined: Nag,
+    not_authentic: Nag,
+    unreachable: Nag,
 }
 
 /// The sender thread's body: delivers events from `rx` until it is closed (and
@@ -207,7 +384,13 @@ pub fn run_sender(
         sock: None,
         deadline: None,
         told_old_publisher: false,
+        nags: Nags::default(),
     };
+    if s.p.link.is_some() {
+        // Connect now: readiness shows whether the publisher is there before the
+        // first event.
+        s.socket()?;
+    }
     let mut backlog = backlog.into_iter();
     loop {
         let Some(event) = backlog.next().or_else(|| s.next_event(&mut rx)) else {
@@ -222,7 +405,11 @@ pub fn run_sender(
                 );
                 return Ok(());
             }
-            Outcome::Acked | Outcome::Rejected => s.done(event.id),
+            Outcome::Acked => {
+                s.p.metrics.events_acked.inc();
+                s.done(event.id);
+            }
+            Outcome::Rejected => s.done(event.id),
         }
     }
 }
@@ -266,6 +453,9 @@ impl Sender {
                 source,
             };
             let s = new_socket(&self.p.ctx, zmq::REQ).map_err(err)?;
+            if let Some(link) = &self.p.link {
+                link.attach(&s);
+            }
             s.connect(&self.p.endpoint).map_err(err)?;
             self.sock = Some(s);
         }
@@ -304,8 +494,12 @@ impl Sender {
                 sock.as_poll_item(zmq::POLLIN),
                 self.p.shutdown.as_poll_item(zmq::POLLIN),
             ];
-            if zmq::poll(&mut items, ms).is_err() {
-                return false;
+            match zmq::poll(&mut items, ms) {
+                // A signal (a SIGHUP, which the daemon ignores) is not a reply
+                // lost: wait for the rest of the time.
+                Err(zmq::Error::EINTR) => continue,
+                Err(_) => return false,
+                Ok(_) => {}
             }
             let (readable, stop) = (items[0].is_readable(), items[1].is_readable());
             if stop {
@@ -330,8 +524,10 @@ impl Sender {
                 .unwrap_or(i64::MAX)
                 .max(1);
             let mut items = [self.p.shutdown.as_poll_item(zmq::POLLIN)];
-            if zmq::poll(&mut items, ms).is_err() {
-                return;
+            match zmq::poll(&mut items, ms) {
+                Err(zmq::Error::EINTR) => continue,
+                Err(_) => return,
+                Ok(_) => {}
             }
             if items[0].is_readable() {
                 // Shutdown: stop waiting, retry at once within the drain time.
@@ -383,6 +579,7 @@ impl Sender {
                     detail = %why,
                     "event cannot be sent to a legacy publisher, dropped"
                 );
+                self.p.metrics.events_dropped.inc(DROPPED_LEGACY_FORMAT);
                 return Ok(Outcome::Rejected);
             }
         };
@@ -421,6 +618,32 @@ impl Sender {
                     // does: retry slowly, keep the event.
                     backoff = self.p.max_backoff;
                 }
+                Failure::NotAuthentic(why) => {
+                    self.not_authentic(event, attempt, backoff, &why);
+                    // As with no reply: a new connection, the request signed anew.
+                    self.sock = None;
+                }
+                Failure::NoReply(why) => {
+                    self.p.metrics.ack_timeouts.inc();
+                    if let Some(link) = &self.p.link {
+                        link.set_unanswered(true);
+                    }
+                    self.p.metrics.publisher_answering.set(false);
+                    let tell = self.nags.unreachable.hit(Instant::now());
+                    let endpoint = self.p.endpoint.as_str();
+                    nag!(
+                        tell,
+                        warn,
+                        format!("publisher unreachable: is f2b-publisher running at {endpoint}, is the port open, is [monitor] publisher right? events are kept and resent"),
+                        publisher = %endpoint,
+                        id = %event.id,
+                        attempt,
+                        retry_in_ms = backoff.as_millis() as u64,
+                        error = %why,
+                    );
+                    // A REQ socket that lost its reply cannot send again.
+                    self.sock = None;
+                }
                 Failure::Broken(why) => {
                     tracing::warn!(
                         publisher = %self.p.endpoint,
@@ -428,9 +651,9 @@ impl Sender {
                         attempt,
                         retry_in_ms = backoff.as_millis() as u64,
                         error = %why,
-                        "publisher unreachable, will retry"
+                        "no usable reply from the publisher, will retry"
                     );
-                    // A REQ socket that lost its reply cannot send again.
+                    // A new connection, in case this one is broken.
                     self.sock = None;
                 }
             }
@@ -446,37 +669,54 @@ impl Sender {
         request: &[u8],
         echo: Option<&[u8]>,
     ) -> Result<Result<Outcome, Failure>, crate::MonitorError> {
+        // Signed anew for every send: a resend gets a new time and nonce.
+        let credential = self.p.credential.clone().filter(|_| echo.is_none());
+        let signed = match exchange::sign(credential.as_ref(), request) {
+            Ok(s) => s,
+            Err(why) => return Ok(Err(Failure::Broken(why))),
+        };
         let sock = self.socket()?;
-        if let Err(e) = sock.send(request, zmq::DONTWAIT) {
+        if let Err(e) = sock.send_multipart(signed.frames, zmq::DONTWAIT) {
             return Ok(Err(Failure::Broken(format!("send: {e}"))));
         }
+        let sent_at = Instant::now();
+        self.p.metrics.events_sent.inc();
         if !self.wait_reply(self.p.ack_timeout) {
-            let why = if self.past_deadline() {
-                "shutdown deadline".to_owned()
+            return Ok(Err(if self.past_deadline() {
+                Failure::Broken("shutdown deadline".to_owned())
             } else {
-                format!("no reply within {:?}", self.p.ack_timeout)
-            };
-            return Ok(Err(Failure::Broken(why)));
+                Failure::NoReply(format!("no reply within {:?}", self.p.ack_timeout))
+            }));
         }
         let Some(sock) = &self.sock else {
             return Ok(Err(Failure::Broken("socket gone".into())));
         };
-        let bytes = match sock.recv_bytes(zmq::DONTWAIT) {
-            Ok(b) => b,
+        let (frames, total) = match exchange::recv_frames(sock) {
+            Ok(f) => f,
             Err(e) => return Ok(Err(Failure::Broken(format!("receive: {e}")))),
         };
+        self.p
+            .metrics
+            .round_trip
+            .observe(sent_at.elapsed().as_secs_f64());
+        self.answered();
         if let Some(echo) = echo {
-            return Ok(legacy_reply(event, &bytes, echo));
+            return Ok(match frames.as_slice() {
+                [reply] => legacy_reply(event, reply, echo, &self.p.metrics),
+                _ => Err(Failure::Broken(format!(
+                    "a legacy reply of {total} frames instead of 1"
+                ))),
+            });
         }
-        if is_legacy_nak(&bytes) {
-            return Ok(Err(Failure::OldPublisher));
-        }
-        let reply = match Reply::decode(&bytes) {
-            Ok(r) => r,
-            Err(e) => return Ok(Err(Failure::Broken(format!("unreadable reply: {e}")))),
-        };
-        match reply {
-            Reply::Ack(ack) if ack.id == event.id => {
+        let received = exchange::classify(credential.as_ref(), signed.mac.as_ref(), &frames, total);
+        Ok(match received {
+            Received::OldPublisher => Err(Failure::OldPublisher),
+            Received::Unreadable(why) => Err(Failure::Broken(why)),
+            Received::NotAuthentic(why) => Err(Failure::NotAuthentic(why)),
+            Received::UnverifiedNak(nak) => self.on_nak(event, nak, false),
+            Received::Trusted(Reply::Nak(nak)) => self.on_nak(event, nak, true),
+            Received::Trusted(Reply::Ack(ack)) if ack.id == event.id => {
+                self.accepted();
                 tracing::info!(
                     action = %event.action,
                     jail = %event.jail,
@@ -486,22 +726,102 @@ impl Sender {
                     seq = %Seq(ack.seq),
                     "reported"
                 );
-                Ok(Ok(Outcome::Acked))
+                Ok(Outcome::Acked)
             }
-            Reply::Ack(ack) => Ok(Err(Failure::Broken(format!(
+            Received::Trusted(Reply::Ack(ack)) => Err(Failure::Broken(format!(
                 "ACK for another event {} (expected {})",
                 ack.id, event.id
-            )))),
-            Reply::Nak(nak) if nak.reason.is_transient() => {
+            ))),
+        })
+    }
+
+    /// A NAK (`authentic`: its MAC was right, or no credential is used).
+    fn on_nak(&mut self, event: &Event, nak: Nak, authentic: bool) -> Result<Outcome, Failure> {
+        let now = Instant::now();
+        let node = event.node.as_str();
+        let endpoint = self.p.endpoint.as_str();
+        if nak.reason.is_transient() {
+            self.p.metrics.naks.inc_nak(nak.reason);
+        } else {
+            self.p.metrics.events_dropped.inc_nak(nak.reason);
+        }
+        match nak.reason {
+            NakReason::Unauthenticated => {
+                let tell = self.nags.unauthenticated.hit(now);
+                if self.p.credential.is_some() {
+                    nag!(
+                        tell,
+                        error,
+                        format!("the publisher at {endpoint} refused this node's credential: check that [trust] secret/secret_file on {node} matches [trust.monitors] {node} on the publisher; events are kept and retried"),
+                        publisher = %endpoint,
+                        node = %node,
+                        id = %event.id,
+                        authentic,
+                        detail = ?nak.detail,
+                    );
+                } else {
+                    nag!(
+                        tell,
+                        error,
+                        format!("the publisher at {endpoint} requires a credential and this node sends none: set [trust] secret or secret_file on {node}, the same as [trust.monitors] {node} on the publisher; events are kept and retried"),
+                        publisher = %endpoint,
+                        node = %node,
+                        id = %event.id,
+                        authentic,
+                        detail = ?nak.detail,
+                    );
+                }
+                Err(Failure::Transient)
+            }
+            NakReason::Replayed => {
+                let tell = self.nags.replayed.hit(now);
+                nag!(
+                    tell,
+                    error,
+                    format!("the publisher at {endpoint} refused a report as replayed: this node's clock is probably too far from the publisher's (more than its [trust] max_clock_skew); check time synchronisation (ntp, chrony, systemd-timesyncd) on {node} and on the publisher; events are signed anew and retried"),
+                    publisher = %endpoint,
+                    node = %node,
+                    id = %event.id,
+                    ts_ms = crate::now_ms(),
+                    authentic,
+                    detail = ?nak.detail,
+                );
+                Err(Failure::Transient)
+            }
+            NakReason::Quarantined => {
+                let tell = self.nags.quarantined.hit(now);
+                nag!(
+                    tell,
+                    error,
+                    format!("the publisher's circuit breaker has quarantined node {node}: it reported far more than usual; its events are dropped until the quarantine ends (see the publisher's log and what fail2ban on {node} is banning)"),
+                    publisher = %endpoint,
+                    node = %node,
+                    action = %event.action,
+                    jail = %event.jail,
+                    ip = %event.ip,
+                    id = %event.id,
+                    detail = ?nak.detail,
+                );
+                tracing::debug!(
+                    action = %event.action,
+                    jail = %event.jail,
+                    ip = %event.ip,
+                    id = %event.id,
+                    reason = %nak.reason,
+                    "event rejected by the publisher, dropped"
+                );
+                Ok(Outcome::Rejected)
+            }
+            r if r.is_transient() => {
                 tracing::warn!(
                     id = %event.id,
                     reason = %nak.reason,
                     detail = ?nak.detail,
                     "publisher asked to retry later"
                 );
-                Ok(Err(Failure::Transient))
+                Err(Failure::Transient)
             }
-            Reply::Nak(nak) => {
+            _ => {
                 tracing::error!(
                     action = %event.action,
                     jail = %event.jail,
@@ -511,14 +831,65 @@ impl Sender {
                     detail = ?nak.detail,
                     "event rejected by the publisher, dropped"
                 );
-                Ok(Ok(Outcome::Rejected))
+                Ok(Outcome::Rejected)
             }
+        }
+    }
+
+    /// A reply that failed authentication.
+    fn not_authentic(&mut self, event: &Event, attempt: u32, backoff: Duration, why: &str) {
+        let tell = self.nags.not_authentic.hit(Instant::now());
+        let node = event.node.as_str();
+        nag!(
+            tell,
+            warn,
+            format!("the publisher's reply failed authentication: the secrets differ between [trust] on {node} and [trust.monitors] {node} on the publisher (or the publisher has none for {node}), or the reply is forged; the event is resent"),
+            publisher = %self.p.endpoint,
+            node = %node,
+            id = %event.id,
+            attempt,
+            retry_in_ms = backoff.as_millis() as u64,
+            error = %why,
+        );
+    }
+
+    /// A reply came, whatever it says: the publisher is reachable.
+    fn answered(&mut self) {
+        if let Some(link) = &self.p.link {
+            link.set_unanswered(false);
+        }
+        self.p.metrics.publisher_answering.set(true);
+        if let Some((timeouts, for_s)) = self.nags.unreachable.end(Instant::now()) {
+            tracing::info!(publisher = %self.p.endpoint, timeouts, for_s, "the publisher answers again");
+        }
+    }
+
+    /// An authentic ACK: what kept failing is over.
+    fn accepted(&mut self) {
+        let now = Instant::now();
+        let endpoint = self.p.endpoint.as_str();
+        if let Some((refusals, for_s)) = self.nags.unauthenticated.end(now) {
+            tracing::info!(publisher = %endpoint, refusals, for_s, "the publisher accepts this node's credential again");
+        }
+        if let Some((refusals, for_s)) = self.nags.replayed.end(now) {
+            tracing::info!(publisher = %endpoint, refusals, for_s, "the publisher accepts this node's timestamps again");
+        }
+        if let Some((dropped, for_s)) = self.nags.quarantined.end(now) {
+            tracing::info!(publisher = %endpoint, dropped, for_s, "the publisher accepts this node's reports again (quarantine over)");
+        }
+        if let Some((failed, for_s)) = self.nags.not_authentic.end(now) {
+            tracing::info!(publisher = %endpoint, failed, for_s, "the publisher's replies authenticate again");
         }
     }
 }
 
 /// An old publisher's answer: the echo of what was sent, or `NAK`.
-fn legacy_reply(event: &Event, reply: &[u8], echo: &[u8]) -> Result<Outcome, Failure> {
+fn legacy_reply(
+    event: &Event,
+    reply: &[u8],
+    echo: &[u8],
+    metrics: &MonitorMetrics,
+) -> Result<Outcome, Failure> {
     if reply == echo {
         tracing::info!(
             action = %event.action,
@@ -540,6 +911,7 @@ fn legacy_reply(event: &Event, reply: &[u8], echo: &[u8]) -> Result<Outcome, Fai
             detail = %"the legacy publisher answered NAK",
             "event rejected by the publisher, dropped"
         );
+        metrics.events_dropped.inc(DROPPED_LEGACY_NAK);
         Ok(Outcome::Rejected)
     } else {
         Err(Failure::Broken(format!(
@@ -552,9 +924,75 @@ fn legacy_reply(event: &Event, reply: &[u8], echo: &[u8]) -> Result<Outcome, Fai
 enum Failure {
     /// The publisher answered "later": same socket, resend after the backoff.
     Transient,
-    /// No usable answer: new socket, resend after the backoff.
+    /// A reply that failed authentication: as `Broken`, with its own warning.
+    NotAuthentic(String),
+    /// No reply within the ACK timeout: new socket, resend after the backoff.
+    NoReply(String),
+    /// No usable answer (a socket error, an unreadable reply): new socket,
+    /// resend after the backoff.
     Broken(String),
     /// A fail2ban-zmq-tools publisher's bare `NAK` to a native request: same
     /// socket, resend after the longest backoff.
     OldPublisher,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_room_keeps_the_queued_gauge_and_readiness() {
+        use f2b_common::metrics::Readiness;
+        let readiness = Readiness::new();
+        let has_room = readiness.condition("the event queue is full", true);
+        let queued = Gauge::default();
+        // A backlog of 1 of 2 places.
+        let room = Room::new(2, 1).observed(queued.clone(), has_room.clone());
+        assert_eq!((queued.get(), has_room.holds()), (1, true));
+        assert!(room.try_take(1));
+        assert_eq!((queued.get(), has_room.holds()), (2, false));
+        assert!(!room.try_take(1), "full");
+        assert_eq!(queued.get(), 2);
+        room.give();
+        assert_eq!((queued.get(), has_room.holds()), (1, true));
+        room.give();
+        assert_eq!((queued.get(), has_room.holds()), (0, true));
+        // A backlog beyond the bound: full until it is paid back.
+        let room = Room::new(1, 3).observed(queued.clone(), has_room.clone());
+        assert_eq!((queued.get(), has_room.holds()), (3, false));
+        room.give();
+        room.give();
+        assert_eq!((queued.get(), has_room.holds()), (1, false));
+        room.give();
+        assert_eq!((queued.get(), has_room.holds()), (0, true));
+    }
+
+    #[test]
+    fn a_nag_is_told_first_then_summarized_then_ended() {
+        let t0 = Instant::now();
+        let mut nag = Nag::default();
+        assert_eq!(nag.end(t0), None, "nothing to end");
+        assert_eq!(nag.hit(t0), Tell::First);
+        for s in 1..=3 {
+            assert_eq!(nag.hit(t0 + Duration::from_secs(s)), Tell::Quiet);
+        }
+        assert_eq!(
+            nag.hit(t0 + NAG_EVERY),
+            Tell::Again {
+                untold: 4,
+                count: 5,
+                for_s: NAG_EVERY.as_secs()
+            }
+        );
+        assert_eq!(
+            nag.hit(t0 + NAG_EVERY + Duration::from_secs(1)),
+            Tell::Quiet
+        );
+        assert_eq!(
+            nag.end(t0 + NAG_EVERY * 2),
+            Some((6, NAG_EVERY.as_secs() * 2))
+        );
+        // Over: the next occurrence is a new first one.
+        assert_eq!(nag.hit(t0 + NAG_EVERY * 3), Tell::First);
+    }
 }

@@ -9,7 +9,12 @@
 //!   not final yet (an Unban still held by [`crate::stop`], an event not yet in the
 //!   queue file), else after the last line read; and whether the log had shown
 //!   INFO lines. Replaced atomically (write, fsync, rename, fsync of the
-//!   directory).
+//!   directory). A monitor that starts without one (its first start, or an
+//!   unreadable file) saves where it decided to start, the end of the log (or
+//!   no file, when the log does not exist yet: it will be read from its
+//!   start), before it reads anything and before it logs `watching`: a crash at
+//!   any later moment, even before the first event, resumes from there rather
+//!   than from a later end of the log, which would skip the lines in between.
 //! - `<key>.queue`: a journal, one line per change: `+<report>` when an event is
 //!   queued (the protocol's own `report` request, so the event keeps its id and a
 //!   resend is recognised by the publisher as a duplicate), `-<id>` when the
@@ -58,7 +63,8 @@ pub enum StateError {
 /// What a previous run left.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Saved {
-    /// `None` on the first start: begin at the end of the log.
+    /// `None` on the first start: begin at the end of the log (and save that
+    /// position at once, see the module docs).
     pub position: Option<Vec<FilePos>>,
     /// Whether the log had shown INFO lines (see [`crate::stop`]).
     pub info_seen: bool,
@@ -98,6 +104,10 @@ pub struct StateStore {
 pub(crate) struct Faults {
     pub journal: u32,
     pub position: u32,
+    /// The next position save waits for a message (or the sender's drop) before
+    /// it writes anything: a test's window to see the state a crash would leave
+    /// just before the save.
+    pub position_gate: Option<std::sync::mpsc::Receiver<()>>,
 }
 
 #[cfg(test)]
@@ -274,6 +284,10 @@ impl StateStore {
             .map(|f| serde_json::json!({"dev": f.dev, "ino": f.ino, "offset": f.offset}))
             .collect();
         let text = serde_json::json!({ "files": files, "info_seen": info_seen }).to_string();
+        #[cfg(test)]
+        if let Some(gate) = self.faults.position_gate.take() {
+            let _ = gate.recv();
+        }
         #[cfg(test)]
         Faults::take(&mut self.faults.position).map_err(io_err(&self.position_path))?;
         replace(&self.dir, &self.position_path, text.as_bytes())

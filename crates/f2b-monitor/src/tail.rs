@@ -589,6 +589,18 @@ impl Follower {
         grace: Duration,
         saved: Option<Vec<FilePos>>,
     ) -> Result<Follower, crate::MonitorError> {
+        let follower = Follower::open(path, grace, saved).await?;
+        follower.announce();
+        Ok(follower)
+    }
+
+    /// [`Follower::start`] without its log lines: the monitor saves a first
+    /// start's position before it says `watching` ([`Follower::announce`]).
+    pub(crate) async fn open(
+        path: PathBuf,
+        grace: Duration,
+        saved: Option<Vec<FilePos>>,
+    ) -> Result<Follower, crate::MonitorError> {
         use notify::Watcher;
 
         let wake = Arc::new(Notify::new());
@@ -642,6 +654,18 @@ impl Follower {
             source,
         })?
         .with_grace(grace);
+        Ok(Follower {
+            path,
+            tailer,
+            wake,
+            _watcher: watcher,
+        })
+    }
+
+    /// Logs `watching path=.. offset=..`, and what the position found (a log
+    /// rotated away while stopped, a log not there yet).
+    pub(crate) fn announce(&self) {
+        let (path, tailer) = (&self.path, &self.tailer);
         tracing::info!(path = %path.display(), offset = tailer.offset(), "watching");
         if tailer.draining() > 0 {
             tracing::info!(
@@ -653,12 +677,6 @@ impl Follower {
         if !tailer.is_open() {
             tracing::warn!(path = %path.display(), "log file does not exist yet, waiting for it");
         }
-        Ok(Follower {
-            path,
-            tailer,
-            wake,
-            _watcher: watcher,
-        })
     }
 
     /// The position in the file (0 if it does not exist yet).

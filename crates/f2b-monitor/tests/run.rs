@@ -5,10 +5,11 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use f2b_common::config::{Endpoint, MonitorConfig, NodeConfig};
+use f2b_common::config::{Endpoint, MonitorConfig, NodeConfig, TrustConfig};
 use f2b_common::sockets::last_endpoint;
 use f2b_common::zmq;
-use f2b_proto::{Ack, AckStatus, Action, JailName, NodeName, Reply, Request};
+use f2b_proto::auth::{reply_mac, MonitorSecret, RequestAuth};
+use f2b_proto::{Ack, AckStatus, Action, Event, JailName, NodeName, Reply, Request};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -83,6 +84,39 @@ async fn wait_log(parts: &[&str]) -> String {
     }
 }
 
+const SECRET: &str = "run-test-secret-0123456789abcdefghijklmnopq";
+
+/// `[trust]` with this node's secret, as if read from `source`.
+fn trust() -> TrustConfig {
+    TrustConfig {
+        allow_unauthenticated: false,
+        secret: Some(MonitorSecret::new(SECRET).unwrap()),
+        secret_source: Some("/etc/fail2ban-cluster/node.secret".into()),
+        publisher_keys: Vec::new(),
+        signing_key: None,
+        max_clock_skew: Duration::from_secs(60),
+        monitors: Default::default(),
+    }
+}
+
+/// Receives one report on `rep`, checks that it is signed with [`SECRET`] by the
+/// node it names, and answers it with `ack(event)` and the reply MAC.
+fn answer(rep: &zmq::Socket, ack: impl FnOnce(&Event) -> Ack) -> Event {
+    let frames = rep.recv_multipart(0).expect("a report");
+    assert_eq!(frames.len(), 2, "payload and auth frame");
+    let Request::Report(e) = Request::decode(&frames[0]).unwrap() else {
+        panic!("not a report")
+    };
+    let auth = RequestAuth::decode(&frames[1]).unwrap();
+    let secret = MonitorSecret::new(SECRET).unwrap();
+    assert_eq!(auth.key, e.node, "the credential is the node's");
+    assert!(auth.verify(&secret, &frames[0]), "a valid MAC");
+    let reply = Reply::Ack(ack(&e)).encode();
+    let mac = reply_mac(&secret, &auth.mac, &reply);
+    rep.send_multipart([reply, mac.to_vec()], 0).unwrap();
+    e
+}
+
 fn append(path: &std::path::Path, text: &str) {
     std::fs::OpenOptions::new()
         .append(true)
@@ -123,10 +157,16 @@ async fn reports_events_and_stops() {
         name: NodeName::new("web1").unwrap(),
     };
     let token = CancellationToken::new();
-    let monitor = tokio::spawn(f2b_monitor::run(node, config, token.clone()));
+    let monitor = tokio::spawn(f2b_monitor::run(node, config, trust(), token.clone()));
 
     let watching = wait_log(&["watching", &format!("path={}", log.display())]).await;
     assert!(watching.contains(" INFO "), "{watching}");
+    let signed = wait_log(&["reports are signed with this node's credential"]).await;
+    assert!(signed.contains("key=web1"), "{signed}");
+    assert!(
+        signed.contains("source=/etc/fail2ban-cluster/node.secret"),
+        "{signed}"
+    );
     assert!(watching.contains("offset=83"), "{watching}");
 
     let p = "2026-11-21 04:53:00,000 fail2ban.actions        [1]: NOTICE  ";
@@ -138,20 +178,11 @@ async fn reports_events_and_stops() {
         ),
     );
     let server = tokio::task::spawn_blocking(move || {
-        let bytes = rep.recv_bytes(0).expect("a report");
-        let Request::Report(e) = Request::decode(&bytes).unwrap() else {
-            panic!("not a report")
-        };
-        rep.send(
-            Reply::Ack(Ack {
-                id: e.id,
-                seq: Some(41),
-                status: AckStatus::Broadcast,
-            })
-            .encode(),
-            0,
-        )
-        .unwrap();
+        let e = answer(&rep, |e| Ack {
+            id: e.id,
+            seq: Some(41),
+            status: AckStatus::Broadcast,
+        });
         (rep, e)
     });
     let (rep, e) = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
@@ -176,21 +207,11 @@ async fn reports_events_and_stops() {
     // A manual unban is reported (after the stop-suppression hold).
     append(&log, &format!("{p}[sshd] Unban 2001:db8::1\n"));
     let server = tokio::task::spawn_blocking(move || {
-        let bytes = rep.recv_bytes(0).expect("the unban");
-        let Request::Report(e) = Request::decode(&bytes).unwrap() else {
-            panic!("not a report")
-        };
-        rep.send(
-            Reply::Ack(Ack {
-                id: e.id,
-                seq: None,
-                status: AckStatus::Unchanged,
-            })
-            .encode(),
-            0,
-        )
-        .unwrap();
-        e
+        answer(&rep, |e| Ack {
+            id: e.id,
+            seq: None,
+            status: AckStatus::Unchanged,
+        })
     });
     let e = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
     assert_eq!(e.action, Action::Unban);
@@ -223,7 +244,7 @@ async fn missing_directory_is_an_error() {
     };
     let r = tokio::time::timeout(
         WAIT,
-        f2b_monitor::run(node, config, CancellationToken::new()),
+        f2b_monitor::run(node, config, trust(), CancellationToken::new()),
     )
     .await
     .expect("fails at once");
@@ -259,7 +280,15 @@ async fn full_queue_pauses_reading_and_loses_nothing() {
         name: NodeName::new("backpressure").unwrap(),
     };
     let token = CancellationToken::new();
-    let monitor = tokio::spawn(f2b_monitor::run(node, config, token.clone()));
+    let telemetry = f2b_monitor::Telemetry::new(None);
+    let m = telemetry.metrics.clone();
+    let monitor = tokio::spawn(f2b_monitor::run_with(
+        node,
+        config,
+        trust(),
+        telemetry,
+        token.clone(),
+    ));
     wait_log(&["watching", &format!("path={}", log.display())]).await;
 
     let p = "2026-11-21 04:53:00,000 fail2ban.actions        [1]: NOTICE  ";
@@ -269,19 +298,19 @@ async fn full_queue_pauses_reading_and_loses_nothing() {
     append(&log, &text);
     // One event in flight, one queued: the third finds the queue full.
     wait_log(&["event queue full", "capacity=1"]).await;
+    assert!(
+        !m.queue_has_room.holds(),
+        "not ready while the queue is full"
+    );
+    assert_eq!((m.events_queued.get(), m.queue_capacity.get()), (1, 1));
     let server = tokio::task::spawn_blocking(move || {
         (1..=6)
             .map(|_| {
-                let bytes = rep.recv_bytes(0).expect("a report");
-                let Request::Report(e) = Request::decode(&bytes).unwrap() else {
-                    panic!("not a report")
-                };
-                let ack = Ack {
+                let e = answer(&rep, |e| Ack {
                     id: e.id,
                     seq: None,
                     status: AckStatus::Unchanged,
-                };
-                rep.send(Reply::Ack(ack).encode(), 0).unwrap();
+                });
                 e.ip.to_string()
             })
             .collect::<Vec<_>>()
@@ -302,6 +331,9 @@ async fn full_queue_pauses_reading_and_loses_nothing() {
         .expect("run returns on shutdown")
         .unwrap()
         .unwrap();
+    assert_eq!(m.events_acked.get(), 6);
+    assert_eq!(m.events_queued.get(), 0);
+    assert!(m.queue_has_room.holds());
 }
 
 /// Serves `n` reports on `rep` (ACKing each) and returns them.
@@ -312,17 +344,11 @@ fn serve(
     tokio::task::spawn_blocking(move || {
         let events = (0..n)
             .map(|i| {
-                let bytes = rep.recv_bytes(0).expect("a report");
-                let Request::Report(e) = Request::decode(&bytes).unwrap() else {
-                    panic!("not a report")
-                };
-                let ack = Ack {
+                answer(&rep, |e| Ack {
                     id: e.id,
                     seq: Some(i as u64 + 1),
                     status: AckStatus::Broadcast,
-                };
-                rep.send(Reply::Ack(ack).encode(), 0).unwrap();
-                e
+                })
             })
             .collect();
         (rep, events)
@@ -361,6 +387,7 @@ async fn restart_resumes_position_and_resends_with_the_same_id() {
     let monitor = tokio::spawn(f2b_monitor::run(
         node.clone(),
         config.clone(),
+        trust(),
         token.clone(),
     ));
     wait_log(&["watching", &format!("path={}", log.display()), "offset=23"]).await;
@@ -387,7 +414,7 @@ async fn restart_resumes_position_and_resends_with_the_same_id() {
     rep.bind(&endpoint).unwrap();
     let server = serve(rep, 2);
     let token = CancellationToken::new();
-    let monitor = tokio::spawn(f2b_monitor::run(node, config, token.clone()));
+    let monitor = tokio::spawn(f2b_monitor::run(node, config, trust(), token.clone()));
     let (_rep, events) = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
     assert_eq!(events[0].id.to_string(), id, "resent with its id");
     assert_eq!(events[0].ip.to_string(), "203.0.113.71");
@@ -399,6 +426,29 @@ async fn restart_resumes_position_and_resends_with_the_same_id() {
         .expect("run returns on shutdown")
         .unwrap()
         .unwrap();
+}
+
+/// Waits (at most [`WAIT`]) until the saved position at `path` is `offset` in
+/// its first file; panics with the last one read otherwise.
+async fn wait_offset(path: &std::path::Path, offset: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let saved = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+        let at = saved
+            .as_ref()
+            .and_then(|s| s["files"][0]["offset"].as_u64());
+        if at == Some(offset) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no saved position at offset {offset} in {}: {saved:?}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 fn config_in(dir: &std::path::Path, endpoint: &str, queue_size: usize) -> MonitorConfig {
@@ -437,7 +487,7 @@ async fn a_second_monitor_on_the_same_state_refuses_to_start() {
             .unwrap();
     let r = tokio::time::timeout(
         WAIT,
-        f2b_monitor::run(node, config.clone(), CancellationToken::new()),
+        f2b_monitor::run(node, config.clone(), trust(), CancellationToken::new()),
     )
     .await
     .expect("refuses at once instead of running without state");
@@ -473,6 +523,7 @@ async fn the_queue_file_is_bounded_and_the_rest_is_read_again() {
     let monitor = tokio::spawn(f2b_monitor::run(
         node.clone(),
         config.clone(),
+        trust(),
         token.clone(),
     ));
     wait_log(&["watching", &format!("path={}", log.display())]).await;
@@ -507,7 +558,7 @@ async fn the_queue_file_is_bounded_and_the_rest_is_read_again() {
     rep.bind(&endpoint).unwrap();
     let server = serve(rep, 10);
     let token = CancellationToken::new();
-    let monitor = tokio::spawn(f2b_monitor::run(node, config, token.clone()));
+    let monitor = tokio::spawn(f2b_monitor::run(node, config, trust(), token.clone()));
     let (rep, events) = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
     let ips: Vec<String> = events.iter().map(|e| e.ip.to_string()).collect();
     let want: Vec<String> = (1..=10).map(|i| format!("203.0.113.{i}")).collect();
@@ -544,6 +595,7 @@ async fn the_position_stays_before_a_held_unban() {
     let monitor = tokio::spawn(f2b_monitor::run(
         node.clone(),
         config.clone(),
+        trust(),
         token.clone(),
     ));
     wait_log(&["watching", &format!("path={}", log.display())]).await;
@@ -554,19 +606,15 @@ async fn the_position_stays_before_a_held_unban() {
     let server = serve(rep, 1);
     let (rep, events) = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
     assert_eq!(events[0].ip.to_string(), "203.0.113.80");
-    // The Ban is in the queue file and the position saved with it; the Unban is
-    // held for 5 s: a crash now must read it again.
+    // The Ban is in the queue file, and the position is saved once it is
+    // handed to the sender (just after, off the report's path: waited for);
+    // the Unban is held for 5 s: a crash now must read it again, so the
+    // position stays before it. A position past it would never match.
     let position = dir.path().join("state").join(format!(
         "{}.position",
         f2b_monitor::state::key(&node.name, &log)
     ));
-    let saved: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&position).unwrap()).unwrap();
-    assert_eq!(
-        saved["files"][0]["offset"].as_u64(),
-        Some(ban.len() as u64),
-        "{saved}"
-    );
+    wait_offset(&position, ban.len() as u64).await;
     // Once it is reported, the position moves past it.
     let server = serve(rep, 1);
     let (_rep, events) = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
@@ -602,7 +650,7 @@ async fn one_warning_per_backpressure_episode() {
         name: NodeName::new("episodes").unwrap(),
     };
     let token = CancellationToken::new();
-    let monitor = tokio::spawn(f2b_monitor::run(node, config, token.clone()));
+    let monitor = tokio::spawn(f2b_monitor::run(node, config, trust(), token.clone()));
     wait_log(&["watching", &format!("path={}", log.display())]).await;
     let p = "2026-11-21 04:53:00,000 fail2ban.actions        [1]: NOTICE  ";
     let text: String = (1..=20)
@@ -626,6 +674,113 @@ async fn one_warning_per_backpressure_episode() {
     };
     assert_eq!(count("event queue full"), 1, "{text}");
     assert_eq!(count("event queue has room again"), 1, "{text}");
+    token.cancel();
+    tokio::time::timeout(WAIT, monitor)
+        .await
+        .expect("run returns on shutdown")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_credential_and_no_opt_out_refuses_to_start() {
+    let _ = logs();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("fail2ban.log"), "").unwrap();
+    let ctx = zmq::Context::new();
+    let config = config_in(dir.path(), &free_endpoint(&ctx), 16);
+    let node = NodeConfig {
+        name: NodeName::new("nokey").unwrap(),
+    };
+    let none = TrustConfig {
+        secret: None,
+        secret_source: None,
+        ..trust()
+    };
+    let r = tokio::time::timeout(
+        WAIT,
+        f2b_monitor::run(
+            node.clone(),
+            config.clone(),
+            none.clone(),
+            CancellationToken::new(),
+        ),
+    )
+    .await
+    .expect("fails at once");
+    let err = r.unwrap_err();
+    assert!(matches!(err, f2b_monitor::MonitorError::Trust(_)), "{err}");
+    let chain = f2b_common::daemon::error_chain(&err);
+    assert!(
+        chain.contains("trust.secret") && chain.contains("allow_unauthenticated"),
+        "{chain}"
+    );
+
+    // The legacy format needs no credential.
+    let legacy = MonitorConfig {
+        legacy: Some(f2b_common::config::LegacyPeer { token: None }),
+        ..config.clone()
+    };
+    let token = CancellationToken::new();
+    let monitor = tokio::spawn(f2b_monitor::run(
+        node.clone(),
+        legacy,
+        none.clone(),
+        token.clone(),
+    ));
+    wait_log(&["watching", &format!("path={}", config.log_path.display())]).await;
+    token.cancel();
+    tokio::time::timeout(WAIT, monitor)
+        .await
+        .expect("run returns on shutdown")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_opt_out_runs_unauthenticated_with_a_warning() {
+    let _ = logs();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("fail2ban.log");
+    std::fs::write(&log, "").unwrap();
+    let ctx = zmq::Context::new();
+    let rep = ctx.socket(zmq::REP).unwrap();
+    rep.set_rcvtimeo(WAIT.as_millis() as i32).unwrap();
+    rep.bind("tcp://127.0.0.1:*").unwrap();
+    let config = config_in(dir.path(), &last_endpoint(&rep), 16);
+    let node = NodeConfig {
+        name: NodeName::new("optout").unwrap(),
+    };
+    let open = TrustConfig {
+        allow_unauthenticated: true,
+        secret: None,
+        secret_source: None,
+        ..trust()
+    };
+    let token = CancellationToken::new();
+    let monitor = tokio::spawn(f2b_monitor::run(node, config, open, token.clone()));
+    let warned = wait_log(&["reports are sent unauthenticated", "node=optout"]).await;
+    assert!(warned.contains(" WARN "), "{warned}");
+    assert!(warned.contains("in any node's name"), "{warned}");
+    wait_log(&["watching", &format!("path={}", log.display())]).await;
+    let p = "2026-11-21 04:53:00,000 fail2ban.actions        [1]: NOTICE  ";
+    append(&log, &format!("{p}[oo] Ban 203.0.113.90\n"));
+    let server = tokio::task::spawn_blocking(move || {
+        let frames = rep.recv_multipart(0).expect("a report");
+        let Request::Report(e) = Request::decode(&frames[0]).unwrap() else {
+            panic!("not a report")
+        };
+        let ack = Reply::Ack(Ack {
+            id: e.id,
+            seq: Some(1),
+            status: AckStatus::Broadcast,
+        });
+        rep.send(ack.encode(), 0).unwrap();
+        frames.len()
+    });
+    let frames = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    assert_eq!(frames, 1, "no auth frame");
+    wait_log(&["reported", "ip=203.0.113.90"]).await;
     token.cancel();
     tokio::time::timeout(WAIT, monitor)
         .await

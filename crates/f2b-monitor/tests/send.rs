@@ -1,5 +1,7 @@
 //! The sender thread against real ZeroMQ sockets on 127.0.0.1 (ephemeral ports):
-//! ACKs, a publisher that does not answer, NAKs, shutdown.
+//! ACKs, a publisher that does not answer, NAKs, shutdown, and the credential: the
+//! stand-in publishers check every report's auth frame with f2b_proto and sign
+//! their replies (or, to test the monitor, do not).
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -8,8 +10,9 @@ use std::time::{Duration, Instant};
 use f2b_common::config::{LegacyPeer, Secret};
 use f2b_common::sockets::{last_endpoint, shutdown_socket};
 use f2b_common::zmq;
-use f2b_monitor::send::{run_sender, SenderParams};
+use f2b_monitor::send::{run_sender, Credential, SenderParams};
 use f2b_monitor::MonitorError;
+use f2b_proto::auth::{reply_mac, MonitorSecret, RequestAuth};
 use f2b_proto::{
     Ack, AckStatus, Action, Event, EventId, JailName, Nak, NakReason, NodeName, Reply, Request,
 };
@@ -63,6 +66,20 @@ fn logged(parts: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// web1's secret, as in `[trust] secret` and the publisher's `[trust.monitors]`.
+const SECRET: &str = "web1-test-secret-0123456789abcdefghijklmnop";
+
+fn secret() -> MonitorSecret {
+    MonitorSecret::new(SECRET).unwrap()
+}
+
+fn credential() -> Credential {
+    Credential {
+        key: NodeName::new("web1").unwrap(),
+        secret: secret(),
+    }
+}
+
 fn event(n: u128) -> Event {
     Event::new(
         EventId::from_u128(n),
@@ -100,6 +117,7 @@ fn start_with(
         ack_timeout,
         legacy,
         f2b_monitor::send::BACKOFF_MAX,
+        Some(credential()),
     )
 }
 
@@ -109,6 +127,7 @@ fn start_full(
     ack_timeout: Duration,
     legacy: Option<LegacyPeer>,
     max_backoff: Duration,
+    credential: Option<Credential>,
 ) -> Harness {
     let _ = logs();
     let token = CancellationToken::new();
@@ -119,10 +138,13 @@ fn start_full(
         drain_time: ack_timeout,
         shutdown: shutdown_socket(ctx, token.clone()).unwrap(),
         legacy,
+        credential,
         backlog: Vec::new(),
         state: None,
         max_backoff,
         room: None,
+        metrics: f2b_monitor::detached_metrics(),
+        link: None,
     };
     let (tx, rx) = mpsc::channel(16);
     let sender = tokio::task::spawn_blocking(move || run_sender(params, rx));
@@ -167,6 +189,84 @@ fn report_id(bytes: &[u8]) -> EventId {
     }
 }
 
+/// A report as a stand-in publisher received it.
+struct Got {
+    /// A ROUTER's envelope (peer identity, empty delimiter); empty for a REP.
+    envelope: Vec<Vec<u8>>,
+    payload: Vec<u8>,
+    auth: Option<RequestAuth>,
+    id: EventId,
+    at: Instant,
+}
+
+impl Got {
+    /// Whether the auth frame is web1's and its MAC right for the payload.
+    fn authentic(&self) -> bool {
+        self.auth
+            .as_ref()
+            .is_some_and(|a| a.key.as_str() == "web1" && a.verify(&secret(), &self.payload))
+    }
+}
+
+/// Receives one report on a REP (`router` false) or ROUTER socket.
+fn recv_report(sock: &zmq::Socket, router: bool) -> Got {
+    let mut frames = sock
+        .recv_multipart(0)
+        .expect("a request within the deadline");
+    let at = Instant::now();
+    let envelope = if router {
+        frames.drain(..2).collect()
+    } else {
+        Vec::new()
+    };
+    assert!(
+        (1..=2).contains(&frames.len()),
+        "payload and auth frame: {frames:?}"
+    );
+    let auth = frames
+        .get(1)
+        .map(|f| RequestAuth::decode(f).expect("a readable auth frame"));
+    let payload = frames.swap_remove(0);
+    let id = report_id(&payload);
+    Got {
+        envelope,
+        payload,
+        auth,
+        id,
+        at,
+    }
+}
+
+/// How a stand-in signs its reply.
+#[derive(Clone, Copy, Debug)]
+enum Mac {
+    /// With web1's secret, bound to the request: authentic.
+    Right,
+    /// With another secret (an impostor, or a publisher with another key).
+    Wrong,
+    /// No MAC frame.
+    Missing,
+}
+
+fn reply_to(sock: &zmq::Socket, got: &Got, reply: Vec<u8>, mac: Mac) {
+    let request_mac = got.auth.as_ref().expect("an auth frame").mac;
+    let mut frames = got.envelope.clone();
+    let tag = match mac {
+        Mac::Right => Some(reply_mac(&secret(), &request_mac, &reply)),
+        Mac::Wrong => Some(reply_mac(
+            &MonitorSecret::new(&"x".repeat(40)).unwrap(),
+            &request_mac,
+            &reply,
+        )),
+        Mac::Missing => None,
+    };
+    frames.push(reply);
+    if let Some(tag) = tag {
+        frames.push(tag.to_vec());
+    }
+    sock.send_multipart(frames, 0).unwrap();
+}
+
 fn ack(id: EventId, seq: u64) -> Vec<u8> {
     Reply::Ack(Ack {
         id,
@@ -180,8 +280,9 @@ fn nak(id: EventId, reason: NakReason) -> Vec<u8> {
     Reply::Nak(Nak::new(Some(id), reason, "test says no")).encode()
 }
 
-/// A REP server run in a blocking thread: `answer` gets each request's event id
-/// and returns the reply; the ids seen are returned when it has served `n`.
+/// A REP server run in a blocking thread, checking every report's credential:
+/// `answer` gets each request's event id and returns the reply, sent with its
+/// MAC; the ids seen are returned when it has served `n`.
 fn serve(
     rep: zmq::Socket,
     n: usize,
@@ -190,10 +291,10 @@ fn serve(
     tokio::task::spawn_blocking(move || {
         let mut seen = Vec::new();
         for i in 0..n {
-            let msg = rep.recv_bytes(0).expect("a request within the deadline");
-            let id = report_id(&msg);
-            seen.push(id);
-            rep.send(answer(i, id), 0).unwrap();
+            let got = recv_report(&rep, false);
+            assert!(got.authentic(), "report {i} is signed with web1's secret");
+            seen.push(got.id);
+            reply_to(&rep, &got, answer(i, got.id), Mac::Right);
         }
         seen
     })
@@ -222,31 +323,44 @@ async fn no_answer_means_resend_with_the_same_id() {
     h.send(event(1)).await;
     h.send(event(2)).await;
     let server = tokio::task::spawn_blocking(move || {
-        let recv = || {
-            let parts = router.recv_multipart(0).expect("a request in time");
-            assert_eq!(parts.len(), 3, "identity, delimiter, body");
-            (parts[0].clone(), report_id(&parts[2]), Instant::now())
-        };
-        let (_, first, t0) = recv(); // not answered
-        let (peer, again, t1) = recv();
-        router
-            .send_multipart([peer, Vec::new(), ack(again, 1)], 0)
-            .unwrap();
-        let (peer, next, _) = recv();
-        router
-            .send_multipart([peer, Vec::new(), ack(next, 2)], 0)
-            .unwrap();
-        (vec![first, again, next], t1 - t0)
+        let first = recv_report(&router, true); // not answered
+        let again = recv_report(&router, true);
+        reply_to(&router, &again, ack(again.id, 1), Mac::Right);
+        let next = recv_report(&router, true);
+        reply_to(&router, &next, ack(next.id, 2), Mac::Right);
+        [first, again, next]
     });
-    let (seen, gap) = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    let got = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
     assert_eq!(
-        seen,
+        got.iter().map(|g| g.id).collect::<Vec<_>>(),
         [1, 1, 2].map(EventId::from_u128),
         "resent, then the next one"
     );
     // The resend waited for the ACK timeout (300 ms) and the first backoff.
+    let gap = got[1].at - got[0].at;
     assert!(gap >= Duration::from_millis(300), "{gap:?}");
+    // The resend is the same payload (same event id), signed anew: a new nonce.
+    assert!(got.iter().all(Got::authentic));
+    assert_eq!(got[0].payload, got[1].payload);
+    let (a0, a1) = (got[0].auth.as_ref().unwrap(), got[1].auth.as_ref().unwrap());
+    assert_ne!(a0.nonce, a1.nonce, "a resend has a new nonce");
+    assert_ne!(a0.mac, a1.mac);
+    assert!(a1.ts_ms >= a0.ts_ms);
     h.finish().await;
+    // Said once, with what to check, and when it is over.
+    let told = logged(&["publisher unreachable", &ep, " WARN "]);
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert!(
+        told[0].contains(&format!(
+            "is f2b-publisher running at {ep}, is the port open, is [monitor] publisher right?"
+        )),
+        "{}",
+        told[0]
+    );
+    assert_eq!(
+        logged(&["the publisher answers again", &ep, "timeouts=1"]).len(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -318,7 +432,9 @@ async fn legacy_format_echo_and_nak() {
     let server = tokio::task::spawn_blocking(move || {
         let mut seen = Vec::new();
         for i in 0..3 {
-            let msg = String::from_utf8(rep.recv_bytes(0).expect("a request")).unwrap();
+            let frames = rep.recv_multipart(0).expect("a request");
+            assert_eq!(frames.len(), 1, "no auth frame in the legacy format");
+            let msg = String::from_utf8(frames[0].clone()).unwrap();
             let reply = match i {
                 1 => "NAK".to_owned(),
                 _ => msg
@@ -394,15 +510,25 @@ async fn bare_nak_from_an_old_publisher_is_retried_not_dropped() {
     let server = tokio::task::spawn_blocking(move || {
         let mut seen = Vec::new();
         for i in 0..5 {
-            let msg = rep.recv_bytes(0).expect("a request within the deadline");
-            let id = report_id(&msg);
-            seen.push((id, Instant::now()));
-            let reply = if i < 3 { b"NAK".to_vec() } else { ack(id, i) };
-            rep.send(reply, 0).unwrap();
+            let got = recv_report(&rep, false);
+            seen.push((got.id, got.at));
+            if i < 3 {
+                // An old publisher has no MAC to give.
+                rep.send(&b"NAK"[..], 0).unwrap();
+            } else {
+                reply_to(&rep, &got, ack(got.id, i), Mac::Right);
+            }
         }
         seen
     });
-    let h = start_full(&ctx, &ep, Duration::from_secs(5), None, max_backoff);
+    let h = start_full(
+        &ctx,
+        &ep,
+        Duration::from_secs(5),
+        None,
+        max_backoff,
+        Some(credential()),
+    );
     h.send(event(62)).await;
     h.send(event(63)).await;
     let seen = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
@@ -430,4 +556,211 @@ async fn bare_nak_from_an_old_publisher_is_retried_not_dropped() {
         "not taken for an unreachable publisher"
     );
     h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reply_without_a_right_mac_is_no_ack() {
+    let ctx = zmq::Context::new();
+    let (router, ep) = bind(&ctx, zmq::ROUTER);
+    // An impostor, or a publisher holding another secret for web1: ACKs with no
+    // MAC, with a wrong one, a quarantine NAK with no MAC; then the real answer.
+    let server = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        for mac in [Mac::Missing, Mac::Wrong, Mac::Missing, Mac::Right] {
+            let got = recv_report(&router, true);
+            assert!(got.authentic());
+            let reply = if seen.len() == 2 {
+                nak(got.id, NakReason::Quarantined)
+            } else {
+                ack(got.id, 9)
+            };
+            reply_to(&router, &got, reply, mac);
+            seen.push(got);
+        }
+        let next = recv_report(&router, true);
+        reply_to(&router, &next, ack(next.id, 10), Mac::Right);
+        seen.push(next);
+        seen
+    });
+    let h = start_full(
+        &ctx,
+        &ep,
+        Duration::from_secs(5),
+        None,
+        Duration::from_millis(200),
+        Some(credential()),
+    );
+    h.send(event(71)).await;
+    h.send(event(72)).await;
+    let seen = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    assert_eq!(
+        seen.iter().map(|g| g.id).collect::<Vec<_>>(),
+        [71, 71, 71, 71, 72].map(EventId::from_u128),
+        "resent until an authentic ACK, neither taken as ACKed nor dropped"
+    );
+    let nonces: std::collections::HashSet<_> = seen
+        .iter()
+        .map(|g| g.auth.as_ref().unwrap().nonce)
+        .collect();
+    assert_eq!(nonces.len(), seen.len(), "every send has its own nonce");
+    h.finish().await;
+    let id = EventId::from_u128(71).to_string();
+    let warned = logged(&["reply failed authentication", &id, " WARN "]);
+    assert_eq!(
+        warned.len(),
+        1,
+        "one warning, not one per resend: {warned:?}"
+    );
+    assert!(warned[0].contains("[trust.monitors] web1"), "{}", warned[0]);
+    assert!(warned[0].contains("error=no reply MAC"), "{}", warned[0]);
+    assert!(!warned[0].contains(SECRET), "{}", warned[0]);
+    assert_eq!(
+        logged(&["reported", &format!("id={id}")]).len(),
+        1,
+        "reported once, after the authentic ACK"
+    );
+    assert!(logged(&["event rejected", &id]).is_empty(), "not dropped");
+    assert!(
+        logged(&["replies authenticate again", &ep]).len() == 1,
+        "the end of the problem is logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unauthenticated_and_replayed_are_retried_quarantined_dropped() {
+    let ctx = zmq::Context::new();
+    let (router, ep) = bind(&ctx, zmq::ROUTER);
+    // A publisher that does not know web1's key (NAKs with no MAC), then one
+    // that finds web1's clock off (replayed), then accepts; the next event is
+    // quarantined (an authentic NAK), the one after accepted.
+    let answers = [
+        (NakReason::Unauthenticated, Mac::Missing),
+        (NakReason::Unauthenticated, Mac::Missing),
+        (NakReason::Unauthenticated, Mac::Right),
+        (NakReason::Replayed, Mac::Missing),
+        (NakReason::Replayed, Mac::Right),
+    ];
+    let server = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        for (reason, mac) in answers {
+            let got = recv_report(&router, true);
+            reply_to(&router, &got, nak(got.id, reason), mac);
+            seen.push(got);
+        }
+        for reply in [
+            |id| ack(id, 1),
+            |id| nak(id, NakReason::Quarantined),
+            |id| ack(id, 2),
+        ] {
+            let got = recv_report(&router, true);
+            reply_to(&router, &got, reply(got.id), Mac::Right);
+            seen.push(got);
+        }
+        seen
+    });
+    let h = start_full(
+        &ctx,
+        &ep,
+        Duration::from_secs(5),
+        None,
+        Duration::from_millis(200),
+        Some(credential()),
+    );
+    for n in 81..=83 {
+        h.send(event(n)).await;
+    }
+    let seen = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    assert_eq!(
+        seen.iter().map(|g| g.id).collect::<Vec<_>>(),
+        [81, 81, 81, 81, 81, 81, 82, 83].map(EventId::from_u128),
+        "kept and retried through unauthenticated and replayed; the quarantined one dropped"
+    );
+    assert!(seen.iter().all(Got::authentic));
+    // Each retry waited for a backoff.
+    for pair in seen[..6].windows(2) {
+        let gap = pair[1].at - pair[0].at;
+        assert!(gap >= f2b_monitor::send::BACKOFF_MIN, "{gap:?}");
+    }
+    h.finish().await;
+
+    let refused = logged(&["refused this node's credential", &ep, " ERROR "]);
+    assert_eq!(refused.len(), 1, "said once, not per retry: {refused:?}");
+    assert!(refused[0].contains(" ERROR "), "{}", refused[0]);
+    assert!(
+        refused[0].contains("check that [trust] secret/secret_file on web1 matches [trust.monitors] web1 on the publisher"),
+        "{}",
+        refused[0]
+    );
+    let clock = logged(&["refused a report as replayed", &ep, " ERROR "]);
+    assert_eq!(clock.len(), 1, "{clock:?}");
+    assert!(
+        clock[0].contains(" ERROR ") && clock[0].contains("ntp"),
+        "{}",
+        clock[0]
+    );
+    assert_eq!(
+        logged(&["accepts this node's credential again", &ep]).len(),
+        1
+    );
+    assert_eq!(
+        logged(&["accepts this node's timestamps again", &ep]).len(),
+        1
+    );
+    let q = logged(&["quarantined node web1", &ep, " ERROR "]);
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert!(q[0].contains(" ERROR "), "{}", q[0]);
+    assert!(
+        q[0].contains(&EventId::from_u128(82).to_string()),
+        "{}",
+        q[0]
+    );
+    assert_eq!(
+        logged(&["quarantine over", &ep, "dropped=1"]).len(),
+        1,
+        "the end of the quarantine is logged with what was dropped"
+    );
+    assert!(
+        !logs().0.lock().unwrap().contains(SECRET),
+        "the secret is never logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_credential_reports_are_one_frame() {
+    let ctx = zmq::Context::new();
+    let (rep, ep) = bind(&ctx, zmq::REP);
+    // A publisher that requires credentials, then one that does not.
+    let server = tokio::task::spawn_blocking(move || {
+        let frames = rep.recv_multipart(0).expect("a request");
+        rep.send(nak(report_id(&frames[0]), NakReason::Unauthenticated), 0)
+            .unwrap();
+        let frames = rep.recv_multipart(0).expect("the request again");
+        rep.send(ack(report_id(&frames[0]), 1), 0).unwrap();
+        frames.len()
+    });
+    let h = start_full(
+        &ctx,
+        &ep,
+        Duration::from_secs(5),
+        None,
+        f2b_monitor::send::BACKOFF_MAX,
+        None,
+    );
+    h.send(event(91)).await;
+    let frames = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    assert_eq!(frames, 1, "the payload alone");
+    h.finish().await;
+    let id = EventId::from_u128(91).to_string();
+    assert_eq!(logged(&["reported", &format!("id={id}")]).len(), 1);
+    let told = logged(&[
+        "requires a credential and this node sends none",
+        &ep,
+        " ERROR ",
+    ]);
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert!(
+        told[0].contains("set [trust] secret or secret_file on web1"),
+        "{}",
+        told[0]
+    );
 }

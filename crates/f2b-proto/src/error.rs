@@ -129,17 +129,27 @@ pub enum NakReason {
     InvalidTime,
     /// The address may never be banned cluster-wide (reserved ranges, allowlist).
     Forbidden,
-    /// Reserved for authentication: credentials missing or wrong.
+    /// The report has no authentication frame, names a credential the publisher does
+    /// not hold (unknown or revoked), its MAC is wrong, or its event names another
+    /// node than its credential. Transient: a monitor keeps its events and retries
+    /// while an administrator fixes the key.
     Unauthenticated,
-    /// Reserved for rate limiting and quarantine.
+    /// The authentication frame's nonce was seen before, or its timestamp is further
+    /// from the publisher's clock than `max_clock_skew`. Transient: a monitor signs
+    /// the report anew and retries.
+    Replayed,
+    /// The node sends faster than its rate limit allows. Transient.
     RateLimited,
+    /// The publisher's circuit breaker has quarantined the node: it suddenly reported
+    /// far more than usual. Not transient: the monitor drops the event (logged).
+    Quarantined,
     /// The publisher cannot take the event now (for instance shutting down); retry.
     Busy,
 }
 
 impl NakReason {
     /// Every reason, for tests and documentation.
-    pub const ALL: [NakReason; 14] = [
+    pub const ALL: [NakReason; 16] = [
         NakReason::Malformed,
         NakReason::TooLarge,
         NakReason::UnsupportedVersion,
@@ -152,7 +162,9 @@ impl NakReason {
         NakReason::InvalidTime,
         NakReason::Forbidden,
         NakReason::Unauthenticated,
+        NakReason::Replayed,
         NakReason::RateLimited,
+        NakReason::Quarantined,
         NakReason::Busy,
     ];
 
@@ -171,7 +183,9 @@ impl NakReason {
             NakReason::InvalidTime => "invalid_time",
             NakReason::Forbidden => "forbidden",
             NakReason::Unauthenticated => "unauthenticated",
+            NakReason::Replayed => "replayed",
             NakReason::RateLimited => "rate_limited",
+            NakReason::Quarantined => "quarantined",
             NakReason::Busy => "busy",
         }
     }
@@ -184,7 +198,13 @@ impl NakReason {
     /// Whether the same request may succeed if sent again later. A monitor retries
     /// these and drops (with an error in its log) the others, which no retry fixes.
     pub fn is_transient(self) -> bool {
-        matches!(self, NakReason::Busy | NakReason::RateLimited)
+        matches!(
+            self,
+            NakReason::Busy
+                | NakReason::RateLimited
+                | NakReason::Unauthenticated
+                | NakReason::Replayed
+        )
     }
 }
 

@@ -9,6 +9,8 @@
 //!
 //! # Layout
 //!
+//! - [`auth`]: monitor credentials (HMAC-SHA256 request MACs) and the publisher's
+//!   Ed25519 signatures on broadcasts and snapshot replies.
 //! - [`names`]: validated [`NodeName`] and [`JailName`].
 //! - [`event`]: [`Event`], [`Action`], [`EventId`], [`canonical_ip`].
 //! - [`message`]: the three message families, [`Request`] (monitor to publisher),
@@ -24,6 +26,7 @@
 //! Limits are the named constants below; input larger than [`MAX_MESSAGE_SIZE`] is
 //! refused before it is parsed.
 
+pub mod auth;
 pub mod error;
 pub mod event;
 pub mod legacy;
@@ -52,8 +55,9 @@ pub const PROTOCOL_VERSION: u64 = 1;
 pub const MAX_MESSAGE_SIZE: usize = 8 * 1024;
 
 /// The most message parts (frames) a fail2ban-cluster message may have. Today's
-/// messages use one (requests, replies) or two (broadcasts: topic and payload); the
-/// rest is room for authentication frames.
+/// messages use two at most besides the topic: a payload and its authentication
+/// frame (a report's [`auth::RequestAuth`], a reply's MAC, a signature); the rest is
+/// room for later additions.
 pub const MAX_FRAMES: usize = 4;
 
 /// The longest jail name accepted, in bytes.

@@ -64,12 +64,15 @@ impl fmt::Display for NodeName {
     }
 }
 
-/// A fail2ban jail name: 1 to 64 printable ASCII characters, no whitespace, no
-/// control characters, and none of `[`, `]` (which end a section name in fail2ban's
-/// configuration, so no real jail has them).
+/// A fail2ban jail name: 1 to 64 characters, ASCII letters, digits and `_ - . @ + :`,
+/// starting with a letter or a digit.
 ///
-/// Jail names reach `fail2ban-client` as one argument of an argv, never through a
-/// shell, so other punctuation is harmless and is kept as fail2ban accepts it.
+/// fail2ban itself takes any section name, but real jails are named like `sshd`,
+/// `nginx-http-auth` or `postfix-sasl`. The daemons pass jail names to programs as
+/// one argv element, never through a shell; the names are restricted anyway, because
+/// they also reach an exec action's argv and the administrators' scripts behind it:
+/// a name from the network can hold no shell metacharacter, quote, slash, white
+/// space or control character, and cannot pass for an option (`-h`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct JailName(String);
 
@@ -97,6 +100,19 @@ impl JailName {
         }
         if value.contains(['[', ']']) {
             return Err(bad("contains '[' or ']'"));
+        }
+        // Jail names reach command lines (fail2ban-client's argv, an exec action's
+        // argv, administrators' scripts): no shell metacharacters, quotes or
+        // slashes, and no leading '-' that a program could take for an option.
+        if !value.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'@' | b'+' | b':')
+        }) {
+            return Err(bad(
+                "only letters, digits and _ - . @ + : are allowed (no shell metacharacters)",
+            ));
+        }
+        if !value.as_bytes()[0].is_ascii_alphanumeric() {
+            return Err(bad("must start with a letter or a digit"));
         }
         Ok(JailName(value.to_owned()))
     }
@@ -163,8 +179,10 @@ mod tests {
             "sshd",
             "nginx-http-auth",
             "recidive",
-            "a.b_c:d@e/f",
+            "a.b_c:d@e+f",
             "manual",
+            "2fa",
+            "sshd-ddos",
         ] {
             assert!(JailName::new(ok).is_ok(), "{ok}");
         }
@@ -179,6 +197,20 @@ mod tests {
             "[a",
             "ünï",
             &"j".repeat(65),
+            "a/b",
+            "../etc",
+            "-h",
+            ".hidden",
+            "$(reboot)",
+            "`id`",
+            "a;b",
+            "a|b",
+            "a&b",
+            "a'b",
+            "a\"b",
+            "a>b",
+            "a*",
+            "a\\b",
         ] {
             let err = JailName::new(bad).unwrap_err();
             assert!(matches!(err, ProtoError::InvalidJail { .. }), "{bad:?}");

@@ -23,6 +23,9 @@ pub struct SnapshotRequest {
     pub jails: Vec<JailName>,
     /// Where to continue: the `next` of the previous page; `None` for the first page.
     pub cursor: Option<u64>,
+    /// Random, fresh for every request: the publisher's signature on the reply
+    /// covers the request bytes, so a recorded reply cannot answer a new request.
+    pub nonce: Option<[u8; crate::auth::NONCE_LEN]>,
 }
 
 impl SnapshotRequest {
@@ -32,6 +35,7 @@ impl SnapshotRequest {
             "type": "snapshot",
             "jails": self.jails.iter().map(|j| j.as_str()).collect::<Vec<_>>(),
             "cursor": self.cursor,
+            "nonce": self.nonce.map(hex::encode),
         })
     }
 
@@ -59,9 +63,15 @@ impl SnapshotRequest {
                     .collect::<Result<_, _>>()?
             }
         };
+        let nonce = if obj.has("nonce") {
+            Some(crate::auth::nonce_field(obj, "nonce")?)
+        } else {
+            None
+        };
         Ok(SnapshotRequest {
             jails,
             cursor: obj.opt_u64("cursor")?,
+            nonce,
         })
     }
 }
@@ -225,15 +235,36 @@ mod tests {
     }
 
     #[test]
+    fn integers_past_2_pow_53_are_refused() {
+        for (json, field) in [
+            (
+                r#"{"v":1,"type":"snapshot","cursor":9007199254740992}"#,
+                "cursor",
+            ),
+            (r#"{"v":1,"type":"snapshot","cursor":9007199254740991}"#, ""),
+        ] {
+            let r = crate::Request::decode(json.as_bytes());
+            if field.is_empty() {
+                assert!(r.is_ok(), "{json}: {r:?}");
+            } else {
+                let e = r.unwrap_err().to_string();
+                assert!(e.contains(field) && e.contains("2^53"), "{e}");
+            }
+        }
+    }
+
+    #[test]
     fn request_round_trip() {
         for r in [
             SnapshotRequest {
                 jails: vec![],
                 cursor: None,
+                nonce: None,
             },
             SnapshotRequest {
                 jails: vec![JailName::new("sshd").unwrap()],
                 cursor: Some(42),
+                nonce: Some([0xab; 16]),
             },
         ] {
             let req = Request::Snapshot(r);

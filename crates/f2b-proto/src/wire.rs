@@ -72,7 +72,21 @@ impl Obj {
         })
     }
 
+    /// An integer field: non-negative and at most 2^53 - 1 (docs/PROTOCOL.md), so
+    /// that every JSON implementation reads it exactly.
     pub(crate) fn u64(&self, field: &'static str) -> Result<u64, ProtoError> {
+        self.get(field)?
+            .as_u64()
+            .filter(|&n| n <= MAX_SAFE_INTEGER)
+            .ok_or(ProtoError::WrongType {
+                field,
+                expected: "an integer from 0 to 2^53 - 1",
+            })
+    }
+
+    /// A time field, any non-negative integer: the caller judges its range with a
+    /// reason of its own (`invalid_time`, `replayed`) rather than a type error.
+    pub(crate) fn time(&self, field: &'static str) -> Result<u64, ProtoError> {
         self.get(field)?.as_u64().ok_or(ProtoError::WrongType {
             field,
             expected: "a non-negative integer",
@@ -115,7 +129,12 @@ impl Obj {
         let jail = JailName::new(self.str("jail")?)?;
         let action = self.str("action")?.parse()?;
         let ip = parse_ip(self.str("ip")?)?;
-        let time_ms = check_time(self.u64("time_ms")?)?;
+        // Out of range is `invalid_time` (its own NAK reason), not a type error.
+        let time_ms = self.get("time_ms")?.as_u64().ok_or(ProtoError::WrongType {
+            field: "time_ms",
+            expected: "a non-negative integer",
+        })?;
+        let time_ms = check_time(time_ms)?;
         Ok(Event {
             id,
             node,

@@ -3,6 +3,7 @@
 //! random bytes and valid messages mutated byte by byte, from a fixed seed so a
 //! failure reproduces.
 
+use f2b_proto::auth::{self, MonitorSecret, RequestAuth, SigningKey};
 use f2b_proto::{
     Ack, AckStatus, Action, ActiveBan, Broadcast, Epoch, Event, EventId, Heartbeat, JailName, Nak,
     NakReason, NodeName, Reply, Request, Sequenced, SnapshotPage, SnapshotReply, SnapshotRequest,
@@ -45,7 +46,16 @@ fn seeds() -> Vec<Vec<u8>> {
         Request::Snapshot(SnapshotRequest {
             jails: vec![JailName::new("sshd").unwrap()],
             cursor: Some(5),
+            nonce: Some([0x5a; 16]),
         })
+        .encode(),
+        RequestAuth::sign(
+            &MonitorSecret::new(&"k".repeat(32)).unwrap(),
+            &NodeName::new("web1").unwrap(),
+            1_763_700_773_446,
+            [0x11; 16],
+            b"{}",
+        )
         .encode(),
         SnapshotReply::Page(page).encode(),
         Request::Report(event.clone()).encode(),
@@ -104,6 +114,19 @@ fn check(bytes: &[u8]) -> usize {
         assert_eq!(Reply::decode(&r.encode()).unwrap(), r);
         decoded += 1;
     }
+    if let Ok(a) = RequestAuth::decode(bytes) {
+        assert_eq!(RequestAuth::decode(&a.encode()).unwrap(), a);
+        // A mutated auth frame never verifies under the secret of the seed, unless
+        // the mutation left everything the MAC covers intact.
+        let secret = MonitorSecret::new(&"k".repeat(32)).unwrap();
+        if a.verify(&secret, b"{}") {
+            assert_eq!(
+                (a.ts_ms, a.nonce, a.key.as_str()),
+                (1_763_700_773_446, [0x11; 16], "web1")
+            );
+        }
+        decoded += 1;
+    }
     if let Ok(r) = SnapshotReply::decode(bytes) {
         assert_eq!(SnapshotReply::decode(&r.encode()).unwrap(), r);
         decoded += 1;
@@ -113,6 +136,16 @@ fn check(bytes: &[u8]) -> usize {
             assert_eq!(Broadcast::decode(&b.topic(), &b.encode()).unwrap(), b);
             decoded += 1;
         }
+    }
+    // No mutated frame is taken for a signature by the publisher's key.
+    let key = SigningKey::from_seed([1; 32]);
+    if bytes.len() == auth::SIGNATURE_LEN {
+        assert!(!auth::verify_broadcast(
+            &[key.public()],
+            b"hb:\0",
+            b"{}",
+            bytes
+        ));
     }
     decoded
 }

@@ -1,14 +1,22 @@
 //! The publisher's decisions: request frames, the peer's address and the time in,
 //! a reply and at most one broadcast out.
 //!
-//! [`Core::handle`] is the whole policy: validation, reserved addresses, time
-//! sanity, duplicate ids, cluster-state deduplication, sequence numbers, legacy
-//! (fail2ban-zmq-tools) requests and snapshots. Its only I/O is the [`Ledger`]
-//! (which tests keep in memory): an accepted event is committed there before
-//! `handle` returns, so the reply and the broadcast it returns describe a durable
-//! event. The ZeroMQ loop in [`crate::server`] only moves bytes to and from it, so
-//! every rule here is tested without sockets; later stages (authentication, rate
-//! limits, an allowlist) slot in as further steps of `handle`.
+//! [`Core::handle`] is the whole policy: validation, authentication (see
+//! [`crate::trust`]), the allowlist, rate limits and the circuit breaker (see
+//! [`crate::guard`]), reserved addresses, time sanity, duplicate ids, cluster-state
+//! deduplication, sequence numbers, legacy (fail2ban-zmq-tools) requests and
+//! snapshots. Its only I/O is the [`Ledger`] (which tests keep in memory): an
+//! accepted event is committed there before `handle` returns, so the reply and the
+//! broadcast it returns describe a durable event. The ZeroMQ loop in
+//! [`crate::server`] only moves bytes to and from it, so every rule here is tested
+//! without sockets.
+//!
+//! A report goes through, in order: decoding; authentication ([`Trust::check`]:
+//! `unauthenticated`, `replayed`); the node's quarantine and rate limit
+//! ([`Guard::admit`]: `quarantined`, `rate_limited`); reserved ranges and
+//! `ignore_ip` (`forbidden`); the event's time (`invalid_time`); duplicate ids; the
+//! cluster state; the ledger. A legacy report skips authentication (its token was
+//! checked when it was parsed) and is limited by its host name.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
@@ -21,10 +29,12 @@ use f2b_proto::{
     MAX_SAFE_INTEGER,
 };
 
+use crate::guard::{Guard, GuardConfig};
 use crate::ledger::{Ledger, LedgerError, Record};
 use crate::legacy::{self, LEGACY_NAK};
 use crate::memory::{BanState, ClusterState, RecentIds};
 use crate::throttle::Throttle;
+use crate::trust::{Reporter, Seal, Trust};
 
 /// How many event ids the publisher remembers for duplicate detection.
 pub const RECENT_IDS: usize = 100_000;
@@ -116,11 +126,15 @@ impl Response {
     }
 }
 
-/// What to do with one request: the reply to send (always exactly one) and the
-/// message to broadcast, if any.
+/// What to do with one request: the reply to send (always exactly one), how to
+/// authenticate it, and the message to broadcast, if any.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
     pub reply: Response,
+    /// The reply MAC or signature to send after the reply (see
+    /// [`Trust::reply_frames`]); it covers the reply as finally sent, so it is made
+    /// only then.
+    pub seal: Seal,
     pub broadcast: Option<Broadcast>,
     /// The broadcast event as an old subscriber reads it, for the legacy PUB socket
     /// (see [`legacy::broadcast_text`]); `None` when nothing is broadcast or the
@@ -132,6 +146,7 @@ impl Outcome {
     fn reply(reply: Reply) -> Self {
         Outcome {
             reply: Response::Reply(reply),
+            seal: Seal::None,
             broadcast: None,
             legacy_broadcast: None,
         }
@@ -140,9 +155,15 @@ impl Outcome {
     fn legacy_nak() -> Self {
         Outcome {
             reply: Response::Legacy(LEGACY_NAK.to_owned()),
+            seal: Seal::None,
             broadcast: None,
             legacy_broadcast: None,
         }
+    }
+
+    fn sealed(mut self, seal: Seal) -> Self {
+        self.seal = seal;
+        self
     }
 }
 
@@ -198,6 +219,10 @@ pub struct Core {
     limits: Limits,
     legacy: Option<LegacyPeer>,
     rejects: Throttle,
+    trust: Trust,
+    guard: Guard,
+    /// When the guard's quarantines and the nonce memory are next looked at.
+    next_tick_ms: u64,
 }
 
 impl std::fmt::Debug for Core {
@@ -207,6 +232,7 @@ impl std::fmt::Debug for Core {
             .field("recent_ids", &self.ids.len())
             .field("cluster_states", &self.state.len())
             .field("legacy", &self.legacy.is_some())
+            .field("trust", &self.trust)
             .finish_non_exhaustive()
     }
 }
@@ -308,7 +334,10 @@ impl Core {
     /// deduplication survive a restart: a ban kept in the ledger holds until its
     /// row's `expires_ms` (the `ban_time` it was accepted under), as snapshots say;
     /// an unban is remembered for the current `ban_time`. Legacy requests are
-    /// refused until [`Core::with_legacy`].
+    /// refused until [`Core::with_legacy`]. It starts with [`Trust::open`] (no
+    /// credentials, reports without authentication accepted, nothing signed) and
+    /// [`GuardConfig::off`]: [`Core::with_trust`] and [`Core::with_guard`] set the
+    /// configured ones, as [`crate::bind`] does.
     pub fn new(
         ledger: Ledger,
         ban_time: Duration,
@@ -326,7 +355,42 @@ impl Core {
             limits,
             legacy: None,
             rejects: Throttle::for_lines("rejected"),
+            trust: Trust::open(),
+            guard: Guard::new(GuardConfig::off()),
+            next_tick_ms: 0,
         })
+    }
+
+    /// Checks reports' credentials and signs with `trust`'s key.
+    pub fn with_trust(mut self, trust: Trust) -> Self {
+        self.trust = trust;
+        self
+    }
+
+    /// Applies `guard`'s allowlist, rate limits and circuit breaker.
+    pub fn with_guard(mut self, guard: Guard) -> Self {
+        self.guard = guard;
+        self
+    }
+
+    /// Applies a reloaded configuration (SIGHUP): the monitors' credentials, the
+    /// replay window and `allow_unauthenticated` ([`Trust::reconfigure`]; the
+    /// signing key stays), and the guard's settings ([`Guard::reconfigure`]; the
+    /// nodes' counters stay).
+    pub fn reconfigure(&mut self, trust: &f2b_common::config::TrustConfig, guard: GuardConfig) {
+        self.trust.reconfigure(trust);
+        self.guard.reconfigure(guard);
+    }
+
+    /// The credentials and the signing key, to make the frames of replies and
+    /// broadcasts.
+    pub fn trust(&self) -> &Trust {
+        &self.trust
+    }
+
+    /// The allowlist, rate limits and circuit breaker: for tests and metrics.
+    pub fn guard(&self) -> &Guard {
+        &self.guard
     }
 
     /// Accepts fail2ban-zmq-tools requests (`Some`), with the token they must carry
@@ -426,6 +490,7 @@ impl Core {
     /// and the current time in milliseconds since the Unix epoch. Never panics,
     /// whatever the bytes.
     pub fn handle<F: AsRef<[u8]>>(&mut self, frames: &[F], peer: &str, now_ms: u64) -> Outcome {
+        self.rejects.take_last();
         if let Some(first) = frames.first().map(AsRef::as_ref) {
             // An empty or blank frame is no fail2ban-zmq-tools message (that has at
             // least `h|j|a|i`): it gets the native `malformed` NAK.
@@ -453,10 +518,24 @@ impl Core {
     /// Logs the summaries of `rejected` lines suppressed in windows that are over
     /// at `now_ms`; the serving loop calls it now and then, so that the end of a
     /// flood is summed up without waiting for the next refusal.
+    /// It also ends the quarantines that are over (at most once a second) and
+    /// forgets the nonces that left the replay window.
     pub fn flush_log(&mut self, now_ms: u64) {
         for s in self.rejects.flush(now_ms) {
             s.log();
         }
+        if now_ms >= self.next_tick_ms || now_ms.saturating_add(1000) < self.next_tick_ms {
+            self.guard.tick(now_ms);
+            self.trust.prune(now_ms);
+            self.next_tick_ms = now_ms.saturating_add(1000);
+        }
+    }
+
+    /// The reason the last request handled was refused for, if it was (a NAK
+    /// code, `legacy_disabled` or `legacy_invalid`), and forgets it: the server
+    /// counts each refusal in the metrics by it.
+    pub fn take_refusal(&mut self) -> Option<&'static str> {
+        self.rejects.take_last()
     }
 
     /// The refusals counted per reason (NAK codes, `legacy_disabled`,
@@ -466,8 +545,9 @@ impl Core {
     }
 
     fn decide<F: AsRef<[u8]>>(&mut self, frames: &[F], peer: &str, now_ms: u64) -> Outcome {
-        // The first frame is the request. Frames 2..=MAX_FRAMES are reserved for
-        // authentication and ignored for now; more than that is refused.
+        // The first frame is the request; a report's second is its authentication
+        // (see [`Trust::check`]). Frames 3..=MAX_FRAMES are reserved and ignored;
+        // more than that is refused.
         let Some(first) = frames.first().map(AsRef::as_ref) else {
             return nak(None, NakReason::Malformed, "empty message");
         };
@@ -483,8 +563,27 @@ impl Core {
             Err(err) => return Outcome::reply(Reply::Nak(Nak::for_error(first, &err))),
         };
         match request {
-            Request::Report(event) => self.report(event, peer, now_ms, None),
-            Request::Snapshot(req) => self.snapshot(&req, peer, now_ms),
+            Request::Report(event) => {
+                let auth = frames.get(1).map(AsRef::as_ref);
+                match self.trust.check(first, auth, &event.node, now_ms) {
+                    Ok(checked) => self
+                        .report(event, peer, now_ms, None, checked.reporter)
+                        .sealed(checked.seal),
+                    Err(refused) => {
+                        nak(Some(event.id), refused.reason, refused.detail).sealed(refused.seal)
+                    }
+                }
+            }
+            Request::Snapshot(req) => {
+                let seal = if self.trust.signs() {
+                    Seal::Snapshot {
+                        request: first.to_vec(),
+                    }
+                } else {
+                    Seal::None
+                };
+                self.snapshot(&req, peer, now_ms).sealed(seal)
+            }
             // A request type f2b-proto knows but this publisher does not serve.
             #[allow(unreachable_patterns)]
             _ => nak(
@@ -567,7 +666,7 @@ impl Core {
                 return Outcome::legacy_nak();
             }
         };
-        let outcome = self.report(event, peer, now_ms, Some(&msg.wire));
+        let outcome = self.report(event, peer, now_ms, Some(&msg.wire), Reporter::Legacy);
         match outcome.reply {
             Response::Reply(Reply::Ack(_)) => Outcome {
                 reply: Response::Legacy(msg.wire),
@@ -588,15 +687,37 @@ impl Core {
         }
     }
 
-    /// A report: the rules, then (if it changes the cluster's state) the ledger,
-    /// then the broadcast. `wire` is the legacy message it came from, if it did.
-    fn report(&mut self, event: Event, peer: &str, now_ms: u64, wire: Option<&str>) -> Outcome {
+    /// A report (authenticated as `reporter`): the rules, then (if it changes the
+    /// cluster's state) the ledger, then the broadcast. `wire` is the legacy
+    /// message it came from, if it did.
+    fn report(
+        &mut self,
+        event: Event,
+        peer: &str,
+        now_ms: u64,
+        wire: Option<&str>,
+        reporter: Reporter,
+    ) -> Outcome {
         let id = event.id;
+        let pinned = matches!(&reporter, Reporter::Credential(_));
+        if let Err(r) = self.guard.admit(&event.node, pinned, now_ms) {
+            return nak(Some(id), r.reason, r.detail);
+        }
         if let Some(range) = reserved(event.ip) {
             return nak(
                 Some(id),
                 NakReason::Forbidden,
                 format!("{} is {range} and is never banned cluster-wide", event.ip),
+            );
+        }
+        if let Some(net) = self.guard.forbidden(event.ip) {
+            return nak(
+                Some(id),
+                NakReason::Forbidden,
+                format!(
+                    "{} is in [publisher] ignore_ip ({net}) and is never banned cluster-wide",
+                    event.ip
+                ),
             );
         }
         let limit = now_ms.saturating_add(self.max_future_ms);
@@ -613,7 +734,7 @@ impl Core {
             );
         }
         if let Some(seq) = self.ids.get(&id) {
-            tracing::info!(%id, jail = %event.jail, ip = %event.ip, node = %event.node, seq, "duplicate");
+            tracing::info!(%id, jail = %event.jail, ip = %event.ip, node = %event.node, seq, reported_by = %reporter, "duplicate");
             return match seq {
                 Some(seq) if self.ids.is_unsent(&id) => self.rebroadcast(id, seq, now_ms),
                 _ => ack(id, seq, AckStatus::Duplicate),
@@ -626,7 +747,7 @@ impl Core {
         // An unban of an unknown (jail, address) is broadcast: the publisher may have
         // forgotten, and an unban is harmless where nothing is banned.
         if self.state.get(&event.jail, event.ip, now_ms) == Some(wanted) {
-            tracing::debug!(%id, jail = %event.jail, ip = %event.ip, node = %event.node, action = %event.action, "unchanged");
+            tracing::debug!(%id, jail = %event.jail, ip = %event.ip, node = %event.node, action = %event.action, reported_by = %reporter, "unchanged");
             self.ids.insert(id, None);
             return ack(id, None, AckStatus::Unchanged);
         }
@@ -649,6 +770,7 @@ impl Core {
             expires_ms: (wanted == BanState::Banned).then_some(until_ms),
             legacy: wire.is_some(),
             peer: peer.to_owned(),
+            reported_by: reporter,
         };
         // Durable before it is broadcast or ACKed.
         if let Err(err) = self.ledger.append(&record) {
@@ -675,6 +797,7 @@ impl Core {
             node = %event.node,
             %id,
             origin = %if wire.is_some() { "legacy" } else { "native" },
+            reported_by = %record.reported_by,
             "broadcast"
         );
         Outcome {
@@ -683,6 +806,7 @@ impl Core {
                 seq: Some(seq),
                 status: AckStatus::Broadcast,
             })),
+            seal: Seal::None,
             legacy_broadcast: legacy::broadcast_text(&event, wire),
             broadcast: Some(Broadcast::Event(Sequenced {
                 seq,
@@ -729,6 +853,7 @@ impl Core {
             ip = %event.ip,
             node = %event.node,
             %id,
+            reported_by = %record.reported_by,
             "rebroadcast"
         );
         Outcome {
@@ -737,6 +862,7 @@ impl Core {
                 seq: Some(seq),
                 status: AckStatus::Duplicate,
             })),
+            seal: Seal::None,
             legacy_broadcast: legacy::broadcast_text(&event, None),
             broadcast: Some(Broadcast::Event(Sequenced {
                 seq,
@@ -774,6 +900,7 @@ impl Core {
         };
         Outcome {
             reply: Response::Snapshot(reply),
+            seal: Seal::None,
             broadcast: None,
             legacy_broadcast: None,
         }

@@ -28,7 +28,10 @@
 //!   `node`, `jail`, `action` (`ban`/`unban`), `ip`, `time_ms` (the event's time),
 //!   `accepted_ms` (the publisher's time), `expires_ms` (bans: `accepted_ms` +
 //!   `ban_time`; unbans: null), `origin` (`native`/`legacy`), `peer` (the reporting
-//!   socket's address) and `credential` (reserved for authentication; null).
+//!   socket's address), `credential` (unused, null: `reported_by` took its place)
+//!   and `reported_by` (since version 3): the monitor credential that authenticated
+//!   the report (its node name), `legacy` for a fail2ban-zmq-tools report, null for
+//!   a report accepted without authentication (`trust.allow_unauthenticated`).
 //! - `active_bans(seq, jail, ip, expires_ms)` (since version 2): the ban rows of
 //!   `events` that no later row of their (jail, address) superseded, kept in the
 //!   same transaction as each event (a ban replaces its (jail, address)'s row, an
@@ -36,7 +39,9 @@
 //! - `superseded(seq)` (since version 2): the `events` rows a later row of their
 //!   (jail, address) superseded, queued for pruning.
 //!
-//! A version 1 ledger is upgraded in place when it is opened.
+//! A version 1 or 2 ledger is upgraded in place when it is opened (its rows are
+//! kept; the legacy ones get `reported_by = 'legacy'`, the others null, since no
+//! report was authenticated before version 3).
 //!
 //! # Retention
 //!
@@ -65,11 +70,13 @@ use rusqlite::{
     params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row, Statement, StatementStatus,
 };
 
+use crate::trust::Reporter;
+
 /// The ledger's file name in `state_dir`.
 pub const LEDGER_FILE: &str = "ledger.sqlite3";
 
 /// The schema this publisher writes and reads (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// The most rows one [`Ledger::prune`] call deletes, so that a large backlog is
 /// pruned in steps between requests instead of in one long stall.
@@ -135,9 +142,15 @@ INSERT OR IGNORE INTO superseded (seq)
     WHERE EXISTS (SELECT 1 FROM events l WHERE l.jail = e.jail AND l.ip = e.ip AND l.seq > e.seq);
 ";
 
+/// What version 3 adds to version 2: who reported each event.
+const SCHEMA_V3: &str = "
+ALTER TABLE events ADD COLUMN reported_by TEXT;
+UPDATE events SET reported_by = 'legacy' WHERE origin = 'legacy';
+";
+
 /// The columns a [`Record`] is read from, in [`record`]'s order.
-const COLUMNS: &str =
-    "e.seq, e.id, e.node, e.jail, e.action, e.ip, e.time_ms, e.accepted_ms, e.expires_ms, e.origin, e.peer";
+const COLUMNS: &str = "e.seq, e.id, e.node, e.jail, e.action, e.ip, e.time_ms, e.accepted_ms, \
+     e.expires_ms, e.origin, e.peer, e.reported_by";
 
 /// A row is superseded when a later row of the same (jail, address) exists (one
 /// probe of `events_by_address`).
@@ -154,13 +167,19 @@ pub enum LedgerError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot read or create the ledger {path}")]
+    #[error(
+        "cannot read or create the ledger {path} (check that [publisher] state_dir is a \
+         directory the publisher's user owns and can write, and the ledger's owner and mode)"
+    )]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot open the ledger {path}")]
+    #[error(
+        "cannot open the ledger {path} (check that [publisher] state_dir is a directory the \
+         publisher's user owns and can write, and the ledger's owner and mode)"
+    )]
     Open {
         path: PathBuf,
         #[source]
@@ -229,6 +248,8 @@ pub struct Record {
     pub legacy: bool,
     /// The reporting peer's address.
     pub peer: String,
+    /// Which credential reported it.
+    pub reported_by: Reporter,
 }
 
 /// What [`Ledger::prune`] did.
@@ -346,6 +367,7 @@ fn record(row: &Row<'_>) -> rusqlite::Result<Result<Record, String>> {
     let expires_ms: Option<i64> = row.get(8)?;
     let origin: String = row.get(9)?;
     let peer: String = row.get(10)?;
+    let reported_by: Option<String> = row.get(11)?;
     let build = || -> Result<Record, String> {
         let seq = u64::try_from(seq)
             .ok()
@@ -368,13 +390,22 @@ fn record(row: &Row<'_>) -> rusqlite::Result<Result<Record, String>> {
         if event.action == Action::Ban && expires_ms.is_none() {
             return Err(format!("seq {seq}: a ban without expires_ms"));
         }
+        let legacy = origin == "legacy";
+        let reported_by = match reported_by.as_deref() {
+            None => Reporter::Unauthenticated,
+            Some("legacy") if legacy => Reporter::Legacy,
+            Some(name) => {
+                Reporter::Credential(NodeName::new(name).map_err(|e| bad("reported_by", &e))?)
+            }
+        };
         Ok(Record {
             seq,
             event,
             accepted_ms: u64::try_from(accepted_ms).map_err(|e| bad("accepted_ms", &e))?,
             expires_ms,
-            legacy: origin == "legacy",
+            legacy,
             peer,
+            reported_by,
         })
     };
     Ok(build())
@@ -546,6 +577,7 @@ impl Ledger {
                 let tx = conn.transaction().map_err(sql("begin"))?;
                 tx.execute_batch(SCHEMA_V1)
                     .and_then(|()| tx.execute_batch(SCHEMA_V2))
+                    .and_then(|()| tx.execute_batch(SCHEMA_V3))
                     .map_err(sql("create the schema"))?;
                 tx.execute(
                     "INSERT INTO meta (key, value) VALUES ('epoch', ?1), ('last_seq', 0), \
@@ -558,15 +590,19 @@ impl Ledger {
                 tx.commit().map_err(sql("create the ledger"))?;
                 Opened::Created
             }
-            1 => {
+            1 | 2 => {
                 let tx = conn.transaction().map_err(sql("begin"))?;
-                tx.execute_batch(SCHEMA_V2)
-                    .map_err(sql("upgrade the schema to version 2"))?;
+                if version == 1 {
+                    tx.execute_batch(SCHEMA_V2)
+                        .map_err(sql("upgrade the schema to version 2"))?;
+                }
+                tx.execute_batch(SCHEMA_V3)
+                    .map_err(sql("upgrade the schema to version 3"))?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(sql("write the schema version"))?;
                 tx.commit()
-                    .map_err(sql("upgrade the schema to version 2"))?;
-                tracing::info!(path = %path.display(), from = 1, to = SCHEMA_VERSION, "ledger schema upgraded");
+                    .map_err(sql("upgrade the schema to version 3"))?;
+                tracing::info!(path = %path.display(), from = version, to = SCHEMA_VERSION, "ledger schema upgraded");
                 Opened::Existing
             }
             SCHEMA_VERSION => Opened::Existing,
@@ -714,8 +750,8 @@ impl Ledger {
         let written = (|| {
             tx.prepare_cached(
                 "INSERT INTO events (seq, epoch, id, node, jail, action, ip, time_ms, \
-                 accepted_ms, expires_ms, origin, peer, credential) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, NULL)",
+                 accepted_ms, expires_ms, origin, peer, credential, reported_by) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, NULL, ?13)",
             )?
             .execute(params![
                 seq,
@@ -730,6 +766,7 @@ impl Ledger {
                 record.expires_ms.map(sql_int),
                 if record.legacy { "legacy" } else { "native" },
                 record.peer.as_str(),
+                record.reported_by.column(),
             ])?;
             // The row this one supersedes (the last one of its (jail, address);
             // those before it were queued when it was appended).
@@ -1058,6 +1095,8 @@ fn quarantine(path: &Path, now: SystemTime) -> Result<PathBuf, LedgerError> {
         source: e.source,
     })
 }
+
+pub mod inspect;
 
 #[cfg(test)]
 mod tests;

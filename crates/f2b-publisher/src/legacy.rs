@@ -116,7 +116,7 @@ mod tests {
             Some("WEB1|sshd|ban|10.1")
         );
         assert_eq!(broadcast_text(&e("sshd", "2001:db8::1"), None), None);
-        assert_eq!(broadcast_text(&e("a|b", "192.0.2.1"), None), None);
+        assert_eq!(broadcast_text(&e("a:b", "192.0.2.1"), None), None);
         assert_eq!(broadcast_text(&e("a.b", "192.0.2.1"), None), None);
     }
 }

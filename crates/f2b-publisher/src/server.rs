@@ -26,17 +26,22 @@
 //! `malformed`, and an event whose broadcast failed is answered `busy` so that its
 //! monitor resends it (see [`Core::broadcast_failed`]).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use f2b_common::config::PublisherConfig;
+use f2b_common::config::{PublisherConfig, TrustConfig};
+use f2b_common::metrics::{Metrics, PublisherMetrics, Readiness, SocketLabel};
 use f2b_common::sockets::{last_endpoint, new_socket, shutdown_socket};
 use f2b_common::zmq;
 use f2b_common::CancellationToken;
-use f2b_proto::{Broadcast, Epoch, Nak, NakReason, Reply, MAX_FRAMES};
+use f2b_proto::{AckStatus, Broadcast, Epoch, Nak, NakReason, Reply, SnapshotReply, MAX_FRAMES};
 
 use crate::core::{Core, Limits, Outcome, Response};
+use crate::guard::{Guard, GuardConfig};
 use crate::ledger::{Ledger, PRUNE_BATCH};
 use crate::throttle::Throttle;
+use crate::trust::{Seal, Trust};
 use crate::PublisherError;
 
 /// How long the PUB sockets may keep delivering queued broadcasts after shutdown.
@@ -48,6 +53,85 @@ pub const MAX_BATCH: usize = 64;
 /// The most envelope frames (routing ids) a request may carry before its empty
 /// delimiter: one from a direct peer, one more per proxy on the way.
 const MAX_ENVELOPE: usize = 8;
+
+/// The most often the gauges that cost a ledger query or a walk over the nodes
+/// (`ledger_active_bans`, `quarantined_nodes`) are brought up to date.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// New settings for a running publisher: what a configuration reload (SIGHUP)
+/// may change without a restart (see [`crate::reload`]).
+#[derive(Debug, Clone)]
+pub struct Reload {
+    /// `[trust]`: the monitors' credentials, `max_clock_skew`,
+    /// `allow_unauthenticated` (the signing key is not taken).
+    pub trust: TrustConfig,
+    /// `[publisher]` ignore_ip, rate limit and circuit breaker settings.
+    pub guard: GuardConfig,
+}
+
+/// Hands [`Reload`]s to a serving [`Bound`] and wakes its thread (see
+/// [`Bound::reloader`]).
+pub struct Reloader {
+    tx: mpsc::Sender<Reload>,
+    wake: zmq::Socket,
+    _ctx: zmq::Context,
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloader").finish_non_exhaustive()
+    }
+}
+
+impl Reloader {
+    /// Sends `reload` to the serving thread, which applies it between two
+    /// requests and logs `configuration reloaded`. `false`: it is no longer
+    /// serving. Never blocks.
+    pub fn send(&self, reload: Reload) -> bool {
+        if self.tx.send(reload).is_err() {
+            return false;
+        }
+        // A wake already queued (high-water mark 1) wakes it as well.
+        let _ = self.wake.send("", zmq::DONTWAIT);
+        true
+    }
+}
+
+/// The serving thread's side of a [`Reloader`].
+struct Reloads {
+    rx: mpsc::Receiver<Reload>,
+    wake: zmq::Socket,
+}
+
+static MONITOR_ID: AtomicU64 = AtomicU64::new(0);
+
+/// Watches `socket`'s connections (ZeroMQ socket monitor: accepted and
+/// disconnected), for `f2b_publisher_connected_peers{socket=label}`. Set up before
+/// the socket binds, so that no connection is missed.
+fn watch_peers(
+    ctx: &zmq::Context,
+    socket: &zmq::Socket,
+    label: &'static str,
+) -> Result<(&'static str, zmq::Socket), PublisherError> {
+    let endpoint = format!(
+        "inproc://f2b-publisher-peers-{}-{}",
+        std::process::id(),
+        MONITOR_ID.fetch_add(1, Ordering::Relaxed)
+    );
+    let events = i32::from(zmq::SocketEvent::ACCEPTED.to_raw())
+        | i32::from(zmq::SocketEvent::DISCONNECTED.to_raw());
+    socket
+        .monitor(&endpoint, events)
+        .map_err(socket_err("monitor a socket's connections"))?;
+    let reader = ctx
+        .socket(zmq::PAIR)
+        .map_err(socket_err("monitor a socket's connections"))?;
+    reader
+        .set_linger(0)
+        .and_then(|()| reader.connect(&endpoint))
+        .map_err(socket_err("monitor a socket's connections"))?;
+    Ok((label, reader))
+}
 
 /// The publisher with both sockets bound, not yet serving. [`bind`] then
 /// [`Bound::serve`] is what [`crate::run`] does; tests call them separately to learn
@@ -66,29 +150,73 @@ pub struct Bound {
     core: Core,
     /// Limits the `socket error` lines.
     errors: Throttle,
+    metrics: PublisherMetrics,
+    /// The socket monitors' readers, by `connected_peers` label.
+    peer_monitors: Vec<(&'static str, zmq::Socket)>,
+    reloads: Option<Reloads>,
+    /// The breaker's trips already counted in `metrics.quarantines`.
+    trips_counted: u64,
+    /// When `ledger_active_bans` and `quarantined_nodes` were last updated, and
+    /// whether the ledger changed since.
+    gauges_at: Option<Instant>,
+    gauges_stale: bool,
 }
 
 fn socket_err(what: &'static str) -> impl FnOnce(zmq::Error) -> PublisherError {
     move |source| PublisherError::Socket { what, source }
 }
 
-/// Opens the ledger in `state_dir` (see [`Ledger::open_or_recover`]), prunes it,
-/// rebuilds the core from it and logs `ledger path=.. epoch=.. seq=.. active=..`;
-/// then creates the sockets, binds them and logs `listening on` with the real
-/// endpoints. It blocks (file I/O, possibly a long prune): inside a runtime, call
-/// it on a blocking thread, as [`crate::run`] does.
-pub fn bind(config: &PublisherConfig) -> Result<Bound, PublisherError> {
-    bind_with(config, Limits::default())
+/// Checks `trust` ([`TrustConfig::require_publisher`]), opens the ledger in
+/// `state_dir` (see [`Ledger::open_or_recover`]), prunes it, rebuilds the core from
+/// it and logs `ledger path=.. epoch=.. seq=.. active=..`; then creates the
+/// sockets, binds them and logs `listening on` with the real endpoints, and what
+/// the trust configuration allows. It blocks (file I/O, possibly a long prune):
+/// inside a runtime, call it on a blocking thread, as [`crate::run`] does.
+pub fn bind_trusted(
+    config: &PublisherConfig,
+    trust: &TrustConfig,
+) -> Result<Bound, PublisherError> {
+    bind_with(config, trust, Limits::default())
 }
 
-/// [`bind`] with the core's memory limits given (tests use small ones).
-pub fn bind_with(config: &PublisherConfig, limits: Limits) -> Result<Bound, PublisherError> {
+/// [`bind_trusted`] with the core's memory limits given (tests use small ones).
+pub fn bind_with(
+    config: &PublisherConfig,
+    trust: &TrustConfig,
+    limits: Limits,
+) -> Result<Bound, PublisherError> {
+    trust.require_publisher()?;
+    if trust.allow_unauthenticated {
+        tracing::warn!(
+            "trust.allow_unauthenticated is on: reports without an authentication frame are \
+             accepted from anyone who can reach the reply socket, and may name any node"
+        );
+    }
+    open_bound(config, Trust::new(trust), limits)
+}
+
+/// [`bind_trusted`] without credentials or a signing key: reports without
+/// authentication are accepted and nothing is signed, as with only
+/// `trust.allow_unauthenticated = true`. For other crates' tests that need a hub
+/// but not its trust; the daemon never uses it.
+pub fn bind(config: &PublisherConfig) -> Result<Bound, PublisherError> {
+    open_bound(config, Trust::open(), Limits::default())
+}
+
+fn open_bound(
+    config: &PublisherConfig,
+    trust: Trust,
+    limits: Limits,
+) -> Result<Bound, PublisherError> {
     let mut ledger = Ledger::open_or_recover(&config.state_dir, SystemTime::now())?;
     let now = now_ms();
     let ban_time_ms = u64::try_from(config.ban_time.as_millis()).unwrap_or(u64::MAX);
     while ledger.prune(now, ban_time_ms, PRUNE_BATCH)?.more {}
     let prune_interval = limits.prune_interval;
-    let core = Core::new(ledger, config.ban_time, limits, now)?.with_legacy(config.legacy.clone());
+    let core = Core::new(ledger, config.ban_time, limits, now)?
+        .with_legacy(config.legacy.clone())
+        .with_trust(trust)
+        .with_guard(Guard::new(GuardConfig::new(config)));
     tracing::info!(
         path = %core.ledger().path().display(),
         epoch = %core.epoch(),
@@ -99,29 +227,34 @@ pub fn bind_with(config: &PublisherConfig, limits: Limits) -> Result<Bound, Publ
     let epoch = core.epoch();
     let ctx = zmq::Context::new();
     let router = new_socket(&ctx, zmq::ROUTER).map_err(socket_err("create the reply socket"))?;
+    let mut peer_monitors = vec![watch_peers(&ctx, &router, "reply")?];
     router
         .bind(config.reply_bind.as_str())
-        .map_err(|source| PublisherError::Bind {
+        .map_err(|error| PublisherError::Bind {
             key: "publisher.reply_bind",
             endpoint: config.reply_bind.to_string(),
-            source,
+            error,
+            hint: bind_hint(error, "publisher.reply_bind"),
         })?;
     let publ = new_socket(&ctx, zmq::PUB).map_err(socket_err("create the PUB socket"))?;
+    peer_monitors.push(watch_peers(&ctx, &publ, "broadcast")?);
     publ.bind(config.broadcast_bind.as_str())
-        .map_err(|source| PublisherError::Bind {
+        .map_err(|error| PublisherError::Bind {
             key: "publisher.broadcast_bind",
             endpoint: config.broadcast_bind.to_string(),
-            source,
+            error,
+            hint: bind_hint(error, "publisher.broadcast_bind"),
         })?;
     let legacy_publ = match &config.legacy_broadcast_bind {
         Some(endpoint) => {
             let s =
                 new_socket(&ctx, zmq::PUB).map_err(socket_err("create the legacy PUB socket"))?;
             s.bind(endpoint.as_str())
-                .map_err(|source| PublisherError::Bind {
+                .map_err(|error| PublisherError::Bind {
                     key: "publisher.legacy_broadcast_bind",
                     endpoint: endpoint.to_string(),
-                    source,
+                    error,
+                    hint: bind_hint(error, "publisher.legacy_broadcast_bind"),
                 })?;
             Some(s)
         }
@@ -145,10 +278,32 @@ pub fn bind_with(config: &PublisherConfig, limits: Limits) -> Result<Bound, Publ
             "listening on"
         ),
     }
-    if config.legacy.is_some() {
+    let t = core.trust();
+    match t.public_key() {
+        Some(key) => tracing::info!(
+            monitors = t.monitors(),
+            public_key = %key,
+            "trust: monitor credentials loaded; broadcasts and snapshots are signed"
+        ),
+        None => tracing::warn!(
+            monitors = t.monitors(),
+            "trust: no signing key (trust.signing_key_file): broadcasts and snapshots are not \
+             signed, so subscribers cannot tell them from forgeries"
+        ),
+    }
+    if let Some(legacy) = &config.legacy {
         tracing::info!(
-            token = config.legacy.as_ref().is_some_and(|l| l.token.is_some()),
+            token = legacy.token.is_some(),
             "accepting fail2ban-zmq-tools requests on the reply socket"
+        );
+        tracing::warn!(
+            "legacy reports (fail2ban-zmq-tools) are authenticated {}; they are not signed, and \
+             are rate-limited by the host name they carry",
+            if legacy.token.is_some() {
+                "only by a plaintext token (publisher.legacy_token)"
+            } else {
+                "by nothing (no publisher.legacy_token)"
+            }
         );
     }
     Ok(Bound {
@@ -162,6 +317,12 @@ pub fn bind_with(config: &PublisherConfig, limits: Limits) -> Result<Bound, Publ
         prune_interval,
         core,
         errors: Throttle::for_lines("socket error"),
+        metrics: PublisherMetrics::new(&mut Metrics::new("f2b-publisher"), &Readiness::new()),
+        peer_monitors,
+        reloads: None,
+        trips_counted: 0,
+        gauges_at: None,
+        gauges_stale: true,
     })
 }
 
@@ -203,6 +364,51 @@ impl Bound {
         self.core.last_seq()
     }
 
+    /// Records into `metrics` from now on (see `f2b_common::metrics`, the
+    /// publisher's table): its readiness conditions `bound` and `ledger_open`
+    /// hold from here (`ledger_open` stops holding while ledger commits fail), and
+    /// the sequence number and active bans are set at once.
+    pub fn with_metrics(mut self, metrics: PublisherMetrics) -> Bound {
+        metrics.bound.set(true);
+        metrics.ledger_open.set(true);
+        metrics.sequence.set(gauge_value(self.core.last_seq()));
+        self.metrics = metrics;
+        self.gauges_stale = true;
+        self.update_gauges(now_ms());
+        self
+    }
+
+    /// A handle through which another task hands this publisher new settings
+    /// while it serves (a configuration reload); replaces an earlier one.
+    pub fn reloader(&mut self) -> Result<Reloader, PublisherError> {
+        let ctx = zmq::Context::new();
+        let name = format!(
+            "inproc://f2b-publisher-reload-{}-{}",
+            std::process::id(),
+            MONITOR_ID.fetch_add(1, Ordering::Relaxed)
+        );
+        let what = "create the reload socket";
+        let rx = ctx.socket(zmq::PAIR).map_err(socket_err(what))?;
+        rx.set_linger(0)
+            .and_then(|()| rx.bind(&name))
+            .map_err(socket_err(what))?;
+        let tx = ctx.socket(zmq::PAIR).map_err(socket_err(what))?;
+        tx.set_linger(0)
+            .and_then(|()| tx.set_sndhwm(1))
+            .and_then(|()| tx.connect(&name))
+            .map_err(socket_err(what))?;
+        let (sender, receiver) = mpsc::channel();
+        self.reloads = Some(Reloads {
+            rx: receiver,
+            wake: rx,
+        });
+        Ok(Reloader {
+            tx: sender,
+            wake: tx,
+            _ctx: ctx,
+        })
+    }
+
     /// Serves until `shutdown` is cancelled, then lets the PUB socket deliver what
     /// is queued (at most [`SHUTDOWN_LINGER`]) and returns. Must be called inside a
     /// tokio runtime; the sockets are driven by one blocking thread.
@@ -238,39 +444,69 @@ impl Bound {
         let mut last_sent = Instant::now();
         let mut next_prune = Instant::now() + self.prune_interval;
         loop {
-            let due = (last_sent + interval).min(next_prune);
-            let timeout = poll_timeout(due.saturating_duration_since(Instant::now()));
-            let mut items = [
-                self.router.as_poll_item(zmq::POLLIN),
-                waker.as_poll_item(zmq::POLLIN),
-            ];
-            match zmq::poll(&mut items, timeout) {
-                Ok(_) => {}
-                Err(zmq::Error::EINTR) => continue,
-                Err(e) => return Err(socket_err("poll")(e)),
+            let mut due = (last_sent + interval).min(next_prune);
+            if self.gauges_stale {
+                if let Some(at) = self.gauges_at {
+                    due = due.min(at + GAUGE_INTERVAL);
+                }
             }
-            if items[1].is_readable() {
+            let timeout = poll_timeout(due.saturating_duration_since(Instant::now()));
+            // 0: requests, 1: shutdown, then the socket monitors, then reloads.
+            let readable: Vec<bool> = {
+                let mut items = vec![
+                    self.router.as_poll_item(zmq::POLLIN),
+                    waker.as_poll_item(zmq::POLLIN),
+                ];
+                items.extend(
+                    self.peer_monitors
+                        .iter()
+                        .map(|(_, s)| s.as_poll_item(zmq::POLLIN)),
+                );
+                if let Some(r) = &self.reloads {
+                    items.push(r.wake.as_poll_item(zmq::POLLIN));
+                }
+                match zmq::poll(&mut items, timeout) {
+                    Ok(_) => {}
+                    Err(zmq::Error::EINTR) => continue,
+                    Err(e) => return Err(socket_err("poll")(e)),
+                }
+                items.iter().map(|i| i.is_readable()).collect()
+            };
+            if readable[1] {
                 tracing::debug!("shutdown requested");
                 return Ok(());
+            }
+            let monitors = self.peer_monitors.len();
+            for (i, r) in readable[2..2 + monitors].iter().enumerate() {
+                if *r {
+                    self.count_peers(i);
+                }
+            }
+            if readable.get(2 + monitors) == Some(&true) {
+                self.apply_reloads();
             }
             let now = now_ms();
             self.core.flush_log(now);
             for s in self.errors.flush(now) {
                 s.log();
             }
-            if items[0].is_readable() && self.serve_waiting()? {
+            if readable[0] && self.serve_waiting()? {
                 last_sent = Instant::now();
             }
             if Instant::now() >= last_sent + interval {
                 let hb = self.core.heartbeat(interval);
-                if let Err(e) = self.send_broadcast(&hb) {
-                    self.socket_error("broadcast a heartbeat", e)?;
+                match self.send_broadcast(&hb) {
+                    Ok(()) => {
+                        self.metrics.heartbeats_sent.inc();
+                    }
+                    Err(e) => self.socket_error("broadcast a heartbeat", e)?,
                 }
                 last_sent = Instant::now();
             }
             if Instant::now() >= next_prune {
                 // A full batch means more is left: go on after serving what waits.
                 let more = self.prune();
+                self.gauges_stale = true;
                 next_prune = Instant::now()
                     + if more {
                         Duration::ZERO
@@ -278,7 +514,90 @@ impl Bound {
                         self.prune_interval
                     };
             }
+            self.update_gauges(now_ms());
         }
+    }
+
+    /// Reads what the socket monitor `i` reported: +1 peer per accepted
+    /// connection, -1 per disconnection.
+    fn count_peers(&mut self, i: usize) {
+        let (label, reader) = &self.peer_monitors[i];
+        let accepted = zmq::SocketEvent::ACCEPTED.to_raw();
+        let disconnected = zmq::SocketEvent::DISCONNECTED.to_raw();
+        // An event is two frames: 2 bytes of event number and 4 of value, then
+        // the endpoint.
+        while let Ok(frames) = reader.recv_multipart(zmq::DONTWAIT) {
+            let Some(head) = frames.first().filter(|f| f.len() >= 2) else {
+                continue;
+            };
+            let event = u16::from_ne_bytes([head[0], head[1]]);
+            let peers = self
+                .metrics
+                .connected_peers
+                .get_or_create(&SocketLabel { socket: label });
+            if event == accepted {
+                peers.inc();
+            } else if event == disconnected && peers.get() > 0 {
+                peers.dec();
+            }
+        }
+    }
+
+    /// Applies every [`Reload`] waiting (the last one wins).
+    fn apply_reloads(&mut self) {
+        let Some(r) = &self.reloads else {
+            return;
+        };
+        while r.wake.recv_bytes(zmq::DONTWAIT).is_ok() {}
+        let mut last = None;
+        while let Ok(reload) = r.rx.try_recv() {
+            last = Some(reload);
+        }
+        if let Some(reload) = last {
+            self.core.reconfigure(&reload.trust, reload.guard);
+            let t = self.core.trust();
+            tracing::info!(
+                monitors = t.monitors(),
+                allow_unauthenticated = t.allows_unauthenticated(),
+                "configuration reloaded"
+            );
+        }
+    }
+
+    /// Brings `ledger_active_bans` and `quarantined_nodes` up to date if they may
+    /// be stale, at most once per [`GAUGE_INTERVAL`] (each costs a ledger count or
+    /// a walk over the nodes); and counts the breaker's new trips at once.
+    fn update_gauges(&mut self, now: u64) {
+        let trips = self.core.guard().trips();
+        if trips > self.trips_counted {
+            self.metrics.quarantines.inc_by(trips - self.trips_counted);
+            self.trips_counted = trips;
+            self.gauges_stale = true;
+            self.gauges_at = None;
+        }
+        let due = self
+            .gauges_at
+            .is_none_or(|at| at.elapsed() >= GAUGE_INTERVAL);
+        if !due {
+            return;
+        }
+        // Quarantines end with time alone: looked at every interval.
+        let quarantined = self.core.guard().quarantined(now).len();
+        self.metrics
+            .quarantined_nodes
+            .set(i64::try_from(quarantined).unwrap_or(i64::MAX));
+        if self.gauges_stale {
+            match self.core.ledger().active_bans(now) {
+                Ok(n) => {
+                    self.metrics.ledger_active_bans.set(gauge_value(n));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %f2b_common::daemon::error_chain(&e), "cannot count the active bans")
+                }
+            }
+            self.gauges_stale = false;
+        }
+        self.gauges_at = Some(Instant::now());
     }
 
     /// Prunes one batch of the ledger; returns whether more is left. A failure is
@@ -350,9 +669,13 @@ impl Bound {
         };
         let mut outcomes = Vec::with_capacity(batch.len());
         for r in &batch {
+            self.metrics.reports_received.inc();
             let outcome = match r.broken {
                 // The core records an accepted event in the ledger (in the batch).
-                None => self.core.handle(&r.frames, &r.peer, now),
+                None => {
+                    let outcome = self.core.handle(&r.frames, &r.peer, now);
+                    (outcome, self.core.take_refusal())
+                }
                 Some(e) => {
                     self.socket_error("receive a request part", e)?;
                     let nak = Nak::new(
@@ -360,46 +683,92 @@ impl Bound {
                         NakReason::Malformed,
                         "the message could not be received whole",
                     );
-                    Outcome {
+                    let outcome = Outcome {
                         reply: Response::Reply(Reply::Nak(nak)),
+                        seal: Seal::None,
                         broadcast: None,
                         legacy_broadcast: None,
-                    }
+                    };
+                    (outcome, Some(NakReason::Malformed.code()))
                 }
             };
             outcomes.push(outcome);
         }
         if batched {
-            if let Err(e) = self.core.commit_batch(now) {
+            let committed = self.core.commit_batch(now);
+            self.metrics.ledger_open.set(committed.is_ok());
+            if let Err(e) = committed {
                 tracing::error!(
                     error = %f2b_common::daemon::error_chain(&e),
                     requests = outcomes.len(),
                     "ledger commit failed; the requests are refused as busy and will be resent"
                 );
-                for o in &mut outcomes {
+                for (o, refusal) in &mut outcomes {
                     o.reply = std::mem::replace(&mut o.reply, Response::Legacy(String::new()))
                         .refused_busy();
                     o.broadcast = None;
                     o.legacy_broadcast = None;
+                    *refusal = Some(NakReason::Busy.code());
                 }
             }
         }
         let mut broadcast = false;
-        for (r, outcome) in batch.iter().zip(outcomes) {
-            broadcast |= self.deliver(&r.envelope, outcome)?;
+        for (r, (outcome, refusal)) in batch.iter().zip(outcomes) {
+            broadcast |= self.deliver(&r.envelope, outcome, refusal)?;
+        }
+        if broadcast {
+            self.gauges_stale = true;
+            self.metrics.sequence.set(gauge_value(self.core.last_seq()));
         }
         Ok(broadcast)
     }
 
+    /// Counts a request's answer in the metrics: refused (by `refusal`, the
+    /// reason the core or the server gave), a snapshot page, an event accepted
+    /// (recorded and broadcast) or a duplicate.
+    fn count_answer(&self, reply: &Response, refusal: Option<&'static str>, broadcast: bool) {
+        let m = &self.metrics;
+        match (reply, refusal) {
+            (_, Some(reason)) => m.events_rejected.inc(reason),
+            (Response::Reply(Reply::Nak(n)), None)
+            | (Response::Snapshot(SnapshotReply::Nak(n)), None) => {
+                m.events_rejected.inc_nak(n.reason)
+            }
+            (Response::Snapshot(SnapshotReply::Page(_)), None) => {
+                m.snapshots_served.inc();
+            }
+            (Response::Reply(Reply::Ack(a)), None) if a.status == AckStatus::Broadcast => {
+                m.events_accepted.inc();
+            }
+            (Response::Reply(Reply::Ack(_)), None) => {
+                m.events_duplicate.inc();
+            }
+            (Response::Legacy(_), None) if broadcast => {
+                m.events_accepted.inc();
+            }
+            (Response::Legacy(_), None) => {
+                m.events_duplicate.inc();
+            }
+            #[allow(unreachable_patterns)]
+            _ => {}
+        }
+    }
+
     /// Broadcasts what `outcome` says, then sends its reply back along
     /// `envelope`. Returns whether something was broadcast.
-    fn deliver(&mut self, envelope: &[Vec<u8>], outcome: Outcome) -> Result<bool, PublisherError> {
+    fn deliver(
+        &mut self,
+        envelope: &[Vec<u8>],
+        outcome: Outcome,
+        mut refusal: Option<&'static str>,
+    ) -> Result<bool, PublisherError> {
         // Broadcast first: an ACK with status `broadcast` then means the event is
         // durable and already queued on the PUB socket(s).
         let mut reply = outcome.reply;
         let broadcast = match &outcome.broadcast {
             Some(b) => match self.send_broadcast(b) {
                 Ok(()) => {
+                    self.metrics.events_broadcast.inc();
                     if let Err(e) = self.send_legacy(b, outcome.legacy_broadcast.as_deref()) {
                         self.socket_error("broadcast to legacy subscribers", e)?;
                     }
@@ -408,33 +777,42 @@ impl Bound {
                 Err(e) => {
                     self.socket_error("broadcast", e)?;
                     reply = self.core.broadcast_failed(reply);
+                    if reply.is_refusal() {
+                        refusal = Some(NakReason::Busy.code());
+                    }
                     false
                 }
             },
             None => false,
         };
-        self.reply(envelope, &reply)?;
+        self.count_answer(&reply, refusal, outcome.broadcast.is_some());
+        self.reply(envelope, &reply, &outcome.seal)?;
         Ok(broadcast)
     }
 
-    /// Sends `reply` along `envelope` (routing ids, then the empty delimiter). It
-    /// never blocks: a reply to a peer that is gone, or that does not read and is at
-    /// its high-water mark, is dropped. Fails only on `ETERM`.
-    fn reply(&mut self, envelope: &[Vec<u8>], reply: &Response) -> Result<(), PublisherError> {
+    /// Sends `reply` along `envelope` (routing ids, then the empty delimiter), and
+    /// after it the MAC or signature `seal` asks for. It never blocks: a reply to a
+    /// peer that is gone, or that does not read and is at its high-water mark, is
+    /// dropped. Fails only on `ETERM`.
+    fn reply(
+        &mut self,
+        envelope: &[Vec<u8>],
+        reply: &Response,
+        seal: &Seal,
+    ) -> Result<(), PublisherError> {
+        let frames = self.core.trust().reply_frames(reply.encode(), seal);
         let mut sent = 0;
         let mut result = Ok(());
-        for frame in envelope {
-            result = self
-                .router
-                .send(frame.as_slice(), zmq::SNDMORE | zmq::DONTWAIT);
+        let last = envelope.len() + frames.len() - 1;
+        for (i, frame) in envelope.iter().chain(&frames).enumerate() {
+            let more = if i < last { zmq::SNDMORE } else { 0 };
+            result = self.router.send(frame.as_slice(), more | zmq::DONTWAIT);
             if result.is_err() {
                 break;
             }
             sent += 1;
         }
-        if result.is_ok() {
-            result = self.router.send(reply.encode(), zmq::DONTWAIT);
-        } else if sent > 0 {
+        if result.is_err() && sent > 0 {
             // End the message begun, so that the next one starts afresh.
             let _ = self.router.send(&[][..], zmq::DONTWAIT);
         }
@@ -466,12 +844,13 @@ impl Bound {
         }
     }
 
+    /// Sends `b` as topic, payload and (with a signing key) signature.
     fn send_broadcast(&self, b: &Broadcast) -> Result<(), zmq::Error> {
         // PUB never blocks: a subscriber at its high-water mark loses messages (and
-        // learns from the next heartbeat's seq that it did).
+        // learns from the next heartbeat's seq that it did). A PUB socket takes a
+        // multipart message whole or not at all.
         self.publ
-            .send(b.topic(), zmq::SNDMORE | zmq::DONTWAIT)
-            .and_then(|()| self.publ.send(b.encode(), zmq::DONTWAIT))
+            .send_multipart(self.core.trust().broadcast_frames(b), zmq::DONTWAIT)
     }
 }
 
@@ -572,6 +951,59 @@ fn poll_timeout(wait: Duration) -> i64 {
     i64::try_from(ms).unwrap_or(i64::MAX)
 }
 
+/// What to check when binding `key` failed with `e`.
+pub fn bind_hint(e: zmq::Error, key: &str) -> String {
+    match e {
+        zmq::Error::EADDRINUSE => format!(
+            "another process listens on that port (another f2b-publisher? `ss -ltnp` shows \
+             which): stop it, or change {key}"
+        ),
+        zmq::Error::ENODEV => format!(
+            "no network interface of that name on this machine (`ip link` lists them; under \
+             systemd, naming an interface needs AF_NETLINK in RestrictAddressFamilies=): \
+             check {key}"
+        ),
+        zmq::Error::EADDRNOTAVAIL => format!(
+            "that address is not one of this machine's (`ip addr` lists them): check {key}, \
+             or bind all addresses with tcp://*:PORT"
+        ),
+        zmq::Error::EACCES => format!(
+            "permission denied: ports below 1024 need CAP_NET_BIND_SERVICE; choose a higher \
+             port in {key}"
+        ),
+        _ => format!("check {key} (tcp://ADDRESS:PORT, tcp://*:PORT or tcp://INTERFACE:PORT)"),
+    }
+}
+
+/// What to check when the metrics server could not listen (`key` is its
+/// `metrics_bind`).
+pub fn listen_hint(e: &f2b_common::metrics::MetricsError, key: &str) -> String {
+    let kind = match e {
+        f2b_common::metrics::MetricsError::Bind { source, .. } => Some(source.kind()),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    };
+    match kind {
+        Some(std::io::ErrorKind::AddrInUse) => format!(
+            "another process listens on that port (`ss -ltnp` shows which): stop it, or \
+             change {key}"
+        ),
+        Some(std::io::ErrorKind::AddrNotAvailable) => {
+            format!("that address is not one of this machine's (`ip addr` lists them): check {key}")
+        }
+        Some(std::io::ErrorKind::PermissionDenied) => format!(
+            "permission denied: ports below 1024 need CAP_NET_BIND_SERVICE; choose a higher \
+             port in {key}"
+        ),
+        _ => format!("check {key} (ADDRESS:PORT)"),
+    }
+}
+
+/// A count as a gauge's value.
+fn gauge_value(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -660,7 +1092,8 @@ mod tests {
         let state = tempfile::tempdir().unwrap();
         let mut b = bound(state.path());
         let nak = Response::Reply(Reply::Nak(Nak::new(None, NakReason::Busy, "x")));
-        b.reply(&[b"\0gone".to_vec(), Vec::new()], &nak).unwrap();
+        b.reply(&[b"\0gone".to_vec(), Vec::new()], &nak, &Seal::None)
+            .unwrap();
 
         let ctx = zmq::Context::new();
         let d = dealer(&ctx, &b);

@@ -62,6 +62,8 @@ pub struct Throttle {
     per_window: u32,
     window_ms: u64,
     reasons: HashMap<&'static str, Window>,
+    /// The reason of the last event counted, until [`Throttle::take_last`].
+    last: Option<&'static str>,
 }
 
 impl Throttle {
@@ -78,6 +80,7 @@ impl Throttle {
             per_window,
             window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
             reasons: HashMap::new(),
+            last: None,
         }
     }
 
@@ -94,6 +97,7 @@ impl Throttle {
         });
         let summary = roll(self.line, reason, w, now_ms, window_ms);
         w.counts.total += 1;
+        self.last = Some(reason);
         let log = w.logged < self.per_window;
         if log {
             w.logged += 1;
@@ -112,6 +116,12 @@ impl Throttle {
             .iter_mut()
             .filter_map(|(reason, w)| roll(line, reason, w, now_ms, window_ms))
             .collect()
+    }
+
+    /// The reason of the last event counted since the last call, if any (the
+    /// server asks after each request, to count its refusal in the metrics).
+    pub fn take_last(&mut self) -> Option<&'static str> {
+        self.last.take()
     }
 
     /// The counts per reason since the start, by reason.

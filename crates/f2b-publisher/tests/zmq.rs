@@ -2,35 +2,74 @@
 //! clients, fail2ban-zmq-tools clients, snapshots, and hostile raw TCP peers.
 //! Ephemeral ports only; every wait has a deadline (socket receive timeouts), none
 //! is a sleep.
+//!
+//! Every hub here has a signing key and credentials for web1 and web2 (as a real
+//! one must): reports are signed as their node, every reply MAC and every
+//! broadcast and snapshot signature received is checked.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use f2b_common::config::{self, PublisherConfig};
+use f2b_common::config::{self, Config};
 use f2b_common::sockets::new_socket;
 use f2b_common::zmq;
 use f2b_common::CancellationToken;
+use f2b_proto::auth::{self, MonitorSecret, PublicKey, RequestAuth, SigningKey};
 use f2b_proto::{
     event_topic, AckStatus, Action, Broadcast, Event, EventId, JailName, NakReason, NodeName,
     Reply, Request, SnapshotReply, SnapshotRequest, HEARTBEAT_TOPIC,
 };
-use f2b_publisher::{bind, bind_with, Bound, Limits, PublisherError};
+use f2b_publisher::{bind_trusted, bind_with, Bound, Limits, PublisherError};
 
 /// How long any single wait may take before the test fails.
 const DEADLINE: Duration = Duration::from_secs(5);
 
-/// A publisher configuration on ephemeral loopback ports, its ledger in `state`.
-fn config(state: &Path, extra: &str) -> PublisherConfig {
+/// The monitors' secrets every test hub holds.
+const WEB1: &str = "web1-secret-0123456789abcdef0123456789";
+const WEB2: &str = "web2-secret-0123456789abcdef0123456789";
+
+/// The seed of every test hub's signing key.
+const KEY_SEED: [u8; 32] = [7; 32];
+
+fn public_key() -> PublicKey {
+    SigningKey::from_seed(KEY_SEED).public()
+}
+
+/// A publisher configuration on ephemeral loopback ports, its ledger in `state`,
+/// `extra` lines in `[publisher]`, and `[trust]`: a signing key (its file in
+/// `state`), credentials for web1 and web2, and `trust_extra`. The rate limit and
+/// the quarantine are off unless `extra` sets them: some tests send thousands of
+/// reports from one node.
+fn trusted_config(state: &Path, extra: &str, trust_extra: &str) -> Config {
+    std::fs::create_dir_all(state).unwrap();
+    let key = state.join("publisher.key");
+    std::fs::write(&key, SigningKey::from_seed(KEY_SEED).to_file_text()).unwrap();
+    let mut guard = String::new();
+    if !extra.contains("rate_limit") {
+        guard.push_str("rate_limit = 0\n");
+    }
+    if !extra.contains("quarantine_floor") {
+        guard.push_str("quarantine_floor = 1000000\n");
+    }
     let text = format!(
         "[node]\nname = \"hub\"\n[publisher]\nreply_bind = \"tcp://127.0.0.1:*\"\n\
-         broadcast_bind = \"tcp://127.0.0.1:*\"\nstate_dir = {:?}\n{extra}\n",
-        state.display().to_string()
+         broadcast_bind = \"tcp://127.0.0.1:*\"\nstate_dir = {:?}\n{guard}{extra}\n\
+         [trust]\nsigning_key_file = {:?}\n{trust_extra}\n\
+         [trust.monitors]\nweb1 = {WEB1:?}\nweb2 = {WEB2:?}\n",
+        state.display().to_string(),
+        key.display().to_string(),
     );
-    config::from_str(&text, Path::new("test.conf"))
-        .expect("test config is valid")
-        .publisher
+    config::from_str(&text, Path::new("test.conf")).expect("test config is valid")
+}
+
+fn config(state: &Path, extra: &str) -> Config {
+    trusted_config(state, extra, "")
+}
+
+fn bind(c: &Config) -> Result<Bound, PublisherError> {
+    bind_trusted(&c.publisher, &c.trust)
 }
 
 /// A publisher serving in its own runtime; stopped (and checked to stop) on drop.
@@ -97,6 +136,13 @@ impl Hub {
         (result, start.elapsed())
     }
 
+    /// A hub with `extra` lines in `[publisher]` and `trust_extra` in `[trust]`.
+    fn start_trusted(extra: &str, trust_extra: &str) -> Hub {
+        let state = tempfile::tempdir().unwrap();
+        let bound = bind(&trusted_config(state.path(), extra, trust_extra)).unwrap();
+        Hub::serve(bound, state)
+    }
+
     fn req(&self) -> zmq::Socket {
         let s = new_socket(&self.ctx, zmq::REQ).unwrap();
         s.set_rcvtimeo(DEADLINE.as_millis() as i32).unwrap();
@@ -150,11 +196,65 @@ fn event(id: u128, jail: &str, action: Action, ip: &str) -> Event {
     .unwrap()
 }
 
+/// Sends `frames` (no credential) and returns the reply, which has one frame.
 fn request_frames(req: &zmq::Socket, frames: &[Vec<u8>]) -> Reply {
     req.send_multipart(frames, 0).unwrap();
     let bytes = req.recv_bytes(0).expect("no reply before the deadline");
     assert!(!req.get_rcvmore().unwrap(), "a reply has one frame");
     Reply::decode(&bytes).unwrap()
+}
+
+fn secret_of(node: &str) -> MonitorSecret {
+    MonitorSecret::new(match node {
+        "web1" => WEB1,
+        "web2" => WEB2,
+        other => panic!("no test secret for {other}"),
+    })
+    .unwrap()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// A report of `e` signed as credential `key` with `secret` at `ts_ms`, with a
+/// fresh nonce: the request's two frames, and the auth it carries.
+fn signed_as(
+    e: &Event,
+    key: &str,
+    secret: &MonitorSecret,
+    ts_ms: u64,
+) -> (Vec<Vec<u8>>, RequestAuth) {
+    let payload = Request::Report(e.clone()).encode();
+    let nonce: [u8; 16] = std::array::from_fn(|_| fastrand::u8(..));
+    let a = RequestAuth::sign(secret, &NodeName::new(key).unwrap(), ts_ms, nonce, &payload);
+    (vec![payload, a.encode()], a)
+}
+
+/// Sends a signed request and returns the reply; when `maced`, the reply must
+/// carry a right MAC under `secret`, else it must have one frame.
+fn signed_request(
+    req: &zmq::Socket,
+    frames: &[Vec<u8>],
+    a: &RequestAuth,
+    secret: &MonitorSecret,
+    maced: bool,
+) -> Reply {
+    req.send_multipart(frames, 0).unwrap();
+    let reply = req.recv_multipart(0).expect("no reply before the deadline");
+    if maced {
+        assert_eq!(reply.len(), 2, "a MACed reply has two frames");
+        assert!(
+            auth::verify_reply(secret, &a.mac, &reply[0], &reply[1]),
+            "wrong reply MAC"
+        );
+    } else {
+        assert_eq!(reply.len(), 1, "an unauthenticated reply has one frame");
+    }
+    Reply::decode(&reply[0]).unwrap()
 }
 
 /// Sends `frames` and returns the reply's one frame as bytes.
@@ -165,8 +265,11 @@ fn raw_request(req: &zmq::Socket, frames: &[Vec<u8>]) -> Vec<u8> {
     bytes
 }
 
+/// Reports `e` as its node (signed now, with its secret); checks the reply MAC.
 fn report(req: &zmq::Socket, e: &Event) -> Reply {
-    request_frames(req, &[Request::Report(e.clone()).encode()])
+    let secret = secret_of(e.node.as_str());
+    let (frames, a) = signed_as(e, e.node.as_str(), &secret, now_ms());
+    signed_request(req, &frames, &a, &secret, true)
 }
 
 fn expect_ack(reply: Reply, status: AckStatus, seq: Option<u64>) {
@@ -183,11 +286,16 @@ fn expect_nak(reply: Reply, reason: NakReason) {
     }
 }
 
+/// The next broadcast, its signature checked.
 fn recv_broadcast(sub: &zmq::Socket) -> Broadcast {
     let frames = sub
         .recv_multipart(0)
         .expect("no broadcast before the deadline");
-    assert_eq!(frames.len(), 2, "a broadcast has two frames");
+    assert_eq!(frames.len(), 3, "a signed broadcast has three frames");
+    assert!(
+        auth::verify_broadcast(&[public_key()], &frames[0], &frames[1], &frames[2]),
+        "a broadcast with a wrong signature"
+    );
     Broadcast::decode(&frames[0], &frames[1]).unwrap()
 }
 
@@ -406,6 +514,12 @@ fn shutdown_returns_promptly_and_delivers_what_was_broadcast() {
         // recv with a short timeout while the subscription propagates.
         sub.set_rcvtimeo(20).unwrap();
         if let Ok(frames) = sub.recv_multipart(0) {
+            assert!(auth::verify_broadcast(
+                &[public_key()],
+                &frames[0],
+                &frames[1],
+                &frames[2]
+            ));
             let b = Broadcast::decode(&frames[0], &frames[1]).unwrap();
             assert!(matches!(b, Broadcast::Event(_)));
             break;
@@ -437,7 +551,7 @@ fn run_stops_on_cancel_and_bind_errors_name_the_key() {
     // The reply port is taken by the first hub.
     let state = tempfile::tempdir().unwrap();
     let mut cfg = config(state.path(), "");
-    cfg.reply_bind = config::Endpoint::bind(&hub.reply).unwrap();
+    cfg.publisher.reply_bind = config::Endpoint::bind(&hub.reply).unwrap();
     let err = bind(&cfg).unwrap_err();
     assert!(
         matches!(
@@ -458,7 +572,8 @@ fn run_stops_on_cancel_and_bind_errors_name_the_key() {
         .unwrap();
     rt.block_on(async {
         let token = CancellationToken::new();
-        let task = tokio::spawn(f2b_publisher::run(config(state.path(), ""), token.clone()));
+        let c = config(state.path(), "");
+        let task = tokio::spawn(f2b_publisher::run(c, None, token.clone()));
         token.cancel();
         tokio::time::timeout(DEADLINE, task)
             .await
@@ -644,12 +759,23 @@ fn legacy_token_is_checked_and_stripped() {
     );
 }
 
+/// Asks for a snapshot page (with a fresh nonce, no credential) and checks the
+/// reply's signature over the request.
 fn snapshot(req: &zmq::Socket, jails: &[&str], cursor: Option<u64>) -> f2b_proto::SnapshotPage {
     let r = Request::Snapshot(SnapshotRequest {
         jails: jails.iter().map(|j| JailName::new(j).unwrap()).collect(),
         cursor,
-    });
-    match SnapshotReply::decode(&raw_request(req, &[r.encode()])).unwrap() {
+        nonce: Some(std::array::from_fn(|_| fastrand::u8(..))),
+    })
+    .encode();
+    req.send(&r, 0).unwrap();
+    let reply = req.recv_multipart(0).expect("no reply before the deadline");
+    assert_eq!(reply.len(), 2, "a signed snapshot reply has two frames");
+    assert!(
+        auth::verify_snapshot(&[public_key()], &r, &reply[0], &reply[1]),
+        "a snapshot reply with a wrong signature"
+    );
+    match SnapshotReply::decode(&reply[0]).unwrap() {
         SnapshotReply::Page(p) => p,
         SnapshotReply::Nak(n) => panic!("{n:?}"),
     }
@@ -775,7 +901,10 @@ fn the_serving_hub_prunes_its_ledger_periodically() {
         prune_interval: Duration::from_millis(50),
         ..Limits::default()
     };
-    let hub = Hub::serve(bind_with(&cfg, limits).unwrap(), state);
+    let hub = Hub::serve(
+        bind_with(&cfg.publisher, &cfg.trust, limits).unwrap(),
+        state,
+    );
     let req = hub.req();
     let sub = hub.sub(&[b""]);
     expect_ack(
@@ -822,7 +951,8 @@ fn run_opens_the_ledger_without_blocking_the_runtime() {
         .unwrap();
     rt.block_on(async {
         let token = CancellationToken::new();
-        let run = tokio::spawn(f2b_publisher::run(config(state.path(), ""), token.clone()));
+        let c = config(state.path(), "");
+        let run = tokio::spawn(f2b_publisher::run(c, None, token.clone()));
         // The runtime's one thread polls `run` now: had it opened the ledger
         // there, it would have come back only after the lock's busy timeout.
         tokio::task::yield_now().await;
@@ -900,4 +1030,231 @@ fn throughput_of_durable_reports() {
         rate(many),
         hub.state.path().display()
     );
+}
+
+/// A refused request: its name, frames and auth, the secret its sender holds,
+/// the reason expected and whether the NAK is MACed.
+type Case<'a> = (
+    &'static str,
+    Vec<Vec<u8>>,
+    RequestAuth,
+    &'a MonitorSecret,
+    NakReason,
+    bool,
+);
+
+/// Forged, replayed, stale and revoked reports over real sockets: each is NAKed
+/// with its reason (MACed only when the sender proved it holds the secret) and
+/// none is broadcast; honest reports go on being served, and the ledger records
+/// which credential reported each event.
+#[test]
+fn forged_or_replayed_reports_are_refused_and_never_broadcast() {
+    let hub = Hub::start_trusted("heartbeat_interval = \"50ms\"", "max_clock_skew = \"10s\"");
+    let sub = hub.sub(&[b""]);
+    let req = hub.req();
+    let (s1, s2) = (secret_of("web1"), secret_of("web2"));
+    let first = event(1, "sshd", Action::Ban, "203.0.113.1");
+    let (replay, replay_auth) = signed_as(&first, "web1", &s1, now_ms());
+    expect_ack(
+        signed_request(&req, &replay, &replay_auth, &s1, true),
+        AckStatus::Broadcast,
+        Some(1),
+    );
+
+    let e = |id: u128| event(id, "sshd", Action::Ban, &format!("203.0.113.{id}"));
+    let mut web2_event = e(5);
+    web2_event.node = NodeName::new("web2").unwrap();
+    let revoked = MonitorSecret::new("web3-secret-0123456789abcdef0123456789").unwrap();
+    let cases: Vec<Case> = {
+        let (wrong_mac, a1) = signed_as(&e(2), "web1", &s2, now_ms());
+        let (other_node, a2) = signed_as(&web2_event, "web1", &s1, now_ms());
+        let (stale, a3) = signed_as(&e(3), "web1", &s1, now_ms() - 11_000);
+        let (ahead, a4) = signed_as(&e(4), "web1", &s1, now_ms() + 11_000);
+        let (unknown, a5) = signed_as(&e(6), "web3", &revoked, now_ms());
+        vec![
+            (
+                "wrong MAC",
+                wrong_mac,
+                a1,
+                &s2,
+                NakReason::Unauthenticated,
+                false,
+            ),
+            (
+                "another node's name",
+                other_node,
+                a2,
+                &s1,
+                NakReason::Unauthenticated,
+                true,
+            ),
+            ("stale time", stale, a3, &s1, NakReason::Replayed, true),
+            ("time ahead", ahead, a4, &s1, NakReason::Replayed, true),
+            (
+                "revoked credential",
+                unknown,
+                a5,
+                &revoked,
+                NakReason::Unauthenticated,
+                false,
+            ),
+            (
+                "replayed nonce",
+                replay.clone(),
+                replay_auth.clone(),
+                &s1,
+                NakReason::Replayed,
+                true,
+            ),
+        ]
+    };
+    for (name, frames, a, secret, reason, maced) in cases {
+        match signed_request(&req, &frames, &a, secret, maced) {
+            Reply::Nak(n) => assert_eq!(n.reason, reason, "{name}: {n:?}"),
+            Reply::Ack(a) => panic!("{name}: accepted {a:?}"),
+        }
+    }
+    // Without any credential.
+    expect_nak(
+        request_frames(&req, &[Request::Report(e(7)).encode()]),
+        NakReason::Unauthenticated,
+    );
+    // An honest report of web2 is still served, and is the next broadcast.
+    let honest = {
+        let mut h = e(8);
+        h.node = NodeName::new("web2").unwrap();
+        h
+    };
+    expect_ack(report(&req, &honest), AckStatus::Broadcast, Some(2));
+    assert_eq!(next_event(&sub), (1, first));
+    assert_eq!(next_event(&sub), (2, honest));
+
+    let conn = rusqlite::Connection::open(hub.state.path().join("ledger.sqlite3")).unwrap();
+    let rows: Vec<(i64, Option<String>)> = conn
+        .prepare("SELECT seq, reported_by FROM events ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        rows,
+        [(1, Some("web1".to_owned())), (2, Some("web2".to_owned()))]
+    );
+}
+
+/// A broadcast (event and heartbeat) and a snapshot page verify with the
+/// publisher's public key, and with no other key; a snapshot reply is bound to its
+/// request.
+#[test]
+fn broadcasts_and_snapshot_pages_carry_valid_signatures() {
+    let hub = Hub::start("50ms");
+    let sub = new_socket(&hub.ctx, zmq::SUB).unwrap();
+    sub.set_rcvtimeo(DEADLINE.as_millis() as i32).unwrap();
+    sub.set_subscribe(b"").unwrap();
+    sub.connect(&hub.broadcast).unwrap();
+    let other = SigningKey::from_seed([8; 32]).public();
+    // A heartbeat, then an event.
+    let frames = sub.recv_multipart(0).expect("a heartbeat");
+    assert_eq!(frames[0], HEARTBEAT_TOPIC);
+    assert!(auth::verify_broadcast(
+        &[public_key()],
+        &frames[0],
+        &frames[1],
+        &frames[2]
+    ));
+    assert!(!auth::verify_broadcast(
+        &[other],
+        &frames[0],
+        &frames[1],
+        &frames[2]
+    ));
+    let req = hub.req();
+    let e = event(1, "sshd", Action::Ban, "203.0.113.1");
+    expect_ack(report(&req, &e), AckStatus::Broadcast, Some(1));
+    let frames = loop {
+        let f = sub.recv_multipart(0).expect("the event");
+        if f[0] != HEARTBEAT_TOPIC {
+            break f;
+        }
+    };
+    assert_eq!(frames.len(), 3);
+    assert!(auth::verify_broadcast(
+        &[other, public_key()],
+        &frames[0],
+        &frames[1],
+        &frames[2]
+    ));
+    let mut tampered = frames[1].clone();
+    tampered[10] ^= 1;
+    assert!(!auth::verify_broadcast(
+        &[public_key()],
+        &frames[0],
+        &tampered,
+        &frames[2]
+    ));
+
+    let page = snapshot(&req, &[], None);
+    assert_eq!(page.bans.len(), 1);
+    // The signature covers the request: the same reply does not answer another.
+    let r1 = Request::Snapshot(SnapshotRequest {
+        jails: vec![],
+        cursor: None,
+        nonce: Some([1; 16]),
+    })
+    .encode();
+    req.send(&r1, 0).unwrap();
+    let reply = req.recv_multipart(0).unwrap();
+    assert!(auth::verify_snapshot(
+        &[public_key()],
+        &r1,
+        &reply[0],
+        &reply[1]
+    ));
+    let r2 = Request::Snapshot(SnapshotRequest {
+        jails: vec![],
+        cursor: None,
+        nonce: Some([2; 16]),
+    })
+    .encode();
+    assert!(!auth::verify_snapshot(
+        &[public_key()],
+        &r2,
+        &reply[0],
+        &reply[1]
+    ));
+    // A request that does not decode gets the plain NAK of any request (the
+    // signed snapshot NAKs, `busy`, are unit-tested in the core).
+    let bad = br#"{"v":1,"type":"snapshot","jails":["a b"]}"#.to_vec();
+    req.send(&bad, 0).unwrap();
+    let reply = req.recv_multipart(0).unwrap();
+    assert_eq!(
+        reply.len(),
+        1,
+        "a request that does not decode is no snapshot: {reply:?}"
+    );
+}
+
+/// A node that suddenly reports more than the floor is quarantined over real
+/// sockets: its reports are NAKed `quarantined` and not broadcast; another node's
+/// are.
+#[test]
+fn a_flooding_node_is_quarantined_and_others_are_served() {
+    let hub = Hub::start_trusted("heartbeat_interval = \"50ms\"\nquarantine_floor = 5", "");
+    let sub = hub.sub(&[b""]);
+    let req = hub.req();
+    for id in 1..=5u128 {
+        let e = event(id, "sshd", Action::Ban, &format!("203.0.113.{id}"));
+        expect_ack(report(&req, &e), AckStatus::Broadcast, Some(id as u64));
+    }
+    for id in 6..=8u128 {
+        let e = event(id, "sshd", Action::Ban, &format!("203.0.113.{id}"));
+        expect_nak(report(&req, &e), NakReason::Quarantined);
+    }
+    let mut other = event(9, "sshd", Action::Ban, "203.0.113.9");
+    other.node = NodeName::new("web2").unwrap();
+    expect_ack(report(&req, &other), AckStatus::Broadcast, Some(6));
+    for seq in 1..=6 {
+        assert_eq!(next_event(&sub).0, seq);
+    }
 }

@@ -9,12 +9,21 @@
 //!
 //! One fetch at a time, one publisher after another. A fetch that fails (no answer
 //! within the timeout, a refusal, a reply that makes no sense) releases the
-//! broadcasts it queued to the intake at once (live events never wait for a
-//! retry), and is tried again after a backoff (1 s, 2 s, 4 s ... 60 s) with a new
+//! broadcasts it queued to the receive loop at once (live events of a confirmed
+//! epoch never wait for a retry), and is tried again after a backoff (1 s, 2 s, 4 s ... 60 s) with a new
 //! socket; each attempt queues from its own start, so whatever it delivers is
 //! consistent. A publisher that answers `unknown_type` (a version without
 //! snapshots), or the bare `NAK` of a fail2ban-zmq-tools publisher, is warned about
 //! once and not asked again.
+//!
+//! Every page request carries a fresh random nonce. With `[trust] publisher_key`,
+//! a reply (page or refusal) must be two frames, the payload and the publisher's
+//! signature over the exact request bytes sent and the payload
+//! ([`f2b_proto::auth::verify_snapshot`]): a reply that is not is refused before it
+//! is decoded, like a failed fetch (logged, retried after the backoff), and nothing
+//! of that snapshot is used. A recorded reply cannot answer a later request (its
+//! nonce differs), so a snapshot is always fresh. Even a refusal (`unknown_type`)
+//! must be signed to stop the asking.
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -22,11 +31,14 @@ use std::time::{Duration, Instant};
 use f2b_common::config::Endpoint;
 use f2b_common::sockets::new_socket;
 use f2b_common::zmq;
+use f2b_proto::auth::{verify_snapshot, PublicKey, NONCE_LEN};
 use f2b_proto::{
     ActiveBan, Epoch, JailName, NakReason, Request, Sequenced, SnapshotReply, SnapshotRequest,
 };
 
 use crate::pending::backoff;
+use crate::receiver::recv_frames;
+use crate::{Notice, Notices};
 
 /// How long one snapshot page may take to arrive.
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -73,6 +85,10 @@ impl fmt::Display for ResyncReason {
 pub(crate) struct Resync {
     pub(crate) reason: ResyncReason,
     pub(crate) endpoint: String,
+    /// Which snapshot target answered (its index in `[subscriber] snapshot`).
+    pub(crate) target: usize,
+    /// When its first page was asked for.
+    pub(crate) asked: Instant,
     pub(crate) epoch: Epoch,
     /// The first page's sequence number: every broadcast of `epoch` up to it is
     /// reflected in the snapshot.
@@ -109,6 +125,9 @@ struct Fetch {
     target: usize,
     reason: ResyncReason,
     req: zmq::Socket,
+    /// The request last sent, exactly (the reply's signature covers it).
+    sent: Vec<u8>,
+    asked: Instant,
     cursor: Option<u64>,
     first: Option<(Epoch, u64)>,
     bans: Vec<ActiveBan>,
@@ -135,6 +154,10 @@ pub(crate) struct CatchUp {
     queue_limit: usize,
     /// [`MAX_SNAPSHOT_BANS`] (smaller in tests).
     max_bans: usize,
+    /// The publishers' keys; empty: replies are not verified
+    /// (`allow_unauthenticated`).
+    keys: Vec<PublicKey>,
+    notices: Notices,
 }
 
 impl fmt::Debug for CatchUp {
@@ -152,6 +175,8 @@ impl CatchUp {
         jails: Vec<JailName>,
         timeout: Duration,
         queue_limit: usize,
+        keys: Vec<PublicKey>,
+        notices: Notices,
     ) -> Self {
         let now = Instant::now();
         CatchUp {
@@ -170,7 +195,17 @@ impl CatchUp {
             timeout,
             queue_limit: queue_limit.max(1),
             max_bans: MAX_SNAPSHOT_BANS,
+            keys,
+            notices,
         }
+    }
+
+    /// The snapshot targets still asked (those that did not say they serve no
+    /// snapshots).
+    pub(crate) fn active_targets(&self) -> Vec<usize> {
+        (0..self.targets.len())
+            .filter(|i| !self.targets[*i].disabled)
+            .collect()
     }
 
     /// Asks for a resync of every publisher (as soon as its backoff allows). A
@@ -273,6 +308,8 @@ impl CatchUp {
             target: i,
             reason,
             req,
+            sent: Vec::new(),
+            asked: now,
             cursor: None,
             first: None,
             bans: Vec::new(),
@@ -281,10 +318,13 @@ impl CatchUp {
             deadline: now + self.timeout,
         };
         tracing::debug!(publisher = %endpoint, reason = %reason, "asking for a snapshot");
-        if let Err(e) = send_page_request(&f.req, &self.jails, None) {
-            f.deadline = now;
-            self.fetch = Some(f);
-            return self.fail(Failure::Retry(format!("send: {e}")), now);
+        match send_page_request(&f.req, &self.jails, None) {
+            Ok(sent) => f.sent = sent,
+            Err(e) => {
+                f.deadline = now;
+                self.fetch = Some(f);
+                return self.fail(Failure::Retry(format!("send: {e}")), now);
+            }
         }
         self.fetch = Some(f);
         None
@@ -293,10 +333,28 @@ impl CatchUp {
     /// Reads the reply that arrived on the REQ socket.
     pub(crate) fn readable(&mut self, now: Instant) -> Option<Out> {
         let f = self.fetch.as_mut()?;
-        let bytes = match f.req.recv_bytes(zmq::DONTWAIT) {
-            Ok(b) => b,
-            Err(zmq::Error::EAGAIN) => return None,
+        let frames = match recv_frames(&f.req) {
+            Ok(Some(frames)) => frames,
+            Ok(None) => return None,
             Err(e) => return self.fail(Failure::Retry(format!("receive: {e}")), now),
+        };
+        let bytes = match (frames.kept.first(), frames.kept.get(1), frames.count) {
+            (Some(payload), _, _) if self.keys.is_empty() => payload.clone(),
+            (Some(payload), Some(sig), 2) => {
+                if !verify_snapshot(&self.keys, &f.sent, payload, sig) {
+                    let why = "the reply's signature is not by [trust] publisher_key \
+                               (another publisher's key, or a forged or recorded reply): refused";
+                    return self.fail(Failure::Retry(why.into()), now);
+                }
+                payload.clone()
+            }
+            (_, _, count) => {
+                let why = format!(
+                    "the reply has {count} frame(s), expected 2 (payload, signature): \
+                     not signed, refused (is the publisher older, or without its signing key?)"
+                );
+                return self.fail(Failure::Retry(why), now);
+            }
         };
         let page = match SnapshotReply::decode(&bytes) {
             Ok(SnapshotReply::Page(p)) => p,
@@ -338,8 +396,9 @@ impl CatchUp {
             Some(next) => {
                 f.cursor = Some(next);
                 f.deadline = now + self.timeout;
-                if let Err(e) = send_page_request(&f.req, &self.jails, Some(next)) {
-                    return self.fail(Failure::Retry(format!("send: {e}")), now);
+                match send_page_request(&f.req, &self.jails, Some(next)) {
+                    Ok(sent) => f.sent = sent,
+                    Err(e) => return self.fail(Failure::Retry(format!("send: {e}")), now),
                 }
                 None
             }
@@ -360,6 +419,8 @@ impl CatchUp {
                 Some(Out::Resync(Box::new(Resync {
                     reason: f.reason,
                     endpoint: t.endpoint.to_string(),
+                    target: f.target,
+                    asked: f.asked,
                     epoch,
                     seq,
                     jails: self.jails.clone(),
@@ -386,6 +447,10 @@ impl CatchUp {
                     retry_in = ?delay,
                     "snapshot failed, will retry"
                 );
+                self.notices.send(Notice::SnapshotFailed {
+                    publisher: t.endpoint.to_string(),
+                    error: why,
+                });
             }
             Failure::Unsupported(why) => {
                 t.disabled = true;
@@ -409,16 +474,22 @@ fn open_req(ctx: &zmq::Context, endpoint: &Endpoint) -> zmq::Result<zmq::Socket>
     Ok(req)
 }
 
+/// Sends a page request with a fresh nonce; returns the bytes sent.
 fn send_page_request(
     req: &zmq::Socket,
     jails: &[JailName],
     cursor: Option<u64>,
-) -> zmq::Result<()> {
-    let r = Request::Snapshot(SnapshotRequest {
+) -> Result<Vec<u8>, String> {
+    let mut nonce = [0u8; NONCE_LEN];
+    getrandom::fill(&mut nonce).map_err(|e| format!("cannot draw a nonce: {e}"))?;
+    let bytes = Request::Snapshot(SnapshotRequest {
         jails: jails.to_vec(),
         cursor,
-    });
-    req.send(r.encode(), zmq::DONTWAIT)
+        nonce: Some(nonce),
+    })
+    .encode();
+    req.send(&bytes, zmq::DONTWAIT).map_err(|e| e.to_string())?;
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -431,7 +502,14 @@ mod tests {
         let rep = new_socket(&ctx, zmq::REP).unwrap();
         rep.bind("tcp://127.0.0.1:*").unwrap();
         let endpoint = Endpoint::connect(&f2b_common::sockets::last_endpoint(&rep)).unwrap();
-        let mut c = CatchUp::new(&[endpoint], Vec::new(), SNAPSHOT_TIMEOUT, 2);
+        let mut c = CatchUp::new(
+            &[endpoint],
+            Vec::new(),
+            SNAPSHOT_TIMEOUT,
+            2,
+            Vec::new(),
+            Notices::default(),
+        );
         c.trigger(ResyncReason::Start);
         let now = Instant::now();
         assert!(c.step(&ctx, now).is_none());
@@ -481,7 +559,14 @@ mod tests {
         let rep = new_socket(&ctx, zmq::REP).unwrap();
         rep.bind("tcp://127.0.0.1:*").unwrap();
         let endpoint = Endpoint::connect(&f2b_common::sockets::last_endpoint(&rep)).unwrap();
-        let mut c = CatchUp::new(&[endpoint], Vec::new(), SNAPSHOT_TIMEOUT, 100);
+        let mut c = CatchUp::new(
+            &[endpoint],
+            Vec::new(),
+            SNAPSHOT_TIMEOUT,
+            100,
+            Vec::new(),
+            Notices::default(),
+        );
         c.max_bans = 3;
         c.trigger(ResyncReason::Start);
         assert!(c.step(&ctx, Instant::now()).is_none());

@@ -113,6 +113,7 @@ pub(crate) fn enqueue(
         for item in items {
             d.extend(p.push(item, now));
         }
+        notices.queued(p.len());
         (d, p.dropped())
     };
     shared.wake.notify_one();
@@ -184,6 +185,8 @@ impl Intake {
                 Some(Input::Event { event, seq, epoch }) => {
                     self.live(event, seq, epoch, &mut drops);
                 }
+                // Only `watch` asks for heartbeats.
+                Some(Input::Heartbeat { .. }) => {}
                 Some(Input::Resync(r)) => {
                     // A snapshot's reconciliation (up to MAX_SNAPSHOT_BANS bans and
                     // the state's held bans) runs off the async workers, logging
@@ -580,6 +583,7 @@ impl Executor {
             let (batch, next, closed) = {
                 let mut p = self.shared.lock();
                 let b = p.take_ready(Instant::now(), MAX_BATCH);
+                self.notices.queued(p.len());
                 (b, p.next_ready(), p.is_closed())
             };
             if batch.is_empty() {
@@ -661,7 +665,12 @@ impl Executor {
         stack.reverse();
         while let Some(chunk) = stack.pop() {
             let plain: Vec<Item> = chunk.iter().map(|t| t.item.clone()).collect();
-            match self.applier.apply(&jail, action, &plain).await {
+            let started = std::time::Instant::now();
+            let result = self.applier.apply(&jail, action, &plain).await;
+            if let Some(m) = self.notices.metrics() {
+                m.apply_duration.observe(started.elapsed().as_secs_f64());
+            }
+            match result {
                 Ok(()) => self.success(&jail, action, chunk),
                 Err(e) if e.scope != FailureScope::Undetermined => {
                     let mut all = chunk;
@@ -728,8 +737,12 @@ impl Executor {
             let mut p = self.shared.lock();
             let delay = p.gate_failure(jail, now);
             let dropped = p.requeue(items, now);
+            self.notices.queued(p.len());
             (delay, dropped, p.dropped())
         };
+        if let Some(m) = self.notices.metrics() {
+            m.retries.inc_by(ips.len() as u64);
+        }
         if e.scope == FailureScope::UnknownJail {
             if self.unknown_jails.insert(jail.clone()) {
                 tracing::error!(
@@ -766,8 +779,12 @@ impl Executor {
         let (delay, dropped, total) = {
             let mut p = self.shared.lock();
             let (delay, dropped) = p.retry(t, Instant::now());
+            self.notices.queued(p.len());
             (delay, dropped, p.dropped())
         };
+        if let Some(m) = self.notices.metrics() {
+            m.retries.inc();
+        }
         tracing::warn!(
             jail = %jail,
             action = %action,
@@ -886,7 +903,7 @@ mod tests {
                 gate,
                 max,
             };
-            let tx = Notices(Some(tx));
+            let tx = Notices::to(tx);
             let (state, dir) = State::temp();
             let task = tokio::spawn(
                 Executor::new(Box::new(fake), shared.clone(), tx.clone(), state.clone()).run(),
@@ -1215,7 +1232,7 @@ mod tests {
             local: LocalAddresses::Fixed(Vec::new()),
             ban_jail: Some(JailName::new("cluster").unwrap()),
             shared: shared.clone(),
-            notices: Notices(None),
+            notices: Notices::default(),
             state,
         };
         let epoch = Epoch(7);
@@ -1239,6 +1256,8 @@ mod tests {
             Resync {
                 reason: crate::catchup::ResyncReason::Start,
                 endpoint: "tcp://127.0.0.1:1".into(),
+                target: 0,
+                asked: std::time::Instant::now(),
                 epoch,
                 seq: 10,
                 jails: Vec::new(),
@@ -1268,7 +1287,7 @@ mod tests {
             local: LocalAddresses::Fixed(Vec::new()),
             ban_jail: None,
             shared: shared.clone(),
-            notices: Notices(None),
+            notices: Notices::default(),
             state,
         };
         let epoch = Epoch(7);
@@ -1278,6 +1297,8 @@ mod tests {
         let resync = |truncated| Resync {
             reason: crate::catchup::ResyncReason::Start,
             endpoint: "tcp://127.0.0.1:1".into(),
+            target: 0,
+            asked: std::time::Instant::now(),
             epoch,
             seq: 10,
             jails: Vec::new(),

@@ -1,8 +1,9 @@
 //! f2b-subscriber: receives the bans the cluster broadcasts and applies them on
 //! this node.
 //!
-//! An event travels: publisher PUB socket → [`receiver`] (SUB socket, liveness,
-//! epochs, sequence gaps, reconnections) → intake ([`filter`]: own node, duplicates,
+//! An event travels: publisher PUB socket → [`receiver`] (SUB socket, the
+//! publisher's signature, liveness, epochs, sequence gaps, reconnections; the
+//! `gate`'s epoch and replay rules) → intake ([`filter`]: own node, duplicates,
 //! `ignore_ip`, this machine's addresses; recorded as pending in the [`store`]) →
 //! [`pending`] queue (coalesced per jail and address, bounded) → executor (batches
 //! per jail and action, expiry, the local jail's `ignoreip`, retries with backoff)
@@ -15,6 +16,13 @@
 //! bans it holds that the cluster no longer does, then the queued broadcasts newer
 //! than the snapshot.
 //!
+//! Trust (`[trust] publisher_key`): every broadcast and every snapshot reply must
+//! be signed by the publisher's key, or it is dropped before it is decoded; a
+//! signed broadcast is used only if its epoch was confirmed by a signed snapshot
+//! reply to a fresh request and its sequence number is above what its epoch
+//! already used (see the `gate` module), so a recorded broadcast replayed later
+//! cannot undo newer state.
+//!
 //! Delivery is at least once: an event is marked applied in the state after its
 //! action succeeded, so a crash in between applies it again after the restart
 //! (`fail2ban-client banip`/`unbanip` are idempotent). Events received and not yet
@@ -25,8 +33,12 @@
 //! - [`receiver`]: the ZeroMQ loop, on a blocking thread; the socket monitor;
 //!   logs `connected`, `disconnected`, `missed events`, dead links; legacy
 //!   (fail2ban-zmq-tools) messages; sends events and snapshots on a channel.
-//! - [`catchup`]: fetching snapshots page by page over REQ, queueing broadcasts
-//!   meanwhile, backoff.
+//! - `gate`: which signed broadcasts may be used (epochs confirmed by snapshots,
+//!   sequence floors against replays).
+//! - [`catchup`]: fetching snapshots page by page over REQ (a fresh nonce per
+//!   request, signed replies), queueing broadcasts meanwhile, backoff.
+//! - [`watch`]: `f2b-subscriber watch`, the verified stream printed, nothing
+//!   applied.
 //! - [`filter`]: the pure filter core and its [`SkipReason`]s.
 //! - [`pending`]: the pure queue: coalescing, grouping, backoff, the `queue_size` bound.
 //! - `executor`: the intake (filter, record, queue, resync) and executor tasks
@@ -42,16 +54,20 @@ pub mod action;
 pub mod catchup;
 mod executor;
 pub mod filter;
+mod gate;
 pub mod pending;
 mod ratelimit;
 pub mod receiver;
 pub mod store;
+pub mod watch;
 
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
-use f2b_common::config::{Config, NodeConfig, SubscriberConfig};
+use f2b_common::config::{Config, NodeConfig, SubscriberConfig, TrustError};
+use f2b_common::metrics::{self, Metrics, MetricsError, Readiness, SubscriberMetrics};
 use f2b_common::{sockets, zmq, CancellationToken};
+use f2b_proto::auth::PublicKey;
 use f2b_proto::{Action, Epoch, JailName};
 use tokio::sync::mpsc;
 
@@ -59,6 +75,7 @@ pub use action::{Applier, CallError, FailureScope};
 pub use catchup::{ResyncReason, SNAPSHOT_TIMEOUT};
 pub use executor::LOCAL_ADDRESS_REFRESH;
 pub use filter::SkipReason;
+pub use receiver::Refusal;
 pub use store::StoreError;
 
 use executor::{enqueue, Executor, Intake, LocalAddresses, Shared};
@@ -98,6 +115,59 @@ pub enum SubscriberError {
         what: &'static str,
         source: tokio::task::JoinError,
     },
+    #[error("cannot follow a publisher without its key")]
+    Trust { source: TrustError },
+    #[error("cannot serve metrics")]
+    Metrics { source: MetricsError },
+    #[error("cannot install the SIGHUP handler")]
+    Signal { source: std::io::Error },
+}
+
+/// Whether the configuration lets a subscriber run: `[trust] publisher_key`, or
+/// the explicit opt-out, unless it follows a fail2ban-zmq-tools publisher
+/// (`legacy = true`), which cannot sign.
+pub fn check_trust(config: &Config) -> Result<(), TrustError> {
+    if config.subscriber.legacy {
+        return Ok(());
+    }
+    config.trust.require_subscriber()
+}
+
+/// Logs which publisher keys are in use, and warns when broadcasts are not
+/// authenticated.
+fn log_trust(config: &Config) {
+    let keys = &config.trust.publisher_keys;
+    if config.subscriber.legacy {
+        tracing::warn!(
+            "legacy = true: the broadcasts of a fail2ban-zmq-tools publisher are not authenticated \
+             (it cannot sign them): anyone who can reach this subscriber's connection to it could make \
+             this node ban or unban addresses"
+        );
+    } else if keys.is_empty() {
+        tracing::warn!(
+            "running without a publisher key ([trust] allow_unauthenticated = true): broadcasts and \
+             snapshots are not verified, and anyone who can reach this subscriber's connection to the \
+             publisher could make this node ban or unban addresses; set [trust] publisher_key"
+        );
+    } else {
+        tracing::info!(
+            publisher_key = %keys_label(keys),
+            "broadcasts and snapshots must be signed by this key"
+        );
+        if config.trust.allow_unauthenticated {
+            tracing::warn!(
+                "[trust] allow_unauthenticated = true: this subscriber still refuses every broadcast \
+                 and snapshot not signed by publisher_key (the opt-out only matters where no key is set)"
+            );
+        }
+    }
+}
+
+fn keys_label(keys: &[PublicKey]) -> String {
+    keys.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Something the subscriber did, for tests and embedding (the same facts as the
@@ -129,6 +199,11 @@ pub enum Notice {
     },
     /// Sequence numbers skipped in an epoch.
     Missed { epoch: Epoch, count: u64 },
+    /// A broadcast dropped before it was used (`publisher`: the configured
+    /// endpoint(s) it came from).
+    Refused { reason: Refusal, publisher: String },
+    /// A snapshot fetch failed (or its reply was refused); it is retried.
+    SnapshotFailed { publisher: String, error: String },
     /// An event not applied, and why.
     Skipped {
         reason: SkipReason,
@@ -153,16 +228,92 @@ pub enum Notice {
     Dropped { jail: JailName, ip: IpAddr },
 }
 
-/// An optional channel of [`Notice`]s.
+/// An optional channel of [`Notice`]s, and the metrics they count.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Notices(Option<mpsc::UnboundedSender<Notice>>);
+pub(crate) struct Notices {
+    tx: Option<mpsc::UnboundedSender<Notice>>,
+    metrics: Option<SubscriberMetrics>,
+    /// Whether to tell systemd when subscribed (the daemon, not `watch`).
+    notify_ready: bool,
+}
 
 impl Notices {
+    pub(crate) fn to(tx: mpsc::UnboundedSender<Notice>) -> Self {
+        Notices {
+            tx: Some(tx),
+            metrics: None,
+            notify_ready: false,
+        }
+    }
+
+    /// The SUB socket(s) are connected for the first time (the state is open
+    /// before): the daemon is started, whether or not a publisher is up yet, and
+    /// tells systemd so (`READY=1`).
+    pub(crate) fn subscribed(&self, publisher: &str) {
+        if self.notify_ready {
+            f2b_common::daemon::notify_ready(&format!("subscribed to {publisher}"));
+        }
+    }
+
+    /// The metrics, when recorded (the daemon, not `watch`).
+    pub(crate) fn metrics(&self) -> Option<&SubscriberMetrics> {
+        self.metrics.as_ref()
+    }
+
+    /// Events waiting to be applied now.
+    pub(crate) fn queued(&self, len: usize) {
+        if let Some(m) = &self.metrics {
+            m.events_queued.set(i64::try_from(len).unwrap_or(i64::MAX));
+        }
+    }
+
     pub(crate) fn send(&self, n: Notice) {
-        if let Some(tx) = &self.0 {
+        if let Some(m) = &self.metrics {
+            count(m, &n);
+        }
+        if self.notify_ready {
+            link_status(&n);
+        }
+        if let Some(tx) = &self.tx {
             // Nobody listening any more is fine.
             let _ = tx.send(n);
         }
+    }
+}
+
+/// The unit's STATUS= line (systemd, `systemctl status`) when the link to the
+/// publisher changes; the other notices (one per event) send nothing.
+fn link_status(n: &Notice) {
+    let status = match n {
+        Notice::Connected { epoch } => format!("receiving from the publisher (epoch {epoch})"),
+        Notice::LegacyConnected { publisher } => format!("connected to {publisher} (legacy)"),
+        Notice::Disconnected { publisher } => {
+            format!("disconnected from {publisher}, reconnecting")
+        }
+        Notice::LinkDead => {
+            "no message from the publisher within heartbeat_timeout, reconnecting".to_owned()
+        }
+        _ => return,
+    };
+    f2b_common::daemon::notify_status(&status);
+}
+
+/// The metrics a notice stands for.
+fn count(m: &SubscriberMetrics, n: &Notice) {
+    match n {
+        Notice::Applied { .. } => {
+            m.events_applied.inc();
+        }
+        Notice::Skipped { reason, .. } => m.events_skipped.inc(reason.as_str()),
+        Notice::Dropped { .. } => m.events_skipped.inc("queue_full"),
+        Notice::Failed { .. } => {
+            m.events_failed.inc();
+        }
+        Notice::Resynced { .. } => {
+            m.snapshots.inc();
+        }
+        Notice::Refused { reason, .. } => m.broadcasts_refused.inc(reason.as_str()),
+        _ => {}
     }
 }
 
@@ -171,6 +322,8 @@ impl Notices {
 pub struct Subscriber {
     node: NodeConfig,
     config: SubscriberConfig,
+    /// `[trust]` as a whole (only publisher_keys and the opt-out are used).
+    full: Config,
     applier: Option<Box<dyn Applier>>,
     notices: Notices,
     local: LocalAddresses,
@@ -178,10 +331,12 @@ pub struct Subscriber {
 }
 
 impl Subscriber {
-    pub fn new(node: NodeConfig, config: SubscriberConfig) -> Self {
+    /// A subscriber for `config`'s `[node]`, `[subscriber]` and `[trust]`.
+    pub fn new(config: &Config) -> Self {
         Subscriber {
-            node,
-            config,
+            node: config.node.clone(),
+            config: config.subscriber.clone(),
+            full: config.clone(),
             applier: None,
             notices: Notices::default(),
             local: LocalAddresses::Interfaces,
@@ -204,7 +359,7 @@ impl Subscriber {
 
     /// Sends a [`Notice`] for everything the subscriber does.
     pub fn with_notices(mut self, tx: mpsc::UnboundedSender<Notice>) -> Self {
-        self.notices = Notices(Some(tx));
+        self.notices.tx = Some(tx);
         self
     }
 
@@ -215,12 +370,16 @@ impl Subscriber {
     }
 
     /// Runs until `shutdown` is cancelled, then applies what is in flight or ready
-    /// (for at most [`DRAIN_TIMEOUT`]) and returns. Fails at once when the state
-    /// directory cannot be created or is locked by another subscriber.
+    /// (for at most [`DRAIN_TIMEOUT`]) and returns. Once its state is open and its
+    /// SUB socket(s) connected it tells systemd it is ready (`READY=1`, for a
+    /// `Type=notify` unit), without waiting for a publisher. Fails at once when the state
+    /// directory cannot be created or is locked by another subscriber, or when
+    /// [`check_trust`] refuses the configuration.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), SubscriberError> {
         let Subscriber {
             node,
             config,
+            full,
             applier,
             notices,
             local,
@@ -237,10 +396,43 @@ impl Subscriber {
             legacy = config.legacy,
             "starting"
         );
+        check_trust(&full).map_err(|source| SubscriberError::Trust { source })?;
+        log_trust(&full);
+        // Metrics (served only with `[subscriber] metrics_bind`; recording is
+        // cheap either way).
+        let mut notices = notices;
+        let readiness = Readiness::new();
+        let mut registry = Metrics::new("f2b-subscriber");
+        notices.notify_ready = true;
+        notices.metrics = Some(SubscriberMetrics::new(
+            &mut registry,
+            &readiness,
+            config.heartbeat_timeout,
+        ));
+        let metrics_server = metrics::serve_if(
+            full.metrics.subscriber,
+            registry,
+            readiness,
+            shutdown.clone(),
+        )
+        .await
+        .map_err(|source| SubscriberError::Metrics { source })?;
         if !config.legacy && config.snapshot.is_empty() {
             tracing::warn!(
                 "no [subscriber] snapshot endpoint: events broadcast while this subscriber is \
-                 stopped or cut off from the publisher will not be recovered"
+                 stopped or cut off from the publisher will not be recovered, and no snapshot \
+                 confirms the publisher's epoch (the first one seen is taken)"
+            );
+        }
+        if !config.legacy
+            && !config.snapshot.is_empty()
+            && config.snapshot.len() < config.publisher.len()
+        {
+            tracing::warn!(
+                publishers = config.publisher.len(),
+                snapshot = config.snapshot.len(),
+                "fewer [subscriber] snapshot endpoints than publishers: the broadcasts of a publisher \
+                 whose epoch no snapshot confirms are refused (list each publisher's reply endpoint)"
             );
         }
         let store = Store::open(&config.state_dir, SystemTime::now())
@@ -295,6 +487,8 @@ impl Subscriber {
             snapshot_timeout,
             queue_limit: config.queue_size,
             legacy: config.legacy,
+            keys: full.trust.publisher_keys.clone(),
+            heartbeats: false,
         };
         let rn = notices.clone();
         let rt = shutdown.clone();
@@ -345,17 +539,16 @@ impl Subscriber {
                 source,
             })?;
         }
+        if let Some(server) = metrics_server {
+            server.join().await;
+        }
         Ok(())
     }
 }
 
 /// Runs the subscriber with its configured action until `shutdown` is cancelled.
-pub async fn run(
-    node: NodeConfig,
-    config: SubscriberConfig,
-    shutdown: CancellationToken,
-) -> Result<(), SubscriberError> {
-    Subscriber::new(node, config).run(shutdown).await
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), SubscriberError> {
+    Subscriber::new(&config).run(shutdown).await
 }
 
 fn endpoints_label(endpoints: &[f2b_common::config::Endpoint]) -> String {
@@ -398,13 +591,20 @@ pub fn summary(config: &Config) -> String {
         f2b_common::config::SubscriberAction::None => "none".to_owned(),
     };
     format!(
-        "node: {}\npublisher: {}\njails: {}\naction: {}\nban_jail: {}\nignore_ip: {}\nheartbeat_timeout: {:?}\nqueue_size: {}\nlegacy: {}\nstate_dir: {}\nsnapshot: {}",
+        "node: {}\npublisher: {}\npublisher_key: {}\njails: {}\naction: {}\nban_jail: {}\nignore_ip: {}\nheartbeat_timeout: {:?}\nqueue_size: {}\nlegacy: {}\nstate_dir: {}\nsnapshot: {}",
         config.node.name,
         s.publisher
             .iter()
             .map(|e| e.as_str())
             .collect::<Vec<_>>()
             .join(", "),
+        if s.legacy {
+            "(legacy: not authenticated)".to_owned()
+        } else if config.trust.publisher_keys.is_empty() {
+            "(none: allow_unauthenticated, broadcasts not verified)".to_owned()
+        } else {
+            keys_label(&config.trust.publisher_keys).replace(',', ", ")
+        },
         jails_label(&s.jails),
         action,
         s.ban_jail
@@ -474,6 +674,52 @@ pub(crate) mod tests {
             buf,
             _guard: tracing::subscriber::set_default(sub),
         }
+    }
+
+    fn conf(extra: &str) -> Config {
+        f2b_common::config::from_str(
+            &format!(
+                "[node]\nname = \"web1\"\n[subscriber]\npublisher = \"tcp://hub:5680\"\n{extra}"
+            ),
+            std::path::Path::new("x.conf"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn trust_is_required_and_its_absence_warned_about() {
+        let key = f2b_proto::auth::SigningKey::from_seed([1; 32]).public();
+        let err = check_trust(&conf("")).unwrap_err();
+        assert_eq!(err.key, "trust.publisher_key");
+        // A fail2ban-zmq-tools publisher cannot sign: no key needed, a warning.
+        let legacy = conf("legacy = true\n");
+        assert!(check_trust(&legacy).is_ok());
+        let logs = capture_logs();
+        log_trust(&legacy);
+        assert!(
+            logs.text().contains("WARN") && logs.text().contains("not authenticated"),
+            "{}",
+            logs.text()
+        );
+        let open = conf("[trust]\nallow_unauthenticated = true\n");
+        assert!(check_trust(&open).is_ok());
+        let logs = capture_logs();
+        log_trust(&open);
+        assert!(
+            logs.text()
+                .contains("could make this node ban or unban addresses"),
+            "{}",
+            logs.text()
+        );
+        let keyed = conf(&format!("[trust]\npublisher_key = \"{key}\"\n"));
+        assert!(check_trust(&keyed).is_ok());
+        let logs = capture_logs();
+        log_trust(&keyed);
+        assert!(
+            logs.text().contains(&format!("publisher_key={key}")) && !logs.text().contains("WARN"),
+            "{}",
+            logs.text()
+        );
     }
 
     #[test]

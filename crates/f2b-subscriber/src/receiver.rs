@@ -14,8 +14,22 @@
 //! publisher instead: one-frame `host|jail|action|ip` messages, no heartbeats (no
 //! dead-link timeout: ZMTP heartbeats and TCP keepalive watch the connection), no
 //! sequence numbers, no snapshots.
+//!
+//! # Trust
+//!
+//! With `[trust] publisher_key`, every native message (events and heartbeats) must
+//! be three frames, topic, payload and the publisher's Ed25519 signature over both
+//! ([`f2b_proto::auth::verify_broadcast`]); anything else is dropped before its
+//! payload is decoded, counted per [`Refusal`] and logged (the first of each
+//! reason at once, then a summary a minute at most). A refused message proves
+//! nothing: it does not keep the link alive, start a resync or count as a gap.
+//! A signed event then passes the `gate`: its epoch must be current
+//! (confirmed by a signed snapshot when catch-up is configured; events of an
+//! unconfirmed epoch are held until one says) and its sequence number above what
+//! its epoch already used. Without a key (`allow_unauthenticated`) messages are
+//! taken as they come and frames after the payload are ignored.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -23,6 +37,7 @@ use std::time::{Duration, Instant};
 use f2b_common::config::Endpoint;
 use f2b_common::sockets::new_socket;
 use f2b_common::{zmq, CancellationToken};
+use f2b_proto::auth::{verify_broadcast, PublicKey};
 use f2b_proto::{
     event_topic, Broadcast, Epoch, Event, EventId, JailName, NodeName, Sequenced, HEARTBEAT_TOPIC,
     MAX_FRAMES,
@@ -30,8 +45,95 @@ use f2b_proto::{
 use tokio::sync::mpsc;
 
 use crate::catchup::{CatchUp, Out, Resync, ResyncReason};
+use crate::gate::{Gate, Verdict};
 use crate::ratelimit::RateLimit;
 use crate::{Notice, Notices, SubscriberError};
+
+/// Why a broadcast was dropped before it was used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// Two frames, no signature, while `[trust] publisher_key` is set.
+    Unsigned,
+    /// A signature frame that no configured key made for this topic and payload
+    /// (another publisher's key, or a forged or altered message).
+    BadSignature,
+    /// Signed, but its sequence number is not above one already used in its
+    /// epoch: a replay (or a publisher's rebroadcast of an event already used).
+    Replayed,
+    /// Signed, but of an epoch that is no longer the publisher's (or that no
+    /// snapshot confirmed): a replay of an old broadcast.
+    StaleEpoch,
+}
+
+impl Refusal {
+    /// The value logged as `reason=`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Unsigned => "unsigned",
+            Refusal::BadSignature => "bad_signature",
+            Refusal::Replayed => "replayed",
+            Refusal::StaleEpoch => "stale_epoch",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        match self {
+            Refusal::Unsigned => 0,
+            Refusal::BadSignature => 1,
+            Refusal::Replayed => 2,
+            Refusal::StaleEpoch => 3,
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How often refused broadcasts are summarised in the log, at most.
+const REFUSAL_SUMMARY: Duration = Duration::from_secs(60);
+
+/// Refused broadcasts, counted per reason: the first of each reason is logged at
+/// once, the rest in periodic summaries.
+#[derive(Debug)]
+struct Refusals {
+    total: [u64; 4],
+    unreported: [u64; 4],
+    next_summary: Instant,
+}
+
+impl Refusals {
+    fn new() -> Self {
+        Refusals {
+            total: [0; 4],
+            unreported: [0; 4],
+            next_summary: Instant::now(),
+        }
+    }
+
+    /// Counts one; true when it is the first of its reason (log it in full).
+    fn record(&mut self, r: Refusal) -> bool {
+        let i = r.index();
+        self.total[i] += 1;
+        if self.total[i] == 1 {
+            return true;
+        }
+        self.unreported[i] += 1;
+        false
+    }
+
+    /// The counts to summarise now, if any and if it is time.
+    fn summary(&mut self, now: Instant) -> Option<[u64; 4]> {
+        if now < self.next_summary || self.unreported.iter().all(|n| *n == 0) {
+            return None;
+        }
+        self.next_summary = now + REFUSAL_SUMMARY;
+        Some(std::mem::take(&mut self.unreported))
+    }
+}
 
 /// What the receive loop hands to the intake.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +147,8 @@ pub(crate) enum Input {
     },
     /// A complete snapshot of one publisher, with the broadcasts queued meanwhile.
     Resync(Box<Resync>),
+    /// A heartbeat (only with [`ReceiverConfig::heartbeats`], for `watch`).
+    Heartbeat { epoch: Epoch, seq: u64 },
 }
 
 impl From<Sequenced> for Input {
@@ -61,6 +165,16 @@ impl From<Sequenced> for Input {
 const MAX_EPOCHS: usize = 16;
 /// The most messages read from the SUB socket per wake-up before polling again.
 pub(crate) const MAX_DRAIN: usize = 256;
+/// The longest the loop reads from the SUB socket per wake-up before polling again.
+const MAX_DRAIN_TIME: Duration = Duration::from_millis(50);
+/// The longest the loop waits in `zmq::poll` before it looks at the cancellation
+/// token again. Shutdown normally wakes the poll at once through the shutdown
+/// socket, but that needs a runtime task to forward the cancellation: when the
+/// runtime is going away (a caller's future dropped, a test that panicked), the
+/// token alone says so. Without this bound the loop waited up to the whole
+/// `heartbeat_timeout` (or forever with `legacy`, or with no deadline at all), and
+/// the runtime's shutdown, which waits for this blocking thread, with it.
+pub const MAX_POLL_WAIT: Duration = Duration::from_secs(1);
 /// A heartbeat interval announced by a publisher is believed up to this value.
 const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(600);
 /// The link is dead after this many announced heartbeat intervals without a
@@ -80,6 +194,11 @@ pub(crate) struct ReceiverConfig {
     pub(crate) queue_limit: usize,
     /// Follow a fail2ban-zmq-tools publisher.
     pub(crate) legacy: bool,
+    /// The publishers' keys; empty: broadcasts are not verified
+    /// (`allow_unauthenticated`).
+    pub(crate) keys: Vec<PublicKey>,
+    /// Pass heartbeats on as [`Input::Heartbeat`].
+    pub(crate) heartbeats: bool,
 }
 
 impl ReceiverConfig {
@@ -265,6 +384,17 @@ fn attach_monitor(ctx: &zmq::Context, sub: &zmq::Socket) -> zmq::Result<zmq::Soc
     Ok(pair)
 }
 
+/// The `zmq::poll` timeout (milliseconds) until `deadline`, at most
+/// [`MAX_POLL_WAIT`].
+fn poll_wait(deadline: Option<Instant>, now: Instant) -> i64 {
+    let until = deadline.map_or(MAX_POLL_WAIT, |d| {
+        d.saturating_duration_since(now).min(MAX_POLL_WAIT)
+    });
+    i64::try_from(until.as_millis())
+        .unwrap_or(i64::MAX)
+        .saturating_add(1)
+}
+
 /// A connection event of the SUB socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum LinkEvent {
@@ -318,12 +448,13 @@ pub(crate) fn legacy_event(
 }
 
 /// A multipart message: at most [`MAX_FRAMES`] frames kept, all counted.
-struct Frames {
-    kept: Vec<Vec<u8>>,
-    count: usize,
+pub(crate) struct Frames {
+    pub(crate) kept: Vec<Vec<u8>>,
+    pub(crate) count: usize,
 }
 
-fn recv_frames(sub: &zmq::Socket) -> zmq::Result<Option<Frames>> {
+/// Reads one multipart message without waiting (`Ok(None)`: none there).
+pub(crate) fn recv_frames(sub: &zmq::Socket) -> zmq::Result<Option<Frames>> {
     let first = match sub.recv_bytes(zmq::DONTWAIT) {
         Ok(b) => b,
         Err(zmq::Error::EAGAIN) => return Ok(None),
@@ -343,6 +474,16 @@ fn recv_frames(sub: &zmq::Socket) -> zmq::Result<Option<Frames>> {
     Ok(Some(f))
 }
 
+/// What a message was.
+enum Handled {
+    /// From the publisher (verified, or no key is configured): the link is alive.
+    Genuine,
+    /// Dropped; proves nothing.
+    Ignored,
+    /// The intake is gone.
+    Stop,
+}
+
 /// Why the loop stopped.
 enum Stop {
     Shutdown,
@@ -353,8 +494,9 @@ enum Stop {
 /// when the socket cannot be set up at all.
 ///
 /// `shutdown` (from [`f2b_common::sockets::shutdown_socket`]) wakes the poll at
-/// once; `token` is checked at each wake-up as well, so the loop also ends if the
-/// runtime that forwards the cancellation to `shutdown` is already gone.
+/// once; `token` is checked at each wake-up as well (at least every
+/// [`MAX_POLL_WAIT`]), so the loop also ends, within that time, if the runtime
+/// that forwards the cancellation to `shutdown` is already gone.
 pub(crate) fn run(
     ctx: zmq::Context,
     cfg: ReceiverConfig,
@@ -363,18 +505,25 @@ pub(crate) fn run(
     tx: mpsc::Sender<Input>,
     notices: Notices,
 ) -> Result<(), SubscriberError> {
+    let snapshot = if cfg.legacy { &[][..] } else { &cfg.snapshot };
     let mut r = Receiver {
         token,
         publisher: cfg.publisher_label(),
         link: LinkState::new(cfg.endpoints.len() == 1, cfg.jails.is_empty()),
+        gate: Gate::new(!snapshot.is_empty(), cfg.endpoints.len() == 1),
+        held: VecDeque::new(),
+        refusals: Refusals::new(),
+        waiting_log: RateLimit::new(Duration::from_secs(60)),
         timeout: cfg.heartbeat_timeout,
         bad: RateLimit::new(Duration::from_secs(10)),
         dead: RateLimit::new(Duration::from_secs(60)),
         catchup: CatchUp::new(
-            if cfg.legacy { &[] } else { &cfg.snapshot },
+            snapshot,
             cfg.jails.clone(),
             cfg.snapshot_timeout,
             cfg.queue_limit,
+            cfg.keys.clone(),
+            notices.clone(),
         ),
         fresh: Vec::new(),
         origin: HashMap::new(),
@@ -383,8 +532,13 @@ pub(crate) fn run(
         tx,
         notices,
     };
+    let mut subscribed = false;
     loop {
         let session = open(&ctx, &r.cfg)?;
+        if !subscribed {
+            subscribed = true;
+            r.notices.subscribed(&r.publisher);
+        }
         r.link.reset_live();
         r.fresh.clear();
         tracing::debug!(publisher = %r.publisher, "subscribing");
@@ -393,6 +547,12 @@ pub(crate) fn run(
                 // Broadcasts queued by a fetch under way are still applied.
                 if let Some(out) = r.catchup.abandon() {
                     r.deliver(out);
+                }
+                if !r.held.is_empty() {
+                    tracing::info!(
+                        count = r.held.len(),
+                        "broadcasts of an epoch no snapshot confirmed yet are not applied (the next start's snapshot lists the bans)"
+                    );
                 }
                 return Ok(());
             }
@@ -413,6 +573,11 @@ struct Receiver {
     cfg: ReceiverConfig,
     publisher: String,
     link: LinkState,
+    gate: Gate,
+    /// Events of epochs that no snapshot confirmed yet, in order of arrival.
+    held: VecDeque<Sequenced>,
+    refusals: Refusals,
+    waiting_log: RateLimit,
     timeout: Duration,
     bad: RateLimit,
     dead: RateLimit,
@@ -441,6 +606,7 @@ impl Receiver {
                 return Ok(Stop::Shutdown);
             }
             let now = Instant::now();
+            self.summarise_refusals(now);
             if let Some(out) = self.catchup.step(ctx, now) {
                 if !self.deliver(out) {
                     return Ok(Stop::Shutdown);
@@ -455,7 +621,8 @@ impl Receiver {
                             publisher = %self.publisher,
                             timeout = ?self.timeout,
                             held_back = held,
-                            "no message from the publisher, reconnecting"
+                            "no message from the publisher, reconnecting: is f2b-publisher's broadcast_bind \
+                             reachable from here, is [subscriber] publisher right?"
                         );
                     }
                     self.notices.send(Notice::LinkDead);
@@ -463,12 +630,7 @@ impl Receiver {
                 }
                 deadline = Some(deadline.map_or(dead_at, |d| d.min(dead_at)));
             }
-            let wait = match deadline {
-                Some(d) => i64::try_from(d.saturating_duration_since(now).as_millis())
-                    .unwrap_or(i64::MAX)
-                    .saturating_add(1),
-                None => -1,
-            };
+            let wait = poll_wait(deadline, now);
             let (sub_ready, shut, mon_ready, req_ready) = {
                 let mut items = vec![
                     s.sub.as_poll_item(zmq::POLLIN),
@@ -511,18 +673,27 @@ impl Receiver {
             if !sub_ready {
                 continue;
             }
-            // At most MAX_DRAIN messages, then back to the poll: a backlog must not
-            // starve the shutdown socket, the fetch's deadline or its REQ socket.
+            // At most MAX_DRAIN messages (or MAX_DRAIN_TIME: each is verified), then
+            // back to the poll: a backlog must not starve the shutdown socket, the
+            // fetch's deadline or its REQ socket.
+            let drain_until = Instant::now() + MAX_DRAIN_TIME;
             for _ in 0..MAX_DRAIN {
+                if Instant::now() >= drain_until {
+                    break;
+                }
                 // A connection made since the last look applies to what follows.
                 self.read_monitor(s.monitor.as_ref());
                 match recv_frames(&s.sub) {
-                    Ok(Some(frames)) => {
-                        last = Instant::now();
-                        if !self.handle(frames) {
-                            return Ok(Stop::Shutdown);
+                    Ok(Some(frames)) => match self.handle(frames) {
+                        Handled::Genuine => {
+                            last = Instant::now();
+                            if let Some(m) = self.notices.metrics() {
+                                m.last_heartbeat.touch();
+                            }
                         }
-                    }
+                        Handled::Ignored => {}
+                        Handled::Stop => return Ok(Stop::Shutdown),
+                    },
                     Ok(None) => break,
                     Err(e) => {
                         tracing::warn!(error = %e, "receive failed, reconnecting");
@@ -534,12 +705,159 @@ impl Receiver {
     }
 
     /// Passes catch-up output to the intake; false when the intake is gone.
-    fn deliver(&self, out: Out) -> bool {
+    ///
+    /// A complete snapshot confirms its epoch: the held events are looked at again
+    /// (those of its epoch above its sequence number go with it, those of a
+    /// retired epoch are dropped, the others wait on). A failed fetch releases the
+    /// events it queued (their epoch was current when they came).
+    fn deliver(&mut self, out: Out) -> bool {
         match out {
-            Out::Resync(r) => self.tx.blocking_send(Input::Resync(r)).is_ok(),
-            Out::Release(queued) => queued
-                .into_iter()
-                .all(|s| self.tx.blocking_send(s.into()).is_ok()),
+            Out::Resync(mut r) => {
+                let targets = self.catchup.active_targets();
+                let again = self
+                    .gate
+                    .confirm(r.target, r.epoch, r.seq, r.asked, &targets);
+                r.queued.extend(self.recheck_held());
+                if again {
+                    self.catchup.trigger(ResyncReason::Epoch);
+                }
+                self.tx.blocking_send(Input::Resync(r)).is_ok()
+            }
+            Out::Release(queued) => {
+                let mut ok = queued
+                    .into_iter()
+                    .all(|s| self.tx.blocking_send(s.into()).is_ok());
+                if self.gate.confirming() && self.catchup.active_targets().is_empty() {
+                    tracing::warn!(
+                        "no publisher serves snapshots: epochs are adopted as they come, without confirmation"
+                    );
+                    self.gate.stop_confirming();
+                    for s in self.recheck_held() {
+                        ok = ok && self.tx.blocking_send(s.into()).is_ok();
+                    }
+                } else if !self.held.is_empty() {
+                    if let Some(suppressed) = self.waiting_log.allow() {
+                        let waiting: Vec<String> = self
+                            .gate
+                            .waiting()
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect();
+                        tracing::warn!(
+                            publisher = %self.publisher,
+                            epochs = %waiting.join(","),
+                            held = self.held.len(),
+                            held_back = suppressed,
+                            "broadcasts wait for a signed snapshot to confirm their epoch, and none came yet: \
+                             is [subscriber] snapshot the reply endpoint of the same publisher, and reachable?"
+                        );
+                    }
+                }
+                ok
+            }
+        }
+    }
+
+    /// Looks at the held events again; returns those to use now, in order.
+    fn recheck_held(&mut self) -> Vec<Sequenced> {
+        let now = Instant::now();
+        let mut used = Vec::new();
+        for s in std::mem::take(&mut self.held) {
+            match self.gate.check(s.epoch, s.seq, now) {
+                Verdict::Use => used.push(s),
+                Verdict::Hold => self.held.push_back(s),
+                Verdict::Reflected { snapshot } => {
+                    tracing::debug!(seq = s.seq, snapshot, id = %s.event.id, "held broadcast already in the snapshot");
+                }
+                Verdict::Replayed { floor } => self.refuse(Refusal::Replayed, Some((&s, floor))),
+                Verdict::Stale => self.refuse(Refusal::StaleEpoch, Some((&s, 0))),
+            }
+        }
+        used
+    }
+
+    /// Holds an event of an unconfirmed epoch (the oldest held is dropped when
+    /// `queue_size` are held: the snapshot that confirms the epoch lists its bans).
+    fn hold(&mut self, s: Sequenced) {
+        if self.held.len() >= self.cfg.queue_limit.max(1) {
+            if let Some(old) = self.held.pop_front() {
+                if let Some(suppressed) = self.waiting_log.allow() {
+                    tracing::warn!(
+                        epoch = %old.epoch,
+                        seq = old.seq,
+                        held = self.held.len() + 1,
+                        held_back = suppressed,
+                        "too many broadcasts wait for a snapshot to confirm their epoch (queue_size): dropped the oldest"
+                    );
+                }
+            }
+        }
+        self.held.push_back(s);
+    }
+
+    /// Counts and logs a refused broadcast (`event`: the event and the floor it
+    /// was under, for replays).
+    fn refuse(&mut self, reason: Refusal, event: Option<(&Sequenced, u64)>) {
+        let first = self.refusals.record(reason);
+        self.notices.send(Notice::Refused {
+            reason,
+            publisher: self.publisher.clone(),
+        });
+        if !first {
+            return;
+        }
+        let (seq, epoch) = event.map_or((None, None), |(s, _)| {
+            (Some(s.seq), Some(s.epoch.to_string()))
+        });
+        let publisher = self.publisher.as_str();
+        match reason {
+            Refusal::Unsigned => tracing::warn!(
+                publisher,
+                reason = %reason,
+                "broadcast refused: it is not signed; is the publisher older, or running without \
+                 [trust] signing_key_file? This subscriber takes only broadcasts signed by [trust] publisher_key \
+                 (further refusals are summarised)"
+            ),
+            Refusal::BadSignature => tracing::warn!(
+                publisher,
+                reason = %reason,
+                "broadcast refused: its signature is not by [trust] publisher_key (signed by another key, \
+                 or altered): check [trust] publisher_key (further refusals are summarised)"
+            ),
+            Refusal::Replayed => tracing::info!(
+                publisher,
+                reason = %reason,
+                seq,
+                epoch,
+                floor = event.map(|(_, f)| f),
+                "broadcast ignored: its sequence number is not above one already applied in its epoch \
+                 (a replay, or the publisher's rebroadcast after a restart; further ones are summarised)"
+            ),
+            Refusal::StaleEpoch => tracing::warn!(
+                publisher,
+                reason = %reason,
+                seq,
+                epoch,
+                "broadcast ignored: its epoch is no longer the publisher's (a replay of an old broadcast; \
+                 or, with several publishers, one whose reply endpoint [subscriber] snapshot lacks; \
+                 further ones are summarised)"
+            ),
+        }
+    }
+
+    fn summarise_refusals(&mut self, now: Instant) {
+        if let Some(c) = self.refusals.summary(now) {
+            let [unsigned, bad_signature, replayed, stale_epoch] = c;
+            let [t_unsigned, t_bad, t_replayed, t_stale] = self.refusals.total;
+            tracing::warn!(
+                publisher = %self.publisher,
+                unsigned,
+                bad_signature,
+                replayed,
+                stale_epoch,
+                total = t_unsigned + t_bad + t_replayed + t_stale,
+                "broadcasts refused since the last report"
+            );
         }
     }
 
@@ -569,44 +887,119 @@ impl Receiver {
     }
 
     fn bad_message(&mut self, error: &dyn std::fmt::Display) {
+        if let Some(m) = self.notices.metrics() {
+            m.broadcasts_refused.inc("malformed");
+        }
         if let Some(held) = self.bad.allow() {
             tracing::warn!(error = %error, held_back = held, "bad message dropped");
         }
     }
 
-    /// Handles one message; false when the intake is gone.
-    fn handle(&mut self, frames: Frames) -> bool {
-        if self.cfg.legacy {
-            return self.handle_legacy(frames);
-        }
-        let (Some(topic), Some(payload), 2) =
-            (frames.kept.first(), frames.kept.get(1), frames.count)
-        else {
+    /// The topic and payload of a native message, if its signature is right (or
+    /// no key is configured); refusals are counted and logged here.
+    fn verified(&mut self, frames: &Frames) -> Option<(Vec<u8>, Vec<u8>)> {
+        let (Some(topic), Some(payload)) = (frames.kept.first(), frames.kept.get(1)) else {
+            let expected = if self.cfg.keys.is_empty() {
+                "topic, payload"
+            } else {
+                "topic, payload, signature"
+            };
             self.bad_message(&format!(
-                "expected 2 frames (topic, payload), got {}",
+                "expected {} frames ({expected}), got {}",
+                if self.cfg.keys.is_empty() { 2 } else { 3 },
                 frames.count
             ));
-            return true;
+            return None;
         };
-        let msg = match Broadcast::decode(topic, payload) {
+        if self.cfg.keys.is_empty() {
+            // allow_unauthenticated without a key: frames after the payload (a
+            // signature this subscriber cannot check) are ignored.
+            return Some((topic.clone(), payload.clone()));
+        }
+        match (frames.count, frames.kept.get(2)) {
+            (2, _) => {
+                self.refuse(Refusal::Unsigned, None);
+                None
+            }
+            (3, Some(sig)) => {
+                if verify_broadcast(&self.cfg.keys, topic, payload, sig) {
+                    Some((topic.clone(), payload.clone()))
+                } else {
+                    self.refuse(Refusal::BadSignature, None);
+                    None
+                }
+            }
+            (count, _) => {
+                self.bad_message(&format!(
+                    "expected 3 frames (topic, payload, signature), got {count}"
+                ));
+                None
+            }
+        }
+    }
+
+    /// Handles one message.
+    fn handle(&mut self, frames: Frames) -> Handled {
+        if self.cfg.legacy {
+            return match self.handle_legacy(frames) {
+                true => Handled::Genuine,
+                false => Handled::Stop,
+            };
+        }
+        let Some((topic, payload)) = self.verified(&frames) else {
+            return Handled::Ignored;
+        };
+        let msg = match Broadcast::decode(&topic, &payload) {
             Ok(m) => m,
             Err(e) => {
                 self.bad_message(&e);
-                return true;
+                return Handled::Ignored;
             }
         };
+        let alive = |ok: bool| if ok { Handled::Genuine } else { Handled::Stop };
         match msg {
             Broadcast::Heartbeat(h) => {
+                if self.gate.is_retired(h.epoch) {
+                    tracing::debug!(epoch = %h.epoch, seq = h.seq, "heartbeat of a retired epoch ignored");
+                    return Handled::Ignored;
+                }
                 self.timeout = link_timeout(self.cfg.heartbeat_timeout, h.interval_ms);
+                if let Some(m) = self.notices.metrics() {
+                    m.heartbeats_received.inc();
+                    // With a jail filter the other jails' numbers never arrive.
+                    if let (true, Some(high)) = (self.cfg.jails.is_empty(), self.gate.high(h.epoch))
+                    {
+                        m.sequence_lag
+                            .set(i64::try_from(h.seq.saturating_sub(high)).unwrap_or(i64::MAX));
+                    }
+                }
                 let obs = self.link.observe(h.epoch, h.seq, false);
                 self.report(h.epoch, h.seq, obs);
-                true
+                if self.cfg.heartbeats {
+                    return alive(
+                        self.tx
+                            .blocking_send(Input::Heartbeat {
+                                epoch: h.epoch,
+                                seq: h.seq,
+                            })
+                            .is_ok(),
+                    );
+                }
+                Handled::Genuine
             }
             Broadcast::Event(s) => {
+                if let Some(m) = self.notices.metrics() {
+                    m.events_received.inc();
+                }
+                if self.gate.is_retired(s.epoch) {
+                    self.refuse(Refusal::StaleEpoch, Some((&s, 0)));
+                    return Handled::Ignored;
+                }
                 let obs = self.link.observe(s.epoch, s.seq, true);
                 self.report(s.epoch, s.seq, obs);
                 tracing::debug!(
                     seq = s.seq,
+                    epoch = %s.epoch,
                     jail = %s.event.jail,
                     action = %s.event.action,
                     ip = %s.event.ip,
@@ -614,13 +1007,40 @@ impl Receiver {
                     id = %s.event.id,
                     "received"
                 );
+                let was_waiting = self.gate.waiting().contains(&s.epoch);
+                match self.gate.check(s.epoch, s.seq, Instant::now()) {
+                    Verdict::Use => {}
+                    Verdict::Hold => {
+                        if !was_waiting {
+                            tracing::info!(
+                                epoch = %s.epoch,
+                                "broadcasts of this epoch are held until a signed snapshot confirms it"
+                            );
+                            self.catchup.trigger(ResyncReason::Epoch);
+                        }
+                        self.hold(s);
+                        return Handled::Genuine;
+                    }
+                    Verdict::Reflected { snapshot } => {
+                        tracing::debug!(seq = s.seq, snapshot, id = %s.event.id, "broadcast already in the last snapshot");
+                        return Handled::Genuine;
+                    }
+                    Verdict::Replayed { floor } => {
+                        self.refuse(Refusal::Replayed, Some((&s, floor)));
+                        return Handled::Ignored;
+                    }
+                    Verdict::Stale => {
+                        self.refuse(Refusal::StaleEpoch, Some((&s, 0)));
+                        return Handled::Ignored;
+                    }
+                }
                 if self.catchup.fetching() {
                     match self.catchup.queue(s, Instant::now()) {
-                        Some(out) => self.deliver(out),
-                        None => true,
+                        Some(out) => alive(self.deliver(out)),
+                        None => Handled::Genuine,
                     }
                 } else {
-                    self.tx.blocking_send(s.into()).is_ok()
+                    alive(self.tx.blocking_send(s.into()).is_ok())
                 }
             }
         }
@@ -734,6 +1154,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_poll_never_waits_longer_than_max_poll_wait() {
+        let now = Instant::now();
+        let cap = i64::try_from(MAX_POLL_WAIT.as_millis()).unwrap() + 1;
+        // No deadline (legacy, no fetch): not forever.
+        assert_eq!(poll_wait(None, now), cap);
+        // A far dead-link deadline (heartbeat_timeout = "10m").
+        assert_eq!(poll_wait(Some(now + Duration::from_secs(600)), now), cap);
+        assert_eq!(poll_wait(Some(now + Duration::from_millis(200)), now), 201);
+        // A deadline passed: poll without waiting (almost).
+        assert_eq!(poll_wait(Some(now), now + Duration::from_secs(1)), 1);
+    }
+
+    #[test]
     fn topics_follow_the_jail_filter() {
         let mut cfg = ReceiverConfig {
             endpoints: vec![],
@@ -743,6 +1176,8 @@ mod tests {
             snapshot_timeout: Duration::from_secs(5),
             queue_limit: 10,
             legacy: false,
+            keys: vec![],
+            heartbeats: false,
         };
         assert_eq!(cfg.topics(), vec![Vec::<u8>::new()]);
         cfg.jails = vec![JailName::new("sshd").unwrap()];

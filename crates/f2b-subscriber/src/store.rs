@@ -490,32 +490,36 @@ impl Store {
         for item in items {
             let e = &item.event;
             insert(&tx, item, "done", now_ms).map_err(sql("record an event"))?;
-            tx.execute(
+            tx.prepare_cached(
                 "UPDATE events SET state = 'done', done_ms = ?2 WHERE state = 'pending' \
                  AND local_jail = ?3 AND ip = ?4 AND jail = ?5 \
                  AND rowid <= (SELECT rowid FROM events WHERE id = ?1)",
-                params![
+            )
+            .and_then(|mut st| {
+                st.execute(params![
                     e.id.to_string(),
                     sql_int(now_ms),
                     item.jail.as_str(),
                     e.ip.to_string(),
                     e.jail.as_str()
-                ],
-            )
+                ])
+            })
             .map_err(sql("settle an event"))?;
             if !applied {
                 continue;
             }
             match (e.action, item.epoch) {
                 (Action::Ban, Some(epoch)) => {
-                    tx.execute(
+                    tx.prepare_cached(
                         "INSERT INTO held (jail, ip, local_jail, id, node, epoch, seq, \
                          expires_ms, applied_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
                          ON CONFLICT (jail, ip) DO UPDATE SET local_jail = excluded.local_jail, \
                          id = excluded.id, node = excluded.node, epoch = excluded.epoch, \
                          seq = excluded.seq, expires_ms = excluded.expires_ms, \
                          applied_ms = excluded.applied_ms",
-                        params![
+                    )
+                    .and_then(|mut st| {
+                        st.execute(params![
                             e.jail.as_str(),
                             e.ip.to_string(),
                             item.jail.as_str(),
@@ -525,17 +529,15 @@ impl Store {
                             sql_int(item.seq),
                             item.expires_ms.map(sql_int),
                             sql_int(now_ms),
-                        ],
-                    )
+                        ])
+                    })
                     .map_err(sql("record a held ban"))?;
                 }
                 (Action::Ban, None) => {}
                 (Action::Unban, _) => {
-                    tx.execute(
-                        "DELETE FROM held WHERE jail = ?1 AND ip = ?2",
-                        params![e.jail.as_str(), e.ip.to_string()],
-                    )
-                    .map_err(sql("forget a held ban"))?;
+                    tx.prepare_cached("DELETE FROM held WHERE jail = ?1 AND ip = ?2")
+                        .and_then(|mut st| st.execute(params![e.jail.as_str(), e.ip.to_string()]))
+                        .map_err(sql("forget a held ban"))?;
                 }
             }
         }
@@ -779,26 +781,26 @@ impl Store {
 
 fn insert(conn: &Connection, item: &Item, state: &str, now_ms: u64) -> rusqlite::Result<usize> {
     let e = &item.event;
-    conn.execute(
+    conn.prepare_cached(
         "INSERT OR IGNORE INTO events (id, state, local_jail, node, jail, action, ip, time_ms, \
          seq, epoch, expires_ms, received_ms, done_ms) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-        params![
-            e.id.to_string(),
-            state,
-            item.jail.as_str(),
-            e.node.as_str(),
-            e.jail.as_str(),
-            e.action.as_str(),
-            e.ip.to_string(),
-            sql_int(e.time_ms),
-            sql_int(item.seq),
-            item.epoch.map(|x| x.to_string()),
-            item.expires_ms.map(sql_int),
-            sql_int(now_ms),
-            (state == "done").then_some(sql_int(now_ms)),
-        ],
-    )
+    )?
+    .execute(params![
+        e.id.to_string(),
+        state,
+        item.jail.as_str(),
+        e.node.as_str(),
+        e.jail.as_str(),
+        e.action.as_str(),
+        e.ip.to_string(),
+        sql_int(e.time_ms),
+        sql_int(item.seq),
+        item.epoch.map(|x| x.to_string()),
+        item.expires_ms.map(sql_int),
+        sql_int(now_ms),
+        (state == "done").then_some(sql_int(now_ms)),
+    ])
 }
 
 fn pending_row(row: &rusqlite::Row<'_>) -> Result<Item, String> {

@@ -129,7 +129,7 @@ async fn fail2ban_pipeline_applies_bans_and_honours_the_jails_ignoreip() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &[jail("cluster", "192.0.2.0/24 localhost")]);
     let mut publ = TestPublisher::start(HB);
-    let (node, cfg) = config(
+    let cfg = config(
         "web1",
         &publ.endpoint,
         &format!(
@@ -138,7 +138,7 @@ async fn fail2ban_pipeline_applies_bans_and_honours_the_jails_ignoreip() {
         ),
     );
     let logs = Logs::capture();
-    let mut sub = Running::start(node, cfg);
+    let mut sub = Running::start(&cfg);
     sub.connected().await;
     publ.event("web2", "sshd", Action::Ban, "203.0.113.5");
     publ.event("web2", "sshd", Action::Ban, "192.0.2.5");
@@ -199,7 +199,7 @@ async fn fail2ban_unknown_jail_is_one_error_and_never_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &[jail("cluster", "")]);
     let mut publ = TestPublisher::start(HB);
-    let (node, cfg) = config(
+    let cfg = config(
         "web1",
         &publ.endpoint,
         &format!(
@@ -208,7 +208,7 @@ async fn fail2ban_unknown_jail_is_one_error_and_never_a_crash() {
         ),
     );
     let logs = Logs::capture();
-    let mut sub = Running::start(node, cfg);
+    let mut sub = Running::start(&cfg);
     sub.connected().await;
     publ.event("web2", "sshd", Action::Ban, "203.0.113.5");
     for _ in 0..2 {

@@ -162,7 +162,7 @@ async fn fail2ban_socket_pipeline_unknown_jail_is_one_error() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &[jail("cluster", "")]);
     let mut publ = TestPublisher::start(HB);
-    let (node, cfg) = config(
+    let cfg = config(
         "web1",
         &publ.endpoint,
         &format!(
@@ -171,7 +171,7 @@ async fn fail2ban_socket_pipeline_unknown_jail_is_one_error() {
         ),
     );
     let logs = Logs::capture();
-    let mut sub = Running::start(node, cfg);
+    let mut sub = Running::start(&cfg);
     sub.connected().await;
     publ.event("web2", "sshd", Action::Ban, "203.0.113.5");
     for _ in 0..2 {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::hub::Counting;
 use common::{config, Logs, Running};
-use f2b_common::config::{NodeConfig, SubscriberConfig};
+use f2b_common::config::Config;
 use f2b_common::zmq;
 use f2b_proto::Action;
 use f2b_subscriber::{Notice, SkipReason, Subscriber};
@@ -68,9 +68,9 @@ impl Drop for OldPublisher {
 
 /// A subscriber with `applier`, and no local addresses (the test machine's own
 /// must not decide what is skipped).
-fn start(node: NodeConfig, cfg: SubscriberConfig, applier: &Counting) -> Running {
+fn start(cfg: &Config, applier: &Counting) -> Running {
     Running::start_with(
-        Subscriber::new(node, cfg)
+        Subscriber::new(cfg)
             .with_applier(Box::new(applier.clone()))
             .with_local_addresses(vec![]),
     )
@@ -111,14 +111,14 @@ async fn old_publisher_messages_are_applied_like_events() {
     let publ = OldPublisher::start();
     // A short dead-link timeout that must not apply: the old publisher sends no
     // heartbeats.
-    let (node, cfg) = config(
+    let cfg = config(
         "web1",
         &publ.endpoint,
         "legacy = true\nban_jail = \"cluster\"\nheartbeat_timeout = \"200ms\"",
     );
     let applier = Counting::default();
     let logs = Logs::capture();
-    let mut sub = start(node, cfg, &applier);
+    let mut sub = start(&cfg, &applier);
     match sub
         .wait_for("connected", |n| matches!(n, Notice::LegacyConnected { .. }))
         .await
@@ -218,10 +218,10 @@ async fn old_publisher_messages_are_applied_like_events() {
 #[tokio::test]
 async fn a_jail_filter_applies_to_old_messages() {
     let publ = OldPublisher::start();
-    let (node, cfg) = config("web1", &publ.endpoint, "legacy = true\njails = [\"sshd\"]");
+    let cfg = config("web1", &publ.endpoint, "legacy = true\njails = [\"sshd\"]");
     let applier = Counting::default();
     let _logs = Logs::capture();
-    let mut sub = start(node, cfg, &applier);
+    let mut sub = start(&cfg, &applier);
     wait_live(&publ, &mut sub).await;
     publ.send("web2|nginx|Ban|192.0.2.1");
     publ.send("web2|sshd|Ban|192.0.2.2");

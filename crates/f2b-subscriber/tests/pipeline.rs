@@ -15,12 +15,12 @@ const HB: Duration = Duration::from_millis(100);
 #[tokio::test]
 async fn applies_only_subscribed_jails() {
     let mut publ = TestPublisher::start(HB);
-    let (node, cfg) = config(
+    let cfg = config(
         "web1",
         &publ.endpoint,
         "action = \"none\"\njails = [\"sshd\"]",
     );
-    let mut sub = Running::start(node, cfg);
+    let mut sub = Running::start(&cfg);
     assert_eq!(sub.connected().await, publ.epoch);
     publ.event("web2", "sshd-ddos", Action::Ban, "203.0.113.1");
     publ.event("web2", "nginx", Action::Ban, "203.0.113.2");
@@ -54,13 +54,13 @@ async fn applies_only_subscribed_jails() {
 #[tokio::test]
 async fn skips_own_node_ignore_ip_local_addresses_and_duplicates() {
     let mut publ = TestPublisher::start(HB);
-    let (node, cfg) = config(
+    let cfg = config(
         "web1",
         &publ.endpoint,
         "action = \"none\"\nban_jail = \"cluster\"\nignore_ip = [\"127.0.0.0/8\", \"10.0.0.0/8\"]",
     );
     let mut sub = Running::start_with(
-        f2b_subscriber::Subscriber::new(node, cfg)
+        f2b_subscriber::Subscriber::new(&cfg)
             .with_local_addresses(vec!["192.0.2.10".parse().unwrap()]),
     );
     sub.connected().await;
@@ -118,12 +118,12 @@ async fn skips_own_node_ignore_ip_local_addresses_and_duplicates() {
 #[tokio::test]
 async fn dead_link_is_noticed_and_reconnected() {
     let mut publ = TestPublisher::start(HB);
-    let (node, cfg) = config(
+    let cfg = config(
         "web1",
         &publ.endpoint,
         "action = \"none\"\nheartbeat_timeout = \"600ms\"",
     );
-    let mut sub = Running::start(node, cfg);
+    let mut sub = Running::start(&cfg);
     sub.connected().await;
     publ.heartbeats(false);
     sub.wait_for("link dead", |n| matches!(n, Notice::LinkDead))
@@ -140,8 +140,8 @@ async fn dead_link_is_noticed_and_reconnected() {
 async fn publisher_restart_is_followed_to_the_new_epoch() {
     let publ = TestPublisher::start(HB);
     let endpoint = publ.endpoint.clone();
-    let (node, cfg) = config("web1", &endpoint, "action = \"none\"");
-    let mut sub = Running::start(node, cfg);
+    let cfg = config("web1", &endpoint, "action = \"none\"");
+    let mut sub = Running::start(&cfg);
     let first = sub.connected().await;
     drop(publ);
     let mut publ = TestPublisher::start_at(&endpoint, common::random_epoch(), HB);
@@ -156,8 +156,8 @@ async fn publisher_restart_is_followed_to_the_new_epoch() {
 #[tokio::test]
 async fn sequence_gaps_are_reported() {
     let mut publ = TestPublisher::start(HB);
-    let (node, cfg) = config("web1", &publ.endpoint, "action = \"none\"");
-    let mut sub = Running::start(node, cfg);
+    let cfg = config("web1", &publ.endpoint, "action = \"none\"");
+    let mut sub = Running::start(&cfg);
     sub.connected().await;
     publ.event("web2", "sshd", Action::Ban, "203.0.113.6");
     sub.applied("203.0.113.6").await;
@@ -180,8 +180,8 @@ async fn sequence_gaps_are_reported() {
 #[tokio::test]
 async fn bad_messages_are_dropped_and_the_loop_goes_on() {
     let mut publ = TestPublisher::start(HB);
-    let (node, cfg) = config("web1", &publ.endpoint, "action = \"none\"");
-    let mut sub = Running::start(node, cfg);
+    let cfg = config("web1", &publ.endpoint, "action = \"none\"");
+    let mut sub = Running::start(&cfg);
     sub.connected().await;
     let good = publ.event("web2", "sshd", Action::Ban, "203.0.113.8");
     sub.applied("203.0.113.8").await;
@@ -208,7 +208,7 @@ async fn exec_action_runs_the_command_without_a_shell() {
     let out = dir.path().join("exec.out");
     let mut publ = TestPublisher::start(HB);
     let script = "printf '%s|%s|%s|%s\\n' \"$1\" \"$2\" \"$3\" \"$4\" >> \"$0\"";
-    let (node, cfg) = config(
+    let cfg = config(
         "web1",
         &publ.endpoint,
         &format!(
@@ -216,7 +216,7 @@ async fn exec_action_runs_the_command_without_a_shell() {
             out.to_str().unwrap()
         ),
     );
-    let mut sub = Running::start(node, cfg);
+    let mut sub = Running::start(&cfg);
     sub.connected().await;
     publ.event("web2", "sshd", Action::Ban, "203.0.113.11");
     publ.event("web3", "sshd", Action::Unban, "2001:db8::11");
@@ -236,7 +236,7 @@ async fn exec_failures_are_retried() {
     let flag = dir.path().join("ok");
     let mut publ = TestPublisher::start(HB);
     // Fails until the flag file exists.
-    let (node, cfg) = config(
+    let cfg = config(
         "web1",
         &publ.endpoint,
         &format!(
@@ -244,7 +244,7 @@ async fn exec_failures_are_retried() {
             flag.to_str().unwrap()
         ),
     );
-    let mut sub = Running::start(node, cfg);
+    let mut sub = Running::start(&cfg);
     sub.connected().await;
     let logs = Logs::capture();
     publ.event("web2", "sshd", Action::Ban, "203.0.113.12");
@@ -265,12 +265,12 @@ async fn log_action_writes_the_documented_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cluster.log");
     let mut publ = TestPublisher::start(HB);
-    let (node, cfg) = config(
+    let cfg = config(
         "web1",
         &publ.endpoint,
         &format!("action = \"log\"\nlog_path = {:?}", path.to_str().unwrap()),
     );
-    let mut sub = Running::start(node, cfg);
+    let mut sub = Running::start(&cfg);
     sub.connected().await;
     let s = publ.event("web2", "sshd", Action::Ban, "203.0.113.13");
     sub.applied("203.0.113.13").await;
@@ -300,12 +300,12 @@ async fn log_action_writes_the_documented_line() {
 #[tokio::test]
 async fn shutdown_without_a_publisher_is_prompt() {
     // Nothing listens there; the subscriber keeps reconnecting until stopped.
-    let (node, cfg) = config(
+    let cfg = config(
         "web1",
         "tcp://127.0.0.1:1",
         "action = \"none\"\nheartbeat_timeout = \"200ms\"",
     );
-    let mut sub = Running::start(node, cfg);
+    let mut sub = Running::start(&cfg);
     sub.wait_for("link dead", |n| matches!(n, Notice::LinkDead))
         .await;
     let t = std::time::Instant::now();
@@ -318,7 +318,7 @@ async fn shutdown_bounds_an_action_that_hangs() {
     let dir = tempfile::tempdir().unwrap();
     let started = dir.path().join("started");
     let mut publ = TestPublisher::start(HB);
-    let (node, cfg) = config(
+    let cfg = config(
         "web1",
         &publ.endpoint,
         &format!(
@@ -326,7 +326,7 @@ async fn shutdown_bounds_an_action_that_hangs() {
             started.to_str().unwrap()
         ),
     );
-    let mut sub = Running::start(node, cfg);
+    let mut sub = Running::start(&cfg);
     sub.connected().await;
     publ.event("web2", "sshd", Action::Ban, "203.0.113.14");
     let deadline = std::time::Instant::now() + common::DEADLINE;
@@ -363,14 +363,15 @@ async fn shutdown_is_prompt_under_a_flood_of_messages() {
                 epoch: common::random_epoch(),
                 interval_ms: 100,
             });
-            let (topic, payload) = (hb.topic(), hb.encode());
+            // Signed: every one is verified, the costly path.
+            let frames = common::frames(&hb, Some(&common::test_key()));
             while !stop.load(Ordering::Relaxed) {
-                let _ = publ.send_multipart([&topic, &payload], f2b_common::zmq::DONTWAIT);
+                let _ = publ.send_multipart(&frames, f2b_common::zmq::DONTWAIT);
             }
         })
     };
-    let (node, cfg) = config("web1", &endpoint, "action = \"none\"");
-    let mut sub = Running::start(node, cfg);
+    let cfg = config("web1", &endpoint, "action = \"none\"");
+    let mut sub = Running::start(&cfg);
     sub.connected().await;
     // Let the backlog build up.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -380,4 +381,52 @@ async fn shutdown_is_prompt_under_a_flood_of_messages() {
     stop.store(true, Ordering::Relaxed);
     flood.join().unwrap();
     assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
+/// A runtime dropped while the subscriber runs (a caller's future abandoned, a
+/// test that panicked) never polls the task that forwards the cancellation to the
+/// receive loop's shutdown socket; its shutdown waits for the receive loop's
+/// thread, which must then notice the cancelled token by itself. It once waited in
+/// `zmq::poll` until the dead-link timeout: 10 minutes here (a test that failed
+/// after 20 s hung for 620 s).
+#[test]
+fn a_runtime_dropped_under_a_running_subscriber_shuts_down_promptly() {
+    let publ = TestPublisher::start(HB);
+    let cfg = config(
+        "web1",
+        &publ.endpoint,
+        "action = \"none\"\nheartbeat_timeout = \"10m\"",
+    );
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut sub = Running::start(&cfg);
+            sub.connected().await;
+            // The publisher gone, nothing arrives that would show the receive
+            // loop that the intake is gone (as in a test that failed while its
+            // publisher was down).
+            drop(publ);
+            sub.wait_for("disconnected", |n| matches!(n, Notice::Disconnected { .. }))
+                .await;
+            // Leaves with it running: dropping `sub` cancels its token, and
+            // `block_on` returns before any other task runs.
+        });
+        let t = std::time::Instant::now();
+        drop(rt);
+        let _ = done_tx.send(t.elapsed());
+    });
+    // Bounded: a runtime that never finishes its shutdown fails the test (its
+    // thread is left behind) instead of hanging it.
+    let took = done_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the runtime shut down within 10 s of being dropped");
+    thread.join().unwrap();
+    assert!(
+        took < f2b_subscriber::receiver::MAX_POLL_WAIT + Duration::from_secs(2),
+        "{took:?}"
+    );
 }

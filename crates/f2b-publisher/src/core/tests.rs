@@ -464,10 +464,14 @@ fn every_invalid_request_is_naked_with_its_reason() {
         assert_eq!(nak.id, readable, "{name}");
         seen.insert(reason);
     }
-    // Every reason is exercised, or said here not to be produced yet.
+    // Every reason is exercised, here or (authentication, rate limits and the
+    // quarantine) in `every_trust_and_guard_refusal_is_naked_with_its_reason`, or
+    // said here not to be produced by a request alone.
     let not_yet = [
         NakReason::Unauthenticated,
+        NakReason::Replayed,
         NakReason::RateLimited,
+        NakReason::Quarantined,
         NakReason::Busy,
     ];
     for reason in NakReason::ALL {
@@ -493,11 +497,11 @@ fn nak_names_the_event_and_forbidden_says_why() {
 }
 
 #[test]
-fn extra_frames_up_to_the_limit_are_ignored() {
-    let mut c = core();
+fn extra_frames_after_the_auth_frame_up_to_the_limit_are_ignored() {
+    let mut c = trusted_core("");
     let e = event(1, "sshd", Action::Ban, "203.0.113.5");
-    let mut frames = vec![report(&e)];
-    frames.extend(std::iter::repeat_n(b"reserved".to_vec(), MAX_FRAMES - 1));
+    let mut frames = signed(&e, WEB1, NOW, 1);
+    frames.extend(std::iter::repeat_n(b"reserved".to_vec(), MAX_FRAMES - 2));
     expect_ack(&c.handle(&frames, PEER, NOW), AckStatus::Broadcast, Some(1));
 }
 
@@ -1096,6 +1100,7 @@ fn snapshot_requests_are_answered_from_the_ledger() {
     let req = Request::Snapshot(SnapshotRequest {
         jails: vec![],
         cursor: None,
+        nonce: None,
     })
     .encode();
     let out = c.handle(&[&req], PEER, NOW + 1);
@@ -1124,6 +1129,7 @@ fn snapshot_requests_are_answered_from_the_ledger() {
     let req = Request::Snapshot(SnapshotRequest {
         jails: vec![JailName::new("nginx").unwrap()],
         cursor: Some(1),
+        nonce: None,
     })
     .encode();
     let Response::Snapshot(SnapshotReply::Page(page)) = c.handle(&[&req], PEER, NOW).reply else {
@@ -1143,6 +1149,7 @@ fn snapshot_bans(c: &mut Core, now: u64) -> Vec<(u64, String)> {
         let req = Request::Snapshot(SnapshotRequest {
             jails: vec![],
             cursor,
+            nonce: None,
         })
         .encode();
         let Response::Snapshot(SnapshotReply::Page(page)) = c.handle(&[&req], PEER, now).reply
@@ -1348,6 +1355,7 @@ fn a_broadcast_that_failed_is_refused_busy_and_sent_again_on_the_resend() {
     let reply = c.broadcast_failed(out.reply);
     let failed = Outcome {
         reply,
+        seal: Seal::None,
         broadcast: None,
         legacy_broadcast: None,
     };
@@ -1424,6 +1432,7 @@ fn a_failed_batch_commit_undoes_the_batch() {
     // How the server answers the batch's requests.
     let busy = Outcome {
         reply: out.reply.clone().refused_busy(),
+        seal: Seal::None,
         broadcast: None,
         legacy_broadcast: None,
     };
@@ -1446,4 +1455,402 @@ fn a_failed_batch_commit_undoes_the_batch() {
     expect_ack(&send(&mut c, &ban, NOW), AckStatus::Broadcast, Some(2));
     expect_ack(&send(&mut c, &unban, NOW), AckStatus::Broadcast, Some(3));
     assert_eq!(c.ledger().rows().unwrap(), 3);
+}
+
+// ---------------------------------------------------------------------------
+// Authentication, signatures, the allowlist, rate limits and the quarantine.
+
+const WEB1: &str = "web1-secret-0123456789abcdef0123456789";
+const WEB2: &str = "web2-secret-0123456789abcdef0123456789";
+const KEY_SEED: [u8; 32] = [7; 32];
+
+/// A configuration with a signing key, credentials for web1 and web2, and the
+/// extra lines of `[trust]` and `[publisher]`, read as the daemon reads it.
+fn trust_config(trust_extra: &str, publisher_extra: &str) -> f2b_common::config::Config {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("publisher.key");
+    std::fs::write(
+        &key,
+        f2b_proto::auth::SigningKey::from_seed(KEY_SEED).to_file_text(),
+    )
+    .unwrap();
+    let text = format!(
+        "[node]\nname = \"hub\"\n[publisher]\n{publisher_extra}\n[trust]\nsigning_key_file = {:?}\n\
+         {trust_extra}\n[trust.monitors]\nweb1 = {WEB1:?}\nweb2 = {WEB2:?}\n",
+        key.display().to_string()
+    );
+    f2b_common::config::from_str(&text, std::path::Path::new("t.conf")).unwrap()
+}
+
+fn trusted_core_with(trust_extra: &str, publisher_extra: &str) -> Core {
+    let cfg = trust_config(trust_extra, publisher_extra);
+    core()
+        .with_legacy(cfg.publisher.legacy.clone())
+        .with_trust(Trust::new(&cfg.trust))
+        .with_guard(Guard::new(GuardConfig::new(&cfg.publisher)))
+}
+
+fn trusted_core(publisher_extra: &str) -> Core {
+    trusted_core_with("", publisher_extra)
+}
+
+/// A report of `e` and its auth frame, signed as credential `key` with `secret`.
+fn signed_as(e: &Event, key: &str, secret: &str, ts_ms: u64, nonce: u8) -> Vec<Vec<u8>> {
+    let payload = report(e);
+    let auth = f2b_proto::auth::RequestAuth::sign(
+        &f2b_proto::auth::MonitorSecret::new(secret).unwrap(),
+        &NodeName::new(key).unwrap(),
+        ts_ms,
+        [nonce; 16],
+        &payload,
+    );
+    vec![payload, auth.encode()]
+}
+
+/// [`signed_as`] the event's own node.
+fn signed(e: &Event, secret: &str, ts_ms: u64, nonce: u8) -> Vec<Vec<u8>> {
+    signed_as(e, e.node.as_str(), secret, ts_ms, nonce)
+}
+
+fn reporters(c: &Core) -> Vec<(u64, Reporter)> {
+    let mut all = Vec::new();
+    c.ledger()
+        .for_each(|r| all.push((r.seq, r.reported_by)))
+        .unwrap();
+    all
+}
+
+fn counts(c: &Core) -> std::collections::HashMap<&'static str, u64> {
+    c.rejected_counts()
+        .into_iter()
+        .map(|(r, n)| (r, n.total))
+        .collect()
+}
+
+#[test]
+fn authenticated_reports_are_acked_maced_and_recorded_with_their_credential() {
+    let mut c = trusted_core("");
+    let e = event(1, "sshd", Action::Ban, "203.0.113.5");
+    let frames = signed(&e, WEB1, NOW, 1);
+    let out = c.handle(&frames, PEER, NOW);
+    let b = expect_ack(&out, AckStatus::Broadcast, Some(1)).unwrap();
+    // The reply's MAC, over the reply as sent, bound to the request's MAC.
+    let request_mac = f2b_proto::auth::RequestAuth::decode(&frames[1])
+        .unwrap()
+        .mac;
+    let reply = c.trust().reply_frames(out.reply.encode(), &out.seal);
+    assert_eq!(reply.len(), 2);
+    let secret = f2b_proto::auth::MonitorSecret::new(WEB1).unwrap();
+    assert!(f2b_proto::auth::verify_reply(
+        &secret,
+        &request_mac,
+        &reply[0],
+        &reply[1]
+    ));
+    // A busy refusal sent instead is MACed all the same.
+    let busy = c
+        .trust()
+        .reply_frames(out.reply.clone().refused_busy().encode(), &out.seal);
+    assert!(f2b_proto::auth::verify_reply(
+        &secret,
+        &request_mac,
+        &busy[0],
+        &busy[1]
+    ));
+    // The broadcast is signed.
+    let key = f2b_proto::auth::SigningKey::from_seed(KEY_SEED).public();
+    let bf = c.trust().broadcast_frames(&b);
+    assert!(f2b_proto::auth::verify_broadcast(
+        &[key],
+        &bf[0],
+        &bf[1],
+        &bf[2]
+    ));
+    let hb = c
+        .trust()
+        .broadcast_frames(&c.heartbeat(Duration::from_secs(1)));
+    assert!(f2b_proto::auth::verify_broadcast(
+        &[key],
+        &hb[0],
+        &hb[1],
+        &hb[2]
+    ));
+    // A resend is signed anew (another nonce): a duplicate, MACed too.
+    let out = c.handle(&signed(&e, WEB1, NOW + 5, 2), PEER, NOW + 5);
+    expect_ack(&out, AckStatus::Duplicate, Some(1));
+    assert!(matches!(out.seal, Seal::Mac { .. }));
+    // web2 reports for itself.
+    let mut e2 = event(2, "sshd", Action::Ban, "203.0.113.6");
+    e2.node = NodeName::new("web2").unwrap();
+    expect_ack(
+        &c.handle(&signed(&e2, WEB2, NOW, 1), PEER, NOW),
+        AckStatus::Broadcast,
+        Some(2),
+    );
+    assert_eq!(
+        reporters(&c),
+        [
+            (1, Reporter::Credential(NodeName::new("web1").unwrap())),
+            (2, Reporter::Credential(NodeName::new("web2").unwrap())),
+        ]
+    );
+}
+
+#[test]
+fn every_trust_and_guard_refusal_is_naked_with_its_reason() {
+    let mut c = trusted_core("rate_limit = 1\nrate_burst = 3\nquarantine_floor = 4");
+    let e = |id: u128| event(id, "sshd", Action::Ban, &format!("203.0.113.{id}"));
+    let mut other_node = e(6);
+    other_node.node = NodeName::new("web2").unwrap();
+    let replayed = signed(&e(5), WEB1, NOW, 5);
+    expect_ack(
+        &c.handle(&replayed, PEER, NOW),
+        AckStatus::Broadcast,
+        Some(1),
+    );
+    let cases: Vec<(&str, Vec<Vec<u8>>, NakReason, bool)> = vec![
+        (
+            "no auth frame",
+            vec![report(&e(1))],
+            NakReason::Unauthenticated,
+            false,
+        ),
+        (
+            "wrong MAC",
+            signed_as(&e(2), "web1", WEB2, NOW, 2),
+            NakReason::Unauthenticated,
+            false,
+        ),
+        (
+            "another node's name",
+            signed_as(&other_node, "web1", WEB1, NOW, 6),
+            NakReason::Unauthenticated,
+            true,
+        ),
+        (
+            "unknown credential",
+            signed_as(&e(3), "web9", WEB1, NOW, 3),
+            NakReason::Unauthenticated,
+            false,
+        ),
+        (
+            "stale time",
+            signed(&e(4), WEB1, NOW - 60_001, 4),
+            NakReason::Replayed,
+            true,
+        ),
+        (
+            "replayed nonce",
+            replayed.clone(),
+            NakReason::Replayed,
+            true,
+        ),
+    ];
+    for (name, frames, reason, maced) in cases {
+        let out = c.handle(&frames, PEER, NOW);
+        let nak = expect_nak(&out, reason);
+        assert_eq!(
+            nak.id,
+            Request::peek_event_id(&frames[0]),
+            "{name}: the NAK names the event"
+        );
+        assert!(
+            !nak.detail.contains(WEB1) && !nak.detail.contains(WEB2),
+            "{name}"
+        );
+        assert_eq!(matches!(out.seal, Seal::Mac { .. }), maced, "{name}");
+        assert_eq!(c.last_seq(), 1, "{name}: nothing recorded");
+    }
+    // Rate limit: a burst of 3, then 1 per second (the first report took one).
+    for n in 0..2u8 {
+        let ev = e(10 + u128::from(n));
+        expect_ack(
+            &c.handle(&signed(&ev, WEB1, NOW, 10 + n), PEER, NOW),
+            AckStatus::Broadcast,
+            Some(2 + u64::from(n)),
+        );
+    }
+    let out = c.handle(&signed(&e(12), WEB1, NOW, 12), PEER, NOW);
+    assert!(expect_nak(&out, NakReason::RateLimited)
+        .detail
+        .contains("web1"));
+    // The quarantine: more than 4 reports in a minute (the floor; the usual rate
+    // of a node new to this publisher is 0).
+    let mut t = NOW;
+    let mut n = 13u8;
+    let out = loop {
+        t += 1000;
+        n += 1;
+        let out = c.handle(&signed(&e(u128::from(n)), WEB1, t, n), PEER, t);
+        if out.reply.is_refusal() {
+            break out;
+        }
+        assert!(n < 20, "never quarantined");
+    };
+    let nak = expect_nak(&out, NakReason::Quarantined);
+    assert!(nak.detail.contains("web1"), "{nak:?}");
+    assert!(matches!(out.seal, Seal::Mac { .. }));
+    assert_eq!(c.guard().quarantined(t).len(), 1);
+    let seq = c.last_seq();
+    // web2 is not affected.
+    let mut w2 = e(40);
+    w2.node = NodeName::new("web2").unwrap();
+    expect_ack(
+        &c.handle(&signed(&w2, WEB2, t, 40), PEER, t),
+        AckStatus::Broadcast,
+        Some(seq + 1),
+    );
+    let counted = counts(&c);
+    for reason in ["unauthenticated", "replayed", "rate_limited", "quarantined"] {
+        assert!(
+            counted.get(reason).copied().unwrap_or(0) > 0,
+            "{reason}: {counted:?}"
+        );
+    }
+    assert_eq!(counted["unauthenticated"], 4);
+    assert_eq!(counted["replayed"], 2);
+}
+
+#[test]
+fn the_quarantine_ends_after_its_time() {
+    let mut c = trusted_core("rate_limit = 0\nquarantine_floor = 2\nquarantine_time = \"30s\"");
+    let e = |id: u128| event(id, "sshd", Action::Ban, &format!("203.0.113.{id}"));
+    for id in 1..=2 {
+        let frames = signed(&e(id), WEB1, NOW, id as u8);
+        expect_ack(
+            &c.handle(&frames, PEER, NOW),
+            AckStatus::Broadcast,
+            Some(id as u64),
+        );
+    }
+    let out = c.handle(&signed(&e(3), WEB1, NOW, 3), PEER, NOW);
+    expect_nak(&out, NakReason::Quarantined);
+    let out = c.handle(&signed(&e(4), WEB1, NOW + 29_999, 4), PEER, NOW + 29_999);
+    expect_nak(&out, NakReason::Quarantined);
+    c.flush_log(NOW + 30_000);
+    assert!(c.guard().quarantined(NOW + 30_000).is_empty());
+    let out = c.handle(&signed(&e(4), WEB1, NOW + 30_000, 5), PEER, NOW + 30_000);
+    expect_ack(&out, AckStatus::Broadcast, Some(3));
+}
+
+#[test]
+fn reports_without_credentials_need_the_opt_out_and_are_recorded_as_such() {
+    let mut c = trusted_core_with("allow_unauthenticated = true", "");
+    let e = event(1, "sshd", Action::Ban, "203.0.113.5");
+    let out = c.handle(&[report(&e)], PEER, NOW);
+    expect_ack(&out, AckStatus::Broadcast, Some(1));
+    assert_eq!(out.seal, Seal::None);
+    // A wrong credential is refused even so.
+    let bad = event(2, "sshd", Action::Ban, "203.0.113.6");
+    expect_nak(
+        &c.handle(&signed_as(&bad, "web1", WEB2, NOW, 1), PEER, NOW),
+        NakReason::Unauthenticated,
+    );
+    let good = event(3, "sshd", Action::Ban, "203.0.113.7");
+    expect_ack(
+        &c.handle(&signed(&good, WEB1, NOW, 2), PEER, NOW),
+        AckStatus::Broadcast,
+        Some(2),
+    );
+    assert_eq!(
+        reporters(&c),
+        [
+            (1, Reporter::Unauthenticated),
+            (2, Reporter::Credential(NodeName::new("web1").unwrap()))
+        ]
+    );
+}
+
+#[test]
+fn legacy_reports_are_recorded_as_legacy_and_limited_by_host_name() {
+    let mut c = trusted_core("legacy = true\nrate_limit = 1\nrate_burst = 1");
+    expect_echo(
+        &legacy_send(&mut c, b"web1|sshd|Ban|203.0.113.9"),
+        "web1|sshd|Ban|203.0.113.9",
+    );
+    // The same host again at once: its bucket is empty.
+    expect_legacy_nak(&legacy_send(&mut c, b"web1|sshd|Ban|203.0.113.10"));
+    // Another host has its own.
+    expect_echo(
+        &legacy_send(&mut c, b"web3|sshd|Ban|203.0.113.10"),
+        "web3|sshd|Ban|203.0.113.10",
+    );
+    assert_eq!(
+        reporters(&c),
+        [(1, Reporter::Legacy), (2, Reporter::Legacy)]
+    );
+    assert_eq!(counts(&c)["rate_limited"], 1);
+}
+
+#[test]
+fn ignore_ip_is_forbidden_and_says_which_network() {
+    let mut c = trusted_core("ignore_ip = [\"198.51.100.0/24\", \"2001:db8:1::/48\"]");
+    for (n, ip) in [
+        (1u8, "198.51.100.7"),
+        (2, "2001:db8:1::5"),
+        (3, "::ffff:198.51.100.8"),
+    ] {
+        let e = event(n.into(), "sshd", Action::Ban, ip);
+        let out = c.handle(&signed(&e, WEB1, NOW, n), PEER, NOW);
+        let nak = expect_nak(&out, NakReason::Forbidden);
+        assert!(nak.detail.contains("ignore_ip"), "{nak:?}");
+    }
+    let e = event(4, "sshd", Action::Unban, "198.51.101.7");
+    expect_ack(
+        &c.handle(&signed(&e, WEB1, NOW, 4), PEER, NOW),
+        AckStatus::Broadcast,
+        Some(1),
+    );
+}
+
+#[test]
+fn snapshot_replies_need_no_credential_and_are_signed_over_the_request() {
+    let mut c = trusted_core("");
+    expect_ack(
+        &c.handle(
+            &signed(&event(1, "sshd", Action::Ban, "203.0.113.5"), WEB1, NOW, 1),
+            PEER,
+            NOW,
+        ),
+        AckStatus::Broadcast,
+        Some(1),
+    );
+    let req = Request::Snapshot(SnapshotRequest {
+        jails: vec![],
+        cursor: None,
+        nonce: Some([3; 16]),
+    })
+    .encode();
+    let out = c.handle(&[&req], PEER, NOW);
+    assert!(
+        matches!(out.reply, Response::Snapshot(SnapshotReply::Page(ref p)) if p.bans.len() == 1)
+    );
+    assert_eq!(
+        out.seal,
+        Seal::Snapshot {
+            request: req.clone()
+        }
+    );
+    let key = f2b_proto::auth::SigningKey::from_seed(KEY_SEED).public();
+    let frames = c.trust().reply_frames(out.reply.encode(), &out.seal);
+    assert!(f2b_proto::auth::verify_snapshot(
+        &[key],
+        &req,
+        &frames[0],
+        &frames[1]
+    ));
+    // A busy NAK in its place is signed as well.
+    let nak = c
+        .trust()
+        .reply_frames(out.reply.refused_busy().encode(), &out.seal);
+    assert!(f2b_proto::auth::verify_snapshot(
+        &[key],
+        &req,
+        &nak[0],
+        &nak[1]
+    ));
+    // Without a signing key (the open core), a snapshot reply is one frame.
+    let mut open = core();
+    let out = open.handle(&[&req], PEER, NOW);
+    assert_eq!(out.seal, Seal::None);
 }

@@ -31,6 +31,7 @@ fn add(l: &mut Ledger, jail: &str, action: Action, ip: &str, at: u64) -> u64 {
         expires_ms: (action == Action::Ban).then_some(at + BAN_MS),
         legacy: false,
         peer: "192.0.2.99".into(),
+        reported_by: Reporter::Credential(NodeName::new("web1").unwrap()),
     })
     .unwrap();
     seq
@@ -334,7 +335,7 @@ fn foreign_and_newer_databases_are_refused_untouched() {
     drop(conn);
     let err = Ledger::open_or_recover(dir.path(), SystemTime::now()).unwrap_err();
     assert!(
-        matches!(err, LedgerError::NewerSchema { found: 3, .. }),
+        matches!(err, LedgerError::NewerSchema { found, .. } if found == SCHEMA_VERSION + 1),
         "{err:?}"
     );
     assert!(err.to_string().contains("newer"), "{err}");
@@ -519,4 +520,85 @@ fn a_version_1_ledger_is_upgraded_when_opened() {
     assert_eq!(version, SCHEMA_VERSION);
     // Opened again: nothing to upgrade.
     assert_eq!(Ledger::open(dir.path()).unwrap().last_seq(), 6);
+}
+
+/// A version 2 ledger is upgraded in place: its rows are kept, the legacy ones
+/// recorded as reported by `legacy`, the others by no credential (nothing was
+/// authenticated before version 3); new rows record their credential.
+#[test]
+fn a_version_2_ledger_is_upgraded_and_records_who_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(LEDGER_FILE);
+    let conn = Connection::open(&file).unwrap();
+    conn.execute_batch(SCHEMA_V1).unwrap();
+    conn.execute_batch(
+        "INSERT INTO meta (key, value) VALUES ('epoch', '00000000000000bb'), \
+         ('last_seq', 2), ('created_ms', 1); PRAGMA user_version = 2;",
+    )
+    .unwrap();
+    for (seq, origin) in [(1i64, "native"), (2, "legacy")] {
+        conn.execute(
+            "INSERT INTO events VALUES (?1, '00000000000000bb', ?2, 'web1', 'sshd', 'ban', ?3, \
+             1, ?4, ?5, ?6, 'peer', NULL)",
+            params![
+                seq,
+                EventId::from_u128(seq as u128).to_string(),
+                format!("203.0.113.{seq}"),
+                NOW as i64,
+                (NOW + BAN_MS) as i64,
+                origin
+            ],
+        )
+        .unwrap();
+    }
+    // What version 2 added, filled from those rows as a version 2 publisher did.
+    conn.execute_batch(SCHEMA_V2).unwrap();
+    drop(conn);
+
+    let mut l = Ledger::open(dir.path()).unwrap();
+    assert_eq!((l.epoch(), l.last_seq()), (Epoch(0xbb), 2));
+    let seq = add(&mut l, "sshd", Action::Ban, "203.0.113.3", NOW);
+    l.append(&Record {
+        seq: seq + 1,
+        event: event(99, "sshd", Action::Ban, "203.0.113.4"),
+        accepted_ms: NOW,
+        expires_ms: Some(NOW + BAN_MS),
+        legacy: false,
+        peer: "192.0.2.1".into(),
+        reported_by: Reporter::Unauthenticated,
+    })
+    .unwrap();
+    let got: Vec<(u64, bool, Reporter)> = rows(&l)
+        .into_iter()
+        .map(|r| (r.seq, r.legacy, r.reported_by))
+        .collect();
+    let web1 = Reporter::Credential(NodeName::new("web1").unwrap());
+    assert_eq!(
+        got,
+        [
+            (1, false, Reporter::Unauthenticated),
+            (2, true, Reporter::Legacy),
+            (3, false, web1),
+            (4, false, Reporter::Unauthenticated),
+        ]
+    );
+    assert_eq!(snapshot_seqs(&l, &[], NOW), [1, 2, 3, 4]);
+    drop(l);
+    // As an operator reads it.
+    let conn = Connection::open(&file).unwrap();
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 3);
+    let column: Vec<Option<String>> = conn
+        .prepare("SELECT reported_by FROM events ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        column,
+        [None, Some("legacy".into()), Some("web1".into()), None]
+    );
 }

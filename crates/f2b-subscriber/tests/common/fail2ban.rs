@@ -48,7 +48,7 @@ pub async fn down_then_up_applies_every_pending_ban(action: &str, heartbeat: Dur
     let mut server = Server::start(dir.path(), &[jail("cluster", "")]);
     server.stop();
     let mut publ = TestPublisher::start(heartbeat);
-    let (node, cfg) = config(
+    let cfg = config(
         "web1",
         &publ.endpoint,
         &format!(
@@ -57,7 +57,7 @@ pub async fn down_then_up_applies_every_pending_ban(action: &str, heartbeat: Dur
         ),
     );
     let logs = Logs::capture();
-    let mut sub = Running::start(node, cfg);
+    let mut sub = Running::start(&cfg);
     sub.connected().await;
     let ips = ["203.0.113.21", "203.0.113.22", "203.0.113.23"];
     for ip in ips {

@@ -1,6 +1,7 @@
-//! A real f2b-publisher in-process (ledger in a directory of the test), reports to
-//! it over REQ, a fake REP socket that answers snapshot requests as a test says,
-//! and an action that counts what it applies.
+//! A real f2b-publisher in-process (ledger in a directory of the test, signing
+//! with [`test_key`]), reports to it over REQ, a fake REP socket that answers
+//! snapshot requests as a test says (signed like a publisher's), and an action
+//! that counts what it applies.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -16,7 +17,11 @@ use f2b_subscriber::action::BoxFuture;
 use f2b_subscriber::pending::Item;
 use f2b_subscriber::{Applier, CallError};
 
-use super::{event, DEADLINE};
+use super::{event, test_key, DEADLINE};
+
+/// The `[trust]` lines of a subscriber of a [`Hub`]: the default, [`test_key`],
+/// which the hub signs with.
+pub const HUB_TRUST: &str = "";
 
 /// A publisher serving on loopback until stopped, on a thread and runtime of its
 /// own (so that a failing test's runtime never waits for it).
@@ -38,23 +43,37 @@ impl Hub {
     /// A publisher on the given endpoints (to restart one on the same ports; the
     /// ports may still be held for a moment, so binding is retried).
     pub fn start_at(state_dir: &Path, reply: &str, broadcast: &str) -> Hub {
+        std::fs::create_dir_all(state_dir).unwrap();
+        let key_file = state_dir.join("publisher.key");
+        std::fs::write(&key_file, test_key().to_file_text()).unwrap();
+        std::fs::set_permissions(
+            &key_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        // Reports come without credentials (the subscriber is under test here).
         let text = format!(
             "[node]\nname = \"hub\"\n[publisher]\nreply_bind = \"{reply}\"\nbroadcast_bind = \"{broadcast}\"\n\
-             heartbeat_interval = \"100ms\"\nban_time = \"1h\"\nstate_dir = {:?}\n",
-            state_dir.to_str().unwrap()
+             heartbeat_interval = \"100ms\"\nban_time = \"1h\"\nstate_dir = {:?}\n\
+             [trust]\nallow_unauthenticated = true\nsigning_key_file = {:?}\n",
+            state_dir.to_str().unwrap(),
+            key_file.to_str().unwrap(),
         );
-        let cfg = f2b_common::config::from_str(&text, Path::new("hub.conf"))
-            .unwrap_or_else(|e| panic!("{e}\n{text}"))
-            .publisher;
+        let full = f2b_common::config::from_str(&text, Path::new("hub.conf"))
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let (cfg, trust) = (full.publisher, full.trust);
         let start = Instant::now();
         let bound = loop {
-            match f2b_publisher::bind(&cfg) {
+            match f2b_publisher::bind_trusted(&cfg, &trust) {
                 Ok(b) => break b,
                 Err(e) if start.elapsed() < DEADLINE => {
                     eprintln!("hub bind: {e}, retrying");
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                Err(e) => panic!("hub bind: {e}"),
+                Err(e) => panic!(
+                    "hub bind (reply {reply}, broadcast {broadcast}) still failing after \
+                     {DEADLINE:?}: {e}"
+                ),
             }
         };
         let token = CancellationToken::new();
@@ -81,17 +100,27 @@ impl Hub {
         }
     }
 
-    /// Stops it and waits until its sockets are closed.
+    /// Stops it and waits until its sockets are closed (its thread has ended),
+    /// failing the test after [`STOP_DEADLINE`].
+    ///
+    /// The wait polls the thread instead of joining it on a blocking task: a
+    /// blocking task that never ends would hold the test's runtime at its shutdown
+    /// (which waits for every blocking task) long after the test failed.
     pub async fn stop(mut self) {
         self.token.cancel();
         if let Some(t) = self.thread.take() {
-            let joined = tokio::time::timeout(
-                Duration::from_secs(10),
-                tokio::task::spawn_blocking(move || t.join()),
-            )
-            .await
-            .expect("hub stopped within 10 s");
-            assert!(joined.unwrap().is_ok(), "the hub thread panicked");
+            let deadline = Instant::now() + STOP_DEADLINE;
+            while !t.is_finished() {
+                assert!(
+                    Instant::now() < deadline,
+                    "hub (reply {}, broadcast {}) not stopped within {STOP_DEADLINE:?} of its \
+                     cancellation",
+                    self.reply,
+                    self.broadcast
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(t.join().is_ok(), "the hub thread panicked");
         }
     }
 
@@ -107,28 +136,56 @@ impl Hub {
     }
 }
 
+/// How long [`Hub::stop`] (and a dropped hub) waits for the publisher to stop; it
+/// lets its PUB socket drain for `f2b_publisher::SHUTDOWN_LINGER` first.
+pub const STOP_DEADLINE: Duration = Duration::from_secs(10);
+
 impl Drop for Hub {
+    /// Stops it (a test that failed with a hub running); waits for its thread for
+    /// [`STOP_DEADLINE`] at most, then leaves it behind rather than hang.
     fn drop(&mut self) {
         self.token.cancel();
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            let deadline = Instant::now() + STOP_DEADLINE;
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                eprintln!(
+                    "hub (reply {}, broadcast {}) not stopped within {STOP_DEADLINE:?}; its \
+                     thread is left behind",
+                    self.reply, self.broadcast
+                );
+            }
         }
     }
 }
 
-/// Sends one request on a new REQ socket to `endpoint`; returns the reply.
+/// Sends one request on a new REQ socket to `endpoint`; returns the reply. Fails
+/// the test when none comes within [`DEADLINE`] (the blocking task is bounded by
+/// the socket's own timeouts, so it never outlives the test).
 pub async fn request(endpoint: &str, frame: Vec<u8>) -> Vec<u8> {
     let endpoint = endpoint.to_owned();
+    let ms = i32::try_from(DEADLINE.as_millis()).unwrap_or(i32::MAX);
+    let label = endpoint.clone();
     tokio::task::spawn_blocking(move || {
         let ctx = zmq::Context::new();
         let req = f2b_common::sockets::new_socket(&ctx, zmq::REQ).unwrap();
-        req.set_rcvtimeo(DEADLINE.as_millis() as i32).unwrap();
+        req.set_rcvtimeo(ms).unwrap();
+        req.set_sndtimeo(ms).unwrap();
         req.connect(&endpoint).unwrap();
-        req.send(frame, 0).unwrap();
-        req.recv_bytes(0).expect("a reply before the deadline")
+        req.send(frame, 0)
+            .unwrap_or_else(|e| panic!("request to {endpoint}: send: {e}"));
+        req.recv_bytes(0)
+            .unwrap_or_else(|e| panic!("request to {endpoint}: no reply within {DEADLINE:?}: {e}"))
     })
     .await
-    .unwrap()
+    .unwrap_or_else(|e| match e.try_into_panic() {
+        Ok(p) => std::panic::resume_unwind(p),
+        Err(e) => panic!("request to {label}: {e}"),
+    })
 }
 
 /// A REP socket that answers each request with what `answer` makes of it.
@@ -141,7 +198,19 @@ pub struct FakeRep {
 }
 
 impl FakeRep {
+    /// Answers each request with `answer`'s payload, signed with [`test_key`]
+    /// over the request as received.
     pub fn start(mut answer: impl FnMut(&[u8]) -> Vec<u8> + Send + 'static) -> FakeRep {
+        let key = test_key();
+        FakeRep::start_frames(move |req| {
+            let payload = answer(req);
+            let sig = f2b_proto::auth::sign_snapshot(&key, req, &payload);
+            vec![payload, sig.to_vec()]
+        })
+    }
+
+    /// Answers each request with the frames `answer` makes of it.
+    pub fn start_frames(mut answer: impl FnMut(&[u8]) -> Vec<Vec<u8>> + Send + 'static) -> FakeRep {
         let (stop, stopped) = std_mpsc::channel();
         let (ep_tx, ep_rx) = std_mpsc::channel();
         let requests = Arc::new(AtomicUsize::new(0));
@@ -165,11 +234,13 @@ impl FakeRep {
                 }
                 let req = rep.recv_bytes(0).unwrap();
                 count.fetch_add(1, Ordering::SeqCst);
-                rep.send(answer(&req), 0).unwrap();
+                rep.send_multipart(answer(&req), 0).unwrap();
             }
         });
         FakeRep {
-            endpoint: ep_rx.recv().unwrap(),
+            endpoint: ep_rx
+                .recv_timeout(DEADLINE)
+                .unwrap_or_else(|e| panic!("fake REP socket not bound: {e}")),
             requests,
             stop,
             thread: Some(thread),

@@ -1,6 +1,6 @@
 //! Test harness: a real ZeroMQ PUB socket on an ephemeral loopback port that sends
-//! heartbeats and events, a subscriber run in-process with a channel of notices,
-//! and log capture.
+//! heartbeats and events signed with a test key, a subscriber run in-process with
+//! a channel of notices, and log capture.
 
 #![allow(dead_code)]
 
@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use f2b_common::config::{NodeConfig, SubscriberConfig};
+use f2b_common::config::Config;
 use f2b_common::{zmq, CancellationToken};
+use f2b_proto::auth::{sign_broadcast, SigningKey};
 use f2b_proto::{
     Action, Broadcast, Epoch, Event, EventId, Heartbeat, JailName, NodeName, Sequenced,
 };
@@ -25,8 +26,30 @@ use tokio::sync::mpsc;
 /// How long a test waits for anything before it fails.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
+/// The key test publishers sign with; the subscribers' `[trust] publisher_key`
+/// unless a test says otherwise.
+pub fn test_key() -> SigningKey {
+    SigningKey::from_seed([42; 32])
+}
+
+/// A key no subscriber trusts.
+pub fn other_key() -> SigningKey {
+    SigningKey::from_seed([43; 32])
+}
+
+/// The frames of `b`: topic, payload and, with `key`, its signature.
+pub fn frames(b: &Broadcast, key: Option<&SigningKey>) -> Vec<Vec<u8>> {
+    let (topic, payload) = (b.topic(), b.encode());
+    let mut f = vec![topic, payload];
+    if let Some(k) = key {
+        f.push(sign_broadcast(k, &f[0], &f[1]).to_vec());
+    }
+    f
+}
+
 enum Cmd {
     Send(Broadcast),
+    SendWith(Box<(Broadcast, Option<SigningKey>)>),
     Raw(Vec<Vec<u8>>),
     Heartbeats(bool),
     Stop,
@@ -43,16 +66,32 @@ pub struct TestPublisher {
 }
 
 impl TestPublisher {
-    /// Binds tcp://127.0.0.1:* with a random epoch.
+    /// Binds tcp://127.0.0.1:* with a random epoch; signs with [`test_key`].
     pub fn start(interval: Duration) -> TestPublisher {
         TestPublisher::start_at("tcp://127.0.0.1:*", random_epoch(), interval)
     }
 
+    /// Like [`TestPublisher::start`], signing with `key` (`None`: unsigned).
+    pub fn start_signing(interval: Duration, key: Option<SigningKey>) -> TestPublisher {
+        TestPublisher::start_at_with("tcp://127.0.0.1:*", random_epoch(), interval, key)
+    }
+
     /// Binds `endpoint` (to restart a publisher on the same port).
     pub fn start_at(endpoint: &str, epoch: Epoch, interval: Duration) -> TestPublisher {
+        TestPublisher::start_at_with(endpoint, epoch, interval, Some(test_key()))
+    }
+
+    /// Binds `endpoint`, signing with `key` (`None`: unsigned).
+    pub fn start_at_with(
+        endpoint: &str,
+        epoch: Epoch,
+        interval: Duration,
+        key: Option<SigningKey>,
+    ) -> TestPublisher {
         let (cmd, rx) = std_mpsc::channel();
         let (ep_tx, ep_rx) = std_mpsc::channel();
         let endpoint = endpoint.to_owned();
+        let label = endpoint.clone();
         let thread = std::thread::spawn(move || {
             let ctx = zmq::Context::new();
             let publ = f2b_common::sockets::new_socket(&ctx, zmq::PUB).unwrap();
@@ -79,7 +118,11 @@ impl TestPublisher {
                         if let Broadcast::Event(s) = &b {
                             last_seq = last_seq.max(s.seq);
                         }
-                        publ.send_multipart([b.topic(), b.encode()], 0).unwrap();
+                        publ.send_multipart(frames(&b, key.as_ref()), 0).unwrap();
+                    }
+                    Ok(Cmd::SendWith(bk)) => {
+                        let (b, k) = *bk;
+                        publ.send_multipart(frames(&b, k.as_ref()), 0).unwrap()
                     }
                     Ok(Cmd::Raw(frames)) => publ.send_multipart(frames, 0).unwrap(),
                     Ok(Cmd::Heartbeats(on)) => beating = on,
@@ -91,13 +134,17 @@ impl TestPublisher {
                                 epoch,
                                 interval_ms: interval.as_millis() as u64,
                             });
-                            publ.send_multipart([hb.topic(), hb.encode()], 0).unwrap();
+                            publ.send_multipart(frames(&hb, key.as_ref()), 0).unwrap();
                         }
                     }
                 }
             }
         });
-        let endpoint = ep_rx.recv().expect("publisher thread bound");
+        // Bounded: the thread binds within DEADLINE or panics (which closes the
+        // channel at once).
+        let endpoint = ep_rx
+            .recv_timeout(DEADLINE + Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("test publisher on {label} not bound: {e}"));
         TestPublisher {
             endpoint,
             epoch,
@@ -122,6 +169,12 @@ impl TestPublisher {
     /// Broadcasts `s` as given.
     pub fn send(&self, s: Sequenced) {
         self.cmd.send(Cmd::Send(Broadcast::Event(s))).unwrap();
+    }
+
+    /// Broadcasts `b` signed with `key` instead of the publisher's own (`None`:
+    /// unsigned); heartbeats do not count it.
+    pub fn send_with(&self, b: Broadcast, key: Option<SigningKey>) {
+        self.cmd.send(Cmd::SendWith(Box::new((b, key)))).unwrap();
     }
 
     /// Skips `n` sequence numbers (events the subscriber never gets).
@@ -185,21 +238,30 @@ pub fn scratch_dir() -> std::path::PathBuf {
         .keep()
 }
 
-/// `[node]` and `[subscriber]` from TOML lines (`publisher` is added, and a new
-/// `state_dir` unless the lines set one).
-pub fn config(node: &str, endpoint: &str, subscriber: &str) -> (NodeConfig, SubscriberConfig) {
+/// A configuration with `[node]` and `[subscriber]` from TOML lines (`publisher`
+/// is added, and a new `state_dir` unless the lines set one), and `[trust]
+/// publisher_key` = [`test_key`] unless the lines have a `[trust]` table of their
+/// own (after the subscriber's keys).
+pub fn config(node: &str, endpoint: &str, subscriber: &str) -> Config {
     let state = if subscriber.contains("state_dir") {
         String::new()
     } else {
         format!("state_dir = {:?}\n", scratch_dir().join("state"))
     };
+    let trust = if subscriber.contains("[trust]") {
+        String::new()
+    } else {
+        format!("[trust]\npublisher_key = \"{}\"\n", test_key().public())
+    };
     let text = format!(
-        "[node]\nname = \"{node}\"\n[subscriber]\npublisher = \"{endpoint}\"\n{state}{subscriber}\n"
+        "[node]\nname = \"{node}\"\n[subscriber]\npublisher = \"{endpoint}\"\n{state}{subscriber}\n{trust}"
     );
-    let c = f2b_common::config::from_str(&text, Path::new("test.conf"))
-        .unwrap_or_else(|e| panic!("{e}\n{text}"));
-    (c.node, c.subscriber)
+    f2b_common::config::from_str(&text, Path::new("test.conf"))
+        .unwrap_or_else(|e| panic!("{e}\n{text}"))
 }
+
+/// The `[trust]` lines of a subscriber that verifies nothing.
+pub const UNAUTHENTICATED: &str = "\n[trust]\nallow_unauthenticated = true";
 
 /// A subscriber running in-process.
 pub struct Running {
@@ -211,16 +273,12 @@ pub struct Running {
 }
 
 impl Running {
-    pub fn start(node: NodeConfig, config: SubscriberConfig) -> Running {
-        Running::start_with(Subscriber::new(node, config))
+    pub fn start(config: &Config) -> Running {
+        Running::start_with(Subscriber::new(config))
     }
 
-    pub fn start_applier(
-        node: NodeConfig,
-        config: SubscriberConfig,
-        applier: Box<dyn Applier>,
-    ) -> Running {
-        Running::start_with(Subscriber::new(node, config).with_applier(applier))
+    pub fn start_applier(config: &Config, applier: Box<dyn Applier>) -> Running {
+        Running::start_with(Subscriber::new(config).with_applier(applier))
     }
 
     pub fn start_with(s: Subscriber) -> Running {
@@ -271,8 +329,9 @@ impl Running {
         .await
     }
 
-    /// Cancels and waits for `run` to return, which must be Ok and prompt.
-    pub async fn stop(mut self) {
+    /// Cancels and waits for `run` to return, which must be Ok and prompt; returns
+    /// the notices seen.
+    pub async fn stop(mut self) -> Vec<Notice> {
         self.token.cancel();
         let h = self.handle.take().unwrap();
         let r = tokio::time::timeout(Duration::from_secs(10), h)
@@ -280,6 +339,7 @@ impl Running {
             .expect("run returned within 10 s of shutdown")
             .expect("run did not panic");
         r.expect("run returned Ok");
+        std::mem::take(&mut self.seen)
     }
 }
 
