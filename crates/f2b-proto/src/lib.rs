@@ -39,8 +39,8 @@ mod wire;
 pub use error::{NakReason, ProtoError};
 pub use event::{canonical_ip, Action, Event, EventId};
 pub use message::{
-    event_topic, Ack, AckStatus, Broadcast, Epoch, Heartbeat, Nak, Reply, Request, Sequenced,
-    HEARTBEAT_TOPIC,
+    event_topic, pack_events, Ack, AckStatus, Broadcast, Epoch, EventBatch, Heartbeat, Nak, Reply,
+    Request, Sequenced, HEARTBEAT_TOPIC,
 };
 pub use names::{JailName, NodeName};
 pub use snapshot::{ActiveBan, SnapshotPage, SnapshotReply, SnapshotRequest};

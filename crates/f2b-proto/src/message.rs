@@ -253,8 +253,135 @@ pub struct Heartbeat {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Broadcast {
     Event(Sequenced),
+    /// Several events of one jail and one epoch, in increasing sequence order, in
+    /// one message (so under one signature). [`pack_events`] makes them.
+    Events(EventBatch),
     Heartbeat(Heartbeat),
 }
+
+/// Events of one jail and one epoch with strictly increasing sequence numbers, at
+/// least one: the content of an `events` broadcast. The constructor checks all of
+/// that, so a batch in hand is always one a subscriber accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventBatch(Vec<Sequenced>);
+
+impl EventBatch {
+    /// Checks that `items` are one jail's, of one epoch, in strictly increasing
+    /// `seq` order, and that there is at least one.
+    pub fn new(items: Vec<Sequenced>) -> Result<EventBatch, ProtoError> {
+        let Some(first) = items.first() else {
+            return Err(ProtoError::Malformed {
+                detail: "an events broadcast with no events".into(),
+            });
+        };
+        for pair in items.windows(2) {
+            let (a, b) = (&pair[0], &pair[1]);
+            if b.event.jail != first.event.jail {
+                return Err(ProtoError::Malformed {
+                    detail: format!(
+                        "an events broadcast mixes jails ({} and {})",
+                        first.event.jail, b.event.jail
+                    ),
+                });
+            }
+            if b.epoch != first.epoch {
+                return Err(ProtoError::Malformed {
+                    detail: "an events broadcast mixes epochs".into(),
+                });
+            }
+            if b.seq <= a.seq {
+                return Err(ProtoError::Malformed {
+                    detail: format!(
+                        "an events broadcast's sequence numbers must increase ({} then {})",
+                        a.seq, b.seq
+                    ),
+                });
+            }
+        }
+        Ok(EventBatch(items))
+    }
+
+    /// The events, in sequence order.
+    pub fn items(&self) -> &[Sequenced] {
+        &self.0
+    }
+
+    /// The events, in sequence order.
+    pub fn into_items(self) -> Vec<Sequenced> {
+        self.0
+    }
+
+    /// Their common jail.
+    pub fn jail(&self) -> &JailName {
+        &self.0[0].event.jail
+    }
+
+    /// Their common epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.0[0].epoch
+    }
+
+    /// The last (highest) sequence number.
+    pub fn last_seq(&self) -> u64 {
+        self.0[self.0.len() - 1].seq
+    }
+}
+
+/// Packs events to broadcast, in sequence order, into as few messages as the
+/// protocol allows without reordering them: each maximal run of consecutive events
+/// of one jail and one epoch becomes `events` messages of at most
+/// [`MAX_MESSAGE_SIZE`](crate::MAX_MESSAGE_SIZE) bytes (a run of one, an `event`
+/// message, understood by every subscriber). The output keeps the input's order,
+/// so a subscriber still sees sequence numbers rise across jails. `items` must be
+/// in increasing `seq` order within an epoch, as a publisher assigns them; an item
+/// out of order starts a new message.
+pub fn pack_events(items: Vec<Sequenced>) -> Vec<Broadcast> {
+    let mut out = Vec::new();
+    let mut run: Vec<Sequenced> = Vec::new();
+    let mut run_len = 0;
+    for s in items {
+        let len = batch_item(&s).len();
+        let fits = run.last().is_some_and(|last: &Sequenced| {
+            last.event.jail == s.event.jail
+                && last.epoch == s.epoch
+                && last.seq < s.seq
+                && batch_overhead(&s.epoch) + run_len + 1 + len <= crate::MAX_MESSAGE_SIZE
+        });
+        if !fits && !run.is_empty() {
+            out.push(run_message(std::mem::take(&mut run)));
+            run_len = 0;
+        }
+        run_len += len + usize::from(!run.is_empty());
+        run.push(s);
+    }
+    if !run.is_empty() {
+        out.push(run_message(run));
+    }
+    out
+}
+
+fn run_message(mut run: Vec<Sequenced>) -> Broadcast {
+    match run.len() {
+        1 => Broadcast::Event(run.remove(0)),
+        _ => Broadcast::Events(EventBatch(run)),
+    }
+}
+
+/// One element of an `events` list: `{"seq":N,"event":{...}}`.
+fn batch_item(s: &Sequenced) -> Vec<u8> {
+    to_bytes(json!({"seq": s.seq, "event": event_value(&s.event)}))
+}
+
+/// The bytes of an `events` payload around its list's elements and commas.
+fn batch_overhead(epoch: &Epoch) -> usize {
+    batch_prefix(epoch).len() + BATCH_SUFFIX.len()
+}
+
+fn batch_prefix(epoch: &Epoch) -> String {
+    format!(r#"{{"v":{PROTOCOL_VERSION},"type":"events","epoch":"{epoch}","events":["#)
+}
+
+const BATCH_SUFFIX: &str = "]}";
 
 /// The topic frame of heartbeats. A subscriber that filters by jail subscribes to
 /// this as well as to [`event_topic`] of each jail.
@@ -276,7 +403,17 @@ impl Broadcast {
     pub fn topic(&self) -> Vec<u8> {
         match self {
             Broadcast::Event(s) => event_topic(&s.event.jail),
+            Broadcast::Events(b) => event_topic(b.jail()),
             Broadcast::Heartbeat(_) => HEARTBEAT_TOPIC.to_vec(),
+        }
+    }
+
+    /// The events this message carries, in sequence order (none for a heartbeat).
+    pub fn events(&self) -> &[Sequenced] {
+        match self {
+            Broadcast::Event(s) => std::slice::from_ref(s),
+            Broadcast::Events(b) => b.items(),
+            Broadcast::Heartbeat(_) => &[],
         }
     }
 
@@ -290,6 +427,17 @@ impl Broadcast {
                 "epoch": s.epoch.to_string(),
                 "event": event_value(&s.event),
             })),
+            Broadcast::Events(b) => {
+                let mut out = batch_prefix(&b.epoch()).into_bytes();
+                for (i, s) in b.items().iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(&batch_item(s));
+                }
+                out.extend_from_slice(BATCH_SUFFIX.as_bytes());
+                out
+            }
             Broadcast::Heartbeat(h) => to_bytes(json!({
                 "v": PROTOCOL_VERSION,
                 "type": "heartbeat",
@@ -309,6 +457,28 @@ impl Broadcast {
                 epoch: obj.str("epoch")?.parse()?,
                 event: obj.obj("event")?.event()?,
             }),
+            "events" => {
+                let epoch: Epoch = obj.str("epoch")?.parse()?;
+                let list = obj
+                    .opt_array("events")?
+                    .ok_or(ProtoError::MissingField { field: "events" })?;
+                let mut items = Vec::with_capacity(list.len());
+                for v in &list {
+                    let serde_json::Value::Object(m) = v else {
+                        return Err(ProtoError::WrongType {
+                            field: "events",
+                            expected: "a list of objects",
+                        });
+                    };
+                    let item = Obj::from_map(m);
+                    items.push(Sequenced {
+                        seq: item.seq("seq")?,
+                        epoch,
+                        event: item.obj("event")?.event()?,
+                    });
+                }
+                Broadcast::Events(EventBatch::new(items)?)
+            }
             "heartbeat" => Broadcast::Heartbeat(Heartbeat {
                 seq: obj.u64("seq")?.min(crate::MAX_SAFE_INTEGER),
                 epoch: obj.str("epoch")?.parse()?,
@@ -399,6 +569,152 @@ mod tests {
             interval_ms: 1000,
         });
         assert_eq!(Broadcast::decode(HEARTBEAT_TOPIC, &h.encode()).unwrap(), h);
+    }
+
+    fn seqd(seq: u64, jail: &str, last_octet: u8) -> Sequenced {
+        let mut e = event();
+        e.jail = JailName::new(jail).unwrap();
+        e.id = EventId::from_u128(u128::from(seq) << 8 | u128::from(last_octet));
+        e.ip = std::net::IpAddr::from([203, 0, 113, last_octet]);
+        Sequenced {
+            seq,
+            epoch: Epoch(0xfeed),
+            event: e,
+        }
+    }
+
+    #[test]
+    fn events_round_trip_under_their_jails_topic() {
+        let b = Broadcast::Events(
+            EventBatch::new(vec![
+                seqd(4, "sshd", 1),
+                seqd(5, "sshd", 2),
+                seqd(9, "sshd", 3),
+            ])
+            .unwrap(),
+        );
+        assert_eq!(b.topic(), b"ev:sshd\0");
+        let bytes = b.encode();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(
+            text.starts_with(r#"{"v":1,"type":"events","epoch":"000000000000feed","events":[{"#),
+            "{text}"
+        );
+        assert_eq!(Broadcast::decode(&b.topic(), &bytes).unwrap(), b);
+        assert_eq!(b.events().len(), 3);
+        let err = Broadcast::decode(b"ev:nginx\0", &bytes).unwrap_err();
+        assert!(matches!(err, ProtoError::TopicMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn events_that_break_the_rules_are_refused() {
+        let payload = |items: serde_json::Value| {
+            serde_json::to_vec(&serde_json::json!({
+                "v": 1, "type": "events", "epoch": "000000000000feed", "events": items,
+            }))
+            .unwrap()
+        };
+        let item =
+            |s: &Sequenced| serde_json::json!({"seq": s.seq, "event": event_value(&s.event)});
+        let (a, b, other) = (seqd(4, "sshd", 1), seqd(5, "sshd", 2), seqd(6, "nginx", 3));
+        let cases = [
+            ("empty", payload(serde_json::json!([]))),
+            ("not a list", payload(serde_json::json!({"seq": 1}))),
+            (
+                "missing",
+                br#"{"v":1,"type":"events","epoch":"000000000000feed"}"#.to_vec(),
+            ),
+            (
+                "an item not an object",
+                payload(serde_json::json!([item(&a), 7])),
+            ),
+            (
+                "seq repeated",
+                payload(serde_json::json!([item(&a), item(&a)])),
+            ),
+            (
+                "seq going down",
+                payload(serde_json::json!([item(&b), item(&a)])),
+            ),
+            (
+                "seq 0",
+                payload(serde_json::json!([{"seq": 0, "event": event_value(&a.event)}])),
+            ),
+            (
+                "mixed jails",
+                payload(serde_json::json!([item(&a), item(&other)])),
+            ),
+            (
+                "bad event",
+                payload(serde_json::json!([{"seq": 4, "event": {"ip": "10.1"}}])),
+            ),
+        ];
+        for (what, bytes) in cases {
+            assert!(
+                Broadcast::decode(b"ev:sshd\0", &bytes).is_err(),
+                "{what}: {}",
+                String::from_utf8_lossy(&bytes)
+            );
+        }
+        assert!(EventBatch::new(Vec::new()).is_err());
+        assert!(EventBatch::new(vec![a.clone(), other]).is_err());
+        let mut later_epoch = b.clone();
+        later_epoch.epoch = Epoch(1);
+        assert!(EventBatch::new(vec![a, later_epoch]).is_err());
+    }
+
+    #[test]
+    fn packing_keeps_the_order_and_splits_runs_of_one_jail() {
+        let items = vec![
+            seqd(1, "sshd", 1),
+            seqd(2, "sshd", 2),
+            seqd(3, "nginx", 3),
+            seqd(4, "sshd", 4),
+            seqd(5, "sshd", 5),
+            seqd(6, "sshd", 6),
+        ];
+        let out = pack_events(items.clone());
+        let kinds: Vec<(usize, &str)> = out
+            .iter()
+            .map(|b| {
+                let kind = match b {
+                    Broadcast::Event(_) => "event",
+                    Broadcast::Events(_) => "events",
+                    Broadcast::Heartbeat(_) => "heartbeat",
+                };
+                (b.events().len(), kind)
+            })
+            .collect();
+        assert_eq!(kinds, [(2, "events"), (1, "event"), (3, "events")]);
+        let flat: Vec<Sequenced> = out.iter().flat_map(|b| b.events().to_vec()).collect();
+        assert_eq!(flat, items);
+        for b in &out {
+            assert_eq!(Broadcast::decode(&b.topic(), &b.encode()).unwrap(), *b);
+        }
+        assert!(pack_events(Vec::new()).is_empty());
+    }
+
+    #[test]
+    fn packing_fills_messages_up_to_the_size_limit() {
+        let items: Vec<Sequenced> = (1..=1000)
+            .map(|n| seqd(n, "sshd", (n % 250) as u8))
+            .collect();
+        let out = pack_events(items.clone());
+        assert!(out.len() > 1, "1000 events cannot fit one message");
+        for (i, b) in out.iter().enumerate() {
+            let len = b.encode().len();
+            assert!(len <= crate::MAX_MESSAGE_SIZE, "message {i}: {len} bytes");
+            if i + 1 < out.len() {
+                // Full: the next event would not have fitted.
+                let next = batch_item(&out[i + 1].events()[0]).len();
+                assert!(
+                    len + 1 + next > crate::MAX_MESSAGE_SIZE,
+                    "message {i} not full: {len}"
+                );
+            }
+        }
+        let flat: Vec<Sequenced> = out.iter().flat_map(|b| b.events().to_vec()).collect();
+        assert_eq!(flat, items);
     }
 
     fn report_with(field: &str, value: serde_json::Value) -> Vec<u8> {

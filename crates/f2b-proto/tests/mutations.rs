@@ -5,8 +5,9 @@
 
 use f2b_proto::auth::{self, MonitorSecret, RequestAuth, SigningKey};
 use f2b_proto::{
-    Ack, AckStatus, Action, ActiveBan, Broadcast, Epoch, Event, EventId, Heartbeat, JailName, Nak,
-    NakReason, NodeName, Reply, Request, Sequenced, SnapshotPage, SnapshotReply, SnapshotRequest,
+    pack_events, Ack, AckStatus, Action, ActiveBan, Broadcast, Epoch, Event, EventId, Heartbeat,
+    JailName, Nak, NakReason, NodeName, Reply, Request, Sequenced, SnapshotPage, SnapshotReply,
+    SnapshotRequest,
 };
 
 /// xorshift64*: a small deterministic generator; the test needs no crypto.
@@ -69,8 +70,18 @@ fn seeds() -> Vec<Vec<u8>> {
         Broadcast::Event(Sequenced {
             seq: 1,
             epoch: Epoch(7),
-            event,
+            event: event.clone(),
         })
+        .encode(),
+        pack_events(
+            (2..4)
+                .map(|seq| Sequenced {
+                    seq,
+                    epoch: Epoch(7),
+                    event: event.clone(),
+                })
+                .collect(),
+        )[0]
         .encode(),
         Broadcast::Heartbeat(Heartbeat {
             seq: 1,
