@@ -712,9 +712,12 @@ impl Bound {
                 }
             }
         }
+        // Broadcast first: an ACK with status `broadcast` then means the event is
+        // durable and already queued on the PUB socket(s).
+        let queued = self.broadcast_all(&outcomes)?;
         let mut broadcast = false;
-        for (r, (outcome, refusal)) in batch.iter().zip(outcomes) {
-            broadcast |= self.deliver(&r.envelope, outcome, refusal)?;
+        for ((r, (outcome, refusal)), queued) in batch.iter().zip(outcomes).zip(queued) {
+            broadcast |= self.deliver(&r.envelope, outcome, refusal, queued)?;
         }
         if broadcast {
             self.gauges_stale = true;
@@ -754,40 +757,97 @@ impl Bound {
         }
     }
 
-    /// Broadcasts what `outcome` says, then sends its reply back along
-    /// `envelope`. Returns whether something was broadcast.
+    /// Broadcasts the events of a batch's `outcomes`, in sequence order, packed into
+    /// as few messages as the protocol allows ([`f2b_proto::pack_events`]: each run
+    /// of one jail's events under one signature), then sends each to the legacy PUB
+    /// socket if there is one. Returns, per outcome, whether its broadcast was
+    /// queued (`None`: it had none). Nothing waits to fill a message: a lone
+    /// report's event goes out alone, at once. Fails only on `ETERM`.
+    fn broadcast_all(
+        &mut self,
+        outcomes: &[(Outcome, Option<&'static str>)],
+    ) -> Result<Vec<Option<bool>>, PublisherError> {
+        let mut queued = vec![None; outcomes.len()];
+        let mut events = Vec::new();
+        let mut owners = Vec::new();
+        for (i, (o, _)) in outcomes.iter().enumerate() {
+            match &o.broadcast {
+                Some(Broadcast::Event(s)) => {
+                    events.push(s.clone());
+                    owners.push(i);
+                }
+                // The core makes only events; anything else goes out alone.
+                Some(other) => {
+                    let ok = self.send_one(other, &[(i, o)])?;
+                    queued[i] = Some(ok);
+                }
+                None => {}
+            }
+        }
+        let mut owners = owners.into_iter();
+        for message in f2b_proto::pack_events(events) {
+            let mine: Vec<(usize, &Outcome)> = owners
+                .by_ref()
+                .take(message.events().len())
+                .map(|i| (i, &outcomes[i].0))
+                .collect();
+            let ok = self.send_one(&message, &mine)?;
+            for (i, _) in mine {
+                queued[i] = Some(ok);
+            }
+        }
+        Ok(queued)
+    }
+
+    /// Sends one broadcast message carrying the events of `outcomes`, then each of
+    /// them to the legacy PUB socket. Returns whether it was queued. Fails only on
+    /// `ETERM`.
+    fn send_one(
+        &mut self,
+        message: &Broadcast,
+        outcomes: &[(usize, &Outcome)],
+    ) -> Result<bool, PublisherError> {
+        match self.send_broadcast(message) {
+            Ok(()) => {
+                self.metrics
+                    .events_broadcast
+                    .inc_by(outcomes.len().max(1) as u64);
+                for (_, o) in outcomes {
+                    if let Some(b) = &o.broadcast {
+                        if let Err(e) = self.send_legacy(b, o.legacy_broadcast.as_deref()) {
+                            self.socket_error("broadcast to legacy subscribers", e)?;
+                        }
+                    }
+                }
+                Ok(true)
+            }
+            Err(e) => {
+                self.socket_error("broadcast", e)?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Sends `outcome`'s reply back along `envelope`, a `busy` NAK instead of its
+    /// ACK if its broadcast could not be queued (`queued`: `None` when it had
+    /// none). Returns whether it was broadcast.
     fn deliver(
         &mut self,
         envelope: &[Vec<u8>],
         outcome: Outcome,
         mut refusal: Option<&'static str>,
+        queued: Option<bool>,
     ) -> Result<bool, PublisherError> {
-        // Broadcast first: an ACK with status `broadcast` then means the event is
-        // durable and already queued on the PUB socket(s).
         let mut reply = outcome.reply;
-        let broadcast = match &outcome.broadcast {
-            Some(b) => match self.send_broadcast(b) {
-                Ok(()) => {
-                    self.metrics.events_broadcast.inc();
-                    if let Err(e) = self.send_legacy(b, outcome.legacy_broadcast.as_deref()) {
-                        self.socket_error("broadcast to legacy subscribers", e)?;
-                    }
-                    true
-                }
-                Err(e) => {
-                    self.socket_error("broadcast", e)?;
-                    reply = self.core.broadcast_failed(reply);
-                    if reply.is_refusal() {
-                        refusal = Some(NakReason::Busy.code());
-                    }
-                    false
-                }
-            },
-            None => false,
-        };
+        if queued == Some(false) {
+            reply = self.core.broadcast_failed(reply);
+            if reply.is_refusal() {
+                refusal = Some(NakReason::Busy.code());
+            }
+        }
         self.count_answer(&reply, refusal, outcome.broadcast.is_some());
         self.reply(envelope, &reply, &outcome.seal)?;
-        Ok(broadcast)
+        Ok(queued == Some(true))
     }
 
     /// Sends `reply` along `envelope` (routing ids, then the empty delimiter), and
@@ -1132,7 +1192,15 @@ mod tests {
             let report = f2b_proto::Request::Report(e).encode();
             d.send_multipart([&b""[..], &report], 0).unwrap();
         }
+        let sub = live_sub(&ctx, &b);
         let replies = served(&mut b, &d, n as usize);
+        // Broadcast in the same order, whatever the batches were.
+        let got = events_received(&sub, n as usize);
+        let seqs: Vec<u64> = got
+            .iter()
+            .flat_map(|m| m.events().iter().map(|s| s.seq))
+            .collect();
+        assert_eq!(seqs, (1..=u64::from(n)).collect::<Vec<_>>());
         for (i, r) in replies.iter().enumerate() {
             match Reply::decode(r).unwrap() {
                 Reply::Ack(a) => assert_eq!(
@@ -1146,6 +1214,131 @@ mod tests {
             }
         }
         assert_eq!(b.core.ledger().rows().unwrap(), u64::from(n));
+    }
+
+    /// A SUB socket on `b`'s broadcast endpoint, once it receives (heartbeats are
+    /// sent until one arrives, then drained).
+    fn live_sub(ctx: &zmq::Context, b: &Bound) -> zmq::Socket {
+        let sub = ctx.socket(zmq::SUB).unwrap();
+        sub.set_linger(0).unwrap();
+        sub.set_subscribe(b"").unwrap();
+        sub.connect(b.broadcast_endpoint()).unwrap();
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            assert!(Instant::now() < end, "the subscription never became live");
+            b.send_broadcast(&b.core.heartbeat(Duration::from_secs(1)))
+                .unwrap();
+            if sub.poll(zmq::POLLIN, 20).unwrap() > 0 {
+                break;
+            }
+        }
+        while sub.poll(zmq::POLLIN, 20).unwrap() > 0 {
+            sub.recv_multipart(0).unwrap();
+        }
+        sub
+    }
+
+    /// The event broadcasts received on `sub` until they carried `n` events.
+    fn events_received(sub: &zmq::Socket, n: usize) -> Vec<Broadcast> {
+        let mut out: Vec<Broadcast> = Vec::new();
+        while out.iter().map(|m| m.events().len()).sum::<usize>() < n {
+            let have: Vec<usize> = out.iter().map(|m| m.events().len()).collect();
+            assert!(
+                sub.poll(zmq::POLLIN, 5000).unwrap() > 0,
+                "broadcasts missing after messages of {have:?} events"
+            );
+            let frames = sub.recv_multipart(0).unwrap();
+            let m = Broadcast::decode(&frames[0], &frames[1]).unwrap();
+            if !matches!(m, Broadcast::Heartbeat(_)) {
+                out.push(m);
+            }
+        }
+        out
+    }
+
+    fn outcome(seq: u64, jail: &str, ip: u32) -> (Outcome, Option<&'static str>) {
+        let e = f2b_proto::Event::new(
+            f2b_proto::EventId::from_u128(seq.into()),
+            f2b_proto::NodeName::new("web1").unwrap(),
+            f2b_proto::JailName::new(jail).unwrap(),
+            f2b_proto::Action::Ban,
+            std::net::Ipv4Addr::from(ip).into(),
+            now_ms(),
+        )
+        .unwrap();
+        let ack = Reply::Ack(f2b_proto::Ack {
+            id: e.id,
+            seq: Some(seq),
+            status: AckStatus::Broadcast,
+        });
+        let o = Outcome {
+            reply: Response::Reply(ack),
+            seal: Seal::None,
+            broadcast: Some(Broadcast::Event(f2b_proto::Sequenced {
+                seq,
+                epoch: Epoch(1),
+                event: e,
+            })),
+            legacy_broadcast: None,
+        };
+        (o, None)
+    }
+
+    /// A batch's events go out in sequence order, each run of one jail as few
+    /// `events` messages as fit, a lone event as an `event`; every outcome with a
+    /// broadcast is marked queued, the others not.
+    #[test]
+    fn a_batchs_events_are_broadcast_together_in_order() {
+        let state = tempfile::tempdir().unwrap();
+        let mut b = bound(state.path());
+        let ctx = zmq::Context::new();
+        let sub = live_sub(&ctx, &b);
+        let mut outcomes: Vec<_> = (1..=100)
+            .map(|n| outcome(n, "sshd", 0x0A00_0000 + n as u32))
+            .collect();
+        outcomes.push(outcome(101, "nginx", 0x0A01_0000));
+        outcomes.extend((102..=110).map(|n| outcome(n, "sshd", 0x0A00_0000 + n as u32)));
+        let mut refused = outcome(0, "sshd", 0x0A02_0000);
+        refused.0.broadcast = None;
+        outcomes.insert(10, refused);
+
+        let queued = b.broadcast_all(&outcomes).unwrap();
+        let expected: Vec<Option<bool>> = outcomes
+            .iter()
+            .map(|(o, _)| o.broadcast.as_ref().map(|_| true))
+            .collect();
+        assert_eq!(queued, expected);
+
+        let got = events_received(&sub, 110);
+        let shape: Vec<(&str, usize)> = got
+            .iter()
+            .map(|m| match m {
+                Broadcast::Events(batch) => (batch.jail().as_str(), batch.items().len()),
+                Broadcast::Event(s) => (s.event.jail.as_str(), 1),
+                Broadcast::Heartbeat(_) => unreachable!(),
+            })
+            .collect();
+        // 100 sshd events pass 8 KiB: two messages; then nginx alone; then 9 sshd.
+        assert_eq!(shape.len(), 4, "{shape:?}");
+        assert_eq!((shape[0].0, shape[1].0), ("sshd", "sshd"));
+        assert_eq!(shape[0].1 + shape[1].1, 100);
+        assert!(matches!(got[2], Broadcast::Event(_)), "{:?}", got[2]);
+        assert_eq!(shape[2], ("nginx", 1));
+        assert_eq!(shape[3], ("sshd", 9));
+        let seqs: Vec<u64> = got
+            .iter()
+            .flat_map(|m| m.events().iter().map(|s| s.seq))
+            .collect();
+        assert_eq!(seqs, (1..=110).collect::<Vec<_>>());
+        assert!(
+            sub.poll(zmq::POLLIN, 50).unwrap() == 0 || {
+                let f = sub.recv_multipart(0).unwrap();
+                matches!(
+                    Broadcast::decode(&f[0], &f[1]).unwrap(),
+                    Broadcast::Heartbeat(_)
+                )
+            }
+        );
     }
 
     #[test]
