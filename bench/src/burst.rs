@@ -10,12 +10,17 @@
 //!   socket, without a Python process per call;
 //! - and the `none` action, the floor: receiving, recording and queueing alone.
 //!
+//! (c) and the floor run twice: with one `event` message per ban (what the
+//! publisher sends when reports reach it one at a time, from one monitor) and with
+//! `events` messages packed as the publisher packs reports it decides together (a
+//! busy hub), one signature per message.
+//!
 //! The burst comes from a stand-in publisher here, a PUB socket sending the
-//! protocol's event broadcasts (made with f2b-proto, signed when the cluster
-//! authenticates) as fast as it can, so the figure is the subscriber's and
-//! fail2ban's, not the publisher's ingestion rate (benchmark 2). Timed from the
-//! first event sent to the subscriber's last `applied` line; fail2ban is then asked
-//! how many addresses its jail holds.
+//! protocol's broadcasts (made with f2b-proto and signed before the clock starts)
+//! as fast as it can, so the figure is the subscriber's and fail2ban's, not the
+//! publisher's ingestion rate (benchmark 2). Timed from the first message sent to
+//! the subscriber's last `applied` line; fail2ban is then asked how many addresses
+//! its jail holds.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -82,32 +87,44 @@ pub fn run(dir: &Path, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()>
     a_row.n = per_call.len();
     report.add(a_row);
 
+    let client = format!(
+        "action = \"fail2ban-client\"\nfail2ban_client = \"fail2ban-client\"\nsocket = {}",
+        toml_str(&sock.to_string_lossy())
+    );
+    let socket = format!(
+        "action = \"fail2ban-socket\"\nsocket = {}",
+        toml_str(&sock.to_string_lossy())
+    );
+    let none = "action = \"none\"".to_owned();
+    let goal = || Some(Goal::new("<= 2 s for 10,000", &[Check::MedianAtMost(2.0)]));
+    // (label, action, packed, goal). Unpacked: one `event` message per ban, as a
+    // publisher sends reports decided one at a time (one monitor). Packed: `events`
+    // messages of up to 8 KiB, as it sends reports decided together (a busy hub).
     let actions = [
+        ("(b) fail2ban-client action, batched", client, false, None),
         (
-            "(b) fail2ban-client action, batched",
-            format!(
-                "action = \"fail2ban-client\"\nfail2ban_client = \"fail2ban-client\"\nsocket = {}",
-                toml_str(&sock.to_string_lossy())
-            ),
+            "(c) fail2ban-socket action, one event a message",
+            socket.clone(),
+            false,
+            goal(),
+        ),
+        (
+            "(c) fail2ban-socket action, events packed by the publisher",
+            socket,
+            true,
+            goal(),
+        ),
+        (
+            "floor: `none` action (no fail2ban), one event a message",
+            none.clone(),
+            false,
             None,
         ),
-        (
-            "(c) fail2ban-socket action",
-            format!(
-                "action = \"fail2ban-socket\"\nsocket = {}",
-                toml_str(&sock.to_string_lossy())
-            ),
-            Some(Goal::new("<= 2 s for 10,000", &[Check::MedianAtMost(2.0)])),
-        ),
-        (
-            "floor: `none` action (no fail2ban)",
-            "action = \"none\"".to_owned(),
-            None,
-        ),
+        ("floor: `none` action, events packed", none, true, None),
     ];
     let mut run_no = 0;
     let mut cpu_notes = Vec::new();
-    for (label, action, goal) in actions {
+    for (label, action, packed, goal) in actions {
         let mut times = Samples::new();
         let mut cpu = Samples::new();
         for _ in 0..sizes.burst_reps {
@@ -121,6 +138,7 @@ pub fn run(dir: &Path, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()>
                 &action,
                 n,
                 run_no as u64 * 100_000,
+                packed,
             )?;
             if !action.contains("\"none\"") {
                 let held = banned_count(&fb)?;
@@ -168,9 +186,17 @@ fn banned_count(fb: &Fail2ban) -> anyhow::Result<usize> {
 }
 
 /// One burst of `n` bans (addresses from `ip_base`) through a fresh subscriber
-/// with `action`; how long from the first event sent to the last applied, and the
-/// subscriber's CPU time per ban meanwhile.
-fn burst(dir: &Path, action: &str, n: usize, ip_base: u64) -> anyhow::Result<(Duration, Duration)> {
+/// with `action`, one `event` message per ban or (`packed`) as few `events`
+/// messages as fit; how long from the first message sent to the last ban applied,
+/// and the subscriber's CPU time per ban meanwhile. The messages are encoded and
+/// signed before the clock starts: the publisher's cost is benchmark 2's.
+fn burst(
+    dir: &Path,
+    action: &str,
+    n: usize,
+    ip_base: u64,
+    packed: bool,
+) -> anyhow::Result<(Duration, Duration)> {
     let trust = Trust::generate(&[]);
     let ctx = zmq::Context::new();
     let publ = new_socket(&ctx, zmq::PUB)?;
@@ -178,11 +204,14 @@ fn burst(dir: &Path, action: &str, n: usize, ip_base: u64) -> anyhow::Result<(Du
     publ.set_sndhwm(i32::try_from(n * 2 + 1000).unwrap_or(i32::MAX))?;
     publ.bind("tcp://127.0.0.1:*")?;
     let endpoint = last_endpoint(&publ);
-    let send = |b: &Broadcast| -> anyhow::Result<()> {
+    let frames = |b: &Broadcast| -> Vec<Vec<u8>> {
         let (topic, payload) = (b.topic(), b.encode());
         let mut frames = vec![topic.clone(), payload.clone()];
         frames.extend(trust.broadcast_frames(&topic, &payload));
-        publ.send_multipart(frames, 0)?;
+        frames
+    };
+    let send = |b: &Broadcast| -> anyhow::Result<()> {
+        publ.send_multipart(frames(b), 0)?;
         Ok(())
     };
     let heartbeat = |seq| {
@@ -216,19 +245,24 @@ fn burst(dir: &Path, action: &str, n: usize, ip_base: u64) -> anyhow::Result<(Du
         }
     }
     let node = NodeName::new("node1").context("valid")?;
-    let msgs: Vec<Broadcast> = (1..=n as u64)
-        .map(|seq| {
-            Broadcast::Event(Sequenced {
-                seq,
-                epoch: EPOCH,
-                event: ban_event(&node, ip_for(ip_base + seq)),
-            })
+    let events: Vec<Sequenced> = (1..=n as u64)
+        .map(|seq| Sequenced {
+            seq,
+            epoch: EPOCH,
+            event: ban_event(&node, ip_for(ip_base + seq)),
         })
         .collect();
+    let msgs: Vec<Vec<Vec<u8>>> = match packed {
+        true => f2b_proto::pack_events(events),
+        false => events.into_iter().map(Broadcast::Event).collect(),
+    }
+    .iter()
+    .map(frames)
+    .collect();
     let cpu_before = sub.usage()?.cpu;
     let t0 = Instant::now();
-    for m in &msgs {
-        send(m)?;
+    for m in msgs {
+        publ.send_multipart(m, 0)?;
     }
     let deadline = t0 + BURST_TIMEOUT;
     let done = loop {

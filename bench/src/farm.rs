@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use f2b_common::sockets::new_socket;
 
-use crate::load::event_seq;
+use crate::load::event_seqs;
 
 /// SUB sockets per libzmq context.
 const PER_CONTEXT: usize = 500;
@@ -157,6 +157,8 @@ struct Tracker<'a> {
     tx: &'a mpsc::Sender<(u64, Instant)>,
     topic: zmq::Message,
     part: zmq::Message,
+    /// The sequence numbers of the message being read (several for `events`).
+    seqs: Vec<u64>,
 }
 
 impl Tracker<'_> {
@@ -173,18 +175,25 @@ impl Tracker<'_> {
                     Err(zmq::Error::EAGAIN) => break,
                     Err(e) => return Err(e.into()),
                 }
-                let mut seq = None;
+                let mut seqs = std::mem::take(&mut self.seqs);
+                seqs.clear();
                 let mut more = self.topic.get_more();
                 let mut part = 1;
                 while more {
                     sock.recv(&mut self.part, 0)?;
                     if part == 1 && self.topic.starts_with(b"ev:") {
-                        seq = event_seq(&self.part);
+                        event_seqs(&self.part, &mut seqs);
                     }
                     part += 1;
                     more = self.part.get_more();
                 }
-                self.message(i, seq);
+                if seqs.is_empty() {
+                    self.message(i, None);
+                }
+                for &seq in &seqs {
+                    self.message(i, Some(seq));
+                }
+                self.seqs = seqs;
             }
         }
         Ok(())
@@ -255,6 +264,7 @@ fn read_all(
         tx,
         topic: zmq::Message::new(),
         part: zmq::Message::new(),
+        seqs: Vec::new(),
     };
     let mut events = vec![EpollEvent::empty(); 1024];
     let mut last_sweep = Instant::now();

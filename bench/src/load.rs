@@ -215,22 +215,35 @@ pub fn merge(tallies: &[Tally]) -> Tally {
     t
 }
 
-/// The sequence number of a broadcast event's payload (`"seq":N`), without decoding
-/// the whole JSON (the key is searched from the end, where serde_json puts it);
-/// `None` for a heartbeat or anything else.
-pub fn event_seq(payload: &[u8]) -> Option<u64> {
-    if !contains(payload, b"\"type\":\"event\"") {
-        return None;
+/// The sequence numbers of a broadcast's payload (`"seq":N`: one for an `event`,
+/// one per element for `events`), appended to `out` in order, without decoding the
+/// whole JSON; none for a heartbeat or anything else.
+pub fn event_seqs(payload: &[u8], out: &mut Vec<u64>) {
+    if !contains(payload, b"\"type\":\"event\"") && !contains(payload, b"\"type\":\"events\"") {
+        return;
     }
+    // Event objects have no "seq" key (and their strings cannot hold quotes), so
+    // every "seq": is the message's (`event`) or an element's (`events`), in order.
     let key = b"\"seq\":";
-    let at = payload.windows(key.len()).rposition(|w| w == key)? + key.len();
-    let mut seq: u64 = 0;
-    let mut digits = 0;
-    for b in payload[at..].iter().take_while(|b| b.is_ascii_digit()) {
-        seq = seq.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
-        digits += 1;
+    let mut rest = payload;
+    while let Some(at) = rest.windows(key.len()).position(|w| w == key) {
+        rest = &rest[at + key.len()..];
+        let mut seq: u64 = 0;
+        let mut digits = 0;
+        for b in rest.iter().take_while(|b| b.is_ascii_digit()) {
+            match seq
+                .checked_mul(10)
+                .and_then(|s| s.checked_add(u64::from(b - b'0')))
+            {
+                Some(s) => seq = s,
+                None => return,
+            }
+            digits += 1;
+        }
+        if digits > 0 {
+            out.push(seq);
+        }
     }
-    (digits > 0).then_some(seq)
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
@@ -257,13 +270,29 @@ mod tests {
             epoch: Epoch(7),
             event: ban_event(&node, ip_for(3)),
         });
-        assert_eq!(event_seq(&ev.encode()), Some(4242));
+        let seqs = |b: &Broadcast| {
+            let mut out = Vec::new();
+            event_seqs(&b.encode(), &mut out);
+            out
+        };
+        assert_eq!(seqs(&ev), [4242]);
         let hb = Broadcast::Heartbeat(Heartbeat {
             seq: 9,
             epoch: Epoch(7),
             interval_ms: 1000,
         });
-        assert_eq!(event_seq(&hb.encode()), None);
+        assert!(seqs(&hb).is_empty());
+        let batch = f2b_proto::pack_events(
+            (10..13)
+                .map(|seq| Sequenced {
+                    seq,
+                    epoch: Epoch(7),
+                    event: ban_event(&node, ip_for(seq)),
+                })
+                .collect(),
+        );
+        assert!(matches!(batch[0], Broadcast::Events(_)));
+        assert_eq!(seqs(&batch[0]), [10, 11, 12]);
         let req = Request::Report(ban_event(&node, ip_for(1))).encode();
         assert!(Request::decode(&req).is_ok());
     }
