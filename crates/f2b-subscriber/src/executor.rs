@@ -185,6 +185,7 @@ impl Intake {
                 Some(Input::Event { event, seq, epoch }) => {
                     self.live(event, seq, epoch, &mut drops);
                 }
+                Some(Input::Events(events)) => self.live_all(events, &mut drops),
                 // Only `watch` asks for heartbeats.
                 Some(Input::Heartbeat { .. }) => {}
                 Some(Input::Resync(r)) => {
@@ -276,6 +277,34 @@ impl Intake {
         if let Some(item) = self.admit(event, seq, epoch, None, Source::Live, known) {
             self.state.with(|s| s.add_pending(&item, now_ms()));
             enqueue(&self.shared, vec![item], drops, &self.notices, &self.state);
+        }
+    }
+
+    /// Live events received together, in order: each filtered as by
+    /// [`Intake::live`], the admitted ones recorded as pending in one state
+    /// transaction and queued together.
+    fn live_all(&mut self, events: Vec<Sequenced>, drops: &mut RateLimit) {
+        let ids: Vec<EventId> = events.iter().map(|s| s.event.id).collect();
+        let state = self.state.clone();
+        let items = state.transaction(|tx| {
+            // Empty if the lookup failed: then none is known, as with `live`.
+            let known = tx.with(|s| s.known_all(&ids));
+            let mut known = known.into_iter();
+            let mut items = Vec::with_capacity(events.len());
+            for s in events {
+                // A repeated id within the list: the filter's recent ids say so.
+                let was_known = known.next().unwrap_or(false);
+                if let Some(item) =
+                    self.admit(s.event, s.seq, Some(s.epoch), None, Source::Live, was_known)
+                {
+                    items.push(item);
+                }
+            }
+            tx.with(|s| s.add_pending_all(&items, now_ms()));
+            items
+        });
+        if !items.is_empty() {
+            enqueue(&self.shared, items, drops, &self.notices, &self.state);
         }
     }
 
@@ -1326,5 +1355,109 @@ mod tests {
         gate.add_permits(10);
         (&mut rig.task).await.unwrap();
         assert_eq!(rig.applied(2).await, [ip(1), ip(2)]);
+    }
+
+    fn intake(notices: Notices) -> (Intake, Arc<Shared>, tempfile::TempDir) {
+        let (state, dir) = State::temp();
+        let shared = Shared::new(100);
+        let (_tx, rx) = mpsc::channel(1);
+        let mut intake = Intake {
+            rx,
+            filter: Filter::new(NodeName::new("web1").unwrap(), Vec::new()),
+            local: LocalAddresses::Fixed(vec![ip(9)]),
+            ban_jail: None,
+            shared: shared.clone(),
+            notices,
+            state,
+        };
+        intake.refresh_local(&mut false);
+        (intake, shared, dir)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_received_together_are_taken_as_one_by_one() {
+        let epoch = Epoch(7);
+        let sequenced = |id: u128, node: &str, n: u32| Sequenced {
+            seq: id as u64,
+            epoch,
+            event: Event::new(
+                EventId::from_u128(id),
+                NodeName::new(node).unwrap(),
+                JailName::new("sshd").unwrap(),
+                Action::Ban,
+                ip(n),
+                1_763_702_000_000,
+            )
+            .unwrap(),
+        };
+        let mut again = sequenced(4, "web2", 4);
+        again.seq = 5;
+        let list = vec![
+            sequenced(1, "web2", 1),
+            // Known to the state already (applied before a restart).
+            sequenced(2, "web2", 2),
+            // Own node; this machine's address.
+            sequenced(3, "web1", 3),
+            sequenced(4, "web2", 9),
+            // The id of an event before it in the same list.
+            again,
+            sequenced(6, "web2", 6),
+        ];
+        let run = |together: bool| {
+            let (ntx, mut nrx) = mpsc::unbounded_channel();
+            let (mut intake, shared, dir) = intake(Notices::to(ntx));
+            let known = Item::new(
+                JailName::new("sshd").unwrap(),
+                list[1].event.clone(),
+                list[1].seq,
+            );
+            intake.state.with(|s| s.settle(&[known], true, now_ms()));
+            let mut drops = RateLimit::new(Duration::ZERO);
+            if together {
+                intake.live_all(list.clone(), &mut drops);
+            } else {
+                for s in list.clone() {
+                    intake.live(s.event, s.seq, Some(s.epoch), &mut drops);
+                }
+            }
+            let queued: Vec<(u64, IpAddr)> = shared
+                .lock()
+                .take_ready(Instant::now(), MAX_BATCH)
+                .iter()
+                .map(|t| (t.item.seq, t.item.ip()))
+                .collect();
+            let pending: Vec<(u64, Option<Epoch>)> = intake
+                .state
+                .with(|s| s.pending())
+                .iter()
+                .map(|i| (i.seq, i.epoch))
+                .collect();
+            let mut notices = Vec::new();
+            while let Ok(n) = nrx.try_recv() {
+                notices.push(n);
+            }
+            drop(dir);
+            (queued, pending, notices)
+        };
+        let (queued, pending, notices) = run(true);
+        assert_eq!(queued, [(1, ip(1)), (6, ip(6))]);
+        assert_eq!(pending, [(1, Some(epoch)), (6, Some(epoch))]);
+        let reasons: Vec<SkipReason> = notices
+            .iter()
+            .filter_map(|n| match n {
+                Notice::Skipped { reason, .. } => Some(*reason),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                SkipReason::Duplicate,
+                SkipReason::OwnNode,
+                SkipReason::LocalAddress,
+                SkipReason::Duplicate
+            ]
+        );
+        assert_eq!((queued, pending, notices), run(false));
     }
 }

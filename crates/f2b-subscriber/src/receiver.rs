@@ -2,6 +2,13 @@
 //! sequence numbers, (re)connections, and catch-up. Decoded events and snapshots go
 //! to the intake over a channel; nothing here applies anything.
 //!
+//! An `events` broadcast (several events of one jail and epoch under one
+//! signature) is verified and decoded once; then each of its events is handled
+//! exactly as an `event` message with that `seq` and the message's epoch would be,
+//! in order (metrics, the `received` debug line, sequence gaps, the `gate`, held or
+//! queued for a fetch). Those used at once go to the intake together, in one
+//! channel send, which it records in one state transaction.
+//!
 //! A libzmq socket monitor on the SUB socket (read from an inproc PAIR socket
 //! polled in the same loop) says when a connection to a publisher is established
 //! or lost. libzmq reconnects by itself, so without it a publisher that restarts
@@ -23,6 +30,7 @@
 //! payload is decoded, counted per [`Refusal`] and logged (the first of each
 //! reason at once, then a summary a minute at most). A refused message proves
 //! nothing: it does not keep the link alive, start a resync or count as a gap.
+//! (An `events` message is one message here: one signature, one refusal.)
 //! A signed event then passes the `gate`: its epoch must be current
 //! (confirmed by a signed snapshot when catch-up is configured; events of an
 //! unconfirmed epoch are held until one says) and its sequence number above what
@@ -145,6 +153,11 @@ pub(crate) enum Input {
         seq: u64,
         epoch: Option<Epoch>,
     },
+    /// Broadcast events received together (the events of one `events` message
+    /// that passed the gate, or the broadcasts a fetch queued), in order: each is
+    /// taken as an [`Input::Event`] would be, and the intake records them in one
+    /// state transaction.
+    Events(Vec<Sequenced>),
     /// A complete snapshot of one publisher, with the broadcasts queued meanwhile.
     Resync(Box<Resync>),
     /// A heartbeat (only with [`ReceiverConfig::heartbeats`], for `watch`).
@@ -475,6 +488,7 @@ pub(crate) fn recv_frames(sub: &zmq::Socket) -> zmq::Result<Option<Frames>> {
 }
 
 /// What a message was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Handled {
     /// From the publisher (verified, or no key is configured): the link is alive.
     Genuine,
@@ -482,6 +496,28 @@ enum Handled {
     Ignored,
     /// The intake is gone.
     Stop,
+}
+
+impl Handled {
+    /// What a message was of which two parts (events of one `events` message)
+    /// were `self` and `other`: `Stop` wins, then `Genuine` (one event used, held
+    /// or reflected proves the link alive), else `Ignored`.
+    fn and(self, other: Handled) -> Handled {
+        match (self, other) {
+            (Handled::Stop, _) | (_, Handled::Stop) => Handled::Stop,
+            (Handled::Genuine, _) | (_, Handled::Genuine) => Handled::Genuine,
+            _ => Handled::Ignored,
+        }
+    }
+}
+
+/// `Genuine` if a send to the intake worked, else `Stop`.
+fn alive(ok: bool) -> Handled {
+    if ok {
+        Handled::Genuine
+    } else {
+        Handled::Stop
+    }
 }
 
 /// Why the loop stopped.
@@ -512,6 +548,7 @@ pub(crate) fn run(
         link: LinkState::new(cfg.endpoints.len() == 1, cfg.jails.is_empty()),
         gate: Gate::new(!snapshot.is_empty(), cfg.endpoints.len() == 1),
         held: VecDeque::new(),
+        outbox: Vec::new(),
         refusals: Refusals::new(),
         waiting_log: RateLimit::new(Duration::from_secs(60)),
         timeout: cfg.heartbeat_timeout,
@@ -576,6 +613,10 @@ struct Receiver {
     gate: Gate,
     /// Events of epochs that no snapshot confirmed yet, in order of arrival.
     held: VecDeque<Sequenced>,
+    /// Events of the message being handled that go to the intake, sent together
+    /// when it is done (one channel send, one state transaction for an `events`
+    /// message).
+    outbox: Vec<Sequenced>,
     refusals: Refusals,
     waiting_log: RateLimit,
     timeout: Duration,
@@ -711,6 +752,10 @@ impl Receiver {
     /// retired epoch are dropped, the others wait on). A failed fetch releases the
     /// events it queued (their epoch was current when they came).
     fn deliver(&mut self, out: Out) -> bool {
+        // Events of the message being handled, before what follows them.
+        if !self.flush() {
+            return false;
+        }
         match out {
             Out::Resync(mut r) => {
                 let targets = self.catchup.active_targets();
@@ -724,17 +769,14 @@ impl Receiver {
                 self.tx.blocking_send(Input::Resync(r)).is_ok()
             }
             Out::Release(queued) => {
-                let mut ok = queued
-                    .into_iter()
-                    .all(|s| self.tx.blocking_send(s.into()).is_ok());
+                let mut ok = self.send_events(queued);
                 if self.gate.confirming() && self.catchup.active_targets().is_empty() {
                     tracing::warn!(
                         "no publisher serves snapshots: epochs are adopted as they come, without confirmation"
                     );
                     self.gate.stop_confirming();
-                    for s in self.recheck_held() {
-                        ok = ok && self.tx.blocking_send(s.into()).is_ok();
-                    }
+                    let released = self.recheck_held();
+                    ok = ok && self.send_events(released);
                 } else if !self.held.is_empty() {
                     if let Some(suppressed) = self.waiting_log.allow() {
                         let waiting: Vec<String> = self
@@ -956,7 +998,6 @@ impl Receiver {
                 return Handled::Ignored;
             }
         };
-        let alive = |ok: bool| if ok { Handled::Genuine } else { Handled::Stop };
         match msg {
             Broadcast::Heartbeat(h) => {
                 if self.gate.is_retired(h.epoch) {
@@ -988,62 +1029,110 @@ impl Receiver {
                 Handled::Genuine
             }
             Broadcast::Event(s) => {
-                if let Some(m) = self.notices.metrics() {
-                    m.events_received.inc();
-                }
-                if self.gate.is_retired(s.epoch) {
-                    self.refuse(Refusal::StaleEpoch, Some((&s, 0)));
-                    return Handled::Ignored;
-                }
-                let obs = self.link.observe(s.epoch, s.seq, true);
-                self.report(s.epoch, s.seq, obs);
-                tracing::debug!(
-                    seq = s.seq,
-                    epoch = %s.epoch,
-                    jail = %s.event.jail,
-                    action = %s.event.action,
-                    ip = %s.event.ip,
-                    node = %s.event.node,
-                    id = %s.event.id,
-                    "received"
-                );
-                let was_waiting = self.gate.waiting().contains(&s.epoch);
-                match self.gate.check(s.epoch, s.seq, Instant::now()) {
-                    Verdict::Use => {}
-                    Verdict::Hold => {
-                        if !was_waiting {
-                            tracing::info!(
-                                epoch = %s.epoch,
-                                "broadcasts of this epoch are held until a signed snapshot confirms it"
-                            );
-                            self.catchup.trigger(ResyncReason::Epoch);
-                        }
-                        self.hold(s);
-                        return Handled::Genuine;
-                    }
-                    Verdict::Reflected { snapshot } => {
-                        tracing::debug!(seq = s.seq, snapshot, id = %s.event.id, "broadcast already in the last snapshot");
-                        return Handled::Genuine;
-                    }
-                    Verdict::Replayed { floor } => {
-                        self.refuse(Refusal::Replayed, Some((&s, floor)));
-                        return Handled::Ignored;
-                    }
-                    Verdict::Stale => {
-                        self.refuse(Refusal::StaleEpoch, Some((&s, 0)));
-                        return Handled::Ignored;
+                let handled = self.event(s);
+                self.flushed(handled)
+            }
+            Broadcast::Events(batch) => {
+                // Verified once, above; each event then goes through exactly what
+                // a lone `event` would, in order (link, gate, hold, catch-up).
+                let mut handled = Handled::Ignored;
+                for s in batch.into_items() {
+                    handled = handled.and(self.event(s));
+                    if matches!(handled, Handled::Stop) {
+                        break;
                     }
                 }
-                if self.catchup.fetching() {
-                    match self.catchup.queue(s, Instant::now()) {
-                        Some(out) => alive(self.deliver(out)),
-                        None => Handled::Genuine,
-                    }
-                } else {
-                    alive(self.tx.blocking_send(s.into()).is_ok())
-                }
+                self.flushed(handled)
             }
         }
+    }
+
+    /// One broadcast event (alone, or an element of an `events` message with its
+    /// epoch): metrics, the link's sequence tracking, the gate, then held, queued
+    /// for a fetch under way, or put in the outbox (sent by [`Receiver::flush`]).
+    fn event(&mut self, s: Sequenced) -> Handled {
+        if let Some(m) = self.notices.metrics() {
+            m.events_received.inc();
+        }
+        if self.gate.is_retired(s.epoch) {
+            self.refuse(Refusal::StaleEpoch, Some((&s, 0)));
+            return Handled::Ignored;
+        }
+        let obs = self.link.observe(s.epoch, s.seq, true);
+        self.report(s.epoch, s.seq, obs);
+        tracing::debug!(
+            seq = s.seq,
+            epoch = %s.epoch,
+            jail = %s.event.jail,
+            action = %s.event.action,
+            ip = %s.event.ip,
+            node = %s.event.node,
+            id = %s.event.id,
+            "received"
+        );
+        let was_waiting = self.gate.waiting().contains(&s.epoch);
+        match self.gate.check(s.epoch, s.seq, Instant::now()) {
+            Verdict::Use => {}
+            Verdict::Hold => {
+                if !was_waiting {
+                    tracing::info!(
+                        epoch = %s.epoch,
+                        "broadcasts of this epoch are held until a signed snapshot confirms it"
+                    );
+                    self.catchup.trigger(ResyncReason::Epoch);
+                }
+                self.hold(s);
+                return Handled::Genuine;
+            }
+            Verdict::Reflected { snapshot } => {
+                tracing::debug!(seq = s.seq, snapshot, id = %s.event.id, "broadcast already in the last snapshot");
+                return Handled::Genuine;
+            }
+            Verdict::Replayed { floor } => {
+                self.refuse(Refusal::Replayed, Some((&s, floor)));
+                return Handled::Ignored;
+            }
+            Verdict::Stale => {
+                self.refuse(Refusal::StaleEpoch, Some((&s, 0)));
+                return Handled::Ignored;
+            }
+        }
+        if self.catchup.fetching() {
+            match self.catchup.queue(s, Instant::now()) {
+                Some(out) => alive(self.deliver(out)),
+                None => Handled::Genuine,
+            }
+        } else {
+            self.outbox.push(s);
+            Handled::Genuine
+        }
+    }
+
+    /// `handled`, unless the outbox cannot be passed on (the intake is gone).
+    fn flushed(&mut self, handled: Handled) -> Handled {
+        if self.flush() {
+            handled
+        } else {
+            Handled::Stop
+        }
+    }
+
+    /// Passes the events of the message just handled on to the intake, in one send;
+    /// false when the intake is gone.
+    fn flush(&mut self) -> bool {
+        let out = std::mem::take(&mut self.outbox);
+        self.send_events(out)
+    }
+
+    /// Sends `events` to the intake in order: one as an [`Input::Event`], several
+    /// as one [`Input::Events`]; false when the intake is gone.
+    fn send_events(&mut self, mut events: Vec<Sequenced>) -> bool {
+        let input = match events.len() {
+            0 => return true,
+            1 => Input::from(events.remove(0)),
+            _ => Input::Events(events),
+        };
+        self.tx.blocking_send(input).is_ok()
     }
 
     fn handle_legacy(&mut self, frames: Frames) -> bool {
@@ -1164,6 +1253,22 @@ mod tests {
         assert_eq!(poll_wait(Some(now + Duration::from_millis(200)), now), 201);
         // A deadline passed: poll without waiting (almost).
         assert_eq!(poll_wait(Some(now), now + Duration::from_secs(1)), 1);
+    }
+
+    #[test]
+    fn a_message_of_several_events_is_what_its_most_telling_event_was() {
+        use Handled::{Genuine, Ignored, Stop};
+        for (a, b, want) in [
+            (Ignored, Ignored, Ignored),
+            (Ignored, Genuine, Genuine),
+            (Genuine, Ignored, Genuine),
+            (Genuine, Genuine, Genuine),
+            (Genuine, Stop, Stop),
+            (Stop, Ignored, Stop),
+            (Ignored, Stop, Stop),
+        ] {
+            assert_eq!(a.and(b), want, "{a:?} and {b:?}");
+        }
     }
 
     #[test]

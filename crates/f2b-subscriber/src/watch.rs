@@ -141,6 +141,9 @@ impl Printer {
             Input::Event { event, seq, epoch } => {
                 self.out(&event_line(&event, seq, epoch, self.opts.json))
             }
+            Input::Events(events) => events
+                .iter()
+                .all(|s| self.out(&event_line(&s.event, s.seq, Some(s.epoch), self.opts.json))),
             Input::Heartbeat { epoch, seq } => {
                 !self.opts.heartbeats || self.out(&heartbeat_line(epoch, seq, self.opts.json))
             }

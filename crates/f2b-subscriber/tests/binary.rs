@@ -352,6 +352,32 @@ fn watch_json_follows_the_jail_filter_and_heartbeats_on_request() {
 }
 
 #[test]
+fn watch_prints_each_event_of_an_events_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut publ = TestPublisher::start(Duration::from_millis(100));
+    let conf = watch_config(dir.path(), &publ.endpoint, "");
+    let w = Watch::start(&conf, &[]);
+    Watch::wait(&w.err, "connected to");
+    let ips = ["203.0.113.21", "203.0.113.22", "203.0.113.23"];
+    let sent = publ.events("web2", "sshd", &ips);
+    // One line per event, in order, nothing else between them.
+    let (line, before) = Watch::wait(&w.out, ips[2]);
+    let mut lines = before;
+    lines.push(line);
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    for (line, s) in lines.iter().zip(&sent) {
+        assert!(
+            line.ends_with(&format!(
+                " seq={} epoch={} node=web2 jail=sshd action=ban ip={} id={}",
+                s.seq, publ.epoch, s.event.ip, s.event.id
+            )),
+            "{line}"
+        );
+    }
+    w.stop();
+}
+
+#[test]
 fn watch_says_what_to_check_when_nothing_arrives() {
     let dir = tempfile::tempdir().unwrap();
     // Nothing listens there.

@@ -18,7 +18,7 @@ use f2b_common::config::Config;
 use f2b_common::{zmq, CancellationToken};
 use f2b_proto::auth::{sign_broadcast, SigningKey};
 use f2b_proto::{
-    Action, Broadcast, Epoch, Event, EventId, Heartbeat, JailName, NodeName, Sequenced,
+    Action, Broadcast, Epoch, Event, EventBatch, EventId, Heartbeat, JailName, NodeName, Sequenced,
 };
 use f2b_subscriber::{Applier, Notice, Subscriber, SubscriberError};
 use tokio::sync::mpsc;
@@ -115,7 +115,7 @@ impl TestPublisher {
             loop {
                 match rx.recv_timeout(interval) {
                     Ok(Cmd::Send(b)) => {
-                        if let Broadcast::Event(s) = &b {
+                        if let Some(s) = b.events().last() {
                             last_seq = last_seq.max(s.seq);
                         }
                         publ.send_multipart(frames(&b, key.as_ref()), 0).unwrap();
@@ -164,6 +164,31 @@ impl TestPublisher {
         self.next_seq += 1;
         self.send(s.clone());
         s
+    }
+
+    /// Broadcasts one `events` message of bans of `jail`, one per address, with
+    /// the next sequence numbers; returns them.
+    pub fn events(&mut self, node: &str, jail: &str, ips: &[&str]) -> Vec<Sequenced> {
+        let items: Vec<Sequenced> = ips
+            .iter()
+            .map(|ip| {
+                let s = Sequenced {
+                    seq: self.next_seq,
+                    epoch: self.epoch,
+                    event: event(node, jail, Action::Ban, ip),
+                };
+                self.next_seq += 1;
+                s
+            })
+            .collect();
+        self.send_batch(items.clone());
+        items
+    }
+
+    /// Broadcasts `items` as one `events` message (they must make a valid one).
+    pub fn send_batch(&self, items: Vec<Sequenced>) {
+        let batch = EventBatch::new(items).expect("a valid events message");
+        self.cmd.send(Cmd::Send(Broadcast::Events(batch))).unwrap();
     }
 
     /// Broadcasts `s` as given.
