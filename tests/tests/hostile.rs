@@ -85,6 +85,9 @@ impl Table {
     }
 }
 
+/// How long a hostile-suite client waits for one reply before failing.
+const REPLY_TIMEOUT_MS: i32 = 60_000;
+
 /// A REQ socket kept across requests.
 struct Client {
     _ctx: zmq::Context,
@@ -96,7 +99,10 @@ impl Client {
         let ctx = zmq::Context::new();
         let socket = ctx.socket(zmq::REQ).expect("REQ");
         socket.set_linger(0).expect("linger");
-        socket.set_rcvtimeo(15_000).expect("rcvtimeo");
+        // A bound for a publisher that never answers, not a wait: each sync of its
+        // ledger can take seconds when other processes fill the disk (a CI run
+        // failed at 15 s while a release build ran beside it).
+        socket.set_rcvtimeo(REPLY_TIMEOUT_MS).expect("rcvtimeo");
         socket.set_sndtimeo(5_000).expect("sndtimeo");
         socket.connect(endpoint).expect("connect");
         Client { _ctx: ctx, socket }
@@ -106,9 +112,12 @@ impl Client {
         self.socket
             .send_multipart(frames, 0)
             .unwrap_or_else(|e| panic!("send {what}: {e}"));
-        self.socket
-            .recv_multipart(0)
-            .unwrap_or_else(|e| panic!("no reply to {what} within 15 s: {e}"))
+        self.socket.recv_multipart(0).unwrap_or_else(|e| {
+            panic!(
+                "no reply to {what} within {} s: {e}",
+                REPLY_TIMEOUT_MS / 1000
+            )
+        })
     }
 }
 
