@@ -376,6 +376,41 @@ pub fn verify_broadcast(
     )
 }
 
+/// Whether each of `broadcasts` (topic, payload, signature frame) carries a
+/// signature by one of `keys`: the same answers as [`verify_broadcast`] on each,
+/// in fewer steps. All of them are checked at once as an Ed25519 batch under the
+/// first key (about half the work per signature for a few dozen); when that batch
+/// fails (a bad signature among them, or another configured key), each is checked
+/// on its own. For a subscriber that finds several broadcasts waiting.
+pub fn verify_broadcasts(keys: &[PublicKey], broadcasts: &[(&[u8], &[u8], &[u8])]) -> Vec<bool> {
+    let one =
+        |(topic, payload, sig): &(&[u8], &[u8], &[u8])| verify_broadcast(keys, topic, payload, sig);
+    let Some(first) = keys.first() else {
+        return vec![false; broadcasts.len()];
+    };
+    if broadcasts.len() < 2 {
+        return broadcasts.iter().map(one).collect();
+    }
+    let signatures: Option<Vec<ed25519_dalek::Signature>> = broadcasts
+        .iter()
+        .map(|(_, _, sig)| ed25519_dalek::Signature::from_slice(sig).ok())
+        .collect();
+    if let Some(signatures) = signatures {
+        let messages: Vec<Vec<u8>> = broadcasts
+            .iter()
+            .map(|(topic, payload, _)| {
+                [BROADCAST_DOMAIN, &len_prefix(topic), topic, payload].concat()
+            })
+            .collect();
+        let messages: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
+        let keys_for = vec![first.0; broadcasts.len()];
+        if ed25519_dalek::verify_batch(&messages, &signatures, &keys_for).is_ok() {
+            return vec![true; broadcasts.len()];
+        }
+    }
+    broadcasts.iter().map(one).collect()
+}
+
 /// The signature frame of a snapshot reply (page or NAK): over the request exactly
 /// as received (it carries the subscriber's nonce, so a recorded reply cannot be
 /// replayed to another request) and the reply payload.
@@ -410,6 +445,57 @@ mod tests {
 
     fn node(n: &str) -> NodeName {
         NodeName::new(n).unwrap()
+    }
+
+    #[test]
+    fn broadcasts_verified_together_get_the_answers_of_each_alone() {
+        let key = SigningKey::from_seed([3; 32]);
+        let other = SigningKey::from_seed([4; 32]);
+        let topics: Vec<Vec<u8>> = (0..40).map(|i| format!("ev:j{i}\0").into_bytes()).collect();
+        let payloads: Vec<Vec<u8>> = (0..40)
+            .map(|i| format!("{{\"n\":{i}}}").into_bytes())
+            .collect();
+        let mut sigs: Vec<Vec<u8>> = topics
+            .iter()
+            .zip(&payloads)
+            .map(|(t, p)| sign_broadcast(&key, t, p).to_vec())
+            .collect();
+        let all = |sigs: &[Vec<u8>], keys: &[PublicKey]| {
+            let items: Vec<(&[u8], &[u8], &[u8])> = topics
+                .iter()
+                .zip(&payloads)
+                .zip(sigs)
+                .map(|((t, p), s)| (t.as_slice(), p.as_slice(), s.as_slice()))
+                .collect();
+            let together = verify_broadcasts(keys, &items);
+            let alone: Vec<bool> = items
+                .iter()
+                .map(|(t, p, s)| verify_broadcast(keys, t, p, s))
+                .collect();
+            assert_eq!(together, alone);
+            together
+        };
+        assert!(all(&sigs, &[key.public()]).iter().all(|&ok| ok));
+        // Under another key first, or only another key.
+        assert!(all(&sigs, &[other.public(), key.public()])
+            .iter()
+            .all(|&ok| ok));
+        assert!(all(&sigs, &[other.public()]).iter().all(|&ok| !ok));
+        assert!(all(&sigs, &[]).iter().all(|&ok| !ok));
+        // One signed by another key, one altered, one cut short, one another's
+        // message: only those are refused.
+        sigs[3] = sign_broadcast(&other, &topics[3], &payloads[3]).to_vec();
+        sigs[7][10] ^= 1;
+        sigs[11].truncate(63);
+        sigs[20] = sigs[21].clone();
+        let got = all(&sigs, &[key.public()]);
+        let refused: Vec<usize> = (0..40).filter(|&i| !got[i]).collect();
+        assert_eq!(refused, [3, 7, 11, 20]);
+        // Two keys configured, signatures by both: each accepted.
+        let got = all(&sigs, &[key.public(), other.public()]);
+        let refused: Vec<usize> = (0..40).filter(|&i| !got[i]).collect();
+        assert_eq!(refused, [7, 11, 20]);
+        assert!(verify_broadcasts(&[key.public()], &[]).is_empty());
     }
 
     #[test]
