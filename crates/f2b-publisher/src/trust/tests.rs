@@ -224,8 +224,11 @@ fn a_nonce_is_accepted_once_per_credential_and_forgotten_when_harmless() {
     let b = RequestAuth::sign(&secret(WEB2), &node("web2"), NOW, [9; 16], PAYLOAD);
     assert!(check(&mut t, &b, "web2", NOW).is_ok());
     assert_eq!(t.nonces_held(), 2);
-    // Once the window is over, the nonce is forgotten: the request is stale.
-    t.prune(NOW + SKEW + 1);
+    // Not forgotten before the window is over...
+    t.prune(NOW + SKEW);
+    assert_eq!(t.nonces_held(), 2);
+    // ... and at most one bucket's width after: the request is stale by then.
+    t.prune(NOW + SKEW + bucket_width(SKEW));
     assert_eq!(t.nonces_held(), 0);
     refused(
         check(&mut t, &a, "web1", NOW + SKEW + 1),
@@ -235,11 +238,12 @@ fn a_nonce_is_accepted_once_per_credential_and_forgotten_when_harmless() {
     // came: a request signed ahead of the clock is remembered longer.
     let ahead = auth(WEB1, "web1", NOW + SKEW, 10, PAYLOAD);
     assert!(check(&mut t, &ahead, "web1", NOW).is_ok());
-    t.prune(NOW + 2 * SKEW - 1);
-    refused(
-        check(&mut t, &ahead, "web1", NOW + 2 * SKEW - 1),
+    t.prune(NOW + 2 * SKEW);
+    let r = refused(
+        check(&mut t, &ahead, "web1", NOW + 2 * SKEW),
         NakReason::Replayed,
     );
+    assert!(r.detail.contains("nonce"), "{r:?}");
 }
 
 #[test]
@@ -268,8 +272,8 @@ fn the_nonce_memory_is_bounded_and_never_forgets_early() {
     // Other credentials are not affected.
     let b = auth(WEB2, "web2", NOW, 0, PAYLOAD);
     assert!(check(&mut t, &b, "web2", NOW + 1).is_ok());
-    // Once the old ones left the window, there is room again.
-    let later = NOW + SKEW + 1;
+    // Once the old ones left the window (and their bucket), there is room again.
+    let later = NOW + SKEW + bucket_width(SKEW);
     let fresh = auth(WEB1, "web1", later, 4, PAYLOAD);
     assert!(check(&mut t, &fresh, "web1", later).is_ok());
     assert_eq!(t.nonces_held(), 2);
@@ -353,4 +357,123 @@ fn reconfigure_revokes_adds_and_keeps_the_replay_memory() {
     let later = NOW + 2 * SKEW;
     refused(check(&mut t, &seen, "web1", later), NakReason::Replayed);
     assert!(t.public_key().is_some(), "the signing key stays");
+}
+
+/// A nonce seen is refused again whatever `ts_ms` it is signed with (only a holder
+/// of the secret can sign it anew, but the rule is "a nonce seen").
+#[test]
+fn a_nonce_is_refused_whatever_time_it_is_signed_with() {
+    let mut t = trust();
+    assert!(check(&mut t, &auth(WEB1, "web1", NOW, 5, PAYLOAD), "web1", NOW).is_ok());
+    for ts in [NOW - SKEW, NOW - 1, NOW + 1, NOW + 5_000, NOW + SKEW] {
+        let again = auth(WEB1, "web1", ts, 5, PAYLOAD);
+        let r = refused(check(&mut t, &again, "web1", NOW), NakReason::Replayed);
+        assert!(r.detail.contains("nonce"), "{ts}: {r:?}");
+    }
+    assert_eq!(t.nonces_held(), 1);
+}
+
+/// Requests signed all over the window, checked again as time passes: each is
+/// refused for as long as its time is within the window (by its nonce), and each
+/// is forgotten at most one bucket's width after; the buckets stay few.
+#[test]
+fn nonces_are_forgotten_by_the_bucket_never_before_their_window_ends() {
+    let mut t = trust();
+    let width = bucket_width(SKEW);
+    let mut sent = Vec::new();
+    let mut n: u32 = 0;
+    // Every 300 ms of signing time, from a window behind to a window ahead.
+    let mut ts = NOW - SKEW;
+    while ts <= NOW + SKEW {
+        let mut nonce = [0u8; 16];
+        nonce[..4].copy_from_slice(&n.to_le_bytes());
+        let a = RequestAuth::sign(&secret(WEB1), &node("web1"), ts, nonce, PAYLOAD);
+        assert!(check(&mut t, &a, "web1", NOW).is_ok(), "{ts}");
+        sent.push((ts, a));
+        n += 1;
+        ts += 300;
+    }
+    let buckets = t.nonces[&node("web1")].buckets.len() as u64;
+    assert!(buckets <= 2 * BUCKETS_PER_WINDOW + 2, "{buckets} buckets");
+    let mut now = NOW;
+    while now <= NOW + 2 * SKEW + 2 * width {
+        t.prune(now);
+        let live = sent.iter().filter(|(ts, _)| ts + SKEW >= now).count();
+        let kept = sent
+            .iter()
+            .filter(|(ts, _)| ts + SKEW + width > now)
+            .count();
+        let held = t.nonces_held();
+        assert!(
+            live <= held && held <= kept,
+            "{now}: {live} <= {held} <= {kept}"
+        );
+        for (ts, a) in &sent {
+            if ts.abs_diff(now) <= SKEW {
+                let r = refused(check(&mut t, a, "web1", now), NakReason::Replayed);
+                assert!(r.detail.contains("nonce"), "{ts} at {now}: {r:?}");
+            }
+        }
+        now += 997;
+    }
+    assert_eq!(t.nonces_held(), 0);
+    assert!(t.nonces[&node("web1")].buckets.is_empty());
+}
+
+/// A reload to a much wider window merges the buckets (they stay few) and keeps
+/// every nonce for the new window; narrowing and widening again forgets none
+/// early.
+#[test]
+fn a_wider_window_merges_the_buckets_and_keeps_every_nonce() {
+    let mut t = trust();
+    let mut sent = Vec::new();
+    for n in 0..200u8 {
+        let ts = NOW - SKEW + u64::from(n) * 600;
+        let a = auth(WEB1, "web1", ts, n, PAYLOAD);
+        assert!(check(&mut t, &a, "web1", NOW).is_ok());
+        sent.push((ts, a));
+    }
+    // Narrower: nothing is forgotten before its time + the old window (the window
+    // may widen again).
+    t.reconfigure(&config("max_clock_skew = \"5s\""));
+    t.prune(NOW);
+    assert_eq!(t.nonces_held(), 200);
+    // Then much wider: each nonce is kept until its time + the old window + what
+    // the window grew by since.
+    t.reconfigure(&config("max_clock_skew = \"1h\""));
+    assert_eq!(t.nonces_held(), 200);
+    let hour = 3_600_000;
+    let nonces = &t.nonces[&node("web1")];
+    assert_eq!(nonces.width_ms, bucket_width(hour));
+    assert!(nonces.buckets.len() as u64 <= 2 * BUCKETS_PER_WINDOW + 2);
+    // (60 s narrowed to 5 s then widened to 1 h: kept for 60 s + 3,595 s.) An
+    // hour later the requests signed from NOW on are within the window again, and
+    // refused by their nonce.
+    let now = NOW + hour;
+    t.prune(now);
+    let mut by_nonce = 0;
+    for (ts, a) in &sent {
+        let r = refused(check(&mut t, a, "web1", now), NakReason::Replayed);
+        if *ts >= NOW {
+            assert!(r.detail.contains("nonce"), "{ts}: {r:?}");
+            by_nonce += 1;
+        }
+    }
+    assert_eq!(by_nonce, 100);
+    // A new nonce lands in the new buckets, and is refused once.
+    let fresh = auth(WEB1, "web1", now, 250, PAYLOAD);
+    assert!(check(&mut t, &fresh, "web1", now).is_ok());
+    refused(check(&mut t, &fresh, "web1", now + 1), NakReason::Replayed);
+}
+
+#[test]
+fn bucket_widths_are_powers_of_two_of_at_least_a_second() {
+    assert_eq!(bucket_width(1), MIN_BUCKET_MS);
+    assert_eq!(bucket_width(SKEW), 1024);
+    assert_eq!(bucket_width(3_600_000), 65_536);
+    assert!(bucket_width(u64::MAX).is_power_of_two());
+    for skew in [1, 999, 60_000, 65_537, 3_600_000, 86_400_000, u64::MAX / 3] {
+        let w = bucket_width(skew);
+        assert!(w.is_power_of_two() && w >= MIN_BUCKET_MS && w >= skew / BUCKETS_PER_WINDOW);
+    }
 }
