@@ -8,12 +8,16 @@
 //!    kept as a checkpoint;
 //! 2. each event to report gets a random id and, in chunks that fit in the free
 //!    places of the [`Room`] (`[monitor] queue_size`), is written to the queue
-//!    file, which is synced; then the chunk is handed to the sender, and only
-//!    then is the new position (see below) saved, so the position's own syncs
-//!    are not on the path of the report. The position never moves past a line
-//!    whose event is not in the queue file (or answered): the chunk's events are
-//!    on the disk before it is saved, whichever comes first of the report and
-//!    the save. With no free place, reading pauses
+//!    file; then the chunk is handed to the sender, and only then is the queue
+//!    file synced and the new position (see below) saved, so no sync is on the
+//!    path of the report. The position never moves past a line whose event is
+//!    not on the disk in the queue file (or answered): the sync comes before
+//!    the save, whichever comes first of the report and the save. A crash of
+//!    the monitor keeps what was written (the kernel has it); a crash of the
+//!    machine before the sync may lose the chunk from the queue file, but then
+//!    the position was not saved past its lines either, and they are read again
+//!    (reported under new ids: `unchanged` where the publisher had them). With
+//!    no free place, reading pauses
 //!    (backpressure: the log file keeps the lines). An episode of backpressure
 //!    starts with a warning and ends, with an info line, once half the places
 //!    are free again: one warning for a whole overload, not one per event;
@@ -340,7 +344,9 @@ impl Pipeline {
             sent += chunk.len();
             let next = first_left[sent];
             let position = self.resume_point(progress, (next != u64::MAX).then_some(next));
-            let on_disk = self.queue(chunk.clone()).await?;
+            // Written, not yet synced: the sync is made after the hand-over,
+            // before the position moves past the chunk's lines.
+            let written = self.queue(chunk.clone(), false).await?;
             let mut handed = Ok(());
             for ev in chunk {
                 // The room bounds the queue, so this does not wait.
@@ -349,11 +355,12 @@ impl Pipeline {
                     break;
                 }
             }
-            // Off the report's path: the sender has the chunk already. Saved
-            // also when the sender has stopped, as before the reordering: the
-            // chunk is in the queue file, the next start resends it from there.
-            if on_disk {
-                self.save(position, progress).await?;
+            // Off the report's path: the sender has the chunk already. Synced
+            // and saved also when the sender has stopped, as before the
+            // reordering: the chunk is in the queue file, the next start resends
+            // it from there.
+            if written {
+                self.save(position, progress, true).await?;
             }
             handed?;
         }
@@ -399,17 +406,18 @@ impl Pipeline {
         if events.is_empty() && position.is_none() {
             return Ok(());
         }
-        if self.queue(events).await? {
-            self.save(position, progress).await?;
+        if self.queue(events, true).await? {
+            self.save(position, progress, false).await?;
         }
         Ok(())
     }
 
-    /// Writes `events` to the queue file and syncs it, on a blocking thread.
-    /// `true` when every pending event is on the disk (also those of an earlier
-    /// failed write), the condition for saving a position past their lines;
-    /// `false` without state, or after a failure, which is logged, not fatal.
-    async fn queue(&self, events: Vec<Event>) -> Result<bool, MonitorError> {
+    /// Writes `events` to the queue file and, if `sync`, syncs it, on a blocking
+    /// thread. `true` when every pending event is written (and, with `sync`, on
+    /// the disk), also those of an earlier failed write; a position may move past
+    /// their lines only once they are synced. `false` without state, or after a
+    /// failure, which is logged, not fatal.
+    async fn queue(&self, events: Vec<Event>, sync: bool) -> Result<bool, MonitorError> {
         let Some(state) = self.state.clone() else {
             return Ok(false);
         };
@@ -418,7 +426,11 @@ impl Pipeline {
                 Ok(st) => st,
                 Err(poisoned) => poisoned.into_inner(),
             };
-            match st.add_all(&events) {
+            let done = match sync {
+                true => st.add_all(&events),
+                false => st.write_all(&events),
+            };
+            match done {
                 Ok(()) => true,
                 Err(e) => {
                     warn_state(&e);
@@ -430,8 +442,10 @@ impl Pipeline {
         .map_err(|e| MonitorError::task("state", e))
     }
 
-    /// Saves `position` (if any) on a blocking thread; called only after a
-    /// [`Pipeline::queue`] that returned `true`, so the position never passes the
+    /// Saves `position` (if any) on a blocking thread, after syncing the queue
+    /// file if `sync_queue_first` (and not at all if that fails); called only
+    /// after a [`Pipeline::queue`] that returned `true`, so the position never
+    /// passes the
     /// line of an event neither on the disk nor answered (an answer meanwhile
     /// removes an event from the queue file, which is fine: its line needs
     /// nothing more). A failure is logged, not fatal, and leaves `progress` as
@@ -440,6 +454,7 @@ impl Pipeline {
         &self,
         position: Option<Vec<FilePos>>,
         progress: &mut Progress,
+        sync_queue_first: bool,
     ) -> Result<(), MonitorError> {
         let (Some(state), Some(position)) = (self.state.clone(), position) else {
             return Ok(());
@@ -450,6 +465,14 @@ impl Pipeline {
                 Ok(st) => st,
                 Err(poisoned) => poisoned.into_inner(),
             };
+            if sync_queue_first {
+                // The chunk went to the sender written but not synced: the
+                // position may pass its lines only once it is on the disk.
+                if let Err(e) = st.sync_queue() {
+                    warn_state(&e);
+                    return None;
+                }
+            }
             match st.save_position(&position, info_seen) {
                 Ok(()) => Some(position),
                 Err(e) => {
@@ -813,6 +836,61 @@ mod tests {
             release.send(()).unwrap();
             let (saved, again) = rig.restart().await;
             assert_eq!(saved.pending, [sent]);
+            assert!(again.is_empty(), "read again: {again:?}");
+        }
+
+        /// The report does not wait for the queue file's sync: the event goes
+        /// to the sender once written. A crash of the monitor then keeps the
+        /// written lines; a crash of the machine may lose them, but the position
+        /// was not saved past the line, which is read again: nothing lost.
+        #[tokio::test]
+        async fn the_hand_over_does_not_wait_for_the_queue_files_sync() {
+            let mut rig = Rig::start();
+            let (release, gate) = std::sync::mpsc::channel::<()>();
+            rig.faults(|f| f.sync_gate = Some(gate));
+            rig.append(&ban("192.0.2.1")).await;
+            // Handed over while the sync waits at the gate.
+            let sent = rig.event().await;
+            let crashed = rig._dir.path().join("crashed");
+            snapshot(&rig.state_dir, &crashed);
+            // A kill -9 now: resent from the queue file, and the line read again
+            // (the position is still before it).
+            let (saved, again) = reopen(&crashed, &rig.log);
+            assert_eq!(saved.pending, std::slice::from_ref(&sent));
+            assert_eq!(again, [ban("192.0.2.1")]);
+            // A power loss now: the unsynced line may be gone from the queue
+            // file, but the line is read again.
+            std::fs::write(
+                std::fs::read_dir(&crashed)
+                    .unwrap()
+                    .map(|e| e.unwrap().path())
+                    .find(|p| p.extension().is_some_and(|e| e == "queue"))
+                    .unwrap(),
+                "",
+            )
+            .unwrap();
+            let (saved, again) = reopen(&crashed, &rig.log);
+            assert!(saved.pending.is_empty());
+            assert_eq!(again, [ban("192.0.2.1")]);
+
+            release.send(()).unwrap();
+            let (saved, again) = rig.restart().await;
+            assert_eq!(saved.pending, [sent]);
+            assert!(again.is_empty(), "read again: {again:?}");
+        }
+
+        #[tokio::test]
+        async fn a_failed_queue_sync_is_retried_with_the_next_chunk() {
+            let mut rig = Rig::start();
+            rig.faults(|f| f.sync = 1);
+            rig.append(&ban("192.0.2.1")).await;
+            let first = rig.event().await;
+            rig.append(&ban("192.0.2.2")).await;
+            let second = rig.event().await;
+            let (saved, again) = rig.restart().await;
+            // The failed sync made the next write rewrite the journal whole,
+            // durably: both events on the disk, the position past both lines.
+            assert_eq!(saved.pending, [first, second]);
             assert!(again.is_empty(), "read again: {again:?}");
         }
 

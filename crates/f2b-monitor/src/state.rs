@@ -20,8 +20,9 @@
 //!   resend is recognised by the publisher as a duplicate), `-<id>` when the
 //!   publisher answered it. On start the events with no answer are sent first, in
 //!   order. Queued events are fsynced before the position moves past their lines
-//!   ([`StateStore::add_all`]), so an event not yet answered survives a crash of
-//!   the machine; answers are not (an answer lost is a resend the publisher
+//!   ([`StateStore::add_all`], or [`StateStore::write_all`] then
+//!   [`StateStore::sync_queue`] when the report should not wait for the sync), so
+//!   an event not yet answered survives a crash of the machine; answers are not (an answer lost is a resend the publisher
 //!   recognises). The file is emptied whenever nothing is pending and rewritten
 //!   with only the pending events when it grows large. The monitor keeps at most
 //!   `[monitor] queue_size` events pending. After a failed write (a full disk)
@@ -88,6 +89,8 @@ pub struct StateStore {
     /// How many of the last `pending` events are not (known to be) on the disk:
     /// their write or its sync failed.
     unwritten: usize,
+    /// Lines were written to the journal since its last sync.
+    unsynced: bool,
     /// A write failed: the journal file may miss lines or end in a partial one,
     /// so it is rewritten whole (from `pending`) before anything is appended.
     rewrite: bool,
@@ -104,6 +107,10 @@ pub struct StateStore {
 pub(crate) struct Faults {
     pub journal: u32,
     pub position: u32,
+    /// How many of the next journal syncs fail.
+    pub sync: u32,
+    /// The next journal sync waits for a message (or the sender's drop) first.
+    pub sync_gate: Option<std::sync::mpsc::Receiver<()>>,
     /// The next position save waits for a message (or the sender's drop) before
     /// it writes anything: a test's window to see the state a crash would leave
     /// just before the save.
@@ -175,6 +182,7 @@ impl StateStore {
             queue_len: text.len() as u64,
             pending,
             unwritten: 0,
+            unsynced: false,
             rewrite: false,
             #[cfg(test)]
             faults: Faults::default(),
@@ -210,9 +218,25 @@ impl StateStore {
     /// answered. On an error the events stay pending in memory, and
     /// [`StateStore::done`] for them is fine.
     pub fn add_all(&mut self, events: &[Event]) -> Result<(), StateError> {
+        self.write_all(events)?;
+        self.sync_queue()
+    }
+
+    /// Records queued events in the journal without syncing it: a crash of the
+    /// monitor keeps them (they are in the kernel's cache), a crash of the machine
+    /// may not. [`StateStore::sync_queue`] then makes them durable, and only then
+    /// may the position move past their lines. On an error, as
+    /// [`StateStore::add_all`].
+    pub fn write_all(&mut self, events: &[Event]) -> Result<(), StateError> {
         for e in events {
             self.push(e);
         }
+        self.flush(false)
+    }
+
+    /// Syncs the journal: `Ok` means every pending event is on the disk (written
+    /// now if an earlier write failed), as after [`StateStore::add_all`].
+    pub fn sync_queue(&mut self) -> Result<(), StateError> {
         self.flush(true)
     }
 
@@ -231,24 +255,34 @@ impl StateStore {
         if self.rewrite {
             return self.compact();
         }
-        if self.unwritten == 0 {
-            return Ok(());
+        if self.unwritten > 0 {
+            let first = self.pending.len().saturating_sub(self.unwritten);
+            let mut buf = Vec::new();
+            for (_, line) in self.pending.iter().skip(first) {
+                buf.extend_from_slice(line.as_bytes());
+                buf.push(b'\n');
+            }
+            self.append(&buf)?;
+            self.unwritten = 0;
+            self.unsynced = true;
         }
-        let first = self.pending.len().saturating_sub(self.unwritten);
-        let mut buf = Vec::new();
-        for (_, line) in self.pending.iter().skip(first) {
-            buf.extend_from_slice(line.as_bytes());
-            buf.push(b'\n');
-        }
-        self.append(&buf)?;
-        if sync {
+        if sync && self.unsynced {
+            #[cfg(test)]
+            if let Some(gate) = self.faults.sync_gate.take() {
+                let _ = gate.recv();
+            }
+            #[cfg(test)]
+            Faults::take(&mut self.faults.sync).map_err(|e| {
+                self.rewrite = true;
+                io_err(&self.queue_path)(e)
+            })?;
             if let Err(e) = self.queue.sync_data() {
                 // Whether the lines reached the disk is unknown: rewrite.
                 self.rewrite = true;
                 return Err(io_err(&self.queue_path)(e));
             }
+            self.unsynced = false;
         }
-        self.unwritten = 0;
         Ok(())
     }
 
@@ -334,6 +368,7 @@ impl StateStore {
         self.queue_len = text.len() as u64;
         self.rewrite = false;
         self.unwritten = 0;
+        self.unsynced = false;
         Ok(())
     }
 }
