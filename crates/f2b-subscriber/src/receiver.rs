@@ -6,8 +6,18 @@
 //! signature) is verified and decoded once; then each of its events is handled
 //! exactly as an `event` message with that `seq` and the message's epoch would be,
 //! in order (metrics, the `received` debug line, sequence gaps, the `gate`, held or
-//! queued for a fetch). Those used at once go to the intake together, in one
-//! channel send, which it records in one state transaction.
+//! queued for a fetch).
+//!
+//! Messages are taken in groups: when the SUB socket is readable, every message
+//! already waiting, up to [`MAX_GROUP`], is read, never waiting for more (a lone
+//! message is a group of one, handled at once). Their signatures are checked
+//! together ([`f2b_proto::auth::verify_broadcasts`]: one Ed25519 batch, the same
+//! answers as one by one), then each is handled in order exactly as if it had
+//! come alone (refusals counted per message, the gate, holds, the catch-up
+//! queue, heartbeats, gaps, connection events). The events to use go to the
+//! intake together, in one channel send per group, which it records in one state
+//! transaction; anything else sent to the intake (a heartbeat, catch-up output)
+//! first sends the events before it, so the intake sees everything in order.
 //!
 //! A libzmq socket monitor on the SUB socket (read from an inproc PAIR socket
 //! polled in the same loop) says when a connection to a publisher is established
@@ -45,7 +55,7 @@ use std::time::{Duration, Instant};
 use f2b_common::config::Endpoint;
 use f2b_common::sockets::new_socket;
 use f2b_common::{zmq, CancellationToken};
-use f2b_proto::auth::{verify_broadcast, PublicKey};
+use f2b_proto::auth::{verify_broadcast, verify_broadcasts, PublicKey};
 use f2b_proto::{
     event_topic, Broadcast, Epoch, Event, EventId, JailName, NodeName, Sequenced, HEARTBEAT_TOPIC,
     MAX_FRAMES,
@@ -153,8 +163,9 @@ pub(crate) enum Input {
         seq: u64,
         epoch: Option<Epoch>,
     },
-    /// Broadcast events received together (the events of one `events` message
-    /// that passed the gate, or the broadcasts a fetch queued), in order: each is
+    /// Broadcast events received together (those of the messages read together,
+    /// `event` or `events`, that passed the gate, of any jails and epochs; or the
+    /// broadcasts a fetch queued), in order: each is
     /// taken as an [`Input::Event`] would be, and the intake records them in one
     /// state transaction.
     Events(Vec<Sequenced>),
@@ -178,6 +189,10 @@ impl From<Sequenced> for Input {
 const MAX_EPOCHS: usize = 16;
 /// The most messages read from the SUB socket per wake-up before polling again.
 pub(crate) const MAX_DRAIN: usize = 256;
+/// The most messages taken from the SUB socket at one look: the messages already
+/// waiting, up to this many, have their signatures checked together (one Ed25519
+/// batch) and the events they bring go to the intake in one send.
+const MAX_GROUP: usize = 64;
 /// The longest the loop reads from the SUB socket per wake-up before polling again.
 const MAX_DRAIN_TIME: Duration = Duration::from_millis(50);
 /// The longest the loop waits in `zmq::poll` before it looks at the cancellation
@@ -430,6 +445,18 @@ pub(crate) fn parse_monitor(frames: &[Vec<u8>]) -> Option<LinkEvent> {
     }
 }
 
+/// The connection events the socket monitor has ready, without waiting.
+fn take_monitor(monitor: Option<&zmq::Socket>) -> Vec<LinkEvent> {
+    let Some(m) = monitor else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    while let Ok(frames) = m.recv_multipart(zmq::DONTWAIT) {
+        out.extend(parse_monitor(&frames));
+    }
+    out
+}
+
 /// A random (version 4) event id, for events that arrive without one.
 pub(crate) fn random_id() -> Option<EventId> {
     let mut b = [0u8; 16];
@@ -487,6 +514,51 @@ pub(crate) fn recv_frames(sub: &zmq::Socket) -> zmq::Result<Option<Frames>> {
     Ok(Some(f))
 }
 
+/// A message taken from the SUB socket, with the connection events the monitor
+/// had ready just before it was read (applied just before it is handled, as if
+/// each message were read and handled in turn).
+struct Received {
+    link: Vec<LinkEvent>,
+    frames: Frames,
+}
+
+/// The messages found waiting on the SUB socket at one look.
+struct Group {
+    messages: Vec<Received>,
+    /// Connection events read after the last message (before the read that found
+    /// none, or failed).
+    tail: Vec<LinkEvent>,
+    /// The read that ended the group failed (reconnect once the group is handled).
+    failed: Option<zmq::Error>,
+}
+
+/// Takes the messages already waiting on `sub`, at most `max`, without waiting
+/// for more: a lone message makes a group of one.
+fn take_group(s: &Session, max: usize) -> Group {
+    let mut g = Group {
+        messages: Vec::new(),
+        tail: Vec::new(),
+        failed: None,
+    };
+    while g.messages.len() < max {
+        // A connection made since the last look applies to what follows.
+        let link = take_monitor(s.monitor.as_ref());
+        match recv_frames(&s.sub) {
+            Ok(Some(frames)) => g.messages.push(Received { link, frames }),
+            Ok(None) => {
+                g.tail = link;
+                break;
+            }
+            Err(e) => {
+                g.tail = link;
+                g.failed = Some(e);
+                break;
+            }
+        }
+    }
+    g
+}
+
 /// What a message was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Handled {
@@ -541,34 +613,7 @@ pub(crate) fn run(
     tx: mpsc::Sender<Input>,
     notices: Notices,
 ) -> Result<(), SubscriberError> {
-    let snapshot = if cfg.legacy { &[][..] } else { &cfg.snapshot };
-    let mut r = Receiver {
-        token,
-        publisher: cfg.publisher_label(),
-        link: LinkState::new(cfg.endpoints.len() == 1, cfg.jails.is_empty()),
-        gate: Gate::new(!snapshot.is_empty(), cfg.endpoints.len() == 1),
-        held: VecDeque::new(),
-        outbox: Vec::new(),
-        refusals: Refusals::new(),
-        waiting_log: RateLimit::new(Duration::from_secs(60)),
-        timeout: cfg.heartbeat_timeout,
-        bad: RateLimit::new(Duration::from_secs(10)),
-        dead: RateLimit::new(Duration::from_secs(60)),
-        catchup: CatchUp::new(
-            snapshot,
-            cfg.jails.clone(),
-            cfg.snapshot_timeout,
-            cfg.queue_limit,
-            cfg.keys.clone(),
-            notices.clone(),
-        ),
-        fresh: Vec::new(),
-        origin: HashMap::new(),
-        started: false,
-        cfg,
-        tx,
-        notices,
-    };
+    let mut r = Receiver::new(cfg, token, tx, notices);
     let mut subscribed = false;
     loop {
         let session = open(&ctx, &r.cfg)?;
@@ -613,9 +658,9 @@ struct Receiver {
     gate: Gate,
     /// Events of epochs that no snapshot confirmed yet, in order of arrival.
     held: VecDeque<Sequenced>,
-    /// Events of the message being handled that go to the intake, sent together
-    /// when it is done (one channel send, one state transaction for an `events`
-    /// message).
+    /// Events of the messages being handled (a group read together) that go to
+    /// the intake, sent together when the group is done or before any other
+    /// input (one channel send, one state transaction).
     outbox: Vec<Sequenced>,
     refusals: Refusals,
     waiting_log: RateLimit,
@@ -634,6 +679,42 @@ struct Receiver {
 }
 
 impl Receiver {
+    fn new(
+        cfg: ReceiverConfig,
+        token: CancellationToken,
+        tx: mpsc::Sender<Input>,
+        notices: Notices,
+    ) -> Self {
+        let snapshot = if cfg.legacy { &[][..] } else { &cfg.snapshot };
+        Receiver {
+            token,
+            publisher: cfg.publisher_label(),
+            link: LinkState::new(cfg.endpoints.len() == 1, cfg.jails.is_empty()),
+            gate: Gate::new(!snapshot.is_empty(), cfg.endpoints.len() == 1),
+            held: VecDeque::new(),
+            outbox: Vec::new(),
+            refusals: Refusals::new(),
+            waiting_log: RateLimit::new(Duration::from_secs(60)),
+            timeout: cfg.heartbeat_timeout,
+            bad: RateLimit::new(Duration::from_secs(10)),
+            dead: RateLimit::new(Duration::from_secs(60)),
+            catchup: CatchUp::new(
+                snapshot,
+                cfg.jails.clone(),
+                cfg.snapshot_timeout,
+                cfg.queue_limit,
+                cfg.keys.clone(),
+                notices.clone(),
+            ),
+            fresh: Vec::new(),
+            origin: HashMap::new(),
+            started: false,
+            cfg,
+            tx,
+            notices,
+        }
+    }
+
     /// One socket's life: until shutdown or a dead link.
     fn session(
         &mut self,
@@ -716,33 +797,87 @@ impl Receiver {
             }
             // At most MAX_DRAIN messages (or MAX_DRAIN_TIME: each is verified), then
             // back to the poll: a backlog must not starve the shutdown socket, the
-            // fetch's deadline or its REQ socket.
+            // fetch's deadline or its REQ socket. They are taken in groups of what
+            // is already waiting (never waiting for more), each verified as one
+            // batch and its events passed on in one send.
             let drain_until = Instant::now() + MAX_DRAIN_TIME;
-            for _ in 0..MAX_DRAIN {
-                if Instant::now() >= drain_until {
-                    break;
-                }
-                // A connection made since the last look applies to what follows.
-                self.read_monitor(s.monitor.as_ref());
-                match recv_frames(&s.sub) {
-                    Ok(Some(frames)) => match self.handle(frames) {
-                        Handled::Genuine => {
-                            last = Instant::now();
-                            if let Some(m) = self.notices.metrics() {
-                                m.last_heartbeat.touch();
-                            }
+            let mut taken = 0;
+            while taken < MAX_DRAIN && Instant::now() < drain_until {
+                let group = take_group(s, (MAX_DRAIN - taken).min(MAX_GROUP));
+                taken += group.messages.len();
+                let more = group.messages.len() == MAX_GROUP && group.failed.is_none();
+                match self.take_in(group.messages) {
+                    Handled::Genuine => {
+                        last = Instant::now();
+                        if let Some(m) = self.notices.metrics() {
+                            m.last_heartbeat.touch();
                         }
-                        Handled::Ignored => {}
-                        Handled::Stop => return Ok(Stop::Shutdown),
-                    },
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "receive failed, reconnecting");
-                        return Ok(Stop::Reopen);
                     }
+                    Handled::Ignored => {}
+                    Handled::Stop => return Ok(Stop::Shutdown),
+                }
+                for ev in group.tail {
+                    self.link_event(ev);
+                }
+                if let Some(e) = group.failed {
+                    tracing::warn!(error = %e, "receive failed, reconnecting");
+                    return Ok(Stop::Reopen);
+                }
+                if !more {
+                    break;
                 }
             }
         }
+    }
+
+    /// Handles `messages` (read together) in order, exactly as one by one, except
+    /// that their signatures are checked as one batch first and the events to use
+    /// go to the intake together: accumulated in the outbox, sent before any
+    /// other input (a heartbeat, catch-up output) and at the end. `Genuine` if any
+    /// message was (the link is alive), `Stop` when the intake is gone.
+    fn take_in(&mut self, messages: Vec<Received>) -> Handled {
+        let signed = self.check_signatures(&messages);
+        let mut handled = Handled::Ignored;
+        for (m, signed) in messages.into_iter().zip(signed) {
+            for ev in m.link {
+                self.link_event(ev);
+            }
+            handled = handled.and(self.handle(m.frames, signed));
+            if handled == Handled::Stop {
+                return Handled::Stop;
+            }
+        }
+        if self.flush() {
+            handled
+        } else {
+            Handled::Stop
+        }
+    }
+
+    /// For each message, whether its signature is by a configured key, checked
+    /// all at once ([`verify_broadcasts`]); `None` for those not checked so
+    /// (legacy, no key configured, not three frames: [`Receiver::verified`] says
+    /// why).
+    fn check_signatures(&self, messages: &[Received]) -> Vec<Option<bool>> {
+        let mut out = vec![None; messages.len()];
+        if self.cfg.legacy || self.cfg.keys.is_empty() {
+            return out;
+        }
+        let mut at = Vec::new();
+        let mut signed = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            if let (3, [topic, payload, sig, ..]) = (m.frames.count, m.frames.kept.as_slice()) {
+                at.push(i);
+                signed.push((topic.as_slice(), payload.as_slice(), sig.as_slice()));
+            }
+        }
+        for (i, ok) in at
+            .into_iter()
+            .zip(verify_broadcasts(&self.cfg.keys, &signed))
+        {
+            out[i] = Some(ok);
+        }
+        out
     }
 
     /// Passes catch-up output to the intake; false when the intake is gone.
@@ -752,7 +887,7 @@ impl Receiver {
     /// retired epoch are dropped, the others wait on). A failed fetch releases the
     /// events it queued (their epoch was current when they came).
     fn deliver(&mut self, out: Out) -> bool {
-        // Events of the message being handled, before what follows them.
+        // Events of the messages being handled, before what follows them.
         if !self.flush() {
             return false;
         }
@@ -904,26 +1039,29 @@ impl Receiver {
     }
 
     fn read_monitor(&mut self, monitor: Option<&zmq::Socket>) {
-        let Some(m) = monitor else { return };
-        while let Ok(frames) = m.recv_multipart(zmq::DONTWAIT) {
-            match parse_monitor(&frames) {
-                Some(LinkEvent::Connected(ep)) => {
-                    if self.cfg.legacy {
-                        tracing::info!(publisher = %ep, legacy = true, "connected");
-                        self.notices.send(Notice::LegacyConnected { publisher: ep });
-                    } else {
-                        tracing::debug!(publisher = %ep, "connection established");
-                        if !self.fresh.contains(&ep) {
-                            self.fresh.push(ep);
-                        }
+        for ev in take_monitor(monitor) {
+            self.link_event(ev);
+        }
+    }
+
+    /// A connection made or lost, as the socket monitor said.
+    fn link_event(&mut self, ev: LinkEvent) {
+        match ev {
+            LinkEvent::Connected(ep) => {
+                if self.cfg.legacy {
+                    tracing::info!(publisher = %ep, legacy = true, "connected");
+                    self.notices.send(Notice::LegacyConnected { publisher: ep });
+                } else {
+                    tracing::debug!(publisher = %ep, "connection established");
+                    if !self.fresh.contains(&ep) {
+                        self.fresh.push(ep);
                     }
                 }
-                Some(LinkEvent::Disconnected(ep)) => {
-                    tracing::info!(publisher = %ep, "disconnected");
-                    self.fresh.retain(|f| *f != ep);
-                    self.notices.send(Notice::Disconnected { publisher: ep });
-                }
-                None => {}
+            }
+            LinkEvent::Disconnected(ep) => {
+                tracing::info!(publisher = %ep, "disconnected");
+                self.fresh.retain(|f| *f != ep);
+                self.notices.send(Notice::Disconnected { publisher: ep });
             }
         }
     }
@@ -938,8 +1076,9 @@ impl Receiver {
     }
 
     /// The topic and payload of a native message, if its signature is right (or
-    /// no key is configured); refusals are counted and logged here.
-    fn verified(&mut self, frames: &Frames) -> Option<(Vec<u8>, Vec<u8>)> {
+    /// no key is configured); refusals are counted and logged here. `signed`: the
+    /// signature's check when already made ([`Receiver::check_signatures`]).
+    fn verified(&mut self, frames: &Frames, signed: Option<bool>) -> Option<(Vec<u8>, Vec<u8>)> {
         let (Some(topic), Some(payload)) = (frames.kept.first(), frames.kept.get(1)) else {
             let expected = if self.cfg.keys.is_empty() {
                 "topic, payload"
@@ -964,7 +1103,7 @@ impl Receiver {
                 None
             }
             (3, Some(sig)) => {
-                if verify_broadcast(&self.cfg.keys, topic, payload, sig) {
+                if signed.unwrap_or_else(|| verify_broadcast(&self.cfg.keys, topic, payload, sig)) {
                     Some((topic.clone(), payload.clone()))
                 } else {
                     self.refuse(Refusal::BadSignature, None);
@@ -980,15 +1119,17 @@ impl Receiver {
         }
     }
 
-    /// Handles one message.
-    fn handle(&mut self, frames: Frames) -> Handled {
+    /// Handles one message (`signed`: its signature's check, if already made).
+    /// The events it brings to use are left in the outbox, for
+    /// [`Receiver::take_in`] to pass on.
+    fn handle(&mut self, frames: Frames, signed: Option<bool>) -> Handled {
         if self.cfg.legacy {
             return match self.handle_legacy(frames) {
                 true => Handled::Genuine,
                 false => Handled::Stop,
             };
         }
-        let Some((topic, payload)) = self.verified(&frames) else {
+        let Some((topic, payload)) = self.verified(&frames, signed) else {
             return Handled::Ignored;
         };
         let msg = match Broadcast::decode(&topic, &payload) {
@@ -1017,21 +1158,21 @@ impl Receiver {
                 let obs = self.link.observe(h.epoch, h.seq, false);
                 self.report(h.epoch, h.seq, obs);
                 if self.cfg.heartbeats {
+                    // After the events of the messages before it.
                     return alive(
-                        self.tx
-                            .blocking_send(Input::Heartbeat {
-                                epoch: h.epoch,
-                                seq: h.seq,
-                            })
-                            .is_ok(),
+                        self.flush()
+                            && self
+                                .tx
+                                .blocking_send(Input::Heartbeat {
+                                    epoch: h.epoch,
+                                    seq: h.seq,
+                                })
+                                .is_ok(),
                     );
                 }
                 Handled::Genuine
             }
-            Broadcast::Event(s) => {
-                let handled = self.event(s);
-                self.flushed(handled)
-            }
+            Broadcast::Event(s) => self.event(s),
             Broadcast::Events(batch) => {
                 // Verified once, above; each event then goes through exactly what
                 // a lone `event` would, in order (link, gate, hold, catch-up).
@@ -1042,7 +1183,7 @@ impl Receiver {
                         break;
                     }
                 }
-                self.flushed(handled)
+                handled
             }
         }
     }
@@ -1108,16 +1249,7 @@ impl Receiver {
         }
     }
 
-    /// `handled`, unless the outbox cannot be passed on (the intake is gone).
-    fn flushed(&mut self, handled: Handled) -> Handled {
-        if self.flush() {
-            handled
-        } else {
-            Handled::Stop
-        }
-    }
-
-    /// Passes the events of the message just handled on to the intake, in one send;
+    /// Passes the events accumulated in the outbox on to the intake, in one send;
     /// false when the intake is gone.
     fn flush(&mut self) -> bool {
         let out = std::mem::take(&mut self.outbox);
@@ -1157,13 +1289,16 @@ impl Receiver {
                     id = %event.id,
                     "received"
                 );
-                self.tx
-                    .blocking_send(Input::Event {
-                        event,
-                        seq: 0,
-                        epoch: None,
-                    })
-                    .is_ok()
+                // (The outbox is empty with `legacy`; flushed for order all the same.)
+                self.flush()
+                    && self
+                        .tx
+                        .blocking_send(Input::Event {
+                            event,
+                            seq: 0,
+                            epoch: None,
+                        })
+                        .is_ok()
             }
             Ok(None) => true,
             Err(why) => {
@@ -1241,6 +1376,180 @@ impl Receiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use f2b_proto::auth::{sign_broadcast, SigningKey};
+    use f2b_proto::{Action, Heartbeat};
+
+    fn key() -> SigningKey {
+        SigningKey::from_seed([42; 32])
+    }
+
+    fn sequenced(seq: u64, epoch: Epoch, ip: &str) -> Sequenced {
+        let event = Event::new(
+            EventId::from_u128(u128::from(seq) + 1000 * u128::from(ip.len() as u64)),
+            NodeName::new("web2").unwrap(),
+            JailName::new("sshd").unwrap(),
+            Action::Ban,
+            ip.parse().unwrap(),
+            1_763_702_000_000,
+        )
+        .unwrap();
+        Sequenced { seq, epoch, event }
+    }
+
+    /// A message as read from the socket: topic, payload and, with `key`, the
+    /// signature.
+    fn message(b: &Broadcast, key: Option<&SigningKey>) -> Received {
+        let mut kept = vec![b.topic(), b.encode()];
+        if let Some(k) = key {
+            kept.push(sign_broadcast(k, &kept[0], &kept[1]).to_vec());
+        }
+        Received {
+            link: Vec::new(),
+            frames: Frames {
+                count: kept.len(),
+                kept,
+            },
+        }
+    }
+
+    /// A receiver trusting [`key`], passing heartbeats on, with what it sends to
+    /// the intake and its notices.
+    fn receiver(
+        keys: Vec<PublicKey>,
+    ) -> (
+        Receiver,
+        mpsc::Receiver<Input>,
+        mpsc::UnboundedReceiver<Notice>,
+    ) {
+        let (tx, rx) = mpsc::channel(64);
+        let (ntx, nrx) = mpsc::unbounded_channel();
+        let cfg = ReceiverConfig {
+            endpoints: vec![],
+            jails: vec![],
+            heartbeat_timeout: Duration::from_secs(5),
+            snapshot: vec![],
+            snapshot_timeout: Duration::from_secs(5),
+            queue_limit: 10,
+            legacy: false,
+            keys,
+            heartbeats: true,
+        };
+        let r = Receiver::new(cfg, CancellationToken::new(), tx, Notices::to(ntx));
+        (r, rx, nrx)
+    }
+
+    fn inputs(rx: &mut mpsc::Receiver<Input>) -> Vec<Input> {
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
+    #[test]
+    fn a_group_sends_its_events_together_flushed_before_a_heartbeat() {
+        let (mut r, mut rx, mut nrx) = receiver(vec![key().public()]);
+        let other = SigningKey::from_seed([43; 32]);
+        let e = Epoch(9);
+        let ev = |seq, ip| Broadcast::Event(sequenced(seq, e, ip));
+        let group = vec![
+            message(&ev(1, "203.0.113.1"), Some(&key())),
+            message(&ev(2, "203.0.113.2"), Some(&key())),
+            // Forged: another key, the next number; refused, no gap, no use.
+            message(&ev(3, "198.51.100.3"), Some(&other)),
+            message(&ev(3, "203.0.113.3"), Some(&key())),
+            message(
+                &Broadcast::Heartbeat(Heartbeat {
+                    seq: 3,
+                    epoch: e,
+                    interval_ms: 1000,
+                }),
+                Some(&key()),
+            ),
+            message(&ev(4, "203.0.113.4"), Some(&key())),
+            // Unsigned.
+            message(&ev(5, "198.51.100.5"), None),
+            message(&ev(5, "203.0.113.5"), Some(&key())),
+        ];
+        assert_eq!(r.take_in(group), Handled::Genuine);
+        assert_eq!(
+            inputs(&mut rx),
+            [
+                Input::Events(vec![
+                    sequenced(1, e, "203.0.113.1"),
+                    sequenced(2, e, "203.0.113.2"),
+                    sequenced(3, e, "203.0.113.3"),
+                ]),
+                Input::Heartbeat { epoch: e, seq: 3 },
+                Input::Events(vec![
+                    sequenced(4, e, "203.0.113.4"),
+                    sequenced(5, e, "203.0.113.5"),
+                ]),
+            ]
+        );
+        let notices: Vec<Notice> = std::iter::from_fn(|| nrx.try_recv().ok()).collect();
+        let refused = |why| {
+            notices
+                .iter()
+                .filter(|n| matches!(n, Notice::Refused { reason, .. } if *reason == why))
+                .count()
+        };
+        assert_eq!(refused(Refusal::BadSignature), 1, "{notices:?}");
+        assert_eq!(refused(Refusal::Unsigned), 1, "{notices:?}");
+        assert!(
+            !notices.iter().any(|n| matches!(n, Notice::Missed { .. })),
+            "{notices:?}"
+        );
+        assert!(r.outbox.is_empty());
+    }
+
+    #[test]
+    fn a_lone_message_is_sent_at_once_as_one_event() {
+        let (mut r, mut rx, _n) = receiver(vec![key().public()]);
+        let s = sequenced(1, Epoch(3), "203.0.113.7");
+        let group = vec![message(&Broadcast::Event(s.clone()), Some(&key()))];
+        assert_eq!(r.take_in(group), Handled::Genuine);
+        assert_eq!(inputs(&mut rx), [Input::from(s)]);
+        // Nothing but refusals: nothing sent, the link not proven alive.
+        let forged = sequenced(2, Epoch(3), "198.51.100.1");
+        let other = SigningKey::from_seed([43; 32]);
+        let group = vec![
+            message(&Broadcast::Event(forged.clone()), Some(&other)),
+            message(&Broadcast::Event(forged), None),
+        ];
+        assert_eq!(r.take_in(group), Handled::Ignored);
+        assert_eq!(inputs(&mut rx), []);
+    }
+
+    #[test]
+    fn signatures_are_checked_together_for_three_frame_messages_only() {
+        let s = Broadcast::Event(sequenced(1, Epoch(3), "203.0.113.7"));
+        let other = SigningKey::from_seed([43; 32]);
+        let mut four = message(&s, Some(&key()));
+        four.frames.kept.push(b"extra".to_vec());
+        four.frames.count = 4;
+        let group = || {
+            vec![
+                message(&s, None),
+                message(&s, Some(&key())),
+                message(&s, Some(&other)),
+                message(&s, Some(&key())),
+            ]
+        };
+        let (r, _rx, _n) = receiver(vec![key().public()]);
+        assert_eq!(
+            r.check_signatures(&group()),
+            [None, Some(true), Some(false), Some(true)]
+        );
+        assert_eq!(r.check_signatures(&[four]), [None]);
+        // No key (allow_unauthenticated): nothing to check.
+        let (r, _rx, _n) = receiver(vec![]);
+        assert_eq!(r.check_signatures(&group()), [None; 4]);
+    }
+
+    #[test]
+    fn an_intake_gone_stops_the_group() {
+        let (mut r, rx, _n) = receiver(vec![key().public()]);
+        drop(rx);
+        let s = Broadcast::Event(sequenced(1, Epoch(3), "203.0.113.7"));
+        assert_eq!(r.take_in(vec![message(&s, Some(&key()))]), Handled::Stop);
+    }
 
     #[test]
     fn the_poll_never_waits_longer_than_max_poll_wait() {
