@@ -879,35 +879,31 @@ mod tests {
             assert!(again.is_empty(), "read again: {again:?}");
         }
 
-        #[tokio::test]
-        async fn a_failed_queue_sync_is_retried_with_the_next_chunk() {
+        /// One failure (`fault`) of the queue file for the first of two
+        /// chunks: the next chunk's write rewrites the journal whole, durably,
+        /// so both events are on the disk and the position may be past both
+        /// lines (same ids, same order).
+        async fn one_failure_is_repaired_by_the_next_chunk(fault: fn(&mut crate::state::Faults)) {
             let mut rig = Rig::start();
-            rig.faults(|f| f.sync = 1);
+            rig.faults(fault);
             rig.append(&ban("192.0.2.1")).await;
             let first = rig.event().await;
             rig.append(&ban("192.0.2.2")).await;
             let second = rig.event().await;
             let (saved, again) = rig.restart().await;
-            // The failed sync made the next write rewrite the journal whole,
-            // durably: both events on the disk, the position past both lines.
             assert_eq!(saved.pending, [first, second]);
             assert!(again.is_empty(), "read again: {again:?}");
         }
 
         #[tokio::test]
+        async fn a_failed_queue_sync_is_retried_with_the_next_chunk() {
+            one_failure_is_repaired_by_the_next_chunk(|f| f.sync = 1).await;
+        }
+
+        #[tokio::test]
         async fn a_failed_journal_write_is_retried_with_the_next_chunk() {
-            let mut rig = Rig::start();
             // The disk is full for one write, half of which lands.
-            rig.faults(|f| f.journal = 1);
-            rig.append(&ban("192.0.2.1")).await;
-            let first = rig.event().await;
-            rig.append(&ban("192.0.2.2")).await;
-            let second = rig.event().await;
-            let (saved, again) = rig.restart().await;
-            // Chunk 2's write put chunk 1 on the disk too (same id, same
-            // order): the position may be past both lines.
-            assert_eq!(saved.pending, [first, second]);
-            assert!(again.is_empty(), "read again: {again:?}");
+            one_failure_is_repaired_by_the_next_chunk(|f| f.journal = 1).await;
         }
 
         #[tokio::test]
