@@ -1252,18 +1252,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn resync_unbans_a_ban_being_applied_that_it_does_not_list() {
-        let (state, _dir) = State::temp();
-        let shared = Shared::new(100);
-        let (_tx, rx) = mpsc::channel(1);
-        let mut intake = Intake {
-            rx,
-            filter: Filter::new(NodeName::new("web1").unwrap(), Vec::new()),
-            local: LocalAddresses::Fixed(Vec::new()),
-            ban_jail: Some(JailName::new("cluster").unwrap()),
-            shared: shared.clone(),
-            notices: Notices::default(),
-            state,
-        };
+        let (mut intake, shared, _dir) = intake_with(
+            vec![],
+            Some(JailName::new("cluster").unwrap()),
+            Notices::default(),
+        );
         let epoch = Epoch(7);
         let mut ban = in_cluster(5, "sshd", Action::Ban, 1);
         ban.epoch = Some(epoch);
@@ -1307,18 +1300,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_cut_snapshot_unbans_nothing_for_being_absent() {
-        let (state, _dir) = State::temp();
-        let shared = Shared::new(100);
-        let (_tx, rx) = mpsc::channel(1);
-        let mut intake = Intake {
-            rx,
-            filter: Filter::new(NodeName::new("web1").unwrap(), Vec::new()),
-            local: LocalAddresses::Fixed(Vec::new()),
-            ban_jail: None,
-            shared: shared.clone(),
-            notices: Notices::default(),
-            state,
-        };
+        let (mut intake, shared, _dir) = intake_with(vec![], None, Notices::default());
         let epoch = Epoch(7);
         let mut held = item(1, "sshd", Action::Ban);
         held.epoch = Some(epoch);
@@ -1357,19 +1339,30 @@ mod tests {
         assert_eq!(rig.applied(2).await, [ip(1), ip(2)]);
     }
 
-    fn intake(notices: Notices) -> (Intake, Arc<Shared>, tempfile::TempDir) {
+    /// An intake of node web1 with the `local` addresses fixed, its state in the
+    /// returned directory; nothing will come on its channel.
+    fn intake_with(
+        local: Vec<IpAddr>,
+        ban_jail: Option<JailName>,
+        notices: Notices,
+    ) -> (Intake, Arc<Shared>, tempfile::TempDir) {
         let (state, dir) = State::temp();
         let shared = Shared::new(100);
         let (_tx, rx) = mpsc::channel(1);
-        let mut intake = Intake {
+        let intake = Intake {
             rx,
             filter: Filter::new(NodeName::new("web1").unwrap(), Vec::new()),
-            local: LocalAddresses::Fixed(vec![ip(9)]),
-            ban_jail: None,
+            local: LocalAddresses::Fixed(local),
+            ban_jail,
             shared: shared.clone(),
             notices,
             state,
         };
+        (intake, shared, dir)
+    }
+
+    fn intake(notices: Notices) -> (Intake, Arc<Shared>, tempfile::TempDir) {
+        let (mut intake, shared, dir) = intake_with(vec![ip(9)], None, notices);
         intake.refresh_local(&mut false);
         (intake, shared, dir)
     }

@@ -1412,6 +1412,22 @@ mod tests {
         }
     }
 
+    /// A receiver's configuration with no endpoints, jails, snapshots or keys,
+    /// not passing heartbeats on.
+    fn plain_config() -> ReceiverConfig {
+        ReceiverConfig {
+            endpoints: vec![],
+            jails: vec![],
+            heartbeat_timeout: Duration::from_secs(5),
+            snapshot: vec![],
+            snapshot_timeout: Duration::from_secs(5),
+            queue_limit: 10,
+            legacy: false,
+            keys: vec![],
+            heartbeats: false,
+        }
+    }
+
     /// A receiver trusting [`key`], passing heartbeats on, with what it sends to
     /// the intake and its notices.
     fn receiver(
@@ -1424,15 +1440,9 @@ mod tests {
         let (tx, rx) = mpsc::channel(64);
         let (ntx, nrx) = mpsc::unbounded_channel();
         let cfg = ReceiverConfig {
-            endpoints: vec![],
-            jails: vec![],
-            heartbeat_timeout: Duration::from_secs(5),
-            snapshot: vec![],
-            snapshot_timeout: Duration::from_secs(5),
-            queue_limit: 10,
-            legacy: false,
             keys,
             heartbeats: true,
+            ..plain_config()
         };
         let r = Receiver::new(cfg, CancellationToken::new(), tx, Notices::to(ntx));
         (r, rx, nrx)
@@ -1582,17 +1592,7 @@ mod tests {
 
     #[test]
     fn topics_follow_the_jail_filter() {
-        let mut cfg = ReceiverConfig {
-            endpoints: vec![],
-            jails: vec![],
-            heartbeat_timeout: Duration::from_secs(5),
-            snapshot: vec![],
-            snapshot_timeout: Duration::from_secs(5),
-            queue_limit: 10,
-            legacy: false,
-            keys: vec![],
-            heartbeats: false,
-        };
+        let mut cfg = plain_config();
         assert_eq!(cfg.topics(), vec![Vec::<u8>::new()]);
         cfg.jails = vec![JailName::new("sshd").unwrap()];
         assert_eq!(cfg.topics(), vec![b"hb:\0".to_vec(), b"ev:sshd\0".to_vec()]);

@@ -285,22 +285,25 @@ fn watch_config(dir: &std::path::Path, publisher: &str, extra: &str) -> std::pat
     conf
 }
 
+/// A test publisher and `f2b-subscriber watch` with `args` following it (its
+/// configuration in the returned directory).
+fn watch_publisher(args: &[&str]) -> (tempfile::TempDir, TestPublisher, Watch) {
+    let dir = tempfile::tempdir().unwrap();
+    let publ = TestPublisher::start(Duration::from_millis(100));
+    let conf = watch_config(dir.path(), &publ.endpoint, "");
+    let w = Watch::start(&conf, args);
+    (dir, publ, w)
+}
+
 #[test]
 fn watch_prints_verified_events_and_not_forged_ones() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut publ = TestPublisher::start(Duration::from_millis(100));
-    let conf = watch_config(dir.path(), &publ.endpoint, "");
-    let w = Watch::start(&conf, &[]);
+    let (dir, mut publ, w) = watch_publisher(&[]);
     let (connected, _) = Watch::wait(&w.err, "connected to");
     assert!(
         connected.contains(&format!("{}: epoch {}", publ.endpoint, publ.epoch)),
         "{connected}"
     );
-    let forged = f2b_proto::Sequenced {
-        seq: 1,
-        epoch: publ.epoch,
-        event: common::event("web2", "sshd", Action::Ban, "203.0.113.66"),
-    };
+    let forged = common::ban(1, publ.epoch, "203.0.113.66");
     publ.send_with(
         f2b_proto::Broadcast::Event(forged),
         Some(common::other_key()),
@@ -331,10 +334,7 @@ fn watch_prints_verified_events_and_not_forged_ones() {
 
 #[test]
 fn watch_json_follows_the_jail_filter_and_heartbeats_on_request() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut publ = TestPublisher::start(Duration::from_millis(100));
-    let conf = watch_config(dir.path(), &publ.endpoint, "");
-    let w = Watch::start(&conf, &["--json", "--jail", "sshd", "--heartbeats"]);
+    let (_dir, mut publ, w) = watch_publisher(&["--json", "--jail", "sshd", "--heartbeats"]);
     let (hb, _) = Watch::wait(&w.out, "heartbeat");
     let v: serde_json::Value = serde_json::from_str(&hb).unwrap();
     assert_eq!(v["epoch"], publ.epoch.to_string());
@@ -353,10 +353,7 @@ fn watch_json_follows_the_jail_filter_and_heartbeats_on_request() {
 
 #[test]
 fn watch_prints_each_event_of_an_events_message() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut publ = TestPublisher::start(Duration::from_millis(100));
-    let conf = watch_config(dir.path(), &publ.endpoint, "");
-    let w = Watch::start(&conf, &[]);
+    let (_dir, mut publ, w) = watch_publisher(&[]);
     Watch::wait(&w.err, "connected to");
     let ips = ["203.0.113.21", "203.0.113.22", "203.0.113.23"];
     let sent = publ.events("web2", "sshd", &ips);

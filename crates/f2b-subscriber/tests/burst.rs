@@ -11,35 +11,20 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use common::hub::Counting;
-use common::{config, frames, other_key, test_key, Running, TestPublisher};
-use f2b_common::config::Config;
-use f2b_proto::{Action, Broadcast, Heartbeat, Sequenced};
-use f2b_subscriber::{Notice, Refusal, Subscriber};
+use common::hub::{start_counting as start, Counting};
+use common::{config, frames, other_key, refusals, test_key, TestPublisher};
+use f2b_proto::{Broadcast, Heartbeat};
+use f2b_subscriber::{Notice, Refusal};
 
 const HB: Duration = Duration::from_millis(100);
 
 /// Honest events in the burst.
 const N: u32 = 1200;
 
-fn start(cfg: &Config, applier: &Counting) -> Running {
-    Running::start_with(
-        Subscriber::new(cfg)
-            .with_applier(Box::new(applier.clone()))
-            .with_local_addresses(vec![]),
-    )
-}
-
 /// The `i`th address of a block (100.64.0.0/10 for honest events, 198.18.0.0/15
 /// for forged ones).
 fn nth(base: Ipv4Addr, i: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(u32::from(base) + i))
-}
-
-fn refusals(seen: &[Notice], reason: Refusal) -> usize {
-    seen.iter()
-        .filter(|n| matches!(n, Notice::Refused { reason: r, .. } if *r == reason))
-        .count()
 }
 
 #[tokio::test]
@@ -55,11 +40,7 @@ async fn a_burst_of_single_event_messages_is_used_once_in_order_and_forgeries_re
     let epoch = publ.epoch;
     let honest_base = Ipv4Addr::new(100, 64, 0, 0);
     let forged_base = Ipv4Addr::new(198, 18, 0, 0);
-    let event = |seq: u32, ip: IpAddr| Sequenced {
-        seq: u64::from(seq),
-        epoch,
-        event: common::event("web2", "sshd", Action::Ban, &ip.to_string()),
-    };
+    let event = |seq: u32, ip: IpAddr| common::ban(u64::from(seq), epoch, &ip.to_string());
     let mut burst = Vec::new();
     let (mut forged, mut unsigned) = (0, 0);
     for seq in 1..=N {
@@ -102,7 +83,7 @@ async fn a_burst_of_single_event_messages_is_used_once_in_order_and_forgeries_re
     sub.applied(&last).await;
     let seen = sub.stop().await;
     let want: Vec<IpAddr> = (1..=N).map(|i| nth(honest_base, i)).collect();
-    let got: Vec<IpAddr> = applier.calls().iter().map(|c| c.2).collect();
+    let got = applier.ips();
     // Told briefly: where the applied list first departs from the honest one.
     let first_wrong = got.iter().zip(&want).position(|(g, w)| g != w);
     assert_eq!(

@@ -5,82 +5,26 @@
 
 mod common;
 
-use std::net::IpAddr;
-use std::sync::atomic::Ordering;
-use std::sync::{mpsc as std_mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
 
-use common::hub::{Counting, FakeRep};
-use common::{config, frames, other_key, test_key, Logs, Running, TestPublisher, DEADLINE};
-use f2b_common::config::Config;
-use f2b_proto::{
-    Action, ActiveBan, Broadcast, Epoch, EventBatch, Sequenced, SnapshotPage, SnapshotReply,
+use common::hub::{counting_subscriber, listed, snapshotted, Counting, Snapshotted};
+use common::{
+    ban, config, frames, http_get, ip, metrics_addr, other_key, refusals, sample, test_key, Logs,
+    Running, TestPublisher, DEADLINE,
 };
-use f2b_subscriber::{Notice, Refusal, ResyncReason, Subscriber};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use f2b_common::config::Config;
+use f2b_proto::{Action, Broadcast, Epoch, EventBatch, Sequenced};
+use f2b_subscriber::{Notice, Refusal, ResyncReason};
 
 const HB: Duration = Duration::from_millis(100);
 
 fn start(cfg: &Config, applier: &Counting) -> Running {
-    Running::start_with(
-        Subscriber::new(cfg)
-            .with_applier(Box::new(applier.clone()))
-            .with_local_addresses(vec![])
-            .with_snapshot_timeout(DEADLINE),
-    )
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
-fn applied_ips(applier: &Counting) -> Vec<IpAddr> {
-    applier.calls().iter().map(|c| c.2).collect()
-}
-
-fn refusals(seen: &[Notice], reason: Refusal) -> usize {
-    seen.iter()
-        .filter(|n| matches!(n, Notice::Refused { reason: r, .. } if *r == reason))
-        .count()
-}
-
-fn until() -> u64 {
-    f2b_subscriber::store::now_ms() + 3_600_000
-}
-
-/// A ban of `ip` in jail sshd numbered `seq` of `epoch`.
-fn ban(seq: u64, epoch: Epoch, ip: &str) -> Sequenced {
-    Sequenced {
-        seq,
-        epoch,
-        event: common::event("web2", "sshd", Action::Ban, ip),
-    }
+    Running::start_with(counting_subscriber(cfg, applier).with_snapshot_timeout(DEADLINE))
 }
 
 fn batch(items: Vec<Sequenced>) -> Broadcast {
     Broadcast::Events(EventBatch::new(items).unwrap())
-}
-
-async fn get(addr: &str, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(DEADLINE, s.read_to_string(&mut out))
-        .await
-        .expect("an answer")
-        .unwrap();
-    out
-}
-
-/// The value of the sample line starting with `name` (with its labels).
-fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 #[tokio::test]
@@ -95,15 +39,7 @@ async fn a_signed_events_message_applies_every_event_in_order() {
     let logs = Logs::capture();
     let mut sub = start(&cfg, &applier);
     sub.connected().await;
-    let addr = logs
-        .text()
-        .lines()
-        .find_map(|l| {
-            l.split("metrics listening on ")
-                .nth(1)
-                .map(|a| a.split_whitespace().next().unwrap().to_owned())
-        })
-        .unwrap_or_else(|| panic!("no metrics line in\n{}", logs.text()));
+    let addr = metrics_addr(&logs);
     publ.event("web2", "sshd", Action::Ban, "203.0.113.1");
     sub.applied("203.0.113.1").await;
     let ips = ["203.0.113.2", "203.0.113.3", "203.0.113.4", "203.0.113.5"];
@@ -125,7 +61,7 @@ async fn a_signed_events_message_applies_every_event_in_order() {
     ]);
     publ.skip(5);
     sub.applied("203.0.113.10").await;
-    let text = get(&addr, "/metrics").await;
+    let text = http_get(&addr, "/metrics").await;
     let seen = sub.stop().await;
     let missed: Vec<u64> = seen
         .iter()
@@ -136,7 +72,7 @@ async fn a_signed_events_message_applies_every_event_in_order() {
         .collect();
     assert_eq!(missed, [2, 1], "{seen:#?}");
     assert_eq!(
-        applied_ips(&applier),
+        applier.ips(),
         [
             ip("203.0.113.1"),
             ip("203.0.113.2"),
@@ -183,10 +119,7 @@ async fn an_unsigned_forged_or_tampered_events_message_applies_none_and_is_one_r
     assert_eq!(sent[0].seq, 1);
     sub.applied("203.0.113.61").await;
     let seen = sub.stop().await;
-    assert_eq!(
-        applied_ips(&applier),
-        [ip("203.0.113.60"), ip("203.0.113.61")]
-    );
+    assert_eq!(applier.ips(), [ip("203.0.113.60"), ip("203.0.113.61")]);
     // One refusal per message, not per event.
     assert_eq!(refusals(&seen, Refusal::Unsigned), 1, "{seen:#?}");
     assert_eq!(refusals(&seen, Refusal::BadSignature), 2, "{seen:#?}");
@@ -226,7 +159,7 @@ async fn a_batch_partly_at_or_below_the_floor_applies_only_its_newer_events() {
     sub.applied("203.0.113.78").await;
     let seen = sub.stop().await;
     assert_eq!(
-        applied_ips(&applier),
+        applier.ips(),
         [
             ip("203.0.113.70"),
             ip("203.0.113.71"),
@@ -238,48 +171,17 @@ async fn a_batch_partly_at_or_below_the_floor_applies_only_its_newer_events() {
     assert_eq!(refusals(&seen, Refusal::Replayed), 4, "{seen:#?}");
 }
 
-/// A REP that serves what `listing` says, signed with the test key; with
-/// `gate`, each request after the first waits for a word on it.
-fn snapshots(
-    listing: Arc<Mutex<(Epoch, u64, Vec<ActiveBan>)>>,
-    gate: Option<std_mpsc::Receiver<()>>,
-) -> FakeRep {
-    let mut first = true;
-    FakeRep::start(move |_| {
-        if let (false, Some(g)) = (first, &gate) {
-            g.recv_timeout(DEADLINE)
-                .expect("the test lets the snapshot go");
-        }
-        first = false;
-        let (epoch, seq, bans) = listing.lock().unwrap().clone();
-        let mut page = SnapshotPage::new(epoch, seq);
-        for b in bans {
-            page.try_push(b).unwrap();
-        }
-        SnapshotReply::Page(page).encode()
-    })
-}
-
 #[tokio::test]
 async fn a_batch_of_an_unconfirmed_epoch_is_held_like_single_events() {
     let publ = TestPublisher::start(HB);
     let old = publ.epoch;
-    let listing = Arc::new(Mutex::new((old, 0, Vec::new())));
-    let rep = snapshots(listing.clone(), None);
-    let cfg = config(
-        "web1",
-        &publ.endpoint,
-        &format!(
-            "snapshot = \"{}\"\nheartbeat_timeout = \"10m\"",
-            rep.endpoint
-        ),
-    );
-    let applier = Counting::default();
     let logs = Logs::capture();
-    let mut sub = start(&cfg, &applier);
-    sub.connected().await;
-    sub.wait_for("resync", |n| matches!(n, Notice::Resynced { .. }))
-        .await;
+    let Snapshotted {
+        listing,
+        rep: _rep,
+        applier,
+        mut sub,
+    } = snapshotted(&publ, None, start).await;
     // The publisher starts a new epoch: its first batch waits for the snapshot
     // that confirms it, then the events above the snapshot's seq are applied.
     let new_epoch = Epoch(0x0900d);
@@ -313,7 +215,7 @@ async fn a_batch_of_an_unconfirmed_epoch_is_held_like_single_events() {
     let seen = sub.stop().await;
     // .80 (seq 1) is in the snapshot, which does not list it: not applied.
     assert_eq!(
-        applied_ips(&applier),
+        applier.ips(),
         [
             ip("203.0.113.81"),
             ip("203.0.113.82"),
@@ -337,33 +239,20 @@ async fn a_batch_of_an_unconfirmed_epoch_is_held_like_single_events() {
 async fn a_batch_received_during_a_fetch_is_queued_and_follows_the_snapshot() {
     let mut publ = TestPublisher::start(HB);
     let epoch = publ.epoch;
-    let listing = Arc::new(Mutex::new((epoch, 0, Vec::new())));
     let (go, gate) = std_mpsc::channel();
-    let rep = snapshots(listing.clone(), Some(gate));
-    let cfg = config(
-        "web1",
-        &publ.endpoint,
-        &format!(
-            "snapshot = \"{}\"\nheartbeat_timeout = \"10m\"",
-            rep.endpoint
-        ),
-    );
-    let applier = Counting::default();
-    let mut sub = start(&cfg, &applier);
-    sub.connected().await;
-    sub.wait_for("resync", |n| matches!(n, Notice::Resynced { .. }))
-        .await;
+    let Snapshotted {
+        listing,
+        rep,
+        applier,
+        mut sub,
+    } = snapshotted(&publ, Some(gate), start).await;
     let first = publ.event("web2", "sshd", Action::Ban, "203.0.113.90");
     sub.applied("203.0.113.90").await;
     // A gap before a batch: its events are used, and a snapshot is asked for.
     publ.skip(1);
     let gapped = publ.events("web2", "sshd", &["203.0.113.92", "203.0.113.93"]);
     sub.applied("203.0.113.93").await;
-    let deadline = Instant::now() + DEADLINE;
-    while rep.requests.load(Ordering::SeqCst) < 2 {
-        assert!(Instant::now() < deadline, "no second snapshot request");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    rep.wait_requests(2).await;
     // The fetch is under way (its reply waits): this batch is queued.
     let queued = publ.events(
         "web2",
@@ -371,11 +260,6 @@ async fn a_batch_received_during_a_fetch_is_queued_and_follows_the_snapshot() {
         &["203.0.113.94", "203.0.113.95", "203.0.113.96"],
     );
     // The snapshot reflects seq 4: .94 was banned and unbanned meanwhile.
-    let listed = |s: &Sequenced| ActiveBan {
-        seq: s.seq,
-        expires_ms: until(),
-        event: s.event.clone(),
-    };
     *listing.lock().unwrap() = (
         epoch,
         queued[0].seq,
@@ -390,7 +274,7 @@ async fn a_batch_received_during_a_fetch_is_queued_and_follows_the_snapshot() {
     sub.applied("203.0.113.96").await;
     sub.stop().await;
     assert_eq!(
-        applied_ips(&applier),
+        applier.ips(),
         [
             ip("203.0.113.90"),
             ip("203.0.113.92"),

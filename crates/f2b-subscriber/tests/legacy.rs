@@ -7,12 +7,11 @@ use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use common::hub::Counting;
+use common::hub::{start_counting as start, Counting};
 use common::{config, Logs, Running};
-use f2b_common::config::Config;
 use f2b_common::zmq;
 use f2b_proto::Action;
-use f2b_subscriber::{Notice, SkipReason, Subscriber};
+use f2b_subscriber::{Notice, SkipReason};
 
 /// An old publisher: a PUB socket on an ephemeral port, owned by a thread that
 /// sends what it is told.
@@ -64,16 +63,6 @@ impl Drop for OldPublisher {
             let _ = t.join();
         }
     }
-}
-
-/// A subscriber with `applier`, and no local addresses (the test machine's own
-/// must not decide what is skipped).
-fn start(cfg: &Config, applier: &Counting) -> Running {
-    Running::start_with(
-        Subscriber::new(cfg)
-            .with_applier(Box::new(applier.clone()))
-            .with_local_addresses(vec![]),
-    )
 }
 
 /// Waits until the subscription is live: sends a message of the subscriber's own

@@ -5,34 +5,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::{config, other_key, Logs, Running, TestPublisher, DEADLINE};
-use f2b_proto::{Action, Broadcast, Sequenced};
+use common::{
+    ban, config, http_get, metrics_addr, other_key, sample, Logs, Running, TestPublisher,
+};
+use f2b_proto::{Action, Broadcast};
 use f2b_subscriber::{Notice, Refusal};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const HB: Duration = Duration::from_millis(100);
-
-async fn get(addr: &str, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(DEADLINE, s.read_to_string(&mut out))
-        .await
-        .expect("an answer")
-        .unwrap();
-    out
-}
-
-/// The value of the sample line starting with `name` (with its labels).
-fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
 
 #[tokio::test]
 async fn metrics_count_what_the_subscriber_did() {
@@ -46,37 +25,16 @@ async fn metrics_count_what_the_subscriber_did() {
     let mut sub =
         Running::start_with(f2b_subscriber::Subscriber::new(&cfg).with_local_addresses(vec![]));
     sub.connected().await;
-    let addr = logs
-        .text()
-        .lines()
-        .find_map(|l| {
-            l.split("metrics listening on ")
-                .nth(1)
-                .map(|a| a.split_whitespace().next().unwrap().to_owned())
-        })
-        .unwrap_or_else(|| panic!("no metrics line in\n{}", logs.text()));
+    let addr = metrics_addr(&logs);
     publ.event("web2", "sshd", Action::Ban, "203.0.113.1");
     sub.applied("203.0.113.1").await;
     publ.event("web1", "sshd", Action::Ban, "203.0.113.2");
     sub.wait_for("skipped", |n| matches!(n, Notice::Skipped { .. }))
         .await;
-    let forged = Sequenced {
-        seq: 3,
-        epoch: publ.epoch,
-        event: common::event("web2", "sshd", Action::Ban, "203.0.113.3"),
-    };
+    let forged = ban(3, publ.epoch, "203.0.113.3");
     publ.send_with(Broadcast::Event(forged), Some(other_key()));
-    sub.wait_for("refused", |n| {
-        matches!(
-            n,
-            Notice::Refused {
-                reason: Refusal::BadSignature,
-                ..
-            }
-        )
-    })
-    .await;
-    let text = get(&addr, "/metrics").await;
+    sub.refused(Refusal::BadSignature).await;
+    let text = http_get(&addr, "/metrics").await;
     for (name, want) in [
         ("f2b_subscriber_events_received_total", 2.0),
         ("f2b_subscriber_events_applied_total", 1.0),
@@ -99,13 +57,13 @@ async fn metrics_count_what_the_subscriber_did() {
         sample(&text, "f2b_subscriber_heartbeats_received_total").unwrap_or(0.0) >= 1.0,
         "{text}"
     );
-    let ready = get(&addr, "/readyz").await;
+    let ready = http_get(&addr, "/readyz").await;
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
     // No verified message for heartbeat_timeout: not ready.
     publ.heartbeats(false);
     sub.wait_for("link dead", |n| matches!(n, Notice::LinkDead))
         .await;
-    let ready = get(&addr, "/readyz").await;
+    let ready = http_get(&addr, "/readyz").await;
     assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
     sub.stop().await;
 }

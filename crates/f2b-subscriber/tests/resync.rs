@@ -6,30 +6,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::hub::{Counting, FakeRep, Hub, HUB_TRUST};
-use common::{config, scratch_dir, Logs, Running, TestPublisher};
-use f2b_common::config::Config;
+use common::hub::{start_counting as start, Counting, FakeRep, Hub, HUB_TRUST};
+use common::{config, scratch_dir, snapshot_lines, Logs, Running, TestPublisher};
 use f2b_proto::{
     Action, ActiveBan, Epoch, NakReason, Request, Sequenced, SnapshotPage, SnapshotReply,
 };
 use f2b_subscriber::{Notice, ResyncReason, SkipReason, Subscriber};
 
 const HB: Duration = Duration::from_millis(100);
-
-/// A subscriber with `applier`, and no local addresses (the test machine's own
-/// must not decide what is skipped).
-fn start(cfg: &Config, applier: &Counting) -> Running {
-    Running::start_with(
-        Subscriber::new(cfg)
-            .with_applier(Box::new(applier.clone()))
-            .with_local_addresses(vec![]),
-    )
-}
-
-async fn resynced(sub: &mut Running) -> Notice {
-    sub.wait_for("resync", |n| matches!(n, Notice::Resynced { .. }))
-        .await
-}
 
 fn ip4(i: u32) -> String {
     std::net::Ipv4Addr::from(0xC633_6400 + i).to_string() // 198.51.100.0 + i
@@ -69,7 +53,7 @@ async fn start_applies_the_bans_of_a_multi_page_snapshot() {
     let logs = Logs::capture();
     let mut sub = start(&cfg, &applier);
     assert_eq!(sub.connected().await, hub.epoch);
-    match resynced(&mut sub).await {
+    match sub.resynced().await {
         Notice::Resynced {
             reason,
             epoch,
@@ -117,7 +101,7 @@ async fn a_subscriber_back_from_an_absence_catches_up_and_applies_nothing_twice(
     let applier = Counting::default();
     let mut sub = start(&cfg, &applier);
     sub.connected().await;
-    resynced(&mut sub).await;
+    sub.resynced().await;
     hub.report("web2", "sshd", Action::Ban, "203.0.113.1").await;
     hub.report("web2", "nginx", Action::Ban, "203.0.113.2")
         .await;
@@ -132,7 +116,7 @@ async fn a_subscriber_back_from_an_absence_catches_up_and_applies_nothing_twice(
 
     let logs = Logs::capture();
     let mut sub = start(&cfg, &applier);
-    match resynced(&mut sub).await {
+    match sub.resynced().await {
         Notice::Resynced {
             reason,
             bans,
@@ -201,7 +185,7 @@ async fn a_subscriber_back_from_an_absence_catches_up_and_applies_nothing_twice(
 
     // A third start: nothing new, nothing applied again.
     let mut sub = start(&cfg, &applier);
-    match resynced(&mut sub).await {
+    match sub.resynced().await {
         Notice::Resynced {
             bans,
             applied,
@@ -230,7 +214,7 @@ async fn a_publisher_restart_with_the_same_epoch_is_noticed_and_resynced() {
     let logs = Logs::capture();
     let mut sub = start(&cfg, &applier);
     sub.connected().await;
-    resynced(&mut sub).await;
+    sub.resynced().await;
     hub.report("web2", "sshd", Action::Ban, "203.0.113.10")
         .await;
     sub.applied("203.0.113.10").await;
@@ -245,7 +229,7 @@ async fn a_publisher_restart_with_the_same_epoch_is_noticed_and_resynced() {
     hub.report("web2", "sshd", Action::Ban, "203.0.113.11")
         .await;
     assert_eq!(sub.connected().await, epoch);
-    match resynced(&mut sub).await {
+    match sub.resynced().await {
         Notice::Resynced { reason, seq, .. } => {
             assert_eq!(reason, ResyncReason::Reconnect);
             assert!(seq >= 1, "{seq}");
@@ -339,29 +323,18 @@ async fn a_broadcast_that_reopens_the_link_is_applied_once_with_the_resync_it_st
     let (endpoint, epoch) = (publ.endpoint.clone(), publ.epoch);
     let listing = Listing::default();
     let rep = snapshot_server_of(epoch, listing.clone());
-    let cfg = config(
-        "web1",
-        &endpoint,
-        &format!(
-            "snapshot = \"{}\"\nheartbeat_timeout = \"10m\"",
-            rep.endpoint
-        ),
-    );
+    let cfg = config("web1", &endpoint, &snapshot_lines(&rep.endpoint));
     let applier = Counting::default();
     let mut sub = start(&cfg, &applier);
     sub.connected().await;
-    resynced(&mut sub).await;
+    sub.resynced().await;
     drop(publ);
     sub.wait_for("disconnected", |n| matches!(n, Notice::Disconnected { .. }))
         .await;
     let restarted = sub.seen.len();
     // Back with the same epoch and no heartbeats: the event is the first message.
     let publ = TestPublisher::start_at(&endpoint, epoch, Duration::from_secs(3600));
-    let ban = Sequenced {
-        seq: 1,
-        epoch,
-        event: common::event("web2", "sshd", Action::Ban, "203.0.113.100"),
-    };
+    let ban = common::ban(1, epoch, "203.0.113.100");
     *listing.lock().unwrap() = (1, vec![active(&ban, now_ms() + 3_600_000)]);
     // Sent until the subscription is back (a PUB drops what it sends before);
     // the copies after the first are refused as replays or skipped as duplicates.
@@ -376,7 +349,7 @@ async fn a_broadcast_that_reopens_the_link_is_applied_once_with_the_resync_it_st
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(sub.connected().await, epoch);
-    match resynced(&mut sub).await {
+    match sub.resynced().await {
         Notice::Resynced {
             reason,
             seq,
@@ -405,11 +378,7 @@ async fn a_broadcast_that_reopens_the_link_is_applied_once_with_the_resync_it_st
 async fn a_sequence_gap_starts_a_resync_that_recovers_the_missed_ban() {
     let mut publ = TestPublisher::start(HB);
     // The events the subscriber will miss: seq 2 and 3.
-    let missed_ban = Sequenced {
-        seq: 2,
-        epoch: publ.epoch,
-        event: common::event("web2", "sshd", Action::Ban, "203.0.113.21"),
-    };
+    let missed_ban = common::ban(2, publ.epoch, "203.0.113.21");
     let listing = Listing::default();
     let rep = snapshot_server_of(publ.epoch, listing.clone());
     let cfg = config(
@@ -420,7 +389,7 @@ async fn a_sequence_gap_starts_a_resync_that_recovers_the_missed_ban() {
     let applier = Counting::default();
     let mut sub = start(&cfg, &applier);
     sub.connected().await;
-    match resynced(&mut sub).await {
+    match sub.resynced().await {
         Notice::Resynced { reason, bans, .. } => {
             assert_eq!((reason, bans), (ResyncReason::Start, 0))
         }
@@ -431,7 +400,7 @@ async fn a_sequence_gap_starts_a_resync_that_recovers_the_missed_ban() {
     *listing.lock().unwrap() = (3, vec![active(&missed_ban, now_ms() + 3_600_000)]);
     publ.skip(2);
     publ.event("web2", "sshd", Action::Ban, "203.0.113.23");
-    match resynced(&mut sub).await {
+    match sub.resynced().await {
         Notice::Resynced {
             reason,
             bans,
@@ -449,11 +418,7 @@ async fn a_sequence_gap_starts_a_resync_that_recovers_the_missed_ban() {
 #[tokio::test]
 async fn expired_bans_of_a_snapshot_are_not_applied() {
     let publ = TestPublisher::start(HB);
-    let s = |seq, ip| Sequenced {
-        seq,
-        epoch: publ.epoch,
-        event: common::event("web2", "sshd", Action::Ban, ip),
-    };
+    let s = |seq, ip| common::ban(seq, publ.epoch, ip);
     let bans = vec![
         active(&s(1, "203.0.113.30"), now_ms().saturating_sub(1000)),
         active(&s(2, "203.0.113.31"), now_ms() + 3_600_000),
@@ -467,7 +432,7 @@ async fn expired_bans_of_a_snapshot_are_not_applied() {
     );
     let applier = Counting::default();
     let mut sub = start(&cfg, &applier);
-    match resynced(&mut sub).await {
+    match sub.resynced().await {
         Notice::Resynced { bans, applied, .. } => assert_eq!((bans, applied), (3, 1)),
         n => panic!("{n:?}"),
     }
@@ -566,7 +531,7 @@ async fn a_snapshot_that_times_out_lets_live_events_through_and_is_retried() {
             .with_snapshot_timeout(Duration::from_millis(500)),
     );
     sub.connected().await;
-    resynced(&mut sub).await;
+    sub.resynced().await;
     hold.store(true, std::sync::atomic::Ordering::SeqCst);
     // A gap (seq 1 never comes): a second fetch, which waits.
     publ.skip(1);
@@ -578,15 +543,7 @@ async fn a_snapshot_that_times_out_lets_live_events_through_and_is_retried() {
     // then released at its timeout. (This test once sent it as soon as the gap's
     // event was applied: on a loaded machine it could come before the fetch began,
     // and be released so early that the held request was answered in time.)
-    let deadline = std::time::Instant::now() + common::DEADLINE;
-    while rep.requests.load(std::sync::atomic::Ordering::SeqCst) < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no second snapshot request within {:?}",
-            common::DEADLINE
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    rep.wait_requests(2).await;
     let live = publ.event("web2", "sshd", Action::Ban, "203.0.113.51");
     sub.wait_for("the held fetch's timeout", |n| {
         matches!(n, Notice::SnapshotFailed { .. })
@@ -603,11 +560,7 @@ async fn a_snapshot_that_times_out_lets_live_events_through_and_is_retried() {
         sub.seen
     );
     // What the cluster holds: the live bans, and the one the subscriber missed.
-    let unseen = Sequenced {
-        seq: 1,
-        epoch,
-        event: common::event("web2", "sshd", Action::Ban, "203.0.113.50"),
-    };
+    let unseen = common::ban(1, epoch, "203.0.113.50");
     let until = now_ms() + 3_600_000;
     *listing.lock().unwrap() = (
         3,
@@ -618,7 +571,7 @@ async fn a_snapshot_that_times_out_lets_live_events_through_and_is_retried() {
         ],
     );
     late_tx.send(()).unwrap();
-    match resynced(&mut sub).await {
+    match sub.resynced().await {
         Notice::Resynced {
             reason,
             bans,
@@ -645,11 +598,7 @@ async fn a_snapshot_that_times_out_lets_live_events_through_and_is_retried() {
 async fn broadcasts_wait_until_a_snapshot_confirms_their_epoch() {
     let mut publ = TestPublisher::start(HB);
     let epoch = publ.epoch;
-    let ban = Sequenced {
-        seq: 1,
-        epoch,
-        event: common::event("web2", "sshd", Action::Ban, "203.0.113.90"),
-    };
+    let ban = common::ban(1, epoch, "203.0.113.90");
     let listed = active(&ban, now_ms() + 3_600_000);
     // First page after page with the same cursor (the publisher would be asked
     // forever): every fetch fails. Then a sane, empty snapshot.
@@ -698,7 +647,7 @@ async fn broadcasts_wait_until_a_snapshot_confirms_their_epoch() {
     assert!(applier.calls().is_empty(), "{:?}", applier.calls());
     // A snapshot that makes sense confirms the epoch: the held ban follows it.
     sane.store(true, std::sync::atomic::Ordering::SeqCst);
-    resynced(&mut sub).await;
+    sub.resynced().await;
     sub.applied("203.0.113.91").await;
     sub.stop().await;
     assert_eq!(applier.count(Action::Ban, "203.0.113.90"), 0);

@@ -4,54 +4,18 @@
 
 mod common;
 
-use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::hub::{Counting, FakeRep};
-use common::{config, frames, other_key, test_key, Logs, Running, TestPublisher};
-use f2b_common::config::Config;
-use f2b_proto::{
-    Action, ActiveBan, Broadcast, Epoch, Heartbeat, Sequenced, SnapshotPage, SnapshotReply,
+use common::hub::{
+    listed, listing_rep, page_of, snapshotted, start_counting as start, Counting, FakeRep,
+    Snapshotted,
 };
-use f2b_subscriber::{Notice, Refusal, Subscriber};
+use common::{config, frames, ip, other_key, test_key, Logs, TestPublisher};
+use f2b_proto::{Action, Broadcast, Epoch, Heartbeat};
+use f2b_subscriber::{Notice, Refusal};
 
 const HB: Duration = Duration::from_millis(100);
-
-fn start(cfg: &Config, applier: &Counting) -> Running {
-    Running::start_with(
-        Subscriber::new(cfg)
-            .with_applier(Box::new(applier.clone()))
-            .with_local_addresses(vec![]),
-    )
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
-async fn refused(sub: &mut Running, reason: Refusal) {
-    sub.wait_for(
-        &format!("refused {reason}"),
-        |n| matches!(n, Notice::Refused { reason: r, .. } if *r == reason),
-    )
-    .await;
-}
-
-fn until() -> u64 {
-    f2b_subscriber::store::now_ms() + 3_600_000
-}
-
-/// A REP that serves `epoch` at `seq` with `bans`, signed with the test key.
-fn snapshots(listing: std::sync::Arc<std::sync::Mutex<(Epoch, u64, Vec<ActiveBan>)>>) -> FakeRep {
-    FakeRep::start(move |_| {
-        let (epoch, seq, bans) = listing.lock().unwrap().clone();
-        let mut page = SnapshotPage::new(epoch, seq);
-        for b in bans {
-            page.try_push(b).unwrap();
-        }
-        SnapshotReply::Page(page).encode()
-    })
-}
 
 #[tokio::test]
 async fn unsigned_forged_and_tampered_broadcasts_are_refused_and_nothing_is_applied() {
@@ -65,17 +29,13 @@ async fn unsigned_forged_and_tampered_broadcasts_are_refused_and_nothing_is_appl
     publ.event("web2", "sshd", Action::Ban, "203.0.113.1");
     sub.applied("203.0.113.1").await;
 
-    let forge = |seq: u64, ip: &str| Sequenced {
-        seq,
-        epoch: publ.epoch,
-        event: common::event("web2", "sshd", Action::Ban, ip),
-    };
+    let forge = |seq: u64, ip: &str| common::ban(seq, publ.epoch, ip);
     // Unsigned.
     publ.send_with(Broadcast::Event(forge(2, "203.0.113.2")), None);
-    refused(&mut sub, Refusal::Unsigned).await;
+    sub.refused(Refusal::Unsigned).await;
     // Signed by another key.
     publ.send_with(Broadcast::Event(forge(3, "203.0.113.3")), Some(other_key()));
-    refused(&mut sub, Refusal::BadSignature).await;
+    sub.refused(Refusal::BadSignature).await;
     // Signed by the right key, then the payload changed (another address).
     let mut f = frames(
         &Broadcast::Event(forge(4, "203.0.113.4")),
@@ -83,7 +43,7 @@ async fn unsigned_forged_and_tampered_broadcasts_are_refused_and_nothing_is_appl
     );
     f[1] = Broadcast::Event(forge(4, "203.0.113.44")).encode();
     publ.raw(f);
-    refused(&mut sub, Refusal::BadSignature).await;
+    sub.refused(Refusal::BadSignature).await;
     // ... or the topic changed (a jail the subscriber might filter otherwise).
     let mut f = frames(
         &Broadcast::Event(forge(5, "203.0.113.5")),
@@ -91,19 +51,19 @@ async fn unsigned_forged_and_tampered_broadcasts_are_refused_and_nothing_is_appl
     );
     f[0] = b"ev:nginx\0".to_vec();
     publ.raw(f);
-    refused(&mut sub, Refusal::BadSignature).await;
+    sub.refused(Refusal::BadSignature).await;
     // A signature frame that is no signature at all.
     let mut f = frames(&Broadcast::Event(forge(6, "203.0.113.6")), None);
     f.push(vec![0; 64]);
     publ.raw(f);
-    refused(&mut sub, Refusal::BadSignature).await;
+    sub.refused(Refusal::BadSignature).await;
 
     // The loop goes on: the next signed event is applied, nothing forged was.
     publ.skip(5);
     publ.event("web2", "sshd", Action::Ban, "203.0.113.7");
     sub.applied("203.0.113.7").await;
     sub.stop().await;
-    let applied: Vec<IpAddr> = applier.calls().iter().map(|c| c.2).collect();
+    let applied = applier.ips();
     assert_eq!(applied, [ip("203.0.113.1"), ip("203.0.113.7")]);
     let text = logs.text();
     for want in [
@@ -135,7 +95,7 @@ async fn a_publisher_signing_with_another_key_is_not_obeyed_and_its_heartbeats_p
     );
     let applier = Counting::default();
     let mut sub = start(&cfg, &applier);
-    refused(&mut sub, Refusal::BadSignature).await;
+    sub.refused(Refusal::BadSignature).await;
     publ.event("web2", "sshd", Action::Ban, "203.0.113.10");
     // Its heartbeats do not keep the link alive.
     sub.wait_for("link dead", |n| matches!(n, Notice::LinkDead))
@@ -167,7 +127,7 @@ async fn a_forged_heartbeat_triggers_nothing() {
             interval_ms: 100,
         });
         publ.send_with(hb, Some(other_key()));
-        refused(&mut sub, Refusal::BadSignature).await;
+        sub.refused(Refusal::BadSignature).await;
     }
     publ.event("web2", "sshd", Action::Ban, "203.0.113.11");
     sub.applied("203.0.113.11").await;
@@ -202,12 +162,12 @@ async fn a_replayed_old_ban_does_not_undo_a_newer_unban() {
     .await;
     // The recorded ban, validly signed, sent again.
     publ.send(ban.clone());
-    refused(&mut sub, Refusal::Replayed).await;
+    sub.refused(Refusal::Replayed).await;
     // Even under a new event id (which the state does not know): its seq is old.
     let mut renamed = ban;
     renamed.event = common::event("web2", "sshd", Action::Ban, "203.0.113.20");
     publ.send(renamed);
-    refused(&mut sub, Refusal::Replayed).await;
+    sub.refused(Refusal::Replayed).await;
     publ.event("web2", "sshd", Action::Ban, "203.0.113.21");
     sub.applied("203.0.113.21").await;
     sub.stop().await;
@@ -221,14 +181,10 @@ async fn after_a_restart_a_replay_older_than_the_snapshot_is_not_applied() {
     // not running: it never saw either id. A recording of the ban is replayed.
     let mut publ = TestPublisher::start(HB);
     let epoch = publ.epoch;
-    let old_ban = Sequenced {
-        seq: 1,
-        epoch,
-        event: common::event("web2", "sshd", Action::Ban, "203.0.113.30"),
-    };
+    let old_ban = common::ban(1, epoch, "203.0.113.30");
     publ.skip(2);
-    let listing = std::sync::Arc::new(std::sync::Mutex::new((epoch, 2, Vec::new())));
-    let rep = snapshots(listing);
+    let listing = Arc::new(Mutex::new((epoch, 2, Vec::new())));
+    let rep = listing_rep(listing, None);
     let cfg = config(
         "web1",
         &publ.endpoint,
@@ -237,8 +193,7 @@ async fn after_a_restart_a_replay_older_than_the_snapshot_is_not_applied() {
     let applier = Counting::default();
     let mut sub = start(&cfg, &applier);
     sub.connected().await;
-    sub.wait_for("resync", |n| matches!(n, Notice::Resynced { .. }))
-        .await;
+    sub.resynced().await;
     publ.send(old_ban);
     publ.event("web2", "sshd", Action::Ban, "203.0.113.31");
     sub.applied("203.0.113.31").await;
@@ -250,41 +205,24 @@ async fn after_a_restart_a_replay_older_than_the_snapshot_is_not_applied() {
 async fn another_epoch_is_applied_only_once_a_signed_snapshot_confirms_it() {
     let publ = TestPublisher::start(HB);
     let epoch = publ.epoch;
-    let listing = std::sync::Arc::new(std::sync::Mutex::new((epoch, 0, Vec::new())));
-    let rep = snapshots(listing.clone());
-    let cfg = config(
-        "web1",
-        &publ.endpoint,
-        &format!(
-            "snapshot = \"{}\"\nheartbeat_timeout = \"10m\"",
-            rep.endpoint
-        ),
-    );
-    let applier = Counting::default();
     let logs = Logs::capture();
-    let mut sub = start(&cfg, &applier);
-    sub.connected().await;
-    sub.wait_for("resync", |n| matches!(n, Notice::Resynced { .. }))
-        .await;
+    let Snapshotted {
+        listing,
+        rep,
+        applier,
+        mut sub,
+    } = snapshotted(&publ, None, start).await;
     let asked = rep.requests.load(std::sync::atomic::Ordering::SeqCst);
     // A signed broadcast of an epoch the publisher does not have (a recording
     // from before it lost its ledger, say): held, the publisher asked, refused.
-    let forged = Sequenced {
-        seq: 99,
-        epoch: Epoch(0x0bad),
-        event: common::event("web2", "sshd", Action::Ban, "203.0.113.40"),
-    };
+    let forged = common::ban(99, Epoch(0x0bad), "203.0.113.40");
     publ.send(forged);
-    refused(&mut sub, Refusal::StaleEpoch).await;
+    sub.refused(Refusal::StaleEpoch).await;
     assert!(rep.requests.load(std::sync::atomic::Ordering::SeqCst) > asked);
     // Once refused, at once: no more asking.
     let asked = rep.requests.load(std::sync::atomic::Ordering::SeqCst);
-    publ.send(Sequenced {
-        seq: 100,
-        epoch: Epoch(0x0bad),
-        event: common::event("web2", "sshd", Action::Ban, "203.0.113.41"),
-    });
-    refused(&mut sub, Refusal::StaleEpoch).await;
+    publ.send(common::ban(100, Epoch(0x0bad), "203.0.113.41"));
+    sub.refused(Refusal::StaleEpoch).await;
     assert_eq!(
         rep.requests.load(std::sync::atomic::Ordering::SeqCst),
         asked
@@ -293,11 +231,7 @@ async fn another_epoch_is_applied_only_once_a_signed_snapshot_confirms_it() {
     // The publisher really starts a new epoch: its first events wait for the
     // snapshot that says so, then those above its seq are applied.
     let new_epoch = Epoch(0x0900d);
-    let s = |seq, ip| Sequenced {
-        seq,
-        epoch: new_epoch,
-        event: common::event("web2", "sshd", Action::Ban, ip),
-    };
+    let s = |seq, ip| common::ban(seq, new_epoch, ip);
     *listing.lock().unwrap() = (new_epoch, 1, vec![]);
     publ.send(s(1, "203.0.113.42"));
     publ.send(s(2, "203.0.113.43"));
@@ -313,14 +247,10 @@ async fn another_epoch_is_applied_only_once_a_signed_snapshot_confirms_it() {
     }
     sub.applied("203.0.113.43").await;
     // The old epoch is over: a replay of it is refused at once.
-    publ.send(Sequenced {
-        seq: 50,
-        epoch,
-        event: common::event("web2", "sshd", Action::Ban, "203.0.113.44"),
-    });
-    refused(&mut sub, Refusal::StaleEpoch).await;
+    publ.send(common::ban(50, epoch, "203.0.113.44"));
+    sub.refused(Refusal::StaleEpoch).await;
     sub.stop().await;
-    let applied: Vec<IpAddr> = applier.calls().iter().map(|c| c.2).collect();
+    let applied = applier.ips();
     // .42 (seq 1) is in the snapshot, which does not list it: not applied.
     assert_eq!(applied, [ip("203.0.113.43")]);
     assert!(
@@ -335,21 +265,8 @@ async fn another_epoch_is_applied_only_once_a_signed_snapshot_confirms_it() {
 async fn snapshot_replies_signed_by_another_key_or_for_another_request_are_refused() {
     let mut publ = TestPublisher::start(HB);
     let epoch = publ.epoch;
-    let listed = Sequenced {
-        seq: 1,
-        epoch,
-        event: common::event("web2", "sshd", Action::Ban, "203.0.113.50"),
-    };
-    let page = {
-        let mut p = SnapshotPage::new(epoch, 1);
-        p.try_push(ActiveBan {
-            seq: 1,
-            expires_ms: until(),
-            event: listed.event.clone(),
-        })
-        .unwrap();
-        SnapshotReply::Page(p).encode()
-    };
+    let one = common::ban(1, epoch, "203.0.113.50");
+    let page = page_of(epoch, 1, vec![listed(&one)]);
     // Signed by another key: refused, every time.
     let payload = page.clone();
     let rep = FakeRep::start_frames(move |req| {
@@ -403,8 +320,7 @@ async fn snapshot_replies_signed_by_another_key_or_for_another_request_are_refus
     let applier = Counting::default();
     let mut sub = start(&cfg, &applier);
     sub.connected().await;
-    sub.wait_for("resync", |n| matches!(n, Notice::Resynced { .. }))
-        .await;
+    sub.resynced().await;
     sub.applied("203.0.113.50").await;
     // A gap: a second snapshot is asked for, and answered with the recording.
     publ.skip(3);
@@ -434,21 +350,8 @@ async fn without_a_key_broadcasts_and_snapshots_are_taken_as_they_come() {
     // a signature frame (which it cannot check) is ignored.
     let mut publ = TestPublisher::start_signing(HB, None);
     let epoch = publ.epoch;
-    let listed = Sequenced {
-        seq: 1,
-        epoch,
-        event: common::event("web2", "sshd", Action::Ban, "203.0.113.60"),
-    };
-    let page = {
-        let mut p = SnapshotPage::new(epoch, 1);
-        p.try_push(ActiveBan {
-            seq: 1,
-            expires_ms: until(),
-            event: listed.event.clone(),
-        })
-        .unwrap();
-        SnapshotReply::Page(p).encode()
-    };
+    let one = common::ban(1, epoch, "203.0.113.60");
+    let page = page_of(epoch, 1, vec![listed(&one)]);
     let rep = FakeRep::start_frames(move |_| vec![page.clone()]);
     let cfg = config(
         "web1",
@@ -463,11 +366,7 @@ async fn without_a_key_broadcasts_and_snapshots_are_taken_as_they_come() {
     publ.skip(1);
     publ.event("web2", "sshd", Action::Ban, "203.0.113.61");
     sub.applied("203.0.113.61").await;
-    let signed = Sequenced {
-        seq: 3,
-        epoch,
-        event: common::event("web2", "sshd", Action::Ban, "203.0.113.62"),
-    };
+    let signed = common::ban(3, epoch, "203.0.113.62");
     publ.send_with(Broadcast::Event(signed), Some(other_key()));
     sub.applied("203.0.113.62").await;
     sub.stop().await;

@@ -11,13 +11,17 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use f2b_common::config::Config;
 use f2b_common::{zmq, CancellationToken};
-use f2b_proto::{AckStatus, Action, Epoch, Event, JailName, Reply, Request};
+use f2b_proto::{
+    AckStatus, Action, ActiveBan, Epoch, Event, JailName, Reply, Request, Sequenced, SnapshotPage,
+    SnapshotReply,
+};
 use f2b_subscriber::action::BoxFuture;
 use f2b_subscriber::pending::Item;
-use f2b_subscriber::{Applier, CallError};
+use f2b_subscriber::{Applier, CallError, Subscriber};
 
-use super::{event, test_key, DEADLINE};
+use super::{config, event, snapshot_lines, test_key, Running, TestPublisher, DEADLINE};
 
 /// The `[trust]` lines of a subscriber of a [`Hub`]: the default, [`test_key`],
 /// which the hub signs with.
@@ -248,6 +252,91 @@ impl FakeRep {
     }
 }
 
+/// What [`listing_rep`] serves: (epoch, seq, bans).
+pub type Listing = Arc<Mutex<(Epoch, u64, Vec<ActiveBan>)>>;
+
+/// A REP that serves what `listing` holds at each request, in one page, signed
+/// with [`test_key`]; with `gate`, each request after the first waits for a word
+/// on it.
+pub fn listing_rep(listing: Listing, gate: Option<std_mpsc::Receiver<()>>) -> FakeRep {
+    let mut first = true;
+    FakeRep::start(move |_| {
+        if let (false, Some(g)) = (first, &gate) {
+            g.recv_timeout(DEADLINE)
+                .expect("the test lets the snapshot go");
+        }
+        first = false;
+        let (epoch, seq, bans) = listing.lock().unwrap().clone();
+        page_of(epoch, seq, bans)
+    })
+}
+
+/// A subscriber that asks a [`listing_rep`] for snapshots, with what it was
+/// started with.
+pub struct Snapshotted {
+    /// What the REP serves; at first `publ`'s epoch at seq 0, no bans.
+    pub listing: Listing,
+    pub rep: FakeRep,
+    pub applier: Counting,
+    pub sub: Running,
+}
+
+/// Starts a [`listing_rep`] (with `gate`) and, with `start`, a subscriber of
+/// `publ` that asks it for snapshots (see [`snapshot_lines`]); returns once the
+/// subscriber is connected and past its first resync.
+pub async fn snapshotted(
+    publ: &TestPublisher,
+    gate: Option<std_mpsc::Receiver<()>>,
+    start: fn(&Config, &Counting) -> Running,
+) -> Snapshotted {
+    let listing = Arc::new(Mutex::new((publ.epoch, 0, Vec::new())));
+    let rep = listing_rep(listing.clone(), gate);
+    let cfg = config("web1", &publ.endpoint, &snapshot_lines(&rep.endpoint));
+    let applier = Counting::default();
+    let mut sub = start(&cfg, &applier);
+    sub.connected().await;
+    sub.resynced().await;
+    Snapshotted {
+        listing,
+        rep,
+        applier,
+        sub,
+    }
+}
+
+/// The payload of a snapshot reply: one page of `epoch` at `seq` with `bans`.
+pub fn page_of(epoch: Epoch, seq: u64, bans: Vec<ActiveBan>) -> Vec<u8> {
+    let mut page = SnapshotPage::new(epoch, seq);
+    for b in bans {
+        page.try_push(b).unwrap();
+    }
+    SnapshotReply::Page(page).encode()
+}
+
+/// `s` as a snapshot lists it, expiring in an hour.
+pub fn listed(s: &Sequenced) -> ActiveBan {
+    ActiveBan {
+        seq: s.seq,
+        expires_ms: super::until(),
+        event: s.event.clone(),
+    }
+}
+
+impl FakeRep {
+    /// Waits until it has received `n` requests, failing the test after
+    /// [`DEADLINE`].
+    pub async fn wait_requests(&self, n: usize) {
+        let deadline = Instant::now() + DEADLINE;
+        while self.requests.load(Ordering::SeqCst) < n {
+            assert!(
+                Instant::now() < deadline,
+                "fewer than {n} snapshot requests within {DEADLINE:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 impl Drop for FakeRep {
     fn drop(&mut self) {
         let _ = self.stop.send(());
@@ -272,6 +361,11 @@ impl Counting {
         self.applied.lock().unwrap().clone()
     }
 
+    /// The addresses applied, in order.
+    pub fn ips(&self) -> Vec<IpAddr> {
+        self.calls().iter().map(|c| c.2).collect()
+    }
+
     /// How many times `action` of `ip` was applied.
     pub fn count(&self, action: Action, ip: &str) -> usize {
         let ip: IpAddr = ip.parse().unwrap();
@@ -280,6 +374,19 @@ impl Counting {
             .filter(|(_, a, i)| *a == action && *i == ip)
             .count()
     }
+}
+
+/// A subscriber applying with `applier`, and no local addresses (the test
+/// machine's own must not decide what is skipped).
+pub fn counting_subscriber(cfg: &Config, applier: &Counting) -> Subscriber {
+    Subscriber::new(cfg)
+        .with_applier(Box::new(applier.clone()))
+        .with_local_addresses(vec![])
+}
+
+/// [`counting_subscriber`], running.
+pub fn start_counting(cfg: &Config, applier: &Counting) -> Running {
+    Running::start_with(counting_subscriber(cfg, applier))
 }
 
 impl Applier for Counting {

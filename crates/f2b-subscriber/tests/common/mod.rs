@@ -20,7 +20,8 @@ use f2b_proto::auth::{sign_broadcast, SigningKey};
 use f2b_proto::{
     Action, Broadcast, Epoch, Event, EventBatch, EventId, Heartbeat, JailName, NodeName, Sequenced,
 };
-use f2b_subscriber::{Applier, Notice, Subscriber, SubscriberError};
+use f2b_subscriber::{Applier, Notice, Refusal, Subscriber, SubscriberError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 /// How long a test waits for anything before it fails.
@@ -253,6 +254,73 @@ pub fn event(node: &str, jail: &str, action: Action, ip: &str) -> Event {
     .unwrap()
 }
 
+/// A ban of `ip` in jail sshd from node web2, numbered `seq` of `epoch`.
+pub fn ban(seq: u64, epoch: Epoch, ip: &str) -> Sequenced {
+    Sequenced {
+        seq,
+        epoch,
+        event: event("web2", "sshd", Action::Ban, ip),
+    }
+}
+
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// An expiry an hour from now.
+pub fn until() -> u64 {
+    f2b_subscriber::store::now_ms() + 3_600_000
+}
+
+/// How many of `seen` are refusals for `reason`.
+pub fn refusals(seen: &[Notice], reason: Refusal) -> usize {
+    seen.iter()
+        .filter(|n| matches!(n, Notice::Refused { reason: r, .. } if *r == reason))
+        .count()
+}
+
+/// The `[subscriber]` lines of a subscriber that asks `endpoint` for snapshots
+/// and never gives the link up for dead during a test.
+pub fn snapshot_lines(endpoint: &str) -> String {
+    format!("snapshot = \"{endpoint}\"\nheartbeat_timeout = \"10m\"")
+}
+
+/// The answer to an HTTP GET of `path` from `addr` (status line, headers, body).
+pub async fn http_get(addr: &str, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(DEADLINE, s.read_to_string(&mut out))
+        .await
+        .expect("an answer")
+        .unwrap();
+    out
+}
+
+/// The value of the sample line starting with `name` (with its labels).
+pub fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// The address the metrics endpoint says it listens on, from its log line
+/// (logged before the subscriber connects).
+pub fn metrics_addr(logs: &Logs) -> String {
+    logs.text()
+        .lines()
+        .find_map(|l| {
+            l.split("metrics listening on ")
+                .nth(1)
+                .map(|a| a.split_whitespace().next().unwrap().to_owned())
+        })
+        .unwrap_or_else(|| panic!("no metrics line in\n{}", logs.text()))
+}
+
 /// A new directory for a test's files, under the target directory's `tmp` (kept
 /// after the test, for a look at what went wrong).
 pub fn scratch_dir() -> std::path::PathBuf {
@@ -343,6 +411,19 @@ impl Running {
             Notice::Connected { epoch } => epoch,
             _ => unreachable!(),
         }
+    }
+
+    pub async fn resynced(&mut self) -> Notice {
+        self.wait_for("resync", |n| matches!(n, Notice::Resynced { .. }))
+            .await
+    }
+
+    pub async fn refused(&mut self, reason: Refusal) {
+        self.wait_for(
+            &format!("refused {reason}"),
+            |n| matches!(n, Notice::Refused { reason: r, .. } if *r == reason),
+        )
+        .await;
     }
 
     pub async fn applied(&mut self, ip: &str) -> Notice {
