@@ -378,16 +378,18 @@ pub fn verify_broadcast(
 
 /// Whether each of `broadcasts` (topic, payload, signature frame) carries a
 /// signature by one of `keys`: the same answers as [`verify_broadcast`] on each,
-/// in fewer steps. All of them are checked at once as an Ed25519 batch under the
-/// first key (about half the work per signature for a few dozen); when that batch
-/// fails (a bad signature among them, or another configured key), each is checked
-/// on its own. For a subscriber that finds several broadcasts waiting.
+/// in fewer steps. All of them are checked at once as an Ed25519 batch (about
+/// half the work per signature for a few dozen), under each key in turn (a
+/// subscriber trusting an old and a new key while the publisher's key is
+/// replaced); when no batch passes (a bad signature among them, or messages of
+/// publishers with different keys), each is checked on its own. For a subscriber
+/// that finds several broadcasts waiting.
 pub fn verify_broadcasts(keys: &[PublicKey], broadcasts: &[(&[u8], &[u8], &[u8])]) -> Vec<bool> {
     let one =
         |(topic, payload, sig): &(&[u8], &[u8], &[u8])| verify_broadcast(keys, topic, payload, sig);
-    let Some(first) = keys.first() else {
+    if keys.is_empty() {
         return vec![false; broadcasts.len()];
-    };
+    }
     if broadcasts.len() < 2 {
         return broadcasts.iter().map(one).collect();
     }
@@ -403,9 +405,11 @@ pub fn verify_broadcasts(keys: &[PublicKey], broadcasts: &[(&[u8], &[u8], &[u8])
             })
             .collect();
         let messages: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
-        let keys_for = vec![first.0; broadcasts.len()];
-        if ed25519_dalek::verify_batch(&messages, &signatures, &keys_for).is_ok() {
-            return vec![true; broadcasts.len()];
+        for key in keys {
+            let keys_for = vec![key.0; broadcasts.len()];
+            if ed25519_dalek::verify_batch(&messages, &signatures, &keys_for).is_ok() {
+                return vec![true; broadcasts.len()];
+            }
         }
     }
     broadcasts.iter().map(one).collect()
