@@ -9,7 +9,7 @@
 //! queued for a fetch).
 //!
 //! Messages are taken in groups: when the SUB socket is readable, every message
-//! already waiting, up to [`MAX_GROUP`], is read, never waiting for more (a lone
+//! already waiting, up to 64 (`MAX_GROUP`), is read, never waiting for more (a lone
 //! message is a group of one, handled at once). Their signatures are checked
 //! together ([`f2b_proto::auth::verify_broadcasts`]: one Ed25519 batch, the same
 //! answers as one by one), then each is handled in order exactly as if it had
