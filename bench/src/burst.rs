@@ -99,7 +99,7 @@ pub fn run(dir: &Path, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()>
     let goal = || Some(Goal::new("<= 2 s for 10,000", &[Check::MedianAtMost(2.0)]));
     // (label, action, packed, goal). Unpacked: one `event` message per ban, as a
     // publisher sends reports decided one at a time (one monitor). Packed: `events`
-    // messages of up to 8 KiB, as it sends reports decided together (a busy hub).
+    // messages of up to 4 KiB, as it sends reports decided together (a busy hub).
     let actions = [
         ("(b) fail2ban-client action, batched", client, false, None),
         (

@@ -54,6 +54,13 @@ pub const PROTOCOL_VERSION: u64 = 1;
 /// decoders refuse anything larger before parsing it.
 pub const MAX_MESSAGE_SIZE: usize = 8 * 1024;
 
+/// The most bytes [`pack_events`] puts in one `events` payload (about 25 events of
+/// typical size). Smaller than [`MAX_MESSAGE_SIZE`] on purpose: ZeroMQ's
+/// high-water marks count messages, not bytes, so this keeps the memory a stalled
+/// subscriber can hold on the publisher (and a slow one in itself) at about
+/// 10,000 x 4 KiB = 40 MiB at worst. Receivers accept up to [`MAX_MESSAGE_SIZE`].
+pub const PACKED_MESSAGE_SIZE: usize = 4 * 1024;
+
 /// The most message parts (frames) a fail2ban-cluster message may have. Today's
 /// messages use two at most besides the topic: a payload and its authentication
 /// frame (a report's [`auth::RequestAuth`], a reply's MAC, a signature); the rest is

@@ -330,7 +330,7 @@ impl EventBatch {
 /// Packs events to broadcast, in sequence order, into as few messages as the
 /// protocol allows without reordering them: each maximal run of consecutive events
 /// of one jail and one epoch becomes `events` messages of at most
-/// [`MAX_MESSAGE_SIZE`](crate::MAX_MESSAGE_SIZE) bytes (a run of one, an `event`
+/// [`PACKED_MESSAGE_SIZE`](crate::PACKED_MESSAGE_SIZE) bytes (a run of one, an `event`
 /// message, understood by every subscriber). The output keeps the input's order,
 /// so a subscriber still sees sequence numbers rise across jails. `items` must be
 /// in increasing `seq` order within an epoch, as a publisher assigns them; an item
@@ -345,7 +345,7 @@ pub fn pack_events(items: Vec<Sequenced>) -> Vec<Broadcast> {
             last.event.jail == s.event.jail
                 && last.epoch == s.epoch
                 && last.seq < s.seq
-                && batch_overhead(&s.epoch) + run_len + 1 + len <= crate::MAX_MESSAGE_SIZE
+                && batch_overhead(&s.epoch) + run_len + 1 + len <= crate::PACKED_MESSAGE_SIZE
         });
         if !fits && !run.is_empty() {
             out.push(run_message(std::mem::take(&mut run)));
@@ -703,12 +703,15 @@ mod tests {
         assert!(out.len() > 1, "1000 events cannot fit one message");
         for (i, b) in out.iter().enumerate() {
             let len = b.encode().len();
-            assert!(len <= crate::MAX_MESSAGE_SIZE, "message {i}: {len} bytes");
+            assert!(
+                len <= crate::PACKED_MESSAGE_SIZE,
+                "message {i}: {len} bytes"
+            );
             if i + 1 < out.len() {
                 // Full: the next event would not have fitted.
                 let next = batch_item(&out[i + 1].events()[0]).len();
                 assert!(
-                    len + 1 + next > crate::MAX_MESSAGE_SIZE,
+                    len + 1 + next > crate::PACKED_MESSAGE_SIZE,
                     "message {i} not full: {len}"
                 );
             }
