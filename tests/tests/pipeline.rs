@@ -556,3 +556,111 @@ fn every_daemon_exits_cleanly_on_sigterm() {
         );
     }
 }
+
+/// Reports that reach the publisher together are committed in one transaction and
+/// broadcast together, as `events` messages under one signature each (a pipelined
+/// client here, as many monitors at once would be): a real subscriber applies every
+/// one, once, in the order of their sequence numbers, and a SUB socket of the test's
+/// own sees every sequence number, in order, under valid signatures.
+#[test]
+fn reports_decided_together_are_broadcast_together_and_applied_in_order() {
+    use f2b_proto::{auth, Action, Broadcast, Event, EventId, JailName, NodeName, Request};
+    use f2b_tests::applied::ActionLog;
+    use f2b_tests::cluster::NodeAction;
+    use f2b_tests::{trust, wait, PublisherOptions};
+
+    let dir = TestDir::new();
+    let publisher = Publisher::start_with(
+        &dir.sub("hub"),
+        PublisherOptions::default().without_hub_limits(),
+    );
+    let web2 = Node::start(
+        dir.path(),
+        "web2",
+        &publisher,
+        NodeOptions {
+            monitor: false,
+            action: NodeAction::LogFile,
+            ..NodeOptions::default()
+        },
+    );
+
+    let ctx = zmq::Context::new();
+    let sub = ctx.socket(zmq::SUB).unwrap();
+    sub.set_linger(0).unwrap();
+    sub.set_rcvtimeo(TIMEOUT.as_millis() as i32).unwrap();
+    sub.set_subscribe(b"").unwrap();
+    sub.connect(&publisher.broadcast).unwrap();
+    // Live once a heartbeat arrives (every 200 ms).
+    sub.recv_multipart(0).expect("a heartbeat");
+
+    let n = 250u32;
+    let secret = publisher.secret("web1");
+    let dealer = ctx.socket(zmq::DEALER).unwrap();
+    dealer.set_linger(0).unwrap();
+    dealer.set_rcvtimeo(TIMEOUT.as_millis() as i32).unwrap();
+    dealer.connect(&publisher.reply).unwrap();
+    let ip = |i: u32| std::net::Ipv4Addr::from(0xC633_6400 + i).to_string(); // 198.51.100.i
+    for i in 1..=n {
+        let event = Event::new(
+            EventId::from_u128(0xE0E0_0000 + u128::from(i)),
+            NodeName::new("web1").unwrap(),
+            JailName::new("sshd").unwrap(),
+            Action::Ban,
+            ip(i).parse().unwrap(),
+            f2b_tests::raw::now_ms(),
+        )
+        .unwrap();
+        let payload = Request::Report(event).encode();
+        let auth = trust::sign(&secret, "web1", &payload).encode();
+        dealer
+            .send_multipart([&b""[..], &payload, &auth], 0)
+            .unwrap();
+    }
+    for i in 1..=n {
+        let frames = dealer.recv_multipart(0).expect("a reply");
+        match f2b_proto::Reply::decode(&frames[1]).unwrap() {
+            f2b_proto::Reply::Ack(a) => assert_eq!(a.seq, Some(u64::from(i)), "{a:?}"),
+            other => panic!("report {i}: {other:?}"),
+        }
+    }
+
+    let (mut seqs, mut batches) = (Vec::new(), 0);
+    while seqs.len() < n as usize {
+        let frames = sub.recv_multipart(0).expect("the broadcasts");
+        assert_eq!(frames.len(), 3, "signed: topic, payload, signature");
+        assert!(auth::verify_broadcast(
+            &[publisher.public_key()],
+            &frames[0],
+            &frames[1],
+            &frames[2]
+        ));
+        let message = Broadcast::decode(&frames[0], &frames[1]).unwrap();
+        batches += usize::from(matches!(message, Broadcast::Events(_)));
+        seqs.extend(message.events().iter().map(|s| s.seq));
+    }
+    assert_eq!(seqs, (1..=u64::from(n)).collect::<Vec<_>>());
+    println!("{n} reports sent at once: {batches} events messages among the broadcasts");
+    // The client sent them all at once: while one transaction was being synced,
+    // the next reports waited and were decided together.
+    assert!(
+        batches > 0,
+        "no events message among the broadcasts of {n} reports"
+    );
+
+    let mut applied = ActionLog::new(&web2.action_log_path);
+    wait::until(
+        &format!("{n} bans applied on web2"),
+        TIMEOUT,
+        || (applied.refresh().len() >= n as usize).then_some(()),
+        || web2.report(),
+    );
+    let got: Vec<(u64, String)> = applied
+        .entries()
+        .iter()
+        .map(|a| (a.seq, a.ip.clone()))
+        .collect();
+    let want: Vec<(u64, String)> = (1..=n).map(|i| (u64::from(i), ip(i))).collect();
+    assert_eq!(got, want);
+    assert!(applied.bad_lines().is_empty(), "{:?}", applied.bad_lines());
+}
