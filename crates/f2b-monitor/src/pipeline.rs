@@ -799,6 +799,48 @@ mod tests {
             }
         }
 
+        /// A crash while `hold` keeps a step after the hand-over waiting at a
+        /// gate: starts a rig, appends a Ban, waits for it to be handed over
+        /// and copies the state files to `crashed` (a kill -9 now), from which
+        /// a start resends the event under its id and reads its line again.
+        /// Returns the rig, the gate's key, the event and `crashed`.
+        async fn crash_while_held(
+            hold: fn(&mut crate::state::Faults, std::sync::mpsc::Receiver<()>),
+        ) -> (Rig, std::sync::mpsc::Sender<()>, Event, PathBuf) {
+            let mut rig = Rig::start();
+            let (release, gate) = std::sync::mpsc::channel::<()>();
+            rig.faults(|f| hold(f, gate));
+            rig.append(&ban("192.0.2.1")).await;
+            // Handed over while the held step waits at the gate.
+            let sent = rig.event().await;
+            let crashed = rig._dir.path().join("crashed");
+            snapshot(&rig.state_dir, &crashed);
+            let (saved, again) = reopen(&crashed, &rig.log);
+            assert_eq!(saved.pending, std::slice::from_ref(&sent));
+            assert_eq!(again, [ban("192.0.2.1")]);
+            (rig, release, sent, crashed)
+        }
+
+        /// A start from `crashed` has nothing to resend and reads the Ban's
+        /// line again: not lost.
+        fn nothing_pending_and_the_line_read_again(
+            crashed: &std::path::Path,
+            log: &std::path::Path,
+        ) {
+            let (saved, again) = reopen(crashed, log);
+            assert!(saved.pending.is_empty());
+            assert_eq!(again, [ban("192.0.2.1")]);
+        }
+
+        /// Not killed: the held step goes through once released, and the
+        /// position is saved past the line.
+        async fn release_and_restart(rig: Rig, release: std::sync::mpsc::Sender<()>, sent: Event) {
+            release.send(()).unwrap();
+            let (saved, again) = rig.restart().await;
+            assert_eq!(saved.pending, [sent]);
+            assert!(again.is_empty(), "read again: {again:?}");
+        }
+
         /// The window this ordering opens: the event goes to the sender once
         /// it is in the queue file, before the position is saved. A crash in
         /// it loses nothing: the event is resent with its id, or, if its
@@ -807,36 +849,20 @@ mod tests {
         /// the position's rename when the save came first).
         #[tokio::test]
         async fn a_crash_between_the_hand_over_and_the_position_save_loses_nothing() {
-            let mut rig = Rig::start();
-            let (release, gate) = std::sync::mpsc::channel::<()>();
-            rig.faults(|f| f.position_gate = Some(gate));
-            rig.append(&ban("192.0.2.1")).await;
             // Handed over while the position save waits at the gate (with the
-            // save first, this would wait for ever and time out).
-            let sent = rig.event().await;
-            let crashed = rig._dir.path().join("crashed");
-            snapshot(&rig.state_dir, &crashed);
-
-            // Killed now, before any answer: resent from the queue file under
-            // its id, and its line read again.
-            let (saved, again) = reopen(&crashed, &rig.log);
-            assert_eq!(saved.pending, std::slice::from_ref(&sent));
-            assert_eq!(again, [ban("192.0.2.1")]);
+            // save first, this would wait for ever and time out); killed then,
+            // before any answer: resent from the queue file under its id, and
+            // its line read again.
+            let (rig, release, sent, crashed) =
+                crash_while_held(|f, gate| f.position_gate = Some(gate)).await;
             // Killed after the sender recorded the publisher's answer: nothing
             // to resend, and the line is read again: not lost.
             {
                 let (mut store, _) = StateStore::open(&crashed, &node(), &rig.log).unwrap();
                 store.done(sent.id).unwrap();
             }
-            let (saved, again) = reopen(&crashed, &rig.log);
-            assert!(saved.pending.is_empty());
-            assert_eq!(again, [ban("192.0.2.1")]);
-
-            // Not killed: the save goes through, past the line.
-            release.send(()).unwrap();
-            let (saved, again) = rig.restart().await;
-            assert_eq!(saved.pending, [sent]);
-            assert!(again.is_empty(), "read again: {again:?}");
+            nothing_pending_and_the_line_read_again(&crashed, &rig.log);
+            release_and_restart(rig, release, sent).await;
         }
 
         /// The report does not wait for the queue file's sync: the event goes
@@ -845,19 +871,11 @@ mod tests {
         /// was not saved past the line, which is read again: nothing lost.
         #[tokio::test]
         async fn the_hand_over_does_not_wait_for_the_queue_files_sync() {
-            let mut rig = Rig::start();
-            let (release, gate) = std::sync::mpsc::channel::<()>();
-            rig.faults(|f| f.sync_gate = Some(gate));
-            rig.append(&ban("192.0.2.1")).await;
-            // Handed over while the sync waits at the gate.
-            let sent = rig.event().await;
-            let crashed = rig._dir.path().join("crashed");
-            snapshot(&rig.state_dir, &crashed);
-            // A kill -9 now: resent from the queue file, and the line read again
-            // (the position is still before it).
-            let (saved, again) = reopen(&crashed, &rig.log);
-            assert_eq!(saved.pending, std::slice::from_ref(&sent));
-            assert_eq!(again, [ban("192.0.2.1")]);
+            // Handed over while the sync waits at the gate; a kill -9 then:
+            // resent from the queue file, and the line read again (the
+            // position is still before it).
+            let (rig, release, sent, crashed) =
+                crash_while_held(|f, gate| f.sync_gate = Some(gate)).await;
             // A power loss now: the unsynced line may be gone from the queue
             // file, but the line is read again.
             std::fs::write(
@@ -869,14 +887,8 @@ mod tests {
                 "",
             )
             .unwrap();
-            let (saved, again) = reopen(&crashed, &rig.log);
-            assert!(saved.pending.is_empty());
-            assert_eq!(again, [ban("192.0.2.1")]);
-
-            release.send(()).unwrap();
-            let (saved, again) = rig.restart().await;
-            assert_eq!(saved.pending, [sent]);
-            assert!(again.is_empty(), "read again: {again:?}");
+            nothing_pending_and_the_line_read_again(&crashed, &rig.log);
+            release_and_restart(rig, release, sent).await;
         }
 
         /// One failure (`fault`) of the queue file for the first of two

@@ -1,10 +1,15 @@
 //! The built binary: `scan`, `--check`, SIGTERM, and `send` against a stand-in
 //! publisher that checks credentials.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
+
+use common::{append, bind_loopback, wait_offset, ACTION, WAIT};
+use f2b_common::testing::{daemon_command, Process};
+use f2b_common::zmq;
 
 const BIN: &str = env!("CARGO_BIN_EXE_f2b-monitor");
 
@@ -121,12 +126,14 @@ fn trust_section(dir: &Path) -> String {
     format!("[trust]\nsecret_file = {:?}\n", file.to_str().unwrap())
 }
 
-fn write_config(dir: &Path, log: &Path) -> std::path::PathBuf {
+/// A config for the daemon as web1 in `dir`, tailing `log`, with `monitor`
+/// (lines such as `publisher = ...`) added to its `[monitor]` section.
+fn monitor_config(dir: &Path, log: &Path, monitor: &str) -> std::path::PathBuf {
     let conf = dir.join("f2b.conf");
     std::fs::write(
         &conf,
         format!(
-            "[node]\nname = \"web1\"\n[monitor]\nlog_path = {:?}\npublisher = \"tcp://127.0.0.1:9\"\nignore_jails = [\"cluster\"]\nstate_dir = {:?}\n{}",
+            "[node]\nname = \"web1\"\n[monitor]\nlog_path = {:?}\n{monitor}state_dir = {:?}\n{}",
             log.to_str().unwrap(),
             dir.join("state").to_str().unwrap(),
             trust_section(dir)
@@ -134,6 +141,14 @@ fn write_config(dir: &Path, log: &Path) -> std::path::PathBuf {
     )
     .unwrap();
     conf
+}
+
+fn write_config(dir: &Path, log: &Path) -> std::path::PathBuf {
+    monitor_config(
+        dir,
+        log,
+        "publisher = \"tcp://127.0.0.1:9\"\nignore_jails = [\"cluster\"]\n",
+    )
 }
 
 #[test]
@@ -206,115 +221,45 @@ fn check_refuses_a_config_without_credential_or_opt_out() {
     }
 }
 
-/// Kills the child on drop, so a failing test leaves no process behind.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn sigterm_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("fail2ban.log");
     std::fs::write(&log, "").unwrap();
     let conf = write_config(dir.path(), &log);
-    let mut child = Child(
-        Command::new(BIN)
-            .args(["--config", conf.to_str().unwrap(), "--log-level", "info"])
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let stderr = child.0.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let line = rx.recv_timeout(left).expect("a `watching` line");
-        if line.contains("watching") {
-            assert!(line.contains(&format!("path={}", log.display())), "{line}");
-            assert!(line.contains("offset=0"), "{line}");
-            break;
-        }
-    }
-    let pid = child.0.id().to_string();
-    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(killed.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = child.0.try_wait().unwrap() {
-            break s;
-        }
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        // Log lines arrive until exit; the channel closes when stderr does.
-        match rx.recv_timeout(left) {
-            Ok(_) => {}
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                break child.0.wait().unwrap();
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("no exit after SIGTERM"),
-        }
-    };
+    let mut child = start(&conf);
+    let line = child.wait_for_line("watching", WAIT);
+    assert!(line.contains(&format!("path={}", log.display())), "{line}");
+    assert!(line.contains("offset=0"), "{line}");
+    child.signal("TERM");
+    let status = child.wait_exit(WAIT);
     assert_eq!(status.code(), Some(0));
 }
 
-/// A running `f2b-monitor` and its stderr, line by line.
-struct Monitor {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
+/// A running `f2b-monitor --config CONF --log-level info`, killed on drop.
+fn start(conf: &Path) -> Process {
+    Process::spawn(&mut daemon_command(BIN, conf))
 }
 
-impl Monitor {
-    fn start(conf: &Path) -> Monitor {
-        let mut child = Child(
-            Command::new(BIN)
-                .args(["--config", conf.to_str().unwrap(), "--log-level", "info"])
-                .stderr(Stdio::piped())
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        let stderr = child.0.stderr.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        Monitor { child, lines }
-    }
+/// Kills `m` with SIGKILL (the machine crashes) and reaps it.
+fn kill_9(m: &mut Process) {
+    m.signal("KILL");
+    m.wait_exit(WAIT);
+}
 
-    /// Waits for a line with every one of `parts`.
-    fn wait_for(&self, parts: &[&str]) -> String {
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no line with {parts:?}"));
-            if parts.iter().all(|p| line.contains(p)) {
-                return line;
-            }
-        }
-    }
+/// A stand-in publisher (a REP on an ephemeral port) and a config for the
+/// daemon as web1, tailing `log` and reporting to it.
+fn publisher_and_config(dir: &Path, log: &Path) -> (zmq::Socket, std::path::PathBuf) {
+    let ctx = zmq::Context::new();
+    let (rep, endpoint) = bind_loopback(&ctx, zmq::REP);
+    rep.set_linger(0).unwrap();
+    let conf = monitor_config(dir, log, &format!("publisher = {endpoint:?}\n"));
+    (rep, conf)
 }
 
 /// Serves one report on `rep` (a REP socket) with an authentic ACK, after
 /// checking its credential; returns its event.
-fn serve_one(rep: &f2b_common::zmq::Socket) -> f2b_proto::Event {
+fn serve_one(rep: &zmq::Socket) -> f2b_proto::Event {
     use f2b_proto::{Ack, AckStatus, Reply};
     let got = recv_report(rep, false);
     assert!(got.authentic(), "signed with web1's secret");
@@ -345,7 +290,7 @@ impl Got {
     }
 }
 
-fn recv_report(sock: &f2b_common::zmq::Socket, router: bool) -> Got {
+fn recv_report(sock: &zmq::Socket, router: bool) -> Got {
     use f2b_proto::Request;
     let mut frames = sock.recv_multipart(0).expect("a report in time");
     let envelope = if router {
@@ -374,7 +319,7 @@ enum Mac {
     Missing,
 }
 
-fn reply_to(sock: &f2b_common::zmq::Socket, got: &Got, reply: Vec<u8>, mac: Mac) {
+fn reply_to(sock: &zmq::Socket, got: &Got, reply: Vec<u8>, mac: Mac) {
     let secret = f2b_proto::auth::MonitorSecret::new(SECRET).unwrap();
     let mut frames = got.envelope.clone();
     let tag = got
@@ -390,40 +335,20 @@ fn reply_to(sock: &f2b_common::zmq::Socket, got: &Got, reply: Vec<u8>, mac: Mac)
 
 #[test]
 fn kill_9_while_an_unban_is_held_loses_nothing() {
-    use f2b_common::zmq;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("fail2ban.log");
     std::fs::write(&log, "").unwrap();
-    let ctx = zmq::Context::new();
-    let rep = ctx.socket(zmq::REP).unwrap();
-    rep.set_rcvtimeo(15_000).unwrap();
-    rep.set_linger(0).unwrap();
-    rep.bind("tcp://127.0.0.1:*").unwrap();
-    let endpoint = f2b_common::sockets::last_endpoint(&rep);
-    let conf = dir.path().join("f2b.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "[node]\nname = \"web1\"\n[monitor]\nlog_path = {:?}\npublisher = {endpoint:?}\nstate_dir = {:?}\n{}",
-            log.to_str().unwrap(),
-            dir.path().join("state").to_str().unwrap(),
-            trust_section(dir.path())
-        ),
-    )
-    .unwrap();
+    let (rep, conf) = publisher_and_config(dir.path(), &log);
 
-    let mut m = Monitor::start(&conf);
-    m.wait_for(&["watching"]);
-    let p = "2026-11-21 04:53:00,000 fail2ban.actions        [1]: NOTICE  ";
-    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
-    std::io::Write::write_all(
-        &mut f,
-        format!("{p}[sshd] Ban 192.0.2.90\n{p}[sshd] Unban 192.0.2.91\n").as_bytes(),
-    )
-    .unwrap();
+    let mut m = start(&conf);
+    m.wait_for_all(&["watching"], WAIT);
+    append(
+        &log,
+        &format!("{ACTION}[sshd] Ban 192.0.2.90\n{ACTION}[sshd] Unban 192.0.2.91\n"),
+    );
     let ban = serve_one(&rep);
     assert_eq!(ban.ip.to_string(), "192.0.2.90");
-    m.wait_for(&["reported", "ip=192.0.2.90"]);
+    m.wait_for_all(&["reported", "ip=192.0.2.90"], WAIT);
     // The position past the Ban is saved just after the Ban is handed to the
     // sender (off the report's path), so it may come after the report: wait
     // for it. A kill before it is the pipeline's own test (the Ban read again
@@ -433,15 +358,14 @@ fn kill_9_while_an_unban_is_held_loses_nothing() {
         "{}.position",
         f2b_monitor::state::key(&f2b_proto::NodeName::new("web1").unwrap(), &log)
     ));
-    let ban_line = format!("{p}[sshd] Ban 192.0.2.90\n");
+    let ban_line = format!("{ACTION}[sshd] Ban 192.0.2.90\n");
     wait_offset(&position, ban_line.len() as u64);
     // The Unban is held by the stop filter (5 s, waiting for a `Jail 'sshd'
     // stopped` that would make it part of a stop). The machine crashes now.
-    m.child.0.kill().unwrap();
-    m.child.0.wait().unwrap();
+    kill_9(&mut m);
 
-    let m = Monitor::start(&conf);
-    m.wait_for(&["watching"]);
+    let mut m = start(&conf);
+    m.wait_for_all(&["watching"], WAIT);
     let mut e = serve_one(&rep);
     if e.id == ban.id {
         // Killed between the ACK and its record: resent with its id (the
@@ -453,51 +377,31 @@ fn kill_9_while_an_unban_is_held_loses_nothing() {
         (f2b_proto::Action::Unban, "192.0.2.91".to_owned()),
         "the held Unban is read again and reported"
     );
-    m.wait_for(&["reported", "ip=192.0.2.91"]);
+    m.wait_for_all(&["reported", "ip=192.0.2.91"], WAIT);
 }
 
 #[test]
 fn kill_9_on_a_first_start_before_any_event_loses_nothing() {
-    use f2b_common::zmq;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("fail2ban.log");
-    let p = "2026-11-21 04:53:00,000 fail2ban.actions        [1]: NOTICE  ";
     // Written before the first start: not read (a first start begins at the
     // end of the log).
-    let old = format!("{p}[sshd] Ban 192.0.2.80\n");
+    let old = format!("{ACTION}[sshd] Ban 192.0.2.80\n");
     std::fs::write(&log, &old).unwrap();
-    let ctx = zmq::Context::new();
-    let rep = ctx.socket(zmq::REP).unwrap();
-    rep.set_rcvtimeo(15_000).unwrap();
-    rep.set_linger(0).unwrap();
-    rep.bind("tcp://127.0.0.1:*").unwrap();
-    let endpoint = f2b_common::sockets::last_endpoint(&rep);
-    let conf = dir.path().join("f2b.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "[node]\nname = \"web1\"\n[monitor]\nlog_path = {:?}\npublisher = {endpoint:?}\nstate_dir = {:?}\n{}",
-            log.to_str().unwrap(),
-            dir.path().join("state").to_str().unwrap(),
-            trust_section(dir.path())
-        ),
-    )
-    .unwrap();
+    let (rep, conf) = publisher_and_config(dir.path(), &log);
 
     // First start, no saved position: it says it watches from the end, and
     // is killed before any event (the machine crashes).
-    let mut m = Monitor::start(&conf);
-    m.wait_for(&["watching", &format!("offset={}", old.len())]);
-    m.child.0.kill().unwrap();
-    m.child.0.wait().unwrap();
+    let mut m = start(&conf);
+    m.wait_for_all(&["watching", &format!("offset={}", old.len())], WAIT);
+    kill_9(&mut m);
     // Written while it is down, as fail2ban goes on.
-    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
-    std::io::Write::write_all(&mut f, format!("{p}[sshd] Ban 192.0.2.81\n").as_bytes()).unwrap();
+    append(&log, &format!("{ACTION}[sshd] Ban 192.0.2.81\n"));
 
     // The restart resumes where the first start began, not at the log's new
     // end: the Ban is reported, and only it.
-    let m = Monitor::start(&conf);
-    let watching = m.wait_for(&["watching"]);
+    let mut m = start(&conf);
+    let watching = m.wait_for_all(&["watching"], WAIT);
     assert!(
         watching.contains(&format!("offset={}", old.len())),
         "resumes where the first start began: {watching}"
@@ -508,30 +412,7 @@ fn kill_9_on_a_first_start_before_any_event_loses_nothing() {
         (f2b_proto::Action::Ban, "192.0.2.81".to_owned()),
         "the Ban written while the monitor was down is read and reported"
     );
-    m.wait_for(&["reported", "ip=192.0.2.81"]);
-}
-
-/// Waits (at most 15 s) until the saved position at `path` is `offset` in its
-/// first file; panics with the last one read otherwise.
-fn wait_offset(path: &Path, offset: u64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let saved = std::fs::read_to_string(path)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
-        let at = saved
-            .as_ref()
-            .and_then(|s| s["files"][0]["offset"].as_u64());
-        if at == Some(offset) {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no saved position at offset {offset} in {}: {saved:?}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    m.wait_for_all(&["reported", "ip=192.0.2.81"], WAIT);
 }
 
 /// A config for `send` to `endpoint`, with web1's credential.
@@ -568,12 +449,9 @@ type Step = (fn(&f2b_proto::Event) -> Vec<u8>, Mac);
 /// A stand-in publisher (ROUTER on an ephemeral port) in a thread: answers each
 /// report in turn with `script`'s reply and MAC; returns what it received.
 fn stand_in(script: Vec<Step>) -> (String, std::thread::JoinHandle<Vec<Got>>) {
-    let ctx = f2b_common::zmq::Context::new();
-    let router = ctx.socket(f2b_common::zmq::ROUTER).unwrap();
-    router.set_rcvtimeo(15_000).unwrap();
+    let ctx = zmq::Context::new();
+    let (router, endpoint) = bind_loopback(&ctx, zmq::ROUTER);
     router.set_linger(0).unwrap();
-    router.bind("tcp://127.0.0.1:*").unwrap();
-    let endpoint = f2b_common::sockets::last_endpoint(&router);
     let server = std::thread::spawn(move || {
         let _ctx = ctx;
         script
@@ -730,12 +608,7 @@ fn send_exit_codes_for_naks_and_replies_that_fail_authentication() {
 fn send_to_an_unreachable_publisher_says_what_to_check_within_the_timeout() {
     let dir = tempfile::tempdir().unwrap();
     // A port nobody listens on.
-    let endpoint = {
-        let ctx = f2b_common::zmq::Context::new();
-        let probe = ctx.socket(f2b_common::zmq::REP).unwrap();
-        probe.bind("tcp://127.0.0.1:*").unwrap();
-        f2b_common::sockets::last_endpoint(&probe)
-    };
+    let endpoint = bind_loopback(&zmq::Context::new(), zmq::REP).1;
     let conf = send_config(dir.path(), &endpoint);
     let t0 = std::time::Instant::now();
     let (code, stdout, stderr) = send(

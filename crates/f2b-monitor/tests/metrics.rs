@@ -3,7 +3,8 @@
 //! checks the reports' MACs) answers, refuses or ignores reports; SIGHUP; the
 //! metrics server at shutdown.
 
-use std::io::Write;
+mod common;
+
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{append, ACTION};
 use f2b_common::testing::{daemon_command, http_get, sample, value, Process};
 use f2b_common::zmq;
 use f2b_proto::auth::{MonitorSecret, RequestAuth};
@@ -106,13 +108,8 @@ fn config(dir: &Path, log: &Path, publisher: &str, extra: &str) -> PathBuf {
     conf
 }
 
-fn append(log: &Path, text: &str) {
-    let mut f = std::fs::OpenOptions::new().append(true).open(log).unwrap();
-    f.write_all(text.as_bytes()).unwrap();
-}
-
 fn ban_line(jail: &str, ip: &str) -> String {
-    format!("2026-11-21 04:53:00,000 fail2ban.actions        [1]: NOTICE  [{jail}] Ban {ip}\n")
+    format!("{ACTION}[{jail}] Ban {ip}\n")
 }
 
 /// A stand-in publisher: a ROUTER on an ephemeral port in a thread. Every

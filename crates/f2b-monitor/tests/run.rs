@@ -1,6 +1,8 @@
 //! `run` in-process: a temporary log file, a real REP socket as the publisher,
 //! the exact log lines other tests depend on, and shutdown.
 
+mod common;
+
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -11,9 +13,9 @@ use f2b_common::zmq;
 use f2b_proto::auth::{reply_mac, MonitorSecret, RequestAuth};
 use f2b_proto::{Ack, AckStatus, Action, Event, JailName, NodeName, Reply, Request};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
-const WAIT: Duration = Duration::from_secs(15);
+use common::{append, bind_at, bind_loopback, wait_offset, ACTION, WAIT};
+use tokio_util::sync::CancellationToken;
 
 /// Everything logged by this test binary (one global subscriber).
 struct Captured {
@@ -117,13 +119,46 @@ fn answer(rep: &zmq::Socket, ack: impl FnOnce(&Event) -> Ack) -> Event {
     e
 }
 
-fn append(path: &std::path::Path, text: &str) {
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(path)
+fn node_named(name: &str) -> NodeConfig {
+    NodeConfig {
+        name: NodeName::new(name).unwrap(),
+    }
+}
+
+/// A temporary directory with an empty `fail2ban.log` in it.
+fn empty_log() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("fail2ban.log");
+    std::fs::write(&log, "").unwrap();
+    (dir, log)
+}
+
+type Monitor = tokio::task::JoinHandle<Result<(), f2b_monitor::MonitorError>>;
+
+/// Spawns `run`; cancel the token to stop it.
+fn start(
+    node: NodeConfig,
+    config: MonitorConfig,
+    trust: TrustConfig,
+) -> (CancellationToken, Monitor) {
+    let token = CancellationToken::new();
+    let monitor = tokio::spawn(f2b_monitor::run(node, config, trust, token.clone()));
+    (token, monitor)
+}
+
+/// Cancels `token` and waits (at most [`WAIT`]) for `monitor` to return `Ok`.
+async fn stop(token: CancellationToken, monitor: Monitor) {
+    token.cancel();
+    tokio::time::timeout(WAIT, monitor)
+        .await
+        .expect("run returns on shutdown")
         .unwrap()
-        .write_all(text.as_bytes())
         .unwrap();
+}
+
+/// Waits for the line saying `log` is watched; returns it.
+async fn wait_watching(log: &std::path::Path) -> String {
+    wait_log(&["watching", &format!("path={}", log.display())]).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -138,28 +173,17 @@ async fn reports_events_and_stops() {
     .unwrap();
 
     let ctx = zmq::Context::new();
-    let rep = ctx.socket(zmq::REP).unwrap();
-    rep.set_rcvtimeo(WAIT.as_millis() as i32).unwrap();
-    rep.bind("tcp://127.0.0.1:*").unwrap();
-    let endpoint = last_endpoint(&rep);
+    let (rep, endpoint) = bind_loopback(&ctx, zmq::REP);
 
     let config = MonitorConfig {
-        log_path: log.clone(),
-        publisher: Endpoint::connect(&endpoint).unwrap(),
         ignore_jails: vec![JailName::new("cluster").unwrap()],
         ack_timeout: Duration::from_secs(5),
-        queue_size: 16,
-        pidfile: dir.path().join("pid"),
-        legacy: None,
-        state_dir: dir.path().join("state"),
+        ..config_in(dir.path(), &endpoint, 16)
     };
-    let node = NodeConfig {
-        name: NodeName::new("web1").unwrap(),
-    };
-    let token = CancellationToken::new();
-    let monitor = tokio::spawn(f2b_monitor::run(node, config, trust(), token.clone()));
+    let node = node_named("web1");
+    let (token, monitor) = start(node, config, trust());
 
-    let watching = wait_log(&["watching", &format!("path={}", log.display())]).await;
+    let watching = wait_watching(&log).await;
     assert!(watching.contains(" INFO "), "{watching}");
     let signed = wait_log(&["reports are signed with this node's credential"]).await;
     assert!(signed.contains("key=web1"), "{signed}");
@@ -169,12 +193,11 @@ async fn reports_events_and_stops() {
     );
     assert!(watching.contains("offset=83"), "{watching}");
 
-    let p = "2026-11-21 04:53:00,000 fail2ban.actions        [1]: NOTICE  ";
     append(
         &log,
         &format!(
-            "{p}[cluster] Ban 198.51.100.1\n{p}[sshd] Restore Ban 198.51.100.2\n\
-             {p}[sshd] Ban 2001:DB8::1\n{p}[sshd] Ban not_an_ip\n"
+            "{ACTION}[cluster] Ban 198.51.100.1\n{ACTION}[sshd] Restore Ban 198.51.100.2\n\
+             {ACTION}[sshd] Ban 2001:DB8::1\n{ACTION}[sshd] Ban not_an_ip\n"
         ),
     );
     let server = tokio::task::spawn_blocking(move || {
@@ -205,7 +228,7 @@ async fn reports_events_and_stops() {
     wait_log(&["ignored", "reason=not_an_ip"]).await;
 
     // A manual unban is reported (after the stop-suppression hold).
-    append(&log, &format!("{p}[sshd] Unban 2001:db8::1\n"));
+    append(&log, &format!("{ACTION}[sshd] Unban 2001:db8::1\n"));
     let server = tokio::task::spawn_blocking(move || {
         answer(&rep, |e| Ack {
             id: e.id,
@@ -217,12 +240,7 @@ async fn reports_events_and_stops() {
     assert_eq!(e.action, Action::Unban);
     wait_log(&["reported", &format!("id={}", e.id), "status=unchanged"]).await;
 
-    token.cancel();
-    tokio::time::timeout(WAIT, monitor)
-        .await
-        .expect("run returns on shutdown")
-        .unwrap()
-        .unwrap();
+    stop(token, monitor).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -239,9 +257,7 @@ async fn missing_directory_is_an_error() {
         legacy: None,
         state_dir: state.path().to_owned(),
     };
-    let node = NodeConfig {
-        name: NodeName::new("web1").unwrap(),
-    };
+    let node = node_named("web1");
     let r = tokio::time::timeout(
         WAIT,
         f2b_monitor::run(node, config, trust(), CancellationToken::new()),
@@ -259,26 +275,14 @@ async fn missing_directory_is_an_error() {
 #[tokio::test(flavor = "multi_thread")]
 async fn full_queue_pauses_reading_and_loses_nothing() {
     let _ = logs();
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("fail2ban.log");
-    std::fs::write(&log, "").unwrap();
+    let (dir, log) = empty_log();
     let ctx = zmq::Context::new();
-    let rep = ctx.socket(zmq::REP).unwrap();
-    rep.set_rcvtimeo(WAIT.as_millis() as i32).unwrap();
-    rep.bind("tcp://127.0.0.1:*").unwrap();
+    let (rep, endpoint) = bind_loopback(&ctx, zmq::REP);
     let config = MonitorConfig {
-        log_path: log.clone(),
-        publisher: Endpoint::connect(&last_endpoint(&rep)).unwrap(),
-        ignore_jails: vec![],
         ack_timeout: Duration::from_secs(10),
-        queue_size: 1,
-        pidfile: dir.path().join("pid"),
-        legacy: None,
-        state_dir: dir.path().join("state"),
+        ..config_in(dir.path(), &endpoint, 1)
     };
-    let node = NodeConfig {
-        name: NodeName::new("backpressure").unwrap(),
-    };
+    let node = node_named("backpressure");
     let token = CancellationToken::new();
     let telemetry = f2b_monitor::Telemetry::new(None);
     let m = telemetry.metrics.clone();
@@ -289,11 +293,10 @@ async fn full_queue_pauses_reading_and_loses_nothing() {
         telemetry,
         token.clone(),
     ));
-    wait_log(&["watching", &format!("path={}", log.display())]).await;
+    wait_watching(&log).await;
 
-    let p = "2026-11-21 04:53:00,000 fail2ban.actions        [1]: NOTICE  ";
     let text: String = (1..=6)
-        .map(|i| format!("{p}[bp] Ban 203.0.113.{i}\n"))
+        .map(|i| format!("{ACTION}[bp] Ban 203.0.113.{i}\n"))
         .collect();
     append(&log, &text);
     // One event in flight, one queued: the third finds the queue full.
@@ -325,12 +328,7 @@ async fn full_queue_pauses_reading_and_loses_nothing() {
     let resumed = wait_log(&["event queue has room again", "capacity=1"]).await;
     assert!(resumed.contains(" INFO "), "{resumed}");
     assert!(resumed.contains("paused_ms="), "{resumed}");
-    token.cancel();
-    tokio::time::timeout(WAIT, monitor)
-        .await
-        .expect("run returns on shutdown")
-        .unwrap()
-        .unwrap();
+    stop(token, monitor).await;
     assert_eq!(m.events_acked.get(), 6);
     assert_eq!(m.events_queued.get(), 0);
     assert!(m.queue_has_room.holds());
@@ -362,93 +360,35 @@ async fn restart_resumes_position_and_resends_with_the_same_id() {
     let log = dir.path().join("fail2ban.log");
     std::fs::write(&log, "before the first start\n").unwrap();
     let ctx = zmq::Context::new();
-    // A port with nobody behind it, for now.
-    let probe = ctx.socket(zmq::REP).unwrap();
-    probe.bind("tcp://127.0.0.1:*").unwrap();
-    let endpoint = last_endpoint(&probe);
-    drop(probe);
-    let config = MonitorConfig {
-        log_path: log.clone(),
-        publisher: Endpoint::connect(&endpoint).unwrap(),
-        ignore_jails: vec![],
-        ack_timeout: Duration::from_millis(300),
-        queue_size: 16,
-        pidfile: dir.path().join("pid"),
-        legacy: None,
-        state_dir: dir.path().join("state"),
-    };
-    let node = NodeConfig {
-        name: NodeName::new("restarter").unwrap(),
-    };
-    let p = "2026-11-21 04:53:00,000 fail2ban.actions        [1]: NOTICE  ";
+    let endpoint = free_endpoint(&ctx);
+    let config = config_in(dir.path(), &endpoint, 16);
+    let node = node_named("restarter");
 
     // First run: the publisher is down; the event is read and kept.
-    let token = CancellationToken::new();
-    let monitor = tokio::spawn(f2b_monitor::run(
-        node.clone(),
-        config.clone(),
-        trust(),
-        token.clone(),
-    ));
+    let (token, monitor) = start(node.clone(), config.clone(), trust());
     wait_log(&["watching", &format!("path={}", log.display()), "offset=23"]).await;
-    append(&log, &format!("{p}[rs] Ban 203.0.113.71\n"));
+    append(&log, &format!("{ACTION}[rs] Ban 203.0.113.71\n"));
     let queued = wait_log(&["queued", "ip=203.0.113.71"]).await;
     let id = queued
         .split_whitespace()
         .find_map(|f| f.strip_prefix("id="))
         .expect("an id field")
         .to_owned();
-    token.cancel();
-    tokio::time::timeout(WAIT, monitor)
-        .await
-        .expect("run returns on shutdown")
-        .unwrap()
-        .unwrap();
+    stop(token, monitor).await;
 
     // Written while the monitor is stopped.
-    append(&log, &format!("{p}[rs] Ban 203.0.113.72\n"));
+    append(&log, &format!("{ACTION}[rs] Ban 203.0.113.72\n"));
 
     // Second run, publisher up: the kept event first (same id), then the new line.
-    let rep = ctx.socket(zmq::REP).unwrap();
-    rep.set_rcvtimeo(WAIT.as_millis() as i32).unwrap();
-    rep.bind(&endpoint).unwrap();
+    let rep = bind_at(&ctx, zmq::REP, &endpoint);
     let server = serve(rep, 2);
-    let token = CancellationToken::new();
-    let monitor = tokio::spawn(f2b_monitor::run(node, config, trust(), token.clone()));
+    let (token, monitor) = start(node, config, trust());
     let (_rep, events) = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
     assert_eq!(events[0].id.to_string(), id, "resent with its id");
     assert_eq!(events[0].ip.to_string(), "203.0.113.71");
     assert_eq!(events[1].ip.to_string(), "203.0.113.72");
     wait_log(&["resuming from the saved state", "pending=1"]).await;
-    token.cancel();
-    tokio::time::timeout(WAIT, monitor)
-        .await
-        .expect("run returns on shutdown")
-        .unwrap()
-        .unwrap();
-}
-
-/// Waits (at most [`WAIT`]) until the saved position at `path` is `offset` in
-/// its first file; panics with the last one read otherwise.
-async fn wait_offset(path: &std::path::Path, offset: u64) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let saved = std::fs::read_to_string(path)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
-        let at = saved
-            .as_ref()
-            .and_then(|s| s["files"][0]["offset"].as_u64());
-        if at == Some(offset) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no saved position at offset {offset} in {}: {saved:?}",
-            path.display()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    stop(token, monitor).await;
 }
 
 fn config_in(dir: &std::path::Path, endpoint: &str, queue_size: usize) -> MonitorConfig {
@@ -478,9 +418,7 @@ async fn a_second_monitor_on_the_same_state_refuses_to_start() {
     std::fs::write(dir.path().join("fail2ban.log"), "").unwrap();
     let ctx = zmq::Context::new();
     let config = config_in(dir.path(), &free_endpoint(&ctx), 16);
-    let node = NodeConfig {
-        name: NodeName::new("twice").unwrap(),
-    };
+    let node = node_named("twice");
     // The first monitor's lock.
     let (_first, _) =
         f2b_monitor::state::StateStore::open(&config.state_dir, &node.name, &config.log_path)
@@ -507,28 +445,17 @@ async fn a_second_monitor_on_the_same_state_refuses_to_start() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_queue_file_is_bounded_and_the_rest_is_read_again() {
     let _ = logs();
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("fail2ban.log");
-    std::fs::write(&log, "").unwrap();
+    let (dir, log) = empty_log();
     let ctx = zmq::Context::new();
     let endpoint = free_endpoint(&ctx);
     let config = config_in(dir.path(), &endpoint, 3);
-    let node = NodeConfig {
-        name: NodeName::new("bounded").unwrap(),
-    };
-    let p = "2026-11-21 04:53:00,000 fail2ban.actions        [1]: NOTICE  ";
+    let node = node_named("bounded");
 
     // The publisher is down: three events fill the queue, reading pauses.
-    let token = CancellationToken::new();
-    let monitor = tokio::spawn(f2b_monitor::run(
-        node.clone(),
-        config.clone(),
-        trust(),
-        token.clone(),
-    ));
-    wait_log(&["watching", &format!("path={}", log.display())]).await;
+    let (token, monitor) = start(node.clone(), config.clone(), trust());
+    wait_watching(&log).await;
     let text: String = (1..=10)
-        .map(|i| format!("{p}[bq] Ban 203.0.113.{i}\n"))
+        .map(|i| format!("{ACTION}[bq] Ban 203.0.113.{i}\n"))
         .collect();
     append(&log, &text);
     let full = wait_log(&["event queue full", "capacity=3"]).await;
@@ -544,21 +471,13 @@ async fn the_queue_file_is_bounded_and_the_rest_is_read_again() {
         3,
         "the queue file holds queue_size events:\n{journaled}"
     );
-    token.cancel();
-    tokio::time::timeout(WAIT, monitor)
-        .await
-        .expect("run returns on shutdown")
-        .unwrap()
-        .unwrap();
+    stop(token, monitor).await;
 
     // Publisher up: the three kept events (same ids), then the seven lines read
     // again, in order, none twice.
-    let rep = ctx.socket(zmq::REP).unwrap();
-    rep.set_rcvtimeo(WAIT.as_millis() as i32).unwrap();
-    rep.bind(&endpoint).unwrap();
+    let rep = bind_at(&ctx, zmq::REP, &endpoint);
     let server = serve(rep, 10);
-    let token = CancellationToken::new();
-    let monitor = tokio::spawn(f2b_monitor::run(node, config, trust(), token.clone()));
+    let (token, monitor) = start(node, config, trust());
     let (rep, events) = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
     let ips: Vec<String> = events.iter().map(|e| e.ip.to_string()).collect();
     let want: Vec<String> = (1..=10).map(|i| format!("203.0.113.{i}")).collect();
@@ -569,39 +488,21 @@ async fn the_queue_file_is_bounded_and_the_rest_is_read_again() {
     // Nothing more comes.
     rep.set_rcvtimeo(500).unwrap();
     assert!(rep.recv_bytes(0).is_err(), "no duplicate");
-    token.cancel();
-    tokio::time::timeout(WAIT, monitor)
-        .await
-        .expect("run returns on shutdown")
-        .unwrap()
-        .unwrap();
+    stop(token, monitor).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_position_stays_before_a_held_unban() {
     let _ = logs();
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("fail2ban.log");
-    std::fs::write(&log, "").unwrap();
+    let (dir, log) = empty_log();
     let ctx = zmq::Context::new();
-    let rep = ctx.socket(zmq::REP).unwrap();
-    rep.set_rcvtimeo(WAIT.as_millis() as i32).unwrap();
-    rep.bind("tcp://127.0.0.1:*").unwrap();
-    let config = config_in(dir.path(), &last_endpoint(&rep), 16);
-    let node = NodeConfig {
-        name: NodeName::new("holder").unwrap(),
-    };
-    let token = CancellationToken::new();
-    let monitor = tokio::spawn(f2b_monitor::run(
-        node.clone(),
-        config.clone(),
-        trust(),
-        token.clone(),
-    ));
-    wait_log(&["watching", &format!("path={}", log.display())]).await;
-    let p = "2026-11-21 04:53:00,000 fail2ban.actions        [1]: NOTICE  ";
-    let ban = format!("{p}[hp] Ban 203.0.113.80\n");
-    let unban = format!("{p}[hp] Unban 203.0.113.81\n");
+    let (rep, endpoint) = bind_loopback(&ctx, zmq::REP);
+    let config = config_in(dir.path(), &endpoint, 16);
+    let node = node_named("holder");
+    let (token, monitor) = start(node.clone(), config.clone(), trust());
+    wait_watching(&log).await;
+    let ban = format!("{ACTION}[hp] Ban 203.0.113.80\n");
+    let unban = format!("{ACTION}[hp] Unban 203.0.113.81\n");
     append(&log, &format!("{ban}{unban}"));
     let server = serve(rep, 1);
     let (rep, events) = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
@@ -614,17 +515,15 @@ async fn the_position_stays_before_a_held_unban() {
         "{}.position",
         f2b_monitor::state::key(&node.name, &log)
     ));
-    wait_offset(&position, ban.len() as u64).await;
+    let (saved_at, offset) = (position.clone(), ban.len() as u64);
+    tokio::task::spawn_blocking(move || wait_offset(&saved_at, offset))
+        .await
+        .unwrap();
     // Once it is reported, the position moves past it.
     let server = serve(rep, 1);
     let (_rep, events) = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
     assert_eq!(events[0].ip.to_string(), "203.0.113.81");
-    token.cancel();
-    tokio::time::timeout(WAIT, monitor)
-        .await
-        .expect("run returns on shutdown")
-        .unwrap()
-        .unwrap();
+    stop(token, monitor).await;
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&position).unwrap()).unwrap();
     assert_eq!(
@@ -637,24 +536,16 @@ async fn the_position_stays_before_a_held_unban() {
 #[tokio::test(flavor = "multi_thread")]
 async fn one_warning_per_backpressure_episode() {
     let _ = logs();
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("fail2ban.log");
-    std::fs::write(&log, "").unwrap();
+    let (dir, log) = empty_log();
     let ctx = zmq::Context::new();
-    let rep = ctx.socket(zmq::REP).unwrap();
-    rep.set_rcvtimeo(WAIT.as_millis() as i32).unwrap();
-    rep.bind("tcp://127.0.0.1:*").unwrap();
+    let (rep, endpoint) = bind_loopback(&ctx, zmq::REP);
     // Capacity 2: no other test of this binary uses it, so the lines are ours.
-    let config = config_in(dir.path(), &last_endpoint(&rep), 2);
-    let node = NodeConfig {
-        name: NodeName::new("episodes").unwrap(),
-    };
-    let token = CancellationToken::new();
-    let monitor = tokio::spawn(f2b_monitor::run(node, config, trust(), token.clone()));
-    wait_log(&["watching", &format!("path={}", log.display())]).await;
-    let p = "2026-11-21 04:53:00,000 fail2ban.actions        [1]: NOTICE  ";
+    let config = config_in(dir.path(), &endpoint, 2);
+    let node = node_named("episodes");
+    let (token, monitor) = start(node, config, trust());
+    wait_watching(&log).await;
     let text: String = (1..=20)
-        .map(|i| format!("{p}[ep] Ban 198.51.100.{i}\n"))
+        .map(|i| format!("{ACTION}[ep] Ban 198.51.100.{i}\n"))
         .collect();
     append(&log, &text);
     wait_log(&["event queue full", "capacity=2"]).await;
@@ -674,12 +565,7 @@ async fn one_warning_per_backpressure_episode() {
     };
     assert_eq!(count("event queue full"), 1, "{text}");
     assert_eq!(count("event queue has room again"), 1, "{text}");
-    token.cancel();
-    tokio::time::timeout(WAIT, monitor)
-        .await
-        .expect("run returns on shutdown")
-        .unwrap()
-        .unwrap();
+    stop(token, monitor).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -689,9 +575,7 @@ async fn no_credential_and_no_opt_out_refuses_to_start() {
     std::fs::write(dir.path().join("fail2ban.log"), "").unwrap();
     let ctx = zmq::Context::new();
     let config = config_in(dir.path(), &free_endpoint(&ctx), 16);
-    let node = NodeConfig {
-        name: NodeName::new("nokey").unwrap(),
-    };
+    let node = node_named("nokey");
     let none = TrustConfig {
         secret: None,
         secret_source: None,
@@ -721,50 +605,31 @@ async fn no_credential_and_no_opt_out_refuses_to_start() {
         legacy: Some(f2b_common::config::LegacyPeer { token: None }),
         ..config.clone()
     };
-    let token = CancellationToken::new();
-    let monitor = tokio::spawn(f2b_monitor::run(
-        node.clone(),
-        legacy,
-        none.clone(),
-        token.clone(),
-    ));
+    let (token, monitor) = start(node.clone(), legacy, none.clone());
     wait_log(&["watching", &format!("path={}", config.log_path.display())]).await;
-    token.cancel();
-    tokio::time::timeout(WAIT, monitor)
-        .await
-        .expect("run returns on shutdown")
-        .unwrap()
-        .unwrap();
+    stop(token, monitor).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_opt_out_runs_unauthenticated_with_a_warning() {
     let _ = logs();
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("fail2ban.log");
-    std::fs::write(&log, "").unwrap();
+    let (dir, log) = empty_log();
     let ctx = zmq::Context::new();
-    let rep = ctx.socket(zmq::REP).unwrap();
-    rep.set_rcvtimeo(WAIT.as_millis() as i32).unwrap();
-    rep.bind("tcp://127.0.0.1:*").unwrap();
-    let config = config_in(dir.path(), &last_endpoint(&rep), 16);
-    let node = NodeConfig {
-        name: NodeName::new("optout").unwrap(),
-    };
+    let (rep, endpoint) = bind_loopback(&ctx, zmq::REP);
+    let config = config_in(dir.path(), &endpoint, 16);
+    let node = node_named("optout");
     let open = TrustConfig {
         allow_unauthenticated: true,
         secret: None,
         secret_source: None,
         ..trust()
     };
-    let token = CancellationToken::new();
-    let monitor = tokio::spawn(f2b_monitor::run(node, config, open, token.clone()));
+    let (token, monitor) = start(node, config, open);
     let warned = wait_log(&["reports are sent unauthenticated", "node=optout"]).await;
     assert!(warned.contains(" WARN "), "{warned}");
     assert!(warned.contains("in any node's name"), "{warned}");
-    wait_log(&["watching", &format!("path={}", log.display())]).await;
-    let p = "2026-11-21 04:53:00,000 fail2ban.actions        [1]: NOTICE  ";
-    append(&log, &format!("{p}[oo] Ban 203.0.113.90\n"));
+    wait_watching(&log).await;
+    append(&log, &format!("{ACTION}[oo] Ban 203.0.113.90\n"));
     let server = tokio::task::spawn_blocking(move || {
         let frames = rep.recv_multipart(0).expect("a report");
         let Request::Report(e) = Request::decode(&frames[0]).unwrap() else {
@@ -781,10 +646,5 @@ async fn the_opt_out_runs_unauthenticated_with_a_warning() {
     let frames = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
     assert_eq!(frames, 1, "no auth frame");
     wait_log(&["reported", "ip=203.0.113.90"]).await;
-    token.cancel();
-    tokio::time::timeout(WAIT, monitor)
-        .await
-        .expect("run returns on shutdown")
-        .unwrap()
-        .unwrap();
+    stop(token, monitor).await;
 }

@@ -33,12 +33,19 @@ fn config(dir: &Path, log: &Path, publisher: &str) -> PathBuf {
     path
 }
 
-#[test]
-fn ready_with_the_publisher_unreachable_and_stopping_on_sigterm() {
+/// A temporary directory with the notification socket and an empty
+/// `fail2ban.log` in it.
+fn setup() -> (tempfile::TempDir, NotifySocket, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
-    let mut notify = NotifySocket::bind(dir.path());
+    let notify = NotifySocket::bind(dir.path());
     let log = dir.path().join("fail2ban.log");
     std::fs::write(&log, "").unwrap();
+    (dir, notify, log)
+}
+
+#[test]
+fn ready_with_the_publisher_unreachable_and_stopping_on_sigterm() {
+    let (dir, mut notify, log) = setup();
     // A loopback port nothing listens on: the publisher is down.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let endpoint = format!("tcp://{}", closed.local_addr().unwrap());
@@ -60,10 +67,7 @@ fn ready_with_the_publisher_unreachable_and_stopping_on_sigterm() {
 
 #[test]
 fn status_follows_the_connection_to_the_publisher() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut notify = NotifySocket::bind(dir.path());
-    let log = dir.path().join("fail2ban.log");
-    std::fs::write(&log, "").unwrap();
+    let (dir, mut notify, log) = setup();
     // A ZeroMQ peer where the publisher should be: the handshake completes.
     let ctx = f2b_common::zmq::Context::new();
     let rep = ctx.socket(f2b_common::zmq::REP).unwrap();

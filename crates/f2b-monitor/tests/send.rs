@@ -121,6 +121,19 @@ fn start_with(
     )
 }
 
+/// Starts the signing sender for `endpoint` (5 s ACK timeout) with retries
+/// backing off to at most `max_backoff`.
+fn start_backing_off(ctx: &zmq::Context, endpoint: &str, max_backoff: Duration) -> Harness {
+    start_full(
+        ctx,
+        endpoint,
+        Duration::from_secs(5),
+        None,
+        max_backoff,
+        Some(credential()),
+    )
+}
+
 fn start_full(
     ctx: &zmq::Context,
     endpoint: &str,
@@ -521,14 +534,7 @@ async fn bare_nak_from_an_old_publisher_is_retried_not_dropped() {
         }
         seen
     });
-    let h = start_full(
-        &ctx,
-        &ep,
-        Duration::from_secs(5),
-        None,
-        max_backoff,
-        Some(credential()),
-    );
+    let h = start_backing_off(&ctx, &ep, max_backoff);
     h.send(event(62)).await;
     h.send(event(63)).await;
     let seen = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
@@ -582,14 +588,7 @@ async fn a_reply_without_a_right_mac_is_no_ack() {
         seen.push(next);
         seen
     });
-    let h = start_full(
-        &ctx,
-        &ep,
-        Duration::from_secs(5),
-        None,
-        Duration::from_millis(200),
-        Some(credential()),
-    );
+    let h = start_backing_off(&ctx, &ep, Duration::from_millis(200));
     h.send(event(71)).await;
     h.send(event(72)).await;
     let seen = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
@@ -658,14 +657,7 @@ async fn unauthenticated_and_replayed_are_retried_quarantined_dropped() {
         }
         seen
     });
-    let h = start_full(
-        &ctx,
-        &ep,
-        Duration::from_secs(5),
-        None,
-        Duration::from_millis(200),
-        Some(credential()),
-    );
+    let h = start_backing_off(&ctx, &ep, Duration::from_millis(200));
     for n in 81..=83 {
         h.send(event(n)).await;
     }
