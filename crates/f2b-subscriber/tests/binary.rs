@@ -16,6 +16,27 @@ const BIN: &str = env!("CARGO_BIN_EXE_f2b-subscriber");
 /// The child, killed (by its PID) if the test ends early.
 struct Guard(Child);
 
+impl Guard {
+    /// SIGTERM; the process must exit with status 0 within 10 s.
+    fn terminate_cleanly(&mut self) {
+        let pid = self.0.id().to_string();
+        let st = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(st.success());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running 10 s after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(status.code(), Some(0));
+    }
+}
+
 impl Drop for Guard {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -173,20 +194,7 @@ fn runs_applies_and_stops_on_sigterm_with_status_0() {
     let applied = wait_line("applied");
     assert!(applied.contains("ip=203.0.113.6"), "{applied}");
 
-    let st = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(st.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still running 10 s after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(status.code(), Some(0));
+    child.terminate_cleanly();
     wait_line("stopped");
 }
 
@@ -250,24 +258,7 @@ impl Watch {
 
     /// SIGTERM; the exit status must be 0, promptly.
     fn stop(mut self) {
-        let pid = self.child.0.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            if let Some(s) = self.child.0.try_wait().unwrap() {
-                break s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "still running 10 s after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        assert_eq!(status.code(), Some(0));
+        self.child.terminate_cleanly();
     }
 }
 
