@@ -201,6 +201,32 @@ impl Reporter {
 }
 
 /// Merges the tallies of several clients.
+/// One client per node in `nodes` (each with `window` reports in flight), all
+/// reporting from `ips` until `until`, each on its own thread; their tallies.
+pub fn report_from_all<S: AsRef<str>>(
+    ctx: &zmq::Context,
+    endpoint: &str,
+    nodes: &[S],
+    window: usize,
+    trust: &Trust,
+    ips: &IpCounter,
+    until: &Until,
+) -> anyhow::Result<Vec<Tally>> {
+    let mut threads = Vec::new();
+    for node in nodes {
+        let r = Reporter::connect(ctx, endpoint, node.as_ref(), window, trust)?;
+        let (ips, until) = (ips.clone(), until.clone());
+        threads.push(std::thread::spawn(move || r.run(&ips, &until, |_, _| {})));
+    }
+    threads
+        .into_iter()
+        .map(|t| {
+            t.join()
+                .map_err(|_| anyhow::anyhow!("a load client panicked"))?
+        })
+        .collect()
+}
+
 pub fn merge(tallies: &[Tally]) -> Tally {
     let mut t = Tally {
         min_seq: u64::MAX,

@@ -10,13 +10,12 @@
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::baseline;
 use crate::cluster::Publisher;
 use crate::farm::Farm;
-use crate::load::{merge, Reporter, Until};
+use crate::load::{self, merge, Until};
 use crate::report::{Check, Goal, Report, Row, Unit};
 use crate::stats::Rates;
 use crate::trust::Trust;
@@ -92,19 +91,15 @@ fn measure(dir: &Path, in_flight: usize, secs: f64) -> anyhow::Result<(Rates, u6
     let cpu_before = publisher.daemon.usage()?.cpu;
     let start = Instant::now();
     let until = Until::Deadline(start + Duration::from_secs_f64(secs));
-    let mut threads = Vec::new();
-    for node in &nodes {
-        let r = Reporter::connect(&ctx, &publisher.reply, node, in_flight, &trust)?;
-        let (ips, until) = (ips.clone(), until.clone());
-        threads.push(thread::spawn(move || r.run(&ips, &until, |_, _| {})));
-    }
-    let mut tallies = Vec::new();
-    for t in threads {
-        tallies.push(
-            t.join()
-                .map_err(|_| anyhow::anyhow!("a load client panicked"))??,
-        );
-    }
+    let tallies = load::report_from_all(
+        &ctx,
+        &publisher.reply,
+        &nodes,
+        in_flight,
+        &trust,
+        &ips,
+        &until,
+    )?;
     let tally = merge(&tallies);
     if tally.broadcast == 0 {
         anyhow::bail!("nothing was broadcast\n{}", publisher.daemon.tail_text());
