@@ -145,6 +145,7 @@ fn product(
         let seq = match one.report_one(ip_for(k))? {
             Reply::Ack(a) => a.seq.context("a broadcast ACK without seq")?,
             Reply::Nak(nak) => anyhow::bail!("refused: {nak:?}"),
+            Reply::Replies(r) => anyhow::bail!("replies to one report: {r:?}"),
         };
         let t = farm.wait_complete(seq, EVENT_TIMEOUT)?;
         lat.push_ms(t.saturating_duration_since(t0));

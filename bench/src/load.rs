@@ -181,6 +181,7 @@ impl Reporter {
                     }
                 }
                 Reply::Nak(n) => bail!("the publisher refused a report: {n:?}"),
+                Reply::Replies(r) => bail!("replies to one report: {r:?}"),
             }
             on_reply(now, &reply);
         }

@@ -190,6 +190,11 @@ pub fn send(
                 )));
             }
             Received::Trusted(Reply::Nak(nak)) => nak,
+            Received::Trusted(Reply::Replies(_)) => {
+                return Err(unreadable(
+                    "a replies message, the answer to several events, for one report".into(),
+                ))
+            }
             Received::UnverifiedNak(nak) => {
                 return Ok(Answer::Refused {
                     nak,

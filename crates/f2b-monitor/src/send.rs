@@ -732,6 +732,9 @@ impl Sender {
                 "ACK for another event {} (expected {})",
                 ack.id, event.id
             ))),
+            Received::Trusted(Reply::Replies(_)) => Err(Failure::Broken(
+                "a replies message, the answer to several events, for one report".into(),
+            )),
         })
     }
 

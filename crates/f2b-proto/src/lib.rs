@@ -61,6 +61,13 @@ pub const MAX_MESSAGE_SIZE: usize = 8 * 1024;
 /// 10,000 x 4 KiB = 40 MiB at worst. Receivers accept up to [`MAX_MESSAGE_SIZE`].
 pub const PACKED_MESSAGE_SIZE: usize = 4 * 1024;
 
+/// The most events one `reports` request carries ([`Request::pack`]), and so the
+/// most answers in one `replies` message. 32 events of typical size (about 135
+/// bytes each) make a request of about 4.3 KiB; events with long node names fill
+/// [`MAX_MESSAGE_SIZE`] sooner and a request then carries fewer. The answers to 32
+/// events fit in [`MAX_MESSAGE_SIZE`] with NAK details shortened if need be.
+pub const MAX_REPORT_EVENTS: usize = 32;
+
 /// The most message parts (frames) a fail2ban-cluster message may have. Today's
 /// messages use two at most besides the topic: a payload and its authentication
 /// frame (a report's [`auth::RequestAuth`], a reply's MAC, a signature); the rest is

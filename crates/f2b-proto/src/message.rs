@@ -21,6 +21,12 @@ use crate::{EventId, JailName, MAX_DETAIL_LEN, PROTOCOL_VERSION};
 pub enum Request {
     /// A monitor reports an event it read from its fail2ban log.
     Report(Event),
+    /// A monitor reports several events of its node at once, in the order they
+    /// happened: 2 to [`MAX_REPORT_EVENTS`](crate::MAX_REPORT_EVENTS) events, all of
+    /// one node. Answered with [`Reply::Replies`] (one answer per event, in order),
+    /// or one [`Reply::Nak`] when the request as a whole is refused. Build it with
+    /// [`Request::pack`].
+    Reports(Vec<Event>),
     /// A subscriber asks for a page of the active bans; answered with a
     /// [`crate::SnapshotReply`].
     Snapshot(SnapshotRequest),
@@ -34,14 +40,86 @@ impl Request {
                 "type": "report",
                 "event": event_value(e),
             })),
+            Request::Reports(events) => to_bytes(json!({
+                "v": PROTOCOL_VERSION,
+                "type": "reports",
+                "events": events.iter().map(event_value).collect::<Vec<_>>(),
+            })),
             Request::Snapshot(r) => to_bytes(r.to_value()),
         }
+    }
+
+    /// The request that reports the longest prefix of `events` one request may
+    /// carry, and how many events that is: up to [`MAX_REPORT_EVENTS`] events of
+    /// the first event's node, in at most [`MAX_MESSAGE_SIZE`] bytes, as a
+    /// `reports` request; a prefix of one (a lone event, or one too large to share
+    /// a request) as a plain `report`, which every publisher understands. `None`
+    /// for no events. Nothing waits to fill a request: a caller packs what it has.
+    ///
+    /// [`MAX_REPORT_EVENTS`]: crate::MAX_REPORT_EVENTS
+    /// [`MAX_MESSAGE_SIZE`]: crate::MAX_MESSAGE_SIZE
+    pub fn pack(events: &[Event]) -> Option<(Request, usize)> {
+        let first = events.first()?;
+        let mut size = REPORTS_OVERHEAD;
+        let mut n = 0;
+        for e in events.iter().take(crate::MAX_REPORT_EVENTS) {
+            if e.node != first.node {
+                break;
+            }
+            let len = to_bytes(event_value(e)).len() + usize::from(n > 0);
+            if n > 0 && size + len > crate::MAX_MESSAGE_SIZE {
+                break;
+            }
+            size += len;
+            n += 1;
+        }
+        Some(match n {
+            1 => (Request::Report(first.clone()), 1),
+            _ => (Request::Reports(events[..n].to_vec()), n),
+        })
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Request, ProtoError> {
         let (obj, kind) = Obj::parse_message(bytes)?;
         match kind.as_str() {
             "report" => Ok(Request::Report(obj.obj("event")?.event()?)),
+            "reports" => {
+                let list = obj
+                    .opt_array("events")?
+                    .ok_or(ProtoError::MissingField { field: "events" })?;
+                if list.len() < 2 || list.len() > crate::MAX_REPORT_EVENTS {
+                    return Err(ProtoError::Malformed {
+                        detail: format!(
+                            "a reports request carries 2 to {} events, not {}",
+                            crate::MAX_REPORT_EVENTS,
+                            list.len()
+                        ),
+                    });
+                }
+                let mut events: Vec<Event> = Vec::with_capacity(list.len());
+                for v in &list {
+                    let serde_json::Value::Object(m) = v else {
+                        return Err(ProtoError::WrongType {
+                            field: "events",
+                            expected: "a list of objects",
+                        });
+                    };
+                    let e = Obj::from_map(m).event()?;
+                    if let Some(first) = events.first() {
+                        if e.node != first.node {
+                            return Err(ProtoError::Malformed {
+                                detail: format!(
+                                    "a reports request mixes nodes ({} and {})",
+                                    shown(first.node.as_str()),
+                                    shown(e.node.as_str())
+                                ),
+                            });
+                        }
+                    }
+                    events.push(e);
+                }
+                Ok(Request::Reports(events))
+            }
             "snapshot" => Ok(Request::Snapshot(SnapshotRequest::from_obj(&obj)?)),
             _ => Err(ProtoError::UnknownType {
                 found: shown(&kind),
@@ -145,31 +223,113 @@ impl Nak {
 pub enum Reply {
     Ack(Ack),
     Nak(Nak),
+    /// The answers to a `reports` request, one per event and in its order, each an
+    /// [`Reply::Ack`] or a [`Reply::Nak`] (never nested). The encoder shortens NAK
+    /// details if that is what it takes to stay within
+    /// [`MAX_MESSAGE_SIZE`](crate::MAX_MESSAGE_SIZE).
+    Replies(Vec<Reply>),
 }
+
+/// The most bytes of detail each NAK of a `replies` message keeps when the
+/// message would otherwise be too large; then none at all.
+const SHORT_DETAIL_LEN: usize = 96;
 
 impl Reply {
     pub fn encode(&self) -> Vec<u8> {
         match self {
-            Reply::Ack(a) => to_bytes(json!({
-                "v": PROTOCOL_VERSION,
+            Reply::Replies(items) => {
+                let encode = |cut: Option<usize>| {
+                    to_bytes(json!({
+                        "v": PROTOCOL_VERSION,
+                        "type": "replies",
+                        "replies": items.iter().map(|r| r.item_value(cut)).collect::<Vec<_>>(),
+                    }))
+                };
+                let mut out = encode(None);
+                for cut in [SHORT_DETAIL_LEN, 0] {
+                    if out.len() <= crate::MAX_MESSAGE_SIZE {
+                        break;
+                    }
+                    out = encode(Some(cut));
+                }
+                out
+            }
+            one => {
+                let mut v = one.item_value(None);
+                if let serde_json::Value::Object(m) = &mut v {
+                    m.insert("v".into(), PROTOCOL_VERSION.into());
+                }
+                to_bytes(v)
+            }
+        }
+    }
+
+    /// An ACK or NAK as a JSON object without `"v"` (an element of a `replies`
+    /// list), its detail cut to `cut` bytes if given.
+    fn item_value(&self, cut: Option<usize>) -> serde_json::Value {
+        match self {
+            Reply::Ack(a) => json!({
                 "type": "ack",
                 "id": a.id.to_string(),
                 "seq": a.seq,
                 "status": a.status.as_str(),
-            })),
-            Reply::Nak(n) => to_bytes(json!({
-                "v": PROTOCOL_VERSION,
-                "type": "nak",
-                "id": n.id.map(|i| i.to_string()),
-                "reason": n.reason.code(),
-                "detail": n.detail,
-            })),
+            }),
+            Reply::Nak(n) => {
+                let detail = match cut {
+                    Some(max) => Nak::new(n.id, n.reason, cut_at(&n.detail, max)).detail,
+                    None => n.detail.clone(),
+                };
+                json!({
+                    "type": "nak",
+                    "id": n.id.map(|i| i.to_string()),
+                    "reason": n.reason.code(),
+                    "detail": detail,
+                })
+            }
+            Reply::Replies(_) => json!({"type": "replies"}),
         }
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Reply, ProtoError> {
         let (obj, kind) = Obj::parse_message(bytes)?;
-        match kind.as_str() {
+        if kind == "replies" {
+            let list = obj
+                .opt_array("replies")?
+                .ok_or(ProtoError::MissingField { field: "replies" })?;
+            if list.is_empty() || list.len() > crate::MAX_REPORT_EVENTS {
+                return Err(ProtoError::Malformed {
+                    detail: format!(
+                        "a replies message carries 1 to {} answers, not {}",
+                        crate::MAX_REPORT_EVENTS,
+                        list.len()
+                    ),
+                });
+            }
+            let mut items = Vec::with_capacity(list.len());
+            for v in &list {
+                let serde_json::Value::Object(m) = v else {
+                    return Err(ProtoError::WrongType {
+                        field: "replies",
+                        expected: "a list of objects",
+                    });
+                };
+                let item = Obj::from_map(m);
+                let kind = item.str("type")?.to_owned();
+                if kind == "replies" {
+                    return Err(ProtoError::Malformed {
+                        detail: "a replies message inside a replies message".into(),
+                    });
+                }
+                items.push(Reply::from_obj(&item, &kind)?);
+            }
+            return Ok(Reply::Replies(items));
+        }
+        Reply::from_obj(&obj, &kind)
+    }
+
+    /// An `ack` or `nak` object of type `kind`.
+    fn from_obj(obj: &Obj, kind: &str) -> Result<Reply, ProtoError> {
+        match kind {
             "ack" => {
                 let seq = match obj.has("seq") {
                     true => Some(obj.seq("seq")?),
@@ -196,12 +356,25 @@ impl Reply {
                 };
                 Ok(Reply::Nak(Nak::new(id, reason, detail)))
             }
-            _ => Err(ProtoError::UnknownType {
-                found: shown(&kind),
-            }),
+            _ => Err(ProtoError::UnknownType { found: shown(kind) }),
         }
     }
 }
+
+/// `s` cut to at most `max` bytes at a character boundary.
+fn cut_at(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut cut = max;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &s[..cut]
+}
+
+/// The bytes of a `reports` request around its list's elements and commas.
+const REPORTS_OVERHEAD: usize = r#"{"v":1,"type":"reports","events":[]}"#.len();
 
 /// A publisher instance's identity: random, chosen at each start. A subscriber that
 /// sees the epoch change knows the publisher restarted and its sequence numbers
@@ -526,6 +699,164 @@ mod tests {
         let text = String::from_utf8(bytes).unwrap();
         assert!(text.contains(r#""ip":"203.0.113.5""#), "{text}");
         assert!(text.contains(r#""v":1"#), "{text}");
+    }
+
+    fn event_of(node: &str, n: u128) -> Event {
+        Event::new(
+            EventId::from_u128(n),
+            NodeName::new(node).unwrap(),
+            JailName::new("sshd").unwrap(),
+            Action::Ban,
+            std::net::IpAddr::from([203, 0, 113, (n % 250) as u8]),
+            1_763_702_000_123,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn reports_round_trip() {
+        let events: Vec<Event> = (1..=5).map(|n| event_of("web1", n)).collect();
+        let r = Request::Reports(events.clone());
+        let bytes = r.encode();
+        assert!(bytes.len() <= crate::PACKED_MESSAGE_SIZE);
+        assert_eq!(Request::decode(&bytes).unwrap(), r);
+        let text = String::from_utf8(bytes).unwrap();
+        assert!(text.contains(r#""type":"reports""#), "{text}");
+    }
+
+    #[test]
+    fn pack_takes_what_fits_and_a_lone_event_stays_a_report() {
+        assert_eq!(Request::pack(&[]), None);
+        let one = [event_of("web1", 1)];
+        assert_eq!(
+            Request::pack(&one),
+            Some((Request::Report(one[0].clone()), 1))
+        );
+        let many: Vec<Event> = (1..=100).map(|n| event_of("web1", n)).collect();
+        let (r, n) = Request::pack(&many).unwrap();
+        assert_eq!(n, crate::MAX_REPORT_EVENTS);
+        assert_eq!(r, Request::Reports(many[..n].to_vec()));
+        // Only one node's events go together; the next node starts a new request.
+        let mut mixed: Vec<Event> = (1..=3).map(|n| event_of("web1", n)).collect();
+        mixed.push(event_of("web2", 4));
+        assert_eq!(Request::pack(&mixed).unwrap().1, 3);
+        // The size limit: long node names leave room for fewer events.
+        let long = vec!["n".repeat(63); 4].join(".")[..crate::MAX_NODE_LEN].to_owned();
+        let big: Vec<Event> = (1..=100).map(|n| event_of(&long, n)).collect();
+        let (r, n) = Request::pack(&big).unwrap();
+        assert!(n > 1 && n < crate::MAX_REPORT_EVENTS, "{n}");
+        let bytes = r.encode();
+        assert!(bytes.len() <= crate::MAX_MESSAGE_SIZE, "{}", bytes.len());
+        assert_eq!(Request::decode(&bytes).unwrap(), r);
+        // Every packed request decodes back to the events it took, in order.
+        let mut rest = &big[..];
+        let mut seen = Vec::new();
+        while let Some((r, n)) = Request::pack(rest) {
+            match Request::decode(&r.encode()).unwrap() {
+                Request::Reports(e) => seen.extend(e),
+                Request::Report(e) => seen.push(e),
+                other => panic!("{other:?}"),
+            }
+            rest = &rest[n..];
+        }
+        assert_eq!(seen, big);
+    }
+
+    #[test]
+    fn reports_of_the_wrong_shape_are_refused_with_the_reason() {
+        let decode = |events: Vec<Event>| {
+            let text = String::from_utf8(Request::Reports(events).encode()).unwrap();
+            Request::decode(text.as_bytes())
+        };
+        for n in [0, 1, crate::MAX_REPORT_EVENTS + 1] {
+            let events = (0..n as u128).map(|i| event_of("web1", i)).collect();
+            let err = decode(events).unwrap_err();
+            assert_eq!(err.nak_reason(), NakReason::Malformed, "{n}: {err}");
+            assert!(err.to_string().contains("2 to 32 events"), "{err}");
+        }
+        let err = decode(vec![event_of("web1", 1), event_of("web2", 2)]).unwrap_err();
+        assert!(err.to_string().contains("mixes nodes"), "{err}");
+        let err = Request::decode(br#"{"v":1,"type":"reports","events":[1,2]}"#).unwrap_err();
+        assert_eq!(err.nak_reason(), NakReason::Malformed, "{err}");
+        let err = Request::decode(br#"{"v":1,"type":"reports"}"#).unwrap_err();
+        assert!(err.to_string().contains("events"), "{err}");
+        // One bad event refuses the request, naming the field.
+        let mut text = String::from_utf8(
+            Request::Reports(vec![event_of("web1", 1), event_of("web1", 2)]).encode(),
+        )
+        .unwrap();
+        text = text.replacen(r#""ip":"203.0.113.2""#, r#""ip":"nope""#, 1);
+        let err = Request::decode(text.as_bytes()).unwrap_err();
+        assert_eq!(err.nak_reason(), NakReason::InvalidIp, "{err}");
+    }
+
+    #[test]
+    fn replies_round_trip_and_always_fit() {
+        let r = Reply::Replies(vec![
+            Reply::Ack(Ack {
+                id: EventId::from_u128(1),
+                seq: Some(9),
+                status: AckStatus::Broadcast,
+            }),
+            Reply::Nak(Nak::new(
+                Some(EventId::from_u128(2)),
+                NakReason::Busy,
+                "later",
+            )),
+        ]);
+        assert_eq!(Reply::decode(&r.encode()).unwrap(), r);
+        // The worst case: every answer a NAK whose detail is all control characters
+        // (six bytes each once escaped). The details are shortened, nothing else.
+        let worst: Vec<Reply> = (0..crate::MAX_REPORT_EVENTS as u128)
+            .map(|i| {
+                Reply::Nak(Nak::new(
+                    Some(EventId::from_u128(i)),
+                    NakReason::UnsupportedVersion,
+                    "\u{1}".repeat(crate::MAX_DETAIL_LEN),
+                ))
+            })
+            .collect();
+        let bytes = Reply::Replies(worst.clone()).encode();
+        assert!(bytes.len() <= crate::MAX_MESSAGE_SIZE, "{}", bytes.len());
+        let Reply::Replies(back) = Reply::decode(&bytes).unwrap() else {
+            panic!("not replies");
+        };
+        assert_eq!(back.len(), worst.len());
+        for (b, w) in back.iter().zip(&worst) {
+            let (Reply::Nak(b), Reply::Nak(w)) = (b, w) else {
+                panic!("{b:?}");
+            };
+            assert_eq!((b.id, b.reason), (w.id, w.reason));
+        }
+        // Fits without cutting: the details stay whole.
+        let few = Reply::Replies(worst[..2].to_vec());
+        assert_eq!(Reply::decode(&few.encode()).unwrap(), few);
+    }
+
+    #[test]
+    fn replies_of_the_wrong_shape_are_refused() {
+        for text in [
+            r#"{"v":1,"type":"replies","replies":[]}"#,
+            r#"{"v":1,"type":"replies"}"#,
+            r#"{"v":1,"type":"replies","replies":[1]}"#,
+            r#"{"v":1,"type":"replies","replies":[{"type":"replies","replies":[]}]}"#,
+            r#"{"v":1,"type":"replies","replies":[{"type":"event"}]}"#,
+        ] {
+            assert!(Reply::decode(text.as_bytes()).is_err(), "{text}");
+        }
+        let many: Vec<String> = (0..=crate::MAX_REPORT_EVENTS)
+            .map(|i| {
+                format!(
+                    r#"{{"type":"nak","reason":"busy","id":"{}"}}"#,
+                    EventId::from_u128(i as u128)
+                )
+            })
+            .collect();
+        let text = format!(
+            r#"{{"v":1,"type":"replies","replies":[{}]}}"#,
+            many.join(",")
+        );
+        assert!(Reply::decode(text.as_bytes()).is_err());
     }
 
     #[test]

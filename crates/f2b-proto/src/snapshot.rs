@@ -197,7 +197,7 @@ impl SnapshotReply {
             }
             "nak" => match crate::Reply::decode(bytes)? {
                 crate::Reply::Nak(n) => Ok(SnapshotReply::Nak(n)),
-                crate::Reply::Ack(_) => Err(ProtoError::UnknownType {
+                crate::Reply::Ack(_) | crate::Reply::Replies(_) => Err(ProtoError::UnknownType {
                     found: shown("ack"),
                 }),
             },

@@ -67,6 +67,16 @@ fn seeds() -> Vec<Vec<u8>> {
         })
         .encode(),
         Reply::Nak(Nak::new(Some(event.id), NakReason::InvalidIp, "x")).encode(),
+        Request::Reports(vec![event.clone(), event.clone()]).encode(),
+        Reply::Replies(vec![
+            Reply::Ack(Ack {
+                id: event.id,
+                seq: None,
+                status: AckStatus::Unchanged,
+            }),
+            Reply::Nak(Nak::new(Some(event.id), NakReason::Busy, "later")),
+        ])
+        .encode(),
         Broadcast::Event(Sequenced {
             seq: 1,
             epoch: Epoch(7),

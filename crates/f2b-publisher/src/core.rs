@@ -683,7 +683,9 @@ impl Core {
                 );
                 Outcome::legacy_nak()
             }
-            Response::Snapshot(_) | Response::Legacy(_) => Outcome::legacy_nak(),
+            Response::Reply(Reply::Replies(_)) | Response::Snapshot(_) | Response::Legacy(_) => {
+                Outcome::legacy_nak()
+            }
         }
     }
 

@@ -275,14 +275,14 @@ fn report(req: &zmq::Socket, e: &Event) -> Reply {
 fn expect_ack(reply: Reply, status: AckStatus, seq: Option<u64>) {
     match reply {
         Reply::Ack(a) => assert_eq!((a.status, a.seq), (status, seq)),
-        Reply::Nak(n) => panic!("expected {status:?}, got {n:?}"),
+        other => panic!("expected {status:?}, got {other:?}"),
     }
 }
 
 fn expect_nak(reply: Reply, reason: NakReason) {
     match reply {
         Reply::Nak(n) => assert_eq!(n.reason, reason, "{n:?}"),
-        Reply::Ack(a) => panic!("expected NAK {reason}, got {a:?}"),
+        other => panic!("expected NAK {reason}, got {other:?}"),
     }
 }
 
@@ -1117,7 +1117,7 @@ fn forged_or_replayed_reports_are_refused_and_never_broadcast() {
     for (name, frames, a, secret, reason, maced) in cases {
         match signed_request(&req, &frames, &a, secret, maced) {
             Reply::Nak(n) => assert_eq!(n.reason, reason, "{name}: {n:?}"),
-            Reply::Ack(a) => panic!("{name}: accepted {a:?}"),
+            other => panic!("{name}: accepted {other:?}"),
         }
     }
     // Without any credential.

@@ -134,7 +134,7 @@ impl Hub {
         let reply = request(&self.reply, Request::Report(e.clone()).encode()).await;
         match Reply::decode(&reply).unwrap() {
             Reply::Ack(a) => assert_eq!(a.status, AckStatus::Broadcast, "{a:?}"),
-            Reply::Nak(n) => panic!("{n:?}"),
+            other => panic!("{other:?}"),
         }
         e
     }
