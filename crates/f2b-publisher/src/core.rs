@@ -1,13 +1,14 @@
 //! The publisher's decisions: request frames, the peer's address and the time in,
-//! a reply and at most one broadcast out.
+//! a reply and the broadcasts it causes out.
 //!
 //! [`Core::handle`] is the whole policy: validation, authentication (see
 //! [`crate::trust`]), the allowlist, rate limits and the circuit breaker (see
 //! [`crate::guard`]), reserved addresses, time sanity, duplicate ids, cluster-state
 //! deduplication, sequence numbers, legacy (fail2ban-zmq-tools) requests and
 //! snapshots. Its only I/O is the [`Ledger`] (which tests keep in memory): an
-//! accepted event is committed there before `handle` returns, so the reply and the
-//! broadcast it returns describe a durable event. The ZeroMQ loop in
+//! accepted event is appended there before `handle` returns (in the batch the
+//! server opened, committed by [`Core::commit_batch`]), so the reply and the
+//! broadcasts it returns describe a durable event. The ZeroMQ loop in
 //! [`crate::server`] only moves bytes to and from it, so every rule here is tested
 //! without sockets.
 //!
@@ -17,6 +18,16 @@
 //! `ignore_ip` (`forbidden`); the event's time (`invalid_time`); duplicate ids; the
 //! cluster state; the ledger. A legacy report skips authentication (its token was
 //! checked when it was parsed) and is limited by its host name.
+//!
+//! A `reports` request (several events of one node) is decoded and authenticated
+//! once, as a report is: a refusal there is one NAK without an id for the whole
+//! request. Then its events are decided in order, each as a report from the
+//! guard on, and answered with one `replies` ([`Reply::Replies`]), an answer per
+//! event; its [`Outcome`] carries a broadcast per event accepted, each naming its
+//! answer ([`ToBroadcast::answer`]). After the first event refused with a
+//! transient reason ([`NakReason::is_transient`]), the later ones are refused with
+//! that reason without being decided (not recorded, not counted by the guard), so
+//! that the monitor's resend of them keeps their order.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
@@ -99,14 +110,11 @@ impl Response {
 
     /// This reply as a `busy` refusal, for a request whose effects were rolled
     /// back (its batch could not be committed): an ACK or a snapshot page becomes a
-    /// `busy` NAK, a legacy echo the bare `NAK`; a refusal stays as it is.
+    /// `busy` NAK, every ACK of a `replies` too, a legacy echo the bare `NAK`; a
+    /// refusal stays as it is.
     pub fn refused_busy(self) -> Response {
         match self {
-            Response::Reply(Reply::Ack(a)) => Response::Reply(Reply::Nak(Nak::new(
-                Some(a.id),
-                NakReason::Busy,
-                "the publisher cannot record the event now; send it again later",
-            ))),
+            Response::Reply(r) => Response::Reply(reply_busy(r)),
             Response::Snapshot(SnapshotReply::Page(_)) => Response::Snapshot(SnapshotReply::nak(
                 NakReason::Busy,
                 "the publisher cannot read its ledger now; ask again later",
@@ -116,7 +124,8 @@ impl Response {
         }
     }
 
-    /// Whether this refuses the request.
+    /// Whether this refuses the request (a `replies` does not, whatever its
+    /// answers).
     pub fn is_refusal(&self) -> bool {
         match self {
             Response::Reply(r) => matches!(r, Reply::Nak(_)),
@@ -126,8 +135,22 @@ impl Response {
     }
 }
 
+/// `reply` with its ACKs (its own, or those of a `replies`) turned into `busy`
+/// NAKs: the events were not recorded after all.
+fn reply_busy(reply: Reply) -> Reply {
+    match reply {
+        Reply::Ack(a) => Reply::Nak(Nak::new(
+            Some(a.id),
+            NakReason::Busy,
+            "the publisher cannot record the event now; send it again later",
+        )),
+        Reply::Replies(answers) => Reply::Replies(answers.into_iter().map(reply_busy).collect()),
+        nak @ Reply::Nak(_) => nak,
+    }
+}
+
 /// What to do with one request: the reply to send (always exactly one), how to
-/// authenticate it, and the message to broadcast, if any.
+/// authenticate it, and the events to broadcast, if any.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
     pub reply: Response,
@@ -135,11 +158,25 @@ pub struct Outcome {
     /// [`Trust::reply_frames`]); it covers the reply as finally sent, so it is made
     /// only then.
     pub seal: Seal,
-    pub broadcast: Option<Broadcast>,
-    /// The broadcast event as an old subscriber reads it, for the legacy PUB socket
-    /// (see [`legacy::broadcast_text`]); `None` when nothing is broadcast or the
-    /// event cannot be said in the old format (IPv6).
-    pub legacy_broadcast: Option<String>,
+    /// The events to broadcast, in the order of the answers they belong to (and so
+    /// in sequence order, but for a rebroadcast): at most one for a report or a
+    /// legacy request, at most one per event of a `reports` request.
+    pub broadcasts: Vec<ToBroadcast>,
+}
+
+/// One event to broadcast, and which answer of its request's reply it belongs to:
+/// when it cannot be queued, that answer is what [`Core::broadcast_failed`] turns
+/// into a `busy` NAK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToBroadcast {
+    /// The index of the event's answer in a [`Reply::Replies`]; 0 for a request
+    /// answered with one ACK (a report, a legacy request).
+    pub answer: usize,
+    pub broadcast: Broadcast,
+    /// The event as an old subscriber reads it, for the legacy PUB socket (see
+    /// [`legacy::broadcast_text`]); `None` when the event cannot be said in the old
+    /// format (IPv6).
+    pub legacy: Option<String>,
 }
 
 impl Outcome {
@@ -147,8 +184,7 @@ impl Outcome {
         Outcome {
             reply: Response::Reply(reply),
             seal: Seal::None,
-            broadcast: None,
-            legacy_broadcast: None,
+            broadcasts: Vec::new(),
         }
     }
 
@@ -156,14 +192,31 @@ impl Outcome {
         Outcome {
             reply: Response::Legacy(LEGACY_NAK.to_owned()),
             seal: Seal::None,
-            broadcast: None,
-            legacy_broadcast: None,
+            broadcasts: Vec::new(),
         }
     }
 
     fn sealed(mut self, seal: Seal) -> Self {
         self.seal = seal;
         self
+    }
+}
+
+/// One event decided under the rules of a report: its answer (an ACK or a NAK)
+/// and its broadcast, if it has one (then `answer` is 0).
+#[derive(Debug)]
+struct Decided {
+    answer: Reply,
+    broadcast: Option<ToBroadcast>,
+}
+
+impl From<Decided> for Outcome {
+    fn from(d: Decided) -> Self {
+        Outcome {
+            reply: Response::Reply(d.answer),
+            seal: Seal::None,
+            broadcasts: d.broadcast.into_iter().collect(),
+        }
     }
 }
 
@@ -451,20 +504,38 @@ impl Core {
         Err(err)
     }
 
-    /// The reply to send instead of `reply` when the outcome's broadcast could not
-    /// be queued on the PUB socket. The event is durable but was not broadcast: a
-    /// native ACK becomes a `busy` NAK, so the monitor sends the event again, and
-    /// that resend (a duplicate) broadcasts the ledger's row again with its seq. A
-    /// legacy echo is left as it is: an old monitor never resends with the same id.
-    pub fn broadcast_failed(&mut self, reply: Response) -> Response {
+    /// The reply to send instead of `reply` when the broadcast of its answer
+    /// `answer` ([`ToBroadcast::answer`]) could not be queued on the PUB socket. The
+    /// event is durable but was not broadcast: a native ACK (the reply, or that
+    /// answer of a `replies`) becomes a `busy` NAK, so the monitor sends the event
+    /// again, and that resend (a duplicate) broadcasts the ledger's row again with
+    /// its seq. A legacy echo is left as it is: an old monitor never resends with
+    /// the same id.
+    pub fn broadcast_failed(&mut self, reply: Response, answer: usize) -> Response {
         match reply {
-            Response::Reply(Reply::Ack(a)) => {
+            Response::Reply(Reply::Replies(mut answers)) => {
+                if let Some(a) = answers.get_mut(answer) {
+                    let one = std::mem::replace(a, Reply::Replies(Vec::new()));
+                    *a = self.unsent(one);
+                }
+                Response::Reply(Reply::Replies(answers))
+            }
+            Response::Reply(one) => Response::Reply(self.unsent(one)),
+            other => other,
+        }
+    }
+
+    /// An ACK whose event was not broadcast, as a `busy` NAK; the event is marked
+    /// for a rebroadcast on its resend.
+    fn unsent(&mut self, reply: Reply) -> Reply {
+        match reply {
+            Reply::Ack(a) => {
                 self.ids.set_unsent(&a.id, true);
-                Response::Reply(Reply::Nak(Nak::new(
+                Reply::Nak(Nak::new(
                     Some(a.id),
                     NakReason::Busy,
                     "recorded but not broadcast; send it again",
-                )))
+                ))
             }
             other => other,
         }
@@ -500,17 +571,35 @@ impl Core {
             }
         }
         let outcome = self.decide(frames, peer, now_ms);
-        if let Response::Reply(Reply::Nak(nak)) | Response::Snapshot(SnapshotReply::Nak(nak)) =
-            &outcome.reply
-        {
-            rejected(
-                &mut self.rejects,
-                now_ms,
-                nak.reason.code(),
-                peer,
-                &nak.detail,
-                nak.id,
-            );
+        match &outcome.reply {
+            Response::Reply(Reply::Nak(nak)) | Response::Snapshot(SnapshotReply::Nak(nak)) => {
+                rejected(
+                    &mut self.rejects,
+                    now_ms,
+                    nak.reason.code(),
+                    peer,
+                    &nak.detail,
+                    nak.id,
+                );
+            }
+            Response::Reply(Reply::Replies(answers)) => {
+                for answer in answers {
+                    if let Reply::Nak(nak) = answer {
+                        rejected(
+                            &mut self.rejects,
+                            now_ms,
+                            nak.reason.code(),
+                            peer,
+                            &nak.detail,
+                            nak.id,
+                        );
+                    }
+                }
+                // The request itself was not refused: its answers are counted
+                // one by one.
+                self.rejects.take_last();
+            }
+            _ => {}
         }
         outcome
     }
@@ -533,7 +622,8 @@ impl Core {
 
     /// The reason the last request handled was refused for, if it was (a NAK
     /// code, `legacy_disabled` or `legacy_invalid`), and forgets it: the server
-    /// counts each refusal in the metrics by it.
+    /// counts each refusal in the metrics by it. `None` after a `reports` request
+    /// answered with `replies`: the server counts its answers one by one.
     pub fn take_refusal(&mut self) -> Option<&'static str> {
         self.rejects.take_last()
     }
@@ -566,12 +656,31 @@ impl Core {
             Request::Report(event) => {
                 let auth = frames.get(1).map(AsRef::as_ref);
                 match self.trust.check(first, auth, &event.node, now_ms) {
-                    Ok(checked) => self
-                        .report(event, peer, now_ms, None, checked.reporter)
-                        .sealed(checked.seal),
+                    Ok(checked) => {
+                        Outcome::from(self.report(event, peer, now_ms, None, checked.reporter))
+                            .sealed(checked.seal)
+                    }
                     Err(refused) => {
                         nak(Some(event.id), refused.reason, refused.detail).sealed(refused.seal)
                     }
+                }
+            }
+            Request::Reports(events) => {
+                // Decoding guarantees 2 to MAX_REPORT_EVENTS events of one node.
+                let Some(node) = events.first().map(|e| e.node.clone()) else {
+                    return nak(
+                        None,
+                        NakReason::Malformed,
+                        "a reports request without events",
+                    );
+                };
+                // Checked once for the request: a refusal refuses it whole.
+                let auth = frames.get(1).map(AsRef::as_ref);
+                match self.trust.check(first, auth, &node, now_ms) {
+                    Ok(checked) => self
+                        .reports(events, peer, now_ms, &checked.reporter)
+                        .sealed(checked.seal),
+                    Err(refused) => nak(None, refused.reason, refused.detail).sealed(refused.seal),
                 }
             }
             Request::Snapshot(req) => {
@@ -666,13 +775,14 @@ impl Core {
                 return Outcome::legacy_nak();
             }
         };
-        let outcome = self.report(event, peer, now_ms, Some(&msg.wire), Reporter::Legacy);
-        match outcome.reply {
-            Response::Reply(Reply::Ack(_)) => Outcome {
+        let decided = self.report(event, peer, now_ms, Some(&msg.wire), Reporter::Legacy);
+        match decided.answer {
+            Reply::Ack(_) => Outcome {
                 reply: Response::Legacy(msg.wire),
-                ..outcome
+                seal: Seal::None,
+                broadcasts: decided.broadcast.into_iter().collect(),
             },
-            Response::Reply(Reply::Nak(nak)) => {
+            Reply::Nak(nak) => {
                 rejected(
                     &mut self.rejects,
                     now_ms,
@@ -683,9 +793,56 @@ impl Core {
                 );
                 Outcome::legacy_nak()
             }
-            Response::Reply(Reply::Replies(_)) | Response::Snapshot(_) | Response::Legacy(_) => {
-                Outcome::legacy_nak()
+            Reply::Replies(_) => Outcome::legacy_nak(),
+        }
+    }
+
+    /// The events of a `reports` request (authenticated as `reporter`), decided in
+    /// order, each as [`Core::report`] decides a report, and answered with
+    /// `replies`. After the first event refused with a transient reason, the later
+    /// ones are refused with that reason without being decided (neither recorded
+    /// nor counted by the guard): the monitor sends them again in their order.
+    fn reports(
+        &mut self,
+        events: Vec<Event>,
+        peer: &str,
+        now_ms: u64,
+        reporter: &Reporter,
+    ) -> Outcome {
+        let mut answers = Vec::with_capacity(events.len());
+        let mut broadcasts = Vec::new();
+        let mut stopped: Option<(NakReason, EventId)> = None;
+        for event in events {
+            if let Some((reason, first)) = stopped {
+                answers.push(Reply::Nak(Nak::new(
+                    Some(event.id),
+                    reason,
+                    format!(
+                        "not decided: an earlier event of this request ({first}) was refused as \
+                         {reason}; send this one again after it"
+                    ),
+                )));
+                continue;
             }
+            let index = answers.len();
+            let id = event.id;
+            let decided = self.report(event, peer, now_ms, None, reporter.clone());
+            if let Reply::Nak(n) = &decided.answer {
+                if n.reason.is_transient() {
+                    stopped = Some((n.reason, id));
+                }
+            }
+            answers.push(decided.answer);
+            broadcasts.extend(
+                decided
+                    .broadcast
+                    .map(|b| ToBroadcast { answer: index, ..b }),
+            );
+        }
+        Outcome {
+            reply: Response::Reply(Reply::Replies(answers)),
+            seal: Seal::None,
+            broadcasts,
         }
     }
 
@@ -699,22 +856,22 @@ impl Core {
         now_ms: u64,
         wire: Option<&str>,
         reporter: Reporter,
-    ) -> Outcome {
+    ) -> Decided {
         let id = event.id;
         let pinned = matches!(&reporter, Reporter::Credential(_));
         if let Err(r) = self.guard.admit(&event.node, pinned, now_ms) {
-            return nak(Some(id), r.reason, r.detail);
+            return refuse(id, r.reason, r.detail);
         }
         if let Some(range) = reserved(event.ip) {
-            return nak(
-                Some(id),
+            return refuse(
+                id,
                 NakReason::Forbidden,
                 format!("{} is {range} and is never banned cluster-wide", event.ip),
             );
         }
         if let Some(net) = self.guard.forbidden(event.ip) {
-            return nak(
-                Some(id),
+            return refuse(
+                id,
                 NakReason::Forbidden,
                 format!(
                     "{} is in [publisher] ignore_ip ({net}) and is never banned cluster-wide",
@@ -724,8 +881,8 @@ impl Core {
         }
         let limit = now_ms.saturating_add(self.max_future_ms);
         if event.time_ms > limit {
-            return nak(
-                Some(id),
+            return refuse(
+                id,
                 NakReason::InvalidTime,
                 format!(
                     "time_ms {} is {} ms ahead of the publisher's clock (at most {} allowed)",
@@ -739,7 +896,7 @@ impl Core {
             tracing::info!(%id, jail = %event.jail, ip = %event.ip, node = %event.node, seq, reported_by = %reporter, "duplicate");
             return match seq {
                 Some(seq) if self.ids.is_unsent(&id) => self.rebroadcast(id, seq, now_ms),
-                _ => ack(id, seq, AckStatus::Duplicate),
+                _ => acked(id, seq, AckStatus::Duplicate),
             };
         }
         let wanted = match event.action {
@@ -751,15 +908,15 @@ impl Core {
         if self.state.get(&event.jail, event.ip, now_ms) == Some(wanted) {
             tracing::debug!(%id, jail = %event.jail, ip = %event.ip, node = %event.node, action = %event.action, reported_by = %reporter, "unchanged");
             self.ids.insert(id, None);
-            return ack(id, None, AckStatus::Unchanged);
+            return acked(id, None, AckStatus::Unchanged);
         }
         let Some(seq) = self
             .last_seq()
             .checked_add(1)
             .filter(|s| *s <= MAX_SAFE_INTEGER)
         else {
-            return nak(
-                Some(id),
+            return refuse(
+                id,
                 NakReason::Busy,
                 "sequence numbers exhausted; move the ledger away and restart the publisher",
             );
@@ -781,8 +938,8 @@ impl Core {
                 %id,
                 "ledger write failed; the report is refused as busy and will be resent"
             );
-            return nak(
-                Some(id),
+            return refuse(
+                id,
                 NakReason::Busy,
                 "the publisher cannot record the event now; send it again later",
             );
@@ -802,19 +959,21 @@ impl Core {
             reported_by = %record.reported_by,
             "broadcast"
         );
-        Outcome {
-            reply: Response::Reply(Reply::Ack(Ack {
+        Decided {
+            answer: Reply::Ack(Ack {
                 id,
                 seq: Some(seq),
                 status: AckStatus::Broadcast,
-            })),
-            seal: Seal::None,
-            legacy_broadcast: legacy::broadcast_text(&event, wire),
-            broadcast: Some(Broadcast::Event(Sequenced {
-                seq,
-                epoch: self.epoch(),
-                event,
-            })),
+            }),
+            broadcast: Some(ToBroadcast {
+                answer: 0,
+                legacy: legacy::broadcast_text(&event, wire),
+                broadcast: Broadcast::Event(Sequenced {
+                    seq,
+                    epoch: self.epoch(),
+                    event,
+                }),
+            }),
         }
     }
 
@@ -826,7 +985,7 @@ impl Core {
     /// once, and only while it is still the cluster's state: a row superseded by a
     /// later event of its (jail, address), or an expired ban, is not (that would
     /// undo the later event).
-    fn rebroadcast(&mut self, id: EventId, seq: u64, now_ms: u64) -> Outcome {
+    fn rebroadcast(&mut self, id: EventId, seq: u64, now_ms: u64) -> Decided {
         let record = match self.ledger.current(seq, now_ms) {
             Ok(r) => r,
             Err(err) => {
@@ -836,8 +995,8 @@ impl Core {
                     seq,
                     "ledger read failed; the duplicate is refused as busy and will be resent"
                 );
-                return nak(
-                    Some(id),
+                return refuse(
+                    id,
                     NakReason::Busy,
                     "the publisher cannot read its ledger now; send it again later",
                 );
@@ -845,7 +1004,7 @@ impl Core {
         };
         self.ids.set_unsent(&id, false);
         let Some(record) = record.filter(|r| r.event.id == id) else {
-            return ack(id, Some(seq), AckStatus::Duplicate);
+            return acked(id, Some(seq), AckStatus::Duplicate);
         };
         let event = record.event;
         tracing::info!(
@@ -858,19 +1017,21 @@ impl Core {
             reported_by = %record.reported_by,
             "rebroadcast"
         );
-        Outcome {
-            reply: Response::Reply(Reply::Ack(Ack {
+        Decided {
+            answer: Reply::Ack(Ack {
                 id,
                 seq: Some(seq),
                 status: AckStatus::Duplicate,
-            })),
-            seal: Seal::None,
-            legacy_broadcast: legacy::broadcast_text(&event, None),
-            broadcast: Some(Broadcast::Event(Sequenced {
-                seq,
-                epoch: self.epoch(),
-                event,
-            })),
+            }),
+            broadcast: Some(ToBroadcast {
+                answer: 0,
+                legacy: legacy::broadcast_text(&event, None),
+                broadcast: Broadcast::Event(Sequenced {
+                    seq,
+                    epoch: self.epoch(),
+                    event,
+                }),
+            }),
         }
     }
 
@@ -903,8 +1064,7 @@ impl Core {
         Outcome {
             reply: Response::Snapshot(reply),
             seal: Seal::None,
-            broadcast: None,
-            legacy_broadcast: None,
+            broadcasts: Vec::new(),
         }
     }
 }
@@ -913,8 +1073,20 @@ fn nak(id: Option<EventId>, reason: NakReason, detail: impl Into<String>) -> Out
     Outcome::reply(Reply::Nak(Nak::new(id, reason, detail)))
 }
 
-fn ack(id: EventId, seq: Option<u64>, status: AckStatus) -> Outcome {
-    Outcome::reply(Reply::Ack(Ack { id, seq, status }))
+/// An event refused.
+fn refuse(id: EventId, reason: NakReason, detail: impl Into<String>) -> Decided {
+    Decided {
+        answer: Reply::Nak(Nak::new(Some(id), reason, detail)),
+        broadcast: None,
+    }
+}
+
+/// An event accepted and not broadcast.
+fn acked(id: EventId, seq: Option<u64>, status: AckStatus) -> Decided {
+    Decided {
+        answer: Reply::Ack(Ack { id, seq, status }),
+        broadcast: None,
+    }
 }
 
 #[cfg(test)]

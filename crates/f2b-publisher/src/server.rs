@@ -10,11 +10,15 @@
 //! carries its envelope (the peer's routing id, then an empty delimiter frame), and
 //! its reply goes back with that envelope. Unlike a REP it lets the loop take every
 //! request already waiting (at most [`MAX_BATCH`]), decide them all in one ledger
-//! transaction, commit it once (one disk sync for all their events), and only then
-//! broadcast and reply, in the order they arrived. An ACK still means the event is
-//! durable; if the commit fails, every request of the batch is answered `busy`.
-//! A message without the delimiter (not from a REQ-like peer) is dropped, as a REP
-//! would.
+//! transaction, commit it once (one disk sync for all their events: a `reports`
+//! request's up to [`MAX_REPORT_EVENTS`](f2b_proto::MAX_REPORT_EVENTS) as well),
+//! and only then broadcast and reply, in the order they arrived. The batch's events
+//! go out in sequence order, packed into `events` messages
+//! ([`f2b_proto::pack_events`]), whichever requests they came in. An ACK still
+//! means the event is durable; if the commit fails, every ACK of the batch (a
+//! report's, each of a `replies`) is sent as a `busy` NAK and nothing of it is
+//! broadcast. A message without the delimiter (not from a REQ-like peer) is
+//! dropped, as a REP would.
 //!
 //! # Errors
 //!
@@ -23,8 +27,9 @@
 //! lines per operation and second) and the loop goes on; only `ETERM` (the context
 //! is being terminated) ends it. A request that was received is always answered: a
 //! message whose later part could not be received is drained and answered
-//! `malformed`, and an event whose broadcast failed is answered `busy` so that its
-//! monitor resends it (see [`Core::broadcast_failed`]).
+//! `malformed`, and an event whose broadcast failed is answered `busy` (its own
+//! answer in a `replies`, the others as decided) so that its monitor resends it
+//! (see [`Core::broadcast_failed`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -37,7 +42,7 @@ use f2b_common::zmq;
 use f2b_common::CancellationToken;
 use f2b_proto::{AckStatus, Broadcast, Epoch, Nak, NakReason, Reply, SnapshotReply, MAX_FRAMES};
 
-use crate::core::{Core, Limits, Outcome, Response};
+use crate::core::{Core, Limits, Outcome, Response, ToBroadcast};
 use crate::guard::{Guard, GuardConfig};
 use crate::ledger::{Ledger, PRUNE_BATCH};
 use crate::throttle::Throttle;
@@ -686,8 +691,7 @@ impl Bound {
                     let outcome = Outcome {
                         reply: Response::Reply(Reply::Nak(nak)),
                         seal: Seal::None,
-                        broadcast: None,
-                        legacy_broadcast: None,
+                        broadcasts: Vec::new(),
                     };
                     (outcome, Some(NakReason::Malformed.code()))
                 }
@@ -706,8 +710,7 @@ impl Bound {
                 for (o, refusal) in &mut outcomes {
                     o.reply = std::mem::replace(&mut o.reply, Response::Legacy(String::new()))
                         .refused_busy();
-                    o.broadcast = None;
-                    o.legacy_broadcast = None;
+                    o.broadcasts.clear();
                     *refusal = Some(NakReason::Busy.code());
                 }
             }
@@ -717,7 +720,7 @@ impl Bound {
         let queued = self.broadcast_all(&outcomes)?;
         let mut broadcast = false;
         for ((r, (outcome, refusal)), queued) in batch.iter().zip(outcomes).zip(queued) {
-            broadcast |= self.deliver(&r.envelope, outcome, refusal, queued)?;
+            broadcast |= self.deliver(&r.envelope, outcome, refusal, &queued)?;
         }
         if broadcast {
             self.gauges_stale = true;
@@ -728,23 +731,21 @@ impl Bound {
 
     /// Counts a request's answer in the metrics: refused (by `refusal`, the
     /// reason the core or the server gave), a snapshot page, an event accepted
-    /// (recorded and broadcast) or a duplicate.
+    /// (recorded and broadcast) or a duplicate; the answers of a `replies` one by
+    /// one, each as the answer to a report.
     fn count_answer(&self, reply: &Response, refusal: Option<&'static str>, broadcast: bool) {
         let m = &self.metrics;
         match (reply, refusal) {
+            (Response::Reply(Reply::Replies(answers)), _) => {
+                answers.iter().for_each(|a| self.count_event(a));
+            }
             (_, Some(reason)) => m.events_rejected.inc(reason),
-            (Response::Reply(Reply::Nak(n)), None)
-            | (Response::Snapshot(SnapshotReply::Nak(n)), None) => {
+            (Response::Reply(r), None) => self.count_event(r),
+            (Response::Snapshot(SnapshotReply::Nak(n)), None) => {
                 m.events_rejected.inc_nak(n.reason)
             }
             (Response::Snapshot(SnapshotReply::Page(_)), None) => {
                 m.snapshots_served.inc();
-            }
-            (Response::Reply(Reply::Ack(a)), None) if a.status == AckStatus::Broadcast => {
-                m.events_accepted.inc();
-            }
-            (Response::Reply(Reply::Ack(_)), None) => {
-                m.events_duplicate.inc();
             }
             (Response::Legacy(_), None) if broadcast => {
                 m.events_accepted.inc();
@@ -757,66 +758,86 @@ impl Bound {
         }
     }
 
+    /// Counts the answer to one event: a NAK by its reason, an ACK as accepted
+    /// (status `broadcast`) or a duplicate (any other).
+    fn count_event(&self, answer: &Reply) {
+        let m = &self.metrics;
+        match answer {
+            Reply::Nak(n) => m.events_rejected.inc_nak(n.reason),
+            Reply::Ack(a) if a.status == AckStatus::Broadcast => {
+                m.events_accepted.inc();
+            }
+            Reply::Ack(_) => {
+                m.events_duplicate.inc();
+            }
+            // Never nested; each of its answers would be counted.
+            Reply::Replies(answers) => answers.iter().for_each(|a| self.count_event(a)),
+        }
+    }
+
     /// Broadcasts the events of a batch's `outcomes`, in sequence order, packed into
     /// as few messages as the protocol allows ([`f2b_proto::pack_events`]: each run
     /// of one jail's events under one signature), then sends each to the legacy PUB
-    /// socket if there is one. Returns, per outcome, whether its broadcast was
-    /// queued (`None`: it had none). Nothing waits to fill a message: a lone
-    /// report's event goes out alone, at once. Fails only on `ETERM`.
+    /// socket if there is one. Returns, per outcome and per event it broadcasts (in
+    /// the order of [`Outcome::broadcasts`]), whether the event's message was
+    /// queued. Nothing waits to fill a message: a lone report's event goes out
+    /// alone, at once. Fails only on `ETERM`.
     fn broadcast_all(
         &mut self,
         outcomes: &[(Outcome, Option<&'static str>)],
-    ) -> Result<Vec<Option<bool>>, PublisherError> {
-        let mut queued = vec![None; outcomes.len()];
+    ) -> Result<Vec<Vec<bool>>, PublisherError> {
+        let mut queued: Vec<Vec<bool>> = outcomes
+            .iter()
+            .map(|(o, _)| vec![false; o.broadcasts.len()])
+            .collect();
         let mut events = Vec::new();
+        // (outcome, event of that outcome) of each entry of `events`.
         let mut owners = Vec::new();
         for (i, (o, _)) in outcomes.iter().enumerate() {
-            match &o.broadcast {
-                Some(Broadcast::Event(s)) => {
-                    events.push(s.clone());
-                    owners.push(i);
+            for (j, b) in o.broadcasts.iter().enumerate() {
+                match &b.broadcast {
+                    Broadcast::Event(s) => {
+                        events.push(s.clone());
+                        owners.push((i, j));
+                    }
+                    // The core makes only events; anything else goes out alone.
+                    other => {
+                        queued[i][j] = self.send_one(other, &[b])?;
+                    }
                 }
-                // The core makes only events; anything else goes out alone.
-                Some(other) => {
-                    let ok = self.send_one(other, &[(i, o)])?;
-                    queued[i] = Some(ok);
-                }
-                None => {}
             }
         }
         let mut owners = owners.into_iter();
         for message in f2b_proto::pack_events(events) {
-            let mine: Vec<(usize, &Outcome)> = owners
-                .by_ref()
-                .take(message.events().len())
-                .map(|i| (i, &outcomes[i].0))
+            let mine: Vec<(usize, usize)> = owners.by_ref().take(message.events().len()).collect();
+            let carried: Vec<&ToBroadcast> = mine
+                .iter()
+                .map(|&(i, j)| &outcomes[i].0.broadcasts[j])
                 .collect();
-            let ok = self.send_one(&message, &mine)?;
-            for (i, _) in mine {
-                queued[i] = Some(ok);
+            let ok = self.send_one(&message, &carried)?;
+            for (i, j) in mine {
+                queued[i][j] = ok;
             }
         }
         Ok(queued)
     }
 
-    /// Sends one broadcast message carrying the events of `outcomes`, then each of
+    /// Sends one broadcast message carrying the events `carried`, then each of
     /// them to the legacy PUB socket. Returns whether it was queued. Fails only on
     /// `ETERM`.
     fn send_one(
         &mut self,
         message: &Broadcast,
-        outcomes: &[(usize, &Outcome)],
+        carried: &[&ToBroadcast],
     ) -> Result<bool, PublisherError> {
         match self.send_broadcast(message) {
             Ok(()) => {
                 self.metrics
                     .events_broadcast
-                    .inc_by(outcomes.len().max(1) as u64);
-                for (_, o) in outcomes {
-                    if let Some(b) = &o.broadcast {
-                        if let Err(e) = self.send_legacy(b, o.legacy_broadcast.as_deref()) {
-                            self.socket_error("broadcast to legacy subscribers", e)?;
-                        }
+                    .inc_by(carried.len().max(1) as u64);
+                for b in carried {
+                    if let Err(e) = self.send_legacy(&b.broadcast, b.legacy.as_deref()) {
+                        self.socket_error("broadcast to legacy subscribers", e)?;
                     }
                 }
                 Ok(true)
@@ -828,26 +849,28 @@ impl Bound {
         }
     }
 
-    /// Sends `outcome`'s reply back along `envelope`, a `busy` NAK instead of its
-    /// ACK if its broadcast could not be queued (`queued`: `None` when it had
-    /// none). Returns whether it was broadcast.
+    /// Sends `outcome`'s reply back along `envelope`, with a `busy` NAK instead of
+    /// each ACK whose event's broadcast could not be queued (`queued`: per
+    /// [`Outcome::broadcasts`]). Returns whether one of its events was broadcast.
     fn deliver(
         &mut self,
         envelope: &[Vec<u8>],
         outcome: Outcome,
         mut refusal: Option<&'static str>,
-        queued: Option<bool>,
+        queued: &[bool],
     ) -> Result<bool, PublisherError> {
         let mut reply = outcome.reply;
-        if queued == Some(false) {
-            reply = self.core.broadcast_failed(reply);
-            if reply.is_refusal() {
-                refusal = Some(NakReason::Busy.code());
+        for (b, ok) in outcome.broadcasts.iter().zip(queued) {
+            if !ok {
+                reply = self.core.broadcast_failed(reply, b.answer);
             }
         }
-        self.count_answer(&reply, refusal, outcome.broadcast.is_some());
+        if queued.contains(&false) && reply.is_refusal() {
+            refusal = Some(NakReason::Busy.code());
+        }
+        self.count_answer(&reply, refusal, !outcome.broadcasts.is_empty());
         self.reply(envelope, &reply, &outcome.seal)?;
-        Ok(queued == Some(true))
+        Ok(queued.contains(&true))
     }
 
     /// Sends `reply` along `envelope` (routing ids, then the empty delimiter), and
@@ -1274,12 +1297,15 @@ mod tests {
         let o = Outcome {
             reply: Response::Reply(ack),
             seal: Seal::None,
-            broadcast: Some(Broadcast::Event(f2b_proto::Sequenced {
-                seq,
-                epoch: Epoch(1),
-                event: e,
-            })),
-            legacy_broadcast: None,
+            broadcasts: vec![ToBroadcast {
+                answer: 0,
+                broadcast: Broadcast::Event(f2b_proto::Sequenced {
+                    seq,
+                    epoch: Epoch(1),
+                    event: e,
+                }),
+                legacy: None,
+            }],
         };
         (o, None)
     }
@@ -1299,13 +1325,13 @@ mod tests {
         outcomes.push(outcome(101, "nginx", 0x0A01_0000));
         outcomes.extend((102..=110).map(|n| outcome(n, "sshd", 0x0A00_0000 + n as u32)));
         let mut refused = outcome(0, "sshd", 0x0A02_0000);
-        refused.0.broadcast = None;
+        refused.0.broadcasts.clear();
         outcomes.insert(10, refused);
 
         let queued = b.broadcast_all(&outcomes).unwrap();
-        let expected: Vec<Option<bool>> = outcomes
+        let expected: Vec<Vec<bool>> = outcomes
             .iter()
-            .map(|(o, _)| o.broadcast.as_ref().map(|_| true))
+            .map(|(o, _)| vec![true; o.broadcasts.len()])
             .collect();
         assert_eq!(queued, expected);
 

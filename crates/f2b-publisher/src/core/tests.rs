@@ -46,6 +46,20 @@ fn send(core: &mut Core, e: &Event, now: u64) -> Outcome {
     core.handle(&[report(e)], PEER, now)
 }
 
+impl Outcome {
+    /// The one event a report's outcome broadcasts, if any.
+    fn broadcast(&self) -> Option<&Broadcast> {
+        assert!(self.broadcasts.len() <= 1, "{self:?}");
+        self.broadcasts.first().map(|b| &b.broadcast)
+    }
+
+    /// [`Outcome::broadcast`] in the legacy format, if it has one.
+    fn legacy_broadcast(&self) -> Option<&str> {
+        assert!(self.broadcasts.len() <= 1, "{self:?}");
+        self.broadcasts.first().and_then(|b| b.legacy.as_deref())
+    }
+}
+
 /// Asserts an ACK with `status` and `seq`, and returns the broadcast.
 fn expect_ack(out: &Outcome, status: AckStatus, seq: Option<u64>) -> Option<Broadcast> {
     match &out.reply {
@@ -55,16 +69,16 @@ fn expect_ack(out: &Outcome, status: AckStatus, seq: Option<u64>) -> Option<Broa
         other => panic!("expected {status:?}, got {other:?}"),
     }
     assert_eq!(
-        out.broadcast.is_some(),
+        out.broadcast().is_some(),
         status == AckStatus::Broadcast,
         "{out:?}"
     );
-    out.broadcast.clone()
+    out.broadcast().cloned()
 }
 
 fn expect_nak(out: &Outcome, reason: NakReason) -> &Nak {
-    assert!(out.broadcast.is_none(), "a NAK broadcast: {out:?}");
-    assert!(out.legacy_broadcast.is_none(), "a NAK broadcast: {out:?}");
+    assert!(out.broadcast().is_none(), "a NAK broadcast: {out:?}");
+    assert!(out.legacy_broadcast().is_none(), "a NAK broadcast: {out:?}");
     assert!(out.reply.is_refusal());
     match &out.reply {
         Response::Reply(Reply::Nak(n)) | Response::Snapshot(SnapshotReply::Nak(n)) => {
@@ -656,7 +670,7 @@ fn fuzz_invalid_input_is_always_naked_never_broadcast() {
         };
         let out = c.handle(&frames, PEER, NOW);
         assert!(
-            out.reply.is_refusal() && out.broadcast.is_none(),
+            out.reply.is_refusal() && out.broadcast().is_none(),
             "round {round}: {:?} -> {out:?}",
             frames
                 .iter()
@@ -720,7 +734,7 @@ fn expect_legacy_nak(out: &Outcome) {
     assert_eq!(out.reply, Response::Legacy(NAK_TEXT.into()), "{out:?}");
     assert_eq!(out.reply.encode(), b"NAK");
     assert!(out.reply.is_refusal());
-    assert!(out.broadcast.is_none() && out.legacy_broadcast.is_none());
+    assert!(out.broadcast().is_none() && out.legacy_broadcast().is_none());
 }
 
 /// Asserts the exact echo, and returns the broadcast event if there is one.
@@ -728,11 +742,11 @@ fn expect_echo(out: &Outcome, echo: &str) -> Option<Sequenced> {
     assert_eq!(out.reply, Response::Legacy(echo.into()), "{out:?}");
     assert_eq!(out.reply.encode(), echo.as_bytes());
     assert!(!out.reply.is_refusal());
-    match &out.broadcast {
+    match out.broadcast() {
         Some(Broadcast::Event(s)) => Some(s.clone()),
         Some(other) => panic!("{other:?}"),
         None => {
-            assert!(out.legacy_broadcast.is_none());
+            assert!(out.legacy_broadcast().is_none());
             None
         }
     }
@@ -797,7 +811,7 @@ fn a_legacy_ban_is_echoed_and_broadcast_natively_and_in_legacy_form() {
     );
     let out = legacy_send(&mut c, b"Web2.Example.org.|sshd|UnBan|203.0.113.5");
     assert_eq!(
-        out.legacy_broadcast.as_deref(),
+        out.legacy_broadcast(),
         Some("Web2.Example.org.|sshd|UnBan|203.0.113.5"),
         "the old publisher rebroadcast the same string"
     );
@@ -826,7 +840,7 @@ fn legacy_five_fields_without_a_token_echo_the_whole_message() {
     let mut c = legacy_core(None);
     let wire = "web1|sshd|Ban|203.0.113.6|whatever";
     let out = legacy_send(&mut c, wire.as_bytes());
-    assert_eq!(out.legacy_broadcast.as_deref(), Some(wire));
+    assert_eq!(out.legacy_broadcast(), Some(wire));
     let s = expect_echo(&out, wire).unwrap();
     assert_eq!(s.event.ip.to_string(), "203.0.113.6");
 }
@@ -835,10 +849,7 @@ fn legacy_five_fields_without_a_token_echo_the_whole_message() {
 fn legacy_token_is_required_checked_and_never_echoed() {
     let mut c = legacy_core(Some("s3cret"));
     let out = legacy_send(&mut c, b"s3cret|web1|sshd|Ban|203.0.113.7");
-    assert_eq!(
-        out.legacy_broadcast.as_deref(),
-        Some("web1|sshd|Ban|203.0.113.7")
-    );
+    assert_eq!(out.legacy_broadcast(), Some("web1|sshd|Ban|203.0.113.7"));
     expect_echo(&out, "web1|sshd|Ban|203.0.113.7").unwrap();
     for bad in [
         &b"web1|sshd|Ban|203.0.113.8"[..],
@@ -887,7 +898,7 @@ fn every_invalid_legacy_request_is_answered_nak() {
     for (name, bytes) in &cases {
         let out = legacy_send(&mut c, bytes);
         assert_eq!(out.reply, Response::Legacy("NAK".into()), "{name}");
-        assert!(out.broadcast.is_none(), "{name}");
+        assert!(out.broadcast().is_none(), "{name}");
     }
     // A legacy request has one frame.
     let two = [b"web1|sshd|Ban|203.0.113.5".to_vec(), b"more".to_vec()];
@@ -930,21 +941,15 @@ fn legacy_duplicates_of_the_cluster_state_are_echoed_not_broadcast() {
 fn native_events_have_a_legacy_form_when_the_old_format_can_carry_them() {
     let mut c = core();
     let out = send(&mut c, &event(1, "sshd", Action::Ban, "203.0.113.5"), NOW);
-    assert_eq!(
-        out.legacy_broadcast.as_deref(),
-        Some("web1|sshd|Ban|203.0.113.5")
-    );
+    assert_eq!(out.legacy_broadcast(), Some("web1|sshd|Ban|203.0.113.5"));
     let out = send(&mut c, &event(2, "sshd", Action::Unban, "203.0.113.5"), NOW);
-    assert_eq!(
-        out.legacy_broadcast.as_deref(),
-        Some("web1|sshd|Unban|203.0.113.5")
-    );
+    assert_eq!(out.legacy_broadcast(), Some("web1|sshd|Unban|203.0.113.5"));
     let out = send(&mut c, &event(3, "sshd", Action::Ban, "2001:db8::5"), NOW);
     expect_ack(&out, AckStatus::Broadcast, Some(3));
-    assert_eq!(out.legacy_broadcast, None);
+    assert_eq!(out.legacy_broadcast(), None);
     let out = send(&mut c, &event(4, "a.b", Action::Ban, "203.0.113.5"), NOW);
     expect_ack(&out, AckStatus::Broadcast, Some(4));
-    assert_eq!(out.legacy_broadcast, None);
+    assert_eq!(out.legacy_broadcast(), None);
 }
 
 /// Legacy on, hostile text: never a panic; the answer is NAK or the exact echo
@@ -976,7 +981,7 @@ fn fuzz_legacy_requests() {
         }
         let out = c.handle(&[&b], PEER, NOW + round);
         match &out.reply {
-            Response::Legacy(t) if t == "NAK" => assert!(out.broadcast.is_none()),
+            Response::Legacy(t) if t == "NAK" => assert!(out.broadcast().is_none()),
             Response::Legacy(t) => {
                 let msg = f2b_proto::legacy::parse(&b, None).expect("echoed a refused message");
                 assert_eq!(t, &msg.wire, "round {round}");
@@ -1104,7 +1109,7 @@ fn snapshot_requests_are_answered_from_the_ledger() {
     })
     .encode();
     let out = c.handle(&[&req], PEER, NOW + 1);
-    assert!(out.broadcast.is_none());
+    assert!(out.broadcast().is_none());
     let Response::Snapshot(SnapshotReply::Page(page)) = &out.reply else {
         panic!("{out:?}")
     };
@@ -1211,11 +1216,11 @@ fn rebroadcast(out: &Outcome, seq: u64) -> Option<(u64, Event)> {
         }
         other => panic!("expected a duplicate, got {other:?}"),
     }
-    match &out.broadcast {
+    match out.broadcast() {
         Some(Broadcast::Event(s)) => Some((s.seq, s.event.clone())),
         Some(other) => panic!("{other:?}"),
         None => {
-            assert!(out.legacy_broadcast.is_none(), "{out:?}");
+            assert!(out.legacy_broadcast().is_none(), "{out:?}");
             None
         }
     }
@@ -1252,17 +1257,14 @@ fn a_duplicate_from_before_a_restart_is_broadcast_again_once() {
     let out = send(&mut c, &ban, at);
     assert_eq!(rebroadcast(&out, 1), Some((1, ban.clone())));
     assert_eq!(
-        out.broadcast.as_ref().unwrap(),
+        out.broadcast().unwrap(),
         &Broadcast::Event(Sequenced {
             seq: 1,
             epoch,
             event: ban.clone()
         })
     );
-    assert_eq!(
-        out.legacy_broadcast.as_deref(),
-        Some("web1|sshd|Ban|203.0.113.5")
-    );
+    assert_eq!(out.legacy_broadcast(), Some("web1|sshd|Ban|203.0.113.5"));
     // Once: the next resend is a plain duplicate.
     assert_eq!(rebroadcast(&send(&mut c, &ban, at), 1), None);
     // What goes out is the ledger's event, whatever the resend carries.
@@ -1352,19 +1354,18 @@ fn a_broadcast_that_failed_is_refused_busy_and_sent_again_on_the_resend() {
     let e = event(1, "sshd", Action::Ban, "203.0.113.5");
     let out = send(&mut c, &e, NOW);
     expect_ack(&out, AckStatus::Broadcast, Some(1));
-    let reply = c.broadcast_failed(out.reply);
+    let reply = c.broadcast_failed(out.reply, 0);
     let failed = Outcome {
         reply,
         seal: Seal::None,
-        broadcast: None,
-        legacy_broadcast: None,
+        broadcasts: Vec::new(),
     };
     assert_eq!(expect_nak(&failed, NakReason::Busy).id, Some(e.id));
     assert_eq!(rebroadcast(&send(&mut c, &e, NOW), 1), Some((1, e.clone())));
     assert_eq!(rebroadcast(&send(&mut c, &e, NOW), 1), None);
     // Other replies are left alone.
     let nak = Response::Legacy("NAK".into());
-    assert_eq!(c.broadcast_failed(nak.clone()), nak);
+    assert_eq!(c.broadcast_failed(nak.clone(), 0), nak);
     assert_eq!(c.last_seq(), 1);
 }
 
@@ -1433,8 +1434,7 @@ fn a_failed_batch_commit_undoes_the_batch() {
     let busy = Outcome {
         reply: out.reply.clone().refused_busy(),
         seal: Seal::None,
-        broadcast: None,
-        legacy_broadcast: None,
+        broadcasts: Vec::new(),
     };
     assert_eq!(expect_nak(&busy, NakReason::Busy).id, Some(ban.id));
     assert_eq!(
