@@ -1854,3 +1854,426 @@ fn snapshot_replies_need_no_credential_and_are_signed_over_the_request() {
     let out = open.handle(&[&req], PEER, NOW);
     assert_eq!(out.seal, Seal::None);
 }
+
+// ---------------------------------------------------------------------------
+// `reports` requests: several events of one node, answered with `replies`.
+
+/// A `reports` request of `events` and its auth frame, signed as credential `key`
+/// with `secret`.
+fn reports_signed_as(
+    events: &[Event],
+    key: &str,
+    secret: &str,
+    ts_ms: u64,
+    nonce: u8,
+) -> Vec<Vec<u8>> {
+    let payload = Request::Reports(events.to_vec()).encode();
+    let auth = f2b_proto::auth::RequestAuth::sign(
+        &f2b_proto::auth::MonitorSecret::new(secret).unwrap(),
+        &NodeName::new(key).unwrap(),
+        ts_ms,
+        [nonce; 16],
+        &payload,
+    );
+    vec![payload, auth.encode()]
+}
+
+/// [`reports_signed_as`] the events' node.
+fn reports_signed(events: &[Event], secret: &str, ts_ms: u64, nonce: u8) -> Vec<Vec<u8>> {
+    reports_signed_as(events, events[0].node.as_str(), secret, ts_ms, nonce)
+}
+
+/// The answers of a `replies`, asserting there is one per event of `events`,
+/// each naming its event, and that every broadcast belongs to an ACK `broadcast`
+/// (or a rebroadcast duplicate) and carries that event.
+fn expect_replies<'a>(out: &'a Outcome, events: &[Event]) -> &'a [Reply] {
+    let Response::Reply(Reply::Replies(answers)) = &out.reply else {
+        panic!("expected replies, got {out:?}");
+    };
+    assert!(!out.reply.is_refusal());
+    assert_eq!(answers.len(), events.len(), "{out:?}");
+    for (a, e) in answers.iter().zip(events) {
+        let id = match a {
+            Reply::Ack(a) => Some(a.id),
+            Reply::Nak(n) => n.id,
+            Reply::Replies(_) => panic!("nested: {out:?}"),
+        };
+        assert_eq!(id, Some(e.id), "{out:?}");
+    }
+    for b in &out.broadcasts {
+        let Broadcast::Event(s) = &b.broadcast else {
+            panic!("{b:?}");
+        };
+        assert_eq!(s.event, events[b.answer], "{b:?}");
+        match &answers[b.answer] {
+            Reply::Ack(a) => assert_eq!(a.seq, Some(s.seq), "{b:?}"),
+            other => panic!("a broadcast for {other:?}"),
+        }
+    }
+    answers
+}
+
+/// The status and seq of an ACK, or the reason of a NAK, of each answer.
+fn shape(answers: &[Reply]) -> Vec<Result<(AckStatus, Option<u64>), NakReason>> {
+    answers
+        .iter()
+        .map(|a| match a {
+            Reply::Ack(a) => Ok((a.status, a.seq)),
+            Reply::Nak(n) => Err(n.reason),
+            Reply::Replies(_) => panic!("nested"),
+        })
+        .collect()
+}
+
+/// The sequence numbers broadcast, in order.
+fn broadcast_seqs(out: &Outcome) -> Vec<u64> {
+    out.broadcasts
+        .iter()
+        .flat_map(|b| b.broadcast.events().iter().map(|s| s.seq))
+        .collect()
+}
+
+#[test]
+fn a_reports_request_is_acked_per_event_in_order_and_maced() {
+    let mut c = trusted_core("");
+    let events: Vec<Event> = (1..=5)
+        .map(|n| event(n, "sshd", Action::Ban, &format!("203.0.113.{n}")))
+        .collect();
+    let frames = reports_signed(&events, WEB1, NOW, 1);
+    let out = c.handle(&frames, PEER, NOW);
+    let answers = expect_replies(&out, &events);
+    assert_eq!(
+        shape(answers),
+        (1..=5)
+            .map(|s| Ok((AckStatus::Broadcast, Some(s))))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(broadcast_seqs(&out), [1, 2, 3, 4, 5]);
+    assert_eq!(
+        out.broadcasts.iter().map(|b| b.answer).collect::<Vec<_>>(),
+        [0, 1, 2, 3, 4]
+    );
+    // The legacy form is there for subscribers of the old format.
+    assert_eq!(
+        out.broadcasts[0].legacy.as_deref(),
+        legacy::broadcast_text(&events[0], None).as_deref()
+    );
+    assert!(out.broadcasts[0].legacy.is_some());
+    assert_eq!(c.take_refusal(), None);
+    // The replies are MACed for the monitor, bound to the request's MAC.
+    let request_mac = f2b_proto::auth::RequestAuth::decode(&frames[1])
+        .unwrap()
+        .mac;
+    let reply = c.trust().reply_frames(out.reply.encode(), &out.seal);
+    assert_eq!(reply.len(), 2);
+    let secret = f2b_proto::auth::MonitorSecret::new(WEB1).unwrap();
+    assert!(f2b_proto::auth::verify_reply(
+        &secret,
+        &request_mac,
+        &reply[0],
+        &reply[1]
+    ));
+    let other = f2b_proto::auth::MonitorSecret::new(WEB2).unwrap();
+    assert!(!f2b_proto::auth::verify_reply(
+        &other,
+        &request_mac,
+        &reply[0],
+        &reply[1]
+    ));
+    assert_eq!(
+        Reply::decode(&reply[0]).unwrap(),
+        Reply::Replies(answers.to_vec())
+    );
+    let web1 = Reporter::Credential(NodeName::new("web1").unwrap());
+    assert_eq!(
+        reporters(&c),
+        (1..=5).map(|s| (s, web1.clone())).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn each_event_of_a_reports_request_gets_its_own_answer() {
+    let mut c = core();
+    let known = event(1, "sshd", Action::Ban, "203.0.113.1");
+    expect_ack(&send(&mut c, &known, NOW), AckStatus::Broadcast, Some(1));
+    let mut future = event(7, "sshd", Action::Ban, "203.0.113.7");
+    future.time_ms = NOW + 2 * 86_400_000;
+    let events = vec![
+        event(2, "sshd", Action::Ban, "203.0.113.2"),
+        // Forbidden: refused alone, the rest is decided.
+        event(3, "sshd", Action::Ban, "127.0.0.1"),
+        // A resend of an event accepted before.
+        known.clone(),
+        // The cluster holds that ban already.
+        event(4, "sshd", Action::Ban, "203.0.113.1"),
+        event(5, "sshd", Action::Ban, "203.0.113.5"),
+        // The same ban again in the same request.
+        event(6, "sshd", Action::Ban, "203.0.113.5"),
+        future,
+        event(8, "nginx", Action::Unban, "203.0.113.8"),
+    ];
+    let out = c.handle(&[Request::Reports(events.clone()).encode()], PEER, NOW);
+    let answers = expect_replies(&out, &events);
+    assert_eq!(
+        shape(answers),
+        [
+            Ok((AckStatus::Broadcast, Some(2))),
+            Err(NakReason::Forbidden),
+            Ok((AckStatus::Duplicate, Some(1))),
+            Ok((AckStatus::Unchanged, None)),
+            Ok((AckStatus::Broadcast, Some(3))),
+            Ok((AckStatus::Unchanged, None)),
+            Err(NakReason::InvalidTime),
+            Ok((AckStatus::Broadcast, Some(4))),
+        ]
+    );
+    let Reply::Nak(forbidden) = &answers[1] else {
+        unreachable!()
+    };
+    assert!(forbidden.detail.contains("loopback"), "{forbidden:?}");
+    assert_eq!(
+        out.broadcasts.iter().map(|b| b.answer).collect::<Vec<_>>(),
+        [0, 4, 7]
+    );
+    assert_eq!(broadcast_seqs(&out), [2, 3, 4]);
+    assert_eq!(c.ledger().rows().unwrap(), 4);
+    // Each refusal is counted (and logged) on its own; the request is not one.
+    let counted = counts(&c);
+    assert_eq!(
+        (counted["forbidden"], counted["invalid_time"]),
+        (1, 1),
+        "{counted:?}"
+    );
+    assert_eq!(c.take_refusal(), None);
+    // The same request again: every event is a duplicate now, or refused again.
+    let again = c.handle(&[Request::Reports(events.clone()).encode()], PEER, NOW);
+    assert_eq!(
+        shape(expect_replies(&again, &events)),
+        [
+            Ok((AckStatus::Duplicate, Some(2))),
+            Err(NakReason::Forbidden),
+            Ok((AckStatus::Duplicate, Some(1))),
+            Ok((AckStatus::Duplicate, None)),
+            Ok((AckStatus::Duplicate, Some(3))),
+            Ok((AckStatus::Duplicate, None)),
+            Err(NakReason::InvalidTime),
+            Ok((AckStatus::Duplicate, Some(4))),
+        ]
+    );
+    assert!(again.broadcasts.is_empty());
+}
+
+/// After the first event refused with a transient reason, the rest of the
+/// request is refused with it undecided; the monitor's resend of that suffix is
+/// decided in its order once the node may send again.
+#[test]
+fn a_transient_refusal_refuses_the_rest_of_the_request_undecided() {
+    let mut c = trusted_core("rate_limit = 1\nrate_burst = 4\nquarantine_floor = 1000");
+    let e = |n: u128| event(n, "sshd", Action::Ban, &format!("203.0.113.{n}"));
+    // One token of 4 taken.
+    expect_ack(
+        &c.handle(&signed(&e(1), WEB1, NOW, 1), PEER, NOW),
+        AckStatus::Broadcast,
+        Some(1),
+    );
+    // e(5) finds the bucket empty; e(1) after it would be a duplicate if it were
+    // decided.
+    let events = vec![e(2), e(3), e(4), e(5), e(1), e(6)];
+    let out = c.handle(&reports_signed(&events, WEB1, NOW, 2), PEER, NOW);
+    let answers = expect_replies(&out, &events);
+    assert_eq!(
+        shape(answers),
+        [
+            Ok((AckStatus::Broadcast, Some(2))),
+            Ok((AckStatus::Broadcast, Some(3))),
+            Ok((AckStatus::Broadcast, Some(4))),
+            Err(NakReason::RateLimited),
+            Err(NakReason::RateLimited),
+            Err(NakReason::RateLimited),
+        ]
+    );
+    let details: Vec<&str> = answers[3..]
+        .iter()
+        .map(|a| match a {
+            Reply::Nak(n) => n.detail.as_str(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert!(details[0].contains("rate_limit"), "{details:?}");
+    for d in &details[1..] {
+        assert!(d.contains("earlier event of this request"), "{d}");
+        assert!(d.contains(&e(5).id.to_string()), "{d}");
+        assert!(!d.contains("rate_limit ="), "decided by the guard: {d}");
+    }
+    assert_eq!(broadcast_seqs(&out), [2, 3, 4]);
+    assert!(matches!(out.seal, Seal::Mac { .. }));
+    // Nothing of the suffix was recorded or remembered.
+    assert_eq!((c.last_seq(), c.ledger().rows().unwrap()), (4, 4));
+    assert_eq!(counts(&c)["rate_limited"], 3);
+    // Three seconds later the bucket holds three tokens: exactly the suffix,
+    // which the guard did not count (each event of it takes one now).
+    let later = NOW + 3000;
+    let suffix = events[3..].to_vec();
+    let out = c.handle(&reports_signed(&suffix, WEB1, later, 3), PEER, later);
+    assert_eq!(
+        shape(expect_replies(&out, &suffix)),
+        [
+            Ok((AckStatus::Broadcast, Some(5))),
+            Ok((AckStatus::Duplicate, Some(1))),
+            Ok((AckStatus::Broadcast, Some(6))),
+        ]
+    );
+    assert_eq!(broadcast_seqs(&out), [5, 6]);
+    assert_eq!(
+        out.broadcasts.iter().map(|b| b.answer).collect::<Vec<_>>(),
+        [0, 2]
+    );
+    // The bucket is empty again.
+    let out = c.handle(&signed(&e(7), WEB1, later, 4), PEER, later);
+    expect_nak(&out, NakReason::RateLimited);
+}
+
+/// A ledger write that fails is `busy`, transient too: the rest is refused with
+/// it and nothing is recorded.
+#[test]
+fn a_failed_write_in_a_reports_request_refuses_the_rest_busy() {
+    let mut c = core();
+    let events: Vec<Event> = (1..=3)
+        .map(|n| event(n, "sshd", Action::Ban, &format!("203.0.113.{n}")))
+        .collect();
+    c.ledger.fail_writes(true);
+    let out = c.handle(&[Request::Reports(events.clone()).encode()], PEER, NOW);
+    let answers = expect_replies(&out, &events);
+    assert_eq!(shape(answers), [Err(NakReason::Busy); 3]);
+    for (i, a) in answers.iter().enumerate() {
+        let Reply::Nak(n) = a else { unreachable!() };
+        // Only the first was tried.
+        assert_eq!(n.detail.contains("earlier event"), i > 0, "{n:?}");
+    }
+    assert!(out.broadcasts.is_empty());
+    c.ledger.fail_writes(false);
+    let out = c.handle(&[Request::Reports(events.clone()).encode()], PEER, NOW);
+    assert_eq!(broadcast_seqs(&out), [1, 2, 3]);
+}
+
+/// The request is authenticated once: a credential that does not hold, or that
+/// is not the events' node, refuses it whole with one NAK without an id.
+#[test]
+fn a_reports_request_is_authenticated_whole() {
+    let mut c = trusted_core("");
+    let mut events: Vec<Event> = (1..=3)
+        .map(|n| event(n, "sshd", Action::Ban, &format!("203.0.113.{n}")))
+        .collect();
+    let cases: Vec<(&str, Vec<Vec<u8>>, NakReason, bool)> = vec![
+        (
+            "no auth frame",
+            vec![Request::Reports(events.clone()).encode()],
+            NakReason::Unauthenticated,
+            false,
+        ),
+        (
+            "another node's credential",
+            reports_signed_as(&events, "web2", WEB2, NOW, 1),
+            NakReason::Unauthenticated,
+            true,
+        ),
+        (
+            "unknown credential",
+            reports_signed_as(&events, "web9", WEB1, NOW, 2),
+            NakReason::Unauthenticated,
+            false,
+        ),
+        (
+            "wrong MAC",
+            reports_signed_as(&events, "web1", WEB2, NOW, 3),
+            NakReason::Unauthenticated,
+            false,
+        ),
+        (
+            "stale",
+            reports_signed(&events, WEB1, NOW - 60_001, 4),
+            NakReason::Replayed,
+            true,
+        ),
+    ];
+    for (name, frames, reason, maced) in cases {
+        let out = c.handle(&frames, PEER, NOW);
+        let nak = expect_nak(&out, reason);
+        assert_eq!(nak.id, None, "{name}");
+        assert_eq!(matches!(out.seal, Seal::Mac { .. }), maced, "{name}");
+        assert_eq!(c.take_refusal(), Some(reason.code()), "{name}");
+        assert_eq!(c.last_seq(), 0, "{name}: nothing recorded");
+    }
+    // Events of several nodes do not decode: malformed, without an id.
+    events[2].node = NodeName::new("web2").unwrap();
+    let out = c.handle(&reports_signed_as(&events, "web1", WEB1, NOW, 5), PEER, NOW);
+    assert_eq!(expect_nak(&out, NakReason::Malformed).id, None);
+    // The right credential: accepted.
+    events[2].node = NodeName::new("web1").unwrap();
+    let out = c.handle(&reports_signed(&events, WEB1, NOW, 6), PEER, NOW);
+    assert_eq!(broadcast_seqs(&out), [1, 2, 3]);
+}
+
+/// A failed commit turns every ACK of a `replies` busy (the refusals stay); a
+/// broadcast that could not be queued turns its own event's ACK busy, and the
+/// resend of that event broadcasts it again.
+#[test]
+fn failed_commits_and_broadcasts_turn_the_acks_of_replies_busy() {
+    let mut c = core();
+    c.begin_batch().unwrap();
+    let events = vec![
+        event(1, "sshd", Action::Ban, "203.0.113.1"),
+        event(2, "sshd", Action::Ban, "127.0.0.1"),
+        event(3, "sshd", Action::Ban, "203.0.113.3"),
+    ];
+    let out = c.handle(&[Request::Reports(events.clone()).encode()], PEER, NOW);
+    assert_eq!(broadcast_seqs(&out), [1, 2]);
+    c.ledger.fail_next_commit();
+    assert!(c.commit_batch(NOW).is_err());
+    assert_eq!(c.last_seq(), 0);
+    let busy = Outcome {
+        reply: out.reply.clone().refused_busy(),
+        seal: Seal::None,
+        broadcasts: Vec::new(),
+    };
+    assert_eq!(
+        shape(expect_replies(&busy, &events)),
+        [
+            Err(NakReason::Busy),
+            Err(NakReason::Forbidden),
+            Err(NakReason::Busy)
+        ]
+    );
+    // The resend: new events again, with the same seqs. Its second broadcast
+    // could not be queued.
+    let out = c.handle(&[Request::Reports(events.clone()).encode()], PEER, NOW);
+    assert_eq!(broadcast_seqs(&out), [1, 2]);
+    let failed = out.broadcasts[1].answer;
+    assert_eq!(failed, 2);
+    let reply = c.broadcast_failed(out.reply.clone(), failed);
+    let sent = Outcome {
+        reply,
+        seal: Seal::None,
+        broadcasts: Vec::new(),
+    };
+    assert_eq!(
+        shape(expect_replies(&sent, &events)),
+        [
+            Ok((AckStatus::Broadcast, Some(1))),
+            Err(NakReason::Forbidden),
+            Err(NakReason::Busy)
+        ]
+    );
+    // Only that event is broadcast again when it is sent again.
+    let again = c.handle(&[Request::Reports(events.clone()).encode()], PEER, NOW);
+    assert_eq!(
+        shape(expect_replies(&again, &events)),
+        [
+            Ok((AckStatus::Duplicate, Some(1))),
+            Err(NakReason::Forbidden),
+            Ok((AckStatus::Duplicate, Some(2))),
+        ]
+    );
+    assert_eq!(broadcast_seqs(&again), [2]);
+    assert_eq!(again.broadcasts[0].answer, 2);
+}
