@@ -1264,3 +1264,153 @@ fn a_flooding_node_is_quarantined_and_others_are_served() {
         assert_eq!(next_event(&sub).0, seq);
     }
 }
+
+/// A `reports` request of `events` signed as credential `key` with `secret` at
+/// `ts_ms`, with a fresh nonce: the request's two frames, and the auth it carries.
+fn reports_signed_as(
+    events: &[Event],
+    key: &str,
+    secret: &MonitorSecret,
+    ts_ms: u64,
+) -> (Vec<Vec<u8>>, RequestAuth) {
+    let payload = Request::Reports(events.to_vec()).encode();
+    let nonce: [u8; 16] = std::array::from_fn(|_| fastrand::u8(..));
+    let a = RequestAuth::sign(secret, &NodeName::new(key).unwrap(), ts_ms, nonce, &payload);
+    (vec![payload, a.encode()], a)
+}
+
+/// The event broadcasts received until they carried `n` events, skipping
+/// heartbeats, each signature checked.
+fn broadcasts_of(sub: &zmq::Socket, n: usize) -> Vec<Broadcast> {
+    let mut got: Vec<Broadcast> = Vec::new();
+    while got.iter().map(|b| b.events().len()).sum::<usize>() < n {
+        match recv_broadcast(sub) {
+            Broadcast::Heartbeat(_) => {}
+            b => got.push(b),
+        }
+    }
+    got
+}
+
+/// A signed `reports` of 32 events is answered with one `replies` of 32 ACKs,
+/// MACed for the monitor's secret alone, and its events reach a subscriber in
+/// sequence order, packed into `events` messages.
+#[test]
+fn a_signed_reports_request_gets_maced_replies_and_is_broadcast_packed() {
+    let hub = Hub::start("50ms");
+    let sub = hub.sub(&[b""]);
+    let req = hub.req();
+    let s1 = secret_of("web1");
+    let events: Vec<Event> = (1..=f2b_proto::MAX_REPORT_EVENTS as u128)
+        .map(|n| event(n, "sshd", Action::Ban, &format!("203.0.113.{n}")))
+        .collect();
+    let (frames, a) = reports_signed_as(&events, "web1", &s1, now_ms());
+    assert!(frames[0].len() <= f2b_proto::MAX_MESSAGE_SIZE);
+    req.send_multipart(&frames, 0).unwrap();
+    let reply = req.recv_multipart(0).expect("no reply before the deadline");
+    assert_eq!(reply.len(), 2, "a MACed reply has two frames");
+    assert!(auth::verify_reply(&s1, &a.mac, &reply[0], &reply[1]));
+    assert!(!auth::verify_reply(
+        &secret_of("web2"),
+        &a.mac,
+        &reply[0],
+        &reply[1]
+    ));
+    let (_, other) = reports_signed_as(&events, "web1", &s1, now_ms());
+    assert!(!auth::verify_reply(&s1, &other.mac, &reply[0], &reply[1]));
+    let Reply::Replies(answers) = Reply::decode(&reply[0]).unwrap() else {
+        panic!("not replies: {:?}", String::from_utf8_lossy(&reply[0]));
+    };
+    assert_eq!(answers.len(), events.len());
+    for (n, (answer, e)) in answers.iter().zip(&events).enumerate() {
+        match answer {
+            Reply::Ack(ack) => assert_eq!(
+                (ack.id, ack.status, ack.seq),
+                (e.id, AckStatus::Broadcast, Some(n as u64 + 1))
+            ),
+            other => panic!("event {n}: {other:?}"),
+        }
+    }
+
+    let got = broadcasts_of(&sub, events.len());
+    assert!(
+        got.iter().all(|b| matches!(b, Broadcast::Events(_))),
+        "not packed: {got:?}"
+    );
+    assert!(got.len() < events.len() / 4, "{} messages", got.len());
+    let received: Vec<(u64, Event)> = got
+        .iter()
+        .flat_map(|b| b.events().iter().map(|s| (s.seq, s.event.clone())))
+        .collect();
+    let expected: Vec<(u64, Event)> = (1..).zip(events.iter().cloned()).collect();
+    assert_eq!(received, expected);
+
+    // Resent whole: every event a duplicate, nothing broadcast again; the next
+    // event is the next broadcast.
+    let (frames, a) = reports_signed_as(&events, "web1", &s1, now_ms());
+    let Reply::Replies(answers) = signed_request(&req, &frames, &a, &s1, true) else {
+        panic!("not replies");
+    };
+    assert!(answers
+        .iter()
+        .zip(1..)
+        .all(|(r, seq)| matches!(r, Reply::Ack(a) if a.status == AckStatus::Duplicate && a.seq == Some(seq))));
+    let last = event(100, "sshd", Action::Ban, "198.51.100.1");
+    expect_ack(report(&req, &last), AckStatus::Broadcast, Some(33));
+    assert_eq!(next_event(&sub), (33, last));
+}
+
+/// A `reports` request whose credential does not hold is refused whole, with
+/// one NAK without an id (MACed only when the sender proved its secret), and
+/// nothing of it is recorded or broadcast.
+#[test]
+fn a_reports_request_with_a_bad_credential_is_refused_whole() {
+    let hub = Hub::start("50ms");
+    let sub = hub.sub(&[b""]);
+    let req = hub.req();
+    let events: Vec<Event> = (1..=3)
+        .map(|n| event(n, "sshd", Action::Ban, &format!("203.0.113.{n}")))
+        .collect();
+    let revoked = MonitorSecret::new("web3-secret-0123456789abcdef0123456789").unwrap();
+    let s2 = secret_of("web2");
+    let (unknown, a) = reports_signed_as(&events, "web3", &revoked, now_ms());
+    let (other_node, b) = reports_signed_as(&events, "web2", &s2, now_ms());
+    for (name, frames, a, secret, maced) in [
+        ("unknown credential", unknown, a, &revoked, false),
+        ("another node's credential", other_node, b, &s2, true),
+    ] {
+        match signed_request(&req, &frames, &a, secret, maced) {
+            Reply::Nak(n) => assert_eq!(
+                (n.reason, n.id),
+                (NakReason::Unauthenticated, None),
+                "{name}: {n:?}"
+            ),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    // Without an auth frame.
+    expect_nak(
+        request_frames(&req, &[Request::Reports(events.clone()).encode()]),
+        NakReason::Unauthenticated,
+    );
+    // None of them was recorded: the events are new when reported right.
+    let (frames, a) = reports_signed_as(&events, "web1", &secret_of("web1"), now_ms());
+    let Reply::Replies(answers) = signed_request(&req, &frames, &a, &secret_of("web1"), true)
+    else {
+        panic!("not replies");
+    };
+    let seqs: Vec<Option<u64>> = answers
+        .iter()
+        .map(|r| match r {
+            Reply::Ack(a) if a.status == AckStatus::Broadcast => a.seq,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(seqs, [Some(1), Some(2), Some(3)]);
+    let got = broadcasts_of(&sub, 3);
+    let seqs: Vec<u64> = got
+        .iter()
+        .flat_map(|b| b.events().iter().map(|s| s.seq))
+        .collect();
+    assert_eq!(seqs, [1, 2, 3]);
+}
