@@ -1,7 +1,8 @@
 //! Many SUB sockets in this process, read by one thread: the subscribers of the
 //! throughput and fan-out benchmarks. For each event (by sequence number) it
 //! counts the sockets that got it and reports the moment the last one did; it
-//! checks that each socket got every sequence number, in order.
+//! checks that each socket got every sequence number, in order; and it counts the
+//! deliveries of each millisecond, for rates that do not wait for the last socket.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -13,6 +14,7 @@ use anyhow::{bail, Context as _};
 use f2b_common::sockets::new_socket;
 
 use crate::load::event_seqs;
+use crate::stats::Rates;
 
 /// SUB sockets per libzmq context.
 const PER_CONTEXT: usize = 500;
@@ -25,6 +27,31 @@ pub struct Received {
     /// Sequence numbers a socket skipped (a socket's seq not one more than its
     /// previous one), over all sockets.
     pub gaps: u64,
+    /// When the reading thread started: the origin of `per_ms`.
+    pub origin: Option<Instant>,
+    /// Deliveries read in each millisecond from `origin`.
+    pub per_ms: Vec<u64>,
+}
+
+impl Received {
+    /// The deliveries as events delivered to all `subscribers`: each delivery is
+    /// 1/`subscribers` of an event, at the millisecond it was read, from `start`.
+    /// Unlike the completions (the moment the last socket has an event), these do
+    /// not come in bursts when the reading thread, behind, drains one socket's
+    /// backlog after another's: over a run both add up to the same events.
+    pub fn delivery_rates(&self, start: Instant, subscribers: usize) -> Rates {
+        let mut rates = Rates::new(start);
+        let Some(origin) = self.origin else {
+            return rates;
+        };
+        let share = 1.0 / subscribers.max(1) as f64;
+        for (ms, &n) in self.per_ms.iter().enumerate() {
+            if n > 0 {
+                rates.record_n(origin + Duration::from_millis(ms as u64), n as f64 * share);
+            }
+        }
+        rates
+    }
 }
 
 /// The SUB sockets and their reading thread.
@@ -159,6 +186,10 @@ struct Tracker<'a> {
     part: zmq::Message,
     /// The sequence numbers of the message being read (several for `events`).
     seqs: Vec<u64>,
+    /// The origin of `out.per_ms`.
+    origin: Instant,
+    /// The millisecond (from `origin`) the message being read was read in.
+    now_ms: usize,
 }
 
 impl Tracker<'_> {
@@ -175,6 +206,7 @@ impl Tracker<'_> {
                     Err(zmq::Error::EAGAIN) => break,
                     Err(e) => return Err(e.into()),
                 }
+                self.now_ms = self.origin.elapsed().as_millis() as usize;
                 let mut seqs = std::mem::take(&mut self.seqs);
                 seqs.clear();
                 let mut more = self.topic.get_more();
@@ -208,6 +240,10 @@ impl Tracker<'_> {
             return;
         };
         self.out.deliveries += 1;
+        if self.out.per_ms.len() <= self.now_ms {
+            self.out.per_ms.resize(self.now_ms + 1, 0);
+        }
+        self.out.per_ms[self.now_ms] += 1;
         if self.last[i] != 0 && seq != self.last[i] + 1 {
             self.out.gaps += 1;
         }
@@ -243,6 +279,7 @@ fn read_all(
     use nix::sys::epoll::{epoll_ctl, Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollOp};
 
     let n = socks.len();
+    let origin = Instant::now();
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
     for (i, s) in socks.iter().enumerate() {
         let mut ev = EpollEvent::new(EpollFlags::EPOLLIN, i as u64);
@@ -259,12 +296,17 @@ fn read_all(
         last: vec![0; n],
         base: None,
         counts: Vec::new(),
-        out: Received::default(),
+        out: Received {
+            origin: Some(origin),
+            ..Received::default()
+        },
         ready,
         tx,
         topic: zmq::Message::new(),
         part: zmq::Message::new(),
         seqs: Vec::new(),
+        origin,
+        now_ms: 0,
     };
     let mut events = vec![EpollEvent::empty(); 1024];
     let mut last_sweep = Instant::now();
@@ -316,5 +358,8 @@ mod tests {
         let r = farm.finish().unwrap();
         assert_eq!(r.deliveries, 10 * n as u64);
         assert_eq!(r.gaps, 0);
+        assert_eq!(r.per_ms.iter().sum::<u64>(), r.deliveries);
+        let rates = r.delivery_rates(r.origin.unwrap(), n);
+        assert!((rates.count() - 10.0).abs() < 1e-9, "{}", rates.count());
     }
 }

@@ -63,11 +63,13 @@ impl Samples {
 }
 
 /// Completion times of events, turned into rates per time window: the median rate
-/// and the rate 99% of windows reach (the "p99" of a throughput).
+/// and the rate 99% of windows reach (the "p99" of a throughput). A time may count
+/// several events (a reply to a request of 32), or a fraction of one (one of the 50
+/// deliveries an event takes to reach 50 subscribers).
 #[derive(Debug, Clone)]
 pub struct Rates {
     start: Instant,
-    times: Vec<Instant>,
+    times: Vec<(Instant, f64)>,
 }
 
 impl Rates {
@@ -78,19 +80,26 @@ impl Rates {
         }
     }
 
+    /// One event completed at `t`.
     pub fn record(&mut self, t: Instant) {
-        self.times.push(t);
+        self.record_n(t, 1.0);
     }
 
-    #[cfg(test)]
-    fn count(&self) -> usize {
-        self.times.len()
+    /// `events` events (or a fraction of one) completed at `t`.
+    pub fn record_n(&mut self, t: Instant, events: f64) {
+        self.times.push((t, events));
+    }
+
+    /// The events recorded.
+    pub fn count(&self) -> f64 {
+        self.times.iter().map(|(_, n)| n).sum()
     }
 
     /// From the start to the last completion.
     pub fn elapsed(&self) -> Duration {
         self.times
             .iter()
+            .map(|(t, _)| *t)
             .max()
             .map(|t| t.saturating_duration_since(self.start))
             .unwrap_or_default()
@@ -100,7 +109,7 @@ impl Rates {
     pub fn overall(&self) -> f64 {
         let s = self.elapsed().as_secs_f64();
         if s > 0.0 {
-            self.times.len() as f64 / s
+            self.count() / s
         } else {
             f64::NAN
         }
@@ -115,14 +124,14 @@ impl Rates {
         if full == 0 {
             return Samples::from_values(vec![self.overall()]);
         }
-        let mut counts = vec![0u64; full];
-        for t in &self.times {
+        let mut counts = vec![0f64; full];
+        for (t, n) in &self.times {
             let i = (t.saturating_duration_since(self.start).as_secs_f64() / w) as usize;
             if i < full {
-                counts[i] += 1;
+                counts[i] += n;
             }
         }
-        Samples::from_values(counts.into_iter().map(|c| c as f64 / w).collect())
+        Samples::from_values(counts.into_iter().map(|c| c / w).collect())
     }
 }
 
@@ -158,7 +167,26 @@ mod tests {
         assert_eq!(w.len(), 2);
         assert_eq!(w.median(), 100.0);
         assert_eq!(w.max(), 200.0);
-        assert_eq!(r.count(), 31);
+        assert_eq!(r.count(), 31.0);
         assert!((r.overall() - 31.0 / 0.25).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rates_count_weighted_completions() {
+        let start = Instant::now();
+        let mut r = Rates::new(start);
+        // A reply to a request of 32 events in each of two 100 ms windows, and
+        // 50 deliveries of 1/50 of an event each in the second.
+        r.record_n(start + Duration::from_millis(50), 32.0);
+        r.record_n(start + Duration::from_millis(150), 32.0);
+        for i in 0..50 {
+            r.record_n(start + Duration::from_millis(100 + i), 1.0 / 50.0);
+        }
+        r.record_n(start + Duration::from_millis(200), 0.0);
+        let w = r.per_window(Duration::from_millis(100));
+        assert_eq!(w.len(), 2);
+        assert!((w.median() - 320.0).abs() < 1e-6, "{}", w.median());
+        assert!((w.max() - 330.0).abs() < 1e-6, "{}", w.max());
+        assert!((r.count() - 65.0).abs() < 1e-9);
     }
 }
