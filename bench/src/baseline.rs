@@ -15,8 +15,19 @@ use crate::stats::{Rates, Samples};
 
 /// A report as a monitor sends it, for realistic message sizes.
 pub fn sample_report() -> Vec<u8> {
+    sample_request(1).0
+}
+
+/// A request as a monitor sends it with `batch` events waiting (a `report` for
+/// one, a `reports` packed by `Request::pack` for more), for realistic message
+/// sizes; and the events it carries.
+pub fn sample_request(batch: usize) -> (Vec<u8>, usize) {
     let node = f2b_proto::NodeName::new("web1").expect("valid");
-    f2b_proto::Request::Report(ban_event(&node, ip_for(12345))).encode()
+    let events: Vec<_> = (0..batch.max(1) as u64)
+        .map(|k| ban_event(&node, ip_for(12345 + k)))
+        .collect();
+    let (request, n) = f2b_proto::Request::pack(&events).expect("at least one event");
+    (request.encode(), n)
 }
 
 /// An event broadcast's payload, for realistic message sizes.
@@ -138,10 +149,16 @@ pub fn rtt_plus_hop(subs: usize, iters: usize) -> anyhow::Result<(Samples, Sampl
 }
 
 /// Benchmark 2's baseline: a ROUTER that echoes every request at once (what a
-/// REP does), and `clients` clients with `window` report-sized requests in flight
-/// each (1: REQ, as monitors; more: DEALER), for `secs`. Returns the completion
-/// times of the replies.
-pub fn reqrep_throughput(clients: usize, window: usize, secs: f64) -> anyhow::Result<Rates> {
+/// REP does), and `clients` clients with `window` requests in flight each (1: REQ,
+/// as monitors; more: DEALER), each the size of a request of `batch` events, for
+/// `secs`. Returns the completion times of the replies, each counting the events
+/// its request would carry (messages/s times events per message).
+pub fn reqrep_throughput(
+    clients: usize,
+    window: usize,
+    batch: usize,
+    secs: f64,
+) -> anyhow::Result<Rates> {
     let hub_ctx = zmq::Context::new();
     let router = new_socket(&hub_ctx, zmq::ROUTER)?;
     router.bind("tcp://127.0.0.1:*")?;
@@ -162,39 +179,41 @@ pub fn reqrep_throughput(clients: usize, window: usize, secs: f64) -> anyhow::Re
     for _ in 0..clients {
         let ctx = ctx.clone();
         let ep = ep.clone();
-        threads.push(thread::spawn(move || -> anyhow::Result<Vec<Instant>> {
-            let dealer = window > 1;
-            let s = new_socket(&ctx, if dealer { zmq::DEALER } else { zmq::REQ })?;
-            s.set_rcvtimeo(10_000)?;
-            s.connect(&ep)?;
-            let report = sample_report();
-            let mut done = Vec::new();
-            let mut in_flight = 0;
-            loop {
-                while in_flight < window && Instant::now() < deadline {
-                    if dealer {
-                        s.send_multipart([&b""[..], &report], 0)?;
-                    } else {
-                        s.send(&report, 0)?;
+        threads.push(thread::spawn(
+            move || -> anyhow::Result<(Vec<Instant>, usize)> {
+                let dealer = window > 1;
+                let s = new_socket(&ctx, if dealer { zmq::DEALER } else { zmq::REQ })?;
+                s.set_rcvtimeo(10_000)?;
+                s.connect(&ep)?;
+                let (report, events) = sample_request(batch);
+                let mut done = Vec::new();
+                let mut in_flight = 0;
+                loop {
+                    while in_flight < window && Instant::now() < deadline {
+                        if dealer {
+                            s.send_multipart([&b""[..], &report], 0)?;
+                        } else {
+                            s.send(&report, 0)?;
+                        }
+                        in_flight += 1;
                     }
-                    in_flight += 1;
+                    if in_flight == 0 {
+                        return Ok((done, events));
+                    }
+                    s.recv_multipart(0).context("no echo within 10 s")?;
+                    in_flight -= 1;
+                    done.push(Instant::now());
                 }
-                if in_flight == 0 {
-                    return Ok(done);
-                }
-                s.recv_multipart(0).context("no echo within 10 s")?;
-                in_flight -= 1;
-                done.push(Instant::now());
-            }
-        }));
+            },
+        ));
     }
     let mut rates = Rates::new(start);
     for t in threads {
-        for i in t
+        let (done, events) = t
             .join()
-            .map_err(|_| anyhow::anyhow!("a bare client panicked"))??
-        {
-            rates.record(i);
+            .map_err(|_| anyhow::anyhow!("a bare client panicked"))??;
+        for i in done {
+            rates.record_n(i, events as f64);
         }
     }
     let stop = new_socket(&ctx, zmq::REQ)?;
@@ -235,9 +254,29 @@ mod tests {
 
     #[test]
     fn the_bare_throughput_counts_replies() {
-        let r = reqrep_throughput(2, 1, 0.2).unwrap();
+        let r = reqrep_throughput(2, 1, 1, 0.2).unwrap();
         assert!(r.overall() > 10.0, "{}", r.overall());
-        let r = reqrep_throughput(2, 8, 0.2).unwrap();
+        let r = reqrep_throughput(2, 8, 1, 0.2).unwrap();
         assert!(r.overall() > 10.0, "{}", r.overall());
+    }
+
+    #[test]
+    fn the_bare_throughput_of_reports_counts_their_events() {
+        let (one, n) = sample_request(1);
+        assert_eq!(n, 1);
+        assert!(matches!(
+            f2b_proto::Request::decode(&one),
+            Ok(f2b_proto::Request::Report(_))
+        ));
+        let (many, n) = sample_request(f2b_proto::MAX_REPORT_EVENTS);
+        assert_eq!(n, f2b_proto::MAX_REPORT_EVENTS);
+        assert!(
+            many.len() > 20 * one.len() && many.len() <= f2b_proto::MAX_MESSAGE_SIZE,
+            "{} bytes",
+            many.len()
+        );
+        let r = reqrep_throughput(2, 1, f2b_proto::MAX_REPORT_EVENTS, 0.2).unwrap();
+        let replies = r.count() / n as f64;
+        assert!(replies >= 1.0 && replies.fract() == 0.0, "{}", r.count());
     }
 }

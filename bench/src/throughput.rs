@@ -35,7 +35,7 @@ pub fn run(dir: &Path, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()>
         ("4 monitors (REQ, 1 report in flight each)", 1usize),
         ("4 pipelined clients (DEALER, 16 in flight each)", 16),
     ] {
-        let base = baseline::reqrep_throughput(CLIENTS, in_flight, sizes.throughput_secs)?;
+        let base = baseline::reqrep_throughput(CLIENTS, in_flight, 1, sizes.throughput_secs)?;
         let (rates, lost, total, cpu_us) = measure(
             &dir.join(format!("window{in_flight}")),
             in_flight,
