@@ -19,7 +19,7 @@ use f2b_proto::{Broadcast, Epoch, Heartbeat, NodeName, Reply, Sequenced};
 
 use crate::cluster::Publisher;
 use crate::farm::Farm;
-use crate::load::{ban_event, ip_for, merge, Reporter, Until};
+use crate::load::{ban_event, ip_for, merge, Reporter, Shape, Until};
 use crate::report::{Report, Row, Unit};
 use crate::stats::{Rates, Samples};
 use crate::trust::Trust;
@@ -138,7 +138,7 @@ fn product(
     let farm = Farm::start(&publisher.broadcast, n)?;
     farm.wait_ready(Duration::from_secs(30), || {})?;
     let ctx = zmq::Context::new();
-    let one = Reporter::connect(&ctx, &publisher.reply, nodes[0], 1, &trust)?;
+    let one = Reporter::connect(&ctx, &publisher.reply, nodes[0], Shape::single(1), &trust)?;
     let mut lat = Samples::new();
     for k in 0..events as u64 {
         let t0 = Instant::now();
@@ -152,7 +152,7 @@ fn product(
     }
     let mut clients: Vec<Reporter> = nodes
         .iter()
-        .map(|node| Reporter::connect(&ctx, &publisher.reply, node, 16, &trust))
+        .map(|node| Reporter::connect(&ctx, &publisher.reply, node, Shape::single(16), &trust))
         .collect::<anyhow::Result<_>>()?;
     let ips = Arc::new(AtomicU64::new(events as u64));
     let mut rates = Samples::new();

@@ -18,7 +18,7 @@ use f2b_common::sockets::new_socket;
 
 use crate::cluster::{self, Publisher, SubscriberSpec};
 use crate::daemon::{Daemon, Usage};
-use crate::load::{self, ip_for, merge, Until};
+use crate::load::{self, ip_for, merge, Shape, Until};
 use crate::report::{Check, Goal, Report, Row, Unit};
 use crate::stats::Samples;
 use crate::trust::Trust;
@@ -204,7 +204,15 @@ fn stalled(dir: &Path, events: u64, with_sub: bool) -> anyhow::Result<(f64, f64,
     let ips = Arc::new(AtomicU64::new(0));
     let until = Until::Total(events);
     let t0 = Instant::now();
-    let tallies = load::report_from_all(&ctx, &publisher.reply, &nodes, 4, &trust, &ips, &until)?;
+    let tallies = load::report_from_all(
+        &ctx,
+        &publisher.reply,
+        &nodes,
+        Shape::single(4),
+        &trust,
+        &ips,
+        &until,
+    )?;
     let took = t0.elapsed();
     let tally = merge(&tallies);
     if tally.broadcast != events {
