@@ -76,10 +76,10 @@
 //!
 //! | metric | type | recorded where |
 //! |---|---|---|
-//! | `f2b_publisher_reports_received_total` | counter | each request on `reply_bind` (before any check) |
-//! | `f2b_publisher_events_accepted_total` | counter | each report ACKed and recorded in the ledger |
-//! | `f2b_publisher_events_duplicate_total` | counter | each report ACKed but not broadcast (id seen, or a ban the cluster holds) |
-//! | `f2b_publisher_events_rejected_total{reason}` | counter | each NAK, by its code (`malformed` … `unauthenticated`, `replayed`, `rate_limited`, `quarantined`, `busy`), and fail2ban-zmq-tools requests refused with the bare `NAK` (`legacy_disabled`, `legacy_invalid`) |
+//! | `f2b_publisher_reports_received_total` | counter | each request on `reply_bind` (before any check; a `reports` request counts once, whatever its events) |
+//! | `f2b_publisher_events_accepted_total` | counter | each event ACKed and recorded in the ledger (a report's, each of a `reports` request) |
+//! | `f2b_publisher_events_duplicate_total` | counter | each event ACKed but not broadcast (id seen, or a ban the cluster holds) |
+//! | `f2b_publisher_events_rejected_total{reason}` | counter | each NAK, by its code (`malformed` … `unauthenticated`, `replayed`, `rate_limited`, `quarantined`, `busy`): one per refused event of a `reports` request, one for a request refused whole; and fail2ban-zmq-tools requests refused with the bare `NAK` (`legacy_disabled`, `legacy_invalid`) |
 //! | `f2b_publisher_events_broadcast_total` | counter | each event published on `broadcast_bind` |
 //! | `f2b_publisher_heartbeats_sent_total` | counter | each heartbeat published |
 //! | `f2b_publisher_snapshots_served_total` | counter | each snapshot page answered |
@@ -693,19 +693,27 @@ impl PublisherMetrics {
     pub fn new(metrics: &mut Metrics, readiness: &Readiness) -> Self {
         let r = metrics.registry.sub_registry_with_prefix("f2b_publisher");
         PublisherMetrics {
-            reports_received: counter(r, "reports_received", "Requests on the reply socket"),
+            reports_received: counter(
+                r,
+                "reports_received",
+                "Requests on the reply socket (a reports request of several events counts once)",
+            ),
             events_accepted: counter(
                 r,
                 "events_accepted",
-                "Reports acknowledged and recorded in the ledger",
+                "Events acknowledged and recorded in the ledger (each of a reports request)",
             ),
             events_duplicate: counter(
                 r,
                 "events_duplicate",
-                "Reports acknowledged but not broadcast (seen before, or a ban the cluster holds)",
+                "Events acknowledged but not broadcast (seen before, or a ban the cluster holds)",
             ),
-            events_rejected: reasons(r, "events_rejected", "Reports refused (NAK), by reason")
-                .known(NakReason::ALL.map(NakReason::code)),
+            events_rejected: reasons(
+                r,
+                "events_rejected",
+                "Events refused (NAK), by reason (a request refused whole counts once)",
+            )
+            .known(NakReason::ALL.map(NakReason::code)),
             events_broadcast: counter(r, "events_broadcast", "Events broadcast to subscribers"),
             heartbeats_sent: counter(r, "heartbeats_sent", "Heartbeats broadcast"),
             snapshots_served: counter(r, "snapshots_served", "Snapshot pages answered"),

@@ -1379,6 +1379,84 @@ mod tests {
         );
     }
 
+    /// `reports` requests waiting beside a report are answered each with its
+    /// `replies`, in order; their events are broadcast in sequence order, and the
+    /// metrics count events (and requests once each).
+    #[test]
+    fn reports_requests_are_answered_in_order_and_counted_per_event() {
+        let state = tempfile::tempdir().unwrap();
+        let mut b = bound(state.path());
+        let ctx = zmq::Context::new();
+        let d = dealer(&ctx, &b);
+        let ev = |id: u32, ip: u32| {
+            f2b_proto::Event::new(
+                f2b_proto::EventId::from_u128(id.into()),
+                f2b_proto::NodeName::new("web1").unwrap(),
+                f2b_proto::JailName::new("sshd").unwrap(),
+                f2b_proto::Action::Ban,
+                std::net::Ipv4Addr::from(ip).into(),
+                now_ms(),
+            )
+            .unwrap()
+        };
+        let first: Vec<_> = (1..=10).map(|i| ev(i, 0x0A00_0000 + i)).collect();
+        let requests = [
+            f2b_proto::Request::Reports(first.clone()),
+            f2b_proto::Request::Report(ev(11, 0x0A00_000B)),
+            // New, forbidden (loopback), a resend of event 1.
+            f2b_proto::Request::Reports(vec![
+                ev(12, 0x0A00_000C),
+                ev(13, 0x7F00_0001),
+                ev(1, 0x0A00_0001),
+            ]),
+        ];
+        for r in &requests {
+            d.send_multipart([&b""[..], &r.encode()], 0).unwrap();
+        }
+        let sub = live_sub(&ctx, &b);
+        let replies: Vec<Reply> = served(&mut b, &d, requests.len())
+            .iter()
+            .map(|r| Reply::decode(r).unwrap())
+            .collect();
+        let ack = |id: u32, status, seq: Option<u64>| {
+            Reply::Ack(f2b_proto::Ack {
+                id: f2b_proto::EventId::from_u128(id.into()),
+                seq,
+                status,
+            })
+        };
+        assert_eq!(
+            replies[0],
+            Reply::Replies(
+                (1..=10)
+                    .map(|i| ack(i, AckStatus::Broadcast, Some(i.into())))
+                    .collect()
+            )
+        );
+        assert_eq!(replies[1], ack(11, AckStatus::Broadcast, Some(11)));
+        let Reply::Replies(last) = &replies[2] else {
+            panic!("{:?}", replies[2]);
+        };
+        assert_eq!(last[0], ack(12, AckStatus::Broadcast, Some(12)));
+        assert!(
+            matches!(&last[1], Reply::Nak(n) if n.reason == NakReason::Forbidden),
+            "{last:?}"
+        );
+        assert_eq!(last[2], ack(1, AckStatus::Duplicate, Some(1)));
+        let seqs: Vec<u64> = events_received(&sub, 12)
+            .iter()
+            .flat_map(|m| m.events().iter().map(|s| s.seq))
+            .collect();
+        assert_eq!(seqs, (1..=12).collect::<Vec<_>>());
+        let m = &b.metrics;
+        assert_eq!(m.reports_received.get(), 3);
+        assert_eq!(m.events_accepted.get(), 12);
+        assert_eq!(m.events_duplicate.get(), 1);
+        assert_eq!(m.events_rejected.get("forbidden"), 1);
+        assert_eq!(m.events_broadcast.get(), 12);
+        assert_eq!(b.core.ledger().rows().unwrap(), 12);
+    }
+
     #[test]
     fn poll_timeout_rounds_up() {
         assert_eq!(poll_timeout(Duration::ZERO), 0);
