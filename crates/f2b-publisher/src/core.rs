@@ -89,7 +89,8 @@ impl Default for Limits {
 /// What to send back on the reply socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Response {
-    /// The answer to a report: ACK or NAK.
+    /// The answer to a report (ACK or NAK) or to a `reports` request (`replies`,
+    /// or one NAK refusing it whole).
     Reply(Reply),
     /// The answer to a snapshot request: a page or a NAK.
     Snapshot(SnapshotReply),
@@ -635,9 +636,9 @@ impl Core {
     }
 
     fn decide<F: AsRef<[u8]>>(&mut self, frames: &[F], peer: &str, now_ms: u64) -> Outcome {
-        // The first frame is the request; a report's second is its authentication
-        // (see [`Trust::check`]). Frames 3..=MAX_FRAMES are reserved and ignored;
-        // more than that is refused.
+        // The first frame is the request; a report's (or a reports request's) second
+        // is its authentication (see [`Trust::check`]). Frames 3..=MAX_FRAMES are
+        // reserved and ignored; more than that is refused.
         let Some(first) = frames.first().map(AsRef::as_ref) else {
             return nak(None, NakReason::Malformed, "empty message");
         };

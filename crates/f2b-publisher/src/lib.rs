@@ -3,8 +3,10 @@
 //! Monitors report each Ban and Unban their fail2ban logged over a REQ socket to
 //! this daemon's reply socket (`[publisher] reply_bind`; a ROUTER, which a REQ peer
 //! cannot tell from a REP, so that requests arriving together are committed to the
-//! ledger together, see [`server`]). The publisher validates the
-//! report, answers it with an ACK or a NAK, and broadcasts each event that changes
+//! ledger together, see [`server`]); a monitor with several events waiting sends
+//! up to 32 of them in one `reports` request. The publisher validates each
+//! event, answers it with an ACK or a NAK (those of a `reports` request together,
+//! in one `replies`), and broadcasts each event that changes
 //! the cluster's state, numbered 1, 2, 3... within an epoch, on its PUB socket
 //! (`[publisher] broadcast_bind`), under the topic of the event's jail. When nothing
 //! was broadcast for `heartbeat_interval` it broadcasts a heartbeat carrying the last
