@@ -488,9 +488,10 @@ impl Core {
     /// Commits the open batch. On failure nothing of it happened: the ledger is
     /// rolled back, the memories are rebuilt from it as of `now_ms`, and every
     /// outcome of the batch must be sent as [`Response::refused_busy`] without its
-    /// broadcasts.
-    pub fn commit_batch(&mut self, now_ms: u64) -> Result<(), LedgerError> {
-        let Err(err) = self.ledger.commit_batch() else {
+    /// broadcasts (`broadcast`: they went out already; then their sequence numbers
+    /// are not used again, see [`Ledger::commit_batch`]).
+    pub fn commit_batch(&mut self, now_ms: u64, broadcast: bool) -> Result<(), LedgerError> {
+        let Err(err) = self.ledger.commit_batch(broadcast) else {
             return Ok(());
         };
         match rebuild(&self.ledger, self.ban_time_ms, &self.limits, now_ms) {
@@ -503,6 +504,16 @@ impl Core {
             }
         }
         Err(err)
+    }
+
+    /// Marks the ledger as served from; see [`Ledger::start_serving`].
+    pub fn start_serving(&mut self) -> Result<u64, LedgerError> {
+        self.ledger.start_serving()
+    }
+
+    /// Clears the mark of [`Core::start_serving`]: a clean stop.
+    pub fn stop_serving(&mut self) -> Result<(), LedgerError> {
+        self.ledger.stop_serving()
     }
 
     /// The reply to send instead of `reply` when the broadcast of its answer
@@ -932,7 +943,7 @@ impl Core {
             peer: peer.to_owned(),
             reported_by: reporter,
         };
-        // Durable before it is broadcast or ACKed.
+        // Recorded before it is broadcast, durable before it is ACKed.
         if let Err(err) = self.ledger.append(&record) {
             tracing::error!(
                 error = %f2b_common::daemon::error_chain(&err),

@@ -9,21 +9,41 @@
 //! # Durability
 //!
 //! An event is committed (`synchronous = FULL`: the WAL is synced on every commit)
-//! before it is broadcast and before its ACK is sent, so an ACK `broadcast` means the
-//! event survives a crash of the publisher or of its machine. A write that fails is
+//! before its ACK is sent, so an ACK `broadcast` means the event survives a crash
+//! of the publisher or of its machine (its broadcast may go out before the sync:
+//! below). A write that fails is
 //! refused with a transient NAK (`busy`); the monitor sends it again.
 //!
 //! Requests that arrive together are committed together (group commit): between
 //! [`Ledger::begin_batch`] and [`Ledger::commit_batch`] each [`Ledger::append`] is a
 //! savepoint of one transaction, and the server sends their broadcasts and replies
 //! only once that transaction is committed, so one sync covers them all. If that
-//! commit fails, none of them happened: the sequence number goes back and every
-//! request of the batch is refused as `busy`.
+//! commit fails, none of them happened and every request of the batch is refused as
+//! `busy`; the sequence number goes back unless the batch's events were already
+//! broadcast (below).
+//!
+//! # Broadcast before the sync
+//!
+//! The server may broadcast a batch's events before its commit, and send the
+//! replies (the ACKs) only after it: an ACK still means durable, and the sync is
+//! no longer on the path from one node's log to the other nodes' firewalls. A
+//! sequence number that went out must then never be used again for another event,
+//! even if its batch is lost:
+//! - a commit that fails keeps [`Ledger::last_seq`] where the batch took it
+//!   ([`Ledger::commit_batch`] with `keep_seqs`); the rows are gone, their monitors
+//!   were answered `busy` and send the events again, under new numbers;
+//! - a publisher that dies between the broadcast and the commit leaves `meta`
+//!   `serving = 1` behind ([`Ledger::start_serving`] writes it, a clean stop
+//!   clears it). The next start finds it and moves [`Ledger::last_seq`]
+//!   [`EARLY_BROADCAST_MAX`] past the last committed number (the most a batch
+//!   broadcasts before its commit), so the lost batch's numbers are skipped; the
+//!   subscribers see the gap and take a snapshot.
 //!
 //! # Schema (version [`SCHEMA_VERSION`], in `PRAGMA user_version`)
 //!
 //! - `meta(key, value)`: `epoch` (16 hex digits), `last_seq` (the last sequence number
-//!   used, which never goes back even when its row is pruned), `created_ms`.
+//!   used, which never goes back even when its row is pruned), `created_ms`,
+//!   `serving` (1 while a publisher serves from the ledger, 0 after a clean stop).
 //! - `events`: one row per broadcast event: `seq` (primary key), `epoch`, `id`,
 //!   `node`, `jail`, `action` (`ban`/`unban`), `ip`, `time_ms` (the event's time),
 //!   `accepted_ms` (the publisher's time), `expires_ms` (bans: `accepted_ms` +
@@ -269,6 +289,11 @@ pub enum Opened {
 
 /// The publisher's durable record of its epoch, sequence numbers and broadcast
 /// events.
+/// The most events the server may broadcast before their batch is committed; a
+/// start after an unclean stop skips this many sequence numbers (see the module
+/// docs).
+pub const EARLY_BROADCAST_MAX: u64 = 4096;
+
 pub struct Ledger {
     conn: Connection,
     path: PathBuf,
@@ -645,6 +670,56 @@ impl Ledger {
         })
     }
 
+    /// Marks the ledger as served from (`meta` `serving = 1`, committed and
+    /// synced). If the mark was already there, the previous publisher did not stop
+    /// cleanly and may have broadcast up to [`EARLY_BROADCAST_MAX`] events whose
+    /// batch was never committed: [`Self::last_seq`] moves that far past the last
+    /// committed number (written to `meta` too), so none of those numbers is used
+    /// again. Returns how many numbers were skipped (0 after a clean stop).
+    pub fn start_serving(&mut self) -> Result<u64, LedgerError> {
+        let was: Option<i64> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'serving'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(sql_err(&self.path, "read the serving mark"))?;
+        let skipped = match was {
+            Some(1) => EARLY_BROADCAST_MAX,
+            _ => 0,
+        };
+        let last = self
+            .last_seq
+            .saturating_add(skipped)
+            .min(f2b_proto::MAX_SAFE_INTEGER);
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(sql_err(&self.path, "begin"))?;
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('serving', 1), ('last_seq', ?1)",
+            [sql_int(last)],
+        )
+        .and_then(|_| tx.commit())
+        .map_err(sql_err(&self.path, "write the serving mark"))?;
+        let skipped = last - self.last_seq;
+        self.last_seq = last;
+        Ok(skipped)
+    }
+
+    /// Clears the mark [`Self::start_serving`] wrote: a clean stop, after the last
+    /// batch was committed. A publisher that cannot clear it only makes the next
+    /// start skip some sequence numbers.
+    pub fn stop_serving(&mut self) -> Result<(), LedgerError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('serving', 0)",
+                [],
+            )
+            .map(drop)
+            .map_err(sql_err(&self.path, "clear the serving mark"))
+    }
+
     /// The file (`:memory:` for an in-memory ledger).
     pub fn path(&self) -> &Path {
         &self.path
@@ -684,10 +759,15 @@ impl Ledger {
     /// what it was before the batch, but if SQLite rolled the transaction back by
     /// itself on an error (it does on a full disk, for instance), the appends after
     /// that were committed one by one, and those stay.
-    pub fn commit_batch(&mut self) -> Result<(), LedgerError> {
+    ///
+    /// With `keep_seqs` (the batch's events were broadcast already), a failure
+    /// leaves [`Self::last_seq`] where the batch took it instead, so that no number
+    /// that went out is used again.
+    pub fn commit_batch(&mut self, keep_seqs: bool) -> Result<(), LedgerError> {
         let Some(start) = self.batch.take() else {
             return Ok(());
         };
+        let reached = self.last_seq;
         #[cfg(test)]
         let injected = std::mem::take(&mut self.fail_commit).then(|| {
             rusqlite::Error::SqliteFailure(
@@ -707,11 +787,12 @@ impl Ledger {
             if !self.conn.is_autocommit() {
                 let _ = self.conn.execute_batch("ROLLBACK");
             }
+            let floor = if keep_seqs { reached } else { start };
             self.last_seq = match stored_last_seq(&self.conn, &self.path) {
-                Ok(n) => n.max(start),
+                Ok(n) => n.max(floor),
                 Err(e) => {
                     tracing::error!(error = %f2b_common::daemon::error_chain(&e), "cannot read the last sequence number back");
-                    start
+                    floor
                 }
             };
             return Err(LedgerError::Sql {

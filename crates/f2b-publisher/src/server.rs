@@ -10,14 +10,19 @@
 //! carries its envelope (the peer's routing id, then an empty delimiter frame), and
 //! its reply goes back with that envelope. Unlike a REP it lets the loop take every
 //! request already waiting (at most [`MAX_BATCH`]), decide them all in one ledger
-//! transaction, commit it once (one disk sync for all their events: a `reports`
-//! request's up to [`MAX_REPORT_EVENTS`](f2b_proto::MAX_REPORT_EVENTS) as well),
-//! and only then broadcast and reply, in the order they arrived. The batch's events
-//! go out in sequence order, packed into `events` messages
-//! ([`f2b_proto::pack_events`]), whichever requests they came in. An ACK still
-//! means the event is durable; if the commit fails, every ACK of the batch (a
-//! report's, each of a `replies`) is sent as a `busy` NAK and nothing of it is
-//! broadcast. A message without the delimiter (not from a REQ-like peer) is
+//! transaction, broadcast their events, commit the transaction once (one disk sync
+//! for all their events: a `reports` request's up to
+//! [`MAX_REPORT_EVENTS`](f2b_proto::MAX_REPORT_EVENTS) as well), and only then
+//! reply, in the order they arrived. The batch's events go out in sequence order,
+//! packed into `events` messages ([`f2b_proto::pack_events`]), whichever requests
+//! they came in. An ACK still means the event is durable; if the commit fails,
+//! every ACK of the batch (a report's, each of a `replies`) is sent as a `busy` NAK,
+//! and the monitors send those events again. The broadcast does not wait for the
+//! sync: the sync is the slowest step on the path from one node's log to the
+//! others' firewalls, and a subscriber loses nothing by getting an event early
+//! (it deduplicates the resend by id). What it must never see is one sequence
+//! number used for two events, and the ledger sees to that (its docs, "Broadcast
+//! before the sync"). A message without the delimiter (not from a REQ-like peer) is
 //! dropped, as a REP would.
 //!
 //! # Errors
@@ -54,6 +59,12 @@ pub const SHUTDOWN_LINGER: Duration = Duration::from_secs(1);
 
 /// The most requests decided and committed together.
 pub const MAX_BATCH: usize = 64;
+
+// A batch never broadcasts, before its commit, more than a start after a crash
+// skips: each request carries at most MAX_REPORT_EVENTS events.
+const _: () = assert!(
+    (MAX_BATCH * f2b_proto::MAX_REPORT_EVENTS) as u64 <= crate::ledger::EARLY_BROADCAST_MAX
+);
 
 /// The most envelope frames (routing ids) a request may carry before its empty
 /// delimiter: one from a direct peer, one more per proxy on the way.
@@ -218,10 +229,20 @@ fn open_bound(
     let ban_time_ms = u64::try_from(config.ban_time.as_millis()).unwrap_or(u64::MAX);
     while ledger.prune(now, ban_time_ms, PRUNE_BATCH)?.more {}
     let prune_interval = limits.prune_interval;
-    let core = Core::new(ledger, config.ban_time, limits, now)?
+    let mut core = Core::new(ledger, config.ban_time, limits, now)?
         .with_legacy(config.legacy.clone())
         .with_trust(trust)
         .with_guard(Guard::new(GuardConfig::new(config)));
+    let skipped = core.start_serving()?;
+    if skipped > 0 {
+        tracing::warn!(
+            skipped,
+            seq = core.last_seq(),
+            "the previous publisher did not stop cleanly: skipped {skipped} sequence numbers, \
+             so that none it may have broadcast before a lost commit is used again; \
+             subscribers see the gap and take a snapshot"
+        );
+    }
     tracing::info!(
         path = %core.ledger().path().display(),
         epoch = %core.epoch(),
@@ -431,6 +452,10 @@ impl Bound {
 
     fn serve_blocking(mut self, waker: zmq::Socket) -> Result<(), PublisherError> {
         let result = self.serve_loop(&waker);
+        // Every batch is committed by now: a clean stop.
+        if let Err(e) = self.core.stop_serving() {
+            tracing::warn!(error = %f2b_common::daemon::error_chain(&e), "cannot mark the ledger as cleanly stopped; the next start skips some sequence numbers");
+        }
         // Let subscribers receive what was broadcast last. Dropping the sockets
         // closes them; the context's termination, when the last of them is dropped
         // here, waits for the PUB queue to drain or the linger to pass.
@@ -698,8 +723,15 @@ impl Bound {
             };
             outcomes.push(outcome);
         }
+        // Broadcast before the commit's sync (see the module docs); the replies
+        // wait for it. Without a batch every event was committed on its own.
+        let early = if batched {
+            Some(self.broadcast_all(&outcomes)?)
+        } else {
+            None
+        };
         if batched {
-            let committed = self.core.commit_batch(now);
+            let committed = self.core.commit_batch(now, true);
             self.metrics.ledger_open.set(committed.is_ok());
             if let Err(e) = committed {
                 tracing::error!(
@@ -715,9 +747,12 @@ impl Bound {
                 }
             }
         }
-        // Broadcast first: an ACK with status `broadcast` then means the event is
-        // durable and already queued on the PUB socket(s).
-        let queued = self.broadcast_all(&outcomes)?;
+        // An ACK with status `broadcast` means the event is durable and already
+        // queued on the PUB socket(s).
+        let queued = match early {
+            Some(queued) => queued,
+            None => self.broadcast_all(&outcomes)?,
+        };
         let mut broadcast = false;
         for ((r, (outcome, refusal)), queued) in batch.iter().zip(outcomes).zip(queued) {
             broadcast |= self.deliver(&r.envelope, outcome, refusal, &queued)?;

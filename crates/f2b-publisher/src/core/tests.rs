@@ -1400,7 +1400,7 @@ fn a_batch_is_committed_together() {
     expect_ack(&send(&mut c, &echo, NOW), AckStatus::Unchanged, None);
     assert_eq!(snapshot_bans(&mut c, NOW).len(), 2);
     assert_eq!(committed_rows(dir.path()), 0);
-    c.commit_batch(NOW).unwrap();
+    c.commit_batch(NOW, false).unwrap();
     assert_eq!(committed_rows(dir.path()), 2);
     // Outside a batch, each event is committed on its own.
     let d = event(4, "sshd", Action::Ban, "203.0.113.4");
@@ -1427,7 +1427,7 @@ fn a_failed_batch_commit_undoes_the_batch() {
     );
     assert_eq!(echo.unwrap().seq, 4);
     c.ledger.fail_next_commit();
-    assert!(c.commit_batch(NOW).is_err());
+    assert!(c.commit_batch(NOW, false).is_err());
     assert_eq!((c.last_seq(), c.ledger().rows().unwrap()), (1, 1));
     assert_eq!(c.memory_len(), (1, 1));
     // How the server answers the batch's requests.
@@ -1455,6 +1455,77 @@ fn a_failed_batch_commit_undoes_the_batch() {
     expect_ack(&send(&mut c, &ban, NOW), AckStatus::Broadcast, Some(2));
     expect_ack(&send(&mut c, &unban, NOW), AckStatus::Broadcast, Some(3));
     assert_eq!(c.ledger().rows().unwrap(), 3);
+}
+
+/// A batch broadcast before its commit, whose commit then fails, is undone too,
+/// except its sequence numbers: they went out, so the resends get new ones.
+#[test]
+fn a_failed_commit_after_the_broadcast_keeps_the_sequence_numbers_used() {
+    let mut c = core();
+    let first = event(1, "sshd", Action::Ban, "203.0.113.1");
+    expect_ack(&send(&mut c, &first, NOW), AckStatus::Broadcast, Some(1));
+    c.begin_batch().unwrap();
+    let ban = event(2, "sshd", Action::Ban, "203.0.113.2");
+    let unban = event(3, "sshd", Action::Unban, "203.0.113.1");
+    expect_ack(&send(&mut c, &ban, NOW), AckStatus::Broadcast, Some(2));
+    expect_ack(&send(&mut c, &unban, NOW), AckStatus::Broadcast, Some(3));
+    c.ledger.fail_next_commit();
+    assert!(c.commit_batch(NOW, true).is_err());
+    assert_eq!((c.last_seq(), c.ledger().rows().unwrap()), (3, 1));
+    assert_eq!(c.memory_len(), (1, 1));
+    // The resends are new events again (their rows are gone), under new numbers.
+    expect_ack(&send(&mut c, &ban, NOW), AckStatus::Broadcast, Some(4));
+    expect_ack(&send(&mut c, &unban, NOW), AckStatus::Broadcast, Some(5));
+    assert_eq!(c.ledger().rows().unwrap(), 3);
+}
+
+/// A start after a stop that did not clear the serving mark skips the numbers a
+/// lost batch may have broadcast; a clean stop skips none.
+#[test]
+fn an_unclean_stop_skips_the_numbers_a_lost_batch_may_have_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || {
+        let mut c = Core::new(
+            Ledger::open(dir.path()).unwrap(),
+            BAN_TIME,
+            Limits::default(),
+            NOW,
+        )
+        .unwrap();
+        let skipped = c.start_serving().unwrap();
+        (c, skipped)
+    };
+    let (mut c, skipped) = open();
+    assert_eq!((skipped, c.last_seq()), (0, 0));
+    let e = event(1, "sshd", Action::Ban, "203.0.113.1");
+    expect_ack(&send(&mut c, &e, NOW), AckStatus::Broadcast, Some(1));
+    c.stop_serving().unwrap();
+    drop(c);
+    // A clean stop: the numbers go on.
+    let (mut c, skipped) = open();
+    assert_eq!((skipped, c.last_seq()), (0, 1));
+    let e = event(2, "sshd", Action::Ban, "203.0.113.2");
+    expect_ack(&send(&mut c, &e, NOW), AckStatus::Broadcast, Some(2));
+    // A crash: the mark is left behind.
+    drop(c);
+    let (mut c, skipped) = open();
+    let next = 2 + crate::ledger::EARLY_BROADCAST_MAX;
+    assert_eq!(
+        (skipped, c.last_seq()),
+        (crate::ledger::EARLY_BROADCAST_MAX, next)
+    );
+    let e = event(3, "sshd", Action::Ban, "203.0.113.3");
+    expect_ack(&send(&mut c, &e, NOW), AckStatus::Broadcast, Some(next + 1));
+    // The skip itself is durable: another crash right away skips again from there.
+    drop(c);
+    let (c, _) = open();
+    assert_eq!(c.last_seq(), next + 1 + crate::ledger::EARLY_BROADCAST_MAX);
+    // Tools that only read the ledger do not mark it.
+    drop(c);
+    assert_eq!(
+        Ledger::open(dir.path()).unwrap().last_seq(),
+        next + 1 + crate::ledger::EARLY_BROADCAST_MAX
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -2229,7 +2300,7 @@ fn failed_commits_and_broadcasts_turn_the_acks_of_replies_busy() {
     let out = c.handle(&[Request::Reports(events.clone()).encode()], PEER, NOW);
     assert_eq!(broadcast_seqs(&out), [1, 2]);
     c.ledger.fail_next_commit();
-    assert!(c.commit_batch(NOW).is_err());
+    assert!(c.commit_batch(NOW, false).is_err());
     assert_eq!(c.last_seq(), 0);
     let busy = Outcome {
         reply: out.reply.clone().refused_busy(),
