@@ -1,15 +1,34 @@
 //! Delivering events to the publisher: a ZeroMQ REQ socket in a blocking thread.
 //!
-//! Each event is sent and its reply awaited for `ack_timeout`. On a timeout or a
-//! socket error the REQ socket is closed (a REQ socket that lost its reply is
-//! stuck in its send/receive lockstep) and recreated, and the same request (same
-//! event id) is sent again after an exponential backoff from [`BACKOFF_MIN`] to
-//! [`BACKOFF_MAX`]. Events go strictly in order, one at a time, at least once; the
-//! publisher answers a repeated id with `duplicate` and does not broadcast twice.
+//! Each request is sent and its reply awaited for `ack_timeout`. On a timeout or
+//! a socket error the REQ socket is closed (a REQ socket that lost its reply is
+//! stuck in its send/receive lockstep) and recreated, and the same events (same
+//! ids) are sent again after an exponential backoff from [`BACKOFF_MIN`] to
+//! [`BACKOFF_MAX`]. Events go strictly in order, one request at a time, at least
+//! once; the publisher answers a repeated id with `duplicate` and does not
+//! broadcast twice.
 //!
-//! With this node's [`Credential`] (`[trust] secret`), every send of a report,
+//! A lone event goes at once as a `report`. When more events are there without
+//! waiting (the one in hand and whatever the queue holds now: a burst, or a
+//! backlog after an outage), the longest prefix one request carries
+//! ([`Request::pack`]: up to [`MAX_REPORT_EVENTS`] events in 8 KiB) goes as one
+//! `reports` request; nothing waits to fill one. Its `replies` are taken in order,
+//! each as a single report's reply would be (ACKed, dropped, quarantined); at the
+//! first transient NAK the rest of the request stays queued and is sent again,
+//! packed anew, after the backoff. A `replies` that does not answer exactly the
+//! events sent, in order, counts as unreadable. One NAK for the whole request: a
+//! transient reason resends it after the backoff; `unknown_type` (a publisher
+//! older than `reports`) is logged once and from then on every event goes alone;
+//! any other reason sends those events again one per request, so that each gets
+//! its own answer and none is dropped for another's fault. Such a refusal is
+//! taken even without a valid MAC (a publisher cannot sign the answer to a
+//! request it cannot decode), since sending one at a time cannot lose an event.
+//! Metrics, logs and the saved queue count every event, whatever request it went
+//! in.
+//!
+//! With this node's [`Credential`] (`[trust] secret`), every send of a request,
 //! every resend too, is signed anew (a new time and nonce, the same payload and
-//! event id), and a reply counts only if its MAC is right (see `exchange.rs`).
+//! event ids), and a reply counts only if its MAC is right (see `exchange.rs`).
 //! A reply that fails authentication is treated like no reply (new socket,
 //! resend after the backoff) and logged as a warning: the secrets differ between
 //! this node's `[trust]` and the publisher's `[trust.monitors]`, or the reply is
@@ -45,12 +64,14 @@
 //! reply is the message echoed without the token (success) or the bare string `NAK`
 //! (dropped). Events that format cannot carry (IPv6, a jail with characters other
 //! than letters, digits, `_` and `-`, longer than the old 64-byte limit) are
-//! logged at error level and dropped. No credential is used in that format.
+//! logged at error level and dropped. No credential is used in that format, and
+//! every request carries one event.
 //!
 //! The thread polls the REQ socket together with the shutdown socket
 //! ([`f2b_common::sockets::shutdown_socket`]); on shutdown it keeps delivering
 //! what is queued for at most `drain_time`, then returns.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -63,7 +84,7 @@ use f2b_common::metrics::prometheus_client::metrics::gauge::Gauge;
 use f2b_common::metrics::{Condition, MonitorMetrics};
 use f2b_common::sockets::new_socket;
 use f2b_common::zmq;
-use f2b_proto::{legacy, Event, Nak, NakReason, Reply, Request};
+use f2b_proto::{legacy, Ack, Event, Nak, NakReason, Reply, Request, MAX_REPORT_EVENTS};
 use tokio::sync::mpsc;
 
 pub use crate::exchange::Credential;
@@ -262,9 +283,11 @@ pub enum Outcome {
     Acked,
     /// Refused for good; dropped.
     Rejected,
-    /// Not delivered before the shutdown deadline.
-    Abandoned,
 }
+
+/// A request ready to send: how many events it carries, its payload, and in the
+/// legacy format the echo expected back.
+type Packed = (usize, Vec<u8>, Option<Vec<u8>>);
 
 struct Seq(Option<u64>);
 
@@ -298,6 +321,9 @@ struct Sender {
     deadline: Option<Instant>,
     /// Whether the "old publisher" error has been logged.
     told_old_publisher: bool,
+    /// The publisher does not know `reports` requests: one event per request
+    /// from now on.
+    singles_only: bool,
     /// Problems that repeat on every retry, for the log.
     nags: Nags,
 }
@@ -384,6 +410,7 @@ pub fn run_sender(
         sock: None,
         deadline: None,
         told_old_publisher: false,
+        singles_only: false,
         nags: Nags::default(),
     };
     if s.p.link.is_some() {
@@ -391,25 +418,113 @@ pub fn run_sender(
         // first event.
         s.socket()?;
     }
-    let mut backlog = backlog.into_iter();
+    // The events taken and not answered yet, oldest first: the backlog, then
+    // what the queue gave.
+    let mut pending: VecDeque<Event> = backlog.into();
+    // How many events at the front go one per request (those of a `reports`
+    // request refused as a whole).
+    let mut singly = 0;
+    let mut retry = Retry::new();
     loop {
-        let Some(event) = backlog.next().or_else(|| s.next_event(&mut rx)) else {
-            return Ok(());
-        };
-        match s.deliver(&event)? {
-            Outcome::Abandoned => {
-                let left = 1 + backlog.len() + drain_count(&mut rx);
-                tracing::warn!(
-                    undelivered = left,
-                    "shutting down with events not delivered to the publisher"
-                );
+        if pending.is_empty() {
+            let Some(event) = s.next_event(&mut rx) else {
                 return Ok(());
+            };
+            pending.push_back(event);
+        }
+        if s.packs() {
+            // Whatever else is there now; nothing waits to fill a request.
+            while pending.len() < MAX_REPORT_EVENTS {
+                let Ok(event) = rx.try_recv() else {
+                    break;
+                };
+                pending.push_back(event);
             }
-            Outcome::Acked => {
+        }
+        s.note_shutdown();
+        if s.past_deadline() {
+            let left = pending.len() + drain_count(&mut rx);
+            tracing::warn!(
+                undelivered = left,
+                "shutting down with events not delivered to the publisher"
+            );
+            return Ok(());
+        }
+        retry.attempt += 1;
+        let one = singly > 0 || !s.packs();
+        let Answer { settled, rest } = s.send_front(pending.make_contiguous(), one)?;
+        if !settled.is_empty() {
+            // Progress: the next event (or the rest of the request) starts afresh.
+            retry = Retry::new();
+            retry.attempt = u32::from(rest.is_some());
+        }
+        for outcome in settled {
+            let Some(event) = pending.pop_front() else {
+                break;
+            };
+            singly = usize::saturating_sub(singly, 1);
+            if outcome == Outcome::Acked {
                 s.p.metrics.events_acked.inc();
-                s.done(event.id);
             }
-            Outcome::Rejected => s.done(event.id),
+            s.done(event.id);
+        }
+        match rest {
+            None => {}
+            Some(Failure::OneByOne(n)) => {
+                singly = n;
+                retry = Retry::new();
+            }
+            Some(failure) => {
+                if let Some(event) = pending.front().cloned() {
+                    s.retry_later(&event, failure, &mut retry);
+                }
+            }
+        }
+    }
+}
+
+/// The backoff before the next resend and how many sends the event at the
+/// front of the queue has had.
+struct Retry {
+    backoff: Duration,
+    attempt: u32,
+}
+
+impl Retry {
+    fn new() -> Self {
+        Retry {
+            backoff: BACKOFF_MIN,
+            attempt: 0,
+        }
+    }
+}
+
+/// What one send of a request settled.
+struct Answer {
+    /// The outcomes of the first events of the request, in order (ACKed or
+    /// dropped); the events after them are still queued.
+    settled: Vec<Outcome>,
+    /// Why the events after them wait, if they do.
+    rest: Option<Failure>,
+}
+
+impl Answer {
+    fn failed(failure: Failure) -> Self {
+        Answer {
+            settled: Vec::new(),
+            rest: Some(failure),
+        }
+    }
+}
+
+impl From<Result<Outcome, Failure>> for Answer {
+    fn from(r: Result<Outcome, Failure>) -> Self {
+        match r {
+            Ok(outcome) => Answer {
+                settled: vec![outcome],
+                rest: None,
+            },
+            Err(failure) => Answer::failed(failure),
         }
     }
 }
@@ -537,11 +652,37 @@ impl Sender {
         }
     }
 
-    /// The request for `event`, and the legacy echo expected back, or why the
-    /// configured format cannot carry it.
-    fn encode(&self, event: &Event) -> Result<(Vec<u8>, Option<Vec<u8>>), String> {
+    /// Whether several events may share a request: not in the legacy format,
+    /// nor after the publisher said it does not know `reports` requests.
+    fn packs(&self) -> bool {
+        self.p.legacy.is_none() && !self.singles_only
+    }
+
+    /// The request for the events at the front of the queue (the first alone if
+    /// `one`, else as many as one request carries), how many it carries and the
+    /// legacy echo expected back; or why the configured format cannot carry the
+    /// first.
+    fn request(&self, front: &[Event], one: bool) -> Result<Packed, String> {
+        let Some(event) = front.first() else {
+            return Err("no event".into());
+        };
+        if self.p.legacy.is_some() {
+            let (wire, echo) = self.encode_legacy(event)?;
+            return Ok((1, wire, Some(echo)));
+        }
+        if !one {
+            if let Some((request, n)) = Request::pack(front) {
+                return Ok((n, request.encode(), None));
+            }
+        }
+        Ok((1, Request::Report(event.clone()).encode(), None))
+    }
+
+    /// `event` in fail2ban-zmq-tools' format, and the echo expected back, or why
+    /// that format cannot carry it.
+    fn encode_legacy(&self, event: &Event) -> Result<(Vec<u8>, Vec<u8>), String> {
         let Some(peer) = &self.p.legacy else {
-            return Ok((Request::Report(event.clone()).encode(), None));
+            return Err("not in the legacy format".into());
         };
         let IpAddr::V4(ip) = event.ip else {
             return Err("the legacy format carries IPv4 addresses only".into());
@@ -564,13 +705,18 @@ impl Sender {
                 legacy::MAX_LEGACY_MESSAGE
             ));
         }
-        Ok((wire.into_bytes(), Some(echo.into_bytes())))
+        Ok((wire.into_bytes(), echo.into_bytes()))
     }
 
-    fn deliver(&mut self, event: &Event) -> Result<Outcome, crate::MonitorError> {
-        let (request, echo) = match self.encode(event) {
+    /// Sends the events at the front of the queue once (see [`Sender::request`])
+    /// and takes the answer.
+    fn send_front(&mut self, front: &[Event], one: bool) -> Result<Answer, crate::MonitorError> {
+        let (n, request, echo) = match self.request(front, one) {
             Ok(r) => r,
             Err(why) => {
+                let Some(event) = front.first() else {
+                    return Ok(Answer::failed(Failure::Broken(why)));
+                };
                 tracing::error!(
                     action = %event.action,
                     jail = %event.jail,
@@ -580,154 +726,156 @@ impl Sender {
                     "event cannot be sent to a legacy publisher, dropped"
                 );
                 self.p.metrics.events_dropped.inc(DROPPED_LEGACY_FORMAT);
-                return Ok(Outcome::Rejected);
+                return Ok(Ok(Outcome::Rejected).into());
             }
         };
-        let mut backoff = BACKOFF_MIN;
-        let mut attempt: u32 = 0;
-        loop {
-            self.note_shutdown();
-            if self.past_deadline() {
-                return Ok(Outcome::Abandoned);
-            }
-            attempt += 1;
-            let failure = match self.attempt(event, &request, echo.as_deref())? {
-                Ok(outcome) => return Ok(outcome),
-                Err(failure) => failure,
-            };
-            match failure {
-                Failure::Transient => {}
-                Failure::OldPublisher => {
-                    if self.told_old_publisher {
-                        tracing::debug!(
-                            publisher = %self.p.endpoint,
-                            id = %event.id,
-                            attempt,
-                            "the publisher answered NAK in the fail2ban-zmq-tools format, will retry"
-                        );
-                    } else {
-                        self.told_old_publisher = true;
-                        tracing::error!(
-                            publisher = %self.p.endpoint,
-                            id = %event.id,
-                            retry_every_ms = self.p.max_backoff.as_millis() as u64,
-                            "the publisher answered NAK in the fail2ban-zmq-tools format: it is an old publisher; set [monitor] legacy = true"
-                        );
-                    }
-                    // Nothing changes until the publisher or the configuration
-                    // does: retry slowly, keep the event.
-                    backoff = self.p.max_backoff;
-                }
-                Failure::NotAuthentic(why) => {
-                    self.not_authentic(event, attempt, backoff, &why);
-                    // As with no reply: a new connection, the request signed anew.
-                    self.sock = None;
-                }
-                Failure::NoReply(why) => {
-                    self.p.metrics.ack_timeouts.inc();
-                    if let Some(link) = &self.p.link {
-                        link.set_unanswered(true);
-                    }
-                    self.p.metrics.publisher_answering.set(false);
-                    let tell = self.nags.unreachable.hit(Instant::now());
-                    let endpoint = self.p.endpoint.as_str();
-                    nag!(
-                        tell,
-                        warn,
-                        format!("publisher unreachable: is f2b-publisher running at {endpoint}, is the port open, is [monitor] publisher right? events are kept and resent"),
-                        publisher = %endpoint,
-                        id = %event.id,
-                        attempt,
-                        retry_in_ms = backoff.as_millis() as u64,
-                        error = %why,
-                    );
-                    // A REQ socket that lost its reply cannot send again.
-                    self.sock = None;
-                }
-                Failure::Broken(why) => {
-                    tracing::warn!(
+        self.attempt(&front[..n], &request, echo.as_deref())
+    }
+
+    /// After a failed send: logs it as its kind asks, drops the socket if it
+    /// cannot be used again, and waits the backoff (`event`: the first one
+    /// still queued).
+    fn retry_later(&mut self, event: &Event, failure: Failure, retry: &mut Retry) {
+        let Retry { backoff, attempt } = *retry;
+        match failure {
+            Failure::Transient | Failure::OneByOne(_) => {}
+            Failure::OldPublisher => {
+                if self.told_old_publisher {
+                    tracing::debug!(
                         publisher = %self.p.endpoint,
                         id = %event.id,
                         attempt,
-                        retry_in_ms = backoff.as_millis() as u64,
-                        error = %why,
-                        "no usable reply from the publisher, will retry"
+                        "the publisher answered NAK in the fail2ban-zmq-tools format, will retry"
                     );
-                    // A new connection, in case this one is broken.
-                    self.sock = None;
+                } else {
+                    self.told_old_publisher = true;
+                    tracing::error!(
+                        publisher = %self.p.endpoint,
+                        id = %event.id,
+                        retry_every_ms = self.p.max_backoff.as_millis() as u64,
+                        "the publisher answered NAK in the fail2ban-zmq-tools format: it is an old publisher; set [monitor] legacy = true"
+                    );
                 }
+                // Nothing changes until the publisher or the configuration
+                // does: retry slowly, keep the event.
+                retry.backoff = self.p.max_backoff;
             }
-            self.pause(backoff);
-            backoff = (backoff * 2).min(self.p.max_backoff);
+            Failure::NotAuthentic(why) => {
+                self.not_authentic(event, attempt, backoff, &why);
+                // As with no reply: a new connection, the request signed anew.
+                self.sock = None;
+            }
+            Failure::NoReply(why) => {
+                self.p.metrics.ack_timeouts.inc();
+                if let Some(link) = &self.p.link {
+                    link.set_unanswered(true);
+                }
+                self.p.metrics.publisher_answering.set(false);
+                let tell = self.nags.unreachable.hit(Instant::now());
+                let endpoint = self.p.endpoint.as_str();
+                nag!(
+                    tell,
+                    warn,
+                    format!("publisher unreachable: is f2b-publisher running at {endpoint}, is the port open, is [monitor] publisher right? events are kept and resent"),
+                    publisher = %endpoint,
+                    id = %event.id,
+                    attempt,
+                    retry_in_ms = backoff.as_millis() as u64,
+                    error = %why,
+                );
+                // A REQ socket that lost its reply cannot send again.
+                self.sock = None;
+            }
+            Failure::Broken(why) => {
+                tracing::warn!(
+                    publisher = %self.p.endpoint,
+                    id = %event.id,
+                    attempt,
+                    retry_in_ms = backoff.as_millis() as u64,
+                    error = %why,
+                    "no usable reply from the publisher, will retry"
+                );
+                // A new connection, in case this one is broken.
+                self.sock = None;
+            }
         }
+        self.pause(retry.backoff);
+        retry.backoff = (retry.backoff * 2).min(self.p.max_backoff);
     }
 
-    /// One send and wait. `Err(Failure)` means try again.
+    /// One send of the request for `events` (one, or several in a `reports`
+    /// request) and the wait for its answer.
     fn attempt(
         &mut self,
-        event: &Event,
+        events: &[Event],
         request: &[u8],
         echo: Option<&[u8]>,
-    ) -> Result<Result<Outcome, Failure>, crate::MonitorError> {
+    ) -> Result<Answer, crate::MonitorError> {
         // Signed anew for every send: a resend gets a new time and nonce.
         let credential = self.p.credential.clone().filter(|_| echo.is_none());
         let signed = match exchange::sign(credential.as_ref(), request) {
             Ok(s) => s,
-            Err(why) => return Ok(Err(Failure::Broken(why))),
+            Err(why) => return Ok(Answer::failed(Failure::Broken(why))),
         };
         let sock = self.socket()?;
         if let Err(e) = sock.send_multipart(signed.frames, zmq::DONTWAIT) {
-            return Ok(Err(Failure::Broken(format!("send: {e}"))));
+            return Ok(Answer::failed(Failure::Broken(format!("send: {e}"))));
         }
         let sent_at = Instant::now();
-        self.p.metrics.events_sent.inc();
+        self.p
+            .metrics
+            .events_sent
+            .inc_by(u64::try_from(events.len()).unwrap_or(u64::MAX));
         if !self.wait_reply(self.p.ack_timeout) {
-            return Ok(Err(if self.past_deadline() {
+            return Ok(Answer::failed(if self.past_deadline() {
                 Failure::Broken("shutdown deadline".to_owned())
             } else {
                 Failure::NoReply(format!("no reply within {:?}", self.p.ack_timeout))
             }));
         }
         let Some(sock) = &self.sock else {
-            return Ok(Err(Failure::Broken("socket gone".into())));
+            return Ok(Answer::failed(Failure::Broken("socket gone".into())));
         };
         let (frames, total) = match exchange::recv_frames(sock) {
             Ok(f) => f,
-            Err(e) => return Ok(Err(Failure::Broken(format!("receive: {e}")))),
+            Err(e) => return Ok(Answer::failed(Failure::Broken(format!("receive: {e}")))),
         };
         self.p
             .metrics
             .round_trip
             .observe(sent_at.elapsed().as_secs_f64());
         self.answered();
+        let [event, ..] = events else {
+            return Ok(Answer::failed(Failure::Broken("nothing sent".into())));
+        };
         if let Some(echo) = echo {
             return Ok(match frames.as_slice() {
                 [reply] => legacy_reply(event, reply, echo, &self.p.metrics),
                 _ => Err(Failure::Broken(format!(
                     "a legacy reply of {total} frames instead of 1"
                 ))),
-            });
+            }
+            .into());
         }
         let received = exchange::classify(credential.as_ref(), signed.mac.as_ref(), &frames, total);
-        Ok(match received {
+        Ok(match events {
+            [event] => self.on_reply(event, received).into(),
+            _ => {
+                let payload = frames.first().map_or(&[][..], Vec::as_slice);
+                self.on_reports_answer(events, received, payload)
+            }
+        })
+    }
+
+    /// The answer to a single `report` of `event`.
+    fn on_reply(&mut self, event: &Event, received: Received) -> Result<Outcome, Failure> {
+        match received {
             Received::OldPublisher => Err(Failure::OldPublisher),
             Received::Unreadable(why) => Err(Failure::Broken(why)),
             Received::NotAuthentic(why) => Err(Failure::NotAuthentic(why)),
             Received::UnverifiedNak(nak) => self.on_nak(event, nak, false),
             Received::Trusted(Reply::Nak(nak)) => self.on_nak(event, nak, true),
-            Received::Trusted(Reply::Ack(ack)) if ack.id == event.id => {
-                self.accepted();
-                tracing::info!(
-                    action = %event.action,
-                    jail = %event.jail,
-                    ip = %event.ip,
-                    id = %event.id,
-                    status = %ack.status.as_str(),
-                    seq = %Seq(ack.seq),
-                    "reported"
-                );
-                Ok(Outcome::Acked)
-            }
+            Received::Trusted(Reply::Ack(ack)) if ack.id == event.id => Ok(self.acked(event, &ack)),
             Received::Trusted(Reply::Ack(ack)) => Err(Failure::Broken(format!(
                 "ACK for another event {} (expected {})",
                 ack.id, event.id
@@ -735,7 +883,155 @@ impl Sender {
             Received::Trusted(Reply::Replies(_)) => Err(Failure::Broken(
                 "a replies message, the answer to several events, for one report".into(),
             )),
-        })
+        }
+    }
+
+    /// An authentic ACK of `event`.
+    fn acked(&mut self, event: &Event, ack: &Ack) -> Outcome {
+        self.accepted();
+        tracing::info!(
+            action = %event.action,
+            jail = %event.jail,
+            ip = %event.ip,
+            id = %event.id,
+            status = %ack.status.as_str(),
+            seq = %Seq(ack.seq),
+            "reported"
+        );
+        Outcome::Acked
+    }
+
+    /// The answer to a `reports` request of `events` (`payload`: the reply's
+    /// first frame).
+    fn on_reports_answer(
+        &mut self,
+        events: &[Event],
+        received: Received,
+        payload: &[u8],
+    ) -> Answer {
+        match received {
+            Received::Trusted(Reply::Replies(replies)) => self.on_replies(events, replies),
+            Received::Trusted(Reply::Nak(nak)) => self.on_request_nak(events, nak, true),
+            Received::UnverifiedNak(nak) => self.on_request_nak(events, nak, false),
+            Received::Trusted(Reply::Ack(ack)) => Answer::failed(Failure::Broken(format!(
+                "an ACK of one event ({}) for a reports request of {} events",
+                ack.id,
+                events.len()
+            ))),
+            Received::NotAuthentic(why) => match Reply::decode(payload) {
+                // A refusal of the request as a whole that the publisher could
+                // not sign (it could not decode the request: an older publisher's
+                // `unknown_type`). Taken only for "send them one at a time", which
+                // loses nothing: each event then gets its own, verified, answer.
+                Ok(Reply::Nak(nak)) if !nak.reason.is_transient() => {
+                    self.on_request_nak(events, nak, false)
+                }
+                _ => Answer::failed(Failure::NotAuthentic(why)),
+            },
+            Received::Unreadable(why) => Answer::failed(Failure::Broken(why)),
+            Received::OldPublisher => Answer::failed(Failure::OldPublisher),
+        }
+    }
+
+    /// One NAK refusing a `reports` request of `events` as a whole.
+    fn on_request_nak(&mut self, events: &[Event], nak: Nak, authentic: bool) -> Answer {
+        let Some(first) = events.first() else {
+            return Answer::failed(Failure::Transient);
+        };
+        if nak.reason.is_transient() {
+            // Counted per event kept, as single reports' NAKs would be (on_nak
+            // counts the first).
+            for _ in 1..events.len() {
+                self.p.metrics.naks.inc_nak(nak.reason);
+            }
+            return match self.on_nak(first, nak, authentic) {
+                Err(failure) => Answer::failed(failure),
+                Ok(_) => Answer::failed(Failure::Transient),
+            };
+        }
+        if nak.reason == NakReason::UnknownType {
+            if !self.singles_only {
+                self.singles_only = true;
+                tracing::warn!(
+                    publisher = %self.p.endpoint,
+                    authentic,
+                    detail = ?nak.detail,
+                    "the publisher does not know `reports` requests (an older release); reporting one event at a time"
+                );
+            }
+        } else {
+            tracing::warn!(
+                publisher = %self.p.endpoint,
+                events = events.len(),
+                id = %first.id,
+                reason = %nak.reason,
+                authentic,
+                detail = ?nak.detail,
+                "the publisher refused a reports request as a whole; sending its events again one at a time"
+            );
+        }
+        Answer::failed(Failure::OneByOne(events.len()))
+    }
+
+    /// The `replies` to a `reports` request of `events`: each answer taken in
+    /// order as a single report's, up to the first transient NAK.
+    fn on_replies(&mut self, events: &[Event], replies: Vec<Reply>) -> Answer {
+        if replies.len() != events.len() {
+            return Answer::failed(Failure::Broken(format!(
+                "{} answers to a reports request of {} events",
+                replies.len(),
+                events.len()
+            )));
+        }
+        for (reply, event) in replies.iter().zip(events) {
+            let id = match reply {
+                Reply::Ack(ack) => Some(ack.id),
+                Reply::Nak(nak) => nak.id,
+                Reply::Replies(_) => {
+                    return Answer::failed(Failure::Broken(
+                        "a replies message inside a replies message".into(),
+                    ))
+                }
+            };
+            if let Some(id) = id.filter(|id| *id != event.id) {
+                return Answer::failed(Failure::Broken(format!(
+                    "an answer for another event {id} (expected {})",
+                    event.id
+                )));
+            }
+        }
+        let mut settled = Vec::with_capacity(events.len());
+        let mut answers = replies.into_iter().zip(events);
+        for (reply, event) in answers.by_ref() {
+            let outcome = match reply {
+                Reply::Ack(ack) => Ok(self.acked(event, &ack)),
+                Reply::Nak(nak) => self.on_nak(event, nak, true),
+                Reply::Replies(_) => Err(Failure::Broken("nested replies".into())),
+            };
+            match outcome {
+                Ok(outcome) => settled.push(outcome),
+                Err(failure) => {
+                    // This event and every later one stay queued; the publisher
+                    // refused the later ones with the same reason without
+                    // deciding them. Counted, not logged one by one.
+                    for (reply, _) in answers {
+                        if let Reply::Nak(nak) = reply {
+                            if nak.reason.is_transient() {
+                                self.p.metrics.naks.inc_nak(nak.reason);
+                            }
+                        }
+                    }
+                    return Answer {
+                        settled,
+                        rest: Some(failure),
+                    };
+                }
+            }
+        }
+        Answer {
+            settled,
+            rest: None,
+        }
     }
 
     /// A NAK (`authentic`: its MAC was right, or no credential is used).
@@ -937,6 +1233,9 @@ enum Failure {
     /// A fail2ban-zmq-tools publisher's bare `NAK` to a native request: same
     /// socket, resend after the longest backoff.
     OldPublisher,
+    /// A `reports` request of this many events refused as a whole (not for a
+    /// transient reason): send them again one per request, at once.
+    OneByOne(usize),
 }
 
 #[cfg(test)]

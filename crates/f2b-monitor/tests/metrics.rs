@@ -114,8 +114,10 @@ fn ban_line(jail: &str, ip: &str) -> String {
 
 /// A stand-in publisher: a ROUTER on an ephemeral port in a thread. Every
 /// report must carry web1's valid credential; `answer` decides each reply by
-/// the event and how many times its id was seen (1 = first); `None` leaves it
-/// unanswered. Stops when `stop` is set.
+/// the event and how many times its id was decided (1 = first); `None` leaves
+/// the request unanswered. A `reports` request is decided event by event as
+/// PROTOCOL.md says: after the first transient NAK the later events get the
+/// same NAK, undecided. Stops when `stop` is set.
 struct StandIn {
     endpoint: String,
     stop: Arc<AtomicBool>,
@@ -143,19 +145,44 @@ impl StandIn {
                 let envelope: Vec<Vec<u8>> = frames.drain(..2).collect();
                 assert_eq!(frames.len(), 2, "a payload and an auth frame");
                 let auth = RequestAuth::decode(&frames[1]).expect("an auth frame");
-                let Request::Report(event) = Request::decode(&frames[0]).unwrap() else {
-                    panic!("not a report")
+                let (events, several) = match Request::decode(&frames[0]).unwrap() {
+                    Request::Report(event) => (vec![event], false),
+                    Request::Reports(events) => (events, true),
+                    other => panic!("not a report: {other:?}"),
                 };
                 assert!(
-                    auth.key == event.node && auth.verify(&secret, &frames[0]),
+                    auth.key == events[0].node && auth.verify(&secret, &frames[0]),
                     "signed with web1's secret"
                 );
-                let n = seen.entry(event.id).or_default();
-                *n += 1;
-                let Some(reply) = answer(&event, *n) else {
+                let mut replies = Vec::new();
+                let mut refused: Option<Nak> = None;
+                for event in &events {
+                    if let Some(nak) = &refused {
+                        replies.push(Reply::Nak(Nak::new(
+                            Some(event.id),
+                            nak.reason,
+                            "undecided",
+                        )));
+                        continue;
+                    }
+                    let n = seen.entry(event.id).or_default();
+                    *n += 1;
+                    let Some(reply) = answer(event, *n) else {
+                        break;
+                    };
+                    if let Reply::Nak(nak) = &reply {
+                        refused = Some(nak.clone()).filter(|n| n.reason.is_transient());
+                    }
+                    replies.push(reply);
+                }
+                if replies.len() < events.len() {
                     continue;
-                };
-                let reply = reply.encode();
+                }
+                let reply = match several {
+                    true => Reply::Replies(replies),
+                    false => replies.swap_remove(0),
+                }
+                .encode();
                 let mac = f2b_proto::auth::reply_mac(&secret, &auth.mac, &reply);
                 let mut out = envelope;
                 out.push(reply);
@@ -201,7 +228,9 @@ fn nak(e: &Event, reason: NakReason) -> Reply {
 fn metrics_move_with_the_reports_and_readiness_follows_the_publisher() {
     let dir = tempfile::tempdir().unwrap();
     // 192.0.2.1 goes unanswered until `answering` is set, then is ACKed;
-    // 192.0.2.2 gets `busy` once, then an ACK; 192.0.2.3 is forbidden.
+    // 192.0.2.2 gets `busy` once, then an ACK; 192.0.2.3 is forbidden. The
+    // three are queued together, so once the first has timed out they go in
+    // `reports` requests.
     let answering = Arc::new(AtomicBool::new(false));
     let answers = answering.clone();
     let publisher = StandIn::start(move |e, n| match e.ip.to_string().as_str() {
@@ -271,20 +300,25 @@ fn metrics_move_with_the_reports_and_readiness_follows_the_publisher() {
         2.0,
         "{text}"
     );
+    // The three events queued by the time the publisher answers go in one
+    // `reports` request: 192.0.2.1 ACKed, 192.0.2.2 busy and 192.0.2.3 refused
+    // with it, undecided (two events kept: two NAKs counted); then 192.0.2.2 and
+    // 192.0.2.3 again: ACKed and forbidden.
     assert_eq!(
         value(&text, "f2b_monitor_naks_total{reason=\"busy\"}"),
-        1.0,
+        2.0,
         "{text}"
     );
-    // 192.0.2.1 at least twice, 192.0.2.2 twice, 192.0.2.3 once.
+    // 192.0.2.1 at least twice, 192.0.2.2 twice, 192.0.2.3 twice: every event
+    // of a request counts.
     assert!(
-        value(&text, "f2b_monitor_events_sent_total") >= 5.0,
+        value(&text, "f2b_monitor_events_sent_total") >= 6.0,
         "{text}"
     );
-    // One reply to 192.0.2.1 and 192.0.2.3, two to 192.0.2.2.
+    // Two requests answered.
     assert_eq!(
         value(&text, "f2b_monitor_publisher_round_trip_seconds_count"),
-        4.0,
+        2.0,
         "{text}"
     );
     assert!(value(&text, "f2b_monitor_publisher_round_trip_seconds_sum") > 0.0);

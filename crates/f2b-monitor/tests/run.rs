@@ -101,21 +101,36 @@ fn trust() -> TrustConfig {
     }
 }
 
-/// Receives one report on `rep`, checks that it is signed with [`SECRET`] by the
-/// node it names, and answers it with `ack(event)` and the reply MAC.
-fn answer(rep: &zmq::Socket, ack: impl FnOnce(&Event) -> Ack) -> Event {
+/// Receives one request on `rep` (a report, or a `reports` request of several
+/// events), checks that it is signed with [`SECRET`] by the node it names, and
+/// answers each event with `ack(event)` (in a `replies` message for several)
+/// and the reply MAC. Returns the events, in order.
+fn answer(rep: &zmq::Socket, mut ack: impl FnMut(&Event) -> Ack) -> Vec<Event> {
     let frames = rep.recv_multipart(0).expect("a report");
     assert_eq!(frames.len(), 2, "payload and auth frame");
-    let Request::Report(e) = Request::decode(&frames[0]).unwrap() else {
-        panic!("not a report")
+    let events = match Request::decode(&frames[0]).unwrap() {
+        Request::Report(e) => vec![e],
+        Request::Reports(events) => events,
+        other => panic!("not a report: {other:?}"),
     };
     let auth = RequestAuth::decode(&frames[1]).unwrap();
     let secret = MonitorSecret::new(SECRET).unwrap();
-    assert_eq!(auth.key, e.node, "the credential is the node's");
+    assert_eq!(auth.key, events[0].node, "the credential is the node's");
     assert!(auth.verify(&secret, &frames[0]), "a valid MAC");
-    let reply = Reply::Ack(ack(&e)).encode();
+    let reply = match events.as_slice() {
+        [e] => Reply::Ack(ack(e)),
+        _ => Reply::Replies(events.iter().map(|e| Reply::Ack(ack(e))).collect()),
+    }
+    .encode();
     let mac = reply_mac(&secret, &auth.mac, &reply);
     rep.send_multipart([reply, mac.to_vec()], 0).unwrap();
+    events
+}
+
+/// [`answer`] for a request that must carry one event.
+fn answer_one(rep: &zmq::Socket, ack: impl FnMut(&Event) -> Ack) -> Event {
+    let events = answer(rep, ack);
+    let [e] = <[Event; 1]>::try_from(events).expect("one event");
     e
 }
 
@@ -201,7 +216,7 @@ async fn reports_events_and_stops() {
         ),
     );
     let server = tokio::task::spawn_blocking(move || {
-        let e = answer(&rep, |e| Ack {
+        let e = answer_one(&rep, |e| Ack {
             id: e.id,
             seq: Some(41),
             status: AckStatus::Broadcast,
@@ -230,7 +245,7 @@ async fn reports_events_and_stops() {
     // A manual unban is reported (after the stop-suppression hold).
     append(&log, &format!("{ACTION}[sshd] Unban 2001:db8::1\n"));
     let server = tokio::task::spawn_blocking(move || {
-        answer(&rep, |e| Ack {
+        answer_one(&rep, |e| Ack {
             id: e.id,
             seq: None,
             status: AckStatus::Unchanged,
@@ -307,16 +322,16 @@ async fn full_queue_pauses_reading_and_loses_nothing() {
     );
     assert_eq!((m.events_queued.get(), m.queue_capacity.get()), (1, 1));
     let server = tokio::task::spawn_blocking(move || {
-        (1..=6)
-            .map(|_| {
-                let e = answer(&rep, |e| Ack {
-                    id: e.id,
-                    seq: None,
-                    status: AckStatus::Unchanged,
-                });
-                e.ip.to_string()
-            })
-            .collect::<Vec<_>>()
+        let mut ips = Vec::new();
+        while ips.len() < 6 {
+            let events = answer(&rep, |e| Ack {
+                id: e.id,
+                seq: None,
+                status: AckStatus::Unchanged,
+            });
+            ips.extend(events.iter().map(|e| e.ip.to_string()));
+        }
+        ips
     });
     let ips = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
     let want: Vec<String> = (1..=6).map(|i| format!("203.0.113.{i}")).collect();
@@ -334,21 +349,25 @@ async fn full_queue_pauses_reading_and_loses_nothing() {
     assert!(m.queue_has_room.holds());
 }
 
-/// Serves `n` reports on `rep` (ACKing each) and returns them.
+/// Serves requests on `rep` until `n` events came (ACKing each) and returns
+/// them.
 fn serve(
     rep: zmq::Socket,
     n: usize,
 ) -> tokio::task::JoinHandle<(zmq::Socket, Vec<f2b_proto::Event>)> {
     tokio::task::spawn_blocking(move || {
-        let events = (0..n)
-            .map(|i| {
-                answer(&rep, |e| Ack {
+        let mut events = Vec::new();
+        while events.len() < n {
+            let mut seq = events.len() as u64;
+            events.extend(answer(&rep, |e| {
+                seq += 1;
+                Ack {
                     id: e.id,
-                    seq: Some(i as u64 + 1),
+                    seq: Some(seq),
                     status: AckStatus::Broadcast,
-                })
-            })
-            .collect();
+                }
+            }));
+        }
         (rep, events)
     })
 }

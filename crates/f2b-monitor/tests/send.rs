@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use f2b_common::config::{LegacyPeer, Secret};
 use f2b_common::sockets::{last_endpoint, shutdown_socket};
 use f2b_common::zmq;
-use f2b_monitor::send::{run_sender, Credential, SenderParams};
+use f2b_monitor::send::{run_sender, Credential, Room, SenderParams};
 use f2b_monitor::MonitorError;
 use f2b_proto::auth::{reply_mac, MonitorSecret, RequestAuth};
 use f2b_proto::{
@@ -142,24 +142,66 @@ fn start_full(
     max_backoff: Duration,
     credential: Option<Credential>,
 ) -> Harness {
+    start_opts(
+        ctx,
+        endpoint,
+        Opts {
+            ack_timeout,
+            legacy,
+            max_backoff,
+            credential,
+            ..Opts::default()
+        },
+    )
+}
+
+/// How a test starts the sender.
+struct Opts {
+    ack_timeout: Duration,
+    legacy: Option<LegacyPeer>,
+    max_backoff: Duration,
+    credential: Option<Credential>,
+    /// Events in the queue before the sender starts: all there at once.
+    queued: Vec<Event>,
+    room: Option<Arc<Room>>,
+}
+
+impl Default for Opts {
+    /// Signing, a 5 s ACK timeout, backoff up to 200 ms, nothing queued.
+    fn default() -> Self {
+        Opts {
+            ack_timeout: Duration::from_secs(5),
+            legacy: None,
+            max_backoff: Duration::from_millis(200),
+            credential: Some(credential()),
+            queued: Vec::new(),
+            room: None,
+        }
+    }
+}
+
+fn start_opts(ctx: &zmq::Context, endpoint: &str, o: Opts) -> Harness {
     let _ = logs();
     let token = CancellationToken::new();
     let params = SenderParams {
         ctx: ctx.clone(),
         endpoint: endpoint.to_owned(),
-        ack_timeout,
-        drain_time: ack_timeout,
+        ack_timeout: o.ack_timeout,
+        drain_time: o.ack_timeout,
         shutdown: shutdown_socket(ctx, token.clone()).unwrap(),
-        legacy,
-        credential,
+        legacy: o.legacy,
+        credential: o.credential,
         backlog: Vec::new(),
         state: None,
-        max_backoff,
-        room: None,
+        max_backoff: o.max_backoff,
+        room: o.room,
         metrics: f2b_monitor::detached_metrics(),
         link: None,
     };
-    let (tx, rx) = mpsc::channel(16);
+    let (tx, rx) = mpsc::channel(16 + o.queued.len());
+    for e in o.queued {
+        tx.try_send(e).unwrap();
+    }
     let sender = tokio::task::spawn_blocking(move || run_sender(params, rx));
     Harness {
         ctx: ctx.clone(),
@@ -173,6 +215,12 @@ fn start_full(
 impl Harness {
     async fn send(&self, e: Event) {
         self.tx.as_ref().unwrap().send(e).await.unwrap();
+    }
+
+    /// The queue's sending end, for a stand-in publisher to queue events at a
+    /// chosen moment (`blocking_send`).
+    fn queue(&self) -> mpsc::Sender<Event> {
+        self.tx.clone().unwrap()
     }
 
     /// Closes the queue and waits for the sender to finish.
@@ -202,17 +250,36 @@ fn report_id(bytes: &[u8]) -> EventId {
     }
 }
 
-/// A report as a stand-in publisher received it.
+/// The event ids of a `report` (one) or a `reports` request (several), and
+/// whether it was a `reports` request.
+fn request_ids(bytes: &[u8]) -> (Vec<EventId>, bool) {
+    match Request::decode(bytes).expect("a valid request") {
+        Request::Report(e) => (vec![e.id], false),
+        Request::Reports(events) => (events.iter().map(|e| e.id).collect(), true),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// A report (or a `reports` request) as a stand-in publisher received it.
 struct Got {
     /// A ROUTER's envelope (peer identity, empty delimiter); empty for a REP.
     envelope: Vec<Vec<u8>>,
     payload: Vec<u8>,
     auth: Option<RequestAuth>,
-    id: EventId,
+    /// The events' ids, in the request's order.
+    ids: Vec<EventId>,
+    /// A `reports` request (not a `report`).
+    several: bool,
     at: Instant,
 }
 
 impl Got {
+    /// The id of a plain `report`'s event; fails for a `reports` request.
+    fn one(&self) -> EventId {
+        assert!(!self.several, "a report, not reports: {:?}", self.ids);
+        self.ids[0]
+    }
+
     /// Whether the auth frame is web1's and its MAC right for the payload.
     fn authentic(&self) -> bool {
         self.auth
@@ -240,12 +307,13 @@ fn recv_report(sock: &zmq::Socket, router: bool) -> Got {
         .get(1)
         .map(|f| RequestAuth::decode(f).expect("a readable auth frame"));
     let payload = frames.swap_remove(0);
-    let id = report_id(&payload);
+    let (ids, several) = request_ids(&payload);
     Got {
         envelope,
         payload,
         auth,
-        id,
+        ids,
+        several,
         at,
     }
 }
@@ -293,31 +361,70 @@ fn nak(id: EventId, reason: NakReason) -> Vec<u8> {
     Reply::Nak(Nak::new(Some(id), reason, "test says no")).encode()
 }
 
-/// A REP server run in a blocking thread, checking every report's credential:
-/// `answer` gets each request's event id and returns the reply, sent with its
-/// MAC; the ids seen are returned when it has served `n`.
+fn replies(items: Vec<Reply>) -> Vec<u8> {
+    Reply::Replies(items).encode()
+}
+
+/// A REP server run in a blocking thread, checking every request's credential.
+/// It decides the events of each request in order, as a publisher does:
+/// `answer` gets the number of events decided before and the event's id and
+/// returns its reply (an ACK or a NAK); after a transient NAK the request's
+/// later events get the same NAK, undecided. The reply (a `replies` message for
+/// a `reports` request) goes with its MAC. Returns the ids decided when it has
+/// decided `n`.
 fn serve(
     rep: zmq::Socket,
     n: usize,
-    mut answer: impl FnMut(usize, EventId) -> Vec<u8> + Send + 'static,
+    mut answer: impl FnMut(usize, EventId) -> Reply + Send + 'static,
 ) -> JoinHandle<Vec<EventId>> {
     tokio::task::spawn_blocking(move || {
-        let mut seen = Vec::new();
-        for i in 0..n {
+        let mut decided = Vec::new();
+        while decided.len() < n {
             let got = recv_report(&rep, false);
-            assert!(got.authentic(), "report {i} is signed with web1's secret");
-            seen.push(got.id);
-            reply_to(&rep, &got, answer(i, got.id), Mac::Right);
+            assert!(got.authentic(), "request is signed with web1's secret");
+            let mut items = Vec::new();
+            let mut refused: Option<NakReason> = None;
+            for &id in &got.ids {
+                let reply = match refused {
+                    Some(reason) => Reply::Nak(Nak::new(Some(id), reason, "undecided")),
+                    None => {
+                        let r = answer(decided.len(), id);
+                        decided.push(id);
+                        r
+                    }
+                };
+                if let Reply::Nak(nak) = &reply {
+                    refused = refused.or(Some(nak.reason).filter(|r| r.is_transient()));
+                }
+                items.push(reply);
+            }
+            let reply = match got.several {
+                true => replies(items),
+                false => items.swap_remove(0).encode(),
+            };
+            reply_to(&rep, &got, reply, Mac::Right);
         }
-        seen
+        decided
     })
+}
+
+fn ack_of(id: EventId, seq: u64) -> Reply {
+    Reply::Ack(Ack {
+        id,
+        seq: Some(seq),
+        status: AckStatus::Broadcast,
+    })
+}
+
+fn nak_of(id: EventId, reason: NakReason) -> Reply {
+    Reply::Nak(Nak::new(Some(id), reason, "test says no"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn acked_in_order() {
     let ctx = zmq::Context::new();
     let (rep, ep) = bind(&ctx, zmq::REP);
-    let server = serve(rep, 3, |i, id| ack(id, i as u64 + 1));
+    let server = serve(rep, 3, |i, id| ack_of(id, i as u64 + 1));
     let h = start(&ctx, &ep, Duration::from_secs(5));
     for n in 1..=3 {
         h.send(event(n)).await;
@@ -334,18 +441,20 @@ async fn no_answer_means_resend_with_the_same_id() {
     let (router, ep) = bind(&ctx, zmq::ROUTER);
     let h = start(&ctx, &ep, Duration::from_millis(300));
     h.send(event(1)).await;
-    h.send(event(2)).await;
+    let queue = h.queue();
     let server = tokio::task::spawn_blocking(move || {
         let first = recv_report(&router, true); // not answered
         let again = recv_report(&router, true);
-        reply_to(&router, &again, ack(again.id, 1), Mac::Right);
+        // The next event is queued only now: a report of its own.
+        queue.blocking_send(event(2)).unwrap();
+        reply_to(&router, &again, ack(again.one(), 1), Mac::Right);
         let next = recv_report(&router, true);
-        reply_to(&router, &next, ack(next.id, 2), Mac::Right);
+        reply_to(&router, &next, ack(next.one(), 2), Mac::Right);
         [first, again, next]
     });
     let got = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
     assert_eq!(
-        got.iter().map(|g| g.id).collect::<Vec<_>>(),
+        got.iter().map(Got::one).collect::<Vec<_>>(),
         [1, 1, 2].map(EventId::from_u128),
         "resent, then the next one"
     );
@@ -381,9 +490,9 @@ async fn naks_drop_or_retry() {
     let ctx = zmq::Context::new();
     let (rep, ep) = bind(&ctx, zmq::REP);
     let server = serve(rep, 4, |i, id| match i {
-        0 => nak(id, NakReason::InvalidIp), // permanent: dropped
-        1 => nak(id, NakReason::Busy),      // transient: resent
-        _ => ack(id, i as u64),
+        0 => nak_of(id, NakReason::InvalidIp), // permanent: dropped
+        1 => nak_of(id, NakReason::Busy),      // transient: resent
+        _ => ack_of(id, i as u64),
     });
     let h = start(&ctx, &ep, Duration::from_secs(5));
     for n in 1..=3 {
@@ -410,7 +519,7 @@ async fn unreachable_publisher_then_it_starts() {
         assert!(Instant::now() < deadline, "cannot bind {ep} again: {e}");
         std::thread::yield_now();
     }
-    let server = serve(rep, 1, |_, id| ack(id, 1));
+    let server = serve(rep, 1, |_, id| ack_of(id, 1));
     let seen = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
     assert_eq!(seen, [EventId::from_u128(7)]);
     h.finish().await;
@@ -491,7 +600,7 @@ async fn nak_detail_is_logged_quoted_and_escaped() {
     // A publisher (or anything answering on its port) trying to forge a log line.
     let forged = "no\n2026-11-21T05:29:01Z  INFO f2b_monitor::send: reported ip=192.0.2.66";
     let server = serve(rep, 1, move |_, id| {
-        Reply::Nak(Nak::new(Some(id), NakReason::InvalidIp, forged)).encode()
+        Reply::Nak(Nak::new(Some(id), NakReason::InvalidIp, forged))
     });
     let h = start(&ctx, &ep, Duration::from_secs(5));
     h.send(event(61)).await;
@@ -520,23 +629,27 @@ async fn bare_nak_from_an_old_publisher_is_retried_not_dropped() {
     let max_backoff = Duration::from_millis(300);
     // An old fail2ban-zmq-tools publisher answers a native request with a bare NAK;
     // then the operator replaces it (here: the same socket starts to ACK).
+    let h = start_backing_off(&ctx, &ep, max_backoff);
+    let queue = h.queue();
     let server = tokio::task::spawn_blocking(move || {
         let mut seen = Vec::new();
         for i in 0..5 {
             let got = recv_report(&rep, false);
-            seen.push((got.id, got.at));
+            seen.push((got.one(), got.at));
             if i < 3 {
                 // An old publisher has no MAC to give.
                 rep.send(&b"NAK"[..], 0).unwrap();
             } else {
-                reply_to(&rep, &got, ack(got.id, i), Mac::Right);
+                if i == 3 {
+                    // Queued now: a report of its own.
+                    queue.blocking_send(event(63)).unwrap();
+                }
+                reply_to(&rep, &got, ack(got.one(), i), Mac::Right);
             }
         }
         seen
     });
-    let h = start_backing_off(&ctx, &ep, max_backoff);
     h.send(event(62)).await;
-    h.send(event(63)).await;
     let seen = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
     let ids: Vec<EventId> = seen.iter().map(|(id, _)| *id).collect();
     assert_eq!(
@@ -568,6 +681,8 @@ async fn bare_nak_from_an_old_publisher_is_retried_not_dropped() {
 async fn a_reply_without_a_right_mac_is_no_ack() {
     let ctx = zmq::Context::new();
     let (router, ep) = bind(&ctx, zmq::ROUTER);
+    let h = start_backing_off(&ctx, &ep, Duration::from_millis(200));
+    let queue = h.queue();
     // An impostor, or a publisher holding another secret for web1: ACKs with no
     // MAC, with a wrong one, a quarantine NAK with no MAC; then the real answer.
     let server = tokio::task::spawn_blocking(move || {
@@ -576,24 +691,26 @@ async fn a_reply_without_a_right_mac_is_no_ack() {
             let got = recv_report(&router, true);
             assert!(got.authentic());
             let reply = if seen.len() == 2 {
-                nak(got.id, NakReason::Quarantined)
+                nak(got.one(), NakReason::Quarantined)
             } else {
-                ack(got.id, 9)
+                ack(got.one(), 9)
             };
+            if let Mac::Right = mac {
+                // Queued now: a report of its own.
+                queue.blocking_send(event(72)).unwrap();
+            }
             reply_to(&router, &got, reply, mac);
             seen.push(got);
         }
         let next = recv_report(&router, true);
-        reply_to(&router, &next, ack(next.id, 10), Mac::Right);
+        reply_to(&router, &next, ack(next.one(), 10), Mac::Right);
         seen.push(next);
         seen
     });
-    let h = start_backing_off(&ctx, &ep, Duration::from_millis(200));
     h.send(event(71)).await;
-    h.send(event(72)).await;
     let seen = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
     assert_eq!(
-        seen.iter().map(|g| g.id).collect::<Vec<_>>(),
+        seen.iter().map(Got::one).collect::<Vec<_>>(),
         [71, 71, 71, 71, 72].map(EventId::from_u128),
         "resent until an authentic ACK, neither taken as ACKed nor dropped"
     );
@@ -639,31 +756,34 @@ async fn unauthenticated_and_replayed_are_retried_quarantined_dropped() {
         (NakReason::Replayed, Mac::Missing),
         (NakReason::Replayed, Mac::Right),
     ];
+    let h = start_backing_off(&ctx, &ep, Duration::from_millis(200));
+    let queue = h.queue();
     let server = tokio::task::spawn_blocking(move || {
         let mut seen = Vec::new();
         for (reason, mac) in answers {
             let got = recv_report(&router, true);
-            reply_to(&router, &got, nak(got.id, reason), mac);
+            reply_to(&router, &got, nak(got.one(), reason), mac);
             seen.push(got);
         }
-        for reply in [
-            |id| ack(id, 1),
-            |id| nak(id, NakReason::Quarantined),
-            |id| ack(id, 2),
+        for (reply, next) in [
+            (ack as fn(EventId, u64) -> Vec<u8>, Some(82)),
+            (|id, _| nak(id, NakReason::Quarantined), Some(83)),
+            (ack, None),
         ] {
             let got = recv_report(&router, true);
-            reply_to(&router, &got, reply(got.id), Mac::Right);
+            // The next event is queued only now: a report of its own.
+            if let Some(n) = next {
+                queue.blocking_send(event(n)).unwrap();
+            }
+            reply_to(&router, &got, reply(got.one(), 1), Mac::Right);
             seen.push(got);
         }
         seen
     });
-    let h = start_backing_off(&ctx, &ep, Duration::from_millis(200));
-    for n in 81..=83 {
-        h.send(event(n)).await;
-    }
+    h.send(event(81)).await;
     let seen = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
     assert_eq!(
-        seen.iter().map(|g| g.id).collect::<Vec<_>>(),
+        seen.iter().map(Got::one).collect::<Vec<_>>(),
         [81, 81, 81, 81, 81, 81, 82, 83].map(EventId::from_u128),
         "kept and retried through unauthenticated and replayed; the quarantined one dropped"
     );
