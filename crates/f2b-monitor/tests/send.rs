@@ -1,5 +1,6 @@
 //! The sender thread against real ZeroMQ sockets on 127.0.0.1 (ephemeral ports):
-//! ACKs, a publisher that does not answer, NAKs, shutdown, and the credential: the
+//! ACKs, a publisher that does not answer, NAKs, shutdown, the credential, and
+//! bursts in `reports` requests with their `replies` and refusals: the
 //! stand-in publishers check every report's auth frame with f2b_proto and sign
 //! their replies (or, to test the monitor, do not).
 
@@ -86,7 +87,12 @@ fn event(n: u128) -> Event {
         NodeName::new("web1").unwrap(),
         JailName::new("sshd").unwrap(),
         Action::Ban,
-        format!("192.0.2.{n}").parse().unwrap(),
+        match n {
+            0..=255 => format!("192.0.2.{n}"),
+            _ => format!("198.51.100.{}", n % 256),
+        }
+        .parse()
+        .unwrap(),
         1_763_702_000_000,
     )
     .unwrap()
@@ -874,5 +880,383 @@ async fn without_a_credential_reports_are_one_frame() {
         told[0].contains("set [trust] secret or secret_file on web1"),
         "{}",
         told[0]
+    );
+}
+
+/// Acks of every event of `got`: a `replies` message for a `reports` request,
+/// an `ack` for a report.
+fn ack_all(got: &Got) -> Vec<u8> {
+    let items: Vec<Reply> = got.ids.iter().map(|&id| ack_of(id, 1)).collect();
+    match got.several {
+        true => replies(items),
+        false => items[0].encode(),
+    }
+}
+
+fn ids(range: std::ops::RangeInclusive<u128>) -> Vec<EventId> {
+    range.map(EventId::from_u128).collect()
+}
+
+/// Lines of "reported" for the event `n`.
+fn reported(n: u128) -> usize {
+    let id = EventId::from_u128(n).to_string();
+    logged(&[" reported ", &format!("id={id}")]).len()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_goes_in_reports_requests_of_up_to_32_and_a_lone_event_alone() {
+    let ctx = zmq::Context::new();
+    let (router, ep) = bind(&ctx, zmq::ROUTER);
+    // 70 events read (their places taken) and queued before the sender starts:
+    // all there at once.
+    let room = Arc::new(Room::new(100, 70));
+    let h = start_opts(
+        &ctx,
+        &ep,
+        Opts {
+            queued: (1001..=1070).map(event).collect(),
+            room: Some(room.clone()),
+            ..Opts::default()
+        },
+    );
+    let server = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        while seen.iter().map(|g: &Got| g.ids.len()).sum::<usize>() < 70 {
+            let got = recv_report(&router, true);
+            assert!(got.authentic(), "signed as a report is");
+            reply_to(&router, &got, ack_all(&got), Mac::Right);
+            seen.push(got);
+        }
+        let lone = recv_report(&router, true);
+        reply_to(&router, &lone, ack_all(&lone), Mac::Right);
+        (seen, lone)
+    });
+    // Sent once the burst is answered: alone.
+    let deadline = Instant::now() + WAIT;
+    while room.available() < 100 {
+        assert!(Instant::now() < deadline, "{} places", room.available());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(room.try_take(1));
+    h.send(event(1071)).await;
+    let (seen, lone) = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    assert_eq!(
+        seen.iter()
+            .map(|g| (g.several, g.ids.len()))
+            .collect::<Vec<_>>(),
+        [(true, 32), (true, 32), (true, 6)],
+        "reports requests of up to 32"
+    );
+    let all: Vec<EventId> = seen.iter().flat_map(|g| g.ids.clone()).collect();
+    assert_eq!(all, ids(1001..=1070), "in order, each once");
+    assert_eq!(
+        lone.one(),
+        EventId::from_u128(1071),
+        "a lone event is a report"
+    );
+    h.finish().await;
+    // Per event: a place given back, a "reported" line.
+    assert_eq!(room.available(), 100);
+    assert!((1001..=1071).all(|n| reported(n) == 1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transient_nak_in_replies_resends_that_event_and_the_later_ones() {
+    let ctx = zmq::Context::new();
+    let (router, ep) = bind(&ctx, zmq::ROUTER);
+    let h = start_opts(
+        &ctx,
+        &ep,
+        Opts {
+            queued: (1101..=1105).map(event).collect(),
+            ..Opts::default()
+        },
+    );
+    let server = tokio::task::spawn_blocking(move || {
+        let first = recv_report(&router, true);
+        // The third is rate limited; so are the later ones, undecided.
+        let items = first
+            .ids
+            .iter()
+            .enumerate()
+            .map(|(k, &id)| match k {
+                0 | 1 => ack_of(id, k as u64 + 1),
+                _ => nak_of(id, NakReason::RateLimited),
+            })
+            .collect();
+        reply_to(&router, &first, replies(items), Mac::Right);
+        let again = recv_report(&router, true);
+        reply_to(&router, &again, ack_all(&again), Mac::Right);
+        (first, again)
+    });
+    let (first, again) = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    assert_eq!(first.ids, ids(1101..=1105));
+    assert!(again.several);
+    assert_eq!(again.ids, ids(1103..=1105), "the refused ones, in order");
+    let gap = again.at - first.at;
+    assert!(
+        gap >= f2b_monitor::send::BACKOFF_MIN,
+        "after the backoff: {gap:?}"
+    );
+    h.finish().await;
+    assert!((1101..=1105).all(|n| reported(n) == 1));
+    let id = EventId::from_u128(1103).to_string();
+    assert_eq!(
+        logged(&["publisher asked to retry later", &id]).len(),
+        1,
+        "one line for the request"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_permanent_nak_in_replies_drops_only_that_event() {
+    let ctx = zmq::Context::new();
+    let (router, ep) = bind(&ctx, zmq::ROUTER);
+    let h = start_opts(
+        &ctx,
+        &ep,
+        Opts {
+            queued: (1201..=1203).map(event).collect(),
+            ..Opts::default()
+        },
+    );
+    let queue = h.queue();
+    let server = tokio::task::spawn_blocking(move || {
+        let first = recv_report(&router, true);
+        let items = vec![
+            ack_of(first.ids[0], 1),
+            nak_of(first.ids[1], NakReason::Forbidden),
+            ack_of(first.ids[2], 2),
+        ];
+        queue.blocking_send(event(1204)).unwrap();
+        reply_to(&router, &first, replies(items), Mac::Right);
+        let next = recv_report(&router, true);
+        reply_to(&router, &next, ack_all(&next), Mac::Right);
+        (first, next)
+    });
+    let (first, next) = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    assert_eq!(first.ids, ids(1201..=1203));
+    assert_eq!(
+        next.one(),
+        EventId::from_u128(1204),
+        "nothing of the request resent"
+    );
+    h.finish().await;
+    let dropped = EventId::from_u128(1202).to_string();
+    assert_eq!(
+        logged(&[
+            "event rejected by the publisher, dropped",
+            &dropped,
+            " ERROR "
+        ])
+        .len(),
+        1
+    );
+    assert_eq!(
+        [1201, 1202, 1203, 1204].map(reported),
+        [1, 0, 1, 1],
+        "the others are ACKed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_type_makes_every_later_request_a_single_report() {
+    let ctx = zmq::Context::new();
+    let (router, ep) = bind(&ctx, zmq::ROUTER);
+    let h = start_opts(
+        &ctx,
+        &ep,
+        Opts {
+            queued: (1301..=1303).map(event).collect(),
+            ..Opts::default()
+        },
+    );
+    let queue = h.queue();
+    let server = tokio::task::spawn_blocking(move || {
+        let first = recv_report(&router, true);
+        // An older publisher: it cannot decode the request, so its NAK has no
+        // MAC (and no id).
+        let old = Reply::Nak(Nak::new(
+            None,
+            NakReason::UnknownType,
+            "unknown type \"reports\"",
+        ));
+        reply_to(&router, &first, old.encode(), Mac::Missing);
+        let mut singles = Vec::new();
+        for k in 0..5 {
+            let got = recv_report(&router, true);
+            if k == 2 {
+                // A burst, all queued before the answer: still one at a time.
+                queue.blocking_send(event(1304)).unwrap();
+                queue.blocking_send(event(1305)).unwrap();
+            }
+            reply_to(&router, &got, ack_all(&got), Mac::Right);
+            singles.push(got);
+        }
+        (first, singles)
+    });
+    let (first, singles) = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    assert!(first.several);
+    assert_eq!(first.ids, ids(1301..=1303));
+    assert_eq!(
+        singles.iter().map(Got::one).collect::<Vec<_>>(),
+        ids(1301..=1305),
+        "one report each, in order"
+    );
+    h.finish().await;
+    assert!((1301..=1305).all(|n| reported(n) == 1));
+    let told = logged(&["the publisher does not know `reports` requests", &ep]);
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert!(told[0].contains(" WARN "), "{}", told[0]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reports_request_refused_whole_is_resent_one_event_at_a_time() {
+    let ctx = zmq::Context::new();
+    let (router, ep) = bind(&ctx, zmq::ROUTER);
+    let h = start_opts(
+        &ctx,
+        &ep,
+        Opts {
+            queued: (1401..=1403).map(event).collect(),
+            ..Opts::default()
+        },
+    );
+    let queue = h.queue();
+    let server = tokio::task::spawn_blocking(move || {
+        let first = recv_report(&router, true);
+        let whole = Reply::Nak(Nak::new(None, NakReason::Malformed, "test says malformed"));
+        reply_to(&router, &first, whole.encode(), Mac::Right);
+        let mut singles = Vec::new();
+        for k in 0..3 {
+            let got = recv_report(&router, true);
+            if k == 2 {
+                queue.blocking_send(event(1404)).unwrap();
+                queue.blocking_send(event(1405)).unwrap();
+            }
+            reply_to(&router, &got, ack_all(&got), Mac::Right);
+            singles.push(got);
+        }
+        // This time only: the next burst is packed again.
+        let next = recv_report(&router, true);
+        reply_to(&router, &next, ack_all(&next), Mac::Right);
+        (first, singles, next)
+    });
+    let (first, singles, next) = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    assert_eq!(first.ids, ids(1401..=1403));
+    assert_eq!(
+        singles.iter().map(Got::one).collect::<Vec<_>>(),
+        ids(1401..=1403),
+        "one report each, in order"
+    );
+    assert!(next.several);
+    assert_eq!(next.ids, ids(1404..=1405));
+    h.finish().await;
+    assert!((1401..=1405).all(|n| reported(n) == 1), "none dropped");
+    let told = logged(&["refused a reports request as a whole", "reason=malformed"]);
+    assert_eq!(told.len(), 1, "{told:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replies_that_do_not_match_the_events_are_unreadable() {
+    let ctx = zmq::Context::new();
+    let (router, ep) = bind(&ctx, zmq::ROUTER);
+    let h = start_opts(
+        &ctx,
+        &ep,
+        Opts {
+            queued: (1501..=1503).map(event).collect(),
+            ..Opts::default()
+        },
+    );
+    let server = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        // Two answers for three events; then three, in another order; then
+        // the right ones.
+        for round in 0..3 {
+            let got = recv_report(&router, true);
+            let mut items: Vec<Reply> = got.ids.iter().map(|&id| ack_of(id, 1)).collect();
+            match round {
+                0 => {
+                    items.pop();
+                }
+                1 => items.swap(0, 1),
+                _ => {}
+            }
+            reply_to(&router, &got, replies(items), Mac::Right);
+            seen.push(got);
+        }
+        seen
+    });
+    let seen = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    for got in &seen {
+        assert!(got.several);
+        assert_eq!(got.ids, ids(1501..=1503), "resent whole");
+    }
+    h.finish().await;
+    assert!(
+        (1501..=1503).all(|n| reported(n) == 1),
+        "nothing taken from a wrong replies"
+    );
+    let first = EventId::from_u128(1501).to_string();
+    let warned = logged(&["no usable reply from the publisher", &first]);
+    assert_eq!(warned.len(), 2, "{warned:?}");
+    assert!(
+        warned[0].contains("2 answers to a reports request of 3 events"),
+        "{}",
+        warned[0]
+    );
+    assert!(
+        warned[1].contains("an answer for another event"),
+        "{}",
+        warned[1]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replies_without_a_right_mac_are_not_taken() {
+    let ctx = zmq::Context::new();
+    let (router, ep) = bind(&ctx, zmq::ROUTER);
+    let h = start_opts(
+        &ctx,
+        &ep,
+        Opts {
+            queued: (1601..=1603).map(event).collect(),
+            ..Opts::default()
+        },
+    );
+    let server = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        for mac in [Mac::Missing, Mac::Wrong, Mac::Right] {
+            let got = recv_report(&router, true);
+            assert!(got.authentic());
+            reply_to(&router, &got, ack_all(&got), mac);
+            seen.push(got);
+        }
+        seen
+    });
+    let seen = tokio::time::timeout(WAIT, server).await.unwrap().unwrap();
+    for got in &seen {
+        assert!(got.several);
+        assert_eq!(
+            got.ids,
+            ids(1601..=1603),
+            "resent until an authentic answer"
+        );
+    }
+    let nonces: std::collections::HashSet<_> = seen
+        .iter()
+        .map(|g| g.auth.as_ref().unwrap().nonce)
+        .collect();
+    assert_eq!(nonces.len(), 3, "signed anew for every send");
+    h.finish().await;
+    assert!(
+        (1601..=1603).all(|n| reported(n) == 1),
+        "ACKed once, by the authentic replies"
+    );
+    let first = EventId::from_u128(1601).to_string();
+    assert_eq!(
+        logged(&["reply failed authentication", &first, " WARN "]).len(),
+        1
     );
 }
