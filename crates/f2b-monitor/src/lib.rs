@@ -25,7 +25,9 @@
 //! - `pipeline`: lines to queued events: the stop filter, the queue file, the
 //!   saved position (never past a line whose outcome is not on the disk), the
 //!   bound on unanswered events (backpressure).
-//! - [`send`]: the REQ socket loop: ACK wait, resend with backoff, NAK handling.
+//! - [`send`]: the REQ socket loop: the events queued together packed into one
+//!   `reports` request (a lone one a `report`), ACK wait, resend with backoff,
+//!   NAK handling.
 //! - [`link`]: whether the publisher is connected while nothing is sent (a
 //!   socket monitor on the REQ socket), for readiness.
 //! - `exchange`: one report and its reply: signing with this node's credential
