@@ -137,8 +137,8 @@ pub fn run(dir: &Path, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()>
     report.note(format!(
         "Benchmark 4: the load is {n} Ban lines appended to one node's fail2ban.log \
          (100 per write); all were applied by the other node's subscriber in {:.1} s \
-         ({:.0} events/s: one monitor reports one event at a time, each committed \
-         before its ACK).",
+         ({:.0} events/s: one monitor, one request in flight, each request a \
+         `reports` of the events read and waiting, up to 32, committed before its ACK).",
         took.as_secs_f64(),
         n as f64 / took.as_secs_f64()
     ));
