@@ -298,6 +298,8 @@ pub struct Ledger {
     conn: Connection,
     path: PathBuf,
     epoch: Epoch,
+    /// `epoch` as the `events` rows hold it.
+    epoch_text: String,
     last_seq: u64,
     opened: Opened,
     /// SQLite virtual machine steps run by snapshots, pruning and rebroadcast
@@ -539,6 +541,7 @@ impl Ledger {
         })?;
         let mut ledger = Ledger::init(conn, path, false)?;
         ledger.epoch = epoch;
+        ledger.epoch_text = epoch.to_string();
         ledger
             .conn
             .execute(
@@ -660,6 +663,7 @@ impl Ledger {
         Ok(Ledger {
             conn,
             path,
+            epoch_text: epoch.to_string(),
             epoch,
             last_seq,
             opened,
@@ -746,14 +750,14 @@ impl Ledger {
         if self.batch.is_some() {
             return Ok(());
         }
-        self.conn
-            .execute_batch("BEGIN IMMEDIATE")
+        self.run_cached("BEGIN IMMEDIATE")
             .map_err(sql_err(&self.path, "begin a batch"))?;
         self.batch = Some(self.last_seq);
         Ok(())
     }
 
-    /// Commits the open batch (if any): when this returns `Ok`, every event
+    /// Commits the open batch (if any), with `meta`'s last_seq (the last number its
+    /// appends used): when this returns `Ok`, every event
     /// appended since [`Self::begin_batch`] is durable. When it fails, the batch is
     /// rolled back and [`Self::last_seq`] is read again from the file: normally
     /// what it was before the batch, but if SQLite rolled the transaction back by
@@ -777,9 +781,17 @@ impl Ledger {
         });
         #[cfg(not(test))]
         let injected: Option<rusqlite::Error> = None;
-        let committed = match injected {
-            Some(e) => Err(e),
-            None => self.conn.execute_batch("COMMIT"),
+        // The batch's appends left `meta`'s last_seq to this commit (see
+        // `append`): written in the transaction, if it is still open (if SQLite
+        // rolled it back by itself, the COMMIT fails below).
+        let meta = if reached != start && !self.conn.is_autocommit() {
+            self.write_last_seq(reached)
+        } else {
+            Ok(())
+        };
+        let committed = match (meta, injected) {
+            (Err(e), _) | (Ok(()), Some(e)) => Err(e),
+            (Ok(()), None) => self.run_cached("COMMIT"),
         };
         if let Err(source) = committed {
             // A failed COMMIT may leave the transaction open (SQLITE_BUSY) or have
@@ -810,10 +822,12 @@ impl Ledger {
         self.fail_commit = true;
     }
 
-    /// Commits `record`, whose `seq` must be [`Self::last_seq`] + 1, and the new
-    /// last sequence number, with what it changes in `active_bans` and
-    /// `superseded`: in a transaction of its own, or, in a batch, as a savepoint
-    /// of the batch's (then it is durable once [`Self::commit_batch`] succeeds).
+    /// Commits `record`, whose `seq` must be [`Self::last_seq`] + 1, with what it
+    /// changes in `active_bans` and `superseded`, and the new last sequence number:
+    /// in a transaction of its own, or, in a batch, as a savepoint of the batch's
+    /// (then it is durable once [`Self::commit_batch`] succeeds, and `meta`'s
+    /// last_seq is written once for the whole batch, by that commit, in the same
+    /// transaction).
     pub fn append(&mut self, record: &Record) -> Result<(), LedgerError> {
         if record.seq != self.last_seq.saturating_add(1) {
             return Err(LedgerError::Sequence {
@@ -822,21 +836,48 @@ impl Ledger {
                 found: record.seq,
             });
         }
+        // Inside an open transaction (a batch), `meta`'s last_seq is written once,
+        // by `commit_batch`, in the same transaction; on its own (no batch, or a
+        // batch SQLite rolled back by itself) the append writes it with its row.
+        let own = self.conn.is_autocommit();
+        // A savepoint: an append that fails half-way leaves nothing behind. Its
+        // statements are compiled once, like the others.
+        self.run_cached("SAVEPOINT append")
+            .map_err(sql_err(&self.path, "write an event"))?;
+        let written = self
+            .write_rows(record, own)
+            .and_then(|()| self.run_cached("RELEASE append"));
+        if let Err(source) = written {
+            // Undo what the savepoint holds (nothing if SQLite rolled the
+            // transaction back already), as a dropped rusqlite savepoint does.
+            let _ = self
+                .run_cached("ROLLBACK TO append")
+                .and_then(|()| self.run_cached("RELEASE append"));
+            return Err(sql_err(&self.path, "write an event")(source));
+        }
+        self.last_seq = record.seq;
+        Ok(())
+    }
+
+    /// Runs `sql`, a statement without parameters, compiled once.
+    fn run_cached(&self, sql: &str) -> rusqlite::Result<()> {
+        self.conn.prepare_cached(sql)?.execute([]).map(drop)
+    }
+
+    /// The statements of [`Self::append`]: the row, what it supersedes, its
+    /// `active_bans` change, and (`meta`: not in a batch) the last sequence number.
+    fn write_rows(&self, record: &Record, meta: bool) -> rusqlite::Result<()> {
         let e = &record.event;
         let (seq, jail, ip) = (sql_int(record.seq), e.jail.as_str(), e.ip.to_string());
-        let tx = self
-            .conn
-            .savepoint()
-            .map_err(sql_err(&self.path, "begin a write"))?;
-        let written = (|| {
-            tx.prepare_cached(
+        self.conn
+            .prepare_cached(
                 "INSERT INTO events (seq, epoch, id, node, jail, action, ip, time_ms, \
                  accepted_ms, expires_ms, origin, peer, credential, reported_by) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, NULL, ?13)",
             )?
             .execute(params![
                 seq,
-                self.epoch.to_string(),
+                self.epoch_text.as_str(),
                 e.id.to_string(),
                 e.node.as_str(),
                 jail,
@@ -849,33 +890,40 @@ impl Ledger {
                 record.peer.as_str(),
                 record.reported_by.column(),
             ])?;
-            // The row this one supersedes (the last one of its (jail, address);
-            // those before it were queued when it was appended).
-            tx.prepare_cached(
+        // The row this one supersedes (the last one of its (jail, address); those
+        // before it were queued when it was appended).
+        self.conn
+            .prepare_cached(
                 "INSERT OR IGNORE INTO superseded (seq) SELECT seq FROM events \
                  WHERE jail = ?1 AND ip = ?2 AND seq < ?3 ORDER BY seq DESC LIMIT 1",
             )?
             .execute(params![jail, ip, seq])?;
-            match e.action {
-                // A ban without expires_ms fails the NOT NULL constraint.
-                Action::Ban => tx
-                    .prepare_cached(
-                        "INSERT OR REPLACE INTO active_bans (seq, jail, ip, expires_ms) \
-                         VALUES (?1, ?2, ?3, ?4)",
-                    )?
-                    .execute(params![seq, jail, ip, record.expires_ms.map(sql_int)])?,
-                Action::Unban => tx
-                    .prepare_cached("DELETE FROM active_bans WHERE jail = ?1 AND ip = ?2")?
-                    .execute(params![jail, ip])?,
-            };
-            tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'last_seq'")?
-                .execute([seq])?;
-            Ok(())
-        })()
-        .and_then(|()| tx.commit());
-        written.map_err(sql_err(&self.path, "write an event"))?;
-        self.last_seq = record.seq;
+        match e.action {
+            // A ban without expires_ms fails the NOT NULL constraint.
+            Action::Ban => self
+                .conn
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO active_bans (seq, jail, ip, expires_ms) \
+                     VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![seq, jail, ip, record.expires_ms.map(sql_int)])?,
+            Action::Unban => self
+                .conn
+                .prepare_cached("DELETE FROM active_bans WHERE jail = ?1 AND ip = ?2")?
+                .execute(params![jail, ip])?,
+        };
+        if meta {
+            self.write_last_seq(record.seq)?;
+        }
         Ok(())
+    }
+
+    /// Writes `seq` as `meta`'s last sequence number.
+    fn write_last_seq(&self, seq: u64) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'last_seq'")?
+            .execute([sql_int(seq)])
+            .map(drop)
     }
 
     /// Calls `f` with every row kept, in sequence order; returns how many rows were

@@ -131,6 +131,85 @@ fn the_last_seq_survives_pruning_every_row() {
     assert_eq!(add(&mut l, "sshd", Action::Ban, "203.0.113.1", NOW), 3);
 }
 
+/// `meta`'s last_seq as another connection reads it (what a restart sees
+/// once the rows are pruned).
+fn meta_last_seq(dir: &Path) -> i64 {
+    let conn = Connection::open(dir.join(LEDGER_FILE)).unwrap();
+    conn.query_row("SELECT value FROM meta WHERE key = 'last_seq'", [], |r| {
+        r.get(0)
+    })
+    .unwrap()
+}
+
+/// In a batch, `meta`'s last_seq is written once, by the commit, with the rows:
+/// a restart after the batch's rows were pruned still goes on after them.
+#[test]
+fn a_batch_commits_the_last_seq_with_its_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut l = Ledger::open(dir.path()).unwrap();
+    add(&mut l, "sshd", Action::Ban, "203.0.113.1", NOW);
+    assert_eq!(meta_last_seq(dir.path()), 1);
+    l.begin_batch().unwrap();
+    add(&mut l, "sshd", Action::Unban, "203.0.113.1", NOW);
+    add(&mut l, "sshd", Action::Ban, "203.0.113.2", NOW);
+    add(&mut l, "sshd", Action::Unban, "203.0.113.2", NOW);
+    assert_eq!(l.last_seq(), 4);
+    // Nothing of the batch is committed yet, the last_seq neither.
+    assert_eq!(meta_last_seq(dir.path()), 1);
+    l.commit_batch(true).unwrap();
+    assert_eq!(meta_last_seq(dir.path()), 4);
+    // An empty batch changes nothing.
+    l.begin_batch().unwrap();
+    l.commit_batch(true).unwrap();
+    assert_eq!(meta_last_seq(dir.path()), 4);
+    let p = l.prune(NOW + 10 * BAN_MS, BAN_MS, PRUNE_BATCH).unwrap();
+    assert_eq!(p.deleted, 4);
+    assert_eq!(l.rows().unwrap(), 0);
+    drop(l);
+    let mut l = Ledger::open(dir.path()).unwrap();
+    assert_eq!(l.last_seq(), 4);
+    // After an unclean stop, the skip counts from the batch's last number.
+    assert_eq!(l.start_serving().unwrap(), 0);
+    drop(l);
+    let mut l = Ledger::open(dir.path()).unwrap();
+    assert_eq!(l.start_serving().unwrap(), EARLY_BROADCAST_MAX);
+    assert_eq!(l.last_seq(), 4 + EARLY_BROADCAST_MAX);
+    assert_eq!(
+        add(&mut l, "sshd", Action::Ban, "203.0.113.1", NOW),
+        5 + EARLY_BROADCAST_MAX
+    );
+}
+
+/// An append that fails half-way (here its `active_bans` row breaks a
+/// constraint) leaves nothing behind, in a batch or not, and the batch's other
+/// events are committed with the right last_seq.
+#[test]
+fn a_failed_append_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut l = Ledger::open(dir.path()).unwrap();
+    let broken = |seq: u64| Record {
+        seq,
+        event: event(u128::from(seq) + 5000, "sshd", Action::Ban, "203.0.113.7"),
+        accepted_ms: NOW,
+        // A ban without an expiry: the events row is written, the active_bans
+        // one is refused (NOT NULL).
+        expires_ms: None,
+        legacy: false,
+        peer: "192.0.2.99".into(),
+        reported_by: Reporter::Unauthenticated,
+    };
+    assert!(l.append(&broken(1)).is_err());
+    assert_eq!((l.last_seq(), l.rows().unwrap()), (0, 0));
+    l.begin_batch().unwrap();
+    add(&mut l, "sshd", Action::Ban, "203.0.113.1", NOW);
+    assert!(l.append(&broken(2)).is_err());
+    add(&mut l, "sshd", Action::Ban, "203.0.113.2", NOW);
+    l.commit_batch(false).unwrap();
+    assert_eq!(rows(&l).iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(meta_last_seq(dir.path()), 2);
+    assert_eq!(snapshot_seqs(&l, &[], NOW), [1, 2]);
+}
+
 #[test]
 fn a_deleted_ledger_starts_a_new_epoch() {
     let dir = tempfile::tempdir().unwrap();
