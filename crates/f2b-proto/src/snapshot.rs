@@ -39,7 +39,7 @@ impl SnapshotRequest {
         })
     }
 
-    pub(crate) fn from_obj(obj: &Obj) -> Result<Self, ProtoError> {
+    pub(crate) fn from_obj(obj: &Obj<'_>) -> Result<Self, ProtoError> {
         let jails = match obj.opt_array("jails")? {
             None => Vec::new(),
             Some(items) => {
@@ -177,7 +177,7 @@ impl SnapshotReply {
                             expected: "a list of objects",
                         });
                     };
-                    let o = Obj::from_map(&map);
+                    let o = Obj::from_map(map);
                     let ban = ActiveBan {
                         seq: o.seq("seq")?,
                         expires_ms: o.u64("expires_ms")?,

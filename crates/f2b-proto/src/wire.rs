@@ -1,18 +1,21 @@
 //! Field extraction from a JSON object with errors that name the field.
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 use crate::error::{ProtoError, Shown};
 use crate::event::{check_time, parse_ip, Event};
 use crate::{EventId, JailName, NodeName, MAX_MESSAGE_SIZE, MAX_SAFE_INTEGER, PROTOCOL_VERSION};
 
-/// A decoded JSON object with typed accessors.
-pub(crate) struct Obj(Map<String, Value>);
+/// A decoded JSON object with typed accessors: a whole message (owned), or an
+/// object inside one (borrowed from it, not copied).
+pub(crate) struct Obj<'a>(Cow<'a, Map<String, Value>>);
 
-impl Obj {
+impl<'a> Obj<'a> {
     /// Parses `bytes` as one JSON object, refusing oversized input before parsing,
     /// and checks the protocol version.
-    pub(crate) fn parse_message(bytes: &[u8]) -> Result<(Obj, String), ProtoError> {
+    pub(crate) fn parse_message(bytes: &[u8]) -> Result<(Obj<'static>, String), ProtoError> {
         if bytes.len() > MAX_MESSAGE_SIZE {
             return Err(ProtoError::TooLarge {
                 len: bytes.len(),
@@ -27,7 +30,7 @@ impl Obj {
                 detail: "not a JSON object".into(),
             });
         };
-        let obj = Obj(map);
+        let obj = Obj(Cow::Owned(map));
         let v = obj.u64("v")?;
         if v != PROTOCOL_VERSION {
             return Err(ProtoError::UnsupportedVersion {
@@ -39,14 +42,14 @@ impl Obj {
         Ok((obj, kind))
     }
 
-    pub(crate) fn from_map(map: &Map<String, Value>) -> Obj {
-        Obj(map.clone())
+    pub(crate) fn from_map(map: &'a Map<String, Value>) -> Obj<'a> {
+        Obj(Cow::Borrowed(map))
     }
 
-    pub(crate) fn opt_array(&self, field: &'static str) -> Result<Option<Vec<Value>>, ProtoError> {
+    pub(crate) fn opt_array(&self, field: &'static str) -> Result<Option<&[Value]>, ProtoError> {
         match self.0.get(field) {
             None | Some(Value::Null) => Ok(None),
-            Some(Value::Array(items)) => Ok(Some(items.clone())),
+            Some(Value::Array(items)) => Ok(Some(items)),
             Some(_) => Err(ProtoError::WrongType {
                 field,
                 expected: "a list",
@@ -109,9 +112,9 @@ impl Obj {
         Ok(seq)
     }
 
-    pub(crate) fn obj(&self, field: &'static str) -> Result<Obj, ProtoError> {
+    pub(crate) fn obj(&self, field: &'static str) -> Result<Obj<'_>, ProtoError> {
         match self.get(field)? {
-            Value::Object(m) => Ok(Obj(m.clone())),
+            Value::Object(m) => Ok(Obj(Cow::Borrowed(m))),
             _ => Err(ProtoError::WrongType {
                 field,
                 expected: "an object",
@@ -155,6 +158,25 @@ pub(crate) fn event_value(e: &Event) -> Value {
         "ip": e.ip.to_string(),
         "time_ms": e.time_ms,
     })
+}
+
+/// Appends [`event_value`]`(e)` as JSON to `out`, the same bytes as
+/// [`to_bytes`] would give (its keys in serde_json's order, sorted), without
+/// building the value.
+pub(crate) fn write_event(out: &mut Vec<u8>, e: &Event) {
+    use std::io::Write as _;
+    // Writing to a Vec cannot fail.
+    let _ = write!(
+        out,
+        "{{\"action\":\"{}\",\"id\":\"{}\",\"ip\":\"{}\",\"jail\":",
+        e.action.as_str(),
+        e.id,
+        e.ip
+    );
+    let _ = serde_json::to_writer(&mut *out, e.jail.as_str());
+    out.extend_from_slice(b",\"node\":");
+    let _ = serde_json::to_writer(&mut *out, e.node.as_str());
+    let _ = write!(out, ",\"time_ms\":{}}}", e.time_ms);
 }
 
 pub(crate) fn to_bytes(v: Value) -> Vec<u8> {
