@@ -8,11 +8,13 @@
 //!    kept as a checkpoint;
 //! 2. each event to report gets a random id and, in chunks that fit in the free
 //!    places of the [`Room`] (`[monitor] queue_size`), is written to the queue
-//!    file; then the chunk is handed to the sender, and only then is the queue
-//!    file synced and the new position (see below) saved, so no sync is on the
-//!    path of the report. The position never moves past a line whose event is
-//!    not on the disk in the queue file (or answered): the sync comes before
-//!    the save, whichever comes first of the report and the save. A crash of
+//!    file; then the chunk is handed to the sender, and only then does the new
+//!    position (see below) go to the [`Saver`], which syncs the queue file and
+//!    then saves the position while the pipeline goes on with the next lines,
+//!    so no sync is on the path of a report, this one's or the next's. The
+//!    position never moves past a line whose event is not on the disk in the
+//!    queue file (or answered): the sync comes before the save, whichever
+//!    comes first of the report and the save. A crash of
 //!    the monitor keeps what was written (the kernel has it); a crash of the
 //!    machine before the sync may lose the chunk from the queue file, but then
 //!    the position was not saved past its lines either, and they are read again
@@ -38,19 +40,23 @@
 //!    runs from the queue file's write to the position's rename, as when the
 //!    save came first); it only lets the first report leave, and perhaps be
 //!    answered, within it, which the restart cannot tell from a report sent
-//!    just after it.
+//!    just after it. Since the [`Saver`] saves behind the pipeline, the
+//!    window may hold the next chunks too (written, handed over, their
+//!    position not saved yet): a crash in it treats them the same way.
 //!
 //! A failed write of the queue file (a full disk) is logged, not fatal: the
 //! chunk still goes to the sender (the cluster keeps getting the bans) and its
 //! events stay pending in the [`StateStore`], which retries them with the next
-//! write, rewriting the queue file whole ([`StateStore::add_all`]). The position
+//! write, rewriting the queue file whole ([`StateStore::write_all`]). The position
 //! is saved only after a write that put every pending event on the disk; until
 //! then it stays where it was, before the failed chunk's lines. So after a crash
 //! each event is either in the queue file (resent with its id) or read again
 //! from the log (sent under a new id); an event answered meanwhile needs
-//! neither. A failed save of the position is retried at the next commit.
+//! neither. A failed save of the position is tried again with the next
+//! position, or once more when the pipeline ends.
 //!
-//! The file writes run on tokio's blocking threads, never on the async workers.
+//! The file writes run on tokio's blocking threads, never on the async workers;
+//! the syncs run there too, in the [`Saver`], without the store's lock.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -69,6 +75,10 @@ use crate::state::{self, StateStore};
 use crate::stop::{StopFilter, Verdict};
 use crate::tail::{Batch, FilePos};
 use crate::MonitorError;
+
+mod saver;
+
+use saver::Saver;
 
 /// How many `Flush ticket(s)` checkpoints are kept when nothing is held (a flush
 /// lasts a moment; one jail logs one Flush line per flushable action).
@@ -120,7 +130,7 @@ struct Progress {
     /// The same for the last `Flush ticket(s)` lines, kept longer: an Unban held
     /// later may follow one of them.
     flushes: BTreeMap<u64, Vec<FilePos>>,
-    /// What was last saved.
+    /// What was last handed to the [`Saver`] (saved, or being saved).
     saved: Option<Vec<FilePos>>,
 }
 
@@ -183,8 +193,26 @@ impl Pipeline {
     /// in the queue, `shutdown` comes. `start` is the follower's position before
     /// its first batch; `start_saved`, whether it is the saved position already
     /// (a first start saves it before reading). Events go to `events` in order.
+    /// Returns once the last position handed to the [`Saver`] is saved.
     pub async fn process(
+        self,
+        start: Vec<FilePos>,
+        start_saved: bool,
+        lines: mpsc::Receiver<Batch>,
+        events: mpsc::Sender<Event>,
+        shutdown: CancellationToken,
+    ) -> Result<(), MonitorError> {
+        let saver = Saver::start(self.state.clone());
+        let processed = self
+            .run(&saver, start, start_saved, lines, events, shutdown)
+            .await;
+        let saved = saver.finish().await;
+        processed.and(saved)
+    }
+
+    async fn run(
         mut self,
+        saver: &Saver,
         start: Vec<FilePos>,
         start_saved: bool,
         mut lines: mpsc::Receiver<Batch>,
@@ -210,7 +238,7 @@ impl Pipeline {
             tokio::select! {
                 b = lines.recv() => match b {
                     Some(batch) => self.feed(batch, &mut progress, &mut verdicts),
-                    None => return self.finish(&mut progress, &events).await,
+                    None => return self.finish(saver, &mut progress, &events).await,
                 },
                 () = sleep => self.filter.release_due(Instant::now(), &mut verdicts),
                 () = self.room.wait_free(self.resume_at()), if under_pressure => {
@@ -220,7 +248,14 @@ impl Pipeline {
             }
             let to_send = self.events_of(verdicts.drain(..));
             let done = self
-                .deliver(to_send, &mut progress, &events, &shutdown, &mut pauses)
+                .deliver(
+                    saver,
+                    to_send,
+                    &mut progress,
+                    &events,
+                    &shutdown,
+                    &mut pauses,
+                )
                 .await?;
             if !done {
                 // Shutdown while waiting for room: the lines of what was not
@@ -265,6 +300,7 @@ impl Pipeline {
     /// room.
     async fn finish(
         &mut self,
+        saver: &Saver,
         progress: &mut Progress,
         events: &mpsc::Sender<Event>,
     ) -> Result<(), MonitorError> {
@@ -278,7 +314,8 @@ impl Pipeline {
         self.room.try_take(fits);
         let position = self.resume_point(progress, dropped.first().map(|e| e.1));
         let chunk: Vec<Event> = to_send.into_iter().map(|(e, _)| e).collect();
-        self.commit(chunk.clone(), position, progress).await?;
+        self.commit(saver, chunk.clone(), position, progress)
+            .await?;
         for ev in chunk {
             if events.try_send(ev).is_err() {
                 break;
@@ -294,13 +331,15 @@ impl Pipeline {
     }
 
     /// Queues `to_send` (events with their line numbers, in order) in chunks that
-    /// fit in the room: each chunk is written to the queue file (synced), handed
-    /// to the sender, and then the position past its lines is saved (only if
-    /// the write put every pending event on the disk); with nothing to queue,
-    /// saves the position if it moved.
-    /// Returns `false` if shutdown came while waiting for room.
+    /// fit in the room: each chunk is written to the queue file, handed to the
+    /// sender, and then the position past its lines goes to the [`Saver`]
+    /// (only if the write put every pending event in the file), which saves it
+    /// once the file is synced; with nothing to queue, the position goes to the
+    /// saver if it moved. Returns `false` if shutdown came while waiting for
+    /// room.
     async fn deliver(
         &mut self,
+        saver: &Saver,
         to_send: Vec<(Event, u64)>,
         progress: &mut Progress,
         events: &mpsc::Sender<Event>,
@@ -344,9 +383,9 @@ impl Pipeline {
             sent += chunk.len();
             let next = first_left[sent];
             let position = self.resume_point(progress, (next != u64::MAX).then_some(next));
-            // Written, not yet synced: the sync is made after the hand-over,
+            // Written, not yet synced: the saver syncs it after the hand-over,
             // before the position moves past the chunk's lines.
-            let written = self.queue(chunk.clone(), false).await?;
+            let written = self.queue(chunk.clone()).await?;
             let mut handed = Ok(());
             for ev in chunk {
                 // The room bounds the queue, so this does not wait.
@@ -355,18 +394,18 @@ impl Pipeline {
                     break;
                 }
             }
-            // Off the report's path: the sender has the chunk already. Synced
-            // and saved also when the sender has stopped, as before the
-            // reordering: the chunk is in the queue file, the next start resends
-            // it from there.
+            // Off the report's path: the sender has the chunk already, and the
+            // next lines do not wait for the syncs. Synced and saved also when
+            // the sender has stopped: the chunk is in the queue file, the next
+            // start resends it from there.
             if written {
-                self.save(position, progress, true).await?;
+                self.save(saver, position, progress)?;
             }
             handed?;
         }
         if sent == 0 {
             let position = self.resume_point(progress, None);
-            self.commit(Vec::new(), position, progress).await?;
+            self.commit(saver, Vec::new(), position, progress).await?;
         }
         if self.room.available() >= self.resume_at() {
             self.resumed(pauses);
@@ -395,10 +434,11 @@ impl Pipeline {
         Some(position)
     }
 
-    /// Writes `events` to the queue file (synced) and then `position`, on
-    /// blocking threads, for the paths where nothing waits for the events.
+    /// Writes `events` to the queue file and hands `position` to the
+    /// [`Saver`], for the paths where nothing waits for the events.
     async fn commit(
         &self,
+        saver: &Saver,
         events: Vec<Event>,
         position: Option<Vec<FilePos>>,
         progress: &mut Progress,
@@ -406,18 +446,18 @@ impl Pipeline {
         if events.is_empty() && position.is_none() {
             return Ok(());
         }
-        if self.queue(events, true).await? {
-            self.save(position, progress, false).await?;
+        if self.queue(events).await? {
+            self.save(saver, position, progress)?;
         }
         Ok(())
     }
 
-    /// Writes `events` to the queue file and, if `sync`, syncs it, on a blocking
-    /// thread. `true` when every pending event is written (and, with `sync`, on
-    /// the disk), also those of an earlier failed write; a position may move past
-    /// their lines only once they are synced. `false` without state, or after a
-    /// failure, which is logged, not fatal.
-    async fn queue(&self, events: Vec<Event>, sync: bool) -> Result<bool, MonitorError> {
+    /// Writes `events` to the queue file (not synced: the [`Saver`] syncs it
+    /// before it saves a position past their lines), on a blocking thread.
+    /// `true` when every pending event is written, also those of an earlier
+    /// failed write. `false` without state, or after a failure, which is
+    /// logged, not fatal.
+    async fn queue(&self, events: Vec<Event>) -> Result<bool, MonitorError> {
         let Some(state) = self.state.clone() else {
             return Ok(false);
         };
@@ -426,11 +466,7 @@ impl Pipeline {
                 Ok(st) => st,
                 Err(poisoned) => poisoned.into_inner(),
             };
-            let done = match sync {
-                true => st.add_all(&events),
-                false => st.write_all(&events),
-            };
-            match done {
+            match st.write_all(&events) {
                 Ok(()) => true,
                 Err(e) => {
                     warn_state(&e);
@@ -442,50 +478,23 @@ impl Pipeline {
         .map_err(|e| MonitorError::task("state", e))
     }
 
-    /// Saves `position` (if any) on a blocking thread, after syncing the queue
-    /// file if `sync_queue_first` (and not at all if that fails); called only
-    /// after a [`Pipeline::queue`] that returned `true`, so the position never
-    /// passes the
-    /// line of an event neither on the disk nor answered (an answer meanwhile
-    /// removes an event from the queue file, which is fine: its line needs
-    /// nothing more). A failure is logged, not fatal, and leaves `progress` as
-    /// it was, so the next commit retries.
-    async fn save(
+    /// Hands `position` (if any) to the [`Saver`]; called only after a
+    /// [`Pipeline::queue`] that returned `true`, so the saver's sync puts
+    /// every event whose line the position passes on the disk before the
+    /// position is saved (an answer meanwhile removes an event from the queue
+    /// file, which is fine: its line needs nothing more). The saver tries a
+    /// failed save again with the next position.
+    fn save(
         &self,
+        saver: &Saver,
         position: Option<Vec<FilePos>>,
         progress: &mut Progress,
-        sync_queue_first: bool,
     ) -> Result<(), MonitorError> {
-        let (Some(state), Some(position)) = (self.state.clone(), position) else {
+        let Some(position) = position else {
             return Ok(());
         };
-        let info_seen = self.filter.info_seen();
-        let saved = tokio::task::spawn_blocking(move || {
-            let mut st = match state.lock() {
-                Ok(st) => st,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            if sync_queue_first {
-                // The chunk went to the sender written but not synced: the
-                // position may pass its lines only once it is on the disk.
-                if let Err(e) = st.sync_queue() {
-                    warn_state(&e);
-                    return None;
-                }
-            }
-            match st.save_position(&position, info_seen) {
-                Ok(()) => Some(position),
-                Err(e) => {
-                    warn_state(&e);
-                    None
-                }
-            }
-        })
-        .await
-        .map_err(|e| MonitorError::task("state", e))?;
-        if saved.is_some() {
-            progress.saved = saved;
-        }
+        saver.save(position.clone(), self.filter.info_seen())?;
+        progress.saved = Some(position);
         Ok(())
     }
 
@@ -889,6 +898,43 @@ mod tests {
             .unwrap();
             nothing_pending_and_the_line_read_again(&crashed, &rig.log);
             release_and_restart(rig, release, sent).await;
+        }
+
+        /// The next lines do not wait for a save in progress: while the
+        /// first chunk's sync (`hold` = the sync gate) or its position's
+        /// write (the position gate) is held, a second Ban is read, written
+        /// to the queue file and handed over. Released, the saver saves the
+        /// newest position, past both lines, after syncing both events.
+        async fn the_next_lines_do_not_wait_for_the_save(
+            hold: fn(&mut crate::state::Faults, std::sync::mpsc::Receiver<()>),
+        ) {
+            let mut rig = Rig::start();
+            let (release, gate) = std::sync::mpsc::channel::<()>();
+            rig.faults(|f| hold(f, gate));
+            rig.append(&ban("192.0.2.1")).await;
+            let first = rig.event().await;
+            rig.append(&ban("192.0.2.2")).await;
+            let second = rig.event().await;
+            assert_eq!(second.ip.to_string(), "192.0.2.2");
+            // Both are in the queue file already (a kill -9 now resends them).
+            let crashed = rig._dir.path().join("crashed");
+            snapshot(&rig.state_dir, &crashed);
+            let (saved, _) = reopen(&crashed, &rig.log);
+            assert_eq!(saved.pending, [first.clone(), second.clone()]);
+            release.send(()).unwrap();
+            let (saved, again) = rig.restart().await;
+            assert_eq!(saved.pending, [first, second]);
+            assert!(again.is_empty(), "read again: {again:?}");
+        }
+
+        #[tokio::test]
+        async fn the_next_lines_do_not_wait_for_the_queue_files_sync() {
+            the_next_lines_do_not_wait_for_the_save(|f, gate| f.sync_gate = Some(gate)).await;
+        }
+
+        #[tokio::test]
+        async fn the_next_lines_do_not_wait_for_the_position_save() {
+            the_next_lines_do_not_wait_for_the_save(|f, gate| f.position_gate = Some(gate)).await;
         }
 
         /// One failure (`fault`) of the queue file for the first of two

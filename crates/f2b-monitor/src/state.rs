@@ -21,7 +21,8 @@
 //!   publisher answered it. On start the events with no answer are sent first, in
 //!   order. Queued events are fsynced before the position moves past their lines
 //!   ([`StateStore::add_all`], or [`StateStore::write_all`] then
-//!   [`StateStore::sync_queue`] when the report should not wait for the sync), so
+//!   [`StateStore::sync_queue`] when the report should not wait for the sync, or
+//!   [`StateStore::prepare_sync`] when nothing else should wait for it either), so
 //!   an event not yet answered survives a crash of the machine; answers are not (an answer lost is a resend the publisher
 //!   recognises). The file is emptied whenever nothing is pending and rewritten
 //!   with only the pending events when it grows large. The monitor keeps at most
@@ -91,6 +92,9 @@ pub struct StateStore {
     unwritten: usize,
     /// Lines were written to the journal since its last sync.
     unsynced: bool,
+    /// Journal writes so far: a sync made outside the lock ([`QueueSync`])
+    /// clears `unsynced` only if no write came after its handle was taken.
+    writes: u64,
     /// A write failed: the journal file may miss lines or end in a partial one,
     /// so it is rewritten whole (from `pending`) before anything is appended.
     rewrite: bool,
@@ -183,6 +187,7 @@ impl StateStore {
             pending,
             unwritten: 0,
             unsynced: false,
+            writes: 0,
             rewrite: false,
             #[cfg(test)]
             faults: Faults::default(),
@@ -240,6 +245,47 @@ impl StateStore {
         self.flush(true)
     }
 
+    /// [`StateStore::sync_queue`] in two steps, so that the slow one runs
+    /// without the store: this writes what is pending and not on the disk yet
+    /// (rewriting the journal after a failed write) and returns the sync still
+    /// to make, `None` if none is needed. [`QueueSync::sync`] makes it (a
+    /// sync takes from a fraction of a millisecond to several on a busy disk,
+    /// and the next event's write and the publisher's answers need the store
+    /// meanwhile); then [`StateStore::synced`] or [`StateStore::sync_failed`]
+    /// records its outcome. Once it is `Ok`, every event pending when this was
+    /// called is on the disk.
+    pub fn prepare_sync(&mut self) -> Result<Option<QueueSync>, StateError> {
+        self.flush(false)?;
+        if !self.unsynced {
+            return Ok(None);
+        }
+        let file = self.queue.try_clone().map_err(io_err(&self.queue_path))?;
+        Ok(Some(QueueSync {
+            file,
+            path: self.queue_path.clone(),
+            writes: self.writes,
+            #[cfg(test)]
+            gate: self.faults.sync_gate.take(),
+            #[cfg(test)]
+            fault: Faults::take(&mut self.faults.sync).err(),
+        }))
+    }
+
+    /// Records a [`QueueSync`] made: the journal is clean unless it was
+    /// written since the sync was prepared.
+    pub fn synced(&mut self, synced: Synced) {
+        if self.writes == synced.0 {
+            self.unsynced = false;
+        }
+    }
+
+    /// Records a [`QueueSync`] failed: whether the lines reached the disk is
+    /// unknown, so the journal is rewritten whole before anything else is
+    /// appended (as after a failed [`StateStore::sync_queue`]).
+    pub fn sync_failed(&mut self) {
+        self.rewrite = true;
+    }
+
     fn push(&mut self, event: &Event) {
         let line = format!(
             "+{}",
@@ -265,6 +311,7 @@ impl StateStore {
             self.append(&buf)?;
             self.unwritten = 0;
             self.unsynced = true;
+            self.writes += 1;
         }
         if sync && self.unsynced {
             #[cfg(test)]
@@ -313,18 +360,26 @@ impl StateStore {
     /// Saves where to read the log again from, and whether it had shown INFO
     /// lines; on the disk when this returns.
     pub fn save_position(&mut self, files: &[FilePos], info_seen: bool) -> Result<(), StateError> {
+        self.prepare_position(files, info_seen).write()
+    }
+
+    /// [`StateStore::save_position`] without the writing, which
+    /// [`PositionSave::write`] does without the store (it syncs twice).
+    pub fn prepare_position(&mut self, files: &[FilePos], info_seen: bool) -> PositionSave {
         let files: Vec<serde_json::Value> = files
             .iter()
             .map(|f| serde_json::json!({"dev": f.dev, "ino": f.ino, "offset": f.offset}))
             .collect();
         let text = serde_json::json!({ "files": files, "info_seen": info_seen }).to_string();
-        #[cfg(test)]
-        if let Some(gate) = self.faults.position_gate.take() {
-            let _ = gate.recv();
+        PositionSave {
+            dir: self.dir.clone(),
+            path: self.position_path.clone(),
+            text,
+            #[cfg(test)]
+            gate: self.faults.position_gate.take(),
+            #[cfg(test)]
+            fault: Faults::take(&mut self.faults.position).err(),
         }
-        #[cfg(test)]
-        Faults::take(&mut self.faults.position).map_err(io_err(&self.position_path))?;
-        replace(&self.dir, &self.position_path, text.as_bytes())
     }
 
     /// Appends whole lines to the journal. On a failure the file is cut back to
@@ -370,6 +425,70 @@ impl StateStore {
         self.unwritten = 0;
         self.unsynced = false;
         Ok(())
+    }
+}
+
+/// The sync of the queue file that [`StateStore::prepare_sync`] leaves to make
+/// without the store: it holds its own handle of the file.
+#[derive(Debug)]
+pub struct QueueSync {
+    file: File,
+    path: PathBuf,
+    /// The store's journal writes when this was prepared.
+    writes: u64,
+    #[cfg(test)]
+    gate: Option<std::sync::mpsc::Receiver<()>>,
+    #[cfg(test)]
+    fault: Option<io::Error>,
+}
+
+/// A [`QueueSync`] made, for [`StateStore::synced`].
+#[derive(Debug)]
+pub struct Synced(u64);
+
+impl QueueSync {
+    /// Syncs the journal's data to the disk: every line written before
+    /// [`StateStore::prepare_sync`] (the sync covers the file, whichever handle
+    /// wrote it). Give the outcome to [`StateStore::synced`] or
+    /// [`StateStore::sync_failed`].
+    pub fn sync(self) -> Result<Synced, StateError> {
+        #[cfg(test)]
+        if let Some(gate) = self.gate {
+            let _ = gate.recv();
+        }
+        #[cfg(test)]
+        if let Some(e) = self.fault {
+            return Err(io_err(&self.path)(e));
+        }
+        self.file.sync_data().map_err(io_err(&self.path))?;
+        Ok(Synced(self.writes))
+    }
+}
+
+/// A position to write without the store ([`StateStore::prepare_position`]).
+#[derive(Debug)]
+pub struct PositionSave {
+    dir: PathBuf,
+    path: PathBuf,
+    text: String,
+    #[cfg(test)]
+    gate: Option<std::sync::mpsc::Receiver<()>>,
+    #[cfg(test)]
+    fault: Option<io::Error>,
+}
+
+impl PositionSave {
+    /// Replaces the position file, durably: on the disk when this returns `Ok`.
+    pub fn write(self) -> Result<(), StateError> {
+        #[cfg(test)]
+        if let Some(gate) = self.gate {
+            let _ = gate.recv();
+        }
+        #[cfg(test)]
+        if let Some(e) = self.fault {
+            return Err(io_err(&self.path)(e));
+        }
+        replace(&self.dir, &self.path, self.text.as_bytes())
     }
 }
 
@@ -587,5 +706,35 @@ mod tests {
         drop(s);
         let (_, saved) = StateStore::open(dir.path(), &node(), log).unwrap();
         assert_eq!(saved.position, Some(vec![at(10)]));
+    }
+
+    /// The sync made without the store covers what was written before it was
+    /// prepared, not what came after; a failed one has the journal rewritten.
+    #[test]
+    fn a_sync_outside_the_store_covers_the_writes_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Path::new("/var/log/fail2ban.log");
+        let (mut s, _) = StateStore::open(dir.path(), &node(), log).unwrap();
+        assert!(s.prepare_sync().unwrap().is_none(), "nothing written");
+        s.write_all(&[event(1)]).unwrap();
+        let sync = s.prepare_sync().unwrap().expect("a sync to make");
+        // Written while the sync runs: still to sync after it.
+        s.write_all(&[event(2)]).unwrap();
+        let synced = sync.sync().unwrap();
+        s.synced(synced);
+        let sync = s.prepare_sync().unwrap().expect("event 2 to sync");
+        let synced = sync.sync().unwrap();
+        s.synced(synced);
+        assert!(s.prepare_sync().unwrap().is_none(), "all synced");
+        // A failed sync: the next one rewrites the journal whole, durably.
+        s.write_all(&[event(3)]).unwrap();
+        s.faults.sync = 1;
+        assert!(s.prepare_sync().unwrap().unwrap().sync().is_err());
+        s.sync_failed();
+        assert!(s.prepare_sync().unwrap().is_none(), "rewritten and synced");
+        assert_eq!(
+            ids(&read_queue(&s.queue_path).unwrap()),
+            [1, 2, 3].map(EventId::from_u128)
+        );
     }
 }

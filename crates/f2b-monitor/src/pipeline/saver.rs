@@ -1,0 +1,153 @@
+//! Saving the position in the log behind the reports, off the pipeline's path.
+//!
+//! A save makes every event written to the queue file durable (one sync of
+//! that file), then replaces the position file (two more syncs: the file and
+//! its directory). On a shared disk that takes from a fraction of a
+//! millisecond to several. While the pipeline waited for it, a line fail2ban
+//! wrote meanwhile waited too: in benchmark 1 that was 2 ms of a 3.4 ms median
+//! from the Ban line to the other node's action. So the pipeline hands each
+//! position to the [`Saver`] and goes on with the next lines at once.
+//!
+//! The saver makes one save at a time, on a blocking thread, and takes only
+//! the newest of the positions handed over meanwhile: the sync it makes first
+//! covers every event written to the queue file before that position was
+//! handed over, so the saved position never passes a line whose event is not
+//! on the disk, exactly as when the pipeline saved it itself. The slow steps
+//! run without the store's lock ([`StateStore::prepare_sync`],
+//! [`StateStore::prepare_position`]): the next event's write and the sender's
+//! answers do not wait for them either.
+//!
+//! A failed save is logged and tried again with the next position, or once
+//! more when the pipeline ends; until then the saved position stays behind,
+//! and a crash makes the next start read those lines again (events reported
+//! twice, under new ids, never lost).
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::warn_state;
+use crate::state::StateStore;
+use crate::tail::FilePos;
+use crate::MonitorError;
+
+/// One position to save, with the stop filter's `info_seen` at that moment.
+#[derive(Debug)]
+struct Request {
+    position: Vec<FilePos>,
+    info_seen: bool,
+}
+
+/// Saves the positions handed to it, in order, one save at a time.
+#[derive(Debug)]
+pub(crate) struct Saver {
+    /// Unbounded: each save takes every request waiting, so no more pile up
+    /// than the pipeline hands over during one save.
+    tx: mpsc::UnboundedSender<Request>,
+    task: JoinHandle<Result<(), MonitorError>>,
+}
+
+impl Saver {
+    /// Starts the saver of `state`'s position. Without state, nothing is saved.
+    pub(crate) fn start(state: Option<Arc<Mutex<StateStore>>>) -> Saver {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            match state {
+                Some(state) => run(state, rx).await,
+                None => Ok(()),
+            }
+        });
+        Saver { tx, task }
+    }
+
+    /// Hands `position` over: it is saved once every event written to the
+    /// queue file before this call is synced. Fails only if the saver failed.
+    pub(crate) fn save(&self, position: Vec<FilePos>, info_seen: bool) -> Result<(), MonitorError> {
+        self.tx
+            .send(Request {
+                position,
+                info_seen,
+            })
+            .map_err(|_| MonitorError::task("state", "the position saver stopped"))
+    }
+
+    /// Saves what was handed over and not saved yet (a save that failed is
+    /// tried once more), then returns.
+    pub(crate) async fn finish(self) -> Result<(), MonitorError> {
+        let Saver { tx, task } = self;
+        drop(tx);
+        task.await.map_err(|e| MonitorError::task("state", e))?
+    }
+}
+
+async fn run(
+    state: Arc<Mutex<StateStore>>,
+    mut rx: mpsc::UnboundedReceiver<Request>,
+) -> Result<(), MonitorError> {
+    let mut failed = None;
+    while let Some(mut request) = rx.recv().await {
+        // Only the newest matters: its save covers the others.
+        while let Ok(newer) = rx.try_recv() {
+            request = newer;
+        }
+        failed = save_off_thread(&state, request).await?;
+    }
+    // The pipeline ended: a failed save gets one more try.
+    if let Some(request) = failed {
+        save_off_thread(&state, request).await?;
+    }
+    Ok(())
+}
+
+/// [`save`] on a blocking thread; the request back if it failed.
+async fn save_off_thread(
+    state: &Arc<Mutex<StateStore>>,
+    request: Request,
+) -> Result<Option<Request>, MonitorError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || (!save(&state, &request)).then_some(request))
+        .await
+        .map_err(|e| MonitorError::task("state", e))
+}
+
+/// Syncs the queue file, then writes `request`'s position, each without the
+/// store's lock; `false` (logged) if either fails, and then the position is
+/// not written.
+fn save(state: &Mutex<StateStore>, request: &Request) -> bool {
+    let lock = || {
+        state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    };
+    let sync = lock().prepare_sync();
+    let synced = match sync {
+        Ok(None) => Ok(None),
+        Ok(Some(sync)) => sync.sync().map(Some),
+        Err(e) => Err(e),
+    };
+    let position = {
+        let mut st = lock();
+        match synced {
+            Ok(synced) => {
+                if let Some(synced) = synced {
+                    st.synced(synced);
+                }
+                st.prepare_position(&request.position, request.info_seen)
+            }
+            Err(e) => {
+                st.sync_failed();
+                drop(st);
+                warn_state(&e);
+                return false;
+            }
+        }
+    };
+    match position.write() {
+        Ok(()) => true,
+        Err(e) => {
+            warn_state(&e);
+            false
+        }
+    }
+}
