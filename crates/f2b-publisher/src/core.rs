@@ -272,6 +272,10 @@ pub struct Core {
     ban_time_ms: u64,
     limits: Limits,
     legacy: Option<LegacyPeer>,
+    /// Whether broadcasts carry their text for old subscribers
+    /// ([`ToBroadcast::legacy`]): only worth making when there is a legacy PUB
+    /// socket to send it to.
+    legacy_broadcast: bool,
     rejects: Throttle,
     trust: Trust,
     guard: Guard,
@@ -408,6 +412,7 @@ impl Core {
             ban_time_ms,
             limits,
             legacy: None,
+            legacy_broadcast: true,
             rejects: Throttle::for_lines("rejected"),
             trust: Trust::open(),
             guard: Guard::new(GuardConfig::off()),
@@ -452,6 +457,23 @@ impl Core {
     pub fn with_legacy(mut self, legacy: Option<LegacyPeer>) -> Self {
         self.legacy = legacy;
         self
+    }
+
+    /// Whether broadcasts carry their text for old subscribers
+    /// ([`ToBroadcast::legacy`]; they do unless told otherwise): the server says
+    /// `false` when it has no legacy PUB socket, and the text is not made.
+    pub fn with_legacy_broadcast(mut self, on: bool) -> Self {
+        self.legacy_broadcast = on;
+        self
+    }
+
+    /// The text of `event` for old subscribers, when they are sent broadcasts.
+    fn legacy_text(&self, event: &Event, wire: Option<&str>) -> Option<String> {
+        if self.legacy_broadcast {
+            legacy::broadcast_text(event, wire)
+        } else {
+            None
+        }
     }
 
     pub fn epoch(&self) -> Epoch {
@@ -979,7 +1001,7 @@ impl Core {
             }),
             broadcast: Some(ToBroadcast {
                 answer: 0,
-                legacy: legacy::broadcast_text(&event, wire),
+                legacy: self.legacy_text(&event, wire),
                 broadcast: Broadcast::Event(Sequenced {
                     seq,
                     epoch: self.epoch(),
@@ -1037,7 +1059,7 @@ impl Core {
             }),
             broadcast: Some(ToBroadcast {
                 answer: 0,
-                legacy: legacy::broadcast_text(&event, None),
+                legacy: self.legacy_text(&event, None),
                 broadcast: Broadcast::Event(Sequenced {
                     seq,
                     epoch: self.epoch(),

@@ -231,6 +231,7 @@ fn open_bound(
     let prune_interval = limits.prune_interval;
     let mut core = Core::new(ledger, config.ban_time, limits, now)?
         .with_legacy(config.legacy.clone())
+        .with_legacy_broadcast(config.legacy_broadcast_bind.is_some())
         .with_trust(trust)
         .with_guard(Guard::new(GuardConfig::new(config)));
     let skipped = core.start_serving()?;

@@ -835,6 +835,27 @@ fn a_legacy_ban_is_echoed_and_broadcast_natively_and_in_legacy_form() {
     assert_eq!(origins, [true, true, true]);
 }
 
+/// Without a legacy PUB socket (the server says so), broadcasts carry no text
+/// for old subscribers: nothing would send it.
+#[test]
+fn without_legacy_subscribers_no_legacy_text_is_made() {
+    let mut c = legacy_core(None).with_legacy_broadcast(false);
+    let wire = "web1|sshd|Ban|203.0.113.5";
+    let out = legacy_send(&mut c, wire.as_bytes());
+    expect_echo(&out, wire).unwrap();
+    assert_eq!(out.legacy_broadcast(), None);
+    let e = event(1, "sshd", Action::Ban, "203.0.113.6");
+    let out = send(&mut c, &e, NOW);
+    expect_ack(&out, AckStatus::Broadcast, Some(2));
+    assert_eq!(out.legacy_broadcast(), None);
+    // With it (the default), the same events carry their text.
+    let mut c = legacy_core(None);
+    let out = legacy_send(&mut c, wire.as_bytes());
+    assert_eq!(out.legacy_broadcast(), Some(wire));
+    let out = send(&mut c, &e, NOW);
+    assert_eq!(out.legacy_broadcast(), Some("web1|sshd|Ban|203.0.113.6"));
+}
+
 #[test]
 fn legacy_five_fields_without_a_token_echo_the_whole_message() {
     let mut c = legacy_core(None);
