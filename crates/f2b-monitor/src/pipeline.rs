@@ -55,8 +55,9 @@
 //! neither. A failed save of the position is tried again with the next
 //! position, or once more when the pipeline ends.
 //!
-//! The file writes run on tokio's blocking threads, never on the async workers;
-//! the syncs run there too, in the [`Saver`], without the store's lock.
+//! The queue file is written on the pipeline's task (a write to the page
+//! cache, off the path of nothing else); its syncs and the position's run on a
+//! blocking thread, in the [`Saver`], without the store's lock.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -238,7 +239,7 @@ impl Pipeline {
             tokio::select! {
                 b = lines.recv() => match b {
                     Some(batch) => self.feed(batch, &mut progress, &mut verdicts),
-                    None => return self.finish(saver, &mut progress, &events).await,
+                    None => return self.finish(saver, &mut progress, &events),
                 },
                 () = sleep => self.filter.release_due(Instant::now(), &mut verdicts),
                 () = self.room.wait_free(self.resume_at()), if under_pressure => {
@@ -298,7 +299,7 @@ impl Pipeline {
     /// stop filter still holds is left to the next start, which reads it again;
     /// without, it is released as if its hold had run out and queued if there is
     /// room.
-    async fn finish(
+    fn finish(
         &mut self,
         saver: &Saver,
         progress: &mut Progress,
@@ -314,8 +315,7 @@ impl Pipeline {
         self.room.try_take(fits);
         let position = self.resume_point(progress, dropped.first().map(|e| e.1));
         let chunk: Vec<Event> = to_send.into_iter().map(|(e, _)| e).collect();
-        self.commit(saver, chunk.clone(), position, progress)
-            .await?;
+        self.commit(saver, &chunk, position, progress)?;
         for ev in chunk {
             if events.try_send(ev).is_err() {
                 break;
@@ -385,7 +385,7 @@ impl Pipeline {
             let position = self.resume_point(progress, (next != u64::MAX).then_some(next));
             // Written, not yet synced: the saver syncs it after the hand-over,
             // before the position moves past the chunk's lines.
-            let written = self.queue(chunk.clone()).await?;
+            let written = self.queue(&chunk);
             let mut handed = Ok(());
             for ev in chunk {
                 // The room bounds the queue, so this does not wait.
@@ -405,7 +405,7 @@ impl Pipeline {
         }
         if sent == 0 {
             let position = self.resume_point(progress, None);
-            self.commit(saver, Vec::new(), position, progress).await?;
+            self.commit(saver, &[], position, progress)?;
         }
         if self.room.available() >= self.resume_at() {
             self.resumed(pauses);
@@ -436,46 +436,45 @@ impl Pipeline {
 
     /// Writes `events` to the queue file and hands `position` to the
     /// [`Saver`], for the paths where nothing waits for the events.
-    async fn commit(
+    fn commit(
         &self,
         saver: &Saver,
-        events: Vec<Event>,
+        events: &[Event],
         position: Option<Vec<FilePos>>,
         progress: &mut Progress,
     ) -> Result<(), MonitorError> {
         if events.is_empty() && position.is_none() {
             return Ok(());
         }
-        if self.queue(events).await? {
+        if self.queue(events) {
             self.save(saver, position, progress)?;
         }
         Ok(())
     }
 
     /// Writes `events` to the queue file (not synced: the [`Saver`] syncs it
-    /// before it saves a position past their lines), on a blocking thread.
-    /// `true` when every pending event is written, also those of an earlier
-    /// failed write. `false` without state, or after a failure, which is
-    /// logged, not fatal.
-    async fn queue(&self, events: Vec<Event>) -> Result<bool, MonitorError> {
-        let Some(state) = self.state.clone() else {
-            return Ok(false);
+    /// before it saves a position past their lines). `true` when every pending
+    /// event is written, also those of an earlier failed write. `false`
+    /// without state, or after a failure, which is logged, not fatal.
+    ///
+    /// Written on this task, not on a blocking thread: the write goes to the
+    /// page cache (a chunk's lines, a few hundred bytes per event) and the lock
+    /// is held by others only briefly (the saver syncs without it), while a
+    /// blocking thread and back cost two thread wake-ups on the report's path.
+    fn queue(&self, events: &[Event]) -> bool {
+        let Some(state) = &self.state else {
+            return false;
         };
-        tokio::task::spawn_blocking(move || {
-            let mut st = match state.lock() {
-                Ok(st) => st,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            match st.write_all(&events) {
-                Ok(()) => true,
-                Err(e) => {
-                    warn_state(&e);
-                    false
-                }
+        let mut st = state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match st.write_all(events) {
+            Ok(()) => true,
+            Err(e) => {
+                warn_state(&e);
+                false
             }
-        })
-        .await
-        .map_err(|e| MonitorError::task("state", e))
+        }
     }
 
     /// Hands `position` (if any) to the [`Saver`]; called only after a
