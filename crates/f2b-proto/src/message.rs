@@ -35,16 +35,31 @@ pub enum Request {
 impl Request {
     pub fn encode(&self) -> Vec<u8> {
         match self {
-            Request::Report(e) => to_bytes(json!({
-                "v": PROTOCOL_VERSION,
-                "type": "report",
-                "event": event_value(e),
-            })),
-            Request::Reports(events) => to_bytes(json!({
-                "v": PROTOCOL_VERSION,
-                "type": "reports",
-                "events": events.iter().map(event_value).collect::<Vec<_>>(),
-            })),
+            // The bytes of their `serde_json::Value` (keys sorted), written
+            // directly.
+            Request::Report(e) => {
+                let mut out = Vec::with_capacity(192);
+                out.extend_from_slice(b"{\"event\":");
+                write_event(&mut out, e);
+                out.extend_from_slice(
+                    format!(",\"type\":\"report\",\"v\":{PROTOCOL_VERSION}}}").as_bytes(),
+                );
+                out
+            }
+            Request::Reports(events) => {
+                let mut out = Vec::with_capacity(64 + 160 * events.len());
+                out.extend_from_slice(b"{\"events\":[");
+                for (i, e) in events.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    write_event(&mut out, e);
+                }
+                out.extend_from_slice(
+                    format!("],\"type\":\"reports\",\"v\":{PROTOCOL_VERSION}}}").as_bytes(),
+                );
+                out
+            }
             Request::Snapshot(r) => to_bytes(r.to_value()),
         }
     }
@@ -62,11 +77,14 @@ impl Request {
         let first = events.first()?;
         let mut size = REPORTS_OVERHEAD;
         let mut n = 0;
+        let mut scratch = Vec::with_capacity(192);
         for e in events.iter().take(crate::MAX_REPORT_EVENTS) {
             if e.node != first.node {
                 break;
             }
-            let len = to_bytes(event_value(e)).len() + usize::from(n > 0);
+            scratch.clear();
+            write_event(&mut scratch, e);
+            let len = scratch.len() + usize::from(n > 0);
             if n > 0 && size + len > crate::MAX_MESSAGE_SIZE {
                 break;
             }
@@ -725,6 +743,28 @@ mod tests {
             1_763_702_000_123,
         )
         .unwrap()
+    }
+
+    /// Requests written directly are the bytes of their `serde_json::Value`.
+    #[test]
+    fn requests_are_written_as_their_json_value() {
+        let events: Vec<Event> = (1..=3).map(|n| event_of("web-1.example.org", n)).collect();
+        let report = to_bytes(json!({
+            "v": PROTOCOL_VERSION,
+            "type": "report",
+            "event": event_value(&events[0]),
+        }));
+        let reports = to_bytes(json!({
+            "v": PROTOCOL_VERSION,
+            "type": "reports",
+            "events": events.iter().map(event_value).collect::<Vec<_>>(),
+        }));
+        let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+        assert_eq!(
+            text(Request::Report(events[0].clone()).encode()),
+            text(report)
+        );
+        assert_eq!(text(Request::Reports(events).encode()), text(reports));
     }
 
     /// A `replies` message written directly is the bytes of its
