@@ -21,9 +21,20 @@
 //! The file is opened (created if missing) for each batch and each line is written
 //! with one `write` call, so lines are complete on disk at once and a rotated file
 //! is followed without a signal.
+//!
+//! The lines are written on the executor's task when the file takes them without
+//! waiting (a regular file; a pipe with room), which is the usual case: a write
+//! to the page cache costs less than handing it to a blocking thread and back,
+//! the two thread wake-ups that were on the path of every ban. What would wait
+//! (a named pipe whose reader is slow or not there yet) goes to a blocking
+//! thread, so the subscriber's other tasks never wait for it.
 
-use std::io::Write;
-use std::path::PathBuf;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 
 use chrono::{DateTime, Local};
 use f2b_proto::{Action, JailName};
@@ -91,30 +102,103 @@ impl Applier for LogFile {
             .collect();
         let path = self.path.clone();
         Box::pin(async move {
-            let write = move || -> std::io::Result<()> {
-                let mut f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)?;
-                for line in &text {
-                    f.write_all(line.as_bytes())?;
-                }
-                Ok(())
+            let failed = |e: &dyn std::fmt::Display| {
+                CallError::new(
+                    FailureScope::Call,
+                    format!("cannot append to {}: {e}", path.display()),
+                )
             };
-            let path = self.path.display().to_string();
-            match tokio::task::spawn_blocking(write).await {
+            let rest = append_now(&path, text).map_err(|e| failed(&e))?;
+            if rest.lines.is_empty() {
+                return Ok(());
+            }
+            let file = path.clone();
+            match tokio::task::spawn_blocking(move || append(&file, rest)).await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(CallError::new(
-                    FailureScope::Call,
-                    format!("cannot append to {path}: {e}"),
-                )),
-                Err(e) => Err(CallError::new(
-                    FailureScope::Call,
-                    format!("writing {path}: {e}"),
-                )),
+                Ok(Err(e)) => Err(failed(&e)),
+                Err(e) => Err(failed(&e)),
             }
         })
     }
+}
+
+/// What [`append_now`] could not write without waiting.
+struct Rest {
+    /// The file, still open (a reader of a pipe that sees every writer gone
+    /// takes it for the end of the data); `None` when it could not be opened
+    /// without waiting.
+    file: Option<File>,
+    lines: Vec<Vec<u8>>,
+}
+
+/// Appends what of `lines` the file takes without waiting, each line with one
+/// `write`; returns the rest (from the first line not written whole, its
+/// unwritten part first) for [`append`]. A named pipe with no reader yet
+/// cannot even be opened so: then the rest is every line.
+fn append_now(path: &Path, lines: Vec<String>) -> io::Result<Rest> {
+    let mut lines = lines.into_iter().map(String::into_bytes);
+    let opened = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .custom_flags(OFlag::O_NONBLOCK.bits())
+        .open(path);
+    let mut f = match opened {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENXIO as i32) => {
+            return Ok(Rest {
+                file: None,
+                lines: lines.collect(),
+            })
+        }
+        Err(e) => return Err(e),
+    };
+    while let Some(mut line) = lines.next() {
+        let written = match write_once(&mut f, &line) {
+            Ok(n) if n == line.len() => continue,
+            // Part of a line (a pipe takes up to PIPE_BUF bytes whole or not at
+            // all, so only a line longer than that): the rest goes on next.
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        line.drain(..written);
+        return Ok(Rest {
+            file: Some(f),
+            lines: std::iter::once(line).chain(lines).collect(),
+        });
+    }
+    Ok(Rest {
+        file: None,
+        lines: Vec::new(),
+    })
+}
+
+/// One `write` of `bytes`, again if interrupted by a signal.
+fn write_once(f: &mut File, bytes: &[u8]) -> io::Result<usize> {
+    loop {
+        match f.write(bytes) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
+/// Appends `rest`'s lines, waiting as long as the file makes it (on a
+/// blocking thread): through the file [`append_now`] left open, made blocking,
+/// or opened now.
+fn append(path: &Path, rest: Rest) -> io::Result<()> {
+    let mut f = match rest.file {
+        Some(f) => {
+            let flags = OFlag::from_bits_truncate(fcntl(&f, FcntlArg::F_GETFL)?);
+            fcntl(&f, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
+            f
+        }
+        None => OpenOptions::new().create(true).append(true).open(path)?,
+    };
+    for line in &rest.lines {
+        f.write_all(line)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -178,6 +262,35 @@ mod tests {
             "{text}"
         );
         assert!(lines[2].contains(": Ban ::1 jail=cluster"), "{text}");
+    }
+
+    /// A named pipe: what it takes at once is written on the task, the rest
+    /// waits for the reader on a blocking thread: all of it if the reader is
+    /// not there yet (the pipe cannot be opened without waiting), else what
+    /// does not fit in the pipe (more than 64 KiB is written). Either way
+    /// every line arrives whole and in order.
+    #[tokio::test]
+    async fn a_pipe_gets_every_line_whole_and_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.fifo");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let ips: Vec<String> = (0..2000u32)
+            .map(|n| std::net::Ipv4Addr::from(0xcb00_7100 + n).to_string())
+            .collect();
+        let items: Vec<Item> = ips.iter().map(|ip| item(Action::Ban, ip)).collect();
+        let jail = JailName::new("cluster").unwrap();
+        let mut a = LogFile::new(path.clone());
+        let apply = tokio::spawn(async move { a.apply(&jail, Action::Ban, &items).await });
+        // Opening for reading waits for the writer, and the writer's blocking
+        // open for the reader: they meet in either order.
+        let reader = std::thread::spawn(move || std::fs::read_to_string(&path).unwrap());
+        apply.await.unwrap().unwrap();
+        let text = reader.join().unwrap();
+        let got: Vec<&str> = text
+            .lines()
+            .map(|l| l.split(": Ban ").nth(1).unwrap().split(' ').next().unwrap())
+            .collect();
+        assert_eq!(got, ips);
     }
 
     #[tokio::test]
