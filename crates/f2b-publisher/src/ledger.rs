@@ -106,6 +106,9 @@ pub const PRUNE_BATCH: usize = 10_000;
 /// `sqlite3` checkpointing) before it fails.
 const BUSY_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// How many compiled statements the ledger's connection keeps.
+const STATEMENT_CACHE: usize = 32;
+
 /// The most rows of `active_bans` one snapshot page looks at; when it looked at
 /// that many, its `next` says where to go on (the page may then even be empty,
 /// for a jail filter that matches few of them). Many more than a page can hold (a
@@ -569,6 +572,17 @@ impl Ledger {
         };
         conn.busy_timeout(BUSY_TIMEOUT)
             .map_err(sql("set the busy timeout"))?;
+        // Every statement the ledger runs more than once stays compiled (an
+        // append's, a batch's, snapshots', pruning's): more than rusqlite's
+        // default of 16.
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        // The page copies a savepoint or a statement keeps to undo itself (the
+        // sub-journal) stay in memory: by default SQLite moves them past 64 KiB to
+        // a new temporary file (created, unlinked, written, closed), which under
+        // load it did several times a second. They only serve a rollback inside
+        // the open transaction, never crash recovery (that is the WAL).
+        conn.pragma_update(None, "temp_store", "MEMORY")
+            .map_err(sql("keep temporary data in memory"))?;
         if file {
             // The first statement that reads the file: a file that is not a
             // database fails here.

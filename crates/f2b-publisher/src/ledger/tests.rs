@@ -180,6 +180,18 @@ fn a_batch_commits_the_last_seq_with_its_rows() {
     );
 }
 
+/// Savepoints' and statements' undo data stays in memory: no temporary files.
+#[test]
+fn temporary_data_stays_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = Ledger::open(dir.path()).unwrap();
+    let store: i64 = l
+        .conn
+        .pragma_query_value(None, "temp_store", |r| r.get(0))
+        .unwrap();
+    assert_eq!(store, 2, "PRAGMA temp_store = MEMORY");
+}
+
 /// An append that fails half-way (here its `active_bans` row breaks a
 /// constraint) leaves nothing behind, in a batch or not, and the batch's other
 /// events are committed with the right last_seq.
