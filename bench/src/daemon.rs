@@ -68,6 +68,8 @@ impl Shared {
 pub struct Daemon {
     name: String,
     pid: u32,
+    /// Run under `F2B_BENCH_WRAP_*`, in a process group of its own.
+    group: bool,
     child: Mutex<Child>,
     shared: Arc<Shared>,
     counters: Vec<String>,
@@ -89,6 +91,7 @@ impl Daemon {
                 .map(|f| f.to_string_lossy().to_uppercase().replace('-', "_"))
                 .unwrap_or_default()
         );
+        let mut group = false;
         if let Ok(wrap) = std::env::var(&var) {
             let mut words = wrap.split_whitespace();
             if let Some(first) = words.next() {
@@ -104,6 +107,11 @@ impl Daemon {
                     wrapped.current_dir(d);
                 }
                 eprintln!("    {name}: run under {wrap:?} ({var})");
+                // Its own process group, signalled whole by `stop`: a wrapper
+                // such as strace detaches on SIGTERM and would leave the
+                // daemon running.
+                std::os::unix::process::CommandExt::process_group(&mut wrapped, 0);
+                group = true;
                 cmd = wrapped;
             }
         }
@@ -127,6 +135,7 @@ impl Daemon {
         Ok(Daemon {
             name: name.to_owned(),
             pid: child.id(),
+            group,
             child: Mutex::new(child),
             shared,
             counters: owned,
@@ -269,7 +278,9 @@ impl Daemon {
         if matches!(c.try_wait(), Ok(Some(_))) {
             return;
         }
-        let pid = Pid::from_raw(i32::try_from(self.pid).unwrap_or(i32::MAX));
+        let pid = i32::try_from(self.pid).unwrap_or(i32::MAX);
+        // A wrapped daemon: the whole group (the wrapper and the daemon).
+        let pid = Pid::from_raw(if self.group { -pid } else { pid });
         let _ = kill(pid, Signal::SIGTERM);
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
