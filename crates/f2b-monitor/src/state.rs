@@ -265,9 +265,10 @@ impl StateStore {
             path: self.queue_path.clone(),
             writes: self.writes,
             #[cfg(test)]
-            gate: self.faults.sync_gate.take(),
-            #[cfg(test)]
-            fault: Faults::take(&mut self.faults.sync).err(),
+            hold: Hold {
+                gate: self.faults.sync_gate.take(),
+                fault: Faults::take(&mut self.faults.sync).err(),
+            },
         }))
     }
 
@@ -376,9 +377,10 @@ impl StateStore {
             path: self.position_path.clone(),
             text,
             #[cfg(test)]
-            gate: self.faults.position_gate.take(),
-            #[cfg(test)]
-            fault: Faults::take(&mut self.faults.position).err(),
+            hold: Hold {
+                gate: self.faults.position_gate.take(),
+                fault: Faults::take(&mut self.faults.position).err(),
+            },
         }
     }
 
@@ -437,9 +439,30 @@ pub struct QueueSync {
     /// The store's journal writes when this was prepared.
     writes: u64,
     #[cfg(test)]
+    hold: Hold,
+}
+
+/// What a test makes a write prepared by the store wait for (a gate it
+/// opens), or fail with.
+#[cfg(test)]
+#[derive(Debug)]
+struct Hold {
     gate: Option<std::sync::mpsc::Receiver<()>>,
-    #[cfg(test)]
     fault: Option<io::Error>,
+}
+
+#[cfg(test)]
+impl Hold {
+    /// Waits for the gate, if any, then fails with the fault, if any.
+    fn pass(self, path: &Path) -> Result<(), StateError> {
+        if let Some(gate) = self.gate {
+            let _ = gate.recv();
+        }
+        match self.fault {
+            Some(e) => Err(io_err(path)(e)),
+            None => Ok(()),
+        }
+    }
 }
 
 /// A [`QueueSync`] made, for [`StateStore::synced`].
@@ -453,13 +476,7 @@ impl QueueSync {
     /// [`StateStore::sync_failed`].
     pub fn sync(self) -> Result<Synced, StateError> {
         #[cfg(test)]
-        if let Some(gate) = self.gate {
-            let _ = gate.recv();
-        }
-        #[cfg(test)]
-        if let Some(e) = self.fault {
-            return Err(io_err(&self.path)(e));
-        }
+        self.hold.pass(&self.path)?;
         self.file.sync_data().map_err(io_err(&self.path))?;
         Ok(Synced(self.writes))
     }
@@ -472,22 +489,14 @@ pub struct PositionSave {
     path: PathBuf,
     text: String,
     #[cfg(test)]
-    gate: Option<std::sync::mpsc::Receiver<()>>,
-    #[cfg(test)]
-    fault: Option<io::Error>,
+    hold: Hold,
 }
 
 impl PositionSave {
     /// Replaces the position file, durably: on the disk when this returns `Ok`.
     pub fn write(self) -> Result<(), StateError> {
         #[cfg(test)]
-        if let Some(gate) = self.gate {
-            let _ = gate.recv();
-        }
-        #[cfg(test)]
-        if let Some(e) = self.fault {
-            return Err(io_err(&self.path)(e));
-        }
+        self.hold.pass(&self.path)?;
         replace(&self.dir, &self.path, self.text.as_bytes())
     }
 }
