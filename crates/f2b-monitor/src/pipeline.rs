@@ -239,7 +239,7 @@ impl Pipeline {
             tokio::select! {
                 b = lines.recv() => match b {
                     Some(batch) => self.feed(batch, &mut progress, &mut verdicts),
-                    None => return self.finish(saver, &mut progress, &events),
+                    None => return self.finish(saver, &mut progress, &events).await,
                 },
                 () = sleep => self.filter.release_due(Instant::now(), &mut verdicts),
                 () = self.room.wait_free(self.resume_at()), if under_pressure => {
@@ -299,7 +299,7 @@ impl Pipeline {
     /// stop filter still holds is left to the next start, which reads it again;
     /// without, it is released as if its hold had run out and queued if there is
     /// room.
-    fn finish(
+    async fn finish(
         &mut self,
         saver: &Saver,
         progress: &mut Progress,
@@ -315,7 +315,7 @@ impl Pipeline {
         self.room.try_take(fits);
         let position = self.resume_point(progress, dropped.first().map(|e| e.1));
         let chunk: Vec<Event> = to_send.into_iter().map(|(e, _)| e).collect();
-        self.commit(saver, &chunk, position, progress)?;
+        self.commit(saver, &chunk, position, progress).await?;
         for ev in chunk {
             if events.try_send(ev).is_err() {
                 break;
@@ -385,7 +385,7 @@ impl Pipeline {
             let position = self.resume_point(progress, (next != u64::MAX).then_some(next));
             // Written, not yet synced: the saver syncs it after the hand-over,
             // before the position moves past the chunk's lines.
-            let written = self.queue(&chunk);
+            let written = self.queue(&chunk).await;
             let mut handed = Ok(());
             for ev in chunk {
                 // The room bounds the queue, so this does not wait.
@@ -405,7 +405,7 @@ impl Pipeline {
         }
         if sent == 0 {
             let position = self.resume_point(progress, None);
-            self.commit(saver, &[], position, progress)?;
+            self.commit(saver, &[], position, progress).await?;
         }
         if self.room.available() >= self.resume_at() {
             self.resumed(pauses);
@@ -436,7 +436,7 @@ impl Pipeline {
 
     /// Writes `events` to the queue file and hands `position` to the
     /// [`Saver`], for the paths where nothing waits for the events.
-    fn commit(
+    async fn commit(
         &self,
         saver: &Saver,
         events: &[Event],
@@ -446,7 +446,7 @@ impl Pipeline {
         if events.is_empty() && position.is_none() {
             return Ok(());
         }
-        if self.queue(events) {
+        if self.queue(events).await {
             self.save(saver, position, progress)?;
         }
         Ok(())
@@ -457,18 +457,42 @@ impl Pipeline {
     /// event is written, also those of an earlier failed write. `false`
     /// without state, or after a failure, which is logged, not fatal.
     ///
-    /// Written on this task, not on a blocking thread: the write goes to the
-    /// page cache (a chunk's lines, a few hundred bytes per event) and the lock
-    /// is held by others only briefly (the saver syncs without it), while a
-    /// blocking thread and back cost two thread wake-ups on the report's path.
-    fn queue(&self, events: &[Event]) -> bool {
+    /// Usually written on this task, not on a blocking thread: an append goes
+    /// to the page cache (a chunk's lines, a few hundred bytes per event),
+    /// while a blocking thread and back cost two thread wake-ups on the
+    /// report's path. When the store is busy (the sender compacting the file
+    /// after an answer, or the saver rewriting it after a failed sync) or this
+    /// write would rewrite the file itself (after a failed write), the write
+    /// goes to a blocking thread: those hold the lock through two syncs, which
+    /// must not stall one of the runtime's workers.
+    async fn queue(&self, events: &[Event]) -> bool {
         let Some(state) = &self.state else {
             return false;
         };
-        let mut st = state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match st.write_all(events) {
+        let inline = match state.try_lock() {
+            Ok(mut st) if !st.rewrite_due() => Some(st.write_all(events)),
+            _ => None,
+        };
+        let written = match inline {
+            Some(r) => r,
+            None => {
+                let (state, events) = (state.clone(), events.to_vec());
+                let write = move || {
+                    state
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .write_all(&events)
+                };
+                match tokio::task::spawn_blocking(write).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot update the saved state");
+                        return false;
+                    }
+                }
+            }
+        };
+        match written {
             Ok(()) => true,
             Err(e) => {
                 warn_state(&e);
@@ -897,6 +921,41 @@ mod tests {
             .unwrap();
             nothing_pending_and_the_line_read_again(&crashed, &rig.log);
             release_and_restart(rig, release, sent).await;
+        }
+
+        /// A write that finds the store busy (here held by another thread, as
+        /// the sender holds it through a compaction's two syncs) waits on a
+        /// blocking thread, not on the runtime: on this test's one-thread
+        /// runtime, the task that releases the store still runs meanwhile.
+        /// Waiting on the runtime instead, nothing would release it, and the
+        /// holder would give up after 10 s.
+        #[tokio::test]
+        async fn a_write_waits_for_a_busy_store_off_the_runtime() {
+            let mut rig = Rig::start();
+            let (held_tx, held) = std::sync::mpsc::channel::<()>();
+            let (release, released) = std::sync::mpsc::channel::<()>();
+            let state = rig.state.clone();
+            let holder = std::thread::spawn(move || {
+                let _store = state.lock().unwrap();
+                held_tx.send(()).unwrap();
+                released.recv_timeout(Duration::from_secs(10)).is_ok()
+            });
+            held.recv().unwrap();
+            rig.append(&ban("192.0.2.7")).await;
+            // The pipeline runs now: it reads the line and tries the write.
+            for _ in 0..16 {
+                tokio::task::yield_now().await;
+            }
+            release.send(()).unwrap();
+            let event = rig.event().await;
+            assert_eq!(event.ip.to_string(), "192.0.2.7");
+            assert!(
+                holder.join().unwrap(),
+                "released by this task, not by the holder's timeout"
+            );
+            let (saved, again) = rig.restart().await;
+            assert_eq!(saved.pending, [event]);
+            assert!(again.is_empty(), "read again: {again:?}");
         }
 
         /// The next lines do not wait for a save in progress: while the

@@ -334,6 +334,12 @@ impl StateStore {
         Ok(())
     }
 
+    /// Whether the next write rewrites the journal whole (after a failed write
+    /// or sync), with two syncs, instead of appending to it.
+    pub fn rewrite_due(&self) -> bool {
+        self.rewrite
+    }
+
     /// Records that the publisher answered `id` (ACK, or a NAK that dropped it).
     pub fn done(&mut self, id: EventId) -> Result<(), StateError> {
         let Some(i) = self.pending.iter().position(|(p, _)| *p == id) else {
