@@ -53,7 +53,8 @@
 //! each event is either in the queue file (resent with its id) or read again
 //! from the log (sent under a new id); an event answered meanwhile needs
 //! neither. A failed save of the position is tried again with the next
-//! position, or once more when the pipeline ends.
+//! position, or after a while if none comes, and once more when the pipeline
+//! ends.
 //!
 //! The queue file is written on the pipeline's task (a write to the page
 //! cache, off the path of nothing else); its syncs and the position's run on a
@@ -506,7 +507,7 @@ impl Pipeline {
     /// every event whose line the position passes on the disk before the
     /// position is saved (an answer meanwhile removes an event from the queue
     /// file, which is fine: its line needs nothing more). The saver tries a
-    /// failed save again with the next position.
+    /// failed save again with the next position, or after a while.
     fn save(
         &self,
         saver: &Saver,
@@ -1042,6 +1043,31 @@ mod tests {
                 again,
                 [ban("192.0.2.1"), ban("192.0.2.2"), found.to_owned()]
             );
+        }
+
+        /// A failed save is tried again after a while, though no line comes
+        /// to move the position: a quiet log does not leave it behind until
+        /// the next Ban or the monitor's stop.
+        #[tokio::test]
+        async fn a_failed_position_save_is_retried_without_a_new_line() {
+            let mut rig = Rig::start();
+            rig.faults(|f| f.position = 1);
+            rig.append(&ban("192.0.2.1")).await;
+            rig.event().await;
+            // The position file as a crash would leave it, until it is past
+            // the line (the retry comes after saver::RETRY_FIRST).
+            let deadline = Instant::now() + saver::RETRY_FIRST + Duration::from_secs(10);
+            for n in 0.. {
+                let crashed = rig._dir.path().join(format!("crashed-{n}"));
+                snapshot(&rig.state_dir, &crashed);
+                let (_, again) = reopen(&crashed, &rig.log);
+                if again.is_empty() {
+                    break;
+                }
+                assert_eq!(again, [ban("192.0.2.1")]);
+                assert!(Instant::now() < deadline, "the failed save was not retried");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
 
         #[tokio::test]

@@ -17,12 +17,14 @@
 //! [`StateStore::prepare_position`]): the next event's write and the sender's
 //! answers do not wait for them either.
 //!
-//! A failed save is logged and tried again with the next position, or once
-//! more when the pipeline ends; until then the saved position stays behind,
-//! and a crash makes the next start read those lines again (events reported
-//! twice, under new ids, never lost).
+//! A failed save is logged and tried again with the next position, or, if
+//! none comes, after [`RETRY_FIRST`] (doubling up to [`RETRY_MAX`] while it
+//! keeps failing), and once more when the pipeline ends; until then the saved
+//! position stays behind, and a crash makes the next start read those lines
+//! again (events reported twice, under new ids, never lost).
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -31,6 +33,13 @@ use super::warn_state;
 use crate::state::StateStore;
 use crate::tail::FilePos;
 use crate::MonitorError;
+
+/// How long after a failed save it is tried again when no newer position
+/// comes (a quiet log, or a position held back by the stop filter).
+pub(crate) const RETRY_FIRST: Duration = Duration::from_secs(1);
+
+/// The longest wait between tries of a save that keeps failing (a full disk).
+pub(crate) const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// One position to save, with the stop filter's `info_seen` at that moment.
 #[derive(Debug)]
@@ -85,13 +94,36 @@ async fn run(
     state: Arc<Mutex<StateStore>>,
     mut rx: mpsc::UnboundedReceiver<Request>,
 ) -> Result<(), MonitorError> {
-    let mut failed = None;
-    while let Some(mut request) = rx.recv().await {
+    let mut failed: Option<Request> = None;
+    // The wait before the next try of `failed`.
+    let mut retry = RETRY_FIRST;
+    loop {
+        let was_failing = failed.is_some();
+        let next = match failed.take() {
+            None => rx.recv().await,
+            Some(request) => tokio::select! {
+                r = rx.recv() => match r {
+                    Some(newer) => Some(newer),
+                    None => {
+                        failed = Some(request);
+                        None
+                    }
+                },
+                () = tokio::time::sleep(retry) => Some(request),
+            },
+        };
+        let Some(mut request) = next else {
+            break;
+        };
         // Only the newest matters: its save covers the others.
         while let Ok(newer) = rx.try_recv() {
             request = newer;
         }
         failed = save_off_thread(&state, request).await?;
+        retry = match (&failed, was_failing) {
+            (Some(_), true) => (retry * 2).min(RETRY_MAX),
+            _ => RETRY_FIRST,
+        };
     }
     // The pipeline ended: a failed save gets one more try.
     if let Some(request) = failed {
