@@ -30,8 +30,14 @@
 //! sequence number that went out must then never be used again for another event,
 //! even if its batch is lost:
 //! - a commit that fails keeps [`Ledger::last_seq`] where the batch took it
-//!   ([`Ledger::commit_batch`] with `keep_seqs`); the rows are gone, their monitors
-//!   were answered `busy` and send the events again, under new numbers;
+//!   ([`Ledger::commit_batch`] with `keep_seqs`) and tries to write that number
+//!   to `meta` on its own; the rows are gone, their monitors were answered
+//!   `busy` and send the events again, under new numbers. A clean stop writes
+//!   the number too ([`Ledger::stop_serving`]);
+//! - the file's last number can lag behind the one in memory only while such
+//!   writes fail (a failing disk): the server then broadcasts a batch early only
+//!   while its numbers stay within [`EARLY_BROADCAST_MAX`] of the file's
+//!   ([`Ledger::may_broadcast_early`]), and otherwise commits first;
 //! - a publisher that dies between the broadcast and the commit leaves `meta`
 //!   `serving = 1` behind ([`Ledger::start_serving`] writes it, a clean stop
 //!   clears it). The next start finds it and moves [`Ledger::last_seq`]
@@ -304,6 +310,10 @@ pub struct Ledger {
     /// `epoch` as the `events` rows hold it.
     epoch_text: String,
     last_seq: u64,
+    /// The last sequence number the file is known to hold (`meta` or a row):
+    /// [`Self::last_seq`] but for the numbers of batches whose commit failed
+    /// and could not be written since.
+    durable_seq: u64,
     opened: Opened,
     /// SQLite virtual machine steps run by snapshots, pruning and rebroadcast
     /// look-ups (see [`Ledger::vm_steps`]).
@@ -313,6 +323,9 @@ pub struct Ledger {
     /// Makes the next [`Ledger::commit_batch`] fail, for tests.
     #[cfg(test)]
     fail_commit: bool,
+    /// Makes the writes of `meta`'s last_seq outside a batch fail, for tests.
+    #[cfg(test)]
+    fail_last_seq: bool,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -680,11 +693,14 @@ impl Ledger {
             epoch_text: epoch.to_string(),
             epoch,
             last_seq,
+            durable_seq: last_seq,
             opened,
             steps: Cell::new(0),
             batch: None,
             #[cfg(test)]
             fail_commit: false,
+            #[cfg(test)]
+            fail_last_seq: false,
         })
     }
 
@@ -722,20 +738,33 @@ impl Ledger {
         .map_err(sql_err(&self.path, "write the serving mark"))?;
         let skipped = last - self.last_seq;
         self.last_seq = last;
+        self.durable_seq = last;
         Ok(skipped)
     }
 
     /// Clears the mark [`Self::start_serving`] wrote: a clean stop, after the last
-    /// batch was committed. A publisher that cannot clear it only makes the next
-    /// start skip some sequence numbers.
+    /// batch was committed. Writes [`Self::last_seq`] with it, in the same
+    /// statement: numbers that went out in a batch whose commit failed are then
+    /// not used again by the next start either. A publisher that cannot clear it
+    /// only makes the next start skip some sequence numbers.
     pub fn stop_serving(&mut self) -> Result<(), LedgerError> {
         self.conn
             .execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('serving', 0)",
-                [],
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('serving', 0), ('last_seq', ?1)",
+                [sql_int(self.last_seq)],
             )
-            .map(drop)
-            .map_err(sql_err(&self.path, "clear the serving mark"))
+            .map_err(sql_err(&self.path, "clear the serving mark"))?;
+        self.durable_seq = self.last_seq;
+        Ok(())
+    }
+
+    /// Whether the numbers used since the file's last known number are few
+    /// enough that the next start after a crash skips them all
+    /// ([`EARLY_BROADCAST_MAX`]): only then may the open batch's events be
+    /// broadcast before its commit. Always true unless commits failed and their
+    /// numbers could not be written since.
+    pub fn may_broadcast_early(&self) -> bool {
+        self.last_seq <= self.durable_seq.saturating_add(EARLY_BROADCAST_MAX)
     }
 
     /// The file (`:memory:` for an in-memory ledger).
@@ -814,18 +843,38 @@ impl Ledger {
                 let _ = self.conn.execute_batch("ROLLBACK");
             }
             let floor = if keep_seqs { reached } else { start };
-            self.last_seq = match stored_last_seq(&self.conn, &self.path) {
-                Ok(n) => n.max(floor),
+            let stored = stored_last_seq(&self.conn, &self.path);
+            self.last_seq = match &stored {
+                Ok(n) => (*n).max(floor),
                 Err(e) => {
-                    tracing::error!(error = %f2b_common::daemon::error_chain(&e), "cannot read the last sequence number back");
+                    tracing::error!(error = %f2b_common::daemon::error_chain(e), "cannot read the last sequence number back");
                     floor
                 }
             };
+            if let Ok(n) = stored {
+                self.durable_seq = n;
+            }
+            if self.last_seq > self.durable_seq {
+                // Numbers that went out: written on their own, so that the next
+                // start does not use them again, crash or not.
+                match self.write_last_seq_alone(self.last_seq) {
+                    Ok(()) => self.durable_seq = self.last_seq,
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        last_seq = self.last_seq,
+                        on_disk = self.durable_seq,
+                        "cannot write the last sequence number; until it is written, batches are committed before they are broadcast"
+                    ),
+                }
+            }
             return Err(LedgerError::Sql {
                 path: self.path.clone(),
                 what: "commit a batch",
                 source,
             });
+        }
+        if reached != start {
+            self.durable_seq = reached;
         }
         Ok(())
     }
@@ -834,6 +883,26 @@ impl Ledger {
     #[cfg(test)]
     pub(crate) fn fail_next_commit(&mut self) {
         self.fail_commit = true;
+    }
+
+    /// Makes the writes of `meta`'s last_seq on their own (after a failed
+    /// commit) fail, or work again.
+    #[cfg(test)]
+    pub(crate) fn fail_last_seq_writes(&mut self, fail: bool) {
+        self.fail_last_seq = fail;
+    }
+
+    /// Writes `seq` as `meta`'s last sequence number in a transaction of its
+    /// own (no batch may be open).
+    fn write_last_seq_alone(&self, seq: u64) -> rusqlite::Result<()> {
+        #[cfg(test)]
+        if self.fail_last_seq {
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+                Some("injected write failure".into()),
+            ));
+        }
+        self.write_last_seq(seq)
     }
 
     /// Commits `record`, whose `seq` must be [`Self::last_seq`] + 1, with what it
@@ -870,6 +939,10 @@ impl Ledger {
             return Err(sql_err(&self.path, "write an event")(source));
         }
         self.last_seq = record.seq;
+        if own {
+            // Committed with its row.
+            self.durable_seq = record.seq;
+        }
         Ok(())
     }
 

@@ -726,13 +726,15 @@ impl Bound {
         }
         // Broadcast before the commit's sync (see the module docs); the replies
         // wait for it. Without a batch every event was committed on its own.
-        let early = if batched {
+        // After commits failed and their numbers could not be written, the
+        // batch is committed first (`Ledger::may_broadcast_early`).
+        let early = if batched && self.core.ledger().may_broadcast_early() {
             Some(self.broadcast_all(&outcomes)?)
         } else {
             None
         };
         if batched {
-            let committed = self.core.commit_batch(now, true);
+            let committed = self.core.commit_batch(now, early.is_some());
             self.metrics.ledger_open.set(committed.is_ok());
             if let Err(e) = committed {
                 tracing::error!(

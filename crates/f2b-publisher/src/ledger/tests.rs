@@ -693,3 +693,79 @@ fn a_version_2_ledger_is_upgraded_and_records_who_reported() {
         [None, Some("legacy".into()), Some("web1".into()), None]
     );
 }
+
+/// A failed commit of a batch that was broadcast keeps its numbers, and writes
+/// the last of them on its own: a restart, after a clean stop or not, never
+/// uses them again for other events.
+#[test]
+fn a_failed_commits_numbers_are_not_used_again_after_a_restart() {
+    for clean in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = Ledger::open(dir.path()).unwrap();
+        l.start_serving().unwrap();
+        add(&mut l, "sshd", Action::Ban, "203.0.113.1", NOW);
+        l.begin_batch().unwrap();
+        add(&mut l, "sshd", Action::Ban, "203.0.113.2", NOW);
+        add(&mut l, "sshd", Action::Ban, "203.0.113.3", NOW);
+        l.fail_next_commit();
+        assert!(l.commit_batch(true).is_err());
+        assert_eq!(l.last_seq(), 3, "the broadcast numbers are kept");
+        assert_eq!(meta_last_seq(dir.path()), 3, "and written");
+        assert!(l.may_broadcast_early());
+        if clean {
+            l.stop_serving().unwrap();
+        }
+        drop(l);
+        let mut l = Ledger::open(dir.path()).unwrap();
+        let skipped = l.start_serving().unwrap();
+        assert_eq!(skipped, if clean { 0 } else { EARLY_BROADCAST_MAX });
+        assert_eq!(
+            add(&mut l, "sshd", Action::Ban, "203.0.113.4", NOW),
+            4 + skipped,
+            "clean stop: {clean}"
+        );
+    }
+}
+
+/// While the numbers of failed commits cannot be written, batches may be
+/// broadcast early only as long as the next start's skip covers every number
+/// used since the file's last one; a clean stop writes the number with its
+/// mark.
+#[test]
+fn early_broadcasts_stop_when_the_file_lags_too_far_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut l = Ledger::open(dir.path()).unwrap();
+    l.start_serving().unwrap();
+    l.fail_last_seq_writes(true);
+    let mut n = 0u32;
+    while l.may_broadcast_early() {
+        l.begin_batch().unwrap();
+        for _ in 0..64 {
+            n += 1;
+            let ip = format!("10.0.{}.{}", n / 256, n % 256);
+            add(&mut l, "sshd", Action::Ban, &ip, NOW);
+        }
+        l.fail_next_commit();
+        assert!(l.commit_batch(true).is_err());
+        assert!(l.last_seq() <= EARLY_BROADCAST_MAX + 64);
+    }
+    assert_eq!(meta_last_seq(dir.path()), 0, "nothing could be written");
+    assert!(l.last_seq() > EARLY_BROADCAST_MAX);
+    // A crash now: the next start's skip would not cover these numbers, which
+    // is why no batch goes out before its commit any more. A commit that
+    // works brings the file level again.
+    l.fail_last_seq_writes(false);
+    l.begin_batch().unwrap();
+    let seq = add(&mut l, "sshd", Action::Ban, "203.0.113.9", NOW);
+    l.commit_batch(false).unwrap();
+    assert_eq!(meta_last_seq(dir.path()), seq as i64);
+    assert!(l.may_broadcast_early());
+    // A clean stop writes the number with the mark.
+    l.fail_last_seq_writes(true);
+    l.begin_batch().unwrap();
+    add(&mut l, "sshd", Action::Ban, "203.0.113.10", NOW);
+    l.fail_next_commit();
+    assert!(l.commit_batch(true).is_err());
+    l.stop_serving().unwrap();
+    assert_eq!(meta_last_seq(dir.path()), seq as i64 + 1);
+}
