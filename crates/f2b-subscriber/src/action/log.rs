@@ -27,7 +27,11 @@
 //! to the page cache costs less than handing it to a blocking thread and back,
 //! the two thread wake-ups that were on the path of every ban. What would wait
 //! (a named pipe whose reader is slow or not there yet) goes to a blocking
-//! thread, so the subscriber's other tasks never wait for it.
+//! thread, so the subscriber's other tasks do not wait for it. A regular file
+//! cannot say it would wait: on storage that stalls (a hung network file
+//! system, the kernel throttling writers while it flushes) the write holds the
+//! subscriber's runtime meanwhile, as any page-cache write holds its thread.
+//! Such a `log_path` is better on a local disk.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
