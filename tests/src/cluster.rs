@@ -420,6 +420,18 @@ pub enum NodeSecret {
     None,
 }
 
+impl NodeOptions {
+    /// A node with a subscriber only (no monitor) whose action writes what it
+    /// applies to a log file ([`NodeAction::LogFile`]), for tests that read it.
+    pub fn logging_subscriber() -> NodeOptions {
+        NodeOptions {
+            monitor: false,
+            action: NodeAction::LogFile,
+            ..NodeOptions::default()
+        }
+    }
+}
+
 impl Default for NodeOptions {
     fn default() -> Self {
         NodeOptions {

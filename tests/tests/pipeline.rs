@@ -578,7 +578,6 @@ fn every_daemon_exits_cleanly_on_sigterm() {
 fn reports_decided_together_are_broadcast_together_and_applied_in_order() {
     use f2b_proto::{auth, Action, Broadcast, Event, EventId, JailName, NodeName, Request};
     use f2b_tests::applied::ActionLog;
-    use f2b_tests::cluster::NodeAction;
     use f2b_tests::{trust, wait, PublisherOptions};
 
     let dir = TestDir::new();
@@ -590,11 +589,7 @@ fn reports_decided_together_are_broadcast_together_and_applied_in_order() {
         dir.path(),
         "web2",
         &publisher,
-        NodeOptions {
-            monitor: false,
-            action: NodeAction::LogFile,
-            ..NodeOptions::default()
-        },
+        NodeOptions::logging_subscriber(),
     );
 
     let ctx = zmq::Context::new();
@@ -685,7 +680,6 @@ fn reports_decided_together_are_broadcast_together_and_applied_in_order() {
 fn a_burst_in_one_log_is_reported_in_batches_and_applied_once_in_order() {
     use f2b_common::testing::{http_get, sample};
     use f2b_tests::applied::ActionLog;
-    use f2b_tests::cluster::NodeAction;
     use f2b_tests::{wait, PublisherOptions};
 
     let dir = TestDir::new();
@@ -703,11 +697,7 @@ fn a_burst_in_one_log_is_reported_in_batches_and_applied_once_in_order() {
         dir.path(),
         "web2",
         &publisher,
-        NodeOptions {
-            monitor: false,
-            action: NodeAction::LogFile,
-            ..NodeOptions::default()
-        },
+        NodeOptions::logging_subscriber(),
     );
 
     let n = 600u32;

@@ -605,28 +605,18 @@ impl Core {
             }
         }
         let outcome = self.decide(frames, peer, now_ms);
+        let mut log_nak = |nak: &Nak| {
+            let reason = nak.reason.code();
+            rejected(&mut self.rejects, now_ms, reason, peer, &nak.detail, nak.id);
+        };
         match &outcome.reply {
             Response::Reply(Reply::Nak(nak)) | Response::Snapshot(SnapshotReply::Nak(nak)) => {
-                rejected(
-                    &mut self.rejects,
-                    now_ms,
-                    nak.reason.code(),
-                    peer,
-                    &nak.detail,
-                    nak.id,
-                );
+                log_nak(nak);
             }
             Response::Reply(Reply::Replies(answers)) => {
                 for answer in answers {
                     if let Reply::Nak(nak) = answer {
-                        rejected(
-                            &mut self.rejects,
-                            now_ms,
-                            nak.reason.code(),
-                            peer,
-                            &nak.detail,
-                            nak.id,
-                        );
+                        log_nak(nak);
                     }
                 }
                 // The request itself was not refused: its answers are counted

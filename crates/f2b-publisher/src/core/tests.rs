@@ -1588,7 +1588,11 @@ fn trusted_core(publisher_extra: &str) -> Core {
 
 /// A report of `e` and its auth frame, signed as credential `key` with `secret`.
 fn signed_as(e: &Event, key: &str, secret: &str, ts_ms: u64, nonce: u8) -> Vec<Vec<u8>> {
-    let payload = report(e);
+    with_auth(report(e), key, secret, ts_ms, nonce)
+}
+
+/// `payload` and its auth frame, signed as credential `key` with `secret`.
+fn with_auth(payload: Vec<u8>, key: &str, secret: &str, ts_ms: u64, nonce: u8) -> Vec<Vec<u8>> {
     let auth = f2b_proto::auth::RequestAuth::sign(
         &f2b_proto::auth::MonitorSecret::new(secret).unwrap(),
         &NodeName::new(key).unwrap(),
@@ -1600,6 +1604,16 @@ fn signed_as(e: &Event, key: &str, secret: &str, ts_ms: u64, nonce: u8) -> Vec<V
 }
 
 /// [`signed_as`] the event's own node.
+/// Whether `reply` (a payload and its MAC frame) is authentic, for a monitor
+/// holding `secret`, as the answer to `request` (a payload and its auth frame).
+fn reply_verifies(secret: &str, request: &[Vec<u8>], reply: &[Vec<u8>]) -> bool {
+    let request_mac = f2b_proto::auth::RequestAuth::decode(&request[1])
+        .unwrap()
+        .mac;
+    let secret = f2b_proto::auth::MonitorSecret::new(secret).unwrap();
+    f2b_proto::auth::verify_reply(&secret, &request_mac, &reply[0], &reply[1])
+}
+
 fn signed(e: &Event, secret: &str, ts_ms: u64, nonce: u8) -> Vec<Vec<u8>> {
     signed_as(e, e.node.as_str(), secret, ts_ms, nonce)
 }
@@ -1627,28 +1641,14 @@ fn authenticated_reports_are_acked_maced_and_recorded_with_their_credential() {
     let out = c.handle(&frames, PEER, NOW);
     let b = expect_ack(&out, AckStatus::Broadcast, Some(1)).unwrap();
     // The reply's MAC, over the reply as sent, bound to the request's MAC.
-    let request_mac = f2b_proto::auth::RequestAuth::decode(&frames[1])
-        .unwrap()
-        .mac;
     let reply = c.trust().reply_frames(out.reply.encode(), &out.seal);
     assert_eq!(reply.len(), 2);
-    let secret = f2b_proto::auth::MonitorSecret::new(WEB1).unwrap();
-    assert!(f2b_proto::auth::verify_reply(
-        &secret,
-        &request_mac,
-        &reply[0],
-        &reply[1]
-    ));
+    assert!(reply_verifies(WEB1, &frames, &reply));
     // A busy refusal sent instead is MACed all the same.
     let busy = c
         .trust()
         .reply_frames(out.reply.clone().refused_busy().encode(), &out.seal);
-    assert!(f2b_proto::auth::verify_reply(
-        &secret,
-        &request_mac,
-        &busy[0],
-        &busy[1]
-    ));
+    assert!(reply_verifies(WEB1, &frames, &busy));
     // The broadcast is signed.
     let key = f2b_proto::auth::SigningKey::from_seed(KEY_SEED).public();
     let bf = c.trust().broadcast_frames(&b);
@@ -1960,14 +1960,7 @@ fn reports_signed_as(
     nonce: u8,
 ) -> Vec<Vec<u8>> {
     let payload = Request::Reports(events.to_vec()).encode();
-    let auth = f2b_proto::auth::RequestAuth::sign(
-        &f2b_proto::auth::MonitorSecret::new(secret).unwrap(),
-        &NodeName::new(key).unwrap(),
-        ts_ms,
-        [nonce; 16],
-        &payload,
-    );
-    vec![payload, auth.encode()]
+    with_auth(payload, key, secret, ts_ms, nonce)
 }
 
 /// [`reports_signed_as`] the events' node.
@@ -2053,25 +2046,10 @@ fn a_reports_request_is_acked_per_event_in_order_and_maced() {
     assert!(out.broadcasts[0].legacy.is_some());
     assert_eq!(c.take_refusal(), None);
     // The replies are MACed for the monitor, bound to the request's MAC.
-    let request_mac = f2b_proto::auth::RequestAuth::decode(&frames[1])
-        .unwrap()
-        .mac;
     let reply = c.trust().reply_frames(out.reply.encode(), &out.seal);
     assert_eq!(reply.len(), 2);
-    let secret = f2b_proto::auth::MonitorSecret::new(WEB1).unwrap();
-    assert!(f2b_proto::auth::verify_reply(
-        &secret,
-        &request_mac,
-        &reply[0],
-        &reply[1]
-    ));
-    let other = f2b_proto::auth::MonitorSecret::new(WEB2).unwrap();
-    assert!(!f2b_proto::auth::verify_reply(
-        &other,
-        &request_mac,
-        &reply[0],
-        &reply[1]
-    ));
+    assert!(reply_verifies(WEB1, &frames, &reply));
+    assert!(!reply_verifies(WEB2, &frames, &reply));
     assert_eq!(
         Reply::decode(&reply[0]).unwrap(),
         Reply::Replies(answers.to_vec())
