@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -130,8 +131,10 @@ impl Daemon {
         let out = child.stdout.take().context("stdout is piped")?;
         let err = child.stderr.take().context("stderr is piped")?;
         let owned: Vec<String> = counters.iter().map(|c| (*c).to_owned()).collect();
-        reader(name, out, shared.clone(), owned.clone());
-        reader(name, err, shared.clone(), owned.clone());
+        // Both streams go to the same copy; each start of a daemon to its own.
+        let copy = log_copy(name);
+        reader(name, out, shared.clone(), owned.clone(), copy.clone());
+        reader(name, err, shared.clone(), owned.clone(), copy);
         Ok(Daemon {
             name: name.to_owned(),
             pid: child.id(),
@@ -306,14 +309,19 @@ impl Drop for Daemon {
 }
 
 /// With `F2B_BENCH_LOGS=DIR`, each daemon's output is also appended to
-/// `DIR/<name>.log` (for a look at the daemons' own timestamps).
-fn log_copy(name: &str) -> Option<std::fs::File> {
+/// `DIR/<NN>-<name>.log` (for a look at the daemons' own timestamps), `NN`
+/// numbering the daemons in the order they started: the benchmarks start
+/// daemons of the same name once per configuration, and each gets its own file.
+fn log_copy(name: &str) -> Option<Arc<Mutex<std::fs::File>>> {
+    static STARTED: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::var_os("F2B_BENCH_LOGS")?;
-    let path = Path::new(&dir).join(format!("{}.log", name.replace(' ', "-")));
+    let n = STARTED.fetch_add(1, Ordering::Relaxed);
+    let path = Path::new(&dir).join(format!("{n:02}-{}.log", name.replace(' ', "-")));
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&path)
+        .map(|f| Arc::new(Mutex::new(f)))
         .map_err(|e| eprintln!("cannot open {}: {e}", path.display()))
         .ok()
 }
@@ -323,8 +331,8 @@ fn reader(
     stream: impl Read + Send + 'static,
     shared: Arc<Shared>,
     counters: Vec<String>,
+    copy: Option<Arc<Mutex<std::fs::File>>>,
 ) {
-    let mut copy = log_copy(name);
     let spawned = std::thread::Builder::new()
         .name(format!("{name}-log"))
         .spawn(move || {
@@ -335,8 +343,8 @@ fn reader(
                 match r.read_until(b'\n', &mut buf) {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {
-                        if let Some(f) = &mut copy {
-                            let _ = f.write_all(&buf);
+                        if let Some(f) = &copy {
+                            let _ = f.lock().unwrap_or_else(|e| e.into_inner()).write_all(&buf);
                         }
                         let line = String::from_utf8_lossy(&buf)
                             .trim_end_matches(['\n', '\r'])

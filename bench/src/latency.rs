@@ -9,6 +9,13 @@
 //! the same monotonic clock that stamped the append. Nothing in the daemons is
 //! changed or instrumented, no file is polled, and the reading costs the
 //! subscriber nothing more than writing a regular file would.
+//!
+//! Each configuration runs twice. Back to back, the next line is written as soon
+//! as the previous event reached every subscriber; its report may then wait for
+//! the previous one's ACK, which the publisher sends after its ledger's sync.
+//! After the ACK, the next line waits for the monitor's `reported` line of the
+//! previous event as well, so each event starts on an idle path, as each of the
+//! baseline's round trips starts after the previous reply.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -35,51 +42,78 @@ const WARMUP: usize = 3;
 /// How long one event may take to reach every subscriber before the run fails.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// When the next Ban line is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pace {
+    /// As soon as the previous event reached every subscriber: the monitor may
+    /// still be waiting for the publisher's ACK of it (which follows the
+    /// ledger's sync), and the next report then waits for that ACK.
+    BackToBack,
+    /// Once the previous event also had its ACK at the monitor (its `reported`
+    /// line): each event starts on an idle path, as each of the baseline's round
+    /// trips starts after the previous one's reply.
+    AfterAck,
+}
+
 pub fn run(dir: &Path, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
     for subs in [1usize, 10] {
         let (base, base_last) = baseline::rtt_plus_hop(subs, sizes.baseline_iters)?;
-        let (each, last) = measure(
-            &dir.join(format!("{subs}-subscribers")),
-            subs,
-            sizes.latency_events,
-        )?;
-        let goal = Goal::new(
-            "p50 <= 2 ms, p99 <= 10 ms, <= 5x bare",
-            &[
-                Check::MedianAtMost(2.0),
-                Check::P99AtMost(10.0),
-                Check::RatioAtMost(5.0),
-            ],
-        );
-        let label = "bare REQ/REP round trip + PUB/SUB hop";
-        let what = if subs == 1 {
-            "Ban line -> action, 1 subscriber".to_owned()
-        } else {
-            format!("Ban line -> action, {subs} subscribers (every delivery)")
-        };
-        report.add(
-            Row::new(1, what, Unit::Ms, &each)
-                .baseline(label, &base, Unit::Ms)
-                .goal(goal.clone()),
-        );
-        if subs > 1 {
-            report.add(
-                Row::new(
-                    1,
-                    format!("Ban line -> action, {subs} subscribers (the last of them)"),
-                    Unit::Ms,
-                    &last,
-                )
-                .baseline(
-                    format!("{label} (the last of {subs})"),
-                    &base_last,
-                    Unit::Ms,
-                )
-                .goal(goal),
-            );
+        for pace in [Pace::BackToBack, Pace::AfterAck] {
+            let sub_dir = match pace {
+                Pace::BackToBack => format!("{subs}-subscribers"),
+                Pace::AfterAck => format!("{subs}-subscribers-after-ack"),
+            };
+            let (each, last) = measure(&dir.join(sub_dir), subs, sizes.latency_events, pace)?;
+            add_rows(report, subs, pace, (&each, &last), (&base, &base_last));
         }
     }
     Ok(())
+}
+
+/// The rows of one configuration: every delivery and, with several subscribers,
+/// the last of each event's deliveries.
+fn add_rows(
+    report: &mut Report,
+    subs: usize,
+    pace: Pace,
+    (each, last): (&Samples, &Samples),
+    (base, base_last): (&Samples, &Samples),
+) {
+    let goal = Goal::new(
+        "p50 <= 2 ms, p99 <= 10 ms, <= 5x bare",
+        &[
+            Check::MedianAtMost(2.0),
+            Check::P99AtMost(10.0),
+            Check::RatioAtMost(5.0),
+        ],
+    );
+    let label = "bare REQ/REP round trip + PUB/SUB hop";
+    let paced = match pace {
+        Pace::BackToBack => "",
+        Pace::AfterAck => ", each line after the previous one's ACK",
+    };
+    let what = if subs == 1 {
+        format!("Ban line -> action, 1 subscriber{paced}")
+    } else {
+        format!("Ban line -> action, {subs} subscribers (every delivery){paced}")
+    };
+    report.add(
+        Row::new(1, what, Unit::Ms, each)
+            .baseline(label, base, Unit::Ms)
+            .goal(goal.clone()),
+    );
+    if subs > 1 {
+        report.add(
+            Row::new(
+                1,
+                format!("Ban line -> action, {subs} subscribers (the last of them){paced}"),
+                Unit::Ms,
+                last,
+            )
+            .baseline(format!("{label} (the last of {subs})"), base_last, Unit::Ms)
+            .goal(goal),
+        );
+    }
 }
 
 /// What one delivery said: which subscriber, which address, when.
@@ -120,15 +154,20 @@ fn fifo_reader(i: usize, path: &Path, tx: mpsc::Sender<Delivery>) -> anyhow::Res
     Ok(())
 }
 
-/// Runs `events` bans through a publisher, one monitor and `subs` subscribers;
-/// returns every delivery's latency and, per event, the latency to the last
-/// subscriber (milliseconds).
-fn measure(dir: &Path, subs: usize, events: usize) -> anyhow::Result<(Samples, Samples)> {
+/// Runs `events` bans through a publisher, one monitor and `subs` subscribers,
+/// paced as `pace` says; returns every delivery's latency and, per event, the
+/// latency to the last subscriber (milliseconds).
+fn measure(
+    dir: &Path,
+    subs: usize,
+    events: usize,
+    pace: Pace,
+) -> anyhow::Result<(Samples, Samples)> {
     let trust = Trust::generate(&["origin"]);
     let publisher = Publisher::start(&dir.join("hub"), &trust, &[])?;
     let origin_log = dir.join("origin").join("fail2ban.log");
     std::fs::create_dir_all(dir.join("origin"))?;
-    let _monitor = cluster::start_monitor(
+    let monitor = cluster::start_monitor(
         &dir.join("origin"),
         "origin",
         &publisher.reply,
@@ -167,6 +206,10 @@ fn measure(dir: &Path, subs: usize, events: usize) -> anyhow::Result<(Samples, S
     for k in 0..WARMUP + events {
         let ip = ip_for(k as u64).to_string();
         let line = format!("{}\n", f2b_tests::logline::ban("sshd", &ip));
+        if pace == Pace::AfterAck {
+            // Counter 0 counts the monitor's `reported` lines: one per ACK.
+            monitor.wait_count(0, k, EVENT_TIMEOUT)?;
+        }
         let t0 = Instant::now();
         log.write_all(line.as_bytes())?;
         let mut got = vec![false; subs];
