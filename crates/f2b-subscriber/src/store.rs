@@ -70,6 +70,10 @@ pub const HELD_UNKNOWN_RETENTION: Duration = Duration::from_secs(30 * 24 * 60 * 
 
 const BUSY_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// Whether an event id was accepted before or is a held ban.
+const KNOWN: &str = "SELECT EXISTS (SELECT 1 FROM events WHERE id = ?1) \
+                     OR EXISTS (SELECT 1 FROM held WHERE id = ?1)";
+
 const SCHEMA: &str = "
 CREATE TABLE events (
     id TEXT PRIMARY KEY NOT NULL,
@@ -417,12 +421,8 @@ impl Store {
     /// ban.
     pub fn known(&self, id: EventId) -> Result<bool, StoreError> {
         self.conn
-            .query_row(
-                "SELECT EXISTS (SELECT 1 FROM events WHERE id = ?1) \
-                 OR EXISTS (SELECT 1 FROM held WHERE id = ?1)",
-                [id.to_string()],
-                |r| r.get(0),
-            )
+            .prepare_cached(KNOWN)
+            .and_then(|mut st| st.query_row([id.to_string()], |r| r.get(0)))
             .map_err(self.sql("look an event up"))
     }
 
@@ -437,12 +437,7 @@ impl Store {
         let tx = self.conn.savepoint().map_err(&sql)?;
         let mut out = Vec::with_capacity(ids.len());
         {
-            let mut stmt = tx
-                .prepare_cached(
-                    "SELECT EXISTS (SELECT 1 FROM events WHERE id = ?1) \
-                     OR EXISTS (SELECT 1 FROM held WHERE id = ?1)",
-                )
-                .map_err(&sql)?;
+            let mut stmt = tx.prepare_cached(KNOWN).map_err(&sql)?;
             for id in ids {
                 out.push(
                     stmt.query_row([id.to_string()], |r| r.get(0))
@@ -489,22 +484,34 @@ impl Store {
         let tx = self.conn.savepoint().map_err(sql("begin"))?;
         for item in items {
             let e = &item.event;
-            insert(&tx, item, "done", now_ms).map_err(sql("record an event"))?;
-            tx.prepare_cached(
-                "UPDATE events SET state = 'done', done_ms = ?2 WHERE state = 'pending' \
-                 AND local_jail = ?3 AND ip = ?4 AND jail = ?5 \
-                 AND rowid <= (SELECT rowid FROM events WHERE id = ?1)",
-            )
-            .and_then(|mut st| {
-                st.execute(params![
-                    e.id.to_string(),
-                    sql_int(now_ms),
-                    item.jail.as_str(),
-                    e.ip.to_string(),
-                    e.jail.as_str()
-                ])
-            })
-            .map_err(sql("settle an event"))?;
+            let id = e.id.to_string();
+            let ip = e.ip.to_string();
+            // The event's own pending row (if any) and the earlier ones of its key.
+            let settle_key = || {
+                tx.prepare_cached(
+                    "UPDATE events SET state = 'done', done_ms = ?2 WHERE state = 'pending' \
+                     AND local_jail = ?3 AND ip = ?4 AND jail = ?5 \
+                     AND rowid <= (SELECT rowid FROM events WHERE id = ?1)",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![
+                        id,
+                        sql_int(now_ms),
+                        item.jail.as_str(),
+                        ip,
+                        e.jail.as_str()
+                    ])
+                })
+                .map_err(sql("settle an event"))
+            };
+            // Nothing settled: the event has no row (then it is recorded done, and
+            // pending rows of its key recorded before are settled with it) or is
+            // done already.
+            if settle_key()? == 0
+                && insert(&tx, item, "done", now_ms).map_err(sql("record an event"))? != 0
+            {
+                settle_key()?;
+            }
             if !applied {
                 continue;
             }
@@ -521,9 +528,9 @@ impl Store {
                     .and_then(|mut st| {
                         st.execute(params![
                             e.jail.as_str(),
-                            e.ip.to_string(),
+                            ip,
                             item.jail.as_str(),
-                            e.id.to_string(),
+                            id,
                             e.node.as_str(),
                             epoch.to_string(),
                             sql_int(item.seq),
@@ -536,7 +543,7 @@ impl Store {
                 (Action::Ban, None) => {}
                 (Action::Unban, _) => {
                     tx.prepare_cached("DELETE FROM held WHERE jail = ?1 AND ip = ?2")
-                        .and_then(|mut st| st.execute(params![e.jail.as_str(), e.ip.to_string()]))
+                        .and_then(|mut st| st.execute(params![e.jail.as_str(), ip]))
                         .map_err(sql("forget a held ban"))?;
                 }
             }
