@@ -313,9 +313,15 @@ async fn monitor(
         filter: StopFilter::default().with_info_seen(saved.info_seen),
         counters: Counters::new(&m),
     };
-    let processed = pipeline
-        .process(start, start_saved, line_rx, event_tx, shutdown.clone())
-        .await;
+    // A task of its own, not this future (which the caller may run in
+    // `block_on`, on a thread that is not a worker): the follower's channel send
+    // then wakes it on the follower's worker, with no hop to another thread
+    // between reading a line and queueing its event.
+    let processed =
+        tokio::spawn(pipeline.process(start, start_saved, line_rx, event_tx, shutdown.clone()))
+            .await
+            .map_err(|e| MonitorError::task("pipeline", e))
+            .and_then(|r| r);
     let followed = follower
         .await
         .map_err(|e| MonitorError::task("follower", e))
