@@ -15,6 +15,14 @@
 //!   and the cluster's expiry when a snapshot told it. After a complete snapshot, a
 //!   held ban of the snapshot's epoch that it does not list is unbanned.
 //!
+//! # Schema versions
+//!
+//! The file's schema version is its `PRAGMA user_version` ([`SCHEMA_VERSION`]). A
+//! file of version 1 (written before the indexes of `events` became partial) is
+//! migrated in place at open, in one transaction: its pending and done events and
+//! its held bans are kept. A version this subscriber does not know (a newer one) is
+//! an unusable file (see below).
+//!
 //! # Durability
 //!
 //! The file is in WAL mode with `synchronous = NORMAL`: a crash of the subscriber
@@ -56,8 +64,9 @@ use crate::ratelimit::RateLimit;
 pub const STATE_FILE: &str = "subscriber.sqlite3";
 /// The lock file's name in `state_dir`.
 pub const LOCK_FILE: &str = "subscriber.lock";
-/// The schema this subscriber writes and reads (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+/// The schema this subscriber writes and reads (`PRAGMA user_version`). A file of
+/// version 1 (its `events` indexes not partial) is migrated at open.
+pub const SCHEMA_VERSION: i64 = 2;
 /// Settled event ids kept for duplicate detection, at most.
 pub const KEEP_DONE: usize = DEDUP_CAPACITY;
 /// How long a settled event id is kept (if [`KEEP_DONE`] allows).
@@ -90,8 +99,8 @@ CREATE TABLE events (
     received_ms INTEGER NOT NULL,
     done_ms INTEGER
 );
-CREATE INDEX events_pending ON events (state, local_jail, ip);
-CREATE INDEX events_done ON events (state, done_ms);
+CREATE INDEX events_pending ON events (local_jail, ip) WHERE state = 'pending';
+CREATE INDEX events_done ON events (done_ms) WHERE state = 'done';
 CREATE TABLE held (
     jail TEXT NOT NULL,
     ip TEXT NOT NULL,
@@ -106,6 +115,16 @@ CREATE TABLE held (
 ) WITHOUT ROWID;
 CREATE INDEX held_by_id ON held (id);
 CREATE INDEX held_by_epoch ON held (epoch);
+";
+
+/// Version 1 to 2: the two indexes of `events` become partial ones, each over the
+/// rows of one state (a settled event leaves one index and enters the other, where
+/// version 1 moved it within both); the rows are untouched.
+const MIGRATE_FROM_1: &str = "
+DROP INDEX events_pending;
+DROP INDEX events_done;
+CREATE INDEX events_pending ON events (local_jail, ip) WHERE state = 'pending';
+CREATE INDEX events_done ON events (done_ms) WHERE state = 'done';
 ";
 
 /// Why the state cannot be used.
@@ -362,6 +381,19 @@ impl Store {
                 .map_err(sql("create the schema"))?;
                 Ok((conn, true))
             }
+            1 => {
+                conn.execute_batch(&format!(
+                    "BEGIN; {MIGRATE_FROM_1} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                ))
+                .map_err(sql("migrate the schema from version 1"))?;
+                tracing::info!(
+                    path = %path.display(),
+                    from = 1,
+                    to = SCHEMA_VERSION,
+                    "subscriber state migrated to a new schema"
+                );
+                Ok((conn, false))
+            }
             SCHEMA_VERSION => Ok((conn, false)),
             v => Err(corrupt(format!(
                 "schema version {v}, this subscriber reads {SCHEMA_VERSION}"
@@ -392,7 +424,8 @@ impl Store {
                 .conn
                 .prepare(
                     "SELECT id, local_jail, node, jail, action, ip, time_ms, seq, epoch, \
-                     expires_ms FROM events WHERE state = 'pending' ORDER BY rowid",
+                     expires_ms FROM events INDEXED BY events_pending WHERE state = 'pending' \
+                     ORDER BY rowid",
                 )
                 .map_err(self.sql("read the pending events"))?;
             let mut rows = stmt
@@ -987,5 +1020,7 @@ impl Tx<'_> {
     }
 }
 
+#[cfg(test)]
+mod migration_tests;
 #[cfg(test)]
 mod tests;
