@@ -213,6 +213,45 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// A savepoint begun and released through cached statements: rusqlite's
+/// `Connection::savepoint` parses its two statements at each use. Dropped without
+/// [`Savepoint::commit`], it is rolled back.
+struct Savepoint<'c> {
+    conn: &'c Connection,
+    released: bool,
+}
+
+impl<'c> Savepoint<'c> {
+    fn new(conn: &'c Connection) -> rusqlite::Result<Savepoint<'c>> {
+        conn.prepare_cached("SAVEPOINT store")?.execute([])?;
+        Ok(Savepoint {
+            conn,
+            released: false,
+        })
+    }
+
+    fn commit(mut self) -> rusqlite::Result<()> {
+        self.conn.prepare_cached("RELEASE store")?.execute([])?;
+        self.released = true;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for Savepoint<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.conn
+    }
+}
+
+impl Drop for Savepoint<'_> {
+    fn drop(&mut self) {
+        if !self.released {
+            let _ = self.conn.execute_batch("ROLLBACK TO store; RELEASE store");
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
@@ -461,13 +500,13 @@ impl Store {
 
     /// [`Store::known`] of each of `ids`, in one transaction.
     pub fn known_all(&mut self, ids: &[EventId]) -> Result<Vec<bool>, StoreError> {
-        let path = self.path.clone();
+        let path = &self.path;
         let sql = move |source| StoreError::Sql {
             path: path.clone(),
             what: "look events up",
             source,
         };
-        let tx = self.conn.savepoint().map_err(&sql)?;
+        let tx = Savepoint::new(&self.conn).map_err(&sql)?;
         let mut out = Vec::with_capacity(ids.len());
         {
             let mut stmt = tx.prepare_cached(KNOWN).map_err(&sql)?;
@@ -491,13 +530,13 @@ impl Store {
 
     /// [`Store::add_pending`] of each of `items`, in one transaction.
     pub fn add_pending_all(&mut self, items: &[Item], now_ms: u64) -> Result<(), StoreError> {
-        let path = self.path.clone();
+        let path = &self.path;
         let sql = move |source| StoreError::Sql {
             path: path.clone(),
             what: "record pending events",
             source,
         };
-        let tx = self.conn.savepoint().map_err(&sql)?;
+        let tx = Savepoint::new(&self.conn).map_err(&sql)?;
         for item in items {
             insert(&tx, item, "pending", now_ms).map_err(&sql)?;
         }
@@ -509,12 +548,15 @@ impl Store {
     /// jail and address recorded before each item are settled too (the queue
     /// replaced them with it).
     pub fn settle(&mut self, items: &[Item], applied: bool, now_ms: u64) -> Result<(), StoreError> {
-        let path = self.path.clone();
+        let path = &self.path;
         let sql = |what: &'static str| {
-            let path = path.clone();
-            move |source| StoreError::Sql { path, what, source }
+            move |source| StoreError::Sql {
+                path: path.clone(),
+                what,
+                source,
+            }
         };
-        let tx = self.conn.savepoint().map_err(sql("begin"))?;
+        let tx = Savepoint::new(&self.conn).map_err(sql("begin"))?;
         for item in items {
             let e = &item.event;
             let id = e.id.to_string();
@@ -589,13 +631,13 @@ impl Store {
     /// each (the queue had replaced them with it): their ids are not known, so the
     /// same ban listed by a later snapshot or broadcast again is applied.
     pub fn forget_dropped(&mut self, items: &[Item]) -> Result<(), StoreError> {
-        let path = self.path.clone();
+        let path = &self.path;
         let sql = move |source| StoreError::Sql {
             path: path.clone(),
             what: "forget dropped events",
             source,
         };
-        let tx = self.conn.savepoint().map_err(&sql)?;
+        let tx = Savepoint::new(&self.conn).map_err(&sql)?;
         {
             let mut stmt = tx
                 .prepare_cached(
@@ -717,13 +759,13 @@ impl Store {
         &mut self,
         bans: &[(&JailName, IpAddr, EventId, u64)],
     ) -> Result<(), StoreError> {
-        let path = self.path.clone();
+        let path = &self.path;
         let sql = move |source| StoreError::Sql {
             path: path.clone(),
             what: "record expiries",
             source,
         };
-        let tx = self.conn.savepoint().map_err(&sql)?;
+        let tx = Savepoint::new(&self.conn).map_err(&sql)?;
         {
             let mut stmt = tx
                 .prepare_cached(
@@ -760,13 +802,13 @@ impl Store {
     pub fn prune(&mut self, now_ms: u64) -> Result<usize, StoreError> {
         let done_before = now_ms.saturating_sub(ms(DONE_RETENTION));
         let unknown_before = now_ms.saturating_sub(ms(HELD_UNKNOWN_RETENTION));
-        let path = self.path.clone();
+        let path = &self.path;
         let sql = move |source| StoreError::Sql {
             path: path.clone(),
             what: "prune",
             source,
         };
-        let tx = self.conn.savepoint().map_err(&sql)?;
+        let tx = Savepoint::new(&self.conn).map_err(&sql)?;
         let mut n = tx
             .execute(
                 "DELETE FROM events WHERE state = 'done' AND done_ms < ?1",

@@ -284,3 +284,31 @@ fn a_state_transaction_holds_the_store_operations() {
         }
     );
 }
+
+#[test]
+fn a_savepoint_not_committed_is_rolled_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = open(tmp.path());
+    let a = item(1, "cluster", Action::Ban, "203.0.113.1", Some(7));
+    let b = item(2, "cluster", Action::Ban, "203.0.113.2", Some(7));
+    // Alone (its own transaction), and inside an outer one.
+    {
+        let sp = Savepoint::new(&s.conn).unwrap();
+        insert(&sp, &a, "pending", NOW).unwrap();
+    }
+    assert_eq!(s.counts().unwrap().pending, 0);
+    s.conn.execute_batch("BEGIN").unwrap();
+    {
+        let sp = Savepoint::new(&s.conn).unwrap();
+        insert(&sp, &a, "pending", NOW).unwrap();
+        sp.commit().unwrap();
+    }
+    {
+        let sp = Savepoint::new(&s.conn).unwrap();
+        insert(&sp, &b, "pending", NOW).unwrap();
+    }
+    s.conn.execute_batch("COMMIT").unwrap();
+    assert!(s.known(a.event.id).unwrap());
+    assert!(!s.known(b.event.id).unwrap());
+    assert!(s.conn.is_autocommit());
+}
