@@ -87,7 +87,7 @@ pub enum MonitorError {
     Watch {
         path: PathBuf,
         #[source]
-        source: notify::Error,
+        source: std::io::Error,
     },
     #[error("cannot read {path}")]
     Read {

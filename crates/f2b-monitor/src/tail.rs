@@ -2,9 +2,10 @@
 //!
 //! [`Tailer`] is the synchronous part: one call to [`Tailer::read`] reads what is
 //! new, up to [`READ_BYTES`] and [`READ_LINES`], and returns complete lines.
-//! [`Follower`] drives it: it watches the file's directory with inotify (through
-//! `notify`) and calls `read` on every change, with no polling, and again at once
-//! while a read stopped at its limit.
+//! [`Follower`] drives it: it watches the file's directory with inotify (the
+//! `inotify` crate, its descriptor registered with the tokio reactor) and calls
+//! `read` on every change, with no polling, and again at once while a read
+//! stopped at its limit.
 //!
 //! What `read` handles:
 //!
@@ -24,14 +25,16 @@
 //!   the lines read before it are returned with the error, every file stays open
 //!   and the next read goes on where this one stopped.
 
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, Notify};
+use futures_util::{FutureExt as _, StreamExt as _};
+use inotify::{EventMask, EventOwned, EventStream, Inotify, WatchMask};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// How long a rotated-away file is kept open and read, from its last new data,
@@ -565,8 +568,86 @@ pub async fn follow(
 pub struct Follower {
     path: PathBuf,
     tailer: Tailer,
-    wake: Arc<Notify>,
-    _watcher: notify::RecommendedWatcher,
+    watch: DirWatch,
+}
+
+/// The inotify watch on the log's directory, read on the runtime's reactor: a
+/// change wakes the follower's task itself, with no watcher thread in between.
+struct DirWatch {
+    events: EventStream<Vec<u8>>,
+    /// The log's file name: changes to it or to its rotated names
+    /// (`fail2ban.log.1`) matter; other logs in the directory change all the
+    /// time.
+    name: OsString,
+}
+
+/// What inotify reports about the directory: every change that can concern the
+/// log (appends, truncation, creation, renames and removal of it and of its
+/// rotated names, the directory itself going away).
+const WATCH_MASK: WatchMask = WatchMask::MODIFY
+    .union(WatchMask::CLOSE_WRITE)
+    .union(WatchMask::ATTRIB)
+    .union(WatchMask::CREATE)
+    .union(WatchMask::DELETE)
+    .union(WatchMask::MOVED_FROM)
+    .union(WatchMask::MOVED_TO)
+    .union(WatchMask::DELETE_SELF)
+    .union(WatchMask::MOVE_SELF);
+
+/// Whether an inotify event on the log's directory may concern the log `log`:
+/// a change to its name or a rotated name (`fail2ban.log.1`, `fail2ban.log-2026`),
+/// an event naming no file, a lost event queue (`Q_OVERFLOW`: anything may have
+/// changed), or the directory or its watch gone.
+fn concerns_log(log: &OsStr, mask: EventMask, file: Option<&OsStr>) -> bool {
+    mask.intersects(
+        EventMask::Q_OVERFLOW | EventMask::IGNORED | EventMask::DELETE_SELF | EventMask::MOVE_SELF,
+    ) || file.is_none_or(|n| n.as_encoded_bytes().starts_with(log.as_encoded_bytes()))
+}
+
+impl DirWatch {
+    fn start(dir: &Path, name: OsString) -> io::Result<DirWatch> {
+        let inotify = Inotify::init()?;
+        inotify.watches().add(dir, WATCH_MASK)?;
+        Ok(DirWatch {
+            events: inotify.into_event_stream(vec![0; 4096])?,
+            name,
+        })
+    }
+
+    fn concerns_log(&self, ev: &EventOwned) -> bool {
+        concerns_log(&self.name, ev.mask, ev.name.as_deref())
+    }
+
+    /// Waits until something that may concern the log happened; every event
+    /// already waiting is taken with it, and changes to other files are passed
+    /// over. An error of the watch is logged and counts as a change (reading
+    /// again is the safe answer), after [`READ_RETRY`] so that a lasting one is
+    /// not a busy loop.
+    async fn changed(&mut self) {
+        loop {
+            let mut relevant = false;
+            let mut next = self.events.next().await;
+            loop {
+                match next {
+                    Some(Ok(ev)) => relevant |= self.concerns_log(&ev),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "file watch error");
+                        tokio::time::sleep(READ_RETRY).await;
+                        return;
+                    }
+                    // The descriptor never ends while it is open.
+                    None => return std::future::pending().await,
+                }
+                match self.events.next().now_or_never() {
+                    Some(more) => next = more,
+                    None => break,
+                }
+            }
+            if relevant {
+                return;
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Follower {
@@ -601,44 +682,15 @@ impl Follower {
         grace: Duration,
         saved: Option<Vec<FilePos>>,
     ) -> Result<Follower, crate::MonitorError> {
-        use notify::Watcher;
-
-        let wake = Arc::new(Notify::new());
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
             _ => PathBuf::from("."),
         };
         let name = path.file_name().map(|n| n.to_owned()).unwrap_or_default();
-        let waker = wake.clone();
-        let watch_err = |source| crate::MonitorError::Watch {
+        let watch = DirWatch::start(&dir, name).map_err(|source| crate::MonitorError::Watch {
             path: dir.clone(),
             source,
-        };
-        let mut watcher =
-            notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-                Ok(ev) => {
-                    // Only changes to our file or its rotated names (`fail2ban.log.1`)
-                    // matter; other logs in the directory change all the time.
-                    let relevant = ev.need_rescan()
-                        || ev.paths.is_empty()
-                        || ev.paths.iter().any(|p| {
-                            p.file_name().is_some_and(|n| {
-                                n.as_encoded_bytes().starts_with(name.as_encoded_bytes())
-                            })
-                        });
-                    if relevant {
-                        waker.notify_one();
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "file watch error");
-                    waker.notify_one();
-                }
-            })
-            .map_err(watch_err)?;
-        watcher
-            .watch(&dir, notify::RecursiveMode::NonRecursive)
-            .map_err(watch_err)?;
+        })?;
 
         // The watch is in place before the position is taken: a line written in
         // between is after the position and wakes us.
@@ -657,8 +709,7 @@ impl Follower {
         Ok(Follower {
             path,
             tailer,
-            wake,
-            _watcher: watcher,
+            watch,
         })
     }
 
@@ -706,8 +757,7 @@ impl Follower {
         let Follower {
             path,
             mut tailer,
-            wake,
-            _watcher,
+            mut watch,
         } = self;
         loop {
             let (mut lines, mut changes) = (Vec::new(), Vec::new());
@@ -751,7 +801,7 @@ impl Follower {
                 }
             };
             tokio::select! {
-                () = wake.notified() => {}
+                () = watch.changed() => {}
                 () = sleep => {}
                 () = shutdown.cancelled() => return Ok(()),
             }
@@ -785,5 +835,41 @@ fn log_change(path: &Path, change: &Change) {
             %error,
             "gave up reading the rotated log file: it could not be read for the whole grace"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_changes_that_may_concern_the_log_wake_the_follower() {
+        let log = OsStr::new("fail2ban.log");
+        let m = EventMask::MODIFY;
+        assert!(concerns_log(log, m, Some(OsStr::new("fail2ban.log"))));
+        assert!(concerns_log(
+            log,
+            EventMask::MOVED_FROM,
+            Some(OsStr::new("fail2ban.log"))
+        ));
+        assert!(concerns_log(
+            log,
+            EventMask::CREATE,
+            Some(OsStr::new("fail2ban.log.1"))
+        ));
+        assert!(!concerns_log(log, m, Some(OsStr::new("syslog"))));
+        assert!(!concerns_log(log, m, Some(OsStr::new("auth.log"))));
+        // No file named: the directory itself, or anything.
+        assert!(concerns_log(log, EventMask::ATTRIB, None));
+        assert!(concerns_log(
+            log,
+            EventMask::Q_OVERFLOW,
+            Some(OsStr::new("syslog"))
+        ));
+        assert!(concerns_log(
+            log,
+            EventMask::IGNORED,
+            Some(OsStr::new("syslog"))
+        ));
     }
 }
