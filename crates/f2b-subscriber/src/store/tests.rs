@@ -312,3 +312,56 @@ fn a_savepoint_not_committed_is_rolled_back() {
     assert!(!s.known(b.event.id).unwrap());
     assert!(s.conn.is_autocommit());
 }
+
+#[test]
+fn pruning_keeps_the_newest_done_ids_when_there_are_too_many() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = open(tmp.path());
+    let extra = 11; // the cut falls between two rows of the same time
+    let total = KEEP_DONE + extra;
+    {
+        let tx = Savepoint::new(&s.conn).unwrap();
+        let mut st = tx
+            .prepare(
+                "INSERT INTO events (id, state, local_jail, node, jail, action, ip, time_ms, \
+                 seq, received_ms, done_ms) \
+                 VALUES (?1, ?2, 'cluster', 'web2', 'sshd', 'ban', '203.0.113.1', 0, 0, 0, ?3)",
+            )
+            .unwrap();
+        // Done times in pairs (ties broken by rowid), pending rows between.
+        for i in 0..total {
+            st.execute(params![
+                EventId::from_u128(i as u128).to_string(),
+                "done",
+                sql_int(NOW - 1_000_000 + (i / 2) as u64)
+            ])
+            .unwrap();
+            if i % 1000 == 0 {
+                st.execute(params![
+                    EventId::from_u128((1 << 64) + i as u128).to_string(),
+                    "pending",
+                    None::<i64>
+                ])
+                .unwrap();
+            }
+        }
+        drop(st);
+        tx.commit().unwrap();
+    }
+    let pending = s.counts().unwrap().pending;
+    assert_eq!(s.prune(NOW).unwrap(), extra);
+    assert_eq!(
+        s.counts().unwrap(),
+        Counts {
+            pending,
+            done: KEEP_DONE as u64,
+            held: 0
+        }
+    );
+    // The oldest went, the next stayed.
+    for i in 0..total {
+        let known = s.known(EventId::from_u128(i as u128)).unwrap();
+        assert_eq!(known, i >= extra, "{i}");
+    }
+    assert_eq!(s.prune(NOW).unwrap(), 0);
+}
