@@ -17,11 +17,15 @@
 //!
 //! # Schema versions
 //!
-//! The file's schema version is its `PRAGMA user_version` ([`SCHEMA_VERSION`]). A
-//! file of version 1 (written before the indexes of `events` became partial) is
-//! migrated in place at open, in one transaction: its pending and done events and
-//! its held bans are kept. A version this subscriber does not know (a newer one) is
-//! an unusable file (see below).
+//! The file's schema version is its `PRAGMA user_version` ([`SCHEMA_VERSION`]). The
+//! two indexes of `events` are partial ones, each over the rows of one state (a
+//! settled event leaves one index and enters the other). Files written before
+//! that have the same tables and version with full indexes; at open, an index
+//! that is not the partial one (or is missing) is rebuilt, in one transaction, the
+//! rows untouched. An older subscriber reads such a file as it is (its queries
+//! name the state, so the partial indexes serve them), so going back to an older
+//! version keeps the state. A version this subscriber does not know (a newer one)
+//! is an unusable file (see below).
 //!
 //! # Durability
 //!
@@ -64,9 +68,8 @@ use crate::ratelimit::RateLimit;
 pub const STATE_FILE: &str = "subscriber.sqlite3";
 /// The lock file's name in `state_dir`.
 pub const LOCK_FILE: &str = "subscriber.lock";
-/// The schema this subscriber writes and reads (`PRAGMA user_version`). A file of
-/// version 1 (its `events` indexes not partial) is migrated at open.
-pub const SCHEMA_VERSION: i64 = 2;
+/// The schema this subscriber writes and reads (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
 /// Settled event ids kept for duplicate detection, at most.
 pub const KEEP_DONE: usize = DEDUP_CAPACITY;
 /// How long a settled event id is kept (if [`KEEP_DONE`] allows).
@@ -117,15 +120,49 @@ CREATE INDEX held_by_id ON held (id);
 CREATE INDEX held_by_epoch ON held (epoch);
 ";
 
-/// Version 1 to 2: the two indexes of `events` become partial ones, each over the
-/// rows of one state (a settled event leaves one index and enters the other, where
-/// version 1 moved it within both); the rows are untouched.
-const MIGRATE_FROM_1: &str = "
-DROP INDEX events_pending;
-DROP INDEX events_done;
-CREATE INDEX events_pending ON events (local_jail, ip) WHERE state = 'pending';
-CREATE INDEX events_done ON events (done_ms) WHERE state = 'done';
-";
+/// The partial indexes of `events` (name, definition), as [`SCHEMA`] creates them.
+/// Files written before they were partial have full indexes of these names;
+/// [`ensure_indexes`] rebuilds those at open.
+const EVENT_INDEXES: [(&str, &str); 2] = [
+    (
+        "events_pending",
+        "CREATE INDEX events_pending ON events (local_jail, ip) WHERE state = 'pending'",
+    ),
+    (
+        "events_done",
+        "CREATE INDEX events_done ON events (done_ms) WHERE state = 'done'",
+    ),
+];
+
+/// Rebuilds, in one transaction, each index of [`EVENT_INDEXES`] that is missing
+/// or not the partial one (a file written before they were partial, or an index
+/// dropped by hand); the rows are untouched. Returns whether it rebuilt any.
+fn ensure_indexes(conn: &Connection) -> rusqlite::Result<bool> {
+    let mut stale = Vec::new();
+    for (name, create) in EVENT_INDEXES {
+        let sql: Option<String> = conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten();
+        if sql.as_deref() != Some(create) {
+            stale.push((name, create));
+        }
+    }
+    if stale.is_empty() {
+        return Ok(false);
+    }
+    let mut batch = String::from("BEGIN;");
+    for (name, create) in stale {
+        batch.push_str(&format!(" DROP INDEX IF EXISTS {name}; {create};"));
+    }
+    batch.push_str(" COMMIT;");
+    conn.execute_batch(&batch)?;
+    Ok(true)
+}
 
 /// Why the state cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -420,20 +457,15 @@ impl Store {
                 .map_err(sql("create the schema"))?;
                 Ok((conn, true))
             }
-            1 => {
-                conn.execute_batch(&format!(
-                    "BEGIN; {MIGRATE_FROM_1} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-                ))
-                .map_err(sql("migrate the schema from version 1"))?;
-                tracing::info!(
-                    path = %path.display(),
-                    from = 1,
-                    to = SCHEMA_VERSION,
-                    "subscriber state migrated to a new schema"
-                );
+            SCHEMA_VERSION => {
+                if ensure_indexes(&conn).map_err(sql("rebuild the indexes of events"))? {
+                    tracing::info!(
+                        path = %path.display(),
+                        "subscriber state: the indexes of its events rebuilt (partial, one per state)"
+                    );
+                }
                 Ok((conn, false))
             }
-            SCHEMA_VERSION => Ok((conn, false)),
             v => Err(corrupt(format!(
                 "schema version {v}, this subscriber reads {SCHEMA_VERSION}"
             ))),

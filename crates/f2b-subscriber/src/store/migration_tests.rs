@@ -1,8 +1,9 @@
-//! A state written by a subscriber of schema version 1, opened by this one.
+//! A state written before the indexes of `events` were partial (the same schema
+//! version, full indexes), opened by this one.
 
 use super::*;
 
-/// The schema of version 1, as those subscribers created it.
+/// The schema as those subscribers created it (version 1, full indexes).
 const SCHEMA_V1: &str = "
 CREATE TABLE events (
     id TEXT PRIMARY KEY NOT NULL,
@@ -231,8 +232,9 @@ fn migrates_keeping_every_row(crashed: bool) {
     assert!(s.known(id(1)).unwrap());
     drop(s);
 
-    // Opened again: version 2 as it is, nothing lost, nothing moved away.
+    // Opened again: as it is (nothing rebuilt), nothing lost, nothing moved away.
     let s = Store::open(tmp.path(), SystemTime::now()).unwrap();
+    assert!(!ensure_indexes(&s.conn).unwrap());
     assert_eq!(s.counts().unwrap().held, 3);
     let moved: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()
@@ -243,11 +245,41 @@ fn migrates_keeping_every_row(crashed: bool) {
 }
 
 #[test]
-fn a_version_1_state_is_migrated_keeping_every_row() {
+fn a_state_with_full_indexes_gets_the_partial_ones_keeping_every_row() {
     migrates_keeping_every_row(false);
 }
 
 #[test]
-fn a_version_1_state_left_by_a_crash_is_migrated_keeping_every_row() {
+fn a_state_with_full_indexes_left_by_a_crash_gets_the_partial_ones_keeping_every_row() {
     migrates_keeping_every_row(true);
+}
+
+#[test]
+fn a_new_state_has_the_partial_indexes_and_needs_no_rebuild() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Store::open(tmp.path(), SystemTime::now()).unwrap();
+    assert!(!ensure_indexes(&s.conn).unwrap());
+    for (name, create) in EVENT_INDEXES {
+        assert_eq!(index_sql(&s.conn, name), create);
+    }
+}
+
+/// An index dropped by hand (or lost to a partial restore) is rebuilt at open:
+/// without it, reading the pending events (`INDEXED BY events_pending`) would
+/// fail and they would not be queued again.
+#[test]
+fn a_missing_index_is_rebuilt_and_pending_events_still_come_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_v1(tmp.path(), false);
+    drop(Store::open(tmp.path(), SystemTime::now()).unwrap());
+    {
+        let c = Connection::open(tmp.path().join(STATE_FILE)).unwrap();
+        c.execute_batch("DROP INDEX events_pending; DROP INDEX events_done;")
+            .unwrap();
+    }
+    let mut s = Store::open(tmp.path(), SystemTime::now()).unwrap();
+    for (name, create) in EVENT_INDEXES {
+        assert_eq!(index_sql(&s.conn, name), create);
+    }
+    assert_eq!(s.pending().unwrap().len(), 3);
 }
