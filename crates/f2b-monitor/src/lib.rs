@@ -317,8 +317,12 @@ async fn monitor(
     // `block_on`, on a thread that is not a worker): the follower's channel send
     // then wakes it on the follower's worker, with no hop to another thread
     // between reading a line and queueing its event.
+    // Dropping this future (a caller giving up on it) stops the pipeline task as
+    // well, which would otherwise go on alone.
+    let pipeline_stop = shutdown.child_token();
+    let _stop_pipeline_on_drop = pipeline_stop.clone().drop_guard();
     let processed =
-        tokio::spawn(pipeline.process(start, start_saved, line_rx, event_tx, shutdown.clone()))
+        tokio::spawn(pipeline.process(start, start_saved, line_rx, event_tx, pipeline_stop))
             .await
             .map_err(|e| MonitorError::task("pipeline", e))
             .and_then(|r| r);

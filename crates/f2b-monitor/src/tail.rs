@@ -804,6 +804,8 @@ impl Follower {
                 () = watch.changed() => {}
                 () = sleep => {}
                 () = shutdown.cancelled() => return Ok(()),
+                // The pipeline is gone (it failed): nothing would take the lines.
+                () = tx.closed() => return Ok(()),
             }
         }
     }

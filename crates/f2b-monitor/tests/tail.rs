@@ -619,3 +619,26 @@ fn resume_with_no_file_open_reads_a_new_file_from_the_start() {
     let mut t = Tailer::resume(&path, &[], now).unwrap();
     assert_eq!(read(&mut t, now).0, ["written while down"]);
 }
+
+/// When the side that takes the lines is gone (the monitor's pipeline failed), the
+/// follower ends at once instead of waiting for the next change to the log, which
+/// may be hours away: the monitor then stops and its supervisor restarts it.
+#[tokio::test]
+async fn the_follower_ends_when_nothing_takes_its_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fail2ban.log");
+    append(&path, "");
+    let follower = Follower::start(path.clone(), Duration::from_secs(600), None)
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel::<Batch>(4);
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(follower.run(tx, shutdown.clone()));
+    drop(rx);
+    let ended = tokio::time::timeout(Duration::from_secs(10), run).await;
+    shutdown.cancel();
+    assert!(
+        matches!(ended, Ok(Ok(Ok(())))),
+        "the follower went on with no one to take its lines: {ended:?}"
+    );
+}
