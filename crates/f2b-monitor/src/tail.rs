@@ -21,6 +21,9 @@
 //!   neither the copy nor the truncated file, and are lost: that is inherent to
 //!   copytruncate (prefer rename and create, Debian's default).
 //! - Missing file: wait for it to be created, then read it from the start.
+//! - Its directory removed, renamed or unmounted (inotify ends the watch with it):
+//!   the directory is looked for every [`READ_RETRY`] and watched again once it is
+//!   back; a log in it is then read from the start.
 //! - A read error (a rotated-away file on a failing disk, permissions changed):
 //!   the lines read before it are returned with the error, every file stays open
 //!   and the next read goes on where this one stopped.
@@ -33,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt as _, StreamExt as _};
-use inotify::{EventMask, EventOwned, EventStream, Inotify, WatchMask};
+use inotify::{EventMask, EventOwned, EventStream, Inotify, WatchDescriptor, WatchMask};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -575,6 +578,11 @@ pub struct Follower {
 /// change wakes the follower's task itself, with no watcher thread in between.
 struct DirWatch {
     events: EventStream<Vec<u8>>,
+    /// The log's directory, watched again by its path when its watch is gone.
+    dir: PathBuf,
+    /// The watch on it; `None` while the directory is gone (removed, renamed,
+    /// its file system unmounted).
+    wd: Option<WatchDescriptor>,
     /// The log's file name: changes to it or to its rotated names
     /// (`fail2ban.log.1`) matter; other logs in the directory change all the
     /// time.
@@ -607,14 +615,30 @@ fn concerns_log(log: &OsStr, mask: EventMask, file: Option<&OsStr>) -> bool {
 impl DirWatch {
     fn start(dir: &Path, name: OsString) -> io::Result<DirWatch> {
         let inotify = Inotify::init()?;
-        inotify.watches().add(dir, WATCH_MASK)?;
+        let wd = inotify.watches().add(dir, WATCH_MASK)?;
         Ok(DirWatch {
             events: inotify.into_event_stream(vec![0; 4096])?,
+            dir: dir.to_owned(),
+            wd: Some(wd),
             name,
         })
     }
 
-    fn concerns_log(&self, ev: &EventOwned) -> bool {
+    /// Takes one event: whether it may concern the log. The directory's own
+    /// removal, renaming or unmounting ends its watch (a renamed directory's watch
+    /// is dropped: the log's path now names another one, or none).
+    fn take(&mut self, ev: &EventOwned) -> bool {
+        let gone = EventMask::IGNORED | EventMask::DELETE_SELF | EventMask::MOVE_SELF;
+        if ev.mask.intersects(gone) && self.wd.as_ref() == Some(&ev.wd) {
+            if ev.mask.contains(EventMask::MOVE_SELF) {
+                let _ = self.events.watches().remove(ev.wd.clone());
+            }
+            self.wd = None;
+            tracing::info!(
+                dir = %self.dir.display(),
+                "the log's directory is gone; watching for it again every {READ_RETRY:?}"
+            );
+        }
         concerns_log(&self.name, ev.mask, ev.name.as_deref())
     }
 
@@ -622,14 +646,34 @@ impl DirWatch {
     /// already waiting is taken with it, and changes to other files are passed
     /// over. An error of the watch is logged and counts as a change (reading
     /// again is the safe answer), after [`READ_RETRY`] so that a lasting one is
-    /// not a busy loop.
+    /// not a busy loop. While the directory is gone, it looks for it every
+    /// [`READ_RETRY`] (nothing else can say when it is back), and returns once it
+    /// watches it again, for the log may be there already.
     async fn changed(&mut self) {
         loop {
+            if self.wd.is_none() {
+                match self.events.watches().add(&self.dir, WATCH_MASK) {
+                    Ok(wd) => {
+                        self.wd = Some(wd);
+                        tracing::info!(dir = %self.dir.display(), "watching the log's directory again");
+                        return;
+                    }
+                    Err(_) => {
+                        // Any events of the old watch (its IGNORED) are taken
+                        // meanwhile.
+                        tokio::select! {
+                            () = tokio::time::sleep(READ_RETRY) => {}
+                            Some(Ok(ev)) = self.events.next() => { self.take(&ev); }
+                        }
+                        continue;
+                    }
+                }
+            }
             let mut relevant = false;
             let mut next = self.events.next().await;
             loop {
                 match next {
-                    Some(Ok(ev)) => relevant |= self.concerns_log(&ev),
+                    Some(Ok(ev)) => relevant |= self.take(&ev),
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "file watch error");
                         tokio::time::sleep(READ_RETRY).await;

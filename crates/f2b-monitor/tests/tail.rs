@@ -642,3 +642,27 @@ async fn the_follower_ends_when_nothing_takes_its_lines() {
         "the follower went on with no one to take its lines: {ended:?}"
     );
 }
+
+/// A log in a directory of its own, the directory removed and made again (a
+/// package reinstalled, a volume remounted): the new log is followed. inotify
+/// ends a watch with its directory, so the follower watches the path again.
+#[tokio::test]
+async fn a_log_directory_removed_and_made_again_is_followed() {
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("fail2ban");
+    fs::create_dir(&dir).unwrap();
+    let path = dir.join("fail2ban.log");
+    append(&path, "");
+    let mut r = start(&path).await;
+    append(&path, "before\n");
+    assert_eq!(r.lines(1).await, ["before"]);
+    fs::remove_dir_all(&dir).unwrap();
+    fs::create_dir(&dir).unwrap();
+    // Line by line: the first ones may be read on the old watch's last events.
+    for i in 1..=5 {
+        let line = format!("after {i}");
+        append(&path, &format!("{line}\n"));
+        assert_eq!(r.lines(1).await, [line]);
+    }
+    r.stop().await;
+}
