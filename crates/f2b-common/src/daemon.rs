@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{self, defaults, Config};
+use crate::log_batch::HoldingWriter;
 
 /// Options every daemon takes.
 #[derive(Debug, Clone, clap::Args)]
@@ -87,7 +88,9 @@ pub fn error_chain(err: &dyn Error) -> String {
 }
 
 /// Installs the tracing subscriber: structured logs to standard error (or
-/// `log_file`), level from `--log-level`, else RUST_LOG, else info.
+/// `log_file`), level from `--log-level`, else RUST_LOG, else info. Each line is
+/// written at once, unless its thread holds its lines
+/// ([`hold_log_lines`](crate::log_batch::hold_log_lines)).
 pub fn init_tracing(level: Option<&str>, log_file: Option<&Path>) -> Result<(), String> {
     let filter = match level {
         Some(l) => EnvFilter::try_new(l).map_err(|e| format!("--log-level {l:?}: {e}"))?,
@@ -103,12 +106,12 @@ pub fn init_tracing(level: Option<&str>, log_file: Option<&Path>) -> Result<(), 
                 .map_err(|e| format!("--log-file {}: {e}", path.display()))?;
             builder
                 .with_ansi(false)
-                .with_writer(std::sync::Mutex::new(file))
+                .with_writer(HoldingWriter::new(file))
                 .try_init()
         }
         None => builder
             .with_ansi(std::io::stderr().is_terminal())
-            .with_writer(std::io::stderr)
+            .with_writer(HoldingWriter::stderr())
             .try_init(),
     }
     .map_err(|e| format!("cannot install the logger: {e}"))

@@ -15,6 +15,8 @@
 //! - [`daemon`]: common command-line options, logging, `--check`, `--daemon`,
 //!   SIGTERM/SIGINT, systemd's readiness notification (`READY=1`, `STOPPING=1`),
 //!   and error reporting, so each `main.rs` stays a few lines.
+//! - [`log_batch`]: the log writer [`daemon::init_tracing`] installs, which lets a
+//!   thread hold its log lines and write them in one go ([`log_batch::hold_log_lines`]).
 //! - `testing` (feature `testing`, for the daemons' integration tests only): a
 //!   spawned binary killed on drop whose log lines are awaited with a deadline, a
 //!   stand-in for systemd's `NOTIFY_SOCKET`, and an HTTP GET for the metrics server.
@@ -25,6 +27,7 @@
 pub mod config;
 pub mod daemon;
 pub mod legacy_config;
+pub mod log_batch;
 pub mod metrics;
 pub mod sockets;
 pub mod state_file;
