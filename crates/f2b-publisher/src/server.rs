@@ -675,6 +675,10 @@ impl Bound {
     /// answers each, in order. Returns whether something was broadcast. Fails only
     /// on `ETERM`.
     fn serve_waiting(&mut self) -> Result<bool, PublisherError> {
+        // The batch's log lines (a `broadcast` line per event) go out in one
+        // write when this returns, before the loop waits in `zmq::poll` again:
+        // one system call per batch, not one per line.
+        let _lines = f2b_common::log_batch::hold_log_lines();
         let mut batch = Vec::new();
         while batch.len() < MAX_BATCH {
             match recv_request(&self.router) {
