@@ -106,7 +106,14 @@ pub(crate) fn enqueue(
     notices: &Notices,
     state: &State,
 ) {
-    let (dropped, total) = {
+    let (dropped, total) = push(shared, items, notices);
+    log_dropped(dropped, total, drops, notices, state);
+}
+
+/// Queues `items` and wakes the executor; returns the items dropped to stay
+/// within the bound, and the count of drops so far, for [`log_dropped`].
+fn push(shared: &Shared, items: Vec<Item>, notices: &Notices) -> (Vec<Item>, u64) {
+    let dropped = {
         let mut p = shared.lock();
         let now = Instant::now();
         let mut d = Vec::new();
@@ -117,7 +124,7 @@ pub(crate) fn enqueue(
         (d, p.dropped())
     };
     shared.wake.notify_one();
-    log_dropped(dropped, total, drops, notices, state);
+    dropped
 }
 
 /// How an event reached the intake, for its log lines.
@@ -183,9 +190,9 @@ impl Intake {
             };
             match msg {
                 Some(Input::Event { event, seq, epoch }) => {
-                    self.live(event, seq, epoch, &mut drops);
+                    self.live(event, seq, epoch, &mut drops).await;
                 }
-                Some(Input::Events(events)) => self.live_all(events, &mut drops),
+                Some(Input::Events(events)) => self.live_all(events, &mut drops).await,
                 // Only `watch` asks for heartbeats.
                 Some(Input::Heartbeat { .. }) => {}
                 Some(Input::Resync(r)) => {
@@ -271,40 +278,67 @@ impl Intake {
         })
     }
 
-    /// A live event: filtered, recorded as pending, queued.
-    fn live(&mut self, event: Event, seq: u64, epoch: Option<Epoch>, drops: &mut RateLimit) {
+    /// A live event: filtered, recorded as pending and queued
+    /// ([`Intake::record_and_queue`]).
+    async fn live(&mut self, event: Event, seq: u64, epoch: Option<Epoch>, drops: &mut RateLimit) {
         let known = self.state.with(|s| s.known(event.id));
         if let Some(item) = self.admit(event, seq, epoch, None, Source::Live, known) {
-            self.state.with(|s| s.add_pending(&item, now_ms()));
-            enqueue(&self.shared, vec![item], drops, &self.notices, &self.state);
+            self.record_and_queue(vec![item], drops).await;
         }
     }
 
     /// Live events received together, in order: each filtered as by
     /// [`Intake::live`], the admitted ones recorded as pending in one state
     /// transaction and queued together.
-    fn live_all(&mut self, events: Vec<Sequenced>, drops: &mut RateLimit) {
+    async fn live_all(&mut self, events: Vec<Sequenced>, drops: &mut RateLimit) {
         let ids: Vec<EventId> = events.iter().map(|s| s.event.id).collect();
-        let state = self.state.clone();
-        let items = state.transaction(|tx| {
-            // Empty if the lookup failed: then none is known, as with `live`.
-            let known = tx.with(|s| s.known_all(&ids));
-            let mut known = known.into_iter();
-            let mut items = Vec::with_capacity(events.len());
-            for s in events {
-                // A repeated id within the list: the filter's recent ids say so.
-                let was_known = known.next().unwrap_or(false);
-                if let Some(item) =
-                    self.admit(s.event, s.seq, Some(s.epoch), None, Source::Live, was_known)
-                {
-                    items.push(item);
-                }
+        // Empty if the lookup failed: then none is known, as with `live`.
+        let mut known = self.state.with(|s| s.known_all(&ids)).into_iter();
+        let mut items = Vec::with_capacity(events.len());
+        for s in events {
+            // A repeated id within the list: the filter's recent ids say so.
+            let was_known = known.next().unwrap_or(false);
+            if let Some(item) =
+                self.admit(s.event, s.seq, Some(s.epoch), None, Source::Live, was_known)
+            {
+                items.push(item);
             }
-            tx.with(|s| s.add_pending_all(&items, now_ms()));
-            items
-        });
-        if !items.is_empty() {
+        }
+        self.record_and_queue(items, drops).await;
+    }
+
+    /// Records `items` as pending and queues them for the executor.
+    ///
+    /// When nothing else waits for the intake (a lone event, the common case), the
+    /// items are queued first and recorded after the executor has had its turn: a
+    /// lone ban reaches its action without waiting for the state's write. The
+    /// executor's settling of an item not recorded yet records it done, and the
+    /// pending record that follows then leaves it done. A crash in between loses
+    /// nothing the next start does not recover: it asks for a snapshot, which lists
+    /// the bans the cluster holds (and applying a ban twice is harmless). Under a
+    /// burst (more input waiting) the items are recorded first and the intake goes
+    /// on taking input, so the executor finds the burst in its queue and batches it.
+    async fn record_and_queue(&mut self, items: Vec<Item>, drops: &mut RateLimit) {
+        if items.is_empty() {
+            return;
+        }
+        if !self.rx.is_empty() {
+            self.record_pending(&items);
             enqueue(&self.shared, items, drops, &self.notices, &self.state);
+            return;
+        }
+        let recorded = items.clone();
+        let (dropped, total) = push(&self.shared, items, &self.notices);
+        tokio::task::yield_now().await;
+        self.record_pending(&recorded);
+        // After the record, as `enqueue` does: a dropped item is forgotten.
+        log_dropped(dropped, total, drops, &self.notices, &self.state);
+    }
+
+    fn record_pending(&self, items: &[Item]) {
+        match items {
+            [one] => self.state.with(|s| s.add_pending(one, now_ms())),
+            all => self.state.with(|s| s.add_pending_all(all, now_ms())),
         }
     }
 
@@ -1396,7 +1430,7 @@ mod tests {
             again,
             sequenced(6, "web2", 6),
         ];
-        let run = |together: bool| {
+        let run = async |together: bool| {
             let (ntx, mut nrx) = mpsc::unbounded_channel();
             let (mut intake, shared, dir) = intake(Notices::to(ntx));
             let known = Item::new(
@@ -1407,10 +1441,10 @@ mod tests {
             intake.state.with(|s| s.settle(&[known], true, now_ms()));
             let mut drops = RateLimit::new(Duration::ZERO);
             if together {
-                intake.live_all(list.clone(), &mut drops);
+                intake.live_all(list.clone(), &mut drops).await;
             } else {
                 for s in list.clone() {
-                    intake.live(s.event, s.seq, Some(s.epoch), &mut drops);
+                    intake.live(s.event, s.seq, Some(s.epoch), &mut drops).await;
                 }
             }
             let queued: Vec<(u64, IpAddr)> = shared
@@ -1432,7 +1466,7 @@ mod tests {
             drop(dir);
             (queued, pending, notices)
         };
-        let (queued, pending, notices) = run(true);
+        let (queued, pending, notices) = run(true).await;
         assert_eq!(queued, [(1, ip(1)), (6, ip(6))]);
         assert_eq!(pending, [(1, Some(epoch)), (6, Some(epoch))]);
         let reasons: Vec<SkipReason> = notices
@@ -1451,6 +1485,142 @@ mod tests {
                 SkipReason::Duplicate
             ]
         );
-        assert_eq!((queued, pending, notices), run(false));
+        assert_eq!((queued, pending, notices), run(false).await);
+    }
+
+    /// An intake and an executor around one state.
+    struct Pair {
+        intake: Intake,
+        /// The intake's input, kept open.
+        tx: mpsc::Sender<Input>,
+        /// At each call of the executor's fake action, how many events the state
+        /// had pending.
+        seen: Arc<Mutex<Vec<usize>>>,
+        notices: mpsc::UnboundedReceiver<Notice>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn intake_and_executor() -> Pair {
+        let (ntx, notices) = mpsc::unbounded_channel();
+        let (mut intake, shared, dir) = intake_with(vec![ip(9)], None, Notices::to(ntx));
+        let (tx, rx) = mpsc::channel(8);
+        intake.rx = rx;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (state, at_call) = (intake.state.clone(), seen.clone());
+        let fake = Fake {
+            calls: Arc::new(Mutex::new(Vec::new())),
+            script: Box::new(move |_, _| {
+                let pending = state.with(|s| s.pending()).len();
+                at_call.lock().unwrap().push(pending);
+                Ok(())
+            }),
+            gate: None,
+            max: 100,
+        };
+        tokio::spawn(
+            Executor::new(
+                Box::new(fake),
+                shared,
+                intake.notices.clone(),
+                intake.state.clone(),
+            )
+            .run(),
+        );
+        Pair {
+            intake,
+            tx,
+            seen,
+            notices,
+            _dir: dir,
+        }
+    }
+
+    fn ban(id: u128, n: u32) -> Sequenced {
+        Sequenced {
+            seq: id as u64,
+            epoch: Epoch(7),
+            event: Event::new(
+                EventId::from_u128(id),
+                NodeName::new("web2").unwrap(),
+                JailName::new("sshd").unwrap(),
+                Action::Ban,
+                ip(n),
+                1_763_702_000_000,
+            )
+            .unwrap(),
+        }
+    }
+
+    async fn applied_notice(notices: &mut mpsc::UnboundedReceiver<Notice>) -> IpAddr {
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(3600), notices.recv())
+                .await
+                .expect("no notice within an hour of test time")
+                .expect("executor alive");
+            if let Notice::Applied { ip, .. } = n {
+                return ip;
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_event_reaches_its_action_before_its_pending_record_and_ends_done() {
+        let Pair {
+            mut intake,
+            tx: _tx,
+            seen,
+            mut notices,
+            _dir,
+        } = intake_and_executor();
+        let mut drops = RateLimit::new(Duration::ZERO);
+        let one = ban(1, 1);
+        intake
+            .live(one.event.clone(), one.seq, Some(one.epoch), &mut drops)
+            .await;
+        assert_eq!(applied_notice(&mut notices).await, ip(1));
+        // The action ran before the state's write: nothing was pending yet.
+        assert_eq!(*seen.lock().unwrap(), [0]);
+        // Then recorded: done, not left pending by the record that came after.
+        assert!(intake.state.with(|s| s.pending()).is_empty());
+        assert!(intake.state.with(|s| s.known(one.event.id)));
+        // The same for events received together.
+        intake
+            .live_all(vec![ban(2, 2), ban(3, 3)], &mut drops)
+            .await;
+        assert_eq!(applied_notice(&mut notices).await, ip(2));
+        assert_eq!(applied_notice(&mut notices).await, ip(3));
+        assert_eq!(*seen.lock().unwrap(), [0, 0]);
+        assert!(intake.state.with(|s| s.pending()).is_empty());
+        assert_eq!(
+            intake
+                .state
+                .with(|s| s.known_all(&[EventId::from_u128(2), EventId::from_u128(3)])),
+            [true, true]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_more_input_waiting_events_are_recorded_before_their_action() {
+        let Pair {
+            mut intake,
+            tx,
+            seen,
+            mut notices,
+            _dir,
+        } = intake_and_executor();
+        let mut drops = RateLimit::new(Duration::ZERO);
+        // A burst: more is waiting for the intake.
+        tx.try_send(Input::Heartbeat {
+            epoch: Epoch(7),
+            seq: 1,
+        })
+        .unwrap();
+        let one = ban(1, 1);
+        intake
+            .live(one.event.clone(), one.seq, Some(one.epoch), &mut drops)
+            .await;
+        assert_eq!(applied_notice(&mut notices).await, ip(1));
+        assert_eq!(*seen.lock().unwrap(), [1]);
+        assert!(intake.state.with(|s| s.pending()).is_empty());
     }
 }
