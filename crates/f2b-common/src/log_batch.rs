@@ -6,14 +6,21 @@
 //! ([`hold_log_lines`]). Then the line is appended to a buffer of that thread, and
 //! the buffer is written in one `write_all` when the [`HeldLines`] guard drops
 //! (during a panic's unwinding as well), or early when it passes [`HOLD_CAP`].
-//! The publisher's serving thread holds the lines of one batch of requests (a
-//! `broadcast` line per event): one system call per batch instead of one per line,
-//! and one wake-up of whoever reads the pipe (journald).
+//! The publisher's serving thread holds the lines it logs while deciding one batch
+//! of requests (a `broadcast` line per event): one system call per batch instead
+//! of one per line, and one wake-up of whoever reads the pipe (journald).
 //!
 //! The lines stay whole and in the order the thread logged them; only their
 //! place among other threads' lines moves (to when the guard drops), so a holder
 //! must drop the guard before it waits for anything (the publisher does before
-//! `zmq::poll`). Lines of threads that do not hold are written at once.
+//! the ledger's sync): lines held when the process is killed are lost. A panic's
+//! message (printed by the panic hook) comes before the lines held when it
+//! happened, which are written as the guard drops during the unwinding. Lines
+//! of threads that do not hold are written at once.
+//!
+//! One line is one write: tracing's fmt layer formats an event into a buffer and
+//! hands it to one writer in one `write_all`, so a line is never split between
+//! the held buffer and the sink.
 
 use std::cell::RefCell;
 use std::io::{self, Write};

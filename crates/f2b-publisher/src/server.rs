@@ -675,10 +675,6 @@ impl Bound {
     /// answers each, in order. Returns whether something was broadcast. Fails only
     /// on `ETERM`.
     fn serve_waiting(&mut self) -> Result<bool, PublisherError> {
-        // The batch's log lines (a `broadcast` line per event) go out in one
-        // write when this returns, before the loop waits in `zmq::poll` again:
-        // one system call per batch, not one per line.
-        let _lines = f2b_common::log_batch::hold_log_lines();
         let mut batch = Vec::new();
         while batch.len() < MAX_BATCH {
             match recv_request(&self.router) {
@@ -702,6 +698,12 @@ impl Bound {
                 false
             }
         };
+        // The lines logged while deciding (a `broadcast` line per event) go out
+        // in one write once the batch is decided: one system call per batch, not
+        // one per line. Not held across anything that waits (the ledger's sync;
+        // without a batch each event syncs as it is decided), so a stalled disk
+        // never keeps them back.
+        let lines = batched.then(f2b_common::log_batch::hold_log_lines);
         let mut outcomes = Vec::with_capacity(batch.len());
         for r in &batch {
             self.metrics.reports_received.inc();
@@ -728,6 +730,7 @@ impl Bound {
             };
             outcomes.push(outcome);
         }
+        drop(lines);
         // Broadcast before the commit's sync (see the module docs); the replies
         // wait for it. Without a batch every event was committed on its own.
         // After commits failed and their numbers could not be written, the
