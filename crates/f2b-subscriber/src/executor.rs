@@ -146,6 +146,10 @@ pub(crate) struct Intake {
     pub(crate) shared: Arc<Shared>,
     pub(crate) notices: Notices,
     pub(crate) state: State,
+    /// Whether a lone ban may reach its action before it is recorded pending
+    /// ([`Intake::record_and_queue`]): only when a restart's snapshot would
+    /// recover it, that is with a snapshot endpoint for every publisher.
+    pub(crate) act_first: bool,
 }
 
 impl Intake {
@@ -309,20 +313,33 @@ impl Intake {
 
     /// Records `items` as pending and queues them for the executor.
     ///
-    /// When nothing else waits for the intake (a lone event, the common case), the
-    /// items are queued first and recorded after the executor has had its turn: a
-    /// lone ban reaches its action without waiting for the state's write. The
+    /// When nothing else waits for the intake (a lone message, the common case),
+    /// its bans are queued first and recorded after the executor has had its turn:
+    /// a lone ban reaches its action without waiting for the state's write. The
     /// executor's settling of an item not recorded yet records it done, and the
-    /// pending record that follows then leaves it done. A crash in between loses
-    /// nothing the next start does not recover: it asks for a snapshot, which lists
-    /// the bans the cluster holds (and applying a ban twice is harmless). Under a
-    /// burst (more input waiting) the items are recorded first and the intake goes
-    /// on taking input, so the executor finds the burst in its queue and batches it.
+    /// pending record that follows then leaves it done. Only with
+    /// [`Intake::act_first`] and for broadcast bans: a process crash in between
+    /// loses the record, and the restart's snapshot, which lists the bans the
+    /// cluster holds, is what applies such a ban again (twice is harmless). An
+    /// unban, a fail2ban-zmq-tools message or a subscriber without snapshots is
+    /// recorded first. Under a burst (more input waiting) everything is recorded
+    /// first and the intake goes on taking input, so the executor finds the
+    /// burst in its queue and batches it.
+    ///
+    /// This relies on the intake being the only producer of the queue, recording
+    /// each message before it takes the next: a row is always recorded before a
+    /// later item of the same key can replace it in the queue, and an item the
+    /// queue drops (the oldest first) always has its row.
     async fn record_and_queue(&mut self, items: Vec<Item>, drops: &mut RateLimit) {
         if items.is_empty() {
             return;
         }
-        if !self.rx.is_empty() {
+        let act_first = self.act_first
+            && self.rx.is_empty()
+            && items
+                .iter()
+                .all(|i| i.action() == Action::Ban && i.epoch.is_some());
+        if !act_first {
             self.record_pending(&items);
             enqueue(&self.shared, items, drops, &self.notices, &self.state);
             return;
@@ -1391,6 +1408,7 @@ mod tests {
             shared: shared.clone(),
             notices,
             state,
+            act_first: true,
         };
         (intake, shared, dir)
     }
@@ -1597,6 +1615,41 @@ mod tests {
                 .with(|s| s.known_all(&[EventId::from_u128(2), EventId::from_u128(3)])),
             [true, true]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unbans_and_subscribers_without_snapshots_record_before_the_action() {
+        let Pair {
+            mut intake,
+            tx: _tx,
+            seen,
+            mut notices,
+            _dir,
+        } = intake_and_executor();
+        let mut drops = RateLimit::new(Duration::ZERO);
+        // An unban: a restart's snapshot could not always prove it.
+        let mut unban = ban(1, 1);
+        unban.event.action = Action::Unban;
+        intake
+            .live(unban.event, unban.seq, Some(unban.epoch), &mut drops)
+            .await;
+        assert_eq!(applied_notice(&mut notices).await, ip(1));
+        assert_eq!(*seen.lock().unwrap(), [1]);
+        // No snapshot would recover a ban lost before its record.
+        intake.act_first = false;
+        let two = ban(2, 2);
+        intake
+            .live(two.event, two.seq, Some(two.epoch), &mut drops)
+            .await;
+        assert_eq!(applied_notice(&mut notices).await, ip(2));
+        assert_eq!(*seen.lock().unwrap(), [1, 1]);
+        // A fail2ban-zmq-tools message (no epoch) likewise.
+        intake.act_first = true;
+        let three = ban(3, 3);
+        intake.live(three.event, 0, None, &mut drops).await;
+        assert_eq!(applied_notice(&mut notices).await, ip(3));
+        assert_eq!(*seen.lock().unwrap(), [1, 1, 1]);
+        assert!(intake.state.with(|s| s.pending()).is_empty());
     }
 
     #[tokio::test(start_paused = true)]

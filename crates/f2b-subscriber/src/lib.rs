@@ -500,6 +500,8 @@ impl Subscriber {
                 receiver::run(ctx, rcfg, waker, rt, tx, rn)
             })
         });
+        // A restart's snapshot recovers a ban lost before its record.
+        let act_first = !config.legacy && config.snapshot.len() >= config.publisher.len();
         let intake = tokio::spawn(
             Intake {
                 rx,
@@ -509,6 +511,7 @@ impl Subscriber {
                 shared: shared.clone(),
                 notices: notices.clone(),
                 state: state.clone(),
+                act_first,
             }
             .run(),
         );
