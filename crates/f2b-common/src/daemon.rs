@@ -252,6 +252,20 @@ pub struct Daemon {
     /// `[trust]` keys): checked by `--check` too, and before detaching. The error
     /// names the key.
     pub require: fn(&Config) -> Result<(), config::TrustError>,
+    /// The threads that run its tasks.
+    pub runtime: Runtime,
+}
+
+/// The threads that run a daemon's tasks (its blocking threads, for ZeroMQ
+/// sockets and files, come on top).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runtime {
+    /// Every task on the thread that starts the daemon. For a daemon whose tasks
+    /// take turns on one path anyway: no other worker is woken for nothing
+    /// when input arrives.
+    OneThread,
+    /// This many worker threads.
+    Workers(usize),
 }
 
 /// Loads the configuration or prints why it cannot (exit status 2).
@@ -297,11 +311,16 @@ where
         eprintln!("{}: {e}", daemon.name);
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let built = match daemon.runtime {
+        Runtime::OneThread => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Runtime::Workers(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n.max(1))
+            .enable_all()
+            .build(),
+    };
+    let runtime = match built {
         Ok(r) => r,
         Err(e) => {
             eprintln!("{}: cannot start the runtime: {e}", daemon.name);

@@ -164,6 +164,7 @@ fn main() -> ExitCode {
                 Some(_) => Ok(()),
                 None => c.trust.require_monitor(),
             },
+            runtime: daemon::Runtime::Workers(2),
         },
         &args.common,
         |cfg, token| async move {

@@ -147,6 +147,7 @@ fn main() -> ExitCode {
             pidfile: |c| &c.publisher.pidfile,
             summary: f2b_publisher::summary,
             require: |c| c.trust.require_publisher(),
+            runtime: daemon::Runtime::Workers(2),
         },
         &args.common,
         |config, token| f2b_publisher::run(config, Some(config_path), token),
