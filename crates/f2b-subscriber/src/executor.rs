@@ -1569,111 +1569,89 @@ mod tests {
         }
     }
 
-    async fn applied_notice(notices: &mut mpsc::UnboundedReceiver<Notice>) -> IpAddr {
-        loop {
-            let n = tokio::time::timeout(Duration::from_secs(3600), notices.recv())
-                .await
-                .expect("no notice within an hour of test time")
-                .expect("executor alive");
-            if let Notice::Applied { ip, .. } = n {
-                return ip;
+    impl Pair {
+        /// The next `applied` notice's address.
+        async fn applied(&mut self) -> IpAddr {
+            loop {
+                let n = tokio::time::timeout(Duration::from_secs(3600), self.notices.recv())
+                    .await
+                    .expect("no notice within an hour of test time")
+                    .expect("executor alive");
+                if let Notice::Applied { ip, .. } = n {
+                    return ip;
+                }
             }
+        }
+
+        /// Hands `s` to the intake as a live event (with no epoch: a
+        /// fail2ban-zmq-tools message), waits until it is applied, and returns
+        /// how many events were pending at each action call so far.
+        async fn live(&mut self, s: Sequenced, epoch: bool) -> Vec<usize> {
+            let ip = s.event.ip;
+            let mut drops = RateLimit::new(Duration::ZERO);
+            let (seq, epoch) = if epoch {
+                (s.seq, Some(s.epoch))
+            } else {
+                (0, None)
+            };
+            self.intake.live(s.event, seq, epoch, &mut drops).await;
+            assert_eq!(self.applied().await, ip);
+            self.seen.lock().unwrap().clone()
+        }
+
+        fn pending(&self) -> usize {
+            self.intake.state.with(|s| s.pending()).len()
         }
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_lone_event_reaches_its_action_before_its_pending_record_and_ends_done() {
-        let Pair {
-            mut intake,
-            tx: _tx,
-            seen,
-            mut notices,
-            _dir,
-        } = intake_and_executor();
-        let mut drops = RateLimit::new(Duration::ZERO);
-        let one = ban(1, 1);
-        intake
-            .live(one.event.clone(), one.seq, Some(one.epoch), &mut drops)
-            .await;
-        assert_eq!(applied_notice(&mut notices).await, ip(1));
+        let mut pair = intake_and_executor();
         // The action ran before the state's write: nothing was pending yet.
-        assert_eq!(*seen.lock().unwrap(), [0]);
+        assert_eq!(pair.live(ban(1, 1), true).await, [0]);
         // Then recorded: done, not left pending by the record that came after.
-        assert!(intake.state.with(|s| s.pending()).is_empty());
-        assert!(intake.state.with(|s| s.known(one.event.id)));
+        assert_eq!(pair.pending(), 0);
+        let id = EventId::from_u128(1);
+        assert!(pair.intake.state.with(|s| s.known(id)));
         // The same for events received together.
-        intake
+        let mut drops = RateLimit::new(Duration::ZERO);
+        pair.intake
             .live_all(vec![ban(2, 2), ban(3, 3)], &mut drops)
             .await;
-        assert_eq!(applied_notice(&mut notices).await, ip(2));
-        assert_eq!(applied_notice(&mut notices).await, ip(3));
-        assert_eq!(*seen.lock().unwrap(), [0, 0]);
-        assert!(intake.state.with(|s| s.pending()).is_empty());
-        assert_eq!(
-            intake
-                .state
-                .with(|s| s.known_all(&[EventId::from_u128(2), EventId::from_u128(3)])),
-            [true, true]
-        );
+        assert_eq!(pair.applied().await, ip(2));
+        assert_eq!(pair.applied().await, ip(3));
+        assert_eq!(*pair.seen.lock().unwrap(), [0, 0]);
+        assert_eq!(pair.pending(), 0);
+        let ids = [EventId::from_u128(2), EventId::from_u128(3)];
+        assert_eq!(pair.intake.state.with(|s| s.known_all(&ids)), [true, true]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn unbans_and_subscribers_without_snapshots_record_before_the_action() {
-        let Pair {
-            mut intake,
-            tx: _tx,
-            seen,
-            mut notices,
-            _dir,
-        } = intake_and_executor();
-        let mut drops = RateLimit::new(Duration::ZERO);
+        let mut pair = intake_and_executor();
         // An unban: a restart's snapshot could not always prove it.
         let mut unban = ban(1, 1);
         unban.event.action = Action::Unban;
-        intake
-            .live(unban.event, unban.seq, Some(unban.epoch), &mut drops)
-            .await;
-        assert_eq!(applied_notice(&mut notices).await, ip(1));
-        assert_eq!(*seen.lock().unwrap(), [1]);
+        assert_eq!(pair.live(unban, true).await, [1]);
         // No snapshot would recover a ban lost before its record.
-        intake.act_first = false;
-        let two = ban(2, 2);
-        intake
-            .live(two.event, two.seq, Some(two.epoch), &mut drops)
-            .await;
-        assert_eq!(applied_notice(&mut notices).await, ip(2));
-        assert_eq!(*seen.lock().unwrap(), [1, 1]);
+        pair.intake.act_first = false;
+        assert_eq!(pair.live(ban(2, 2), true).await, [1, 1]);
         // A fail2ban-zmq-tools message (no epoch) likewise.
-        intake.act_first = true;
-        let three = ban(3, 3);
-        intake.live(three.event, 0, None, &mut drops).await;
-        assert_eq!(applied_notice(&mut notices).await, ip(3));
-        assert_eq!(*seen.lock().unwrap(), [1, 1, 1]);
-        assert!(intake.state.with(|s| s.pending()).is_empty());
+        pair.intake.act_first = true;
+        assert_eq!(pair.live(ban(3, 3), false).await, [1, 1, 1]);
+        assert_eq!(pair.pending(), 0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn with_more_input_waiting_events_are_recorded_before_their_action() {
-        let Pair {
-            mut intake,
-            tx,
-            seen,
-            mut notices,
-            _dir,
-        } = intake_and_executor();
-        let mut drops = RateLimit::new(Duration::ZERO);
+        let mut pair = intake_and_executor();
         // A burst: more is waiting for the intake.
-        tx.try_send(Input::Heartbeat {
+        let heartbeat = Input::Heartbeat {
             epoch: Epoch(7),
             seq: 1,
-        })
-        .unwrap();
-        let one = ban(1, 1);
-        intake
-            .live(one.event.clone(), one.seq, Some(one.epoch), &mut drops)
-            .await;
-        assert_eq!(applied_notice(&mut notices).await, ip(1));
-        assert_eq!(*seen.lock().unwrap(), [1]);
-        assert!(intake.state.with(|s| s.pending()).is_empty());
+        };
+        pair.tx.try_send(heartbeat).unwrap();
+        assert_eq!(pair.live(ban(1, 1), true).await, [1]);
+        assert_eq!(pair.pending(), 0);
     }
 }
