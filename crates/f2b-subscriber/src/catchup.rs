@@ -3,9 +3,9 @@
 //! page by page, and hand them to the intake together with the broadcasts received
 //! meanwhile.
 //!
-//! Owned by the receive loop's thread: the REQ socket is polled in the same
-//! `zmq::poll` as the SUB socket, so broadcasts keep being received (and queued)
-//! while a snapshot is fetched.
+//! Owned by the receive loop: the REQ socket is watched in the same wait as the
+//! SUB socket, so broadcasts keep being received (and queued) while a snapshot is
+//! fetched.
 //!
 //! One fetch at a time, one publisher after another. A fetch that fails (no answer
 //! within the timeout, a refusal, a reply that makes no sense) releases the

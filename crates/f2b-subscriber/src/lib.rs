@@ -30,7 +30,8 @@
 //!
 //! # Layout
 //!
-//! - [`receiver`]: the ZeroMQ loop, on a blocking thread; the socket monitor;
+//! - [`receiver`]: the ZeroMQ loop, a task woken by its sockets' descriptors; the
+//!   socket monitor;
 //!   logs `connected`, `disconnected`, `missed events`, dead links; legacy
 //!   (fail2ban-zmq-tools) messages; sends events and snapshots on a channel.
 //! - `gate`: which signed broadcasts may be used (epochs confirmed by snapshots,
@@ -66,10 +67,11 @@ use std::time::{Duration, SystemTime};
 
 use f2b_common::config::{Config, NodeConfig, SubscriberConfig, TrustError};
 use f2b_common::metrics::{self, Metrics, MetricsError, Readiness, SubscriberMetrics};
-use f2b_common::{sockets, zmq, CancellationToken};
+use f2b_common::{zmq, CancellationToken};
 use f2b_proto::auth::PublicKey;
 use f2b_proto::{Action, Epoch, JailName};
 use tokio::sync::mpsc;
+use tracing::instrument::WithSubscriber;
 
 pub use action::{Applier, CallError, FailureScope};
 pub use catchup::{ResyncReason, SNAPSHOT_TIMEOUT};
@@ -108,6 +110,11 @@ pub enum SubscriberError {
     },
     #[error("polling the SUB socket failed")]
     Poll { source: zmq::Error },
+    #[error("cannot watch the {what} socket's file descriptor")]
+    Watch {
+        what: &'static str,
+        source: std::io::Error,
+    },
     #[error("cannot use the state directory")]
     State { source: StoreError },
     #[error("the {what} task failed")]
@@ -450,12 +457,6 @@ impl Subscriber {
         );
 
         let ctx = zmq::Context::new();
-        let waker = sockets::shutdown_socket(&ctx, shutdown.clone()).map_err(|source| {
-            SubscriberError::Socket {
-                what: "shutdown",
-                source,
-            }
-        })?;
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let shared = Shared::new(config.queue_size);
         {
@@ -490,16 +491,14 @@ impl Subscriber {
             keys: full.trust.publisher_keys.clone(),
             heartbeats: false,
         };
-        let rn = notices.clone();
-        let rt = shutdown.clone();
-        // The receive loop logs through the caller's tracing dispatcher, even a
-        // scoped (thread-local) one.
-        let dispatch = tracing::dispatcher::get_default(Clone::clone);
-        let receiver = tokio::task::spawn_blocking(move || {
-            tracing::dispatcher::with_default(&dispatch, || {
-                receiver::run(ctx, rcfg, waker, rt, tx, rn)
-            })
-        });
+        // The receive loop is a task of this runtime, woken by its sockets'
+        // descriptors: a message reaches the intake without a thread hand-off. It
+        // logs through the caller's tracing dispatcher, even a scoped
+        // (thread-local) one.
+        let receiver = tokio::spawn(
+            receiver::run(ctx, rcfg, shutdown.clone(), tx, notices.clone())
+                .with_current_subscriber(),
+        );
         // A restart's snapshot recovers a ban lost before its record.
         let act_first = !config.legacy && config.snapshot.len() >= config.publisher.len();
         let intake = tokio::spawn(

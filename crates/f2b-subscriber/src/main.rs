@@ -129,9 +129,9 @@ fn main() -> ExitCode {
             pidfile: |c| &c.subscriber.pidfile,
             summary: f2b_subscriber::summary,
             require: f2b_subscriber::check_trust,
-            // The receive loop is a thread of its own; the intake and the
-            // executor take turns on the path of each event, so one thread runs
-            // them: a second worker was woken, for nothing, at every event.
+            // The receive loop, the intake and the executor take turns on the
+            // path of each event, so one thread runs them: a second worker was
+            // woken, for nothing, at every event.
             runtime: daemon::Runtime::OneThread,
         },
         &args.common,

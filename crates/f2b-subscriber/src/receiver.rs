@@ -1,6 +1,8 @@
-//! The receive loop: a SUB socket on a blocking thread, liveness, epochs and
-//! sequence numbers, (re)connections, and catch-up. Decoded events and snapshots go
-//! to the intake over a channel; nothing here applies anything.
+//! The receive loop: a SUB socket, liveness, epochs and sequence numbers,
+//! (re)connections, and catch-up. Decoded events and snapshots go to the intake
+//! over a channel; nothing here applies anything. It is a task on the subscriber's
+//! runtime, woken by its sockets' descriptors (`ZMQ_FD` on tokio's reactor), so a
+//! message reaches the intake on the same thread, without a hand-off ([`run`]).
 //!
 //! An `events` broadcast (several events of one jail and epoch under one
 //! signature) is verified and decoded once; then each of its events is handled
@@ -48,8 +50,11 @@
 //! taken as they come and frames after the payload are ignored.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::marker::PhantomData;
 use std::net::IpAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use f2b_common::config::Endpoint;
@@ -60,6 +65,8 @@ use f2b_proto::{
     event_topic, Broadcast, Epoch, Event, EventId, JailName, NodeName, Sequenced, HEARTBEAT_TOPIC,
     MAX_FRAMES,
 };
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::sync::mpsc;
 
 use crate::catchup::{CatchUp, Out, Resync, ResyncReason};
@@ -193,15 +200,14 @@ pub(crate) const MAX_DRAIN: usize = 256;
 /// waiting, up to this many, have their signatures checked together (one Ed25519
 /// batch) and the events they bring go to the intake in one send.
 const MAX_GROUP: usize = 64;
+/// Groups of this many messages or more have their signatures checked on a
+/// blocking thread, in parallel with the intake ([`Receiver::take_in_async`]).
+const OFFLOAD_CHECK: usize = 8;
 /// The longest the loop reads from the SUB socket per wake-up before polling again.
 const MAX_DRAIN_TIME: Duration = Duration::from_millis(50);
-/// The longest the loop waits in `zmq::poll` before it looks at the cancellation
-/// token again. Shutdown normally wakes the poll at once through the shutdown
-/// socket, but that needs a runtime task to forward the cancellation: when the
-/// runtime is going away (a caller's future dropped, a test that panicked), the
-/// token alone says so. Without this bound the loop waited up to the whole
-/// `heartbeat_timeout` (or forever with `legacy`, or with no deadline at all), and
-/// the runtime's shutdown, which waits for this blocking thread, with it.
+/// The longest the loop waits for its sockets before it looks at everything
+/// again (the token wakes it at once; this bounds what a missed wake-up could
+/// cost).
 pub const MAX_POLL_WAIT: Duration = Duration::from_secs(1);
 /// A heartbeat interval announced by a publisher is believed up to this value.
 const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(600);
@@ -412,15 +418,10 @@ fn attach_monitor(ctx: &zmq::Context, sub: &zmq::Socket) -> zmq::Result<zmq::Soc
     Ok(pair)
 }
 
-/// The `zmq::poll` timeout (milliseconds) until `deadline`, at most
-/// [`MAX_POLL_WAIT`].
-fn poll_wait(deadline: Option<Instant>, now: Instant) -> i64 {
-    let until = deadline.map_or(MAX_POLL_WAIT, |d| {
-        d.saturating_duration_since(now).min(MAX_POLL_WAIT)
-    });
-    i64::try_from(until.as_millis())
-        .unwrap_or(i64::MAX)
-        .saturating_add(1)
+/// How long to wait for the sockets until `deadline`, at most `cap`
+/// ([`MAX_POLL_WAIT`]).
+fn wait_for(deadline: Option<Instant>, now: Instant, cap: Duration) -> Duration {
+    deadline.map_or(cap, |d| d.saturating_duration_since(now).min(cap))
 }
 
 /// A connection event of the SUB socket.
@@ -488,6 +489,7 @@ pub(crate) fn legacy_event(
 }
 
 /// A multipart message: at most [`MAX_FRAMES`] frames kept, all counted.
+#[derive(Clone)]
 pub(crate) struct Frames {
     pub(crate) kept: Vec<Vec<u8>>,
     pub(crate) count: usize,
@@ -517,6 +519,7 @@ pub(crate) fn recv_frames(sub: &zmq::Socket) -> zmq::Result<Option<Frames>> {
 /// A message taken from the SUB socket, with the connection events the monitor
 /// had ready just before it was read (applied just before it is handled, as if
 /// each message were read and handled in turn).
+#[derive(Clone)]
 struct Received {
     link: Vec<LinkEvent>,
     frames: Frames,
@@ -533,16 +536,23 @@ struct Group {
 }
 
 /// Takes the messages already waiting on `sub`, at most `max`, without waiting
-/// for more: a lone message makes a group of one.
-fn take_group(s: &Session, max: usize) -> Group {
+/// for more: a lone message makes a group of one. `monitor_read`: the monitor
+/// was read just before (nothing to look for before the first message).
+fn take_group(s: &Session, max: usize, monitor_read: bool) -> Group {
     let mut g = Group {
         messages: Vec::new(),
         tail: Vec::new(),
         failed: None,
     };
+    let mut look = !monitor_read;
     while g.messages.len() < max {
         // A connection made since the last look applies to what follows.
-        let link = take_monitor(s.monitor.as_ref());
+        let link = if look {
+            take_monitor(s.monitor.as_ref())
+        } else {
+            Vec::new()
+        };
+        look = true;
         match recv_frames(&s.sub) {
             Ok(Some(frames)) => g.messages.push(Received { link, frames }),
             Ok(None) => {
@@ -557,6 +567,28 @@ fn take_group(s: &Session, max: usize) -> Group {
         }
     }
     g
+}
+
+/// For each message, whether its signature is by one of `keys`, checked all at
+/// once ([`verify_broadcasts`]: one Ed25519 batch); `None` for those not checked
+/// so (no key, not three frames: [`Receiver::verified`] says why).
+fn check_signatures(keys: &[PublicKey], messages: &[Received]) -> Vec<Option<bool>> {
+    let mut out = vec![None; messages.len()];
+    if keys.is_empty() {
+        return out;
+    }
+    let mut at = Vec::new();
+    let mut signed = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        if let (3, [topic, payload, sig, ..]) = (m.frames.count, m.frames.kept.as_slice()) {
+            at.push(i);
+            signed.push((topic.as_slice(), payload.as_slice(), sig.as_slice()));
+        }
+    }
+    for (i, ok) in at.into_iter().zip(verify_broadcasts(keys, &signed)) {
+        out[i] = Some(ok);
+    }
+    out
 }
 
 /// What a message was.
@@ -598,56 +630,133 @@ enum Stop {
     Reopen,
 }
 
-/// The receive loop. Returns on shutdown (or when the intake is gone); errors only
-/// when the socket cannot be set up at all.
+/// The receive loop, a task on the caller's runtime. Returns on shutdown (`token`
+/// cancelled) or when the intake is gone; errors only when the socket cannot be
+/// set up at all.
 ///
-/// `shutdown` (from [`f2b_common::sockets::shutdown_socket`]) wakes the poll at
-/// once; `token` is checked at each wake-up as well (at least every
-/// [`MAX_POLL_WAIT`]), so the loop also ends, within that time, if the runtime
-/// that forwards the cancellation to `shutdown` is already gone.
-pub(crate) fn run(
+/// It waits on the sockets' file descriptors (`ZMQ_FD`, through tokio's reactor),
+/// the token and its next deadline, so a message wakes the runtime's thread
+/// directly: no thread of its own to hand each message over from. Each wake-up
+/// reads `ZMQ_EVENTS` of every socket before waiting again, as libzmq requires
+/// (the descriptor only says that something may have changed).
+pub(crate) async fn run(
     ctx: zmq::Context,
     cfg: ReceiverConfig,
-    shutdown: zmq::Socket,
     token: CancellationToken,
     tx: mpsc::Sender<Input>,
     notices: Notices,
 ) -> Result<(), SubscriberError> {
-    let mut r = Receiver::new(cfg, token, tx, notices);
-    let mut subscribed = false;
-    loop {
-        let session = open(&ctx, &r.cfg)?;
-        if !subscribed {
-            subscribed = true;
-            r.notices.subscribed(&r.publisher);
-        }
-        r.link.reset_live();
-        r.fresh.clear();
-        tracing::debug!(publisher = %r.publisher, "subscribing");
-        match r.session(&ctx, &session, &shutdown)? {
-            Stop::Shutdown => {
-                // Broadcasts queued by a fetch under way are still applied.
-                if let Some(out) = r.catchup.abandon() {
-                    r.deliver(out);
-                }
-                if !r.held.is_empty() {
-                    tracing::info!(
-                        count = r.held.len(),
-                        "broadcasts of an epoch no snapshot confirmed yet are not applied (the next start's snapshot lists the bans)"
-                    );
-                }
-                return Ok(());
+    Receiver::new(cfg, token, tx, notices).run(ctx).await
+}
+
+impl Receiver {
+    /// [`run`], for a receiver made (or adjusted by a test) beforehand.
+    async fn run(mut self, ctx: zmq::Context) -> Result<(), SubscriberError> {
+        let mut subscribed = false;
+        loop {
+            let mut session = open(&ctx, &self.cfg)?;
+            if !subscribed {
+                subscribed = true;
+                self.notices.subscribed(&self.publisher);
             }
-            Stop::Reopen => {
-                if let Some(out) = r.catchup.abandon() {
-                    if !r.deliver(out) {
-                        return Ok(());
+            self.link.reset_live();
+            self.fresh.clear();
+            tracing::debug!(publisher = %self.publisher, "subscribing");
+            match self.session(&ctx, &mut session).await? {
+                Stop::Shutdown => {
+                    // Broadcasts queued by a fetch under way are still applied.
+                    if let Some(out) = self.catchup.abandon() {
+                        self.deliver(out);
                     }
+                    self.send_backlog().await;
+                    if !self.held.is_empty() {
+                        tracing::info!(
+                            count = self.held.len(),
+                            "broadcasts of an epoch no snapshot confirmed yet are not applied (the next start's snapshot lists the bans)"
+                        );
+                    }
+                    return Ok(());
                 }
-                drop(session);
+                Stop::Reopen => {
+                    if let Some(out) = self.catchup.abandon() {
+                        if !self.deliver(out) || !self.send_backlog().await {
+                            return Ok(());
+                        }
+                    }
+                    drop(session);
+                }
             }
         }
     }
+}
+
+/// A socket's `ZMQ_FD` (owned by libzmq, which closes it with the socket).
+struct ZmqFd(RawFd);
+
+impl AsRawFd for ZmqFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// A socket's `ZMQ_FD` registered with tokio's reactor, for as long as the socket
+/// is borrowed: it cannot be closed (its descriptor with it) while this is
+/// registered.
+struct Watched<'s> {
+    fd: AsyncFd<ZmqFd>,
+    _socket: PhantomData<&'s ()>,
+}
+
+impl Watched<'_> {
+    /// Waits until the descriptor says the socket may have changed, then clears
+    /// that (the caller reads `ZMQ_EVENTS` next).
+    async fn changed(&self) {
+        if let Ok(mut guard) = self.fd.readable().await {
+            guard.clear_ready();
+        }
+    }
+}
+
+/// Watches `socket`'s `ZMQ_FD` for readability.
+///
+/// The project's one `unsafe` block (the workspace denies them): tokio's
+/// registration of a descriptor it does not own. Sound because `Watched<'s>`
+/// borrows the socket, so the descriptor stays open while it is registered.
+#[allow(unsafe_code)]
+fn watch<'s>(socket: &'s zmq::Socket, what: &'static str) -> Result<Watched<'s>, SubscriberError> {
+    let fd = socket
+        .get_fd()
+        .map_err(|source| SubscriberError::Poll { source })?;
+    // SAFETY: `fd` is the socket's own descriptor, open until the socket is
+    // closed; the socket is borrowed for the registration's whole life.
+    let fd =
+        unsafe { AsyncFd::register_with_interest(ZmqFd(fd), Interest::READABLE) }.map_err(|e| {
+            SubscriberError::Watch {
+                what,
+                source: e.into(),
+            }
+        })?;
+    Ok(Watched {
+        fd,
+        _socket: PhantomData,
+    })
+}
+
+/// [`Watched::changed`] of `w`; never, without one.
+async fn changed(w: Option<&Watched<'_>>) {
+    match w {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether libzmq has a message to read on `socket` (`ZMQ_EVENTS`; reading it also
+/// lets its `ZMQ_FD` signal again).
+fn has_input(socket: &zmq::Socket) -> Result<bool, SubscriberError> {
+    socket
+        .get_events()
+        .map(|e| e.contains(zmq::POLLIN))
+        .map_err(|source| SubscriberError::Poll { source })
 }
 
 struct Receiver {
@@ -662,7 +771,14 @@ struct Receiver {
     /// the intake, sent together when the group is done or before any other
     /// input (one channel send, one state transaction).
     outbox: Vec<Sequenced>,
+    /// Inputs for the intake that found its channel full, in order: sent (waiting
+    /// for room) before the loop reads on; while it is not empty, every input
+    /// goes behind it.
+    backlog: VecDeque<Input>,
     refusals: Refusals,
+    /// The longest wait for the sockets ([`MAX_POLL_WAIT`]; tests make it long,
+    /// so that a missed wake-up shows).
+    max_wait: Duration,
     waiting_log: RateLimit,
     timeout: Duration,
     bad: RateLimit,
@@ -693,7 +809,9 @@ impl Receiver {
             gate: Gate::new(!snapshot.is_empty(), cfg.endpoints.len() == 1),
             held: VecDeque::new(),
             outbox: Vec::new(),
+            backlog: VecDeque::new(),
             refusals: Refusals::new(),
+            max_wait: MAX_POLL_WAIT,
             waiting_log: RateLimit::new(Duration::from_secs(60)),
             timeout: cfg.heartbeat_timeout,
             bad: RateLimit::new(Duration::from_secs(10)),
@@ -716,15 +834,22 @@ impl Receiver {
     }
 
     /// One socket's life: until shutdown or a dead link.
-    fn session(
+    async fn session(
         &mut self,
         ctx: &zmq::Context,
-        s: &Session,
-        shutdown: &zmq::Socket,
+        s: &mut Session,
     ) -> Result<Stop, SubscriberError> {
+        let token = self.token.clone();
+        let sub_fd = watch(&s.sub, "SUB")?;
+        let mon_fd = match s.monitor.as_ref() {
+            Some(m) => Some(watch(m, "SUB socket's monitor")?),
+            None => None,
+        };
         let mut last = Instant::now();
+        // The last group ended with the SUB socket (and the monitor) read empty.
+        let mut drained = false;
         loop {
-            if self.token.is_cancelled() {
+            if token.is_cancelled() || !self.send_backlog().await {
                 return Ok(Stop::Shutdown);
             }
             let now = Instant::now();
@@ -752,35 +877,39 @@ impl Receiver {
                 }
                 deadline = Some(deadline.map_or(dead_at, |d| d.min(dead_at)));
             }
-            let wait = poll_wait(deadline, now);
-            let (sub_ready, shut, mon_ready, req_ready) = {
-                let mut items = vec![
-                    s.sub.as_poll_item(zmq::POLLIN),
-                    shutdown.as_poll_item(zmq::POLLIN),
-                ];
-                let mon_at = s.monitor.as_ref().map(|m| {
-                    items.push(m.as_poll_item(zmq::POLLIN));
-                    items.len() - 1
-                });
-                let req_at = self.catchup.socket().map(|r| {
-                    items.push(r.as_poll_item(zmq::POLLIN));
-                    items.len() - 1
-                });
-                match zmq::poll(&mut items, wait) {
-                    Ok(_) => {}
-                    Err(zmq::Error::EINTR) => continue,
-                    Err(source) => return Err(SubscriberError::Poll { source }),
-                }
-                let ready = |i: Option<usize>| i.is_some_and(|i| items[i].is_readable());
-                (
-                    items[0].is_readable(),
-                    items[1].is_readable(),
-                    ready(mon_at),
-                    ready(req_at),
-                )
+            // What each socket has, as libzmq says; only when none has anything,
+            // wait for a descriptor, the token or the deadline, then look again.
+            //
+            // After a group that ended with the SUB socket found empty (the last
+            // reads of both it and the monitor said "nothing"), libzmq signals the
+            // descriptors for whatever comes next: no need to ask again first.
+            let (sub_ready, mon_ready) = if std::mem::take(&mut drained) {
+                (false, false)
+            } else {
+                let mon = match s.monitor.as_ref() {
+                    Some(m) => has_input(m)?,
+                    None => false,
+                };
+                (has_input(&s.sub)?, mon)
             };
-            if shut {
-                return Ok(Stop::Shutdown);
+            let req_ready = match self.catchup.socket() {
+                Some(r) => has_input(r)?,
+                None => false,
+            };
+            if !(sub_ready || mon_ready || req_ready) {
+                // The fetch's REQ socket comes and goes with each fetch.
+                let req_fd = match self.catchup.socket() {
+                    Some(r) => Some(watch(r, "snapshot REQ")?),
+                    None => None,
+                };
+                tokio::select! {
+                    _ = token.cancelled() => return Ok(Stop::Shutdown),
+                    _ = sub_fd.changed() => {}
+                    _ = changed(mon_fd.as_ref()) => {}
+                    _ = changed(req_fd.as_ref()) => {}
+                    _ = tokio::time::sleep(wait_for(deadline, now, self.max_wait)) => {}
+                }
+                continue;
             }
             if mon_ready {
                 self.read_monitor(s.monitor.as_ref());
@@ -796,17 +925,20 @@ impl Receiver {
                 continue;
             }
             // At most MAX_DRAIN messages (or MAX_DRAIN_TIME: each is verified), then
-            // back to the poll: a backlog must not starve the shutdown socket, the
+            // back to the other sockets: a backlog must not starve the token, the
             // fetch's deadline or its REQ socket. They are taken in groups of what
             // is already waiting (never waiting for more), each verified as one
-            // batch and its events passed on in one send.
+            // batch and its events passed on in one send. Then the intake and the
+            // executor, on the same runtime, have their turn before the next look.
             let drain_until = Instant::now() + MAX_DRAIN_TIME;
             let mut taken = 0;
             while taken < MAX_DRAIN && Instant::now() < drain_until {
-                let group = take_group(s, (MAX_DRAIN - taken).min(MAX_GROUP));
+                // The monitor was just read (or found empty) before the first group.
+                let group = take_group(s, (MAX_DRAIN - taken).min(MAX_GROUP), taken == 0);
                 taken += group.messages.len();
                 let more = group.messages.len() == MAX_GROUP && group.failed.is_none();
-                match self.take_in(group.messages) {
+                drained = !more && group.failed.is_none();
+                match self.take_in_async(group.messages).await {
                     Handled::Genuine => {
                         last = Instant::now();
                         if let Some(m) = self.notices.metrics() {
@@ -819,6 +951,9 @@ impl Receiver {
                 for ev in group.tail {
                     self.link_event(ev);
                 }
+                if !self.send_backlog().await {
+                    return Ok(Stop::Shutdown);
+                }
                 if let Some(e) = group.failed {
                     tracing::warn!(error = %e, "receive failed, reconnecting");
                     return Ok(Stop::Reopen);
@@ -826,6 +961,9 @@ impl Receiver {
                 if !more {
                     break;
                 }
+            }
+            if taken > 0 {
+                tokio::task::yield_now().await;
             }
         }
     }
@@ -837,6 +975,29 @@ impl Receiver {
     /// message was (the link is alive), `Stop` when the intake is gone.
     fn take_in(&mut self, messages: Vec<Received>) -> Handled {
         let signed = self.check_signatures(&messages);
+        self.take_checked(messages, signed)
+    }
+
+    /// [`Receiver::take_in`], with a group of [`OFFLOAD_CHECK`] messages or more
+    /// checked on a blocking thread: the intake and the executor, on the
+    /// runtime's thread, go on with the previous groups meanwhile (a burst keeps
+    /// both CPUs busy). A lone message is checked here, with no thread hand-off.
+    async fn take_in_async(&mut self, messages: Vec<Received>) -> Handled {
+        if messages.len() < OFFLOAD_CHECK || self.cfg.legacy || self.cfg.keys.is_empty() {
+            return self.take_in(messages);
+        }
+        let messages = Arc::new(messages);
+        let (keys, shared) = (self.cfg.keys.clone(), Arc::clone(&messages));
+        let signed = tokio::task::spawn_blocking(move || check_signatures(&keys, &shared)).await;
+        let messages = Arc::unwrap_or_clone(messages);
+        // Should the job fail, each message is verified on its own, here.
+        let signed = signed.unwrap_or_else(|_| vec![None; messages.len()]);
+        self.take_checked(messages, signed)
+    }
+
+    /// Handles `messages` whose signatures `signed` says (as
+    /// [`Receiver::check_signatures`] does).
+    fn take_checked(&mut self, messages: Vec<Received>, signed: Vec<Option<bool>>) -> Handled {
         let mut handled = Handled::Ignored;
         for (m, signed) in messages.into_iter().zip(signed) {
             for ev in m.link {
@@ -859,25 +1020,10 @@ impl Receiver {
     /// (legacy, no key configured, not three frames: [`Receiver::verified`] says
     /// why).
     fn check_signatures(&self, messages: &[Received]) -> Vec<Option<bool>> {
-        let mut out = vec![None; messages.len()];
-        if self.cfg.legacy || self.cfg.keys.is_empty() {
-            return out;
+        if self.cfg.legacy {
+            return vec![None; messages.len()];
         }
-        let mut at = Vec::new();
-        let mut signed = Vec::new();
-        for (i, m) in messages.iter().enumerate() {
-            if let (3, [topic, payload, sig, ..]) = (m.frames.count, m.frames.kept.as_slice()) {
-                at.push(i);
-                signed.push((topic.as_slice(), payload.as_slice(), sig.as_slice()));
-            }
-        }
-        for (i, ok) in at
-            .into_iter()
-            .zip(verify_broadcasts(&self.cfg.keys, &signed))
-        {
-            out[i] = Some(ok);
-        }
-        out
+        check_signatures(&self.cfg.keys, messages)
     }
 
     /// Passes catch-up output to the intake; false when the intake is gone.
@@ -901,7 +1047,7 @@ impl Receiver {
                 if again {
                     self.catchup.trigger(ResyncReason::Epoch);
                 }
-                self.tx.blocking_send(Input::Resync(r)).is_ok()
+                self.send(Input::Resync(r))
             }
             Out::Release(queued) => {
                 let mut ok = self.send_events(queued);
@@ -1161,13 +1307,10 @@ impl Receiver {
                     // After the events of the messages before it.
                     return alive(
                         self.flush()
-                            && self
-                                .tx
-                                .blocking_send(Input::Heartbeat {
-                                    epoch: h.epoch,
-                                    seq: h.seq,
-                                })
-                                .is_ok(),
+                            && self.send(Input::Heartbeat {
+                                epoch: h.epoch,
+                                seq: h.seq,
+                            }),
                     );
                 }
                 Handled::Genuine
@@ -1264,7 +1407,37 @@ impl Receiver {
             1 => Input::from(events.remove(0)),
             _ => Input::Events(events),
         };
-        self.tx.blocking_send(input).is_ok()
+        self.send(input)
+    }
+
+    /// Passes `input` on to the intake, after whatever waits in the backlog; false
+    /// when the intake is gone. Never waits: when the channel is full, the input
+    /// goes to the backlog, which the loop sends (waiting for room) before it
+    /// reads another group ([`Receiver::send_backlog`]).
+    fn send(&mut self, input: Input) -> bool {
+        if !self.backlog.is_empty() {
+            self.backlog.push_back(input);
+            return !self.tx.is_closed();
+        }
+        match self.tx.try_send(input) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(input)) => {
+                self.backlog.push_back(input);
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Sends the backlog to the intake in order, waiting for room in the channel
+    /// (the intake runs meanwhile); false when the intake is gone.
+    async fn send_backlog(&mut self) -> bool {
+        while let Some(input) = self.backlog.pop_front() {
+            if self.tx.send(input).await.is_err() {
+                return false;
+            }
+        }
+        true
     }
 
     fn handle_legacy(&mut self, frames: Frames) -> bool {
@@ -1291,14 +1464,11 @@ impl Receiver {
                 );
                 // (The outbox is empty with `legacy`; flushed for order all the same.)
                 self.flush()
-                    && self
-                        .tx
-                        .blocking_send(Input::Event {
-                            event,
-                            seq: 0,
-                            epoch: None,
-                        })
-                        .is_ok()
+                    && self.send(Input::Event {
+                        event,
+                        seq: 0,
+                        epoch: None,
+                    })
             }
             Ok(None) => true,
             Err(why) => {
@@ -1509,6 +1679,54 @@ mod tests {
         assert!(r.outbox.is_empty());
     }
 
+    #[tokio::test]
+    async fn a_group_checked_on_a_blocking_thread_is_handled_as_one_checked_here() {
+        let other = SigningKey::from_seed([43; 32]);
+        let e = Epoch(9);
+        let ev = |seq, ip: &str| Broadcast::Event(sequenced(seq, e, ip));
+        let group = || {
+            let mut g = Vec::new();
+            for seq in 1..=OFFLOAD_CHECK as u64 + 2 {
+                let ip = format!("203.0.113.{seq}");
+                match seq % 4 {
+                    // Forged and unsigned ones, refused.
+                    1 => g.push(message(&ev(seq, "198.51.100.1"), Some(&other))),
+                    2 => g.push(message(&ev(seq, "198.51.100.2"), None)),
+                    _ => {}
+                }
+                g.push(message(&ev(seq, &ip), Some(&key())));
+            }
+            g
+        };
+        assert!(group().len() >= OFFLOAD_CHECK);
+        let outcome = |mut rx: mpsc::Receiver<Input>, mut nrx: mpsc::UnboundedReceiver<Notice>| {
+            let refused: Vec<String> = std::iter::from_fn(|| nrx.try_recv().ok())
+                .filter_map(|n| match n {
+                    Notice::Refused { reason, .. } => Some(reason.to_string()),
+                    _ => None,
+                })
+                .collect();
+            (inputs(&mut rx), refused)
+        };
+        let (mut here, rx1, n1) = receiver(vec![key().public()]);
+        assert_eq!(here.take_in(group()), Handled::Genuine);
+        let (mut there, rx2, n2) = receiver(vec![key().public()]);
+        assert_eq!(there.take_in_async(group()).await, Handled::Genuine);
+        let (want, got) = (outcome(rx1, n1), outcome(rx2, n2));
+        assert_eq!(want, got);
+        // All ten used, the six forged or unsigned refused.
+        assert_eq!(want.1.len(), 6, "{want:?}");
+        let used: usize = want
+            .0
+            .iter()
+            .map(|i| match i {
+                Input::Events(v) => v.len(),
+                _ => 1,
+            })
+            .sum();
+        assert_eq!(used, OFFLOAD_CHECK + 2);
+    }
+
     #[test]
     fn a_lone_message_is_sent_at_once_as_one_event() {
         let (mut r, mut rx, _n) = receiver(vec![key().public()]);
@@ -1561,17 +1779,178 @@ mod tests {
         assert_eq!(r.take_in(vec![message(&s, Some(&key()))]), Handled::Stop);
     }
 
+    #[tokio::test]
+    async fn inputs_that_find_the_channel_full_wait_in_order_and_none_is_lost() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let cfg = ReceiverConfig {
+            heartbeats: true,
+            ..plain_config()
+        };
+        let mut r = Receiver::new(cfg, CancellationToken::new(), tx, Notices::default());
+        let e = Epoch(4);
+        let hb = |seq| {
+            message(
+                &Broadcast::Heartbeat(Heartbeat {
+                    seq,
+                    epoch: e,
+                    interval_ms: 1000,
+                }),
+                None,
+            )
+        };
+        let ev = |seq, ip| message(&Broadcast::Event(sequenced(seq, e, ip)), None);
+        // Four inputs for a channel of one: never a wait, nothing dropped.
+        let group = vec![ev(1, "203.0.113.1"), hb(1), ev(2, "203.0.113.2"), hb(2)];
+        assert_eq!(r.take_in(group), Handled::Genuine);
+        assert_eq!(r.backlog.len(), 3);
+        // The backlog goes first, in order, as the intake makes room.
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(i) = rx.recv().await {
+                got.push(i);
+            }
+            got
+        });
+        assert!(r.send_backlog().await);
+        assert!(r.backlog.is_empty());
+        drop(r);
+        assert_eq!(
+            reader.await.unwrap(),
+            [
+                Input::from(sequenced(1, e, "203.0.113.1")),
+                Input::Heartbeat { epoch: e, seq: 1 },
+                Input::from(sequenced(2, e, "203.0.113.2")),
+                Input::Heartbeat { epoch: e, seq: 2 },
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn with_the_backlog_not_empty_a_new_input_goes_behind_it() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut r = Receiver::new(
+            plain_config(),
+            CancellationToken::new(),
+            tx,
+            Notices::default(),
+        );
+        let e = Epoch(4);
+        assert!(r.send(Input::from(sequenced(1, e, "203.0.113.1"))));
+        assert!(r.send(Input::from(sequenced(2, e, "203.0.113.2"))));
+        // Room again, but the backlog is older.
+        assert!(rx.recv().await.is_some());
+        assert!(r.send(Input::from(sequenced(3, e, "203.0.113.3"))));
+        assert_eq!(r.backlog.len(), 2);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(i) = rx.recv().await {
+                got.push(i);
+            }
+            got
+        });
+        assert!(r.send_backlog().await);
+        drop(r);
+        assert_eq!(
+            reader.await.unwrap(),
+            [
+                Input::from(sequenced(2, e, "203.0.113.2")),
+                Input::from(sequenced(3, e, "203.0.113.3")),
+            ]
+        );
+    }
+
+    /// Every broadcast wakes the loop through its socket's descriptor: with the
+    /// fallback wait and the dead-link timeout an hour long, a missed wake-up
+    /// would leave an input undelivered and fail the test. Lone messages (the
+    /// loop then waits with the socket read empty, without asking libzmq again)
+    /// and pairs sent back to back, over real TCP.
+    #[tokio::test]
+    async fn every_message_wakes_the_loop_without_a_fallback_timer() {
+        const HOUR: Duration = Duration::from_secs(3600);
+        let ctx = zmq::Context::new();
+        let publ = new_socket(&ctx, zmq::PUB).unwrap();
+        publ.bind("tcp://127.0.0.1:*").unwrap();
+        let endpoint = Endpoint::connect(&f2b_common::sockets::last_endpoint(&publ)).unwrap();
+        let cfg = ReceiverConfig {
+            endpoints: vec![endpoint],
+            heartbeat_timeout: HOUR,
+            heartbeats: true,
+            ..plain_config()
+        };
+        let (tx, mut rx) = mpsc::channel(64);
+        let token = CancellationToken::new();
+        let mut r = Receiver::new(cfg, token.clone(), tx, Notices::default());
+        r.max_wait = HOUR;
+        let task = tokio::spawn(r.run(ctx.clone()));
+        let send = |b: &Broadcast| publ.send_multipart([b.topic(), b.encode()], 0).unwrap();
+        let e = Epoch(11);
+        async fn within(rx: &mut mpsc::Receiver<Input>) -> Input {
+            tokio::time::timeout(Duration::from_secs(20), rx.recv())
+                .await
+                .expect("an input within 20 s (a missed wake-up waits an hour)")
+                .expect("the receive loop is running")
+        }
+        // The subscription reaches the publisher at some point: heartbeats until
+        // one arrives (each waited for, so none is lost to a wake-up either).
+        let mut hb = 0;
+        loop {
+            hb += 1;
+            send(&Broadcast::Heartbeat(Heartbeat {
+                seq: 0,
+                epoch: e,
+                interval_ms: 1000,
+            }));
+            match tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {
+                Ok(Some(Input::Heartbeat { .. })) => break,
+                Ok(other) => panic!("{other:?}"),
+                Err(_) => assert!(hb < 200, "the subscription never arrived"),
+            }
+        }
+        let mut seq = 0;
+        for round in 0..100 {
+            seq += 1;
+            let one = sequenced(seq, e, "203.0.113.9");
+            send(&Broadcast::Event(one.clone()));
+            let mut want = vec![Input::from(one)];
+            if round % 3 == 0 {
+                seq += 1;
+                let two = sequenced(seq, e, "203.0.113.10");
+                send(&Broadcast::Event(two.clone()));
+                want.push(Input::from(two));
+            }
+            // A pair may come as one group (one `Events` input) or as two.
+            let mut got = Vec::new();
+            while got.len() < want.len() {
+                match within(&mut rx).await {
+                    Input::Events(v) => got.extend(v.into_iter().map(Input::from)),
+                    i => got.push(i),
+                }
+            }
+            assert_eq!(got, want, "round {round}");
+        }
+        token.cancel();
+        task.await.unwrap().unwrap();
+    }
+
     #[test]
-    fn the_poll_never_waits_longer_than_max_poll_wait() {
+    fn the_wait_is_never_longer_than_max_poll_wait() {
         let now = Instant::now();
-        let cap = i64::try_from(MAX_POLL_WAIT.as_millis()).unwrap() + 1;
         // No deadline (legacy, no fetch): not forever.
-        assert_eq!(poll_wait(None, now), cap);
+        assert_eq!(wait_for(None, now, MAX_POLL_WAIT), MAX_POLL_WAIT);
         // A far dead-link deadline (heartbeat_timeout = "10m").
-        assert_eq!(poll_wait(Some(now + Duration::from_secs(600)), now), cap);
-        assert_eq!(poll_wait(Some(now + Duration::from_millis(200)), now), 201);
-        // A deadline passed: poll without waiting (almost).
-        assert_eq!(poll_wait(Some(now), now + Duration::from_secs(1)), 1);
+        assert_eq!(
+            wait_for(Some(now + Duration::from_secs(600)), now, MAX_POLL_WAIT),
+            MAX_POLL_WAIT
+        );
+        assert_eq!(
+            wait_for(Some(now + Duration::from_millis(200)), now, MAX_POLL_WAIT),
+            Duration::from_millis(200)
+        );
+        // A deadline passed: no wait.
+        assert_eq!(
+            wait_for(Some(now), now + Duration::from_secs(1), MAX_POLL_WAIT),
+            Duration::ZERO
+        );
     }
 
     #[test]

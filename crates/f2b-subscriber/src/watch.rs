@@ -12,10 +12,11 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use f2b_common::config::Config;
-use f2b_common::{sockets, zmq, CancellationToken};
+use f2b_common::{zmq, CancellationToken};
 use f2b_proto::{Epoch, Event, JailName};
 use serde_json::json;
 use tokio::sync::mpsc;
+use tracing::instrument::WithSubscriber;
 
 use crate::receiver::{self, Input, ReceiverConfig};
 use crate::{check_trust, endpoints_label, Notice, Notices, Refusal, SubscriberError};
@@ -279,22 +280,12 @@ pub async fn watch(
         heartbeats: true,
     };
     let ctx = zmq::Context::new();
-    let waker = sockets::shutdown_socket(&ctx, shutdown.clone()).map_err(|source| {
-        SubscriberError::Socket {
-            what: "shutdown",
-            source,
-        }
-    })?;
     let (tx, mut rx) = mpsc::channel(crate::CHANNEL_CAPACITY);
     let (ntx, mut nrx) = mpsc::unbounded_channel();
     let notices = Notices::to(ntx);
     let stop = shutdown.clone();
-    let dispatch = tracing::dispatcher::get_default(Clone::clone);
-    let receiver = tokio::task::spawn_blocking(move || {
-        tracing::dispatcher::with_default(&dispatch, || {
-            receiver::run(ctx, rcfg, waker, stop, tx, notices)
-        })
-    });
+    let receiver =
+        tokio::spawn(receiver::run(ctx, rcfg, stop, tx, notices).with_current_subscriber());
     let mut p = Printer {
         opts,
         publisher: endpoints_label(&s.publisher),
