@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use f2b_proto::{Action, Epoch, Event, EventId, JailName, Sequenced};
+use f2b_proto::{Action, Epoch, Event, JailName, Sequenced};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
@@ -285,7 +285,7 @@ impl Intake {
     /// A live event: filtered, recorded as pending and queued
     /// ([`Intake::record_and_queue`]).
     async fn live(&mut self, event: Event, seq: u64, epoch: Option<Epoch>, drops: &mut RateLimit) {
-        let known = self.state.with(|s| s.known(event.id));
+        let known = self.state.with(|s| s.known(&event));
         if let Some(item) = self.admit(event, seq, epoch, None, Source::Live, known) {
             self.record_and_queue(vec![item], drops).await;
         }
@@ -295,9 +295,9 @@ impl Intake {
     /// [`Intake::live`], the admitted ones recorded as pending in one state
     /// transaction and queued together.
     async fn live_all(&mut self, events: Vec<Sequenced>, drops: &mut RateLimit) {
-        let ids: Vec<EventId> = events.iter().map(|s| s.event.id).collect();
+        let all: Vec<&Event> = events.iter().map(|s| &s.event).collect();
         // Empty if the lookup failed: then none is known, as with `live`.
-        let mut known = self.state.with(|s| s.known_all(&ids)).into_iter();
+        let mut known = self.state.with(|s| s.known_all(&all)).into_iter();
         let mut items = Vec::with_capacity(events.len());
         for s in events {
             // A repeated id within the list: the filter's recent ids say so.
@@ -414,13 +414,13 @@ impl Intake {
                 p.learn_expiry(local, &b.event.jail, b.event.ip, b.expires_ms);
             }
         }
-        let ids: Vec<EventId> = r
+        let all: Vec<&Event> = r
             .bans
             .iter()
-            .map(|b| b.event.id)
-            .chain(r.queued.iter().map(|s| s.event.id))
+            .map(|b| &b.event)
+            .chain(r.queued.iter().map(|s| &s.event))
             .collect();
-        let known = tx.with(|s| s.known_all(&ids));
+        let known = tx.with(|s| s.known_all(&all));
         let mut known = known.into_iter();
         let mut queue = Vec::new();
         for ban in r.bans {
@@ -1283,9 +1283,9 @@ mod tests {
         let script: Script = Box::new(|_, _| Err(CallError::new(FailureScope::Call, "down")));
         let mut rig = Rig::new(script, None, MAX_BATCH, 1);
         let first = item(1, "cluster", Action::Ban);
-        let id = first.event.id;
+        let event = first.event.clone();
         rig.state.with(|s| s.add_pending(&first, now_ms()));
-        assert!(rig.state.with(|s| s.known(id)));
+        assert!(rig.state.with(|s| s.known(&event)));
         rig.push(first);
         let second = item(2, "cluster", Action::Ban);
         rig.state.with(|s| s.add_pending(&second, now_ms()));
@@ -1297,7 +1297,7 @@ mod tests {
             }
         }
         // A later snapshot or re-broadcast of it is not a duplicate.
-        assert!(!rig.state.with(|s| s.known(id)));
+        assert!(!rig.state.with(|s| s.known(&event)));
         assert_eq!(rig.state.with(|s| s.counts()).pending, 1);
     }
 
@@ -1611,8 +1611,7 @@ mod tests {
         assert_eq!(pair.live(ban(1, 1), true).await, [0]);
         // Then recorded: done, not left pending by the record that came after.
         assert_eq!(pair.pending(), 0);
-        let id = EventId::from_u128(1);
-        assert!(pair.intake.state.with(|s| s.known(id)));
+        assert!(pair.intake.state.with(|s| s.known(&ban(1, 1).event)));
         // The same for events received together.
         let mut drops = RateLimit::new(Duration::ZERO);
         pair.intake
@@ -1622,8 +1621,11 @@ mod tests {
         assert_eq!(pair.applied().await, ip(3));
         assert_eq!(*pair.seen.lock().unwrap(), [0, 0]);
         assert_eq!(pair.pending(), 0);
-        let ids = [EventId::from_u128(2), EventId::from_u128(3)];
-        assert_eq!(pair.intake.state.with(|s| s.known_all(&ids)), [true, true]);
+        let (b2, b3) = (ban(2, 2).event, ban(3, 3).event);
+        assert_eq!(
+            pair.intake.state.with(|s| s.known_all(&[&b2, &b3])),
+            [true, true]
+        );
     }
 
     #[tokio::test(start_paused = true)]

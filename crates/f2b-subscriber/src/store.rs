@@ -24,7 +24,11 @@
 //! that is not the partial one (or is missing) is rebuilt, in one transaction, the
 //! rows untouched. An older subscriber reads such a file as it is (its queries
 //! name the state, so the partial indexes serve them), so going back to an older
-//! version keeps the state. A version this subscriber does not know (a newer one)
+//! version keeps the state. Files written before also have an index of the held
+//! bans' ids (`held_by_id`) that no query needs any more (a held ban is looked up
+//! by its event's jail and address): at open, it is dropped, the rows untouched;
+//! an older subscriber reads the file without it (its lookup of a held id scans
+//! the held bans instead). A version this subscriber does not know (a newer one)
 //! is an unusable file (see below).
 //!
 //! # Durability
@@ -82,9 +86,11 @@ pub const HELD_UNKNOWN_RETENTION: Duration = Duration::from_secs(30 * 24 * 60 * 
 
 const BUSY_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// Whether an event id was accepted before or is a held ban.
+/// Whether an event (id `?1`, jail `?2`, address `?3`) was accepted before or is a
+/// held ban. A held ban is the row of its event's jail and address, so its primary
+/// key finds it (no index of held ids is needed).
 const KNOWN: &str = "SELECT EXISTS (SELECT 1 FROM events WHERE id = ?1) \
-                     OR EXISTS (SELECT 1 FROM held WHERE id = ?1)";
+                     OR EXISTS (SELECT 1 FROM held WHERE jail = ?2 AND ip = ?3 AND id = ?1)";
 
 const SCHEMA: &str = "
 CREATE TABLE events (
@@ -116,9 +122,35 @@ CREATE TABLE held (
     applied_ms INTEGER NOT NULL,
     PRIMARY KEY (jail, ip)
 ) WITHOUT ROWID;
-CREATE INDEX held_by_id ON held (id);
 CREATE INDEX held_by_epoch ON held (epoch);
 ";
+
+/// Indexes that files written before had and that no query of this subscriber
+/// needs (each one more page written per settled ban); [`drop_unused_indexes`]
+/// drops them at open. `held_by_id` served the held ban lookup of [`KNOWN`], which
+/// now goes by the primary key.
+const UNUSED_INDEXES: [&str; 1] = ["held_by_id"];
+
+/// Drops, in one transaction, each index of [`UNUSED_INDEXES`] that the file has;
+/// the rows are untouched. Returns whether it dropped any.
+fn drop_unused_indexes(conn: &Connection) -> rusqlite::Result<bool> {
+    let mut batch = String::new();
+    for name in UNUSED_INDEXES {
+        let found: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?1)",
+            [name],
+            |r| r.get(0),
+        )?;
+        if found {
+            batch.push_str(&format!(" DROP INDEX IF EXISTS {name};"));
+        }
+    }
+    if batch.is_empty() {
+        return Ok(false);
+    }
+    conn.execute_batch(&format!("BEGIN;{batch} COMMIT;"))?;
+    Ok(true)
+}
 
 /// The partial indexes of `events` (name, definition), as [`SCHEMA`] creates them.
 /// Files written before they were partial have full indexes of these names;
@@ -464,6 +496,12 @@ impl Store {
                         "subscriber state: the indexes of its events rebuilt (partial, one per state)"
                     );
                 }
+                if drop_unused_indexes(&conn).map_err(sql("drop the unused indexes"))? {
+                    tracing::info!(
+                        path = %path.display(),
+                        "subscriber state: its index of held ban ids dropped (no longer used)"
+                    );
+                }
                 Ok((conn, false))
             }
             v => Err(corrupt(format!(
@@ -521,17 +559,17 @@ impl Store {
         Ok(items)
     }
 
-    /// Whether the event `id` was accepted before (pending or settled) or is a held
-    /// ban.
-    pub fn known(&self, id: EventId) -> Result<bool, StoreError> {
+    /// Whether the event was accepted before (its id pending or settled) or is a
+    /// held ban.
+    pub fn known(&self, event: &Event) -> Result<bool, StoreError> {
         self.conn
             .prepare_cached(KNOWN)
-            .and_then(|mut st| st.query_row([id.to_string()], |r| r.get(0)))
+            .and_then(|mut st| st.query_row(known_params(event), |r| r.get(0)))
             .map_err(self.sql("look an event up"))
     }
 
-    /// [`Store::known`] of each of `ids`, in one transaction.
-    pub fn known_all(&mut self, ids: &[EventId]) -> Result<Vec<bool>, StoreError> {
+    /// [`Store::known`] of each of `events`, in one transaction.
+    pub fn known_all(&mut self, events: &[&Event]) -> Result<Vec<bool>, StoreError> {
         let path = &self.path;
         let sql = move |source| StoreError::Sql {
             path: path.clone(),
@@ -539,12 +577,12 @@ impl Store {
             source,
         };
         let tx = Savepoint::new(&self.conn).map_err(&sql)?;
-        let mut out = Vec::with_capacity(ids.len());
+        let mut out = Vec::with_capacity(events.len());
         {
             let mut stmt = tx.prepare_cached(KNOWN).map_err(&sql)?;
-            for id in ids {
+            for event in events {
                 out.push(
-                    stmt.query_row([id.to_string()], |r| r.get(0))
+                    stmt.query_row(known_params(event), |r| r.get(0))
                         .map_err(&sql)?,
                 );
             }
@@ -918,6 +956,15 @@ impl Store {
             )
             .map_err(self.sql("count"))
     }
+}
+
+/// The parameters of [`KNOWN`] for `event`.
+fn known_params(event: &Event) -> (String, &str, String) {
+    (
+        event.id.to_string(),
+        event.jail.as_str(),
+        event.ip.to_string(),
+    )
 }
 
 fn insert(conn: &Connection, item: &Item, state: &str, now_ms: u64) -> rusqlite::Result<usize> {

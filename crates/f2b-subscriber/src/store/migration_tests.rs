@@ -1,5 +1,6 @@
 //! A state written before the indexes of `events` were partial (the same schema
-//! version, full indexes), opened by this one.
+//! version, full indexes), or before the index of held ban ids was dropped, opened
+//! by this one.
 
 use super::*;
 
@@ -100,6 +101,15 @@ fn v1_held(c: &Connection, n: u128, ip: &str) {
     .unwrap();
 }
 
+fn has_index(c: &Connection, name: &str) -> bool {
+    c.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?1)",
+        [name],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
 fn index_sql(c: &Connection, name: &str) -> String {
     c.query_row(
         "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?1",
@@ -158,6 +168,7 @@ fn migrates_keeping_every_row(crashed: bool) {
     assert_eq!(version, SCHEMA_VERSION);
     assert!(index_sql(&s.conn, "events_pending").contains("WHERE state = 'pending'"));
     assert!(index_sql(&s.conn, "events_done").contains("WHERE state = 'done'"));
+    assert!(!has_index(&s.conn, "held_by_id"));
     assert_eq!(
         s.counts().unwrap(),
         Counts {
@@ -177,13 +188,20 @@ fn migrates_keeping_every_row(crashed: bool) {
         ]
     );
     // Done events and held bans still make a received event a duplicate.
-    assert!(s.known(id(1)).unwrap());
-    assert!(s.known(id(2)).unwrap());
-    assert!(s.known(id(3)).unwrap());
-    assert!(s.known(id(4)).unwrap());
-    assert!(!s.known(id(7)).unwrap());
+    assert!(s.known(&item(1, Action::Ban, "203.0.113.1").event).unwrap());
+    assert!(s
+        .known(&item(2, Action::Unban, "203.0.113.2").event)
+        .unwrap());
+    assert!(s.known(&item(3, Action::Ban, "203.0.113.3").event).unwrap());
+    assert!(s.known(&item(4, Action::Ban, "203.0.113.4").event).unwrap());
+    assert!(!s.known(&item(7, Action::Ban, "203.0.113.7").event).unwrap());
     assert_eq!(
-        s.known_all(&[id(2), id(7), id(6)]).unwrap(),
+        s.known_all(&[
+            &item(2, Action::Unban, "203.0.113.2").event,
+            &item(7, Action::Ban, "203.0.113.7").event,
+            &item(6, Action::Ban, "203.0.113.6").event
+        ])
+        .unwrap(),
         vec![true, false, true]
     );
     // Held bans are still held.
@@ -216,7 +234,7 @@ fn migrates_keeping_every_row(crashed: bool) {
     );
     // A dropped pending event is forgotten.
     s.forget_dropped(&[pending[2].clone()]).unwrap();
-    assert!(!s.known(id(6)).unwrap());
+    assert!(!s.known(&pending[2].event).unwrap());
     // Pruning sees the old done rows through the new index: within the retention,
     // all stay; a day later, all go, the bans stay held.
     assert_eq!(s.prune(NOW).unwrap(), 0);
@@ -229,12 +247,14 @@ fn migrates_keeping_every_row(crashed: bool) {
             held: 3
         }
     );
-    assert!(s.known(id(1)).unwrap());
+    // Held, its done row pruned: known by the held ban alone.
+    assert!(s.known(&item(1, Action::Ban, "203.0.113.1").event).unwrap());
     drop(s);
 
     // Opened again: as it is (nothing rebuilt), nothing lost, nothing moved away.
     let s = Store::open(tmp.path(), SystemTime::now()).unwrap();
     assert!(!ensure_indexes(&s.conn).unwrap());
+    assert!(!drop_unused_indexes(&s.conn).unwrap());
     assert_eq!(s.counts().unwrap().held, 3);
     let moved: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()
@@ -259,6 +279,8 @@ fn a_new_state_has_the_partial_indexes_and_needs_no_rebuild() {
     let tmp = tempfile::tempdir().unwrap();
     let s = Store::open(tmp.path(), SystemTime::now()).unwrap();
     assert!(!ensure_indexes(&s.conn).unwrap());
+    assert!(!drop_unused_indexes(&s.conn).unwrap());
+    assert!(!has_index(&s.conn, "held_by_id"));
     for (name, create) in EVENT_INDEXES {
         assert_eq!(index_sql(&s.conn, name), create);
     }
@@ -282,4 +304,74 @@ fn a_missing_index_is_rebuilt_and_pending_events_still_come_back() {
         assert_eq!(index_sql(&s.conn, name), create);
     }
     assert_eq!(s.pending().unwrap().len(), 3);
+}
+
+/// What the subscriber before this one wrote (partial indexes of `events`, and an
+/// index of the held bans' ids): the index is dropped at open, every row kept, and
+/// an older subscriber's lookup of held ids still answers the same without it.
+#[test]
+fn a_state_with_the_index_of_held_ids_loses_it_keeping_every_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    {
+        let c = Connection::open(tmp.path().join(STATE_FILE)).unwrap();
+        let _: String = c
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .unwrap();
+        c.execute_batch(&format!(
+            "BEGIN; {SCHEMA} CREATE INDEX held_by_id ON held (id); \
+             PRAGMA user_version = 1; COMMIT;"
+        ))
+        .unwrap();
+        v1_event(&c, 1, "done", Action::Ban, "203.0.113.1");
+        v1_held(&c, 1, "203.0.113.1");
+        v1_held(&c, 3, "203.0.113.3");
+        v1_event(&c, 4, "pending", Action::Ban, "203.0.113.4");
+    }
+    let mut s = Store::open(tmp.path(), SystemTime::now()).unwrap();
+    assert!(!has_index(&s.conn, "held_by_id"));
+    assert!(has_index(&s.conn, "held_by_epoch"));
+    assert!(!ensure_indexes(&s.conn).unwrap());
+    assert_eq!(
+        s.counts().unwrap(),
+        Counts {
+            pending: 1,
+            done: 1,
+            held: 2
+        }
+    );
+    assert_eq!(
+        s.pending().unwrap(),
+        vec![item(4, Action::Ban, "203.0.113.4")]
+    );
+    assert_eq!(s.held(Epoch(EPOCH)).unwrap().len(), 2);
+    let events = [
+        item(1, Action::Ban, "203.0.113.1").event,
+        item(3, Action::Ban, "203.0.113.3").event,
+        item(4, Action::Ban, "203.0.113.4").event,
+        item(7, Action::Ban, "203.0.113.7").event,
+        // Event 3's id with another address: not that held ban.
+        item(3, Action::Ban, "203.0.113.8").event,
+    ];
+    let all: Vec<&Event> = events.iter().collect();
+    assert_eq!(
+        s.known_all(&all).unwrap(),
+        vec![true, true, true, false, false]
+    );
+    // The lookup of the subscribers that had the index, without it: the same
+    // answers for the same ids.
+    let old_known = |n: u128| -> bool {
+        s.conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM events WHERE id = ?1) \
+                 OR EXISTS (SELECT 1 FROM held WHERE id = ?1)",
+                [id(n).to_string()],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert_eq!([1, 3, 4, 7].map(old_known), [true, true, true, false]);
+    drop(s);
+    let s = Store::open(tmp.path(), SystemTime::now()).unwrap();
+    assert!(!drop_unused_indexes(&s.conn).unwrap());
+    assert_eq!(s.counts().unwrap().held, 2);
 }

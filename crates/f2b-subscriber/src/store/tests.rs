@@ -65,8 +65,12 @@ fn pending_events_survive_a_reopen_in_order() {
     assert_eq!(p[1].event.ip.to_string(), "2001:db8::1");
     assert_eq!(p[1].epoch, None);
     assert_eq!(p[1].action(), Action::Unban);
-    assert!(s.known(EventId::from_u128(3)).unwrap());
-    assert!(!s.known(EventId::from_u128(4)).unwrap());
+    let known = |n| {
+        s.known(&item(n, "cluster", Action::Ban, "203.0.113.3", Some(9)).event)
+            .unwrap()
+    };
+    assert!(known(3));
+    assert!(!known(4));
 }
 
 #[test]
@@ -108,7 +112,7 @@ fn settling_records_applied_bans_and_replaced_events() {
     let given_up = item(5, "cluster", Action::Ban, "203.0.113.5", Some(5));
     s.settle(std::slice::from_ref(&given_up), false, NOW)
         .unwrap();
-    assert!(s.known(given_up.event.id).unwrap());
+    assert!(s.known(&given_up.event).unwrap());
     assert!(s.held(Epoch(5)).unwrap().is_empty());
     // Legacy bans (no epoch) are never held.
     s.settle(
@@ -141,9 +145,9 @@ fn pruning_keeps_recent_ids_and_live_bans() {
     // A day later: the done rows are gone, the expired ban too; the pending event
     // and the ban of unknown expiry stay.
     s.prune(NOW + day + 1).unwrap();
-    assert!(!s.known(old.event.id).unwrap());
-    assert!(!s.known(expiring.event.id).unwrap());
-    assert!(s.known(unknown.event.id).unwrap(), "held");
+    assert!(!s.known(&old.event).unwrap());
+    assert!(!s.known(&expiring.event).unwrap());
+    assert!(s.known(&unknown.event).unwrap(), "held");
     assert_eq!(
         s.counts().unwrap(),
         Counts {
@@ -229,7 +233,9 @@ fn invalid_rows_are_dropped_not_fatal() {
     let p = s.pending().unwrap();
     assert_eq!(p.len(), 1);
     assert_eq!(p[0].event.id, EventId::from_u128(2));
-    assert!(!s.known(EventId::from_u128(1)).unwrap());
+    assert!(!s
+        .known(&item(1, "cluster", Action::Ban, "203.0.113.1", None).event)
+        .unwrap());
 }
 
 #[test]
@@ -242,8 +248,12 @@ fn batch_operations_match_the_single_ones() {
     assert_eq!(s.pending().unwrap().len(), 2);
     s.settle(std::slice::from_ref(&a), true, NOW).unwrap();
     assert_eq!(
-        s.known_all(&[a.event.id, EventId::from_u128(99), b.event.id])
-            .unwrap(),
+        s.known_all(&[
+            &a.event,
+            &item(99, "cluster", Action::Ban, "203.0.113.1", Some(3)).event,
+            &b.event
+        ])
+        .unwrap(),
         [true, false, true]
     );
     s.learn_expiries(&[
@@ -267,7 +277,8 @@ fn a_state_transaction_holds_the_store_operations() {
             s.settle(std::slice::from_ref(&a), true, NOW)?;
             // Still inside the one transaction after the nested operations.
             assert!(!s.conn.is_autocommit());
-            s.known_all(&[a.event.id, b.event.id, EventId::from_u128(3)])
+            let c = item(3, "cluster", Action::Ban, "203.0.113.3", Some(1));
+            s.known_all(&[&a.event, &b.event, &c.event])
         })
     });
     assert_eq!(known, [true, true, false]);
@@ -308,8 +319,8 @@ fn a_savepoint_not_committed_is_rolled_back() {
         insert(&sp, &b, "pending", NOW).unwrap();
     }
     s.conn.execute_batch("COMMIT").unwrap();
-    assert!(s.known(a.event.id).unwrap());
-    assert!(!s.known(b.event.id).unwrap());
+    assert!(s.known(&a.event).unwrap());
+    assert!(!s.known(&b.event).unwrap());
     assert!(s.conn.is_autocommit());
 }
 
@@ -360,7 +371,9 @@ fn pruning_keeps_the_newest_done_ids_when_there_are_too_many() {
     );
     // The oldest went, the next stayed.
     for i in 0..total {
-        let known = s.known(EventId::from_u128(i as u128)).unwrap();
+        let mut e = item(0, "cluster", Action::Ban, "203.0.113.1", None).event;
+        e.id = EventId::from_u128(i as u128);
+        let known = s.known(&e).unwrap();
         assert_eq!(known, i >= extra, "{i}");
     }
     assert_eq!(s.prune(NOW).unwrap(), 0);
