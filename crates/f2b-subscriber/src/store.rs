@@ -629,38 +629,40 @@ impl Store {
         let tx = Savepoint::new(&self.conn).map_err(sql("begin"))?;
         for item in items {
             let e = &item.event;
-            let id = e.id.to_string();
-            let ip = e.ip.to_string();
-            // The event's own pending row (if any) and the earlier ones of its key.
-            let settle_key = || {
-                tx.prepare_cached(
-                    "UPDATE events SET state = 'done', done_ms = ?2 WHERE state = 'pending' \
-                     AND local_jail = ?3 AND ip = ?4 AND jail = ?5 \
+            let row = Row::of(item);
+            // Recorded done if it has no row yet; a row it has (pending, or done
+            // already) is left as it is here.
+            insert_row(&tx, item, &row, "done", now_ms).map_err(sql("record an event"))?;
+            // Then its pending row (if any) and the earlier pending ones of its key,
+            // which the queue replaced with it, are settled. Found first and settled
+            // by rowid: an UPDATE that finds its rows through `events_pending`, the
+            // index it changes, collects them in a temporary table first (on the
+            // lone path, twice per event, for no row at all).
+            let replaced: Vec<i64> = tx
+                .prepare_cached(
+                    "SELECT rowid FROM events WHERE state = 'pending' AND local_jail = ?2 \
+                     AND ip = ?3 AND jail = ?4 \
                      AND rowid <= (SELECT rowid FROM events WHERE id = ?1)",
                 )
                 .and_then(|mut st| {
-                    st.execute(params![
-                        id,
-                        sql_int(now_ms),
-                        item.jail.as_str(),
-                        ip,
-                        e.jail.as_str()
-                    ])
+                    st.query_map(
+                        params![row.id, item.jail.as_str(), row.ip, e.jail.as_str()],
+                        |r| r.get(0),
+                    )?
+                    .collect()
                 })
-                .map_err(sql("settle an event"))
-            };
-            // Nothing settled: the event has no row (then it is recorded done, and
-            // pending rows of its key recorded before are settled with it) or is
-            // done already.
-            if settle_key()? == 0
-                && insert(&tx, item, "done", now_ms).map_err(sql("record an event"))? != 0
-            {
-                settle_key()?;
+                .map_err(sql("settle an event"))?;
+            for rowid in replaced {
+                tx.prepare_cached(
+                    "UPDATE events SET state = 'done', done_ms = ?2 WHERE rowid = ?1",
+                )
+                .and_then(|mut st| st.execute(params![rowid, sql_int(now_ms)]))
+                .map_err(sql("settle an event"))?;
             }
             if !applied {
                 continue;
             }
-            match (e.action, item.epoch) {
+            match (e.action, row.epoch.as_deref()) {
                 (Action::Ban, Some(epoch)) => {
                     tx.prepare_cached(
                         "INSERT INTO held (jail, ip, local_jail, id, node, epoch, seq, \
@@ -673,11 +675,11 @@ impl Store {
                     .and_then(|mut st| {
                         st.execute(params![
                             e.jail.as_str(),
-                            ip,
+                            row.ip,
                             item.jail.as_str(),
-                            id,
+                            row.id,
                             e.node.as_str(),
-                            epoch.to_string(),
+                            epoch,
                             sql_int(item.seq),
                             item.expires_ms.map(sql_int),
                             sql_int(now_ms),
@@ -688,7 +690,7 @@ impl Store {
                 (Action::Ban, None) => {}
                 (Action::Unban, _) => {
                     tx.prepare_cached("DELETE FROM held WHERE jail = ?1 AND ip = ?2")
-                        .and_then(|mut st| st.execute(params![e.jail.as_str(), ip]))
+                        .and_then(|mut st| st.execute(params![e.jail.as_str(), row.ip]))
                         .map_err(sql("forget a held ban"))?;
                 }
             }
@@ -967,7 +969,36 @@ fn known_params(event: &Event) -> (String, &str, String) {
     )
 }
 
+/// The text columns of an item's rows, formatted once for all its statements.
+struct Row {
+    id: String,
+    ip: String,
+    epoch: Option<String>,
+}
+
+impl Row {
+    fn of(item: &Item) -> Row {
+        Row {
+            id: item.event.id.to_string(),
+            ip: item.event.ip.to_string(),
+            epoch: item.epoch.map(|x| x.to_string()),
+        }
+    }
+}
+
 fn insert(conn: &Connection, item: &Item, state: &str, now_ms: u64) -> rusqlite::Result<usize> {
+    insert_row(conn, item, &Row::of(item), state, now_ms)
+}
+
+/// Records `item` (its columns `row`) in `state` unless its id has a row already;
+/// returns how many rows it inserted.
+fn insert_row(
+    conn: &Connection,
+    item: &Item,
+    row: &Row,
+    state: &str,
+    now_ms: u64,
+) -> rusqlite::Result<usize> {
     let e = &item.event;
     conn.prepare_cached(
         "INSERT OR IGNORE INTO events (id, state, local_jail, node, jail, action, ip, time_ms, \
@@ -975,16 +1006,16 @@ fn insert(conn: &Connection, item: &Item, state: &str, now_ms: u64) -> rusqlite:
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
     )?
     .execute(params![
-        e.id.to_string(),
+        row.id,
         state,
         item.jail.as_str(),
         e.node.as_str(),
         e.jail.as_str(),
         e.action.as_str(),
-        e.ip.to_string(),
+        row.ip,
         sql_int(e.time_ms),
         sql_int(item.seq),
-        item.epoch.map(|x| x.to_string()),
+        row.epoch,
         item.expires_ms.map(sql_int),
         sql_int(now_ms),
         (state == "done").then_some(sql_int(now_ms)),

@@ -378,3 +378,35 @@ fn pruning_keeps_the_newest_done_ids_when_there_are_too_many() {
     }
     assert_eq!(s.prune(NOW).unwrap(), 0);
 }
+
+/// Settling an item settles its own pending row and the earlier ones of its key,
+/// never a later one (a newer event still queued); an item with no row yet (the
+/// executor settled it before the intake recorded it) is recorded done and
+/// settles the earlier ones of its key as well.
+#[test]
+fn settling_stops_at_the_item_and_records_one_without_a_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = open(tmp.path());
+    let ids = |s: &mut Store| -> Vec<EventId> {
+        s.pending().unwrap().iter().map(|i| i.event.id).collect()
+    };
+    let a = item(1, "cluster", Action::Ban, "203.0.113.1", Some(5));
+    let b = item(2, "cluster", Action::Unban, "203.0.113.1", Some(5));
+    let c = item(3, "cluster", Action::Ban, "203.0.113.1", Some(5));
+    let elsewhere = item(4, "other", Action::Ban, "203.0.113.1", Some(5));
+    for i in [&a, &b, &c, &elsewhere] {
+        s.add_pending(i, NOW).unwrap();
+    }
+    s.settle(std::slice::from_ref(&b), true, NOW).unwrap();
+    assert_eq!(ids(&mut s), [c.event.id, elsewhere.event.id]);
+    // Not recorded yet: recorded done, and `c` before it settled with it.
+    let d = item(5, "cluster", Action::Ban, "203.0.113.1", Some(5));
+    s.settle(std::slice::from_ref(&d), true, NOW).unwrap();
+    assert_eq!(ids(&mut s), [elsewhere.event.id]);
+    assert_eq!(s.counts().unwrap().done, 4);
+    // Its pending record coming after leaves it done.
+    s.add_pending(&d, NOW).unwrap();
+    assert_eq!(ids(&mut s), [elsewhere.event.id]);
+    assert!(s.known(&d.event).unwrap());
+    assert_eq!(s.held(Epoch(5)).unwrap()[0].id, d.event.id);
+}
