@@ -317,7 +317,10 @@ impl Intake {
     /// its bans are queued first and recorded after the executor has had its turn:
     /// a lone ban reaches its action without waiting for the state's write. The
     /// executor's settling of an item not recorded yet records it done, and the
-    /// pending record that follows then leaves it done. Only with
+    /// pending record that follows would then leave it done: it is not made for
+    /// the items the executor settled meanwhile ([`Pending::settled_since_push`]:
+    /// the executor records a settling in the state in the same step, so the id
+    /// has its row already, or gets it done without the record). Only with
     /// [`Intake::act_first`] and for broadcast bans: a process crash in between
     /// loses the record, and the restart's snapshot, which lists the bans the
     /// cluster holds, is what applies such a ban again (twice is harmless). An
@@ -344,9 +347,13 @@ impl Intake {
             enqueue(&self.shared, items, drops, &self.notices, &self.state);
             return;
         }
-        let recorded = items.clone();
+        let mut recorded = items.clone();
         let (dropped, total) = push(&self.shared, items, &self.notices);
         tokio::task::yield_now().await;
+        {
+            let p = self.shared.lock();
+            recorded.retain(|i| !p.settled_since_push(i.event.id));
+        }
         self.record_pending(&recorded);
         // After the record, as `enqueue` does: a dropped item is forgotten.
         log_dropped(dropped, total, drops, &self.notices, &self.state);
@@ -354,6 +361,7 @@ impl Intake {
 
     fn record_pending(&self, items: &[Item]) {
         match items {
+            [] => {}
             [one] => self.state.with(|s| s.add_pending(one, now_ms())),
             all => self.state.with(|s| s.add_pending_all(all, now_ms())),
         }

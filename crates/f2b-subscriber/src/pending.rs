@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::time::Duration;
 
-use f2b_proto::{Action, Epoch, Event, JailName};
+use f2b_proto::{Action, Epoch, Event, EventId, JailName};
 use tokio::time::Instant;
 
 use crate::store::HELD_UNKNOWN_RETENTION;
@@ -149,7 +149,14 @@ pub struct Pending {
     capacity: usize,
     dropped: u64,
     closed: bool,
+    /// The ids settled since the last push (at most [`SETTLED_SINCE_PUSH`]), for
+    /// [`Pending::settled_since_push`].
+    settled_since_push: Vec<EventId>,
 }
+
+/// How many ids [`Pending::settled_since_push`] remembers; later ones are not
+/// (then it answers `false`, which is always safe).
+const SETTLED_SINCE_PUSH: usize = 16;
 
 impl Pending {
     /// A queue of at most `capacity` entries.
@@ -165,6 +172,7 @@ impl Pending {
             capacity: capacity.max(1),
             dropped: 0,
             closed: false,
+            settled_since_push: Vec::new(),
         }
     }
 
@@ -194,6 +202,7 @@ impl Pending {
     /// for the same (jail, address) is replaced: the last action wins. Returns the
     /// items dropped to stay within the capacity (the oldest first).
     pub fn push(&mut self, item: Item, now: Instant) -> Vec<Item> {
+        self.settled_since_push.clear();
         let key = item.key();
         if let Some(old) = self.entries.remove(&key) {
             self.order.remove(&old.order);
@@ -341,6 +350,9 @@ impl Pending {
     /// applied ban in a local jail other than its event's jail makes that jail a
     /// holder of the (local jail, address); an unban (applied or not) ends it.
     pub fn settled(&mut self, item: &Item, applied: bool, now_ms: u64) {
+        if self.settled_since_push.len() < SETTLED_SINCE_PUSH {
+            self.settled_since_push.push(item.event.id);
+        }
         let key = item.key();
         if self
             .in_flight
@@ -377,6 +389,13 @@ impl Pending {
                 }
             }
         }
+    }
+
+    /// Whether an item of event `id` was settled ([`Pending::settled`]) since the
+    /// last [`Pending::push`]. `false` when it was not, or when too many were to
+    /// remember them all.
+    pub fn settled_since_push(&self, id: EventId) -> bool {
+        self.settled_since_push.contains(&id)
     }
 
     /// Records a ban applied before (the state's held bans, at start) in `local`
@@ -591,6 +610,28 @@ mod tests {
                 ("cluster".into(), Action::Ban, 5),
             ]
         );
+    }
+
+    #[test]
+    fn settled_since_push_remembers_the_ids_settled_after_the_last_push() {
+        let now = Instant::now();
+        let mut p = Pending::new(100);
+        let a = item(1, "sshd", Action::Ban, "203.0.113.1");
+        let b = item(2, "sshd", Action::Ban, "203.0.113.2");
+        p.push(a.clone(), now);
+        let taken = p.take_ready(now, MAX_BATCH);
+        assert!(!p.settled_since_push(a.event.id), "taken, not settled");
+        p.settled(&taken[0].item, true, 0);
+        assert!(p.settled_since_push(a.event.id));
+        p.push(b.clone(), now);
+        assert!(!p.settled_since_push(a.event.id), "forgotten at the push");
+        assert!(!p.settled_since_push(b.event.id));
+        // At most SETTLED_SINCE_PUSH: beyond, `false` (the record is made).
+        for n in 0..=SETTLED_SINCE_PUSH as u128 {
+            p.settled(&item(10 + n, "sshd", Action::Ban, "203.0.113.3"), false, 0);
+        }
+        assert!(p.settled_since_push(EventId::from_u128(10)));
+        assert!(!p.settled_since_push(EventId::from_u128(10 + SETTLED_SINCE_PUSH as u128)));
     }
 
     fn in_cluster(id: u128, jail: &str, action: Action, ip: &str) -> Item {
