@@ -99,6 +99,12 @@ fn log_dropped(
 
 /// Queues `items` (already recorded as pending) and wakes the executor; the items
 /// dropped to stay within the bound are settled and reported.
+/// Whether no two of `items` share a queue key (local jail, event jail, address).
+fn distinct_keys(items: &[Item]) -> bool {
+    let mut keys = HashSet::with_capacity(items.len());
+    items.iter().all(|i| keys.insert(i.key()))
+}
+
 pub(crate) fn enqueue(
     shared: &Shared,
     items: Vec<Item>,
@@ -330,18 +336,23 @@ impl Intake {
     /// burst in its queue and batches it.
     ///
     /// This relies on the intake being the only producer of the queue, recording
-    /// each message before it takes the next: a row is always recorded before a
-    /// later item of the same key can replace it in the queue, and an item the
-    /// queue drops (the oldest first) always has its row.
+    /// each message before it takes the next, and on the items queued first having
+    /// distinct keys: a row is always recorded before a later item of the same key
+    /// can replace it in the queue, and an item the queue drops (the oldest first)
+    /// always has its row.
     async fn record_and_queue(&mut self, items: Vec<Item>, drops: &mut RateLimit) {
         if items.is_empty() {
             return;
         }
+        // Two items of one key in one input: the queue keeps the later one, so
+        // the earlier one's record would come after the later one's settling and
+        // stay pending; such an input records first.
         let act_first = self.act_first
             && self.rx.is_empty()
             && items
                 .iter()
-                .all(|i| i.action() == Action::Ban && i.epoch.is_some());
+                .all(|i| i.action() == Action::Ban && i.epoch.is_some())
+            && distinct_keys(&items);
         if !act_first {
             self.record_pending(&items);
             enqueue(&self.shared, items, drops, &self.notices, &self.state);
@@ -1634,6 +1645,21 @@ mod tests {
             pair.intake.state.with(|s| s.known_all(&[&b2, &b3])),
             [true, true]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_bans_of_one_address_received_together_leave_nothing_pending() {
+        let mut pair = intake_and_executor();
+        // The queue keeps the later of the two; it is applied once and settles
+        // the earlier one with it.
+        let mut drops = RateLimit::new(Duration::ZERO);
+        pair.intake
+            .live_all(vec![ban(1, 4), ban(2, 4)], &mut drops)
+            .await;
+        assert_eq!(pair.applied().await, ip(4));
+        // Recorded first: both were pending when the action ran.
+        assert_eq!(*pair.seen.lock().unwrap(), [2]);
+        assert_eq!(pair.pending(), 0);
     }
 
     #[tokio::test(start_paused = true)]

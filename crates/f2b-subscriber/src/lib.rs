@@ -108,7 +108,7 @@ pub enum SubscriberError {
         endpoint: String,
         source: zmq::Error,
     },
-    #[error("polling the SUB socket failed")]
+    #[error("cannot read the state of the subscriber's ZeroMQ sockets (ZMQ_FD, ZMQ_EVENTS)")]
     Poll { source: zmq::Error },
     #[error("cannot watch the {what} socket's file descriptor")]
     Watch {

@@ -82,7 +82,7 @@ impl Item {
         self.event.action
     }
 
-    fn key(&self) -> Key {
+    pub(crate) fn key(&self) -> Key {
         (self.jail.clone(), self.event.jail.clone(), self.event.ip)
     }
 

@@ -200,10 +200,13 @@ pub(crate) const MAX_DRAIN: usize = 256;
 /// waiting, up to this many, have their signatures checked together (one Ed25519
 /// batch) and the events they bring go to the intake in one send.
 const MAX_GROUP: usize = 64;
+/// How often a snapshot REQ socket that could not be watched is looked at.
+const REQ_LOOK: Duration = Duration::from_millis(50);
 /// Groups of this many messages or more have their signatures checked on a
 /// blocking thread, in parallel with the intake ([`Receiver::take_in_async`]).
 const OFFLOAD_CHECK: usize = 8;
-/// The longest the loop reads from the SUB socket per wake-up before polling again.
+/// The longest the loop reads from the SUB socket per wake-up before it looks at its
+/// other sockets and deadlines again.
 const MAX_DRAIN_TIME: Duration = Duration::from_millis(50);
 /// The longest the loop waits for its sockets before it looks at everything
 /// again (the token wakes it at once; this bounds what a missed wake-up could
@@ -636,9 +639,11 @@ enum Stop {
 ///
 /// It waits on the sockets' file descriptors (`ZMQ_FD`, through tokio's reactor),
 /// the token and its next deadline, so a message wakes the runtime's thread
-/// directly: no thread of its own to hand each message over from. Each wake-up
-/// reads `ZMQ_EVENTS` of every socket before waiting again, as libzmq requires
-/// (the descriptor only says that something may have changed).
+/// directly: no thread of its own to hand each message over from. As libzmq
+/// requires (the descriptor only says that something may have changed, and only
+/// once), it reads `ZMQ_EVENTS` of every socket before it waits, except after a
+/// group that ended with the SUB socket and the monitor read empty: such a read
+/// leaves libzmq set to signal the descriptor for whatever comes next.
 pub(crate) async fn run(
     ctx: zmq::Context,
     cfg: ReceiverConfig,
@@ -707,12 +712,20 @@ struct Watched<'s> {
     _socket: PhantomData<&'s ()>,
 }
 
+/// Empty, but it makes the borrow of the socket last until the registration is
+/// dropped (without it, the borrow would end at the last use of the value, and the
+/// socket could be closed before the registration is removed).
+impl Drop for Watched<'_> {
+    fn drop(&mut self) {}
+}
+
 impl Watched<'_> {
     /// Waits until the descriptor says the socket may have changed, then clears
-    /// that (the caller reads `ZMQ_EVENTS` next).
+    /// that (the caller reads `ZMQ_EVENTS` next). Never, if the reactor is gone.
     async fn changed(&self) {
-        if let Ok(mut guard) = self.fd.readable().await {
-            guard.clear_ready();
+        match self.fd.readable().await {
+            Ok(mut guard) => guard.clear_ready(),
+            Err(_) => std::future::pending().await,
         }
     }
 }
@@ -721,14 +734,16 @@ impl Watched<'_> {
 ///
 /// The project's one `unsafe` block (the workspace denies them): tokio's
 /// registration of a descriptor it does not own. Sound because `Watched<'s>`
-/// borrows the socket, so the descriptor stays open while it is registered.
+/// borrows the socket until it is dropped (its `Drop` makes the borrow last that
+/// long), so the descriptor stays open while it is registered.
 #[allow(unsafe_code)]
 fn watch<'s>(socket: &'s zmq::Socket, what: &'static str) -> Result<Watched<'s>, SubscriberError> {
     let fd = socket
         .get_fd()
         .map_err(|source| SubscriberError::Poll { source })?;
     // SAFETY: `fd` is the socket's own descriptor, open until the socket is
-    // closed; the socket is borrowed for the registration's whole life.
+    // closed; the socket stays borrowed until the registration is dropped
+    // (`Watched`'s `Drop`).
     let fd =
         unsafe { AsyncFd::register_with_interest(ZmqFd(fd), Interest::READABLE) }.map_err(|e| {
             SubscriberError::Watch {
@@ -861,6 +876,16 @@ impl Receiver {
             }
             let mut deadline = self.catchup.deadline();
             if !self.cfg.legacy {
+                // What the socket already holds was sent before now: a loop held
+                // up (a stalled runtime, a full channel) must not take that for a
+                // silent publisher and drop it with the socket.
+                if now >= last + self.timeout {
+                    // (Asked now: the shortcut below no longer holds.)
+                    drained = false;
+                    if has_input(&s.sub)? {
+                        last = now;
+                    }
+                }
                 let dead_at = last + self.timeout;
                 if now >= dead_at {
                     if let Some(held) = self.dead.allow() {
@@ -897,9 +922,17 @@ impl Receiver {
                 None => false,
             };
             if !(sub_ready || mon_ready || req_ready) {
-                // The fetch's REQ socket comes and goes with each fetch.
-                let req_fd = match self.catchup.socket() {
-                    Some(r) => Some(watch(r, "snapshot REQ")?),
+                // The fetch's REQ socket comes and goes with each fetch. Should it
+                // not be watched (the reactor out of room), it is looked at every
+                // REQ_LOOK instead, and the fetch's own timeout still applies.
+                let mut wait = wait_for(deadline, now, self.max_wait);
+                let req_fd = match self.catchup.socket().map(|r| watch(r, "snapshot REQ")) {
+                    Some(Ok(w)) => Some(w),
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "cannot watch the snapshot REQ socket, looking at it every 50 ms");
+                        wait = wait.min(REQ_LOOK);
+                        None
+                    }
                     None => None,
                 };
                 tokio::select! {
@@ -907,7 +940,7 @@ impl Receiver {
                     _ = sub_fd.changed() => {}
                     _ = changed(mon_fd.as_ref()) => {}
                     _ = changed(req_fd.as_ref()) => {}
-                    _ = tokio::time::sleep(wait_for(deadline, now, self.max_wait)) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
                 continue;
             }
@@ -934,9 +967,10 @@ impl Receiver {
             let mut taken = 0;
             while taken < MAX_DRAIN && Instant::now() < drain_until {
                 // The monitor was just read (or found empty) before the first group.
-                let group = take_group(s, (MAX_DRAIN - taken).min(MAX_GROUP), taken == 0);
+                let max = (MAX_DRAIN - taken).min(MAX_GROUP);
+                let group = take_group(s, max, taken == 0);
                 taken += group.messages.len();
-                let more = group.messages.len() == MAX_GROUP && group.failed.is_none();
+                let more = group.messages.len() == max && group.failed.is_none();
                 drained = !more && group.failed.is_none();
                 match self.take_in_async(group.messages).await {
                     Handled::Genuine => {
@@ -1928,6 +1962,63 @@ mod tests {
             }
             assert_eq!(got, want, "round {round}");
         }
+        token.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    /// A loop held up longer than the dead-link timeout (its runtime's thread
+    /// blocked, here by the test itself) finds what came meanwhile in its socket:
+    /// that is a live link, not a silent publisher, and nothing is dropped.
+    #[tokio::test]
+    async fn a_stalled_loop_does_not_take_what_waits_in_its_socket_for_a_dead_link() {
+        let ctx = zmq::Context::new();
+        let publ = new_socket(&ctx, zmq::PUB).unwrap();
+        publ.bind("tcp://127.0.0.1:*").unwrap();
+        let endpoint = Endpoint::connect(&f2b_common::sockets::last_endpoint(&publ)).unwrap();
+        let timeout = Duration::from_millis(200);
+        let cfg = ReceiverConfig {
+            endpoints: vec![endpoint],
+            heartbeat_timeout: timeout,
+            heartbeats: true,
+            ..plain_config()
+        };
+        let (tx, mut rx) = mpsc::channel(64);
+        let (ntx, mut nrx) = mpsc::unbounded_channel();
+        let token = CancellationToken::new();
+        let task =
+            tokio::spawn(Receiver::new(cfg, token.clone(), tx, Notices::to(ntx)).run(ctx.clone()));
+        let e = Epoch(12);
+        let send = |b: &Broadcast| publ.send_multipart([b.topic(), b.encode()], 0).unwrap();
+        let heartbeat = Broadcast::Heartbeat(Heartbeat {
+            seq: 0,
+            epoch: e,
+            interval_ms: 50,
+        });
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            send(&heartbeat);
+            match tokio::time::timeout(Duration::from_millis(50), rx.recv()).await {
+                Ok(Some(Input::Heartbeat { .. })) => break,
+                Ok(other) => panic!("{other:?}"),
+                Err(_) => assert!(tries < 400, "the subscription never arrived"),
+            }
+        }
+        let ban = sequenced(1, e, "203.0.113.21");
+        send(&Broadcast::Event(ban.clone()));
+        // The runtime's thread held up three timeouts long (the receive loop with
+        // it); libzmq's I/O thread receives the event meanwhile.
+        std::thread::sleep(3 * timeout);
+        let got = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("the event within 20 s")
+            .expect("the receive loop is running");
+        assert_eq!(got, Input::from(ban));
+        let notices: Vec<Notice> = std::iter::from_fn(|| nrx.try_recv().ok()).collect();
+        assert!(
+            !notices.iter().any(|n| matches!(n, Notice::LinkDead)),
+            "{notices:?}"
+        );
         token.cancel();
         task.await.unwrap().unwrap();
     }

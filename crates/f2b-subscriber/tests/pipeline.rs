@@ -349,7 +349,7 @@ async fn shutdown_is_prompt_under_a_flood_of_messages() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     // A publisher that sends heartbeats as fast as it can: the SUB socket never
-    // runs dry, yet the shutdown socket must still be looked at.
+    // runs dry, yet the cancellation must still be looked at.
     let ctx = f2b_common::zmq::Context::new();
     let publ = f2b_common::sockets::new_socket(&ctx, f2b_common::zmq::PUB).unwrap();
     publ.bind("tcp://127.0.0.1:*").unwrap();
@@ -384,11 +384,10 @@ async fn shutdown_is_prompt_under_a_flood_of_messages() {
 }
 
 /// A runtime dropped while the subscriber runs (a caller's future abandoned, a
-/// test that panicked) never polls the task that forwards the cancellation to the
-/// receive loop's shutdown socket; its shutdown waits for the receive loop's
-/// thread, which must then notice the cancelled token by itself. It once waited in
-/// `zmq::poll` until the dead-link timeout: 10 minutes here (a test that failed
-/// after 20 s hung for 620 s).
+/// test that panicked): its shutdown must not wait for the receive loop. When that
+/// loop was a blocking thread, it once waited in `zmq::poll` until the dead-link
+/// timeout: 10 minutes here (a test that failed after 20 s hung for 620 s). It is
+/// a task of the runtime now, dropped with it.
 #[test]
 fn a_runtime_dropped_under_a_running_subscriber_shuts_down_promptly() {
     let publ = TestPublisher::start(HB);
