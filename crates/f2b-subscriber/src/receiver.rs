@@ -2,7 +2,7 @@
 //! (re)connections, and catch-up. Decoded events and snapshots go to the intake
 //! over a channel; nothing here applies anything. It is a task on the subscriber's
 //! runtime, woken by its sockets' descriptors (`ZMQ_FD` on tokio's reactor), so a
-//! message reaches the intake on the same thread, without a hand-off ([`run`]).
+//! message reaches the intake on the same thread, without a hand-off (`run`).
 //!
 //! An `events` broadcast (several events of one jail and epoch under one
 //! signature) is verified and decoded once; then each of its events is handled
