@@ -8,8 +8,9 @@
 //! from the Ban line to the other node's action. So the pipeline hands each
 //! position to the [`Saver`] and goes on with the next lines at once.
 //!
-//! The saver makes one save at a time, on a blocking thread, and takes only
-//! the newest of the positions handed over meanwhile: the sync it makes first
+//! The saver makes one save at a time, on a blocking thread, [`SAVE_DELAY`]
+//! after the position that starts it, and takes only the newest of the
+//! positions handed over meanwhile: the sync it makes first
 //! covers every event written to the queue file before that position was
 //! handed over, so the saved position never passes a line whose event is not
 //! on the disk, exactly as when the pipeline saved it itself. The slow steps
@@ -23,6 +24,7 @@
 //! position stays behind, and a crash makes the next start read those lines
 //! again (events reported twice, under new ids, never lost).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +43,12 @@ pub(crate) const RETRY_FIRST: Duration = Duration::from_secs(1);
 /// The longest wait between tries of a save that keeps failing (a full disk).
 pub(crate) const RETRY_MAX: Duration = Duration::from_secs(60);
 
+/// How long a save waits after the position that starts it (taking any newer
+/// one handed over meanwhile): the report it follows is on its way through the
+/// cluster then, and the save's three syncs would compete with it for the CPUs;
+/// under a burst, the positions of this long go in one save.
+pub(crate) const SAVE_DELAY: Duration = Duration::from_millis(10);
+
 /// One position to save, with the stop filter's `info_seen` at that moment.
 #[derive(Debug)]
 struct Request {
@@ -55,19 +63,23 @@ pub(crate) struct Saver {
     /// than the pipeline hands over during one save.
     tx: mpsc::UnboundedSender<Request>,
     task: JoinHandle<Result<(), MonitorError>>,
+    /// Saves made (written): logged at the end (debug), read by the tests.
+    saves: Arc<AtomicU64>,
 }
 
 impl Saver {
     /// Starts the saver of `state`'s position. Without state, nothing is saved.
     pub(crate) fn start(state: Option<Arc<Mutex<StateStore>>>) -> Saver {
         let (tx, rx) = mpsc::unbounded_channel();
+        let saves = Arc::new(AtomicU64::new(0));
+        let counted = saves.clone();
         let task = tokio::spawn(async move {
             match state {
-                Some(state) => run(state, rx).await,
+                Some(state) => run(state, rx, counted).await,
                 None => Ok(()),
             }
         });
-        Saver { tx, task }
+        Saver { tx, task, saves }
     }
 
     /// Hands `position` over: it is saved once every event written to the
@@ -84,15 +96,21 @@ impl Saver {
     /// Saves what was handed over and not saved yet (a save that failed is
     /// tried once more), then returns.
     pub(crate) async fn finish(self) -> Result<(), MonitorError> {
-        let Saver { tx, task } = self;
+        let Saver { tx, task, saves } = self;
         drop(tx);
-        task.await.map_err(|e| MonitorError::task("state", e))?
+        let done = task.await.map_err(|e| MonitorError::task("state", e))?;
+        tracing::debug!(
+            saves = saves.load(Ordering::Relaxed),
+            "position saver finished"
+        );
+        done
     }
 }
 
 async fn run(
     state: Arc<Mutex<StateStore>>,
     mut rx: mpsc::UnboundedReceiver<Request>,
+    saves: Arc<AtomicU64>,
 ) -> Result<(), MonitorError> {
     let mut failed: Option<Request> = None;
     // The wait before the next try of `failed`.
@@ -115,11 +133,28 @@ async fn run(
         let Some(mut request) = next else {
             break;
         };
-        // Only the newest matters: its save covers the others.
+        // Only the newest matters: its save covers the others. (A retry of a
+        // failed save does not wait again.)
+        if !was_failing {
+            let until = tokio::time::Instant::now() + SAVE_DELAY;
+            loop {
+                tokio::select! {
+                    r = rx.recv() => match r {
+                        Some(newer) => request = newer,
+                        // The pipeline ended: save now.
+                        None => break,
+                    },
+                    () = tokio::time::sleep_until(until) => break,
+                }
+            }
+        }
         while let Ok(newer) = rx.try_recv() {
             request = newer;
         }
         failed = save_off_thread(&state, request).await?;
+        if failed.is_none() {
+            saves.fetch_add(1, Ordering::Relaxed);
+        }
         retry = match (&failed, was_failing) {
             (Some(_), true) => (retry * 2).min(RETRY_MAX),
             _ => RETRY_FIRST,
@@ -127,7 +162,9 @@ async fn run(
     }
     // The pipeline ended: a failed save gets one more try.
     if let Some(request) = failed {
-        save_off_thread(&state, request).await?;
+        if save_off_thread(&state, request).await?.is_none() {
+            saves.fetch_add(1, Ordering::Relaxed);
+        }
     }
     Ok(())
 }
@@ -181,5 +218,68 @@ fn save(state: &Mutex<StateStore>, request: &Request) -> bool {
             warn_state(&e);
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use f2b_proto::NodeName;
+
+    fn pos(offset: u64) -> Vec<FilePos> {
+        vec![FilePos {
+            dev: 1,
+            ino: 2,
+            offset,
+        }]
+    }
+
+    /// Waits until the saver has made `n` saves (a millisecond of test time at a
+    /// look; the save itself runs on a blocking thread, in real time).
+    async fn saved(saver: &Saver, n: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while saver.saves.load(Ordering::Relaxed) < n {
+            assert!(std::time::Instant::now() < deadline, "no save within 20 s");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Positions handed over within SAVE_DELAY of the first go in one save, of the
+    /// newest; the end of the pipeline saves at once.
+    #[tokio::test(start_paused = true)]
+    async fn positions_within_the_delay_go_in_one_save_of_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("fail2ban.log");
+        let state_dir = dir.path().join("state");
+        let node = NodeName::new("web1").unwrap();
+        let (store, _) = StateStore::open(&state_dir, &node, &log).unwrap();
+        let saver = Saver::start(Some(Arc::new(Mutex::new(store))));
+        saver.save(pos(10), false).unwrap();
+        tokio::time::sleep(SAVE_DELAY / 2).await;
+        assert_eq!(
+            saver.saves.load(Ordering::Relaxed),
+            0,
+            "saved before the delay"
+        );
+        saver.save(pos(20), false).unwrap();
+        tokio::time::sleep(SAVE_DELAY / 4).await;
+        saver.save(pos(30), true).unwrap();
+        saved(&saver, 1).await;
+        // One save, of the newest.
+        let file = std::fs::read_dir(&state_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "position"))
+            .unwrap();
+        let read = std::fs::read_to_string(file).unwrap();
+        assert!(read.contains("30"), "{read}");
+        assert_eq!(saver.saves.load(Ordering::Relaxed), 1);
+        // The pipeline ends: a position handed over is saved without the delay.
+        saver.save(pos(40), true).unwrap();
+        let saves = saver.saves.clone();
+        let start = tokio::time::Instant::now();
+        saver.finish().await.unwrap();
+        assert_eq!(saves.load(Ordering::Relaxed), 2);
+        assert!(start.elapsed() < SAVE_DELAY, "{:?}", start.elapsed());
     }
 }
