@@ -1813,9 +1813,18 @@ mod tests {
         assert_eq!(r.take_in(vec![message(&s, Some(&key()))]), Handled::Stop);
     }
 
+    /// Every input until the channel closes.
+    async fn all_inputs(mut rx: mpsc::Receiver<Input>) -> Vec<Input> {
+        let mut got = Vec::new();
+        while let Some(i) = rx.recv().await {
+            got.push(i);
+        }
+        got
+    }
+
     #[tokio::test]
     async fn inputs_that_find_the_channel_full_wait_in_order_and_none_is_lost() {
-        let (tx, mut rx) = mpsc::channel(1);
+        let (tx, rx) = mpsc::channel(1);
         let cfg = ReceiverConfig {
             heartbeats: true,
             ..plain_config()
@@ -1838,13 +1847,7 @@ mod tests {
         assert_eq!(r.take_in(group), Handled::Genuine);
         assert_eq!(r.backlog.len(), 3);
         // The backlog goes first, in order, as the intake makes room.
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            while let Some(i) = rx.recv().await {
-                got.push(i);
-            }
-            got
-        });
+        let reader = tokio::spawn(all_inputs(rx));
         assert!(r.send_backlog().await);
         assert!(r.backlog.is_empty());
         drop(r);
@@ -1875,13 +1878,7 @@ mod tests {
         assert!(rx.recv().await.is_some());
         assert!(r.send(Input::from(sequenced(3, e, "203.0.113.3"))));
         assert_eq!(r.backlog.len(), 2);
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            while let Some(i) = rx.recv().await {
-                got.push(i);
-            }
-            got
-        });
+        let reader = tokio::spawn(all_inputs(rx));
         assert!(r.send_backlog().await);
         drop(r);
         assert_eq!(
