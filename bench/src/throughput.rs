@@ -102,7 +102,14 @@ pub fn run(dir: &Path, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()>
                     "bare REQ/REP, same clients (the first row's)".to_owned(),
                 )
             }
-            _ => (base, "bare REQ/REP, same clients".to_owned()),
+            (None, true) => (
+                base,
+                format!(
+                    "bare REQ/REP, same clients and message size, {} events per message",
+                    shape.batch
+                ),
+            ),
+            (_, false) => (base, "bare REQ/REP, same clients".to_owned()),
         };
         report.add(
             Row::new(

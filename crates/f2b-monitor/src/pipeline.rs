@@ -40,9 +40,11 @@
 //!    runs from the queue file's write to the position's rename, as when the
 //!    save came first); it only lets the first report leave, and perhaps be
 //!    answered, within it, which the restart cannot tell from a report sent
-//!    just after it. Since the [`Saver`] saves behind the pipeline, the
-//!    window may hold the next chunks too (written, handed over, their
-//!    position not saved yet): a crash in it treats them the same way.
+//!    just after it. Since the [`Saver`] saves behind the pipeline, and starts
+//!    a save only [`saver::SAVE_DELAY`] (10 ms) after the position that calls
+//!    for it, the window is that much wider and may hold the next chunks too
+//!    (written, handed over, their position not saved yet): a crash in it
+//!    treats them the same way.
 //!
 //! A failed write of the queue file (a full disk) is logged, not fatal: the
 //! chunk still goes to the sender (the cluster keeps getting the bans) and its
@@ -759,6 +761,16 @@ mod tests {
                 f(&mut self.state.lock().unwrap().faults);
             }
 
+            /// Waits until the faults say `done` (the saver takes a gate or a
+            /// fault as it prepares the step it holds up or fails).
+            async fn until_faults(&self, done: fn(&crate::state::Faults) -> bool) {
+                let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                while !done(&self.state.lock().unwrap().faults) {
+                    assert!(std::time::Instant::now() < deadline, "no save within 20 s");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+
             /// Appends `text` to the log and hands what the tailer reads to the
             /// pipeline.
             async fn append(&mut self, text: &str) {
@@ -972,6 +984,10 @@ mod tests {
             rig.faults(|f| hold(f, gate));
             rig.append(&ban("192.0.2.1")).await;
             let first = rig.event().await;
+            // Only once the first save is under way (held at its gate), so that
+            // the second line meets it (the saver waits SAVE_DELAY first).
+            rig.until_faults(|f| f.sync_gate.is_none() && f.position_gate.is_none())
+                .await;
             rig.append(&ban("192.0.2.2")).await;
             let second = rig.event().await;
             assert_eq!(second.ip.to_string(), "192.0.2.2");
@@ -1005,6 +1021,8 @@ mod tests {
             rig.faults(fault);
             rig.append(&ban("192.0.2.1")).await;
             let first = rig.event().await;
+            // The failure happened (the saver waits SAVE_DELAY before its sync).
+            rig.until_faults(|f| f.sync == 0 && f.journal == 0).await;
             rig.append(&ban("192.0.2.2")).await;
             let second = rig.event().await;
             let (saved, again) = rig.restart().await;

@@ -97,14 +97,14 @@ fn log_dropped(
     }
 }
 
-/// Queues `items` (already recorded as pending) and wakes the executor; the items
-/// dropped to stay within the bound are settled and reported.
 /// Whether no two of `items` share a queue key (local jail, event jail, address).
 fn distinct_keys(items: &[Item]) -> bool {
     let mut keys = HashSet::with_capacity(items.len());
     items.iter().all(|i| keys.insert(i.key()))
 }
 
+/// Queues `items` (already recorded as pending) and wakes the executor; the items
+/// dropped to stay within the bound are settled and reported.
 pub(crate) fn enqueue(
     shared: &Shared,
     items: Vec<Item>,

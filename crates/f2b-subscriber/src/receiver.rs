@@ -863,6 +863,9 @@ impl Receiver {
         let mut last = Instant::now();
         // The last group ended with the SUB socket (and the monitor) read empty.
         let mut drained = false;
+        // The `last` for which the dead-link timeout was put off once, to read
+        // what the socket held.
+        let mut graced: Option<Instant> = None;
         loop {
             if token.is_cancelled() || !self.send_backlog().await {
                 return Ok(Stop::Shutdown);
@@ -878,16 +881,20 @@ impl Receiver {
             if !self.cfg.legacy {
                 // What the socket already holds was sent before now: a loop held
                 // up (a stalled runtime, a full channel) must not take that for a
-                // silent publisher and drop it with the socket.
-                if now >= last + self.timeout {
+                // silent publisher and drop it with the socket. It is read first,
+                // once per timeout: only a genuine message moves `last`, so a
+                // stream of refused ones still ends in a dead link.
+                let dead_at = last + self.timeout;
+                let mut grace = false;
+                if now >= dead_at && graced != Some(last) {
                     // (Asked now: the shortcut below no longer holds.)
                     drained = false;
                     if has_input(&s.sub)? {
-                        last = now;
+                        graced = Some(last);
+                        grace = true;
                     }
                 }
-                let dead_at = last + self.timeout;
-                if now >= dead_at {
+                if now >= dead_at && !grace {
                     if let Some(held) = self.dead.allow() {
                         tracing::warn!(
                             publisher = %self.publisher,

@@ -44,9 +44,10 @@ pub(crate) const RETRY_FIRST: Duration = Duration::from_secs(1);
 pub(crate) const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// How long a save waits after the position that starts it (taking any newer
-/// one handed over meanwhile): the report it follows is on its way through the
-/// cluster then, and the save's three syncs would compete with it for the CPUs;
-/// under a burst, the positions of this long go in one save.
+/// one handed over meanwhile): the positions of this long go in one save, and
+/// its three syncs no longer come right behind the report they follow, which is
+/// on its way through the cluster then and would compete with them for the
+/// CPUs.
 pub(crate) const SAVE_DELAY: Duration = Duration::from_millis(10);
 
 /// One position to save, with the stop filter's `info_seen` at that moment.
