@@ -99,6 +99,10 @@ fn log_dropped(
 
 /// Whether no two of `items` share a queue key (local jail, event jail, address).
 fn distinct_keys(items: &[Item]) -> bool {
+    if items.len() < 2 {
+        // A lone event, the common case: nothing to compare, nothing to allocate.
+        return true;
+    }
     let mut keys = HashSet::with_capacity(items.len());
     items.iter().all(|i| keys.insert(i.key()))
 }
