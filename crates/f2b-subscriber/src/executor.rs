@@ -21,7 +21,7 @@ use crate::filter::{machine_addresses, Filter, SkipReason};
 use crate::pending::{group, Group, Item, Pending, Taken, MAX_BATCH};
 use crate::ratelimit::RateLimit;
 use crate::receiver::{random_id, Input};
-use crate::store::{now_ms, State, Tx};
+use crate::store::{now_ms, State, Tx, SETTLE_DELAY};
 use crate::{Notice, Notices};
 
 /// How often the machine's own addresses are read again.
@@ -295,7 +295,7 @@ impl Intake {
     /// A live event: filtered, recorded as pending and queued
     /// ([`Intake::record_and_queue`]).
     async fn live(&mut self, event: Event, seq: u64, epoch: Option<Epoch>, drops: &mut RateLimit) {
-        let known = self.state.with(|s| s.known(&event));
+        let known = self.state.known(&event);
         if let Some(item) = self.admit(event, seq, epoch, None, Source::Live, known) {
             self.record_and_queue(vec![item], drops).await;
         }
@@ -307,7 +307,7 @@ impl Intake {
     async fn live_all(&mut self, events: Vec<Sequenced>, drops: &mut RateLimit) {
         let all: Vec<&Event> = events.iter().map(|s| &s.event).collect();
         // Empty if the lookup failed: then none is known, as with `live`.
-        let mut known = self.state.with(|s| s.known_all(&all)).into_iter();
+        let mut known = self.state.known_all(&all).into_iter();
         let mut items = Vec::with_capacity(events.len());
         for s in events {
             // A repeated id within the list: the filter's recent ids say so.
@@ -329,8 +329,9 @@ impl Intake {
     /// executor's settling of an item not recorded yet records it done, and the
     /// pending record that follows would then leave it done: it is not made for
     /// the items the executor settled meanwhile ([`Pending::settled_since_push`]:
-    /// the executor records a settling in the state in the same step, so the id
-    /// has its row already, or gets it done without the record). Only with
+    /// the executor hands a settling to the state in the same step, and the state
+    /// writes it before any later write ([`State::settle_later`]), so the id has
+    /// its row already, or gets it done without the record). Only with
     /// [`Intake::act_first`] and for broadcast bans: a process crash in between
     /// loses the record, and the restart's snapshot, which lists the bans the
     /// cluster holds, is what applies such a ban again (twice is harmless). An
@@ -598,6 +599,8 @@ pub(crate) struct Executor {
     state: State,
     unknown_jails: HashSet<JailName>,
     drops: RateLimit,
+    /// When the events settled later are to be written ([`State::flush`]).
+    flush_at: Option<Instant>,
 }
 
 impl Executor {
@@ -614,6 +617,7 @@ impl Executor {
             state,
             unknown_jails: HashSet::new(),
             drops: RateLimit::new(Duration::from_secs(10)),
+            flush_at: None,
         }
     }
 
@@ -680,17 +684,25 @@ impl Executor {
     }
 
     /// Runs until the input is closed and nothing is ready; entries still waiting
-    /// for a retry then are reported and given up.
+    /// for a retry then are reported and given up. The applied events are
+    /// recorded in the state within [`SETTLE_DELAY`] ([`State::settle_later`]),
+    /// and all of them before it returns.
     pub(crate) async fn run(mut self) {
         loop {
+            let now = Instant::now();
+            if self.flush_at.is_some_and(|at| at <= now) {
+                self.flush_at = None;
+                self.state.flush();
+            }
             let (batch, next, closed) = {
                 let mut p = self.shared.lock();
-                let b = p.take_ready(Instant::now(), MAX_BATCH);
+                let b = p.take_ready(now, MAX_BATCH);
                 self.notices.queued(p.len());
                 (b, p.next_ready(), p.is_closed())
             };
             if batch.is_empty() {
                 if closed {
+                    self.state.flush();
                     let left = self.shared.lock().len();
                     if left > 0 {
                         tracing::warn!(
@@ -700,7 +712,11 @@ impl Executor {
                     }
                     return;
                 }
-                match next {
+                let wait = match (next, self.flush_at) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                match wait {
                     Some(at) => tokio::select! {
                         _ = self.shared.wake.notified() => {}
                         _ = tokio::time::sleep_until(at) => {}
@@ -807,7 +823,9 @@ impl Executor {
                 p.settled(i, true, now_ms());
             }
         }
-        self.state.with(|s| s.settle(&items, true, now_ms()));
+        if self.state.settle_later(items, now_ms()) {
+            self.flush_at = Some(Instant::now() + SETTLE_DELAY);
+        }
         if self.unknown_jails.remove(jail) {
             tracing::info!(jail = %jail, "local jail exists now, applying its events");
         }
@@ -1094,6 +1112,36 @@ mod tests {
         assert!(calls.iter().all(|(at, ..)| *at == t0));
         rig.shared.close();
         rig.task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn applied_events_are_recorded_within_the_settle_delay_and_at_the_end() {
+        let mut rig = Rig::new(ok(), None, MAX_BATCH, 1000);
+        rig.push(item(1, "cluster", Action::Ban));
+        rig.applied(1).await;
+        let applied_at = Instant::now();
+        // Known at once, written later, by itself: no more input comes.
+        assert!(rig.state.known(&item(1, "cluster", Action::Ban).event));
+        assert_eq!(rig.state.written_counts().done, 0);
+        while rig.state.written_counts().done == 0 {
+            assert!(
+                applied_at.elapsed() < Duration::from_secs(60),
+                "not written a minute (of test time) after it was applied"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let waited = applied_at.elapsed();
+        assert!(
+            waited >= SETTLE_DELAY - Duration::from_millis(1) && waited <= SETTLE_DELAY * 2,
+            "written {waited:?} after it was applied"
+        );
+        // The last ones are written when the executor ends.
+        rig.push(item(2, "cluster", Action::Ban));
+        rig.applied(1).await;
+        assert_eq!(rig.state.written_counts().done, 1);
+        rig.shared.close();
+        (&mut rig.task).await.unwrap();
+        assert_eq!(rig.state.written_counts().done, 2);
     }
 
     #[tokio::test(start_paused = true)]

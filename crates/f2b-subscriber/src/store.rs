@@ -36,8 +36,10 @@
 //! The file is in WAL mode with `synchronous = NORMAL`: a crash of the subscriber
 //! loses nothing committed; a crash of the machine may lose the last commits. An
 //! event is marked done after its action succeeded, so a crash between the two
-//! applies it again after the restart (at least once). `fail2ban-client set JAIL
-//! banip` and `unbanip` are idempotent, so that repeats nothing visible.
+//! applies it again after the restart (at least once). The executor's records of
+//! applied events wait up to [`SETTLE_DELAY`] and are written together (see
+//! [`State`]), so that window is that long. `fail2ban-client set JAIL banip` and
+//! `unbanip` are idempotent, so that repeats nothing visible.
 //!
 //! # Bounds
 //!
@@ -1094,18 +1096,89 @@ fn quarantine(path: &Path, now: SystemTime) -> Result<PathBuf, StoreError> {
     })
 }
 
+/// How long the settling of applied events may wait before it is written
+/// ([`State::settle_later`]).
+pub const SETTLE_DELAY: Duration = Duration::from_millis(10);
+/// Applied events waiting to be written, at most: one more writes them at once.
+pub const SETTLE_LATER_MAX: usize = 512;
+
 /// The store shared by the intake and the executor. A failing operation is logged
 /// (at most one line per 10 s) and the subscriber goes on without it: applying bans
 /// matters more than remembering them.
+///
+/// # Settling later
+///
+/// The executor records its applied events with [`State::settle_later`]: they
+/// are written within [`SETTLE_DELAY`] (the executor calls [`State::flush`]), in
+/// one transaction with the others of that time, and before any other use of the
+/// store ([`State::with`], [`State::transaction`], and when the state is dropped).
+/// So the store sees every operation in the order it was made (a pending row
+/// recorded after an event was applied is never settled by that event's record),
+/// and a lone ban's record is no longer written right behind its action, on the
+/// CPU the other subscribers of a machine, or the next events, need then.
+/// [`State::known`] answers from the waiting events too, without writing them.
+/// A crash (SIGKILL, power) loses the records of the last [`SETTLE_DELAY`]: those
+/// events are applied again after the restart (from their pending rows, or the
+/// snapshot's list), as an event applied and not yet recorded always was.
 #[derive(Debug, Clone)]
-pub(crate) struct State(Arc<Mutex<(Store, RateLimit)>>);
+pub(crate) struct State(Arc<Mutex<Inner>>);
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    limit: RateLimit,
+    /// Applied events not written yet, in the order they were applied.
+    later: Vec<Item>,
+    /// When the first of them was settled (their `done_ms`).
+    later_ms: u64,
+}
+
+/// Logs a failing use of the store, at most one line per 10 s (`limit`).
+fn log_failure(limit: &mut RateLimit, e: &StoreError) {
+    if let Some(held) = limit.allow() {
+        tracing::warn!(
+            error = %f2b_common::daemon::error_chain(e),
+            held_back = held,
+            "cannot use the subscriber state; going on without it (events may be applied again after a restart)"
+        );
+    }
+}
+
+impl Inner {
+    fn log(&mut self, e: &StoreError) {
+        log_failure(&mut self.limit, e);
+    }
+
+    /// Writes the events settled later, if any, in one transaction.
+    fn flush(&mut self) {
+        if self.later.is_empty() {
+            return;
+        }
+        let items = std::mem::take(&mut self.later);
+        if let Err(e) = self.store.settle(&items, true, self.later_ms) {
+            self.log(&e);
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
 
 impl State {
     pub(crate) fn new(store: Store) -> Self {
-        State(Arc::new(Mutex::new((
+        State(Arc::new(Mutex::new(Inner {
             store,
-            RateLimit::new(Duration::from_secs(10)),
-        ))))
+            limit: RateLimit::new(Duration::from_secs(10)),
+            later: Vec::new(),
+            later_ms: 0,
+        })))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A state in a new temporary directory (which must outlive it).
@@ -1116,12 +1189,76 @@ impl State {
         (State::new(store), dir)
     }
 
+    /// Records `items` applied, as [`Store::settle`] does, within [`SETTLE_DELAY`]
+    /// (see [the type's documentation](State)); at once when [`SETTLE_LATER_MAX`]
+    /// are waiting. Returns whether none was waiting before: the caller then calls
+    /// [`State::flush`] [`SETTLE_DELAY`] later.
+    pub(crate) fn settle_later(&self, items: Vec<Item>, now_ms: u64) -> bool {
+        let mut g = self.lock();
+        let first = g.later.is_empty();
+        if first {
+            g.later_ms = now_ms;
+        }
+        g.later.extend(items);
+        if g.later.len() >= SETTLE_LATER_MAX {
+            g.flush();
+        }
+        first
+    }
+
+    /// Writes the events settled later now.
+    pub(crate) fn flush(&self) {
+        self.lock().flush();
+    }
+
+    /// The store's counts as written, without writing the events settled later.
+    #[cfg(test)]
+    pub(crate) fn written_counts(&self) -> Counts {
+        self.lock().store.counts().expect("counts")
+    }
+
+    /// [`Store::known`], counting the events settled later; on error logs it and
+    /// answers `false`. Writes nothing.
+    pub(crate) fn known(&self, event: &Event) -> bool {
+        let mut g = self.lock();
+        if g.later.iter().any(|i| i.event.id == event.id) {
+            return true;
+        }
+        match g.store.known(event) {
+            Ok(k) => k,
+            Err(e) => {
+                g.log(&e);
+                false
+            }
+        }
+    }
+
+    /// [`Store::known_all`], counting the events settled later; on error logs it
+    /// and returns an empty list. Writes nothing.
+    pub(crate) fn known_all(&self, events: &[&Event]) -> Vec<bool> {
+        let mut g = self.lock();
+        match g.store.known_all(events) {
+            Ok(mut k) => {
+                for (known, event) in k.iter_mut().zip(events) {
+                    *known = *known || g.later.iter().any(|i| i.event.id == event.id);
+                }
+                k
+            }
+            Err(e) => {
+                g.log(&e);
+                Vec::new()
+            }
+        }
+    }
+
     /// Runs `f` with the store in one transaction (the store's own operations
-    /// nest in it as savepoints). The state is locked meanwhile: `f` must not use
-    /// this `State` itself, only the [`Tx`] it is given.
+    /// nest in it as savepoints), after writing the events settled later. The
+    /// state is locked meanwhile: `f` must not use this `State` itself, only the
+    /// [`Tx`] it is given.
     pub(crate) fn transaction<T>(&self, f: impl FnOnce(&mut Tx<'_>) -> T) -> T {
-        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let (store, limit) = &mut *g;
+        let mut g = self.lock();
+        g.flush();
+        let Inner { store, limit, .. } = &mut *g;
         let began = store
             .conn
             .execute_batch("BEGIN")
@@ -1144,23 +1281,18 @@ impl State {
         out
     }
 
-    /// Runs `f` on the store; on error logs it and returns `T::default()`.
+    /// Runs `f` on the store, after writing the events settled later; on error
+    /// logs it and returns `T::default()`.
     pub(crate) fn with<T: Default>(
         &self,
         f: impl FnOnce(&mut Store) -> Result<T, StoreError>,
     ) -> T {
-        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let (store, limit) = &mut *g;
-        match f(store) {
+        let mut g = self.lock();
+        g.flush();
+        match f(&mut g.store) {
             Ok(v) => v,
             Err(e) => {
-                if let Some(held) = limit.allow() {
-                    tracing::warn!(
-                        error = %f2b_common::daemon::error_chain(&e),
-                        held_back = held,
-                        "cannot use the subscriber state; going on without it (events may be applied again after a restart)"
-                    );
-                }
+                g.log(&e);
                 T::default()
             }
         }
@@ -1175,13 +1307,7 @@ pub(crate) struct Tx<'a> {
 
 impl Tx<'_> {
     fn log(&mut self, e: &StoreError) {
-        if let Some(held) = self.limit.allow() {
-            tracing::warn!(
-                error = %f2b_common::daemon::error_chain(e),
-                held_back = held,
-                "cannot use the subscriber state; going on without it (events may be applied again after a restart)"
-            );
-        }
+        log_failure(self.limit, e);
     }
 
     /// Like [`State::with`], inside the transaction.

@@ -410,3 +410,92 @@ fn settling_stops_at_the_item_and_records_one_without_a_row() {
     assert!(s.known(&d.event).unwrap());
     assert_eq!(s.held(Epoch(5)).unwrap()[0].id, d.event.id);
 }
+
+#[test]
+fn events_settled_later_are_written_before_any_other_use_in_order() {
+    let (state, _dir) = State::temp();
+    let ids = |state: &State| -> Vec<EventId> {
+        state
+            .with(|s| s.pending())
+            .iter()
+            .map(|i| i.event.id)
+            .collect()
+    };
+    // `a` applied with no row (a lone ban queued before its record).
+    let a = item(1, "cluster", Action::Ban, "203.0.113.1", Some(5));
+    assert!(state.settle_later(vec![a.clone()], NOW));
+    // Known at once, written later.
+    assert!(state.known(&a.event));
+    assert_eq!(state.written_counts(), Counts::default());
+    // A later event of the same key is recorded pending: `a` is written first,
+    // so its record does not settle `b` (written after it, `a`'s new row would
+    // come after `b`'s and settle it unapplied).
+    let b = item(2, "cluster", Action::Ban, "203.0.113.1", Some(5));
+    state.with(|s| s.add_pending(&b, NOW));
+    state.flush();
+    assert_eq!(ids(&state), [b.event.id]);
+    assert_eq!(
+        state.written_counts(),
+        Counts {
+            pending: 1,
+            done: 1,
+            held: 1
+        }
+    );
+    // A transaction writes them first too.
+    let c = item(3, "cluster", Action::Ban, "203.0.113.3", Some(5));
+    assert!(state.settle_later(vec![c.clone()], NOW));
+    let held = state.transaction(|tx| tx.with(|s| s.held(Epoch(5))));
+    assert_eq!(held.len(), 2, "{held:?}");
+}
+
+#[test]
+fn known_all_counts_the_events_settled_later_without_writing_them() {
+    let (state, _dir) = State::temp();
+    let a = item(1, "cluster", Action::Ban, "203.0.113.1", Some(5));
+    let b = item(2, "cluster", Action::Ban, "203.0.113.2", Some(5));
+    let c = item(3, "cluster", Action::Ban, "203.0.113.3", Some(5));
+    state.with(|s| s.add_pending(&b, NOW));
+    assert!(state.settle_later(vec![a.clone()], NOW));
+    assert!(!state.settle_later(vec![], NOW), "one was waiting already");
+    assert_eq!(
+        state.known_all(&[&a.event, &b.event, &c.event]),
+        [true, true, false]
+    );
+    assert_eq!(state.written_counts().done, 0);
+}
+
+#[test]
+fn events_settled_later_are_written_when_the_state_is_dropped_or_too_many_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = item(1, "cluster", Action::Ban, "203.0.113.1", Some(5));
+    {
+        let state = State::new(open(dir.path()));
+        let copy = state.clone();
+        assert!(state.settle_later(vec![a.clone()], NOW));
+        drop(state);
+        // Another holder still has it: not written yet.
+        assert_eq!(copy.written_counts().done, 0);
+    }
+    let s = open(dir.path());
+    assert!(s.known(&a.event).unwrap());
+    assert_eq!(s.held(Epoch(5)).unwrap()[0].id, a.event.id);
+    drop(s);
+
+    let state = State::new(open(dir.path()));
+    let many: Vec<Item> = (0..SETTLE_LATER_MAX as u32)
+        .map(|n| {
+            let ip = std::net::Ipv4Addr::from(0xC633_6400 + n).to_string();
+            item(100 + u128::from(n), "cluster", Action::Ban, &ip, Some(5))
+        })
+        .collect();
+    let (last, rest) = many.split_last().unwrap();
+    assert!(state.settle_later(rest.to_vec(), NOW));
+    assert_eq!(state.written_counts().done, 1);
+    state.settle_later(vec![last.clone()], NOW);
+    assert_eq!(
+        state.written_counts().done,
+        1 + SETTLE_LATER_MAX as u64,
+        "the one that made {SETTLE_LATER_MAX} wait writes them all"
+    );
+}
