@@ -63,8 +63,23 @@ pub fn run(dir: &Path, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()>
                 Pace::BackToBack => format!("{subs}-subscribers"),
                 Pace::AfterAck => format!("{subs}-subscribers-after-ack"),
             };
-            let (each, last) = measure(&dir.join(sub_dir), subs, sizes.latency_events, pace)?;
+            let (each, last, ranks) =
+                measure(&dir.join(sub_dir), subs, sizes.latency_events, pace)?;
             add_rows(report, subs, pace, (&each, &last), (&base, &base_last));
+            if subs > 1 {
+                let medians: Vec<String> =
+                    ranks.iter().map(|r| format!("{:.3}", r.median())).collect();
+                report.note(format!(
+                    "Benchmark 1, {subs} subscribers{}: each event's deliveries in the \
+                     order they came, medians: {} ms (the subscribers share the \
+                     machine's CPUs, so each adds its work per event to the next ones)",
+                    match pace {
+                        Pace::BackToBack => ", back to back",
+                        Pace::AfterAck => ", each line after the previous one's ACK",
+                    },
+                    medians.join(", ")
+                ));
+            }
         }
     }
     Ok(())
@@ -162,7 +177,7 @@ fn measure(
     subs: usize,
     events: usize,
     pace: Pace,
-) -> anyhow::Result<(Samples, Samples)> {
+) -> anyhow::Result<(Samples, Samples, Vec<Samples>)> {
     let trust = Trust::generate(&["origin"]);
     let publisher = Publisher::start(&dir.join("hub"), &trust, &[])?;
     let origin_log = dir.join("origin").join("fail2ban.log");
@@ -203,6 +218,8 @@ fn measure(
         .with_context(|| format!("open {}", origin_log.display()))?;
     let mut each = Samples::new();
     let mut last = Samples::new();
+    // By rank: the first delivery of each event, the second...
+    let mut ranks = vec![Samples::new(); subs];
     for k in 0..WARMUP + events {
         let ip = ip_for(k as u64).to_string();
         let line = format!("{}\n", f2b_tests::logline::ban("sshd", &ip));
@@ -213,7 +230,7 @@ fn measure(
         let t0 = Instant::now();
         log.write_all(line.as_bytes())?;
         let mut got = vec![false; subs];
-        let mut slowest = Duration::ZERO;
+        let mut arrived = Vec::with_capacity(subs);
         let deadline = t0 + EVENT_TIMEOUT;
         while got.iter().any(|g| !g) {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -229,14 +246,18 @@ fn measure(
             }
             got[i] = true;
             let d = t.saturating_duration_since(t0);
-            slowest = slowest.max(d);
+            arrived.push(d);
             if k >= WARMUP {
                 each.push_ms(d);
             }
         }
         if k >= WARMUP {
-            last.push_ms(slowest);
+            arrived.sort();
+            for (rank, d) in ranks.iter_mut().zip(&arrived) {
+                rank.push_ms(*d);
+            }
+            last.push_ms(arrived.last().copied().unwrap_or_default());
         }
     }
-    Ok((each, last))
+    Ok((each, last, ranks))
 }
