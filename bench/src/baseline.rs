@@ -41,11 +41,23 @@ fn sample_broadcast() -> Vec<u8> {
     .encode()
 }
 
+/// What the bare hub and subscribers of [`rtt_plus_hop`] do besides moving the
+/// bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// Nothing: the issue's baseline.
+    None,
+    /// The Ed25519 work no secure subscriber can skip (issue #6): the hub signs
+    /// each broadcast, each subscriber verifies it.
+    Signatures,
+}
+
 /// Benchmark 1's baseline: a REQ/REP round trip (a report-sized request and
 /// reply) plus one PUB/SUB hop of a broadcast-sized message to each of `subs`
 /// subscribers; one sample per (iteration, subscriber): round trip + that hop, in
-/// milliseconds; and per iteration, the slowest of them.
-pub fn rtt_plus_hop(subs: usize, iters: usize) -> anyhow::Result<(Samples, Samples)> {
+/// milliseconds; and per iteration, the slowest of them. With
+/// [`Work::Signatures`], the hop includes signing the broadcast and verifying it.
+pub fn rtt_plus_hop(subs: usize, iters: usize, work: Work) -> anyhow::Result<(Samples, Samples)> {
     let base = Instant::now();
     let hub_ctx = zmq::Context::new();
     let router = new_socket(&hub_ctx, zmq::ROUTER)?;
@@ -54,6 +66,8 @@ pub fn rtt_plus_hop(subs: usize, iters: usize) -> anyhow::Result<(Samples, Sampl
     publ.bind("tcp://127.0.0.1:*")?;
     let (reply_ep, pub_ep) = (last_endpoint(&router), last_endpoint(&publ));
     let broadcast = sample_broadcast();
+    let key = f2b_proto::auth::SigningKey::from_seed([7; 32]);
+    let keys = [key.public()];
     let hub = thread::spawn(move || -> anyhow::Result<()> {
         loop {
             let mut frames = router.recv_multipart(0)?;
@@ -62,7 +76,13 @@ pub fn rtt_plus_hop(subs: usize, iters: usize) -> anyhow::Result<(Samples, Sampl
             if body == b"pub" || stop {
                 let stamp = base.elapsed().as_nanos().to_string();
                 let topic: &[u8] = if stop { b"stop" } else { b"ev" };
-                publ.send_multipart([topic, stamp.as_bytes(), &broadcast], 0)?;
+                let signature = match work {
+                    Work::None => Vec::new(),
+                    Work::Signatures => {
+                        f2b_proto::auth::sign_broadcast(&key, topic, &broadcast).to_vec()
+                    }
+                };
+                publ.send_multipart([topic, stamp.as_bytes(), &broadcast, &signature], 0)?;
             }
             frames.push(body);
             router.send_multipart(frames, 0)?;
@@ -86,6 +106,12 @@ pub fn rtt_plus_hop(subs: usize, iters: usize) -> anyhow::Result<(Samples, Sampl
                 let now = base.elapsed();
                 if frames.first().is_some_and(|t| t == b"stop") {
                     return Ok(());
+                }
+                if work == Work::Signatures {
+                    let part = |i: usize| frames.get(i).map(Vec::as_slice).unwrap_or_default();
+                    if !f2b_proto::auth::verify_broadcast(&keys, part(0), part(2), part(3)) {
+                        bail!("a bare subscriber got a broadcast whose signature fails");
+                    }
                 }
                 let sent: u128 = std::str::from_utf8(frames.get(1).context("no stamp")?)?
                     .parse()
@@ -246,10 +272,12 @@ mod tests {
 
     #[test]
     fn the_bare_round_trip_and_hop_measure_something() {
-        let (s, last) = rtt_plus_hop(2, 20).unwrap();
-        assert_eq!((s.len(), last.len()), (40, 20));
-        assert!(last.median() >= s.median());
-        assert!(s.median() > 0.0 && s.median() < 1000.0, "{}", s.median());
+        for work in [Work::None, Work::Signatures] {
+            let (s, last) = rtt_plus_hop(2, 20, work).unwrap();
+            assert_eq!((s.len(), last.len()), (40, 20));
+            assert!(last.median() >= s.median());
+            assert!(s.median() > 0.0 && s.median() < 1000.0, "{}", s.median());
+        }
     }
 
     #[test]

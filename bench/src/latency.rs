@@ -57,7 +57,10 @@ enum Pace {
 
 pub fn run(dir: &Path, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()> {
     for subs in [1usize, 10] {
-        let (base, base_last) = baseline::rtt_plus_hop(subs, sizes.baseline_iters)?;
+        let (base, base_last) =
+            baseline::rtt_plus_hop(subs, sizes.baseline_iters, baseline::Work::None)?;
+        let (signed, signed_last) =
+            baseline::rtt_plus_hop(subs, sizes.baseline_iters, baseline::Work::Signatures)?;
         for pace in [Pace::BackToBack, Pace::AfterAck] {
             let sub_dir = match pace {
                 Pace::BackToBack => format!("{subs}-subscribers"),
@@ -66,6 +69,12 @@ pub fn run(dir: &Path, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()>
             let (each, last, ranks) =
                 measure(&dir.join(sub_dir), subs, sizes.latency_events, pace)?;
             add_rows(report, subs, pace, (&each, &last), (&base, &base_last));
+            report.note(signed_note(
+                subs,
+                pace,
+                (&each, &last),
+                (&signed, &signed_last),
+            ));
             if subs > 1 {
                 let medians: Vec<String> =
                     ranks.iter().map(|r| format!("{:.3}", r.median())).collect();
@@ -83,6 +92,39 @@ pub fn run(dir: &Path, sizes: &Sizes, report: &mut Report) -> anyhow::Result<()>
         }
     }
     Ok(())
+}
+
+/// The figures of one configuration against the bare baseline that also does the
+/// Ed25519 work every secure event needs (the hub signs the broadcast, each
+/// subscriber verifies it): how much of the ratio to the issue's baseline is that
+/// work, which ten subscribers sharing two CPUs do one after another.
+fn signed_note(
+    subs: usize,
+    pace: Pace,
+    (each, last): (&Samples, &Samples),
+    (signed, signed_last): (&Samples, &Samples),
+) -> String {
+    let paced = match pace {
+        Pace::BackToBack => "back to back",
+        Pace::AfterAck => "each line after the previous one's ACK",
+    };
+    let mut s = format!(
+        "Benchmark 1, {subs} subscriber{}, {paced}: against the bare round trip and hop \
+         with the signature work (the bare hub signs each broadcast, each bare \
+         subscriber verifies it), {:.3} ms: {:.2}x",
+        if subs == 1 { "" } else { "s" },
+        signed.median(),
+        each.median() / signed.median()
+    );
+    if subs > 1 {
+        s.push_str(&format!(
+            " (every delivery); the last of them against the last of that baseline, \
+             {:.3} ms: {:.2}x",
+            signed_last.median(),
+            last.median() / signed_last.median()
+        ));
+    }
+    s
 }
 
 /// The rows of one configuration: every delivery and, with several subscribers,
