@@ -541,25 +541,54 @@ fn held(
 ) -> Held {
     let holds = log.held();
     // Ids the crashed runs applied (in the file) without recording them done.
+    // The records follow the actions in order, so those are the run's last
+    // actions, and it recorded the ones before them.
     let mut window: HashSet<String> = HashSet::new();
     for (run, recorded) in crashed {
-        window.extend(
-            log.entries()
-                .iter()
-                .filter(|a| a.pid == run.pid() && !recorded.contains(&a.id))
-                .map(|a| a.id.clone()),
+        let ids: Vec<&str> = log
+            .entries()
+            .iter()
+            .filter(|a| a.pid == run.pid())
+            .map(|a| a.id.as_str())
+            .collect();
+        let first_unrecorded = ids
+            .iter()
+            .rposition(|id| recorded.contains(*id))
+            .map_or(0, |i| i + 1);
+        assert!(
+            first_unrecorded > 0,
+            "the crashed run (pid {}) applied {} events and recorded none done",
+            run.pid(),
+            ids.len()
         );
+        let tail = &ids[first_unrecorded..];
+        assert!(
+            ids[..first_unrecorded]
+                .iter()
+                .all(|id| recorded.contains(*id)),
+            "the crashed run (pid {}) left events unrecorded before recorded ones",
+            run.pid()
+        );
+        window.extend(tail.iter().map(|id| (*id).to_owned()));
     }
-    let mut applied: HashMap<(Verb, &str), Vec<&str>> = HashMap::new();
+    // A repeat counts as the crash's only when a crashed run applied it first and
+    // a later run once more.
+    let crashed_pids: HashSet<u32> = crashed.iter().map(|(run, _)| run.pid()).collect();
+    let mut applied: HashMap<(Verb, &str), Vec<(&str, u32)>> = HashMap::new();
     for a in log.entries() {
         applied
             .entry((a.verb, a.ip.as_str()))
             .or_default()
-            .push(a.id.as_str());
+            .push((a.id.as_str(), a.pid));
     }
     let (mut duplicated, mut redelivered) = (0, 0);
     for ids in applied.values().filter(|ids| ids.len() > 1) {
-        if ids.len() == 2 && ids[0] == ids[1] && window.contains(ids[0]) {
+        let after_crash = ids.len() == 2
+            && ids[0].0 == ids[1].0
+            && window.contains(ids[0].0)
+            && crashed_pids.contains(&ids[0].1)
+            && ids[1].1 != ids[0].1;
+        if after_crash {
             redelivered += 1;
         } else {
             duplicated += 1;

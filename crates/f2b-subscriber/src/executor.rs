@@ -591,6 +591,34 @@ impl Intake {
     }
 }
 
+/// Awaits `call` (an action's), writing the events settled later
+/// ([`State::settle_later`]) when their time (`flush_at`) comes first or comes
+/// meanwhile: a slow or hung call (up to its timeout) does not hold them back.
+async fn flushing<T>(
+    state: &State,
+    flush_at: &mut Option<Instant>,
+    call: impl std::future::Future<Output = T>,
+) -> T {
+    let Some(at) = *flush_at else {
+        return call.await;
+    };
+    if at <= Instant::now() {
+        *flush_at = None;
+        state.flush();
+        return call.await;
+    }
+    tokio::pin!(call);
+    tokio::select! {
+        biased;
+        out = &mut call => return out,
+        _ = tokio::time::sleep_until(at) => {
+            *flush_at = None;
+            state.flush();
+        }
+    }
+    call.await
+}
+
 /// The executor task: applies queued events through the action.
 pub(crate) struct Executor {
     pub(crate) applier: Box<dyn Applier>,
@@ -750,7 +778,8 @@ impl Executor {
             if items.is_empty() {
                 return;
             }
-            match self.applier.jail_ignores(&jail).await {
+            let ignores = self.applier.jail_ignores(&jail);
+            match flushing(&self.state, &mut self.flush_at, ignores).await {
                 Ok(ignores) => {
                     let (ignored, kept): (Vec<Taken>, Vec<Taken>) =
                         items.into_iter().partition(|t| {
@@ -785,7 +814,8 @@ impl Executor {
         while let Some(chunk) = stack.pop() {
             let plain: Vec<Item> = chunk.iter().map(|t| t.item.clone()).collect();
             let started = std::time::Instant::now();
-            let result = self.applier.apply(&jail, action, &plain).await;
+            let call = self.applier.apply(&jail, action, &plain);
+            let result = flushing(&self.state, &mut self.flush_at, call).await;
             if let Some(m) = self.notices.metrics() {
                 m.apply_duration.observe(started.elapsed().as_secs_f64());
             }
@@ -1142,6 +1172,28 @@ mod tests {
         rig.shared.close();
         (&mut rig.task).await.unwrap();
         assert_eq!(rig.state.written_counts().done, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_call_does_not_hold_back_the_records_of_the_events_applied_before() {
+        let gate = Arc::new(Semaphore::new(1));
+        let mut rig = Rig::new(ok(), Some(gate.clone()), MAX_BATCH, 1000);
+        rig.push(item(1, "cluster", Action::Ban));
+        rig.applied(1).await;
+        // The next call waits for the gate, as a hung fail2ban-client would.
+        rig.push(item(2, "sshd", Action::Ban));
+        let applied_at = Instant::now();
+        while rig.state.written_counts().done == 0 {
+            assert!(
+                applied_at.elapsed() < Duration::from_secs(60),
+                "not written a minute (of test time) after it was applied"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(applied_at.elapsed() <= SETTLE_DELAY * 2);
+        assert_eq!(rig.calls().len(), 1, "the second call is still waiting");
+        gate.add_permits(1);
+        assert_eq!(rig.applied(1).await, [ip(2)]);
     }
 
     #[tokio::test(start_paused = true)]

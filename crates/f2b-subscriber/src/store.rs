@@ -1109,8 +1109,9 @@ pub const SETTLE_LATER_MAX: usize = 512;
 /// # Settling later
 ///
 /// The executor records its applied events with [`State::settle_later`]: they
-/// are written within [`SETTLE_DELAY`] (the executor calls [`State::flush`]), in
-/// one transaction with the others of that time, and before any other use of the
+/// are written within [`SETTLE_DELAY`] (the executor calls [`State::flush`] then,
+/// even while an action's call is in flight), in one transaction with the others
+/// of that time, and before any other use of the
 /// store ([`State::with`], [`State::transaction`], and when the state is dropped).
 /// So the store sees every operation in the order it was made (a pending row
 /// recorded after an event was applied is never settled by that event's record),
@@ -1149,7 +1150,10 @@ impl Inner {
         log_failure(&mut self.limit, e);
     }
 
-    /// Writes the events settled later, if any, in one transaction.
+    /// Writes the events settled later, if any, in one transaction. If that
+    /// fails (logged), none of them is recorded: they are applied again after a
+    /// restart, as after a crash (writing them later, or one by one, could put
+    /// them after a later write and break the order).
     fn flush(&mut self) {
         if self.later.is_empty() {
             return;
@@ -1239,8 +1243,12 @@ impl State {
         let mut g = self.lock();
         match g.store.known_all(events) {
             Ok(mut k) => {
-                for (known, event) in k.iter_mut().zip(events) {
-                    *known = *known || g.later.iter().any(|i| i.event.id == event.id);
+                if !g.later.is_empty() {
+                    let later: std::collections::HashSet<EventId> =
+                        g.later.iter().map(|i| i.event.id).collect();
+                    for (known, event) in k.iter_mut().zip(events) {
+                        *known = *known || later.contains(&event.id);
+                    }
                 }
                 k
             }
