@@ -1276,7 +1276,17 @@ impl State {
             tx.log(&e);
             return f(&mut tx);
         }
-        let out = f(&mut tx);
+        // A panic in `f` rolls the transaction back before it goes on: the
+        // connection is left as it was found, and the next writes (the waiting
+        // records' among them, at the latest when the state is dropped) are not
+        // made inside a transaction nobody commits.
+        let out = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut tx))) {
+            Ok(out) => out,
+            Err(panic) => {
+                let _ = tx.store.conn.execute_batch("ROLLBACK");
+                std::panic::resume_unwind(panic);
+            }
+        };
         if let Err(e) = tx
             .store
             .conn

@@ -499,3 +499,32 @@ fn events_settled_later_are_written_when_the_state_is_dropped_or_too_many_wait()
         "the one that made {SETTLE_LATER_MAX} wait writes them all"
     );
 }
+
+#[test]
+fn a_panic_in_a_state_transaction_rolls_it_back() {
+    let (state, _dir) = State::temp();
+    let a = item(1, "cluster", Action::Ban, "203.0.113.1", Some(5));
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        state.transaction(|tx| {
+            tx.with(|s| s.add_pending(&a, NOW));
+            panic!("in the middle of a reconciliation");
+        })
+    }));
+    assert!(panicked.is_err());
+    // Nothing of it stays, and the next writes are committed.
+    let b = item(2, "cluster", Action::Ban, "203.0.113.2", Some(5));
+    assert!(state.settle_later(vec![b.clone()], NOW));
+    state.flush();
+    state.with(|s| {
+        assert!(s.conn.is_autocommit(), "left inside the transaction");
+        Ok(())
+    });
+    assert_eq!(
+        state.written_counts(),
+        Counts {
+            pending: 0,
+            done: 1,
+            held: 1
+        }
+    );
+}
