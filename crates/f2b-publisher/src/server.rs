@@ -57,6 +57,25 @@ use crate::PublisherError;
 /// How long the PUB sockets may keep delivering queued broadcasts after shutdown.
 pub const SHUTDOWN_LINGER: Duration = Duration::from_secs(1);
 
+/// The broadcast messages the PUB socket queues for one subscriber, at most (its
+/// send high-water mark); past it, that subscriber misses messages, sees the gap
+/// in the sequence numbers and catches up from a snapshot. libzmq counts
+/// messages, not bytes, and a broadcast packs up to
+/// [`f2b_proto::PACKED_MESSAGE_SIZE`] (4 KiB) of events: 2,500 of them hold at
+/// most about 10 MiB of the publisher's memory per stalled subscriber (the
+/// 10,000 of the other sockets would let one hold 40 MiB), and still about 60,000
+/// events of a burst (2,500 lone events at worst) for a subscriber that is only
+/// slow for a moment.
+pub const BROADCAST_HWM: i32 = 2_500;
+
+/// The PUB socket of the broadcasts: the project's options, and
+/// [`BROADCAST_HWM`].
+fn broadcast_socket(ctx: &zmq::Context) -> zmq::Result<zmq::Socket> {
+    let publ = new_socket(ctx, zmq::PUB)?;
+    publ.set_sndhwm(BROADCAST_HWM)?;
+    Ok(publ)
+}
+
 /// The most requests decided and committed together.
 pub const MAX_BATCH: usize = 64;
 
@@ -263,7 +282,7 @@ fn open_bound(
             error,
             hint: bind_hint(error, "publisher.reply_bind"),
         })?;
-    let publ = new_socket(&ctx, zmq::PUB).map_err(socket_err("create the PUB socket"))?;
+    let publ = broadcast_socket(&ctx).map_err(socket_err("create the PUB socket"))?;
     peer_monitors.push(watch_peers(&ctx, &publ, "broadcast")?);
     publ.bind(config.broadcast_bind.as_str())
         .map_err(|error| PublisherError::Bind {
@@ -1142,6 +1161,21 @@ fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_broadcast_socket_queues_at_most_broadcast_hwm_messages_per_subscriber() {
+        let ctx = zmq::Context::new();
+        let publ = broadcast_socket(&ctx).unwrap();
+        assert_eq!(publ.get_sndhwm().unwrap(), BROADCAST_HWM);
+        // Full packed messages for a stalled subscriber stay near 10 MiB.
+        let bound = BROADCAST_HWM as usize * f2b_proto::PACKED_MESSAGE_SIZE;
+        assert!(bound <= 10 * 1024 * 1024, "{bound}");
+        // The other options are the project's.
+        assert_eq!(
+            publ.get_maxmsgsize().unwrap(),
+            f2b_proto::MAX_MESSAGE_SIZE as i64
+        );
+    }
 
     fn bound(state: &std::path::Path) -> Bound {
         let text = format!(
