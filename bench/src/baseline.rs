@@ -76,13 +76,16 @@ pub fn rtt_plus_hop(subs: usize, iters: usize, work: Work) -> anyhow::Result<(Sa
             if body == b"pub" || stop {
                 let stamp = base.elapsed().as_nanos().to_string();
                 let topic: &[u8] = if stop { b"stop" } else { b"ev" };
-                let signature = match work {
-                    Work::None => Vec::new(),
+                match work {
+                    Work::None => publ.send_multipart([topic, stamp.as_bytes(), &broadcast], 0)?,
                     Work::Signatures => {
-                        f2b_proto::auth::sign_broadcast(&key, topic, &broadcast).to_vec()
+                        let signature = f2b_proto::auth::sign_broadcast(&key, topic, &broadcast);
+                        publ.send_multipart(
+                            [topic, stamp.as_bytes(), &broadcast, &signature[..]],
+                            0,
+                        )?;
                     }
-                };
-                publ.send_multipart([topic, stamp.as_bytes(), &broadcast, &signature], 0)?;
+                }
             }
             frames.push(body);
             router.send_multipart(frames, 0)?;
@@ -103,7 +106,6 @@ pub fn rtt_plus_hop(subs: usize, iters: usize, work: Work) -> anyhow::Result<(Sa
             sub.connect(&ep)?;
             loop {
                 let frames = sub.recv_multipart(0)?;
-                let now = base.elapsed();
                 if frames.first().is_some_and(|t| t == b"stop") {
                     return Ok(());
                 }
@@ -113,6 +115,8 @@ pub fn rtt_plus_hop(subs: usize, iters: usize, work: Work) -> anyhow::Result<(Sa
                         bail!("a bare subscriber got a broadcast whose signature fails");
                     }
                 }
+                // After the check: the hop includes it, as a subscriber's does.
+                let now = base.elapsed();
                 let sent: u128 = std::str::from_utf8(frames.get(1).context("no stamp")?)?
                     .parse()
                     .context("a bad stamp")?;
