@@ -592,31 +592,34 @@ impl Intake {
 }
 
 /// Awaits `call` (an action's), writing the events settled later
-/// ([`State::settle_later`]) when their time (`flush_at`) comes first or comes
-/// meanwhile: a slow or hung call (up to its timeout) does not hold them back.
+/// ([`State::settle_later`]) when their time (`flush_at`) comes while the call
+/// waits (a slow or hung call, up to its timeout, does not hold them back), or
+/// after the call when it has come: never before the call, on its path.
 async fn flushing<T>(
     state: &State,
     flush_at: &mut Option<Instant>,
     call: impl std::future::Future<Output = T>,
 ) -> T {
-    let Some(at) = *flush_at else {
-        return call.await;
+    let out = match *flush_at {
+        None => call.await,
+        Some(at) => {
+            tokio::pin!(call);
+            tokio::select! {
+                biased;
+                out = &mut call => out,
+                _ = tokio::time::sleep_until(at) => {
+                    *flush_at = None;
+                    state.flush();
+                    call.await
+                }
+            }
+        }
     };
-    if at <= Instant::now() {
+    if flush_at.is_some_and(|at| at <= Instant::now()) {
         *flush_at = None;
         state.flush();
-        return call.await;
     }
-    tokio::pin!(call);
-    tokio::select! {
-        biased;
-        out = &mut call => return out,
-        _ = tokio::time::sleep_until(at) => {
-            *flush_at = None;
-            state.flush();
-        }
-    }
-    call.await
+    out
 }
 
 /// The executor task: applies queued events through the action.
@@ -718,10 +721,6 @@ impl Executor {
     pub(crate) async fn run(mut self) {
         loop {
             let now = Instant::now();
-            if self.flush_at.is_some_and(|at| at <= now) {
-                self.flush_at = None;
-                self.state.flush();
-            }
             let (batch, next, closed) = {
                 let mut p = self.shared.lock();
                 let b = p.take_ready(now, MAX_BATCH);
@@ -729,6 +728,12 @@ impl Executor {
                 (b, p.next_ready(), p.is_closed())
             };
             if batch.is_empty() {
+                // Idle: the records are written when their time has come (with
+                // a batch ready, after its first call instead: see `flushing`).
+                if self.flush_at.is_some_and(|at| at <= now) {
+                    self.flush_at = None;
+                    self.state.flush();
+                }
                 if closed {
                     self.state.flush();
                     let left = self.shared.lock().len();
