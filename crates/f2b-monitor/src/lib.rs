@@ -314,9 +314,9 @@ async fn monitor(
         counters: Counters::new(&m),
     };
     // A task of its own, not this future (which the caller may run in
-    // `block_on`, on a thread that is not a worker): the follower's channel send
-    // then wakes it on the follower's worker, with no hop to another thread
-    // between reading a line and queueing its event.
+    // `block_on`): the follower's channel send then wakes it on the runtime's
+    // thread, the follower's, with no hop to another thread between reading a
+    // line and queueing its event.
     // Dropping this future (a caller giving up on it) stops the pipeline task as
     // well, which would otherwise go on alone.
     let pipeline_stop = shutdown.child_token();

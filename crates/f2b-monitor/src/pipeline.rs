@@ -467,7 +467,7 @@ impl Pipeline {
     /// after an answer, or the saver rewriting it after a failed sync) or this
     /// write would rewrite the file itself (after a failed write), the write
     /// goes to a blocking thread: those hold the lock through two syncs, which
-    /// must not stall one of the runtime's workers.
+    /// must not stall the runtime's thread (the tail's too).
     async fn queue(&self, events: &[Event]) -> bool {
         let Some(state) = &self.state else {
             return false;

@@ -57,8 +57,10 @@ pub const MAX_MESSAGE_SIZE: usize = 8 * 1024;
 /// The most bytes [`pack_events`] puts in one `events` payload (about 25 events of
 /// typical size). Smaller than [`MAX_MESSAGE_SIZE`] on purpose: ZeroMQ's
 /// high-water marks count messages, not bytes, so this keeps the memory a stalled
-/// subscriber can hold on the publisher (and a slow one in itself) at about
-/// 10,000 x 4 KiB = 40 MiB at worst. Receivers accept up to [`MAX_MESSAGE_SIZE`].
+/// subscriber can hold on the publisher at about 2,500 x 4 KiB = 10 MiB at worst
+/// (the publisher's PUB socket queues 2,500 messages per subscriber), and a slow
+/// one in itself at 10,000 x 4 KiB (its receive queue). Receivers accept up to
+/// [`MAX_MESSAGE_SIZE`].
 pub const PACKED_MESSAGE_SIZE: usize = 4 * 1024;
 
 /// The most events one `reports` request carries ([`Request::pack`]), and so the
