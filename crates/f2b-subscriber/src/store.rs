@@ -38,7 +38,7 @@
 //! event is marked done after its action succeeded, so a crash between the two
 //! applies it again after the restart (at least once). The executor's records of
 //! applied events wait up to [`SETTLE_DELAY`] and are written together (see
-//! [`State`]), so that window is that long. `fail2ban-client set JAIL banip` and
+//! `State`), so that window is that long. `fail2ban-client set JAIL banip` and
 //! `unbanip` are idempotent, so that repeats nothing visible.
 //!
 //! # Bounds
@@ -1097,7 +1097,7 @@ fn quarantine(path: &Path, now: SystemTime) -> Result<PathBuf, StoreError> {
 }
 
 /// How long the settling of applied events may wait before it is written
-/// ([`State::settle_later`]).
+/// (`State::settle_later`).
 pub const SETTLE_DELAY: Duration = Duration::from_millis(10);
 /// Applied events waiting to be written, at most: one more writes them at once.
 pub const SETTLE_LATER_MAX: usize = 512;
