@@ -1108,6 +1108,20 @@ mod tests {
                 .expect("executor alive")
         }
 
+        /// How long after `since` the state had its first done record written,
+        /// in test time: it is looked at every millisecond of paused time (the
+        /// write is internal, nothing announces it), for at most a minute.
+        async fn first_record_written(&self, since: Instant) -> Duration {
+            while self.state.written_counts().done == 0 {
+                assert!(
+                    since.elapsed() < Duration::from_secs(60),
+                    "not written a minute (of test time) after it was applied"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            since.elapsed()
+        }
+
         async fn applied(&mut self, n: usize) -> Vec<IpAddr> {
             let mut got = Vec::new();
             while got.len() < n {
@@ -1167,14 +1181,7 @@ mod tests {
         // Known at once, written later, by itself: no more input comes.
         assert!(rig.state.known(&item(1, "cluster", Action::Ban).event));
         assert_eq!(rig.state.written_counts().done, 0);
-        while rig.state.written_counts().done == 0 {
-            assert!(
-                applied_at.elapsed() < Duration::from_secs(60),
-                "not written a minute (of test time) after it was applied"
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let waited = applied_at.elapsed();
+        let waited = rig.first_record_written(applied_at).await;
         assert!(
             waited >= SETTLE_DELAY - Duration::from_millis(1) && waited <= SETTLE_DELAY * 2,
             "written {waited:?} after it was applied"
@@ -1197,14 +1204,7 @@ mod tests {
         // The next call waits for the gate, as a hung fail2ban-client would.
         rig.push(item(2, "sshd", Action::Ban));
         let applied_at = Instant::now();
-        while rig.state.written_counts().done == 0 {
-            assert!(
-                applied_at.elapsed() < Duration::from_secs(60),
-                "not written a minute (of test time) after it was applied"
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        assert!(applied_at.elapsed() <= SETTLE_DELAY * 2);
+        assert!(rig.first_record_written(applied_at).await <= SETTLE_DELAY * 2);
         assert_eq!(rig.calls().len(), 1, "the second call is still waiting");
         gate.add_permits(1);
         assert_eq!(rig.applied(1).await, [ip(2)]);
