@@ -15,12 +15,13 @@
 //! refused with a transient NAK (`busy`); the monitor sends it again.
 //!
 //! Requests that arrive together are committed together (group commit): between
-//! [`Ledger::begin_batch`] and [`Ledger::commit_batch`] each [`Ledger::append`] is a
-//! savepoint of one transaction, and the server sends their broadcasts and replies
+//! [`Ledger::begin_batch`] and [`Ledger::commit_batch`] each [`Ledger::append`]
+//! writes into one transaction, and the server sends their broadcasts and replies
 //! only once that transaction is committed, so one sync covers them all. If that
 //! commit fails, none of them happened and every request of the batch is refused as
 //! `busy`; the sequence number goes back unless the batch's events were already
-//! broadcast (below).
+//! broadcast (below). An append that fails half-way (a disk error after its
+//! `events` row) rolls the batch back and makes its commit fail the same way.
 //!
 //! # Broadcast before the sync
 //!
@@ -320,12 +321,18 @@ pub struct Ledger {
     steps: Cell<u64>,
     /// While a batch is open, the last sequence number when it began.
     batch: Option<u64>,
+    /// An append of the open batch failed half-way and rolled the batch back:
+    /// its commit must fail.
+    broken: bool,
     /// Makes the next [`Ledger::commit_batch`] fail, for tests.
     #[cfg(test)]
     fail_commit: bool,
     /// Makes the writes of `meta`'s last_seq outside a batch fail, for tests.
     #[cfg(test)]
     fail_last_seq: bool,
+    /// Makes appends fail after their `events` row, for tests.
+    #[cfg(test)]
+    fail_half_way: bool,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -589,10 +596,10 @@ impl Ledger {
         // append's, a batch's, snapshots', pruning's): more than rusqlite's
         // default of 16.
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-        // The page copies a savepoint or a statement keeps to undo itself (the
-        // sub-journal) stay in memory: by default SQLite moves them past 64 KiB to
-        // a new temporary file (created, unlinked, written, closed), which under
-        // load it did several times a second. They only serve a rollback inside
+        // The page copies a statement keeps to undo itself (the sub-journal) stay
+        // in memory: by default SQLite moves them past 64 KiB to a new temporary
+        // file (created, unlinked, written, closed), which under load (with a
+        // savepoint per append, before) it did several times a second. They only serve a rollback inside
         // the open transaction, never crash recovery (that is the WAL).
         conn.pragma_update(None, "temp_store", "MEMORY")
             .map_err(sql("keep temporary data in memory"))?;
@@ -697,10 +704,13 @@ impl Ledger {
             opened,
             steps: Cell::new(0),
             batch: None,
+            broken: false,
             #[cfg(test)]
             fail_commit: false,
             #[cfg(test)]
             fail_last_seq: false,
+            #[cfg(test)]
+            fail_half_way: false,
         })
     }
 
@@ -796,6 +806,7 @@ impl Ledger {
         self.run_cached("BEGIN IMMEDIATE")
             .map_err(sql_err(&self.path, "begin a batch"))?;
         self.batch = Some(self.last_seq);
+        self.broken = false;
         Ok(())
     }
 
@@ -824,6 +835,15 @@ impl Ledger {
         });
         #[cfg(not(test))]
         let injected: Option<rusqlite::Error> = None;
+        // An append that failed half-way rolled the batch back (see `append`).
+        let injected = injected.or_else(|| {
+            std::mem::take(&mut self.broken).then(|| {
+                rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+                    Some("an append failed half-way and rolled the batch back".into()),
+                )
+            })
+        });
         // The batch's appends left `meta`'s last_seq to this commit (see
         // `append`): written in the transaction, if it is still open (if SQLite
         // rolled it back by itself, the COMMIT fails below).
@@ -885,6 +905,13 @@ impl Ledger {
         self.fail_commit = true;
     }
 
+    /// Makes appends fail after their `events` row is written (`true`), as a
+    /// disk error would, or work again.
+    #[cfg(test)]
+    pub(crate) fn fail_half_way(&mut self, fail: bool) {
+        self.fail_half_way = fail;
+    }
+
     /// Makes the writes of `meta`'s last_seq on their own (after a failed
     /// commit) fail, or work again.
     #[cfg(test)]
@@ -907,10 +934,19 @@ impl Ledger {
 
     /// Commits `record`, whose `seq` must be [`Self::last_seq`] + 1, with what it
     /// changes in `active_bans` and `superseded`, and the new last sequence number:
-    /// in a transaction of its own, or, in a batch, as a savepoint of the batch's
+    /// in a transaction of its own, or, in a batch, into the batch's transaction
     /// (then it is durable once [`Self::commit_batch`] succeeds, and `meta`'s
     /// last_seq is written once for the whole batch, by that commit, in the same
     /// transaction).
+    ///
+    /// An append that fails leaves nothing of itself behind. In a batch it has no
+    /// savepoint of its own: the page copies a savepoint keeps were about a fifth
+    /// of the publisher's work per event. Its first statement (the `events` row)
+    /// undoes itself if it fails, as every SQLite statement does, and what could
+    /// make a later one fail is checked before anything is written, so a later
+    /// statement fails only on a disk error. Then the whole batch is rolled back
+    /// at once and [`Self::commit_batch`] fails, as when the commit itself fails:
+    /// every request of the batch is refused as `busy` and sent again.
     pub fn append(&mut self, record: &Record) -> Result<(), LedgerError> {
         if record.seq != self.last_seq.saturating_add(1) {
             return Err(LedgerError::Sequence {
@@ -919,23 +955,45 @@ impl Ledger {
                 found: record.seq,
             });
         }
+        if record.event.action == Action::Ban && record.expires_ms.is_none() {
+            // The `active_bans` row's NOT NULL constraint, checked before the
+            // `events` row is written.
+            return Err(sql_err(&self.path, "write an event")(
+                rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT_NOTNULL),
+                    Some("a ban without expires_ms".into()),
+                ),
+            ));
+        }
         // Inside an open transaction (a batch), `meta`'s last_seq is written once,
         // by `commit_batch`, in the same transaction; on its own (no batch, or a
-        // batch SQLite rolled back by itself) the append writes it with its row.
+        // batch SQLite rolled back by itself) the append writes it with its row,
+        // in a transaction of its own.
         let own = self.conn.is_autocommit();
-        // A savepoint: an append that fails half-way leaves nothing behind. Its
-        // statements are compiled once, like the others.
-        self.run_cached("SAVEPOINT append")
-            .map_err(sql_err(&self.path, "write an event"))?;
-        let written = self
-            .write_rows(record, own)
-            .and_then(|()| self.run_cached("RELEASE append"));
+        if own {
+            self.run_cached("BEGIN IMMEDIATE")
+                .map_err(sql_err(&self.path, "write an event"))?;
+        }
+        let mut first = true;
+        let written = self.write_rows(record, own, &mut first).and_then(|()| {
+            if own {
+                self.run_cached("COMMIT")
+            } else {
+                Ok(())
+            }
+        });
         if let Err(source) = written {
-            // Undo what the savepoint holds (nothing if SQLite rolled the
-            // transaction back already), as a dropped rusqlite savepoint does.
-            let _ = self
-                .run_cached("ROLLBACK TO append")
-                .and_then(|()| self.run_cached("RELEASE append"));
+            if own || !first {
+                // Half-way, or a transaction of its own: roll back what it holds
+                // (nothing if SQLite rolled it back already). In a batch that is
+                // the whole batch, which `commit_batch` then refuses.
+                if !self.conn.is_autocommit() {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                }
+                if !own {
+                    self.broken = true;
+                }
+            }
             return Err(sql_err(&self.path, "write an event")(source));
         }
         self.last_seq = record.seq;
@@ -953,7 +1011,8 @@ impl Ledger {
 
     /// The statements of [`Self::append`]: the row, what it supersedes, its
     /// `active_bans` change, and (`meta`: not in a batch) the last sequence number.
-    fn write_rows(&self, record: &Record, meta: bool) -> rusqlite::Result<()> {
+    /// `first` stays true until the first statement (the row) is written.
+    fn write_rows(&self, record: &Record, meta: bool, first: &mut bool) -> rusqlite::Result<()> {
         let e = &record.event;
         let (seq, jail, ip) = (sql_int(record.seq), e.jail.as_str(), e.ip.to_string());
         self.conn
@@ -977,6 +1036,14 @@ impl Ledger {
                 record.peer.as_str(),
                 record.reported_by.column(),
             ])?;
+        *first = false;
+        #[cfg(test)]
+        if self.fail_half_way {
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+                Some("injected failure after the row".into()),
+            ));
+        }
         // The row this one supersedes (the last one of its (jail, address); those
         // before it were queued when it was appended).
         self.conn

@@ -1478,6 +1478,29 @@ fn a_failed_batch_commit_undoes_the_batch() {
     assert_eq!(c.ledger().rows().unwrap(), 3);
 }
 
+/// A batch with an append that fails half-way (a disk error after its row) is
+/// undone as a batch whose commit fails: the event before it is new again.
+#[test]
+fn an_append_failing_half_way_undoes_its_batch() {
+    let mut c = core();
+    let first = event(1, "sshd", Action::Ban, "203.0.113.1");
+    expect_ack(&send(&mut c, &first, NOW), AckStatus::Broadcast, Some(1));
+    c.begin_batch().unwrap();
+    let ban = event(2, "sshd", Action::Ban, "203.0.113.2");
+    let unban = event(3, "sshd", Action::Unban, "203.0.113.1");
+    expect_ack(&send(&mut c, &ban, NOW), AckStatus::Broadcast, Some(2));
+    c.ledger.fail_half_way(true);
+    expect_nak(&send(&mut c, &unban, NOW), NakReason::Busy);
+    c.ledger.fail_half_way(false);
+    assert!(c.commit_batch(NOW, false).is_err());
+    assert_eq!((c.last_seq(), c.ledger().rows().unwrap()), (1, 1));
+    assert_eq!(c.memory_len(), (1, 1));
+    // The resends are new events again, with the same sequence numbers.
+    expect_ack(&send(&mut c, &ban, NOW), AckStatus::Broadcast, Some(2));
+    expect_ack(&send(&mut c, &unban, NOW), AckStatus::Broadcast, Some(3));
+    assert_eq!(c.ledger().rows().unwrap(), 3);
+}
+
 /// A batch broadcast before its commit, whose commit then fails, is undone too,
 /// except its sequence numbers: they went out, so the resends get new ones.
 #[test]

@@ -192,9 +192,10 @@ fn temporary_data_stays_in_memory() {
     assert_eq!(store, 2, "PRAGMA temp_store = MEMORY");
 }
 
-/// An append that fails half-way (here its `active_bans` row breaks a
-/// constraint) leaves nothing behind, in a batch or not, and the batch's other
-/// events are committed with the right last_seq.
+/// An append that cannot be written whole (here a ban without an expiry, which
+/// the `active_bans` row's NOT NULL refuses) is refused before anything is
+/// written, in a batch or not, and the batch's other events are committed with
+/// the right last_seq.
 #[test]
 fn a_failed_append_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
@@ -203,8 +204,7 @@ fn a_failed_append_leaves_nothing_behind() {
         seq,
         event: event(u128::from(seq) + 5000, "sshd", Action::Ban, "203.0.113.7"),
         accepted_ms: NOW,
-        // A ban without an expiry: the events row is written, the active_bans
-        // one is refused (NOT NULL).
+        // A ban without an expiry: its active_bans row could not be written.
         expires_ms: None,
         legacy: false,
         peer: "192.0.2.99".into(),
@@ -220,6 +220,68 @@ fn a_failed_append_leaves_nothing_behind() {
     assert_eq!(rows(&l).iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2]);
     assert_eq!(meta_last_seq(dir.path()), 2);
     assert_eq!(snapshot_seqs(&l, &[], NOW), [1, 2]);
+}
+
+/// An append that fails after its `events` row (a disk error) leaves nothing
+/// behind: on its own, its transaction is rolled back; in a batch (which has no
+/// savepoint per append), the whole batch is, and its commit fails, so that
+/// every request of it is refused and sent again. The next batch works.
+#[test]
+fn an_append_that_fails_half_way_leaves_nothing_and_fails_its_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut l = Ledger::open(dir.path()).unwrap();
+    let record = |seq: u64, ip: &str| Record {
+        seq,
+        event: event(u128::from(seq) + 7000, "sshd", Action::Ban, ip),
+        accepted_ms: NOW,
+        expires_ms: Some(NOW + BAN_MS),
+        legacy: false,
+        peer: "192.0.2.99".into(),
+        reported_by: Reporter::Unauthenticated,
+    };
+    // On its own.
+    l.fail_half_way(true);
+    assert!(l.append(&record(1, "203.0.113.1")).is_err());
+    l.fail_half_way(false);
+    assert!(l.conn.is_autocommit(), "its transaction is gone");
+    assert_eq!((l.last_seq(), l.rows().unwrap()), (0, 0));
+    assert!(snapshot_seqs(&l, &[], NOW).is_empty());
+    // In a batch: the event before it goes too, and the commit fails.
+    l.begin_batch().unwrap();
+    add(&mut l, "sshd", Action::Ban, "203.0.113.2", NOW);
+    l.fail_half_way(true);
+    assert!(l.append(&record(2, "203.0.113.3")).is_err());
+    l.fail_half_way(false);
+    assert!(l.conn.is_autocommit(), "the batch's transaction is gone");
+    assert_eq!(l.rows().unwrap(), 0);
+    assert!(l.commit_batch(false).is_err());
+    assert_eq!(
+        l.last_seq(),
+        0,
+        "nothing went out: the numbers are used again"
+    );
+    assert_eq!(meta_last_seq(dir.path()), 0);
+    // Broadcast before the commit: the numbers used are kept.
+    l.begin_batch().unwrap();
+    add(&mut l, "sshd", Action::Ban, "203.0.113.2", NOW);
+    l.fail_half_way(true);
+    assert!(l.append(&record(2, "203.0.113.3")).is_err());
+    l.fail_half_way(false);
+    assert!(l.commit_batch(true).is_err());
+    assert_eq!((l.last_seq(), l.rows().unwrap()), (1, 0));
+    assert_eq!(
+        meta_last_seq(dir.path()),
+        1,
+        "the number that went out is written"
+    );
+    // The next batch works.
+    l.begin_batch().unwrap();
+    let seq = add(&mut l, "sshd", Action::Ban, "203.0.113.2", NOW);
+    l.commit_batch(false).unwrap();
+    assert_eq!(seq, 2);
+    assert_eq!(rows(&l).iter().map(|r| r.seq).collect::<Vec<_>>(), [2]);
+    assert_eq!(snapshot_seqs(&l, &[], NOW), [2]);
+    assert_eq!(meta_last_seq(dir.path()), 2);
 }
 
 #[test]
