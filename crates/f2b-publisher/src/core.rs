@@ -507,7 +507,9 @@ impl Core {
         self.ledger.begin_batch()
     }
 
-    /// Commits the open batch. On failure nothing of it happened: the ledger is
+    /// Commits the open batch. On failure nothing of it happened (an append that
+    /// failed half-way, or SQLite on an error, rolled it back and the appends
+    /// after that were refused; or the commit failed): the ledger is
     /// rolled back, the memories are rebuilt from it as of `now_ms`, and every
     /// outcome of the batch must be sent as [`Response::refused_busy`] without its
     /// broadcasts (`broadcast`: they went out already; then their sequence numbers

@@ -596,10 +596,11 @@ impl Ledger {
         // append's, a batch's, snapshots', pruning's): more than rusqlite's
         // default of 16.
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-        // The page copies a statement keeps to undo itself (the sub-journal) stay
-        // in memory: by default SQLite moves them past 64 KiB to a new temporary
-        // file (created, unlinked, written, closed), which under load (with a
-        // savepoint per append, before) it did several times a second. They only serve a rollback inside
+        // The page copies a savepoint or a statement keeps to undo itself (the
+        // sub-journal; appends keep none since session 10, other writes may)
+        // stay in memory: by default SQLite moves them past 64 KiB to a new
+        // temporary file (created, unlinked, written, closed), which under load
+        // it did several times a second. They only serve a rollback inside
         // the open transaction, never crash recovery (that is the WAL).
         conn.pragma_update(None, "temp_store", "MEMORY")
             .map_err(sql("keep temporary data in memory"))?;
@@ -774,7 +775,14 @@ impl Ledger {
     /// broadcast before its commit. Always true unless commits failed and their
     /// numbers could not be written since.
     pub fn may_broadcast_early(&self) -> bool {
-        self.last_seq <= self.durable_seq.saturating_add(EARLY_BROADCAST_MAX)
+        // A batch rolled back already is not broadcast: its commit will fail.
+        !self.batch_lost() && self.last_seq <= self.durable_seq.saturating_add(EARLY_BROADCAST_MAX)
+    }
+
+    /// Whether the open batch was rolled back before its commit (an append that
+    /// failed half-way, or SQLite on an error): its commit must fail.
+    fn batch_lost(&self) -> bool {
+        self.batch.is_some() && (self.broken || self.conn.is_autocommit())
     }
 
     /// The file (`:memory:` for an in-memory ledger).
@@ -813,10 +821,9 @@ impl Ledger {
     /// Commits the open batch (if any), with `meta`'s last_seq (the last number its
     /// appends used): when this returns `Ok`, every event
     /// appended since [`Self::begin_batch`] is durable. When it fails, the batch is
-    /// rolled back and [`Self::last_seq`] is read again from the file: normally
-    /// what it was before the batch, but if SQLite rolled the transaction back by
-    /// itself on an error (it does on a full disk, for instance), the appends after
-    /// that were committed one by one, and those stay.
+    /// rolled back and [`Self::last_seq`] is read again from the file: what it was
+    /// before the batch (the appends after a rollback in the batch, by an append
+    /// that failed half-way or by SQLite itself on an error, were refused).
     ///
     /// With `keep_seqs` (the batch's events were broadcast already), a failure
     /// leaves [`Self::last_seq`] where the batch took it instead, so that no number
@@ -941,12 +948,15 @@ impl Ledger {
     ///
     /// An append that fails leaves nothing of itself behind. In a batch it has no
     /// savepoint of its own: the page copies a savepoint keeps were about a fifth
-    /// of the publisher's work per event. Its first statement (the `events` row)
-    /// undoes itself if it fails, as every SQLite statement does, and what could
-    /// make a later one fail is checked before anything is written, so a later
-    /// statement fails only on a disk error. Then the whole batch is rolled back
-    /// at once and [`Self::commit_batch`] fails, as when the commit itself fails:
-    /// every request of the batch is refused as `busy` and sent again.
+    /// of the publisher's work per event. What could make one of its statements
+    /// break a constraint is checked before anything is written (a ban without
+    /// expires_ms), so a statement fails only on an error of the disk or of
+    /// SQLite. If the first one (the `events` row) fails with the batch still
+    /// open, it wrote nothing, and the batch goes on. Otherwise the whole batch
+    /// is rolled back (by this append, or by SQLite itself, as it does on a full
+    /// disk), the appends after it in the batch are refused without writing
+    /// anything, and [`Self::commit_batch`] fails, as when the commit itself
+    /// fails: every request of the batch is refused as `busy` and sent again.
     pub fn append(&mut self, record: &Record) -> Result<(), LedgerError> {
         if record.seq != self.last_seq.saturating_add(1) {
             return Err(LedgerError::Sequence {
@@ -965,10 +975,18 @@ impl Ledger {
                 ),
             ));
         }
+        if self.batch_lost() {
+            self.broken = true;
+            return Err(sql_err(&self.path, "write an event")(
+                rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+                    Some("an earlier append rolled the batch back".into()),
+                ),
+            ));
+        }
         // Inside an open transaction (a batch), `meta`'s last_seq is written once,
-        // by `commit_batch`, in the same transaction; on its own (no batch, or a
-        // batch SQLite rolled back by itself) the append writes it with its row,
-        // in a transaction of its own.
+        // by `commit_batch`, in the same transaction; on its own (no batch) the
+        // append writes it with its row, in a transaction of its own.
         let own = self.conn.is_autocommit();
         if own {
             self.run_cached("BEGIN IMMEDIATE")
@@ -983,16 +1001,14 @@ impl Ledger {
             }
         });
         if let Err(source) = written {
-            if own || !first {
-                // Half-way, or a transaction of its own: roll back what it holds
-                // (nothing if SQLite rolled it back already). In a batch that is
-                // the whole batch, which `commit_batch` then refuses.
-                if !self.conn.is_autocommit() {
-                    let _ = self.conn.execute_batch("ROLLBACK");
-                }
-                if !own {
-                    self.broken = true;
-                }
+            // Half-way, or a transaction of its own: roll back what it holds
+            // (nothing if SQLite rolled it back already). In a batch that is the
+            // whole batch, which `commit_batch` then refuses.
+            if (own || !first) && !self.conn.is_autocommit() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+            if !own && self.conn.is_autocommit() {
+                self.broken = true;
             }
             return Err(sql_err(&self.path, "write an event")(source));
         }
@@ -1055,12 +1071,13 @@ impl Ledger {
         // A ban replaces its (jail, address)'s row, an unban deletes it. Not one
         // INSERT OR REPLACE: a statement that may delete a row and then abort
         // (its NOT NULL) keeps a statement journal, page copies that cost about a
-        // tenth of the publisher's work per event. Each of these two statements
-        // either writes or breaks nothing (`append` checked expires_ms, and this
-        // event's seq is new).
+        // tenth of the publisher's work per event. The DELETE also takes a row
+        // with this event's seq, which only a file edited by hand could hold
+        // (INSERT OR REPLACE took it too), so that the INSERT breaks no
+        // constraint (`append` checked expires_ms).
         self.conn
-            .prepare_cached("DELETE FROM active_bans WHERE jail = ?1 AND ip = ?2")?
-            .execute(params![jail, ip])?;
+            .prepare_cached("DELETE FROM active_bans WHERE (jail = ?1 AND ip = ?2) OR seq = ?3")?
+            .execute(params![jail, ip, seq])?;
         if e.action == Action::Ban {
             self.conn
                 .prepare_cached(

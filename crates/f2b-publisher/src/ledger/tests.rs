@@ -180,7 +180,7 @@ fn a_batch_commits_the_last_seq_with_its_rows() {
     );
 }
 
-/// Savepoints' and statements' undo data stays in memory: no temporary files.
+/// Undo data (of savepoints and statements) stays in memory: no temporary files.
 #[test]
 fn temporary_data_stays_in_memory() {
     let dir = tempfile::tempdir().unwrap();
@@ -254,6 +254,11 @@ fn an_append_that_fails_half_way_leaves_nothing_and_fails_its_batch() {
     l.fail_half_way(false);
     assert!(l.conn.is_autocommit(), "the batch's transaction is gone");
     assert_eq!(l.rows().unwrap(), 0);
+    // The appends after it in the batch are refused without writing anything
+    // (its other events, decided against the lost ones, are sent again).
+    assert!(l.append(&record(2, "203.0.113.4")).is_err());
+    assert_eq!((l.last_seq(), l.rows().unwrap()), (1, 0));
+    assert!(!l.may_broadcast_early(), "a lost batch is not broadcast");
     assert!(l.commit_batch(false).is_err());
     assert_eq!(
         l.last_seq(),
@@ -282,6 +287,65 @@ fn an_append_that_fails_half_way_leaves_nothing_and_fails_its_batch() {
     assert_eq!(rows(&l).iter().map(|r| r.seq).collect::<Vec<_>>(), [2]);
     assert_eq!(snapshot_seqs(&l, &[], NOW), [2]);
     assert_eq!(meta_last_seq(dir.path()), 2);
+}
+
+/// A batch SQLite rolled back by itself (as it does on a full disk) is lost
+/// whole: the appends after it are refused, it is not broadcast early, and its
+/// commit fails.
+#[test]
+fn a_batch_sqlite_rolled_back_refuses_the_rest_and_fails_its_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut l = Ledger::open(dir.path()).unwrap();
+    add(&mut l, "sshd", Action::Ban, "203.0.113.1", NOW);
+    l.begin_batch().unwrap();
+    add(&mut l, "sshd", Action::Ban, "203.0.113.2", NOW);
+    assert!(l.may_broadcast_early());
+    l.conn.execute_batch("ROLLBACK").unwrap();
+    assert!(!l.may_broadcast_early());
+    let refused = Record {
+        seq: 3,
+        event: event(7003, "sshd", Action::Unban, "203.0.113.2"),
+        accepted_ms: NOW,
+        expires_ms: None,
+        legacy: false,
+        peer: "192.0.2.99".into(),
+        reported_by: Reporter::Unauthenticated,
+    };
+    assert!(l.append(&refused).is_err());
+    assert!(l.commit_batch(false).is_err());
+    assert_eq!((l.last_seq(), l.rows().unwrap()), (1, 1));
+    assert_eq!(snapshot_seqs(&l, &[], NOW), [1]);
+    l.begin_batch().unwrap();
+    assert_eq!(add(&mut l, "sshd", Action::Ban, "203.0.113.2", NOW), 2);
+    l.commit_batch(false).unwrap();
+    assert_eq!(snapshot_seqs(&l, &[], NOW), [1, 2]);
+}
+
+/// A leftover `active_bans` row with the number of a new ban (only a file
+/// edited by hand holds one) does not block the ban: it is replaced.
+#[test]
+fn a_stray_active_ban_row_with_a_new_number_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut l = Ledger::open(dir.path()).unwrap();
+    l.conn
+        .execute(
+            "INSERT INTO active_bans (seq, jail, ip, expires_ms) VALUES (1, 'x', '192.0.2.1', 1)",
+            [],
+        )
+        .unwrap();
+    l.begin_batch().unwrap();
+    add(&mut l, "sshd", Action::Ban, "203.0.113.1", NOW);
+    l.commit_batch(false).unwrap();
+    assert_eq!(snapshot_seqs(&l, &[], NOW), [1]);
+    let stray: i64 = l
+        .conn
+        .query_row(
+            "SELECT count(*) FROM active_bans WHERE jail = 'x'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(stray, 0);
 }
 
 #[test]
