@@ -1478,17 +1478,24 @@ fn a_failed_batch_commit_undoes_the_batch() {
     assert_eq!(c.ledger().rows().unwrap(), 3);
 }
 
+/// Commits a ban of 203.0.113.1 (seq 1), opens a batch and decides in it a ban
+/// of 203.0.113.2 (seq 2); returns that ban and an unban of 203.0.113.1, not
+/// sent yet.
+fn open_batch_with_a_ban(c: &mut Core) -> (Event, Event) {
+    let first = event(1, "sshd", Action::Ban, "203.0.113.1");
+    expect_ack(&send(c, &first, NOW), AckStatus::Broadcast, Some(1));
+    c.begin_batch().unwrap();
+    let ban = event(2, "sshd", Action::Ban, "203.0.113.2");
+    expect_ack(&send(c, &ban, NOW), AckStatus::Broadcast, Some(2));
+    (ban, event(3, "sshd", Action::Unban, "203.0.113.1"))
+}
+
 /// A batch with an append that fails half-way (a disk error after its row) is
 /// undone as a batch whose commit fails: the event before it is new again.
 #[test]
 fn an_append_failing_half_way_undoes_its_batch() {
     let mut c = core();
-    let first = event(1, "sshd", Action::Ban, "203.0.113.1");
-    expect_ack(&send(&mut c, &first, NOW), AckStatus::Broadcast, Some(1));
-    c.begin_batch().unwrap();
-    let ban = event(2, "sshd", Action::Ban, "203.0.113.2");
-    let unban = event(3, "sshd", Action::Unban, "203.0.113.1");
-    expect_ack(&send(&mut c, &ban, NOW), AckStatus::Broadcast, Some(2));
+    let (ban, unban) = open_batch_with_a_ban(&mut c);
     c.ledger.fail_half_way(true);
     expect_nak(&send(&mut c, &unban, NOW), NakReason::Busy);
     c.ledger.fail_half_way(false);
@@ -1506,12 +1513,7 @@ fn an_append_failing_half_way_undoes_its_batch() {
 #[test]
 fn a_failed_commit_after_the_broadcast_keeps_the_sequence_numbers_used() {
     let mut c = core();
-    let first = event(1, "sshd", Action::Ban, "203.0.113.1");
-    expect_ack(&send(&mut c, &first, NOW), AckStatus::Broadcast, Some(1));
-    c.begin_batch().unwrap();
-    let ban = event(2, "sshd", Action::Ban, "203.0.113.2");
-    let unban = event(3, "sshd", Action::Unban, "203.0.113.1");
-    expect_ack(&send(&mut c, &ban, NOW), AckStatus::Broadcast, Some(2));
+    let (ban, unban) = open_batch_with_a_ban(&mut c);
     expect_ack(&send(&mut c, &unban, NOW), AckStatus::Broadcast, Some(3));
     c.ledger.fail_next_commit();
     assert!(c.commit_batch(NOW, true).is_err());
