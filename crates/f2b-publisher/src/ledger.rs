@@ -20,8 +20,11 @@
 //! only once that transaction is committed, so one sync covers them all. If that
 //! commit fails, none of them happened and every request of the batch is refused as
 //! `busy`; the sequence number goes back unless the batch's events were already
-//! broadcast (below). An append that fails half-way (a disk error after its
-//! `events` row) rolls the batch back and makes its commit fail the same way.
+//! broadcast (below). Appends have no savepoint each: an append that fails after
+//! its `events` row (a disk error), or an error on which SQLite rolls the batch
+//! back by itself, loses the whole batch. The appends after that in the batch are
+//! refused without writing, the batch is not broadcast early, and its commit
+//! fails the same way.
 //!
 //! # Broadcast before the sync
 //!
@@ -38,7 +41,8 @@
 //! - the file's last number can lag behind the one in memory only while such
 //!   writes fail (a failing disk): the server then broadcasts a batch early only
 //!   while its numbers stay within [`EARLY_BROADCAST_MAX`] of the file's
-//!   ([`Ledger::may_broadcast_early`]), and otherwise commits first;
+//!   ([`Ledger::may_broadcast_early`]), and otherwise commits first (as it does
+//!   a batch already rolled back, whose commit fails);
 //! - a publisher that dies between the broadcast and the commit leaves `meta`
 //!   `serving = 1` behind ([`Ledger::start_serving`] writes it, a clean stop
 //!   clears it). The next start finds it and moves [`Ledger::last_seq`]
@@ -771,11 +775,11 @@ impl Ledger {
 
     /// Whether the numbers used since the file's last known number are few
     /// enough that the next start after a crash skips them all
-    /// ([`EARLY_BROADCAST_MAX`]): only then may the open batch's events be
-    /// broadcast before its commit. Always true unless commits failed and their
-    /// numbers could not be written since.
+    /// ([`EARLY_BROADCAST_MAX`]), and the open batch was not rolled back already
+    /// (its commit will fail): only then may its events be broadcast before its
+    /// commit. Always true unless commits failed and their numbers could not be
+    /// written since, or the open batch is lost.
     pub fn may_broadcast_early(&self) -> bool {
-        // A batch rolled back already is not broadcast: its commit will fail.
         !self.batch_lost() && self.last_seq <= self.durable_seq.saturating_add(EARLY_BROADCAST_MAX)
     }
 
@@ -987,7 +991,11 @@ impl Ledger {
         // Inside an open transaction (a batch), `meta`'s last_seq is written once,
         // by `commit_batch`, in the same transaction; on its own (no batch) the
         // append writes it with its row, in a transaction of its own.
-        let own = self.conn.is_autocommit();
+        let own = self.batch.is_none();
+        if own && !self.conn.is_autocommit() {
+            // A transaction left open by a ROLLBACK that could not run.
+            let _ = self.run_cached("ROLLBACK");
+        }
         if own {
             self.run_cached("BEGIN IMMEDIATE")
                 .map_err(sql_err(&self.path, "write an event"))?;
@@ -1005,9 +1013,11 @@ impl Ledger {
             // (nothing if SQLite rolled it back already). In a batch that is the
             // whole batch, which `commit_batch` then refuses.
             if (own || !first) && !self.conn.is_autocommit() {
-                let _ = self.conn.execute_batch("ROLLBACK");
+                let _ = self.run_cached("ROLLBACK");
             }
-            if !own && self.conn.is_autocommit() {
+            // Half-way (even if that ROLLBACK could not run: the commit must
+            // not keep the half), or rolled back by SQLite: the batch is lost.
+            if !own && (!first || self.conn.is_autocommit()) {
                 self.broken = true;
             }
             return Err(sql_err(&self.path, "write an event")(source));

@@ -752,7 +752,8 @@ impl Bound {
         drop(lines);
         // Broadcast before the commit's sync (see the module docs); the replies
         // wait for it. Without a batch every event was committed on its own.
-        // After commits failed and their numbers could not be written, the
+        // After commits failed and their numbers could not be written, or when
+        // the batch was rolled back already (an append failed half-way), the
         // batch is committed first (`Ledger::may_broadcast_early`).
         let early = if batched && self.core.ledger().may_broadcast_early() {
             Some(self.broadcast_all(&outcomes)?)

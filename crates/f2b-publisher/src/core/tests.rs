@@ -1499,13 +1499,18 @@ fn an_append_failing_half_way_undoes_its_batch() {
     c.ledger.fail_half_way(true);
     expect_nak(&send(&mut c, &unban, NOW), NakReason::Busy);
     c.ledger.fail_half_way(false);
+    // A report after it in the same batch is refused too, and not recorded.
+    let later = event(4, "sshd", Action::Ban, "203.0.113.4");
+    expect_nak(&send(&mut c, &later, NOW), NakReason::Busy);
+    assert!(!c.ledger().may_broadcast_early());
     assert!(c.commit_batch(NOW, false).is_err());
     assert_eq!((c.last_seq(), c.ledger().rows().unwrap()), (1, 1));
     assert_eq!(c.memory_len(), (1, 1));
     // The resends are new events again, with the same sequence numbers.
     expect_ack(&send(&mut c, &ban, NOW), AckStatus::Broadcast, Some(2));
     expect_ack(&send(&mut c, &unban, NOW), AckStatus::Broadcast, Some(3));
-    assert_eq!(c.ledger().rows().unwrap(), 3);
+    expect_ack(&send(&mut c, &later, NOW), AckStatus::Broadcast, Some(4));
+    assert_eq!(c.ledger().rows().unwrap(), 4);
 }
 
 /// A batch broadcast before its commit, whose commit then fails, is undone too,
