@@ -472,7 +472,10 @@ impl Bound {
 
     fn serve_blocking(mut self, waker: zmq::Socket) -> Result<(), PublisherError> {
         let result = self.serve_loop(&waker);
-        // Every batch is committed by now: a clean stop.
+        // Every batch is committed by now: a clean stop. (Unless the loop failed
+        // on a fatal socket error with a batch open: the cleared mark is written
+        // into that batch and thrown away with it, so the next start skips
+        // numbers, as after a crash. Safe, if wasteful.)
         if let Err(e) = self.core.stop_serving() {
             tracing::warn!(error = %f2b_common::daemon::error_chain(&e), "cannot mark the ledger as cleanly stopped; the next start skips some sequence numbers");
         }
