@@ -401,6 +401,12 @@ fn sql_err(path: &Path, what: &'static str) -> impl FnOnce(rusqlite::Error) -> L
     move |source| LedgerError::Sql { path, what, source }
 }
 
+/// An error as SQLite would report it with `code`, for the failures the ledger
+/// makes itself (refused appends, a lost batch) and tests inject.
+fn sqlite_failure(code: std::ffi::c_int, message: &str) -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), Some(message.into()))
+}
+
 fn now_ms(now: SystemTime) -> u64 {
     now.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -838,20 +844,16 @@ impl Ledger {
         };
         let reached = self.last_seq;
         #[cfg(test)]
-        let injected = std::mem::take(&mut self.fail_commit).then(|| {
-            rusqlite::Error::SqliteFailure(
-                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
-                Some("injected commit failure".into()),
-            )
-        });
+        let injected = std::mem::take(&mut self.fail_commit)
+            .then(|| sqlite_failure(rusqlite::ffi::SQLITE_IOERR, "injected commit failure"));
         #[cfg(not(test))]
         let injected: Option<rusqlite::Error> = None;
         // An append that failed half-way rolled the batch back (see `append`).
         let injected = injected.or_else(|| {
             std::mem::take(&mut self.broken).then(|| {
-                rusqlite::Error::SqliteFailure(
-                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
-                    Some("an append failed half-way and rolled the batch back".into()),
+                sqlite_failure(
+                    rusqlite::ffi::SQLITE_ABORT,
+                    "an append failed half-way and rolled the batch back",
                 )
             })
         });
@@ -935,9 +937,9 @@ impl Ledger {
     fn write_last_seq_alone(&self, seq: u64) -> rusqlite::Result<()> {
         #[cfg(test)]
         if self.fail_last_seq {
-            return Err(rusqlite::Error::SqliteFailure(
-                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
-                Some("injected write failure".into()),
+            return Err(sqlite_failure(
+                rusqlite::ffi::SQLITE_IOERR,
+                "injected write failure",
             ));
         }
         self.write_last_seq(seq)
@@ -972,21 +974,17 @@ impl Ledger {
         if record.event.action == Action::Ban && record.expires_ms.is_none() {
             // The `active_bans` row's NOT NULL constraint, checked before the
             // `events` row is written.
-            return Err(sql_err(&self.path, "write an event")(
-                rusqlite::Error::SqliteFailure(
-                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT_NOTNULL),
-                    Some("a ban without expires_ms".into()),
-                ),
-            ));
+            return Err(sql_err(&self.path, "write an event")(sqlite_failure(
+                rusqlite::ffi::SQLITE_CONSTRAINT_NOTNULL,
+                "a ban without expires_ms",
+            )));
         }
         if self.batch_lost() {
             self.broken = true;
-            return Err(sql_err(&self.path, "write an event")(
-                rusqlite::Error::SqliteFailure(
-                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
-                    Some("an earlier append rolled the batch back".into()),
-                ),
-            ));
+            return Err(sql_err(&self.path, "write an event")(sqlite_failure(
+                rusqlite::ffi::SQLITE_ABORT,
+                "an earlier append rolled the batch back",
+            )));
         }
         // Inside an open transaction (a batch), `meta`'s last_seq is written once,
         // by `commit_batch`, in the same transaction; on its own (no batch) the
@@ -1065,9 +1063,9 @@ impl Ledger {
         *first = false;
         #[cfg(test)]
         if self.fail_half_way {
-            return Err(rusqlite::Error::SqliteFailure(
-                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
-                Some("injected failure after the row".into()),
+            return Err(sqlite_failure(
+                rusqlite::ffi::SQLITE_IOERR,
+                "injected failure after the row",
             ));
         }
         // The row this one supersedes (the last one of its (jail, address); those
