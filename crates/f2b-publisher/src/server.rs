@@ -752,7 +752,6 @@ impl Bound {
             };
             outcomes.push(outcome);
         }
-        drop(lines);
         // Broadcast before the commit's sync (see the module docs); the replies
         // wait for it. Without a batch every event was committed on its own.
         // After commits failed and their numbers could not be written, or when
@@ -763,6 +762,10 @@ impl Bound {
         } else {
             None
         };
+        // The held lines go out once the broadcasts are queued (sending them
+        // waits for nothing), so their write, and the wake-up of whoever reads
+        // them, are not on the events' path; before the commit's sync.
+        drop(lines);
         if batched {
             let committed = self.core.commit_batch(now, early.is_some());
             self.metrics.ledger_open.set(committed.is_ok());
