@@ -8,7 +8,9 @@
 //! (during a panic's unwinding as well), or early when it passes [`HOLD_CAP`].
 //! The publisher's serving thread holds the lines it logs while deciding one batch
 //! of requests (a `broadcast` line per event): one system call per batch instead
-//! of one per line, and one wake-up of whoever reads the pipe (journald).
+//! of one per line, and one wake-up of whoever reads the pipe (journald). The
+//! subscriber's state logs the `applied` lines of the events whose records it
+//! writes together, in the same way.
 //!
 //! The lines stay whole and in the order the thread logged them; only their
 //! place among other threads' lines moves (to when the guard drops), so a holder

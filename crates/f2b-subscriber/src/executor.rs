@@ -629,6 +629,23 @@ async fn flushing<T>(
     (out, writing)
 }
 
+/// Logs that `item` was applied by the action named `via` (the `applied`
+/// line, one per event). The store logs it when it writes the event's record
+/// ([`State::settle_applied_later`]): up to [`SETTLE_DELAY`] after the action,
+/// with the others of that time in one write.
+pub(crate) fn log_applied(item: &Item, via: &str) {
+    tracing::info!(
+        action = %item.action(),
+        jail = %item.jail,
+        ip = %item.ip(),
+        node = %item.event.node,
+        seq = item.seq,
+        id = %item.event.id,
+        via = %via,
+        "applied"
+    );
+}
+
 /// The executor task: applies queued events through the action.
 pub(crate) struct Executor {
     pub(crate) applier: Box<dyn Applier>,
@@ -867,25 +884,18 @@ impl Executor {
                 p.settled(i, true, now_ms());
             }
         }
-        if self.state.settle_later(items, now_ms()) {
+        // Their `applied` lines are logged as their records are written.
+        if self
+            .state
+            .settle_applied_later(items, self.applier.name(), now_ms())
+        {
             self.flush_at = Some(Instant::now() + SETTLE_DELAY);
         }
         if self.unknown_jails.remove(jail) {
             tracing::info!(jail = %jail, "local jail exists now, applying its events");
         }
-        let via = self.applier.name();
         for t in chunk {
             let i = &t.item;
-            tracing::info!(
-                action = %action,
-                jail = %jail,
-                ip = %i.ip(),
-                node = %i.event.node,
-                seq = i.seq,
-                id = %i.event.id,
-                via = %via,
-                "applied"
-            );
             self.notices.send(Notice::Applied {
                 action,
                 jail: jail.clone(),

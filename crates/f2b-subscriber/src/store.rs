@@ -1132,6 +1132,10 @@ struct Inner {
     later: Vec<Item>,
     /// When the first of them was settled (their `done_ms`).
     later_ms: u64,
+    /// The `applied` lines of `later`, logged when they are written: runs of
+    /// (how many events, the name of the action that applied them); `None` for
+    /// events recorded without a line.
+    later_lines: Vec<(usize, Option<&'static str>)>,
 }
 
 /// Logs a failing use of the store, at most one line per 10 s (`limit`).
@@ -1159,8 +1163,19 @@ impl Inner {
             return;
         }
         let items = std::mem::take(&mut self.later);
+        let lines = std::mem::take(&mut self.later_lines);
         if let Err(e) = self.store.settle(&items, true, self.later_ms) {
             self.log(&e);
+        }
+        // Their lines in one write (one wake-up of journald, not one a ban).
+        let _held = f2b_common::log_batch::hold_log_lines();
+        let mut items = items.iter();
+        for (n, via) in lines {
+            for item in items.by_ref().take(n) {
+                if let Some(via) = via {
+                    crate::executor::log_applied(item, via);
+                }
+            }
         }
     }
 }
@@ -1178,6 +1193,7 @@ impl State {
             limit: RateLimit::new(Duration::from_secs(10)),
             later: Vec::new(),
             later_ms: 0,
+            later_lines: Vec::new(),
         })))
     }
 
@@ -1197,12 +1213,36 @@ impl State {
     /// (see [the type's documentation](State)); at once when [`SETTLE_LATER_MAX`]
     /// are waiting. Returns whether none was waiting before: the caller then calls
     /// [`State::flush`] [`SETTLE_DELAY`] later.
+    #[cfg(test)]
     pub(crate) fn settle_later(&self, items: Vec<Item>, now_ms: u64) -> bool {
+        self.settle_later_logged(items, None, now_ms)
+    }
+
+    /// [`State::settle_later`], and an `applied` line for each of `items`
+    /// ([`crate::executor::log_applied`], the action named `via`) when they are
+    /// written: up to [`SETTLE_DELAY`] after they were applied, those of that
+    /// time in one write.
+    pub(crate) fn settle_applied_later(
+        &self,
+        items: Vec<Item>,
+        via: &'static str,
+        now_ms: u64,
+    ) -> bool {
+        self.settle_later_logged(items, Some(via), now_ms)
+    }
+
+    fn settle_later_logged(
+        &self,
+        items: Vec<Item>,
+        via: Option<&'static str>,
+        now_ms: u64,
+    ) -> bool {
         let mut g = self.lock();
         let first = g.later.is_empty();
         if first {
             g.later_ms = now_ms;
         }
+        g.later_lines.push((items.len(), via));
         g.later.extend(items);
         if g.later.len() >= SETTLE_LATER_MAX {
             g.flush();

@@ -101,6 +101,9 @@ async fn skips_own_node_ignore_ip_local_addresses_and_duplicates() {
         ),
         "{n:?}"
     );
+    // The `applied` line is logged with the event's record, up to 10 ms after
+    // the action (at the latest when the subscriber stops).
+    sub.stop().await;
     let text = logs.text();
     for want in [
         "skipped reason=own_node ip=203.0.113.1",
@@ -112,7 +115,6 @@ async fn skips_own_node_ignore_ip_local_addresses_and_duplicates() {
     ] {
         assert!(text.contains(want), "{want:?} not in\n{text}");
     }
-    sub.stop().await;
 }
 
 #[tokio::test]

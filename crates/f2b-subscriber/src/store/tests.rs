@@ -449,6 +449,68 @@ fn events_settled_later_are_written_before_any_other_use_in_order() {
     assert_eq!(held.len(), 2, "{held:?}");
 }
 
+/// The `applied` lines of the events settled later are logged when their
+/// records are written, in the order applied, together in one write; events
+/// settled later without a line get none.
+#[test]
+fn applied_lines_are_logged_with_their_records_in_one_write() {
+    #[derive(Default)]
+    struct Writes(Vec<String>);
+    impl std::io::Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.push(String::from_utf8_lossy(buf).into_owned());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let writes = Arc::new(Mutex::new(Writes::default()));
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(f2b_common::log_batch::HoldingWriter::shared(Arc::clone(
+            &writes,
+        )))
+        .finish();
+    let applied = |writes: &Mutex<Writes>| -> Vec<String> {
+        let w = writes.lock().unwrap();
+        w.0.iter()
+            .filter(|t| t.contains("executor: applied "))
+            .cloned()
+            .collect()
+    };
+    tracing::subscriber::with_default(subscriber, || {
+        let (state, _dir) = State::temp();
+        let a = item(1, "cluster", Action::Ban, "203.0.113.1", Some(5));
+        let b = item(2, "cluster", Action::Ban, "203.0.113.2", Some(5));
+        let c = item(3, "cluster", Action::Unban, "203.0.113.3", Some(5));
+        assert!(state.settle_applied_later(vec![a, b], "fail2ban-socket", NOW));
+        assert!(!state.settle_later(vec![c.clone()], NOW));
+        assert!(!state.settle_applied_later(vec![c], "log", NOW));
+        assert!(applied(&writes).is_empty(), "logged before the records");
+        state.flush();
+        assert_eq!(state.written_counts().done, 3);
+        let w = applied(&writes);
+        assert_eq!(w.len(), 1, "one write: {w:?}");
+        let lines: Vec<&str> = w[0].lines().collect();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        for (line, (action, ip, via)) in lines.iter().zip([
+            ("ban", "203.0.113.1", "fail2ban-socket"),
+            ("ban", "203.0.113.2", "fail2ban-socket"),
+            ("unban", "203.0.113.3", "log"),
+        ]) {
+            assert!(
+                line.contains(&format!("action={action} jail=cluster ip={ip} node=web2")),
+                "{line}"
+            );
+            assert!(line.ends_with(&format!("via={via}")), "{line}");
+        }
+        // Nothing waits any more: nothing more is logged.
+        state.flush();
+        assert_eq!(applied(&writes).len(), 1);
+    });
+}
+
 #[test]
 fn known_all_counts_the_events_settled_later_without_writing_them() {
     let (state, _dir) = State::temp();
