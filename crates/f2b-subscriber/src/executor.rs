@@ -330,7 +330,7 @@ impl Intake {
     /// pending record that follows would then leave it done: it is not made for
     /// the items the executor settled meanwhile ([`Pending::settled_since_push`]:
     /// the executor hands a settling to the state in the same step, and the state
-    /// writes it before any later write ([`State::settle_later`]), so the id has
+    /// writes it before any later write ([`State::settle_applied_later`]), so the id has
     /// its row already, or gets it done without the record). Only with
     /// [`Intake::act_first`] and for broadcast bans: a process crash in between
     /// loses the record, and the restart's snapshot, which lists the bans the
@@ -592,7 +592,7 @@ impl Intake {
 }
 
 /// Awaits `call` (an action's), writing the events settled later
-/// ([`State::settle_later`]) when their time (`flush_at`) comes while the call
+/// ([`State::settle_applied_later`]) when their time (`flush_at`) comes while the call
 /// waits (a slow or hung call, up to its timeout, does not hold them back), or
 /// after the call when it has come: never before the call, on its path.
 /// Returns the call's output and how long the writes took (not the call's).
@@ -740,7 +740,7 @@ impl Executor {
 
     /// Runs until the input is closed and nothing is ready; entries still waiting
     /// for a retry then are reported and given up. The applied events are
-    /// recorded in the state within [`SETTLE_DELAY`] ([`State::settle_later`]),
+    /// recorded in the state within [`SETTLE_DELAY`] ([`State::settle_applied_later`]),
     /// and all of them before it returns.
     pub(crate) async fn run(mut self) {
         loop {

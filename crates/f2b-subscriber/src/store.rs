@@ -66,6 +66,8 @@ use f2b_proto::{Action, Epoch, Event, EventId, JailName, NodeName};
 use nix::fcntl::{Flock, FlockArg};
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 
+use f2b_common::log_batch::HeldLines;
+
 use crate::filter::DEDUP_CAPACITY;
 use crate::pending::Item;
 use crate::ratelimit::RateLimit;
@@ -1097,7 +1099,7 @@ fn quarantine(path: &Path, now: SystemTime) -> Result<PathBuf, StoreError> {
 }
 
 /// How long the settling of applied events may wait before it is written
-/// (`State::settle_later`).
+/// (`State::settle_applied_later`).
 pub const SETTLE_DELAY: Duration = Duration::from_millis(10);
 /// Applied events waiting to be written, at most: one more writes them at once.
 pub const SETTLE_LATER_MAX: usize = 512;
@@ -1108,7 +1110,7 @@ pub const SETTLE_LATER_MAX: usize = 512;
 ///
 /// # Settling later
 ///
-/// The executor records its applied events with [`State::settle_later`]: they
+/// The executor records its applied events with [`State::settle_applied_later`]: they
 /// are written within [`SETTLE_DELAY`] (the executor calls [`State::flush`] then,
 /// even while an action's call is in flight), in one transaction with the others
 /// of that time, and before any other use of the
@@ -1158,9 +1160,15 @@ impl Inner {
     /// fails (logged), none of them is recorded: they are applied again after a
     /// restart, as after a crash (writing them later, or one by one, could put
     /// them after a later write and break the order).
-    fn flush(&mut self) {
+    ///
+    /// Their `applied` lines are formatted here and held: they are written in
+    /// one write when the returned hold drops, which the caller lets happen
+    /// after it has released the state's lock (a stalled log pipe then holds
+    /// no other use of the state).
+    #[must_use = "the applied lines are written when the hold drops"]
+    fn flush(&mut self) -> Option<HeldLines> {
         if self.later.is_empty() {
-            return;
+            return None;
         }
         let items = std::mem::take(&mut self.later);
         let lines = std::mem::take(&mut self.later_lines);
@@ -1168,7 +1176,7 @@ impl Inner {
             self.log(&e);
         }
         // Their lines in one write (one wake-up of journald, not one a ban).
-        let _held = f2b_common::log_batch::hold_log_lines();
+        let held = f2b_common::log_batch::hold_log_lines();
         let mut items = items.iter();
         for (n, via) in lines {
             for item in items.by_ref().take(n) {
@@ -1177,12 +1185,13 @@ impl Inner {
                 }
             }
         }
+        Some(held)
     }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.flush();
+        drop(self.flush());
     }
 }
 
@@ -1209,19 +1218,18 @@ impl State {
         (State::new(store), dir)
     }
 
-    /// Records `items` applied, as [`Store::settle`] does, within [`SETTLE_DELAY`]
-    /// (see [the type's documentation](State)); at once when [`SETTLE_LATER_MAX`]
-    /// are waiting. Returns whether none was waiting before: the caller then calls
-    /// [`State::flush`] [`SETTLE_DELAY`] later.
+    /// [`State::settle_applied_later`] without the `applied` lines.
     #[cfg(test)]
     pub(crate) fn settle_later(&self, items: Vec<Item>, now_ms: u64) -> bool {
         self.settle_later_logged(items, None, now_ms)
     }
 
-    /// [`State::settle_later`], and an `applied` line for each of `items`
-    /// ([`crate::executor::log_applied`], the action named `via`) when they are
-    /// written: up to [`SETTLE_DELAY`] after they were applied, those of that
-    /// time in one write.
+    /// Records `items` applied, as [`Store::settle`] does, within [`SETTLE_DELAY`]
+    /// (see [the type's documentation](State)); at once when [`SETTLE_LATER_MAX`]
+    /// are waiting. Returns whether none was waiting before: the caller then calls
+    /// [`State::flush`] [`SETTLE_DELAY`] later. The `applied` line of each of
+    /// `items` ([`crate::executor::log_applied`], the action named `via`) is
+    /// logged when they are written, those of that time in one write.
     pub(crate) fn settle_applied_later(
         &self,
         items: Vec<Item>,
@@ -1237,6 +1245,8 @@ impl State {
         via: Option<&'static str>,
         now_ms: u64,
     ) -> bool {
+        // Declared before the lock: the lines are written after it is released.
+        let mut lines = None;
         let mut g = self.lock();
         let first = g.later.is_empty();
         if first {
@@ -1245,14 +1255,17 @@ impl State {
         g.later_lines.push((items.len(), via));
         g.later.extend(items);
         if g.later.len() >= SETTLE_LATER_MAX {
-            g.flush();
+            lines = g.flush();
         }
+        drop(g);
+        drop(lines);
         first
     }
 
     /// Writes the events settled later now.
     pub(crate) fn flush(&self) {
-        self.lock().flush();
+        let lines = self.lock().flush();
+        drop(lines);
     }
 
     /// The store's counts as written, without writing the events settled later.
@@ -1304,8 +1317,11 @@ impl State {
     /// state is locked meanwhile: `f` must not use this `State` itself, only the
     /// [`Tx`] it is given.
     pub(crate) fn transaction<T>(&self, f: impl FnOnce(&mut Tx<'_>) -> T) -> T {
+        // Declared before the lock, so dropped after it: the applied lines of
+        // the flush are written once the state is unlocked.
+        let _lines;
         let mut g = self.lock();
-        g.flush();
+        _lines = g.flush();
         let Inner { store, limit, .. } = &mut *g;
         let began = store
             .conn
@@ -1345,8 +1361,10 @@ impl State {
         &self,
         f: impl FnOnce(&mut Store) -> Result<T, StoreError>,
     ) -> T {
+        // Dropped after the lock, as in `transaction`.
+        let _lines;
         let mut g = self.lock();
-        g.flush();
+        _lines = g.flush();
         match f(&mut g.store) {
             Ok(v) => v,
             Err(e) => {
